@@ -1,0 +1,24 @@
+"""What a command handler may use: the daemon's state, never the wire.
+
+Handlers are thin: they translate validated QMP arguments into calls on the
+block and job layers.  Everything they need is reachable from this context,
+which the composition root (``blockd.app``) builds once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from blockd.events import EventSink
+
+
+@dataclass(frozen=True)
+class CommandContext:
+    events: EventSink
+    #: Ask the daemon to stop once the current command has been answered.
+    request_shutdown: Callable[[], None]
+
+
+Handler = Callable[[CommandContext, Mapping[str, Any]], Awaitable[Any]]

@@ -1,0 +1,248 @@
+"""Command schemas: loading ``schema/``, validating arguments, QEMU's wording.
+
+``schema/commands/<name>.json`` is the single source of the command set: its
+root validates the ``arguments`` object and ``$defs.returns`` describes the
+return value.  ``schema/types/`` holds shared definitions, referenced with
+relative ``$ref``.  Files are checked once at start-up.
+
+jsonschema finds every problem in an argument object; QEMU reports only the
+first one its visitor meets, walking members in declaration order and looking
+for unexpected members last.  :func:`first_error` orders jsonschema's errors
+the same way (by the position of each error in the schema file, so a file's
+member order is its visiting order) and words the first one as QEMU does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
+from pathlib import Path
+from typing import Any
+
+import referencing
+import referencing.jsonschema
+from jsonschema import Draft202012Validator, validators
+from jsonschema.exceptions import ValidationError
+
+_BASE_URI = "https://blockd.invalid/schema/"
+
+#: Keywords whose failures this module can word as QEMU does.  A schema using
+#: any other validation keyword is refused at start-up rather than producing
+#: an error text no QEMU client has seen.
+_KNOWN_KEYWORDS = frozenset(
+    {
+        "$schema", "$id", "$ref", "$defs", "$comment", "title", "description",
+        "deprecated", "default", "examples", "type", "properties", "required",
+        "additionalProperties", "items", "enum", "const", "minimum", "maximum",
+        "allOf", "if", "then", "else",
+    }
+)  # fmt: skip
+
+
+def _is_integer(_checker: Any, instance: Any) -> bool:
+    # QEMU distinguishes 1 from 1.0 (a float is not an integer) and bools from ints.
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+def _is_number(_checker: Any, instance: Any) -> bool:
+    return isinstance(instance, int | float) and not isinstance(instance, bool)
+
+
+_TYPE_CHECKER = Draft202012Validator.TYPE_CHECKER.redefine_many(
+    {"integer": _is_integer, "number": _is_number}
+)
+Validator: Any = validators.extend(  # type: ignore[no-untyped-call]
+    Draft202012Validator, type_checker=_TYPE_CHECKER
+)
+
+
+class SchemaError(Exception):
+    """The schema directory itself is broken; blockd refuses to start."""
+
+
+@dataclass(frozen=True)
+class CommandSchema:
+    name: str
+    schema: Mapping[str, Any]
+    registry: referencing.Registry[Any]
+
+    @property
+    def uri(self) -> str:
+        return str(self.schema["$id"])
+
+    def check_arguments(self, arguments: Mapping[str, Any]) -> str | None:
+        """QEMU's text for the first problem in ``arguments``, or None if valid."""
+        validator = Validator(self.schema, registry=self.registry)
+        return first_error(self, validator.iter_errors(arguments))
+
+    def return_validator(self) -> Any:
+        """A validator for this command's return value (``$defs.returns``)."""
+        return Validator({"$ref": self.uri + "#/$defs/returns"}, registry=self.registry)
+
+
+def schema_root() -> Traversable:
+    """Where ``schema/`` is: inside an installed package, or in the source tree."""
+    packaged = resources.files("blockd") / "schema"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[3] / "schema"
+
+
+def _read_tree(root: Traversable, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for entry in sorted(root.iterdir(), key=lambda e: e.name):
+        relative = prefix + entry.name
+        if entry.is_dir():
+            yield from _read_tree(entry, relative + "/")
+        elif entry.name.endswith(".json"):
+            try:
+                yield relative, json.loads(entry.read_text(encoding="utf-8"))
+            except ValueError as err:
+                raise SchemaError(f"schema/{relative}: not valid JSON: {err}") from None
+
+
+def _check_keywords(node: Any, where: str) -> None:
+    if isinstance(node, list):
+        for item in node:
+            _check_keywords(item, where)
+        return
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        if key not in _KNOWN_KEYWORDS:
+            raise SchemaError(f"{where}: keyword {key!r} is not supported by the dispatcher")
+        if key in ("properties", "$defs"):
+            for sub in value.values():
+                _check_keywords(sub, where)
+        elif key in ("items", "additionalProperties", "allOf", "if", "then", "else"):
+            _check_keywords(value, where)
+
+
+def load_command_schemas(root: Traversable | None = None) -> dict[str, CommandSchema]:
+    """Load and check every schema file; the result is keyed by command name."""
+    root = root if root is not None else schema_root()
+    documents = dict(_read_tree(root))
+    resources_ = []
+    for relative, contents in documents.items():
+        if not isinstance(contents, dict):
+            raise SchemaError(f"schema/{relative}: a schema must be a JSON object")
+        contents.setdefault("$id", _BASE_URI + relative)
+        try:
+            Validator.check_schema(contents)
+        except Exception as err:
+            raise SchemaError(f"schema/{relative}: {err}") from None
+        _check_keywords(contents, f"schema/{relative}")
+        resources_.append(
+            (
+                contents["$id"],
+                referencing.Resource.from_contents(
+                    contents, default_specification=referencing.jsonschema.DRAFT202012
+                ),
+            )
+        )
+    registry: referencing.Registry[Any] = referencing.Registry().with_resources(resources_)
+    commands: dict[str, CommandSchema] = {}
+    for relative, contents in documents.items():
+        if not relative.startswith("commands/"):
+            continue
+        name = relative.removeprefix("commands/").removesuffix(".json")
+        if contents.get("title") != name:
+            raise SchemaError(f"schema/{relative}: title must be the command name {name!r}")
+        if contents.get("type") != "object" or "returns" not in contents.get("$defs", {}):
+            raise SchemaError(
+                f"schema/{relative}: must describe an object of arguments and $defs.returns"
+            )
+        commands[name] = CommandSchema(name=name, schema=contents, registry=registry)
+    return commands
+
+
+def _full_name(path: Iterable[Any]) -> str:
+    """Render an instance path the way QEMU names a member: ``a.b[2].c``."""
+    name = ""
+    for part in path:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        else:
+            name = f"{name}.{part}" if name else str(part)
+    return name
+
+
+def _member(parent: Sequence[Any], member: str) -> str:
+    return _full_name([*parent, member])
+
+
+def _sort_key(command: CommandSchema, error: ValidationError) -> tuple[int, ...]:
+    """The position of an error in the schema file, in visiting order."""
+    node: Any = command.schema
+    resolver = command.registry.resolver(base_uri=command.uri)
+    positions: list[int] = []
+    path = list(error.absolute_schema_path)
+    for index, part in enumerate(path):
+        # jsonschema leaves "$ref" out of the path: follow references that
+        # stand where the path continues with a keyword the node lacks.
+        while isinstance(node, dict) and "$ref" in node and part not in node:
+            resolved = resolver.lookup(node["$ref"])
+            node, resolver = resolved.contents, resolved.resolver
+        if isinstance(node, list):
+            positions.append(int(part))
+            node = node[int(part)]
+            continue
+        keys = list(node)
+        last = index == len(path) - 1
+        if last and part == "required":
+            # A missing member sorts where that member is declared.
+            properties = list(node.get("properties", {}))
+            missing = _missing(error)
+            positions.append(keys.index("properties") if "properties" in keys else len(keys))
+            positions.append(properties.index(missing) if missing in properties else 0)
+            break
+        if last and part == "additionalProperties":
+            positions.append(len(keys) + 1)
+            break
+        positions.append(keys.index(part))
+        node = node[part]
+    return tuple(positions)
+
+
+def _missing(error: ValidationError) -> str:
+    instance = error.instance if isinstance(error.instance, dict) else {}
+    required: Any = error.validator_value
+    return next(str(name) for name in required if name not in instance)
+
+
+def _expected(schema: Mapping[str, Any]) -> str:
+    kind = schema.get("type")
+    if isinstance(kind, str):
+        return kind
+    return str(schema.get("title", "value"))
+
+
+def _word(error: ValidationError) -> str:
+    parent = error.absolute_path
+    keyword = error.validator
+    if keyword == "required":
+        return f"Parameter '{_member(parent, _missing(error))}' is missing"
+    if keyword == "additionalProperties":
+        declared = error.schema.get("properties", {}) if isinstance(error.schema, dict) else {}
+        instance: Any = error.instance
+        extra = next(str(k) for k in instance if k not in declared)
+        return f"Parameter '{_member(parent, extra)}' is unexpected"
+    if keyword in ("type", "minimum", "maximum"):
+        # QEMU has one message for a wrong JSON type and an int64 overflow.
+        expected = _expected(error.schema) if isinstance(error.schema, Mapping) else "value"
+        return f"Invalid parameter type for '{_full_name(parent)}', expected: {expected}"
+    if keyword in ("enum", "const"):
+        # QEMU names enum values by the member's own name, and list elements 'null'.
+        leaf = parent[-1] if parent and isinstance(parent[-1], str) else "null"
+        return f"Parameter '{leaf}' does not accept value '{error.instance}'"
+    return f"Parameter '{_full_name(parent)}' is invalid"
+
+
+def first_error(command: CommandSchema, errors: Iterable[ValidationError]) -> str | None:
+    collected = list(errors)
+    if not collected:
+        return None
+    collected.sort(key=lambda e: _sort_key(command, e))
+    return _word(collected[0])
