@@ -1,0 +1,165 @@
+"""Test helpers that talk to daemons the way a client does: over a real socket."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TIMEOUT = 10.0
+
+
+def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {proc.returncode} before listening")
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as probe:
+            probe.connect(str(path))
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listening on {path}")
+
+
+@dataclass
+class DaemonProcess:
+    proc: subprocess.Popen[bytes]
+    socket_path: Path
+    stderr_path: Path
+    _stopped: bool = field(default=False)
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = TIMEOUT) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def blockd_command(socket_path: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "blockd", "--socket", str(socket_path), *extra]
+
+
+def start_blockd(socket_path: Path, *extra: str, wait: bool = True) -> DaemonProcess:
+    stderr_path = socket_path.with_suffix(".stderr")
+    with open(stderr_path, "wb") as stderr:
+        proc = subprocess.Popen(
+            blockd_command(socket_path, *extra),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    daemon = DaemonProcess(proc, socket_path, stderr_path)
+    if wait:
+        try:
+            wait_for_socket(socket_path, proc)
+        except Exception:
+            daemon.stop()
+            raise
+    return daemon
+
+
+def start_qsd(socket_path: Path) -> DaemonProcess:
+    stderr_path = socket_path.with_suffix(".stderr")
+    with open(stderr_path, "wb") as stderr:
+        proc = subprocess.Popen(
+            [
+                "qemu-storage-daemon",
+                "--chardev",
+                f"socket,path={socket_path},server=on,wait=off,id=mon0",
+                "--monitor",
+                "chardev=mon0",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    daemon = DaemonProcess(proc, socket_path, stderr_path)
+    wait_for_socket(socket_path, proc)
+    return daemon
+
+
+class RawQMP:
+    """A byte-level QMP client: sends exactly what a test says, reads lines.
+
+    The daemon under test must also survive the probe connection made by
+    :func:`wait_for_socket`, which is part of what a server has to put up with.
+    """
+
+    def __init__(self, path: Path, timeout: float = TIMEOUT) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self._buffer = b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> RawQMP:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(self, data: bytes | str) -> None:
+        self.sock.sendall(data.encode() if isinstance(data, str) else data)
+
+    def read_line(self) -> bytes:
+        while b"\r\n" not in self._buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("connection closed")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\r\n", 1)
+        return line
+
+    def read(self) -> dict[str, Any]:
+        message = json.loads(self.read_line())
+        assert isinstance(message, dict)
+        return message
+
+    def read_reply(self) -> dict[str, Any]:
+        """The next message that is not an event."""
+        while True:
+            message = self.read()
+            if "event" not in message:
+                return message
+
+    def execute(self, command: str, arguments: dict[str, Any] | None = None, **extra: Any) -> Any:
+        request: dict[str, Any] = {"execute": command, **extra}
+        if arguments is not None:
+            request["arguments"] = arguments
+        self.send(json.dumps(request))
+        return self.read_reply()
+
+    def negotiate(self) -> dict[str, Any]:
+        greeting = self.read()
+        assert self.execute("qmp_capabilities") == {"return": {}}
+        return greeting
+
+    def assert_closed(self, timeout: float = TIMEOUT) -> None:
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(65536)
+        except ConnectionResetError:
+            return
+        assert data == b"", f"expected the daemon to close the connection, got {data!r}"
+

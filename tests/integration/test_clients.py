@@ -1,0 +1,95 @@
+"""Real QMP clients against a real blockd: qemu.qmp, qmp-shell and socat."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from qemu.qmp import ExecuteError, QMPClient
+
+from tests.conftest import require_tool
+from tests.helpers import DaemonProcess
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+#: The socat session the README shows, line for line.
+SOCAT_SESSION = [
+    '{"execute": "qmp_capabilities"}',
+    '{"execute": "query-version"}',
+    '{"execute": "quit"}',
+]
+
+
+def test_qemu_qmp_client_conversation(blockd: DaemonProcess) -> None:
+    async def conversation() -> None:
+        client = QMPClient("blockd-test")
+        await client.connect(str(blockd.socket_path))
+        try:
+            # The client negotiated by itself (and enabled oob, which we offer).
+            assert client.greeting is not None
+            version = await client.execute("query-version")
+            assert version["qemu"] == {"major": 7, "minor": 2, "micro": 0}
+            names = {c["name"] for c in await client.execute("query-commands")}
+            assert {"qmp_capabilities", "query-commands", "query-version", "quit"} <= names
+            with pytest.raises(ExecuteError) as failure:
+                await client.execute("no-such-command")
+            assert failure.value.error_class == "CommandNotFound"
+            with pytest.raises(ExecuteError) as failure:
+                await client.execute("query-version", {"bogus": 1})
+            assert str(failure.value) == "Parameter 'bogus' is unexpected"
+            # Back-to-back commands with no newline between them.
+            results = await asyncio.gather(*(client.execute("query-version") for _ in range(20)))
+            assert all(r == version for r in results)
+            assert await client.execute("quit") == {}
+        finally:
+            await client.disconnect()
+
+    asyncio.run(conversation())
+    assert blockd.wait() == 0
+
+
+def test_qmp_shell(blockd: DaemonProcess) -> None:
+    # qmp-shell comes with the qemu.qmp test dependency, next to this interpreter.
+    shell = str(Path(sys.executable).parent / "qmp-shell")
+    result = subprocess.run(
+        [shell, str(blockd.socket_path)],
+        input="query-version\nno-such-command\n",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "Connected to QEMU 7.2.0" in result.stdout
+    assert '"package": "blockd' in result.stdout
+    assert "The command no-such-command has not been found" in result.stdout
+
+
+def test_socat_session_from_readme(blockd: DaemonProcess) -> None:
+    socat = require_tool("socat")
+    readme = README.read_text()
+    for line in SOCAT_SESSION:
+        assert line in readme, f"README no longer shows {line}"
+    result = subprocess.run(
+        [socat, "-t", "2", "-", f"UNIX-CONNECT:{blockd.socket_path}"],
+        input=("\n".join(SOCAT_SESSION) + "\n").encode(),
+        capture_output=True,
+        timeout=30,
+    )
+    lines = result.stdout.split(b"\r\n")
+    assert lines[-1] == b"", "every message ends with CRLF"
+    messages = [json.loads(line) for line in lines[:-1]]
+    assert list(messages[0]) == ["QMP"]
+    assert messages[1:] == [
+        {"return": {}},
+        {
+            "return": {
+                "qemu": {"micro": 0, "minor": 2, "major": 7},
+                "package": messages[2]["return"]["package"],
+            }
+        },
+        {"return": {}},
+    ]
+    assert blockd.wait() == 0
