@@ -162,4 +162,3 @@ class RawQMP:
         except ConnectionResetError:
             return
         assert data == b"", f"expected the daemon to close the connection, got {data!r}"
-

@@ -16,8 +16,8 @@ QEMU_COMPAT = (7, 2, 0)
 
 def version_info() -> dict[str, Any]:
     major, minor, micro = QEMU_COMPAT
-    # Member order as QEMU sends it.
+    # Declaration order, as QEMU builds it; the encoder orders the wire form.
     return {
-        "qemu": {"micro": micro, "minor": minor, "major": major},
+        "qemu": {"major": major, "minor": minor, "micro": micro},
         "package": f"blockd {__version__}",
     }

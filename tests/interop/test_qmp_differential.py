@@ -61,6 +61,7 @@ AFTER_NEGOTIATION: list[tuple[bytes, int]] = [
     (b'{"execute": "query-version", "id": true}', 1),
     (b'{"execute": "query-version", "id": [true, false, null, {"a": []}]}', 1),
     (b'{"execute": "query-version", "id": {"nested": {"x": "y"}}}', 1),
+    (b'{"execute": "query-version", "id": {"b": 1, "a": 2, "id": 3, "bar": 4, "foo": [5]}}', 1),
     (b'{"execute": "query-version", "id": 1.5e3}', 1),
     (b'{"execute": "query-version", "id": -0.5}', 1),
     (b'{"execute": "query-version", "id": 0.1}', 1),
@@ -135,6 +136,7 @@ def test_raw_bytes_match_for_errors(qsd: DaemonProcess, blockd: DaemonProcess) -
         b'{"execute": "qmp_capabilities"}'
         b'{"execute": "no-such", "id": "\xc3\xa9"}'
         b'{"execute": "qmp_capabilities", "id": [1.5e3, null]}'
+        b'{"execute": "no-such", "id": {"zz": 1, "b": {"y": 2, "x": 3}, "a": 0}}'
         b"[]"
     )
 
@@ -142,6 +144,6 @@ def test_raw_bytes_match_for_errors(qsd: DaemonProcess, blockd: DaemonProcess) -
         with RawQMP(path) as client:
             client.read_line()
             client.send(probe)
-            return b"\r\n".join(client.read_line() for _ in range(4))
+            return b"\r\n".join(client.read_line() for _ in range(5))
 
     assert raw(blockd.socket_path) == raw(qsd.socket_path)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from blockd.qmp.protocol import NO_ID, BadRequest, QMPConnection, Request, encode
 
-VERSION = {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": "test"}
+VERSION = {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": "test"}
 
 
 def receive(data: bytes, oob: bool = False) -> list[Request | BadRequest]:
@@ -139,3 +139,53 @@ def test_negotiation_phase() -> None:
     assert not conn.negotiated and not conn.oob_enabled
     conn.enter_command_mode([])
     assert conn.negotiated and not conn.oob_enabled
+
+
+@pytest.mark.parametrize(
+    ("members", "wire_order"),
+    [
+        (["id", "return"], ["return", "id"]),
+        (["error", "id"], ["id", "error"]),
+        (["data", "event", "timestamp"], ["timestamp", "event", "data"]),
+        (
+            ["type", "device", "len", "offset", "speed", "error"],
+            ["device", "len", "offset", "speed", "type", "error"],
+        ),
+        (["id", "status"], ["status", "id"]),
+        (
+            [
+                "type",
+                "device",
+                "len",
+                "offset",
+                "busy",
+                "paused",
+                "speed",
+                "ready",
+                "status",
+                "auto-finalize",
+                "auto-dismiss",
+                "io-status",
+            ],
+            [
+                "auto-finalize",
+                "io-status",
+                "device",
+                "auto-dismiss",
+                "busy",
+                "len",
+                "offset",
+                "status",
+                "paused",
+                "speed",
+                "ready",
+                "type",
+            ],
+        ),
+        # Same bucket: the member inserted last comes first, as in a QDict.
+        (["major", "minor", "micro"], ["micro", "minor", "major"]),
+    ],
+)
+def test_members_in_qdict_order(members: list[str], wire_order: list[str]) -> None:
+    decoded = json.loads(encode(dict.fromkeys(members, 0)))
+    assert list(decoded) == wire_order

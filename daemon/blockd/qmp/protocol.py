@@ -7,7 +7,7 @@ drive every framing and negotiation case directly.
 
 Output is byte-compatible with qemu-storage-daemon 7.2: one compact JSON
 object per line, CRLF-terminated, pure ASCII with upper-case ``\\uXXXX``
-escapes, and the member order QEMU uses.
+escapes, and members in the order QEMU's dictionaries iterate.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def _qdict_hash(key: str) -> int:
     return ((1103515243 * value + 12345) & 0xFFFFFFFF) % 512
 
 
-def _qdict_order(message: dict[str, Any]) -> list[str]:
+def _qdict_order(message: Mapping[str, Any]) -> list[str]:
     """Keys in the order QEMU iterates a QDict: by bucket, newest first in one.
 
     QEMU reports the first envelope problem it meets in that order, so
@@ -189,7 +189,10 @@ def encode(value: Any) -> str:
     """Serialise like QEMU: compact one-line JSON, ASCII only.
 
     Floats use C's ``%.17g`` (QEMU echoes ``1.5e3`` as ``1500``); escapes use
-    upper-case hex.
+    upper-case hex; object members come in QDict iteration order, which is the
+    order every QEMU reply and event shows (``return`` before ``id``, ``id``
+    before ``error``, ``device, len, offset, speed, type`` in job events), so
+    callers need not arrange members themselves.
     """
     if value is None:
         return "null"
@@ -206,7 +209,8 @@ def encode(value: Any) -> str:
             raise ValueError(f"{value!r} has no JSON form")
         return "%.17g" % value
     if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{encode(str(k))}: {encode(v)}" for k, v in value.items()) + "}"
+        members = (f"{encode(k)}: {encode(value[k])}" for k in _qdict_order(value))
+        return "{" + ", ".join(members) + "}"
     if isinstance(value, list | tuple):
         return "[" + ", ".join(encode(v) for v in value) + "]"
     raise TypeError(f"cannot encode {type(value).__name__} as JSON")
