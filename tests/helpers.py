@@ -162,3 +162,14 @@ class RawQMP:
         except ConnectionResetError:
             return
         assert data == b"", f"expected the daemon to close the connection, got {data!r}"
+
+
+SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schema"
+
+
+def check_event(name: str, data: Any) -> None:
+    """Assert that an event's data matches ``schema/events/<name>.json``."""
+    import jsonschema
+
+    schema = json.loads((SCHEMA_DIR / "events" / f"{name}.json").read_text())
+    jsonschema.validate(data, schema)

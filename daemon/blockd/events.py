@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 
 class Event(Protocol):
@@ -72,3 +72,84 @@ class EventBus:
         )
         for listener in list(self._listeners):
             listener(stamped)
+
+
+@dataclass(frozen=True)
+class JobStatusChange:
+    """Every job state change (``schema/events/JOB_STATUS_CHANGE.json``)."""
+
+    id: str
+    status: str
+    name: ClassVar[str] = "JOB_STATUS_CHANGE"
+
+    def data(self) -> Mapping[str, Any]:
+        return {"id": self.id, "status": self.status}
+
+
+@dataclass(frozen=True)
+class _BlockJobProgress:
+    """Shared shape of the block-job events that report progress."""
+
+    type: str
+    device: str
+    len: int
+    offset: int
+    speed: int
+
+    def data(self) -> Mapping[str, Any]:
+        return {
+            "type": self.type,
+            "device": self.device,
+            "len": self.len,
+            "offset": self.offset,
+            "speed": self.speed,
+        }
+
+
+@dataclass(frozen=True)
+class BlockJobCompleted(_BlockJobProgress):
+    """A job ended without being cancelled; ``error`` says whether it failed."""
+
+    error: str | None = None
+    name: ClassVar[str] = "BLOCK_JOB_COMPLETED"
+
+    def data(self) -> Mapping[str, Any]:
+        data = dict(super().data())
+        if self.error is not None:
+            data["error"] = self.error
+        return data
+
+
+@dataclass(frozen=True)
+class BlockJobCancelled(_BlockJobProgress):
+    name: ClassVar[str] = "BLOCK_JOB_CANCELLED"
+
+
+@dataclass(frozen=True)
+class BlockJobReady(_BlockJobProgress):
+    name: ClassVar[str] = "BLOCK_JOB_READY"
+
+
+@dataclass(frozen=True)
+class BlockJobError:
+    """An I/O error met by a job, and what its ``on-error`` policy did about it."""
+
+    device: str
+    operation: str
+    action: str
+    name: ClassVar[str] = "BLOCK_JOB_ERROR"
+
+    def data(self) -> Mapping[str, Any]:
+        return {"device": self.device, "operation": self.operation, "action": self.action}
+
+
+@dataclass(frozen=True)
+class BlockJobPending:
+    """A job waits for ``job-finalize`` (only sent when auto-finalize is off)."""
+
+    type: str
+    id: str
+    name: ClassVar[str] = "BLOCK_JOB_PENDING"
+
+    def data(self) -> Mapping[str, Any]:
+        return {"type": self.type, "id": self.id}

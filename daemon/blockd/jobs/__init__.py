@@ -1,0 +1,1 @@
+"""Long-running block jobs: the state machine every job kind shares, and its registry."""

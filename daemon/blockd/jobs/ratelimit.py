@@ -1,0 +1,46 @@
+"""The job speed limit, with QEMU's accounting (``include/qemu/ratelimit.h``).
+
+Time is divided into 100 ms slices with a byte quota each.  Copying more than
+the quota extends the current slice by the excess, and the job sleeps until
+that extended slice ends; so a burst is paid back in full however the job
+was woken in between (by ``set-speed``, pause or resume).  The clock is a
+parameter so tests can drive time themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+SLICE_SECONDS = 0.1
+
+
+class RateLimiter:
+    def __init__(self, clock: Callable[[], float], speed: int = 0) -> None:
+        self._clock = clock
+        self._slice_start = 0.0
+        self._slice_end = 0.0
+        self._dispatched = 0.0
+        self.speed = 0
+        self._quota = 0.0
+        self.set_speed(speed)
+
+    def set_speed(self, speed: int) -> None:
+        """Bytes per second; 0 means unlimited."""
+        self.speed = speed
+        self._quota = max(speed * SLICE_SECONDS, 1.0) if speed else 0.0
+
+    def delay(self, nbytes: int = 0) -> float:
+        """Account ``nbytes`` just copied; seconds to wait before copying more."""
+        if not self._quota:
+            return 0.0
+        now = self._clock()
+        if self._slice_end < now:
+            self._slice_start = now
+            self._slice_end = now + SLICE_SECONDS
+            self._dispatched = 0.0
+        self._dispatched += nbytes
+        if self._dispatched < self._quota:
+            return 0.0
+        slices = self._dispatched / self._quota
+        self._slice_end = self._slice_start + slices * SLICE_SECONDS
+        return self._slice_end - now

@@ -1,0 +1,374 @@
+"""The job state machine, verbs, events and on-error policy, with a job kind
+of the test's own and trio's virtual clock (rate-limited waits take no real time)."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from blockd.errors import BlockdError, BlockIOError, DeviceNotActive
+from blockd.events import Event
+from blockd.jobs.job import Job, OnError
+from blockd.jobs.registry import JobRegistry
+from blockd.jobs.status import TRANSITIONS, VERBS, JobStatus
+from tests.helpers import check_event
+
+UNIT = 512 * 1024
+
+
+class Recorder:
+    """An event sink that keeps (name, data) and checks each against its schema."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Mapping[str, Any] | None]] = []
+
+    def emit(self, event: Event) -> None:
+        data = event.data()
+        check_event(event.name, data)
+        self.events.append((event.name, data))
+
+    def statuses(self) -> list[str]:
+        return [
+            d["status"] if n == "JOB_STATUS_CHANGE" else n for n, d in self.events if d is not None
+        ]
+
+    def clear(self) -> None:
+        self.events.clear()
+
+
+class CopyJob(Job):
+    """Copies ``units`` chunks; ``faults`` maps a chunk to errnos raised in turn."""
+
+    job_type = "commit"
+
+    def __init__(
+        self, *args: Any, units: int = 8, faults: dict[int, list[int]] | None = None, **kw: Any
+    ) -> None:
+        super().__init__(*args, **kw)
+        self.units = units
+        self.faults = faults or {}
+        self.calls: list[str] = []
+        self.progress_gate: trio.Event | None = None
+
+    async def run(self) -> None:
+        self.length = self.units * UNIT
+        done = 0
+        while done < self.units:
+            await self.throttle()
+            if self.progress_gate is not None:
+                await self.progress_gate.wait()
+            pending = self.faults.get(done)
+            if pending:
+                try:
+                    raise BlockIOError(pending.pop(0))
+                except BlockIOError as err:
+                    await self.io_error(err, "write")
+                    continue
+            done += 1
+            self.offset += UNIT
+            self.account(UNIT)
+
+    async def prepare(self) -> None:
+        self.calls.append("prepare")
+
+    async def abort(self) -> None:
+        self.calls.append("abort")
+
+    async def clean(self) -> None:
+        self.calls.append("clean")
+
+
+@pytest.fixture
+async def registry() -> AsyncIterator[JobRegistry]:
+    reg = JobRegistry()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reg.serve)
+        yield reg
+        nursery.cancel_scope.cancel()
+
+
+def new_job(rec: Recorder, reg: JobRegistry, job_id: str = "job0", **kw: Any) -> CopyJob:
+    job = CopyJob(job_id, rec, **kw)
+    reg.add(job)
+    reg.start(job)
+    return job
+
+
+async def settle() -> None:
+    await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_tables_match_qemu() -> None:
+    assert TRANSITIONS[JobStatus.RUNNING] == {"paused", "ready", "waiting", "aborting"}
+    assert VERBS["complete"] == {"ready", "standby"}
+    assert VERBS["cancel"] == {
+        "created",
+        "running",
+        "paused",
+        "ready",
+        "standby",
+        "waiting",
+        "pending",
+    }
+
+
+async def test_success_sequence(registry: JobRegistry) -> None:
+    rec = Recorder()
+    job = new_job(rec, registry)
+    assert rec.statuses() == ["created", "running"]
+    await job.concluded.wait()
+    assert rec.statuses() == [
+        "created", "running", "waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null",
+    ]  # fmt: skip
+    assert rec.events[4][1] == {
+        "type": "commit",
+        "device": "job0",
+        "len": 8 * UNIT,
+        "offset": 8 * UNIT,
+        "speed": 0,
+    }
+    assert job.calls == ["prepare", "clean"]
+    assert registry.jobs() == []
+
+
+async def test_auto_dismiss_off_keeps_concluded_job(registry: JobRegistry) -> None:
+    rec = Recorder()
+    job = new_job(rec, registry, auto_dismiss=False)
+    await job.concluded.wait()
+    assert rec.statuses()[-1] == "concluded"
+    info = registry.block_job("job0").block_job_info()
+    assert info["status"] == "concluded" and "error" not in info
+    with pytest.raises(
+        BlockdError, match="Job 'job0' in state 'concluded' cannot accept command verb 'cancel'"
+    ):
+        job.user_cancel(force=False)
+    job.dismiss()
+    assert rec.statuses()[-1] == "null"
+    assert registry.jobs() == []
+
+
+async def test_auto_finalize_off_waits_for_finalize(registry: JobRegistry) -> None:
+    rec = Recorder()
+    job = new_job(rec, registry, auto_finalize=False)
+    await settle()
+    assert rec.statuses()[-3:] == ["waiting", "pending", "BLOCK_JOB_PENDING"]
+    assert rec.events[-1][1] == {"type": "commit", "id": "job0"}
+    assert job.calls == []
+    with pytest.raises(BlockdError, match="cannot accept command verb 'dismiss'"):
+        job.dismiss()
+    job.finalize()
+    await job.concluded.wait()
+    assert job.calls == ["prepare", "clean"]
+    assert rec.statuses()[-3:] == ["BLOCK_JOB_COMPLETED", "concluded", "null"]
+
+
+async def test_cancel_while_pending_aborts(registry: JobRegistry) -> None:
+    rec = Recorder()
+    job = new_job(rec, registry, auto_finalize=False)
+    await settle()
+    job.user_cancel(force=True)
+    await job.concluded.wait()
+    assert job.calls == ["abort", "clean"]
+    assert rec.statuses()[-4:] == ["aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]
+
+
+async def test_cancel_while_running(
+    registry: JobRegistry, autojump_clock: trio.testing.MockClock
+) -> None:
+    rec = Recorder()
+    job = new_job(rec, registry, speed=UNIT, auto_dismiss=False)
+    await trio.sleep(2.5)
+    assert 0 < job.offset < job.length
+    assert job.block_job_info()["busy"] is False  # asleep for the rate limit
+    job.user_cancel(force=False)
+    await job.concluded.wait()
+    assert rec.statuses()[2:] == ["aborting", "BLOCK_JOB_CANCELLED", "concluded"]
+    assert job.calls == ["abort", "clean"]
+    assert job.job_info()["error"] == "Operation canceled"
+    assert job.block_job_info()["error"] == "Operation canceled"
+
+
+async def test_report_fails_the_job(registry: JobRegistry) -> None:
+    rec = Recorder()
+    job = new_job(rec, registry, faults={2: [errno.ENOSPC]})
+    await job.concluded.wait()
+    assert rec.statuses()[2:] == [
+        "BLOCK_JOB_ERROR",
+        "aborting",
+        "BLOCK_JOB_COMPLETED",
+        "concluded",
+        "null",
+    ]
+    assert rec.events[2][1] == {"device": "job0", "operation": "write", "action": "report"}
+    assert rec.events[4][1]["error"] == "No space left on device"
+    assert rec.events[4][1]["offset"] == 2 * UNIT
+    assert job.calls == ["abort", "clean"]
+
+
+async def test_ignore_retries_the_same_chunk(registry: JobRegistry) -> None:
+    rec = Recorder()
+    job = new_job(rec, registry, on_error=OnError.IGNORE, faults={3: [errno.EIO, errno.EIO]})
+    await job.concluded.wait()
+    names = [n for n, _ in rec.events]
+    assert names.count("BLOCK_JOB_ERROR") == 2
+    assert {d["action"] for n, d in rec.events if n == "BLOCK_JOB_ERROR"} == {"ignore"}
+    assert job.offset == job.length  # nothing was skipped
+    assert job.calls == ["prepare", "clean"]
+
+
+@pytest.mark.parametrize(
+    ("policy", "err", "action", "io_status"),
+    [
+        (OnError.STOP, errno.EIO, "stop", "failed"),
+        (OnError.STOP, errno.ENOSPC, "stop", "nospace"),
+        (OnError.ENOSPC, errno.ENOSPC, "stop", "nospace"),
+        (OnError.AUTO, errno.ENOSPC, "stop", "nospace"),
+        (OnError.ENOSPC, errno.EIO, "report", None),
+        (OnError.AUTO, errno.EIO, "report", None),
+    ],
+)
+async def test_stop_pauses_until_resume(
+    registry: JobRegistry, policy: OnError, err: int, action: str, io_status: str | None
+) -> None:
+    rec = Recorder()
+    job = new_job(rec, registry, on_error=policy, faults={1: [err]})
+    await settle()
+    assert rec.events[2] == (
+        "BLOCK_JOB_ERROR",
+        {"device": "job0", "operation": "write", "action": action},
+    )
+    if action == "report":
+        assert job.concluded.is_set()
+        return
+    assert rec.statuses()[3:] == ["paused"]
+    info = job.block_job_info()
+    assert info["paused"] is True and info["io-status"] == io_status and info["status"] == "paused"
+    job.user_resume()
+    assert rec.statuses()[4] == "running"
+    assert job.block_job_info()["io-status"] == "ok"
+    await job.concluded.wait()
+    assert job.calls == ["prepare", "clean"]
+
+
+async def test_pause_and_resume_of_an_idle_job_take_effect_at_once(
+    registry: JobRegistry, autojump_clock: trio.testing.MockClock
+) -> None:
+    rec = Recorder()
+    job = new_job(rec, registry, speed=UNIT)
+    await trio.sleep(1.5)
+    job.user_pause()
+    # Asleep for the rate limit, the job is paused inside the command.
+    assert rec.statuses()[-1] == "paused"
+    with pytest.raises(BlockdError, match="Job is already paused"):
+        job.user_pause()
+    offset = job.offset
+    await trio.sleep(10)
+    assert job.offset == offset
+    job.user_resume()
+    assert rec.statuses()[-1] == "running"
+    with pytest.raises(BlockdError, match="Can't resume a job that was not paused"):
+        job.user_resume()
+    await job.concluded.wait()
+
+
+async def test_pause_of_a_busy_job_applies_at_its_pause_point(registry: JobRegistry) -> None:
+    rec = Recorder()
+    job = CopyJob("busy", rec)
+    job.progress_gate = trio.Event()
+    registry.add(job)
+    registry.start(job)
+    await settle()
+    assert job.busy  # blocked mid-chunk, not at a pause point
+    job.user_pause()
+    assert rec.statuses()[-1] == "running"
+    assert job.block_job_info()["paused"] is True
+    job.progress_gate.set()
+    await settle()
+    assert rec.statuses()[-1] == "paused"
+    job.user_resume()
+    await job.concluded.wait()
+
+
+async def test_cancel_of_a_paused_job(registry: JobRegistry) -> None:
+    rec = Recorder()
+    job = new_job(rec, registry, on_error=OnError.STOP, faults={0: [errno.EIO]})
+    await settle()
+    assert job.status is JobStatus.PAUSED
+    job.user_cancel(force=True)
+    await job.concluded.wait()
+    assert rec.statuses()[3:] == [
+        "paused",
+        "running",
+        "aborting",
+        "BLOCK_JOB_CANCELLED",
+        "concluded",
+        "null",
+    ]
+
+
+async def test_verbs_refused_in_the_wrong_state(
+    registry: JobRegistry, autojump_clock: trio.testing.MockClock
+) -> None:
+    rec = Recorder()
+    job = new_job(rec, registry, speed=1)
+    await trio.sleep(1)
+    for verb in (job.complete, job.finalize, job.dismiss):
+        with pytest.raises(BlockdError) as failure:
+            verb()
+        name = verb.__name__
+        assert (
+            str(failure.value)
+            == f"Job 'job0' in state 'running' cannot accept command verb '{name}'"
+        )
+    with pytest.raises(BlockdError, match="Parameter 'speed' expects a non-negative value"):
+        job.set_speed(-1)
+    assert job.block_job_info()["speed"] == 1
+    job.user_cancel(force=True)
+    await job.concluded.wait()
+
+
+async def test_set_speed_wakes_a_throttled_job(
+    registry: JobRegistry, autojump_clock: trio.testing.MockClock
+) -> None:
+    rec = Recorder()
+    job = new_job(rec, registry, speed=1)  # one chunk, then ~14.5 virtual hours of debt
+    await trio.sleep(60)
+    assert job.offset == UNIT
+    job.set_speed(0)
+    await job.concluded.wait()
+    assert job.offset == job.length
+    assert trio.current_time() < 120
+
+
+async def test_registry_ids_and_lookups(registry: JobRegistry) -> None:
+    rec = Recorder()
+    for bad in ("", "1abc", "a b", "a/b"):
+        with pytest.raises(BlockdError, match=f"Invalid job ID '{bad}'"):
+            registry.add(CopyJob(bad, rec))
+    new_job(rec, registry, "ok-1._x", auto_dismiss=False)
+    with pytest.raises(BlockdError, match=r"Job ID 'ok-1\._x' already in use"):
+        registry.add(CopyJob("ok-1._x", rec))
+    with pytest.raises(DeviceNotActive, match="Block job 'nosuch' not found"):
+        registry.block_job("nosuch")
+    with pytest.raises(BlockdError, match=r"^Job not found$") as failure:
+        registry.job("nosuch")
+    assert failure.value.error_class == "GenericError"
+
+
+async def test_shutdown_cancels_everything(
+    registry: JobRegistry, autojump_clock: trio.testing.MockClock
+) -> None:
+    rec = Recorder()
+    jobs = [new_job(rec, registry, f"j{i}", speed=1) for i in range(3)]
+    paused = jobs[1]
+    await trio.sleep(1)
+    paused.user_pause()
+    await registry.shutdown(grace=5)
+    assert all(j.concluded.is_set() for j in jobs)
+    assert [n for n, _ in rec.events].count("BLOCK_JOB_CANCELLED") == 3
+    assert registry.jobs() == []

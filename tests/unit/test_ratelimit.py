@@ -1,0 +1,61 @@
+"""The speed limit's accounting, with a clock the test moves by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from blockd.jobs.ratelimit import RateLimiter
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_unlimited_never_waits() -> None:
+    limiter = RateLimiter(Clock(), 0)
+    assert limiter.delay(1 << 30) == 0
+
+
+def test_burst_is_paid_back_in_full() -> None:
+    clock = Clock()
+    limiter = RateLimiter(clock, 1 << 20)  # 1 MiB/s: 104857.6 bytes per 100 ms slice
+    assert limiter.delay(0) == 0
+    # One 512 KiB chunk is five slices' worth: wait until that time has passed.
+    assert limiter.delay(512 * 1024) == pytest.approx(0.5)
+    clock.now += 0.2  # woken early (by a pause, say): the debt is still owed
+    assert limiter.delay() == pytest.approx(0.3)
+    clock.now += 0.3
+    assert limiter.delay() == pytest.approx(0.0)
+
+
+def test_sustained_rate_matches_speed() -> None:
+    clock = Clock()
+    speed = 4 << 20
+    limiter = RateLimiter(clock, speed)
+    copied = 0
+    while clock.now < 1010.0:
+        copied += 512 * 1024
+        clock.now += limiter.delay(512 * 1024) + 1e-9
+        while (wait := limiter.delay()) > 0:
+            clock.now += wait
+    assert copied / (clock.now - 1000.0) == pytest.approx(speed, rel=0.06)
+
+
+def test_tiny_speed_still_has_a_quota_of_one_byte() -> None:
+    clock = Clock()
+    limiter = RateLimiter(clock, 1)
+    # As in QEMU, a whole 512 KiB chunk then costs 524288 slices.
+    assert limiter.delay(512 * 1024) == pytest.approx(524288 * 0.1)
+
+
+def test_new_speed_applies_to_the_next_computation() -> None:
+    clock = Clock()
+    limiter = RateLimiter(clock, 1)
+    assert limiter.delay(1000) > 10
+    limiter.set_speed(0)
+    assert limiter.delay() == 0
+    assert limiter.speed == 0
