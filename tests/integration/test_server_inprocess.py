@@ -18,6 +18,7 @@ import trio
 
 from blockd.commands import CommandContext, Handler
 from blockd.events import EventBus
+from blockd.jobs.registry import JobRegistry
 from blockd.qmp.dispatch import Dispatcher
 from blockd.qmp.schema import SchemaError, load_command_schemas, schema_root
 from blockd.qmp.server import QMPServer
@@ -54,7 +55,7 @@ class Harness:
         from blockd.commands import HANDLERS
 
         handlers.update(HANDLERS)
-        context = CommandContext(events=self.bus, request_shutdown=lambda: None)
+        context = CommandContext(events=self.bus, jobs=JobRegistry(), request_shutdown=lambda: None)
         self.dispatcher = Dispatcher(load_command_schemas(root), handlers, context)
         self.path = tmp / "s.sock"
 
@@ -185,7 +186,7 @@ async def test_command_finishes_when_its_client_disconnects(harness: Harness) ->
 
 
 async def test_dispatcher_refuses_handler_without_schema() -> None:
-    context = CommandContext(events=EventBus(), request_shutdown=lambda: None)
+    context = CommandContext(events=EventBus(), jobs=JobRegistry(), request_shutdown=lambda: None)
 
     async def extra(ctx: CommandContext, args: Mapping[str, Any]) -> Any:
         return {}

@@ -70,6 +70,38 @@ AFTER_NEGOTIATION: list[tuple[bytes, int]] = [
     (b'{"execute": "no-such-command", "id": "\\u0001\\n"}', 1),
 ]
 
+# Job commands with no jobs: argument checking, then each family's "not found".
+JOB_COMMANDS: list[tuple[bytes, int]] = [
+    (b'{"execute": "query-jobs", "id": "j1"}', 1),
+    (b'{"execute": "query-block-jobs", "id": "j2"}', 1),
+    (b'{"execute": "block-job-set-speed", "id": "j3"}', 1),
+    (b'{"execute": "block-job-set-speed", "arguments": {"device": "x"}, "id": "j4"}', 1),
+    (b'{"execute": "block-job-set-speed", "arguments": {"speed": 1}, "id": "j5"}', 1),
+    (
+        b'{"execute": "block-job-set-speed", "arguments": {"device": "x", "speed": "1"}, "id": 6}',
+        1,
+    ),
+    (b'{"execute": "block-job-set-speed", "arguments": {"device": "x", "speed": 1.5}, "id": 7}', 1),
+    (b'{"execute": "block-job-set-speed", "arguments": {"device": 5, "speed": 1}, "id": 8}', 1),
+    (b'{"execute": "block-job-set-speed", "arguments": {"device": "x", "speed": -1}, "id": 9}', 1),
+    (b'{"execute": "block-job-cancel", "arguments": {"device": "x", "force": "yes"}, "id": 10}', 1),
+    (b'{"execute": "block-job-cancel", "arguments": {"device": "x", "bogus": 1}, "id": 11}', 1),
+    (b'{"execute": "block-job-cancel", "arguments": {"device": "x", "force": true}, "id": 12}', 1),
+    (b'{"execute": "block-job-pause", "arguments": {"device": "x"}, "id": 13}', 1),
+    (b'{"execute": "block-job-resume", "arguments": {"device": "x"}, "id": 14}', 1),
+    (b'{"execute": "block-job-complete", "arguments": {"device": "x"}, "id": 15}', 1),
+    (b'{"execute": "block-job-finalize", "arguments": {"id": "x"}, "id": 16}', 1),
+    (b'{"execute": "block-job-dismiss", "arguments": {"id": "x"}, "id": 17}', 1),
+    (b'{"execute": "block-job-dismiss", "arguments": {"device": "x"}, "id": 18}', 1),
+    (b'{"execute": "job-pause", "arguments": {"id": "x"}, "id": 19}', 1),
+    (b'{"execute": "job-resume", "arguments": {"id": "x"}, "id": 20}', 1),
+    (b'{"execute": "job-cancel", "arguments": {"id": "x"}, "id": 21}', 1),
+    (b'{"execute": "job-complete", "arguments": {"id": "x"}, "id": 22}', 1),
+    (b'{"execute": "job-finalize", "arguments": {"id": "x"}, "id": 23}', 1),
+    (b'{"execute": "job-dismiss", "arguments": {"id": "x"}, "id": 24}', 1),
+    (b'{"execute": "job-dismiss", "arguments": {}, "id": 25}', 1),
+]
+
 WITH_OOB: list[tuple[bytes, int]] = [
     (b'{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}, "id": 1}', 1),
     (b'{"exec-oob": "query-version", "id": 2}', 1),
@@ -102,7 +134,7 @@ def converse(path: Path, steps: list[tuple[bytes, int]], greeting: bool = True) 
 
 def full_conversation(daemon: DaemonProcess) -> list[Any]:
     path = daemon.socket_path
-    transcript = converse(path, BEFORE_NEGOTIATION + AFTER_NEGOTIATION)
+    transcript = converse(path, BEFORE_NEGOTIATION + AFTER_NEGOTIATION + JOB_COMMANDS)
     transcript += converse(path, WITH_OOB)
     with RawQMP(path) as client:
         client.read()

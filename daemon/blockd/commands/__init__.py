@@ -9,12 +9,27 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from blockd.commands import misc
+from blockd.commands import jobs, misc
 from blockd.commands.context import CommandContext, Handler
 
 HANDLERS: Mapping[str, Handler] = {
     "query-version": misc.query_version,
     "quit": misc.quit_daemon,
+    "query-jobs": jobs.query_jobs,
+    "query-block-jobs": jobs.query_block_jobs,
+    "block-job-set-speed": jobs.block_job_set_speed,
+    "block-job-cancel": jobs.block_job_cancel,
+    "block-job-pause": jobs.block_job_pause,
+    "block-job-resume": jobs.block_job_resume,
+    "block-job-complete": jobs.block_job_complete,
+    "block-job-finalize": jobs.block_job_finalize,
+    "block-job-dismiss": jobs.block_job_dismiss,
+    "job-pause": jobs.job_pause,
+    "job-resume": jobs.job_resume,
+    "job-cancel": jobs.job_cancel,
+    "job-complete": jobs.job_complete,
+    "job-finalize": jobs.job_finalize,
+    "job-dismiss": jobs.job_dismiss,
 }
 
 __all__ = ["HANDLERS", "CommandContext", "Handler"]

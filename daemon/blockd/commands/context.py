@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from blockd.events import EventSink
+from blockd.jobs.registry import JobRegistry
 
 
 @dataclass(frozen=True)
 class CommandContext:
     events: EventSink
+    jobs: JobRegistry
     #: Ask the daemon to stop once the current command has been answered.
     request_shutdown: Callable[[], None]
 

@@ -13,8 +13,13 @@ async def query_version(ctx: CommandContext, args: Mapping[str, Any]) -> dict[st
     return version_info()
 
 
+#: How long ``quit`` waits for cancelled jobs before answering anyway.
+QUIT_JOB_GRACE_SECONDS = 5.0
+
+
 async def quit_daemon(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str, Any]:
-    # The reply goes out before the daemon closes connections and exits, as
-    # with qemu-storage-daemon.
+    # As qemu-storage-daemon does: cancel every job (clients see them end),
+    # then reply, then close the connections and exit.
+    await ctx.jobs.shutdown(grace=QUIT_JOB_GRACE_SECONDS)
     ctx.request_shutdown()
     return {}
