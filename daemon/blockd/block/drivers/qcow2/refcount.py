@@ -5,12 +5,12 @@ counters are written here before the caller may write anything pointing at
 the clusters, and every new refcount block / refcount table is written and
 flushed before the entry or header field that points at it.
 
-Placement policy, chosen because it needs no recursion: a missing refcount
-block for table index ``r`` is put at the first cluster of the very range it
-covers (that range has no counters yet, so it is all free), making the block
-describe itself.  A full refcount table is replaced by a bigger one placed,
-together with the blocks describing it, at the start of the first range the
-old table could not cover.
+Placement policy: a missing refcount block goes to the first free cluster;
+if that cluster lies in the range the block itself covers, the block counts
+itself, otherwise its counter lives in an existing block (created first if
+needed).  A full refcount table is replaced by a bigger one placed, together
+with the blocks describing it, at the start of the first range the old table
+could not cover (all free by definition), so that area describes itself.
 """
 
 from __future__ import annotations
@@ -190,10 +190,28 @@ class Refcounts:
                 return start << self.cluster_bits
 
     async def _new_block(self, rt_index: int) -> None:
-        cluster = rt_index * self.block_entries
+        """Create the missing refcount block for table index ``rt_index``.
+
+        It goes to the first free cluster, so blocks sit next to the data they
+        describe and never split a contiguous run that is being searched for.
+        """
+        cluster = await self._find_free_run(1)
+        home = cluster // self.block_entries
+        if home != rt_index and (
+            home >= len(self.table) or not self.table[home] & REFTABLE_OFFSET_MASK
+        ):
+            # the block's own counter would need yet another block: make that first
+            if home >= len(self.table):
+                await self._grow_table(home)
+            else:
+                await self._new_block(home)
+            return  # the caller restarts its search
         off = cluster << self.cluster_bits
         buf = bytearray(self.cluster_size)
-        set_refcount(buf, 0, self.bits, 1)  # the block counts itself
+        if home == rt_index:
+            set_refcount(buf, cluster % self.block_entries, self.bits, 1)  # counts itself
+        else:
+            await self.change([cluster], +1)
         self.meta.check(off, self.cluster_size, None)
         await self.file.write(off, bytes(buf))
         await self.file.flush()
