@@ -14,7 +14,7 @@ from blockd.block.drivers.qcow2.node import Qcow2Node
 from blockd.block.drivers.raw import RawNode
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
-from blockd.errors import BlockError, ImageError
+from blockd.errors import BlockError, BlockIOError, ImageError
 
 _FORMATS = ("raw", "qcow2")
 
@@ -128,13 +128,23 @@ async def _open_backing(
         try:
             return await _child_ref(ctx, ref, read_only=True, what="backing")
         except BlockError as exc:
-            raise type(exc)(f"Could not open backing file: {exc}") from exc
+            raise _backing_error(exc) from exc
     if not node.backing_file:
         return None, False
     try:
         return await _open_header_backing(ctx, node), True
     except BlockError as exc:
-        raise type(exc)(f"Could not open backing file: {exc}") from exc
+        raise _backing_error(exc) from exc
+
+
+def _backing_error(exc: BlockError) -> BlockError:
+    """The same kind of error, worded as QEMU words a failed backing open."""
+    text = f"Could not open backing file: {exc}"
+    if isinstance(exc, BlockIOError):
+        return BlockIOError(exc.errno, text)
+    if isinstance(exc, ImageError):
+        return ImageError(text)
+    return BlockError(text)
 
 
 def _resolve_backing_name(overlay: str, backing: str) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import struct
+from array import array
 
 import trio
 
@@ -39,6 +40,7 @@ from blockd.block.drivers.qcow2.tables import (
     decode_table,
     encode_entries,
     host_clusters_of_range,
+    zero_table,
 )
 from blockd.block.node import BlockNode, Status
 from blockd.errors import BlockError, BlockIOError, ImageError
@@ -67,7 +69,7 @@ class Qcow2Node(BlockNode):
         header_extent: int,
         *,
         read_only: bool,
-        l2_cache_tables: int = 64,
+        l2_cache_bytes: int = 4 << 20,
     ) -> None:
         super().__init__(node_name, read_only=read_only, file=file)
         self.header = header
@@ -75,18 +77,19 @@ class Qcow2Node(BlockNode):
         self.cluster_bits = header.cluster_bits
         self.cluster_size = header.cluster_size
         self.l2_entries = self.cluster_size // 8
-        self._l1: list[int] = []
-        self._l2 = L2Cache(l2_cache_tables)
+        self._l1: array[int] = zero_table(0)
+        self._l2 = L2Cache(l2_cache_bytes, self.cluster_size)
         self._meta = MetadataMap(self.cluster_bits)
         self._refs = Refcounts(file, header, self._meta)
         self._lock = trio.Lock()
         self._corrupt = False
+        self._inflated: tuple[int, bytes] | None = None
 
     # -- opening --------------------------------------------------------------------
 
     @classmethod
     async def open(
-        cls, node_name: str, file: BlockNode, *, read_only: bool, l2_cache_tables: int = 64
+        cls, node_name: str, file: BlockNode, *, read_only: bool, l2_cache_bytes: int = 4 << 20
     ) -> Qcow2Node:
         """Parse and validate the image; nothing is written unless opened read-write."""
         file_size = file.size
@@ -98,7 +101,7 @@ class Qcow2Node(BlockNode):
         header = hdr.parse(cluster0, file_size)
         extent = _header_extent(header)
         node = cls(node_name, file, header, extent, read_only=read_only,
-                   l2_cache_tables=l2_cache_tables)
+                   l2_cache_bytes=l2_cache_bytes)
         await node._load()
         if not read_only:
             await node._prepare_read_write()
@@ -168,7 +171,7 @@ class Qcow2Node(BlockNode):
 
     # -- mapping --------------------------------------------------------------------
 
-    async def _l2_table(self, l1_index: int) -> tuple[int, list[int]] | None:
+    async def _l2_table(self, l1_index: int) -> tuple[int, array[int]] | None:
         if l1_index >= len(self._l1):
             return None
         off = self._l1[l1_index] & OFFSET_MASK
@@ -243,9 +246,14 @@ class Qcow2Node(BlockNode):
         return data if n == length else data + bytes(length - n)
 
     async def _read_compressed(self, entry: int) -> bytes:
+        # sequential small reads hit the same cluster many times: keep the last one
+        if self._inflated is not None and self._inflated[0] == entry:
+            return self._inflated[1]
         host, nbytes = compressed_range(entry, self.cluster_bits)
         raw = await self._file.read(host, nbytes)
-        return decompress_cluster(raw, self.cluster_size, self.header.compression_type)
+        data = decompress_cluster(raw, self.cluster_size, self.header.compression_type)
+        self._inflated = (entry, data)
+        return data
 
     async def _read_extent(self, ext: Extent) -> bytes:
         kind, goff, n, entry = ext
@@ -304,7 +312,7 @@ class Qcow2Node(BlockNode):
         await self._file.flush()  # table content and its refcount before the L1 pointer
         self._meta.add(new, self.cluster_size, MetaKind.L2)
         self._l2.drop(new)
-        self._l2.put(new, [0] * self.l2_entries)
+        self._l2.put(new, zero_table(self.l2_entries))
         await self._write_l1_entry(l1_index, new | OFLAG_COPIED)
 
     async def _write_l1_entry(self, l1_index: int, entry: int) -> None:
@@ -331,6 +339,7 @@ class Qcow2Node(BlockNode):
 
     async def _release(self, entries: list[int]) -> None:
         """Drop the references the (already durable) old entries held."""
+        self._inflated = None  # its host bytes may be reused from now on
         clusters: list[int] = []
         for entry in entries:
             kind = classify(entry)
@@ -531,7 +540,8 @@ class Qcow2Node(BlockNode):
             nclusters = -(-need * 8 // cs)
             new = await self._refs.allocate(nclusters)
             self._meta.check(new, nclusters * cs, None)
-            table = self._l1 + [0] * (need - len(self._l1))
+            table = array("Q", self._l1)
+            table.extend(zero_table(need - len(self._l1)))
             raw = encode_entries(table)
             await self._file.write(new, raw + bytes(nclusters * cs - len(raw)))
             await self._file.flush()

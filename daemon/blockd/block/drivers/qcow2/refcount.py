@@ -17,12 +17,18 @@ from __future__ import annotations
 
 import errno
 import struct
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterable
 
 from blockd.block.drivers.qcow2.header import OFF_REFTABLE, Header
 from blockd.block.drivers.qcow2.overlap import MetadataMap, MetaKind
-from blockd.block.drivers.qcow2.tables import OFFSET_MASK, decode_table, encode_entries
+from blockd.block.drivers.qcow2.tables import (
+    OFFSET_MASK,
+    decode_table,
+    encode_entries,
+    zero_table,
+)
 from blockd.block.node import BlockNode
 from blockd.errors import BlockIOError
 
@@ -54,7 +60,7 @@ class Refcounts:
     """Counters for every host cluster, with a bounded write-through block cache."""
 
     def __init__(
-        self, file: BlockNode, header: Header, meta: MetadataMap, cache_blocks: int = 32
+        self, file: BlockNode, header: Header, meta: MetadataMap, cache_bytes: int = 2 << 20
     ) -> None:
         self.file = file
         self.header = header
@@ -64,9 +70,9 @@ class Refcounts:
         self.bits = header.refcount_bits
         self.max_refcount = (1 << self.bits) - 1
         self.block_entries = self.cluster_size * 8 // self.bits
-        self.table: list[int] = []
+        self.table: array[int] = zero_table(0)
         self._cache: OrderedDict[int, bytearray] = OrderedDict()
-        self._cache_blocks = max(2, cache_blocks)
+        self._cache_blocks = max(2, cache_bytes // self.cluster_size)
         self.free_hint = 0
 
     async def load(self) -> None:
@@ -96,13 +102,20 @@ class Refcounts:
             raise BlockIOError(errno.EIO, f"qcow2: refcount block offset {off:#x} unaligned")
         buf = self._cache.get(off)
         if buf is None:
-            buf = bytearray(await self.file.read(off, self.cluster_size))
-            buf = self._cache.setdefault(off, buf)
-            while len(self._cache) > self._cache_blocks:
-                self._cache.popitem(last=False)
+            loaded = bytearray(await self.file.read(off, self.cluster_size))
+            buf = self._cache.get(off)  # someone may have loaded it meanwhile
+            if buf is None:
+                buf = self._remember(off, loaded)
         else:
             self._cache.move_to_end(off)
         return off, buf
+
+    def _remember(self, off: int, buf: bytearray) -> bytearray:
+        self._cache[off] = buf
+        self._cache.move_to_end(off)
+        while len(self._cache) > self._cache_blocks:
+            self._cache.popitem(last=False)
+        return buf
 
     async def get(self, cluster: int) -> int:
         blk = await self._block(cluster // self.block_entries)
@@ -221,7 +234,7 @@ class Refcounts:
         await self.file.flush()
         self.table[rt_index] = off
         self.meta.add(off, self.cluster_size, MetaKind.REFBLOCK)
-        self._cache[off] = buf
+        self._remember(off, buf)
 
     async def _grow_table(self, rt_index: int) -> None:
         cs, be = self.cluster_size, self.block_entries
@@ -253,8 +266,9 @@ class Refcounts:
             await self.file.write(off, bytes(buf))
         await self.file.flush()
         # 2. the new table: old entries, the new blocks, zeros
-        new_table = list(self.table) + [off for off, _ in blocks]
-        new_table += [0] * (new_entries - len(new_table))
+        new_table = array("Q", self.table)
+        new_table.extend(off for off, _ in blocks)
+        new_table.extend(zero_table(new_entries - len(new_table)))
         self.meta.check(table_off, table_clusters * cs, None)
         await self.file.write(table_off, encode_entries(new_table))
         await self.file.flush()
@@ -271,7 +285,7 @@ class Refcounts:
         self.meta.add(table_off, table_clusters * cs, MetaKind.REFTABLE)
         for off, buf in blocks:
             self.meta.add(off, cs, MetaKind.REFBLOCK)
-            self._cache[off] = buf
+            self._remember(off, buf)
         # 4. only now give the old table back (a crash before this merely leaks it)
         first = old_off >> self.cluster_bits
         await self.change(range(first, first + old_clusters), -1)

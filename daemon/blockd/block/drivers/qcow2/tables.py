@@ -8,8 +8,10 @@ unsaved state and eviction is always free.
 from __future__ import annotations
 
 import enum
-import struct
+import sys
+from array import array
 from collections import OrderedDict
+from collections.abc import Iterable
 
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
 OFLAG_COPIED = 1 << 63
@@ -51,28 +53,43 @@ def host_clusters_of_range(offset: int, length: int, cluster_bits: int) -> range
     return range(offset >> cluster_bits, ((offset + length - 1) >> cluster_bits) + 1)
 
 
-def decode_table(buf: bytes) -> list[int]:
-    return list(struct.unpack(f">{len(buf) // 8}Q", buf))
+def decode_table(buf: bytes) -> array[int]:
+    """Big-endian u64 table -> compact array (8 bytes/entry, not a list of objects)."""
+    table = array("Q")
+    table.frombytes(buf[: len(buf) // 8 * 8])
+    if sys.byteorder == "little":
+        table.byteswap()
+    return table
 
 
-def encode_entries(entries: list[int]) -> bytes:
-    return struct.pack(f">{len(entries)}Q", *entries)
+def zero_table(entries: int) -> array[int]:
+    return array("Q", bytes(entries * 8))
+
+
+def encode_entries(entries: Iterable[int]) -> bytes:
+    table = array("Q", entries)
+    if sys.byteorder == "little":
+        table.byteswap()
+    return table.tobytes()
 
 
 class L2Cache:
-    """Decoded L2 tables by host offset, least recently used evicted first."""
+    """Decoded L2 tables by host offset, least recently used evicted first.
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = max(1, capacity)
-        self._tables: OrderedDict[int, list[int]] = OrderedDict()
+    Bounded by bytes rather than tables so 2 MiB clusters cannot blow memory up.
+    """
 
-    def get(self, offset: int) -> list[int] | None:
+    def __init__(self, budget_bytes: int, cluster_size: int) -> None:
+        self.capacity = max(2, budget_bytes // cluster_size)
+        self._tables: OrderedDict[int, array[int]] = OrderedDict()
+
+    def get(self, offset: int) -> array[int] | None:
         table = self._tables.get(offset)
         if table is not None:
             self._tables.move_to_end(offset)
         return table
 
-    def put(self, offset: int, table: list[int]) -> list[int]:
+    def put(self, offset: int, table: array[int]) -> array[int]:
         existing = self._tables.get(offset)
         if existing is not None:  # a concurrent loader won: keep one copy
             return existing
