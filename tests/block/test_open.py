@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
+import trio
 
 from blockd.block.drivers.file import FileNode
 from blockd.block.graph import BlockGraph
@@ -68,9 +71,10 @@ async def test_explicit_chain_by_node_name(tmp_path: Path, graph: BlockGraph) ->
     assert await graph.is_allocated_above(t, b, 0, MiB) == (True, 65536)
     assert await graph.is_allocated_above(t, m, 0, MiB) == (False, MiB)
     assert graph.parents(b) == [(m, "backing")]
+    other = create(tmp_path / "other.qcow2", MiB)
     with pytest.raises(BlockError) as info:
         await open_node(graph, {"driver": "qcow2", "node-name": "x", "backing": "nosuchnode",
-                                "file": {"driver": "file", "filename": str(top)}})
+                                "file": {"driver": "file", "filename": str(other)}})
     assert str(info.value) == ("Could not open backing file: Cannot find "
                                "device='nosuchnode' nor node-name='nosuchnode'")
     assert "x" not in graph
@@ -164,7 +168,7 @@ async def test_raw_and_file_nodes(tmp_path: Path, graph: BlockGraph) -> None:
     assert data[4096 + 8192 : 4096 + 16384] == bytes(8192)
     whole = await open_node(graph, {"driver": "raw", "read-only": True,
                                     "file": {"driver": "file", "filename": str(path),
-                                             "read-only": True}})
+                                             "read-only": True, "locking": "off"}})
     assert whole.size == MiB
     with pytest.raises(BlockError, match="read-only"):
         await whole.write(0, b"x")
@@ -186,3 +190,50 @@ async def test_close_drops_implicit_children(tmp_path: Path, graph: BlockGraph) 
     await graph.close_node(node)
     assert len(graph) == 0
     assert_clean(top)
+
+
+async def test_image_locking_interop(tmp_path: Path, graph: BlockGraph) -> None:
+    img = create(tmp_path / "l.qcow2", MiB)
+    node = await open_qcow2(graph, img, name="rw")
+    info = run("qemu-img", "info", str(img), check=False)
+    assert info.returncode != 0
+    assert 'Failed to get shared "write" lock' in info.stderr
+    run("qemu-img", "info", "-U", str(img))  # force-share still works
+    with pytest.raises(ImageError, match='Failed to get "write" lock'):
+        await open_qcow2(graph, img, name="again")
+    with pytest.raises(ImageError, match='Failed to get shared "write" lock'):
+        await open_qcow2(graph, img, name="again", read_only=True)
+    await node.reopen(read_only=True)
+    run("qemu-io", "-r", "-c", "read 0 512", str(img))  # readers may share now
+    await node.reopen(read_only=False)  # reopen swaps its own locks without conflict
+    await node.write(0, b"x")
+    await graph.close_all()
+    run("qemu-img", "info", str(img))
+    assert_clean(img)
+
+
+async def test_lock_held_by_qemu_storage_daemon(tmp_path: Path, graph: BlockGraph) -> None:
+    if shutil.which("qemu-storage-daemon") is None:
+        pytest.skip("no qemu-storage-daemon")
+    img = create(tmp_path / "q.qcow2", MiB)
+    proc = subprocess.Popen(
+        ["qemu-storage-daemon", "--blockdev",
+         f"driver=file,node-name=f,filename={img}", "--blockdev",
+         "driver=qcow2,node-name=q,file=f", "--nbd-server",
+         f"addr.type=unix,addr.path={tmp_path / 'nbd.sock'}", "--export",
+         "type=nbd,id=e,node-name=q,writable=on"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(250):  # wait until QSD holds its locks
+            if run("qemu-img", "info", str(img), check=False).returncode != 0:
+                break
+            await trio.sleep(0.02)
+        else:
+            pytest.fail("qemu-storage-daemon never locked the image")
+        with pytest.raises(ImageError, match='Failed to get shared "write" lock'):
+            await open_qcow2(graph, img, read_only=True)
+        assert len(graph) == 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -67,7 +67,8 @@ async def _open_file(ctx: _Opening, options: dict[str, Any], read_only: bool) ->
     filename = options.get("filename")
     if not isinstance(filename, str):
         raise BlockError("Parameter 'filename' is missing")
-    node = await FileNode.open(name, filename, read_only=read_only)
+    locking = options.get("locking", "auto") != "off"
+    node = await FileNode.open(name, filename, read_only=read_only, locking=locking)
     ctx.created.append(node)
     ctx.graph.add(node)
     return node

@@ -10,7 +10,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
+import struct
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -28,6 +30,54 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
 _ZERO_CHUNK = 1 << 20
+
+# QEMU's image locking (file-posix.c): OFD read locks on byte 100+p for each
+# permission p held and on byte 200+p for each permission not shared with others.
+_PERM_CONSISTENT_READ = 0
+_PERM_WRITE = 1
+_PERM_RESIZE = 3
+_PERM_NAMES = {0: "consistent read", 1: "write", 2: "write unchanged", 3: "resize",
+               4: "change children"}
+_LOCK_BASE_PERM = 100
+_LOCK_BASE_SHARED = 200
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock on 64-bit Linux
+
+
+def _flock(fd: int, cmd: int, kind: int, start: int, length: int = 1) -> int:
+    res = fcntl.fcntl(fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, start, length, 0))
+    return int(_FLOCK.unpack(res)[0])
+
+
+def _perms(read_only: bool) -> tuple[list[int], list[int]]:
+    """(held, unshared) permissions for a node in this mode, as QSD takes them."""
+    held = [_PERM_CONSISTENT_READ] if read_only else [_PERM_CONSISTENT_READ, _PERM_WRITE,
+                                                         _PERM_RESIZE]
+    return held, [_PERM_WRITE, _PERM_RESIZE]
+
+
+def lock_image(fd: int, read_only: bool) -> None:
+    """Take QEMU-compatible locks so qemu tools and blockd keep off each other's images."""
+    held, unshared = _perms(read_only)
+    for p in held:
+        _flock(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, _LOCK_BASE_PERM + p)
+    for p in unshared:
+        _flock(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, _LOCK_BASE_SHARED + p)
+    try:
+        for p in held:
+            if _flock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK,
+                      _LOCK_BASE_SHARED + p) != fcntl.F_UNLCK:
+                raise ImageError(f'Failed to get "{_PERM_NAMES[p]}" lock')
+        for p in unshared:
+            if _flock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK,
+                      _LOCK_BASE_PERM + p) != fcntl.F_UNLCK:
+                raise ImageError(f'Failed to get shared "{_PERM_NAMES[p]}" lock')
+    except BaseException:
+        unlock_image(fd)
+        raise
+
+
+def unlock_image(fd: int) -> None:
+    _flock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, _LOCK_BASE_PERM, 200)
 
 
 def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
@@ -95,16 +145,28 @@ class FileNode(BlockNode):
     driver = "file"
     growable = True
 
-    def __init__(self, node_name: str, filename: str, fd: int, *, read_only: bool) -> None:
+    def __init__(
+        self, node_name: str, filename: str, fd: int, *, read_only: bool, locking: bool = True
+    ) -> None:
         super().__init__(node_name, read_only=read_only)
         self._filename = filename
         self._fd = fd
         self._size = os.fstat(fd).st_size
+        self.locking = locking
 
     @classmethod
-    async def open(cls, node_name: str, filename: str, *, read_only: bool) -> FileNode:
+    async def open(
+        cls, node_name: str, filename: str, *, read_only: bool, locking: bool = True
+    ) -> FileNode:
+        """Open and (unless ``locking`` is off) lock the file the way QEMU does."""
         fd = await cls._open_fd(filename, read_only)
-        return cls(node_name, filename, fd, read_only=read_only)
+        if locking:
+            try:
+                await run_io(lambda: lock_image(fd, read_only))
+            except BaseException:
+                os.close(fd)
+                raise
+        return cls(node_name, filename, fd, read_only=read_only, locking=locking)
 
     @staticmethod
     async def _open_fd(filename: str, read_only: bool) -> int:
@@ -115,12 +177,9 @@ class FileNode(BlockNode):
             raise ImageError(
                 f"Could not open '{filename}': {os.strerror(exc.errno or errno.EIO)}"
             ) from exc
-        try:
-            if not os.path.isfile(filename):
-                raise ImageError(f"Could not open '{filename}': Not a regular file")
-        except ImageError:
+        if not os.path.isfile(filename):
             os.close(fd)
-            raise
+            raise ImageError(f"Could not open '{filename}': Not a regular file")
         return fd
 
     @property
@@ -198,7 +257,17 @@ class FileNode(BlockNode):
 
     async def _do_reopen(self, read_only: bool) -> None:
         new_fd = await self._open_fd(self._filename, read_only)
-        old, self._fd = self._fd, new_fd
+        old = self._fd
+        if self.locking:
+            # our old descriptor's locks would conflict with the new one's
+            await run_io(lambda: unlock_image(old))
+            try:
+                await run_io(lambda: lock_image(new_fd, read_only))
+            except BaseException:
+                os.close(new_fd)
+                await run_io(lambda: lock_image(old, self.read_only))
+                raise
+        self._fd = new_fd
         os.close(old)
 
     async def _do_close(self) -> None:
