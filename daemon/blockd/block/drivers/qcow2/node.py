@@ -422,22 +422,25 @@ class Qcow2Node(BlockNode):
         if not fresh:
             return
 
-        base = await self._refs.allocate(len(fresh))
-        self._meta.check(base, len(fresh) * cs, None)
-        buffers: list[bytes] = []
-        for c, entry in fresh:
-            lo, hi = max(offset, c * cs), min(end, (c + 1) * cs)
-            piece = data[lo - offset : hi - offset]
-            if hi - lo == cs:
-                buffers.append(piece)
-            else:  # partial cluster: copy the rest from what the guest sees now
-                content = await self._cluster_content(c, entry)
-                content[lo - c * cs : hi - c * cs] = piece
-                buffers.append(bytes(content))
-        await self._file.write(base, b"".join(buffers))
+        hosts: list[int] = []
+        while len(hosts) < len(fresh):
+            run_off, count = await self._refs.allocate_run(len(fresh) - len(hosts))
+            self._meta.check(run_off, count * cs, None)
+            buffers: list[bytes] = []
+            for c, entry in fresh[len(hosts) : len(hosts) + count]:
+                lo, hi = max(offset, c * cs), min(end, (c + 1) * cs)
+                piece = data[lo - offset : hi - offset]
+                if hi - lo == cs:
+                    buffers.append(piece)
+                else:  # partial cluster: copy the rest from what the guest sees now
+                    content = await self._cluster_content(c, entry)
+                    content[lo - c * cs : hi - c * cs] = piece
+                    buffers.append(bytes(content))
+            await self._file.write(run_off, b"".join(buffers))
+            hosts.extend(run_off + i * cs for i in range(count))
         await self._file.flush()  # data and refcounts durable before the L2 entries
         await self._set_entries(
-            {c: (base + i * cs) | OFLAG_COPIED for i, (c, _e) in enumerate(fresh)}
+            {c: host | OFLAG_COPIED for (c, _e), host in zip(fresh, hosts, strict=True)}
         )
         old = [e for _c, e in fresh if classify(e) in _FREEABLE]
         if old:

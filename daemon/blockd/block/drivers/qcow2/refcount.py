@@ -153,7 +153,8 @@ class Refcounts:
 
     # -- allocation -----------------------------------------------------------------
 
-    async def _find_free_run(self, n: int) -> int:
+    async def _find_free_run(self, n: int, *, partial: bool = False) -> tuple[int, int]:
+        """First run of ``n`` free clusters; with ``partial`` the first free run, up to n."""
         c = max(self.free_hint, 1)
         start, found = c, 0
         first_free: int | None = None
@@ -174,22 +175,35 @@ class Refcounts:
                     if first_free is None:
                         first_free = c
                     found += 1
+                elif partial and found:
+                    n = found
+                    break
                 else:
                     start, found = c + 1, 0
                 c += 1
-        if first_free is not None and first_free >= start:
-            self.free_hint = start + n
-        elif first_free is not None:
+        # invariant: free_hint <= the first free cluster (callers advance it on use)
+        if first_free is not None:
             self.free_hint = first_free
-        return start
+        return start, min(found, n)
 
     async def allocate(self, n: int) -> int:
         """Claim ``n`` contiguous free clusters (refcount 1, written, not yet flushed)."""
+        return (await self._allocate(n, partial=False))[0]
+
+    async def allocate_run(self, n: int) -> tuple[int, int]:
+        """Claim the first free run of up to ``n`` clusters: (host offset, count).
+
+        Data does not need to be contiguous, so holes left by discards are
+        reused instead of growing the file.
+        """
+        return await self._allocate(n, partial=True)
+
+    async def _allocate(self, n: int, *, partial: bool) -> tuple[int, int]:
         while True:
-            start = await self._find_free_run(n)
+            start, count = await self._find_free_run(n, partial=partial)
             ready = True
             for rt_index in range(start // self.block_entries,
-                                  (start + n - 1) // self.block_entries + 1):
+                                  (start + count - 1) // self.block_entries + 1):
                 if rt_index >= len(self.table):
                     await self._grow_table(rt_index)
                     ready = False
@@ -199,8 +213,10 @@ class Refcounts:
                     ready = False
                     break
             if ready:
-                await self.change(range(start, start + n), +1)
-                return start << self.cluster_bits
+                await self.change(range(start, start + count), +1)
+                if self.free_hint == start:
+                    self.free_hint = start + count
+                return start << self.cluster_bits, count
 
     async def _new_block(self, rt_index: int) -> None:
         """Create the missing refcount block for table index ``rt_index``.
@@ -208,7 +224,7 @@ class Refcounts:
         It goes to the first free cluster, so blocks sit next to the data they
         describe and never split a contiguous run that is being searched for.
         """
-        cluster = await self._find_free_run(1)
+        cluster, _n = await self._find_free_run(1)
         home = cluster // self.block_entries
         if home != rt_index and (
             home >= len(self.table) or not self.table[home] & REFTABLE_OFFSET_MASK
@@ -220,6 +236,8 @@ class Refcounts:
                 await self._new_block(home)
             return  # the caller restarts its search
         off = cluster << self.cluster_bits
+        if self.free_hint == cluster:
+            self.free_hint = cluster + 1
         buf = bytearray(self.cluster_size)
         if home == rt_index:
             set_refcount(buf, cluster % self.block_entries, self.bits, 1)  # counts itself
