@@ -1,0 +1,1 @@
+"""Block drivers: ``file`` (protocol), ``raw`` and ``qcow2`` (formats)."""

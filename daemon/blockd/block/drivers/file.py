@@ -1,0 +1,282 @@
+"""The ``file`` protocol driver: a host file accessed with positional I/O.
+
+Every blocking call runs in a worker thread under one shared
+``trio.CapacityLimiter`` so a busy copy never stalls the event loop and the
+number of threads stays bounded however many nodes are open.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import struct
+from collections.abc import Callable
+from typing import TypeVar
+
+import trio
+
+from blockd.block.node import BlockNode, Status
+from blockd.errors import BlockIOError, ImageError
+
+T = TypeVar("T")
+
+#: Shared by every file node: bounds the worker threads doing disk I/O.
+IO_LIMITER = trio.CapacityLimiter(16)
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+_ZERO_CHUNK = 1 << 20
+
+# QEMU's image locking (file-posix.c): OFD read locks on byte 100+p for each
+# permission p held and on byte 200+p for each permission not shared with others.
+_PERM_CONSISTENT_READ = 0
+_PERM_WRITE = 1
+_PERM_RESIZE = 3
+_PERM_NAMES = {0: "consistent read", 1: "write", 2: "write unchanged", 3: "resize",
+               4: "change children"}
+_LOCK_BASE_PERM = 100
+_LOCK_BASE_SHARED = 200
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock on 64-bit Linux
+
+
+def _flock(fd: int, cmd: int, kind: int, start: int, length: int = 1) -> int:
+    res = fcntl.fcntl(fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, start, length, 0))
+    return int(_FLOCK.unpack(res)[0])
+
+
+def _perms(read_only: bool) -> tuple[list[int], list[int]]:
+    """(held, unshared) permissions for a node in this mode, as QSD takes them."""
+    held = [_PERM_CONSISTENT_READ] if read_only else [_PERM_CONSISTENT_READ, _PERM_WRITE,
+                                                         _PERM_RESIZE]
+    return held, [_PERM_WRITE, _PERM_RESIZE]
+
+
+def lock_image(fd: int, read_only: bool) -> None:
+    """Take QEMU-compatible locks so qemu tools and blockd keep off each other's images."""
+    held, unshared = _perms(read_only)
+    for p in held:
+        _flock(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, _LOCK_BASE_PERM + p)
+    for p in unshared:
+        _flock(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, _LOCK_BASE_SHARED + p)
+    try:
+        for p in held:
+            if _flock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK,
+                      _LOCK_BASE_SHARED + p) != fcntl.F_UNLCK:
+                raise ImageError(f'Failed to get "{_PERM_NAMES[p]}" lock')
+        for p in unshared:
+            if _flock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK,
+                      _LOCK_BASE_PERM + p) != fcntl.F_UNLCK:
+                raise ImageError(f'Failed to get shared "{_PERM_NAMES[p]}" lock')
+    except BaseException:
+        unlock_image(fd)
+        raise
+
+
+def unlock_image(fd: int) -> None:
+    _flock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, _LOCK_BASE_PERM, 200)
+
+
+def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    fn.restype = ctypes.c_int
+
+    def call(fd: int, mode: int, offset: int, length: int) -> int:
+        if fn(fd, mode, offset, length) != 0:
+            return ctypes.get_errno()
+        return 0
+
+    return call
+
+
+_fallocate = _load_fallocate()
+
+
+async def run_io(fn: Callable[[], T]) -> T:
+    """Run one blocking call in a worker thread; OSError becomes BlockIOError."""
+    try:
+        return await trio.to_thread.run_sync(fn, limiter=IO_LIMITER)
+    except OSError as exc:
+        raise BlockIOError(exc.errno or errno.EIO) from exc
+
+
+def _pread_full(fd: int, offset: int, length: int) -> bytes:
+    """pread until ``length`` bytes; past EOF the file reads as zeros."""
+    chunks: list[bytes] = []
+    got = 0
+    while got < length:
+        chunk = os.pread(fd, length - got, offset + got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    if got < length:
+        chunks.append(bytes(length - got))
+    return b"".join(chunks)
+
+
+def _pwrite_full(fd: int, offset: int, data: bytes) -> None:
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def _zero_fill(fd: int, offset: int, length: int) -> None:
+    zeros = bytes(min(length, _ZERO_CHUNK))
+    done = 0
+    while done < length:
+        n = min(len(zeros), length - done)
+        _pwrite_full(fd, offset + done, zeros[:n])
+        done += n
+
+
+class FileNode(BlockNode):
+    """A host file; growable, because format drivers allocate past its end."""
+
+    driver = "file"
+    growable = True
+
+    def __init__(
+        self, node_name: str, filename: str, fd: int, *, read_only: bool, locking: bool = True
+    ) -> None:
+        super().__init__(node_name, read_only=read_only)
+        self._filename = filename
+        self._fd = fd
+        self._size = os.fstat(fd).st_size
+        self.locking = locking
+
+    @classmethod
+    async def open(
+        cls, node_name: str, filename: str, *, read_only: bool, locking: bool = True
+    ) -> FileNode:
+        """Open and (unless ``locking`` is off) lock the file the way QEMU does."""
+        fd = await cls._open_fd(filename, read_only)
+        if locking:
+            try:
+                await run_io(lambda: lock_image(fd, read_only))
+            except BaseException:
+                os.close(fd)
+                raise
+        return cls(node_name, filename, fd, read_only=read_only, locking=locking)
+
+    @staticmethod
+    async def _open_fd(filename: str, read_only: bool) -> int:
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        try:
+            fd = await trio.to_thread.run_sync(os.open, filename, flags, limiter=IO_LIMITER)
+        except OSError as exc:
+            raise ImageError(
+                f"Could not open '{filename}': {os.strerror(exc.errno or errno.EIO)}"
+            ) from exc
+        if not os.path.isfile(filename):
+            os.close(fd)
+            raise ImageError(f"Could not open '{filename}': Not a regular file")
+        return fd
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def filename(self) -> str:
+        return self._filename
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    async def _do_read(self, offset: int, length: int) -> bytes:
+        fd = self._fd
+        return await run_io(lambda: _pread_full(fd, offset, length))
+
+    async def _do_write(self, offset: int, data: bytes) -> None:
+        fd = self._fd
+        await run_io(lambda: _pwrite_full(fd, offset, data))
+        self._size = max(self._size, offset + len(data))
+
+    async def _do_write_zeroes(self, offset: int, length: int) -> None:
+        fd = self._fd
+
+        def zero() -> None:
+            fallocate = _fallocate
+            if fallocate is not None and fallocate(fd, _FALLOC_FL_ZERO_RANGE, offset, length) == 0:
+                return
+            _zero_fill(fd, offset, length)
+
+        await run_io(zero)
+        self._size = max(self._size, offset + length)
+
+    async def _do_discard(self, offset: int, length: int) -> None:
+        fd = self._fd
+        end = min(offset + length, self._size)
+        if end <= offset or _fallocate is None:
+            return
+        fallocate = _fallocate
+
+        def punch() -> None:
+            # discard is advisory: a file system without hole punching just keeps the data
+            fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, end - offset)
+
+        await run_io(punch)
+
+    async def _do_block_status(self, offset: int, length: int) -> tuple[Status, int]:
+        fd = self._fd
+        end = offset + length
+
+        def probe() -> tuple[Status, int]:
+            try:
+                data = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole up to EOF
+                    return Status.ZERO, length
+                return Status.DATA, length  # no SEEK_DATA support: assume data
+            if data > offset:
+                return Status.ZERO, min(data, end) - offset
+            hole = os.lseek(fd, offset, os.SEEK_HOLE)
+            return Status.DATA, min(hole, end) - offset
+
+        return await run_io(probe)
+
+    async def _do_flush(self) -> None:
+        fd = self._fd
+        await run_io(lambda: os.fdatasync(fd))
+
+    async def _do_truncate(self, size: int) -> None:
+        fd = self._fd
+        await run_io(lambda: os.ftruncate(fd, size))
+        self._size = size
+
+    async def _do_reopen(self, read_only: bool) -> None:
+        new_fd = await self._open_fd(self._filename, read_only)
+        old = self._fd
+        if self.locking:
+            # our old descriptor's locks would conflict with the new one's
+            await run_io(lambda: unlock_image(old))
+            try:
+                await run_io(lambda: lock_image(new_fd, read_only))
+            except BaseException:
+                os.close(new_fd)
+                await run_io(lambda: lock_image(old, self.read_only))
+                raise
+        self._fd = new_fd
+        os.close(old)
+
+    async def _do_close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    async def refresh_size(self) -> int:
+        """Re-read the file length (someone else may have changed the file)."""
+        fd = self._fd
+        self._size = await run_io(lambda: os.fstat(fd).st_size)
+        return self._size

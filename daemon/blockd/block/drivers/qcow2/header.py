@@ -1,0 +1,326 @@
+"""qcow2 header (cluster 0): parsing with open-time validation, and byte-exact rewriting.
+
+A rewrite must keep everything we do not understand (unknown header fields,
+unknown extensions, unknown compatible bits), so the parsed form keeps those
+as raw bytes and ``serialize`` puts them back unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+
+from blockd.errors import ImageError
+
+MAGIC = 0x514649FB
+V2_HEADER_LENGTH = 72
+V3_MIN_HEADER_LENGTH = 104
+V3_HEADER_LENGTH = 112  # what QEMU 7.2 writes (includes compression_type + padding)
+MAX_BACKING_NAME = 1023
+MIN_CLUSTER_BITS = 9
+MAX_CLUSTER_BITS = 21
+MAX_L1_BYTES = 32 << 20
+MAX_REFTABLE_BYTES = 8 << 20
+
+EXT_END = 0x00000000
+EXT_BACKING_FORMAT = 0xE2792ACA
+EXT_FEATURE_TABLE = 0x6803F857
+EXT_BITMAPS = 0x23852875
+EXT_CRYPTO = 0x0537BE77
+EXT_DATA_FILE = 0x44415441
+
+INCOMPAT_DIRTY = 1 << 0
+INCOMPAT_CORRUPT = 1 << 1
+INCOMPAT_DATA_FILE = 1 << 2
+INCOMPAT_COMPRESSION = 1 << 3
+INCOMPAT_EXTL2 = 1 << 4
+INCOMPAT_KNOWN = (
+    INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2
+)
+COMPAT_LAZY_REFCOUNTS = 1 << 0
+AUTOCLEAR_BITMAPS = 1 << 0
+AUTOCLEAR_DATA_FILE_RAW = 1 << 1
+
+COMPRESSION_DEFLATE = 0
+COMPRESSION_ZSTD = 1
+
+# offsets of fields QEMU updates with one small write
+OFF_SIZE = 24
+OFF_L1 = 36  # l1_size (4) + l1_table_offset (8)
+OFF_REFTABLE = 48  # refcount_table_offset (8) + refcount_table_clusters (4)
+OFF_INCOMPAT = 72
+OFF_AUTOCLEAR = 88
+
+_V2 = struct.Struct(">IIQIIQIIQQIIQ")
+_V3 = struct.Struct(">QQQII")
+
+_FEATURE_NAMES = {
+    (0, 0): "dirty bit",
+    (0, 1): "corrupt bit",
+    (0, 2): "external data file",
+    (0, 3): "compression type",
+    (0, 4): "extended L2 entries",
+}
+
+
+@dataclasses.dataclass
+class Extension:
+    """One header extension, kept as raw bytes so unknown ones survive rewrites."""
+
+    type: int
+    data: bytes
+
+
+@dataclasses.dataclass
+class Header:
+    version: int
+    backing_file_offset: int
+    backing_file_size: int
+    cluster_bits: int
+    size: int
+    crypt_method: int
+    l1_size: int
+    l1_table_offset: int
+    refcount_table_offset: int
+    refcount_table_clusters: int
+    nb_snapshots: int
+    snapshots_offset: int
+    incompatible_features: int = 0
+    compatible_features: int = 0
+    autoclear_features: int = 0
+    refcount_order: int = 4
+    header_length: int = V2_HEADER_LENGTH
+    compression_type: int = COMPRESSION_DEFLATE
+    #: header bytes 104..header_length verbatim (compression_type, padding, unknown fields)
+    tail: bytes = b""
+    extensions: list[Extension] = dataclasses.field(default_factory=list)
+    backing_file: str | None = None
+
+    @property
+    def cluster_size(self) -> int:
+        return 1 << self.cluster_bits
+
+    @property
+    def refcount_bits(self) -> int:
+        return 1 << self.refcount_order
+
+    @property
+    def backing_format(self) -> str | None:
+        ext = self.extension(EXT_BACKING_FORMAT)
+        return ext.data.decode("utf-8", "replace") if ext is not None else None
+
+    def extension(self, ext_type: int) -> Extension | None:
+        for ext in self.extensions:
+            if ext.type == ext_type:
+                return ext
+        return None
+
+    def feature_name(self, kind: int, bit: int) -> str | None:
+        """Name of a feature bit, from the image's own table first (it may know newer bits)."""
+        table = self.extension(EXT_FEATURE_TABLE)
+        if table is not None:
+            for i in range(0, len(table.data) - 47, 48):
+                if table.data[i] == kind and table.data[i + 1] == bit:
+                    return table.data[i + 2 : i + 48].rstrip(b"\0").decode("utf-8", "replace")
+        return _FEATURE_NAMES.get((kind, bit))
+
+
+def _unsupported_incompat_text(header: Header, mask: int) -> str:
+    names = []
+    unknown = 0
+    for bit in range(64):
+        if not mask & (1 << bit):
+            continue
+        known = _FEATURE_NAMES.get((0, bit)) if (1 << bit) & INCOMPAT_KNOWN else None
+        if known is None:
+            unknown |= 1 << bit
+        else:
+            names.append(known)
+    if unknown:
+        names.append(f"Unknown incompatible feature: {unknown:x}")
+    return "Unsupported qcow2 feature(s): " + ", ".join(names)
+
+
+def parse_fixed(buf: bytes) -> Header:
+    """Decode the fixed part of the header; ``buf`` holds at least its first 112 bytes."""
+    if len(buf) < 4 or struct.unpack_from(">I", buf)[0] != MAGIC:
+        raise ImageError("Image is not in qcow2 format")
+    if len(buf) < 8:
+        raise ImageError("qcow2 header too short (truncated file)")
+    version = struct.unpack_from(">I", buf, 4)[0]
+    if version not in (2, 3):
+        raise ImageError(f"Unsupported qcow2 version {version}")
+    if len(buf) < V2_HEADER_LENGTH:
+        raise ImageError("qcow2 header too short (truncated file)")
+    fields = _V2.unpack_from(buf)
+    h = Header(*fields[1:])
+    h.version = version
+    if version == 3:
+        if len(buf) < V3_MIN_HEADER_LENGTH:
+            raise ImageError("qcow2 header too short (truncated file)")
+        (h.incompatible_features, h.compatible_features, h.autoclear_features,
+         h.refcount_order, h.header_length) = _V3.unpack_from(buf, V2_HEADER_LENGTH)
+        if h.header_length < V3_MIN_HEADER_LENGTH:
+            raise ImageError("qcow2 header too short")
+        if h.header_length % 8:
+            raise ImageError("qcow2 header length is not a multiple of 8")
+    else:
+        h.header_length = V2_HEADER_LENGTH
+    return h
+
+
+def parse(buf: bytes, file_size: int) -> Header:
+    """Decode and validate cluster 0; anything impossible becomes an ImageError."""
+    h = parse_fixed(buf)
+    if not MIN_CLUSTER_BITS <= h.cluster_bits <= MAX_CLUSTER_BITS:
+        raise ImageError(f"Unsupported cluster size: 2^{h.cluster_bits}")
+    cs = h.cluster_size
+    if h.header_length > cs:
+        raise ImageError("qcow2 header exceeds cluster size")
+    if len(buf) < h.header_length:
+        raise ImageError("qcow2 header too short (truncated file)")
+    if h.version == 3:
+        h.tail = bytes(buf[V3_MIN_HEADER_LENGTH : h.header_length])
+        if h.header_length > V3_MIN_HEADER_LENGTH:
+            h.compression_type = buf[V3_MIN_HEADER_LENGTH]
+    if h.refcount_order > 6:
+        raise ImageError("Reference count entry width too large; may not exceed 64 bits")
+    if h.version == 2 and h.refcount_order != 4:
+        h.refcount_order = 4
+
+    unsupported = h.incompatible_features & ~INCOMPAT_KNOWN
+    unsupported |= h.incompatible_features & (INCOMPAT_DATA_FILE | INCOMPAT_EXTL2)
+    if unsupported:
+        raise ImageError(_unsupported_incompat_text(h, unsupported))
+    if h.incompatible_features & INCOMPAT_COMPRESSION:
+        if h.compression_type not in (COMPRESSION_DEFLATE, COMPRESSION_ZSTD):
+            raise ImageError(f"Unknown compression type {h.compression_type}")
+    elif h.compression_type != COMPRESSION_DEFLATE:
+        raise ImageError(
+            "Invalid compression type: the compression type bit must be set "
+            "for a non-deflate compression type"
+        )
+    if h.crypt_method != 0:
+        raise ImageError(
+            f"qcow2: encrypted images are not supported (crypt_method={h.crypt_method})"
+        )
+
+    _parse_extensions(h, buf)
+
+    if h.backing_file_offset:
+        if h.backing_file_offset > cs or h.backing_file_offset + h.backing_file_size > cs:
+            raise ImageError("Invalid backing file offset")
+        if h.backing_file_size > MAX_BACKING_NAME:
+            raise ImageError("Backing file name too long")
+        if len(buf) < h.backing_file_offset + h.backing_file_size:
+            raise ImageError("qcow2 header too short (truncated file)")
+        raw = bytes(buf[h.backing_file_offset : h.backing_file_offset + h.backing_file_size])
+        h.backing_file = raw.decode("utf-8", "surrogateescape")
+
+    _validate_tables(h, file_size)
+    return h
+
+
+def _parse_extensions(h: Header, buf: bytes) -> None:
+    cs = h.cluster_size
+    end = h.backing_file_offset if h.backing_file_offset else cs
+    pos = h.header_length
+    seen: set[int] = set()
+    while True:
+        if pos + 8 > min(end, len(buf)):
+            raise ImageError("qcow2: Header extension list runs past the header")
+        ext_type, length = struct.unpack_from(">II", buf, pos)
+        pos += 8
+        if ext_type == EXT_END:
+            return
+        if pos + length > min(end, len(buf)):
+            raise ImageError("qcow2: Header extension too large")
+        if ext_type in seen:
+            raise ImageError(f"qcow2: Duplicate header extension 0x{ext_type:08x}")
+        seen.add(ext_type)
+        h.extensions.append(Extension(ext_type, bytes(buf[pos : pos + length])))
+        pos += (length + 7) & ~7
+
+
+def _validate_table(
+    what: str, offset: int, nbytes: int, cluster_size: int, file_size: int
+) -> None:
+    if offset % cluster_size:
+        raise ImageError(f"Invalid {what} offset: {offset:#x} is not cluster aligned")
+    if offset < cluster_size:
+        raise ImageError(f"Invalid {what} offset: {offset:#x} overlaps the image header")
+    if offset + nbytes > file_size:
+        raise ImageError(f"Invalid {what} offset: {offset:#x} lies beyond the end of the file")
+
+
+def _validate_tables(h: Header, file_size: int) -> None:
+    cs = h.cluster_size
+    if h.l1_size * 8 > MAX_L1_BYTES:
+        raise ImageError("Active L1 table too large")
+    l2_entries = cs // 8
+    need = -(-h.size // (cs * l2_entries))
+    if h.l1_size < need:
+        raise ImageError("L1 table is too small")
+    if h.l1_size:
+        _validate_table("L1 table", h.l1_table_offset, h.l1_size * 8, cs, file_size)
+    rt_bytes = h.refcount_table_clusters * cs
+    if h.refcount_table_clusters == 0:
+        raise ImageError("Image does not contain a reference count table")
+    if rt_bytes > MAX_REFTABLE_BYTES:
+        raise ImageError("Reference count table too large")
+    # QEMU fills the table's clusters completely, but tolerate a short last cluster
+    _validate_table("reference count table", h.refcount_table_offset, 8, cs, file_size)
+    if h.refcount_table_offset + rt_bytes > file_size + cs:
+        raise ImageError(
+            f"Invalid reference count table offset: {h.refcount_table_offset:#x} "
+            "lies beyond the end of the file"
+        )
+    if h.nb_snapshots:
+        _validate_table("snapshot table", h.snapshots_offset, 8, cs, file_size)
+
+
+def serialize(h: Header) -> bytes:
+    """Header + extensions + backing name, laid out as QEMU lays them out."""
+    out = bytearray(
+        _V2.pack(
+            MAGIC, h.version, 0, 0, h.cluster_bits, h.size, h.crypt_method, h.l1_size,
+            h.l1_table_offset, h.refcount_table_offset, h.refcount_table_clusters,
+            h.nb_snapshots, h.snapshots_offset,
+        )
+    )
+    if h.version == 3:
+        out += _V3.pack(
+            h.incompatible_features, h.compatible_features, h.autoclear_features,
+            h.refcount_order, h.header_length,
+        )
+        out += h.tail
+    for ext in h.extensions:
+        out += struct.pack(">II", ext.type, len(ext.data)) + ext.data
+        out += bytes(-len(ext.data) % 8)
+    out += bytes(8)  # end of extensions
+    if h.backing_file:
+        name = h.backing_file.encode("utf-8", "surrogateescape")
+        struct.pack_into(">QI", out, 8, len(out), len(name))
+        out += name
+    if len(out) > h.cluster_size:
+        raise ImageError("No space left in the file header")
+    return bytes(out)
+
+
+def with_backing(h: Header, backing_file: str | None, backing_format: str | None) -> Header:
+    """A copy of ``h`` naming another backing file (and format), extensions kept in order."""
+    new = dataclasses.replace(h, extensions=list(h.extensions))
+    if backing_file:
+        if len(backing_file.encode("utf-8", "surrogateescape")) > MAX_BACKING_NAME:
+            raise ImageError("Backing file name too long")
+        new.backing_file = backing_file
+    else:
+        new.backing_file = None
+        new.backing_file_offset = new.backing_file_size = 0
+        backing_format = None
+    exts = [e for e in new.extensions if e.type != EXT_BACKING_FORMAT]
+    if backing_format:
+        # QEMU puts the backing format first; keep that so headers stay comparable
+        exts.insert(0, Extension(EXT_BACKING_FORMAT, backing_format.encode()))
+    new.extensions = exts
+    return new

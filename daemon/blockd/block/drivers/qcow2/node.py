@@ -1,0 +1,626 @@
+"""The qcow2 format node: guest view over a ``file`` child, with optional backing.
+
+Metadata policy (see DESIGN.md "crash safety"):
+
+* All metadata writes are write-through and ordered: data and new refcounts,
+  then a flush, then L2/L1 entries; a removed reference is flushed before the
+  counter it held is decremented.  A crash therefore leaves at most leaked
+  clusters.
+* Every change of metadata for one image happens under ``_lock`` and inside a
+  shielded cancel scope, so cancellation never leaves a half-made update.
+* Lazy refcounts are never used: counters are always kept exact, so the dirty
+  bit is never set by us.  An image that already has the dirty bit set needs a
+  refcount rebuild first; it is opened read-only fine but refused read-write.
+* Autoclear bits (bitmaps) are not maintained, so they are cleared on the
+  first read-write open, before any other write.
+* Images with internal snapshots are opened read-only only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import struct
+from array import array
+
+import trio
+
+from blockd.block.drivers.qcow2 import header as hdr
+from blockd.block.drivers.qcow2.compress import decompress_cluster
+from blockd.block.drivers.qcow2.overlap import MetadataMap, MetaKind, OverlapError
+from blockd.block.drivers.qcow2.refcount import Refcounts
+from blockd.block.drivers.qcow2.tables import (
+    OFFSET_MASK,
+    OFLAG_COPIED,
+    OFLAG_ZERO,
+    ClusterKind,
+    L2Cache,
+    classify,
+    compressed_range,
+    decode_table,
+    encode_entries,
+    host_clusters_of_range,
+    zero_table,
+)
+from blockd.block.node import BlockNode, Status
+from blockd.errors import BlockError, BlockIOError, ImageError
+
+#: one mapped piece of a guest range: (kind, guest offset, length, L2 entry)
+Extent = tuple[ClusterKind, int, int, int]
+
+_STATUS = {
+    ClusterKind.NORMAL: Status.DATA,
+    ClusterKind.COMPRESSED: Status.DATA,
+    ClusterKind.ZERO_PLAIN: Status.ZERO,
+    ClusterKind.ZERO_ALLOC: Status.ZERO,
+    ClusterKind.UNALLOCATED: Status.UNALLOCATED,
+}
+_FREEABLE = (ClusterKind.NORMAL, ClusterKind.ZERO_ALLOC, ClusterKind.COMPRESSED)
+
+
+class Qcow2Node(BlockNode):
+    driver = "qcow2"
+
+    def __init__(
+        self,
+        node_name: str,
+        file: BlockNode,
+        header: hdr.Header,
+        header_extent: int,
+        *,
+        read_only: bool,
+        l2_cache_bytes: int = 4 << 20,
+    ) -> None:
+        super().__init__(node_name, read_only=read_only, file=file)
+        self.header = header
+        self._header_extent = header_extent
+        self.cluster_bits = header.cluster_bits
+        self.cluster_size = header.cluster_size
+        self.l2_entries = self.cluster_size // 8
+        self._l1: array[int] = zero_table(0)
+        self._l2 = L2Cache(l2_cache_bytes, self.cluster_size)
+        self._meta = MetadataMap(self.cluster_bits)
+        self._refs = Refcounts(file, header, self._meta)
+        self._lock = trio.Lock()
+        self._corrupt = False
+        self._inflated: tuple[int, bytes] | None = None
+
+    # -- opening --------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls, node_name: str, file: BlockNode, *, read_only: bool, l2_cache_bytes: int = 4 << 20
+    ) -> Qcow2Node:
+        """Parse and validate the image; nothing is written unless opened read-write."""
+        file_size = file.size
+        head = await file.read(0, min(file_size, hdr.V3_HEADER_LENGTH))
+        fixed = hdr.parse_fixed(head)
+        if not hdr.MIN_CLUSTER_BITS <= fixed.cluster_bits <= hdr.MAX_CLUSTER_BITS:
+            raise ImageError(f"Unsupported cluster size: 2^{fixed.cluster_bits}")
+        cluster0 = await file.read(0, min(file_size, 1 << fixed.cluster_bits))
+        header = hdr.parse(cluster0, file_size)
+        extent = _header_extent(header)
+        node = cls(node_name, file, header, extent, read_only=read_only,
+                   l2_cache_bytes=l2_cache_bytes)
+        await node._load()
+        if not read_only:
+            await node._prepare_read_write()
+        return node
+
+    async def _load(self) -> None:
+        h = self.header
+        if h.l1_size:
+            self._l1 = decode_table(await self._file.read(h.l1_table_offset, h.l1_size * 8))
+        await self._refs.load()
+        self._meta.add(0, self.cluster_size, MetaKind.HEADER)
+        if h.l1_size:
+            self._meta.add(h.l1_table_offset, h.l1_size * 8, MetaKind.L1)
+        self._refs.register_metadata()
+        for entry in self._l1:
+            off = entry & OFFSET_MASK
+            if off:
+                self._meta.add(off, self.cluster_size, MetaKind.L2)
+        if h.nb_snapshots:
+            self._meta.add(h.snapshots_offset, 1, MetaKind.SNAPSHOTS)
+
+    def _read_write_refusal(self) -> str | None:
+        h = self.header
+        if h.incompatible_features & hdr.INCOMPAT_CORRUPT:
+            return "qcow2: Image is corrupt; cannot be opened read/write"
+        if h.incompatible_features & hdr.INCOMPAT_DIRTY:
+            return ("qcow2: Image is dirty (lazy refcounts were not written back); "
+                    "repair it with 'qemu-img check -r all' before opening it read/write")
+        if h.nb_snapshots:
+            return (f"qcow2: Images with internal snapshots ({h.nb_snapshots}) can only "
+                    "be opened read-only")
+        return None
+
+    async def _prepare_read_write(self) -> None:
+        refusal = self._read_write_refusal()
+        if refusal is not None:
+            raise ImageError(refusal)
+        h = self.header
+        if h.version == 3 and h.autoclear_features:
+            # we keep no bitmaps (or anything else autoclear protects) up to date
+            self._meta.check(hdr.OFF_AUTOCLEAR, 8, MetaKind.HEADER)
+            await self._file.write(hdr.OFF_AUTOCLEAR, bytes(8))
+            await self._file.flush()
+            h.autoclear_features = 0
+
+    @property
+    def _file(self) -> BlockNode:
+        assert self.file is not None
+        return self.file
+
+    @property
+    def size(self) -> int:
+        return self.header.size
+
+    @property
+    def backing_file(self) -> str | None:
+        """The backing name recorded in the header (what ``backing-filename`` shows)."""
+        return self.header.backing_file
+
+    @property
+    def backing_format(self) -> str | None:
+        return self.header.backing_format
+
+    @property
+    def corrupt(self) -> bool:
+        return self._corrupt or bool(self.header.incompatible_features & hdr.INCOMPAT_CORRUPT)
+
+    # -- mapping --------------------------------------------------------------------
+
+    async def _l2_table(self, l1_index: int) -> tuple[int, array[int]] | None:
+        if l1_index >= len(self._l1):
+            return None
+        off = self._l1[l1_index] & OFFSET_MASK
+        if not off:
+            return None
+        if off & (self.cluster_size - 1):
+            raise BlockIOError(errno.EIO, f"qcow2: L2 table offset {off:#x} unaligned "
+                               f"(L1 index {l1_index})")
+        table = self._l2.get(off)
+        if table is None:
+            table = self._l2.put(off, decode_table(await self._file.read(off, self.cluster_size)))
+        return off, table
+
+    async def _entries(self, first: int, count: int) -> list[int]:
+        """L2 entries of ``count`` consecutive guest clusters from cluster ``first``."""
+        out: list[int] = []
+        c = first
+        end = first + count
+        while c < end:
+            l1_index, l2_index = divmod(c, self.l2_entries)
+            n = min(end - c, self.l2_entries - l2_index)
+            loaded = await self._l2_table(l1_index)
+            if loaded is None:
+                out.extend([0] * n)
+            else:
+                out.extend(loaded[1][l2_index : l2_index + n])
+            c += n
+        return out
+
+    def _check_entry(self, entry: int, kind: ClusterKind) -> None:
+        if kind in (ClusterKind.NORMAL, ClusterKind.ZERO_ALLOC) and (
+            entry & OFFSET_MASK & (self.cluster_size - 1)
+        ):
+            raise BlockIOError(
+                errno.EIO,
+                f"qcow2: Cluster allocation offset {entry & OFFSET_MASK:#x} unaligned",
+            )
+
+    async def _map(self, offset: int, length: int) -> list[Extent]:
+        cs = self.cluster_size
+        first = offset // cs
+        last = (offset + length - 1) // cs
+        entries = await self._entries(first, last - first + 1)
+        extents: list[Extent] = []
+        end = offset + length
+        for i, entry in enumerate(entries):
+            c = first + i
+            lo = max(offset, c * cs)
+            hi = min(end, (c + 1) * cs)
+            kind = classify(entry)
+            self._check_entry(entry, kind)
+            if extents:
+                pk, pg, pn, pe = extents[-1]
+                mergeable = pk is kind and kind is not ClusterKind.COMPRESSED
+                if mergeable and kind is ClusterKind.NORMAL:
+                    # contiguous on the host too?
+                    mergeable = (pe & OFFSET_MASK) + (pg % cs) + pn == (entry & OFFSET_MASK)
+                if mergeable:
+                    extents[-1] = (pk, pg, pn + hi - lo, pe)
+                    continue
+            extents.append((kind, lo, hi - lo, entry))
+        return extents
+
+    # -- reading --------------------------------------------------------------------
+
+    async def _read_backing(self, offset: int, length: int) -> bytes:
+        backing = self.backing
+        if backing is None or offset >= backing.size:
+            return bytes(length)
+        n = min(length, backing.size - offset)
+        data = await backing.read(offset, n)
+        return data if n == length else data + bytes(length - n)
+
+    async def _read_compressed(self, entry: int) -> bytes:
+        # sequential small reads hit the same cluster many times: keep the last one
+        if self._inflated is not None and self._inflated[0] == entry:
+            return self._inflated[1]
+        host, nbytes = compressed_range(entry, self.cluster_bits)
+        raw = await self._file.read(host, nbytes)
+        data = decompress_cluster(raw, self.cluster_size, self.header.compression_type)
+        self._inflated = (entry, data)
+        return data
+
+    async def _read_extent(self, ext: Extent) -> bytes:
+        kind, goff, n, entry = ext
+        if kind is ClusterKind.NORMAL:
+            host = (entry & OFFSET_MASK) + goff % self.cluster_size
+            return await self._file.read(host, n)
+        if kind is ClusterKind.UNALLOCATED:
+            return await self._read_backing(goff, n)
+        if kind is ClusterKind.COMPRESSED:
+            within = goff % self.cluster_size
+            return (await self._read_compressed(entry))[within : within + n]
+        return bytes(n)
+
+    async def _do_read(self, offset: int, length: int) -> bytes:
+        # map under the lock (a consistent view of L2), copy data outside it
+        async with self._lock:
+            extents = await self._map(offset, length)
+        parts = [await self._read_extent(ext) for ext in extents]
+        return b"".join(parts)
+
+    async def _do_block_status(self, offset: int, length: int) -> tuple[Status, int]:
+        async with self._lock:
+            extents = await self._map(offset, length)
+        status = _STATUS[extents[0][0]]
+        n = 0
+        for kind, _g, ln, _e in extents:
+            if _STATUS[kind] is not status:
+                break
+            n += ln
+        return status, n
+
+    # -- metadata helpers (callers hold the lock, shielded) -------------------------
+
+    def _has_backing(self) -> bool:
+        """Whether unallocated clusters show something other than zeros to anyone.
+
+        The header counts too: qemu-img opening this file later will follow it
+        even when this node was opened with ``backing: null``.
+        """
+        return self.backing is not None or bool(self.header.backing_file)
+
+    async def _ensure_l2(self, l1_index: int) -> None:
+        entry = self._l1[l1_index]
+        off = entry & OFFSET_MASK
+        if off and entry & OFLAG_COPIED:
+            return
+        if off:
+            raise BlockIOError(
+                errno.ENOTSUP,
+                f"qcow2: L2 table at {off:#x} is shared (internal snapshot); "
+                "writing to it is not supported",
+            )
+        new = await self._refs.allocate(1)
+        self._meta.check(new, self.cluster_size, None)
+        await self._file.write(new, bytes(self.cluster_size))
+        await self._file.flush()  # table content and its refcount before the L1 pointer
+        self._meta.add(new, self.cluster_size, MetaKind.L2)
+        self._l2.drop(new)
+        self._l2.put(new, zero_table(self.l2_entries))
+        await self._write_l1_entry(l1_index, new | OFLAG_COPIED)
+
+    async def _write_l1_entry(self, l1_index: int, entry: int) -> None:
+        pos = self.header.l1_table_offset + l1_index * 8
+        self._meta.check(pos, 8, MetaKind.L1)
+        await self._file.write(pos, struct.pack(">Q", entry))
+        self._l1[l1_index] = entry
+
+    async def _set_entries(self, updates: dict[int, int]) -> None:
+        """Write new L2 entries (tables must exist), one write per touched table."""
+        by_table: dict[int, list[int]] = {}
+        for c in updates:
+            by_table.setdefault(c // self.l2_entries, []).append(c)
+        for l1_index, clusters in sorted(by_table.items()):
+            loaded = await self._l2_table(l1_index)
+            assert loaded is not None, "L2 table must have been allocated"
+            off, table = loaded
+            lo = min(clusters) % self.l2_entries
+            hi = max(clusters) % self.l2_entries + 1
+            for c in clusters:
+                table[c % self.l2_entries] = updates[c]
+            self._meta.check(off + lo * 8, (hi - lo) * 8, MetaKind.L2)
+            await self._file.write(off + lo * 8, encode_entries(table[lo:hi]))
+
+    async def _release(self, entries: list[int]) -> None:
+        """Drop the references the (already durable) old entries held."""
+        self._inflated = None  # its host bytes may be reused from now on
+        clusters: list[int] = []
+        for entry in entries:
+            kind = classify(entry)
+            if kind is ClusterKind.COMPRESSED:
+                host, nbytes = compressed_range(entry, self.cluster_bits)
+                clusters.extend(host_clusters_of_range(host, nbytes, self.cluster_bits))
+            elif kind in _FREEABLE:
+                clusters.append((entry & OFFSET_MASK) >> self.cluster_bits)
+        if clusters:
+            await self._refs.change(clusters, -1)
+
+    async def _cluster_content(self, cluster: int, entry: int) -> bytearray:
+        """Current guest view of a whole cluster (for copy-on-write)."""
+        kind = classify(entry)
+        goff = cluster * self.cluster_size
+        return bytearray(await self._read_extent((kind, goff, self.cluster_size, entry)))
+
+    async def _metadata_update(self, op: str, offset: int, arg: bytes | int) -> None:
+        if self.corrupt:
+            raise BlockIOError(errno.EIO, "qcow2: Image is corrupt; writes are refused")
+        async with self._lock:
+            with trio.CancelScope(shield=True):
+                try:
+                    if op == "write":
+                        assert isinstance(arg, bytes)
+                        await self._write_locked(offset, arg)
+                    elif op == "zero":
+                        assert isinstance(arg, int)
+                        await self._zero_locked(offset, arg)
+                    else:
+                        assert isinstance(arg, int)
+                        await self._discard_locked(offset, arg)
+                except OverlapError as exc:
+                    await self._mark_corrupt(str(exc))
+
+    async def _mark_corrupt(self, reason: str) -> None:
+        self._corrupt = True
+        h = self.header
+        if h.version == 3:
+            h.incompatible_features |= hdr.INCOMPAT_CORRUPT
+            await self._file.write(hdr.OFF_INCOMPAT, struct.pack(">Q", h.incompatible_features))
+            await self._file.flush()
+        raise BlockIOError(
+            errno.EIO,
+            f"qcow2: Marking image as corrupt: {reason}; further corruption events "
+            "will be suppressed",
+        )
+
+    # -- writing --------------------------------------------------------------------
+
+    async def _do_write(self, offset: int, data: bytes) -> None:
+        await self._metadata_update("write", offset, data)
+
+    async def _do_write_zeroes(self, offset: int, length: int) -> None:
+        await self._metadata_update("zero", offset, length)
+
+    async def _do_discard(self, offset: int, length: int) -> None:
+        await self._metadata_update("discard", offset, length)
+
+    async def _write_locked(self, offset: int, data: bytes) -> None:
+        cs = self.cluster_size
+        end = offset + len(data)
+        first, last = offset // cs, (end - 1) // cs
+        for l1_index in range(first // self.l2_entries, last // self.l2_entries + 1):
+            await self._ensure_l2(l1_index)
+        entries = await self._entries(first, last - first + 1)
+
+        fresh: list[tuple[int, int]] = []  # (guest cluster, old entry) needing a new cluster
+        for i, entry in enumerate(entries):
+            c = first + i
+            kind = classify(entry)
+            self._check_entry(entry, kind)
+            if kind is ClusterKind.NORMAL and entry & OFLAG_COPIED:
+                lo, hi = max(offset, c * cs), min(end, (c + 1) * cs)
+                host = (entry & OFFSET_MASK) + lo - c * cs
+                self._meta.check(host, hi - lo, None)
+                await self._file.write(host, data[lo - offset : hi - offset])
+            else:
+                fresh.append((c, entry))
+        if not fresh:
+            return
+
+        hosts: list[int] = []
+        while len(hosts) < len(fresh):
+            run_off, count = await self._refs.allocate_run(len(fresh) - len(hosts))
+            self._meta.check(run_off, count * cs, None)
+            buffers: list[bytes] = []
+            for c, entry in fresh[len(hosts) : len(hosts) + count]:
+                lo, hi = max(offset, c * cs), min(end, (c + 1) * cs)
+                piece = data[lo - offset : hi - offset]
+                if hi - lo == cs:
+                    buffers.append(piece)
+                else:  # partial cluster: copy the rest from what the guest sees now
+                    content = await self._cluster_content(c, entry)
+                    content[lo - c * cs : hi - c * cs] = piece
+                    buffers.append(bytes(content))
+            await self._file.write(run_off, b"".join(buffers))
+            hosts.extend(run_off + i * cs for i in range(count))
+        await self._file.flush()  # data and refcounts durable before the L2 entries
+        await self._set_entries(
+            {c: host | OFLAG_COPIED for (c, _e), host in zip(fresh, hosts, strict=True)}
+        )
+        old = [e for _c, e in fresh if classify(e) in _FREEABLE]
+        if old:
+            await self._file.flush()  # the unreference is durable before the decrement
+            await self._release(old)
+
+    def _full_clusters(self, offset: int, length: int) -> tuple[int, int]:
+        """Guest clusters wholly inside the range (the image's end counts as a boundary)."""
+        cs = self.cluster_size
+        end = offset + length
+        first = -(-offset // cs)
+        last_excl = -(-self.size // cs) if end >= self.size else end // cs
+        return first, max(first, last_excl)
+
+    async def _replace_entries(self, first: int, last_excl: int, new_entry: int) -> None:
+        """Point whole clusters at ``new_entry`` (zero/unallocated), freeing what they held."""
+        if last_excl <= first:
+            return
+        entries = await self._entries(first, last_excl - first)
+        updates: dict[int, int] = {}
+        old: list[int] = []
+        for i, entry in enumerate(entries):
+            if entry == new_entry:
+                continue
+            if entry == 0 and new_entry == OFLAG_ZERO and not self._has_backing():
+                continue  # already reads as zeros; no need for an L2 table
+            c = first + i
+            if new_entry == 0 and c // self.l2_entries >= len(self._l1):
+                continue
+            if new_entry == 0 and not self._l1[c // self.l2_entries] & OFFSET_MASK:
+                continue
+            updates[c] = new_entry
+            if classify(entry) in _FREEABLE:
+                old.append(entry)
+        if not updates:
+            return
+        for l1_index in sorted({c // self.l2_entries for c in updates}):
+            await self._ensure_l2(l1_index)
+        await self._set_entries(updates)
+        if old:
+            await self._file.flush()
+            await self._release(old)
+
+    async def _reads_as_zero_here(self, cluster: int) -> bool:
+        kind = classify((await self._entries(cluster, 1))[0])
+        if kind in (ClusterKind.ZERO_PLAIN, ClusterKind.ZERO_ALLOC):
+            return True
+        return kind is ClusterKind.UNALLOCATED and not self._has_backing()
+
+    async def _zero_locked(self, offset: int, length: int) -> None:
+        cs = self.cluster_size
+        end = offset + length
+        first, last_excl = self._full_clusters(offset, length)
+        # partial head/tail clusters: zeros as data unless they already read as zero
+        pieces = [(offset, min(end, first * cs)), (max(offset, last_excl * cs), end)]
+        for lo, hi in pieces:
+            if hi > lo and not await self._reads_as_zero_here(lo // cs):
+                await self._write_locked(lo, bytes(hi - lo))
+        if last_excl <= first:
+            return
+        if self.header.version >= 3:
+            await self._replace_entries(first, last_excl, OFLAG_ZERO)
+        elif not self._has_backing():
+            await self._replace_entries(first, last_excl, 0)
+        else:  # v2 with a backing file has no other way to hide it than real zeros
+            lo, hi = first * cs, min(last_excl * cs, self.size)
+            step = 256 * cs
+            for pos in range(lo, hi, step):
+                await self._write_locked(pos, bytes(min(step, hi - pos)))
+
+    async def _discard_locked(self, offset: int, length: int) -> None:
+        # Partial clusters are left alone (discard is advisory), as QEMU does.
+        first, last_excl = self._full_clusters(offset, length)
+        # with a backing file, a zero entry keeps the backing data from showing through
+        hide = self.header.version >= 3 and self._has_backing()
+        new_entry = OFLAG_ZERO if hide else 0
+        await self._replace_entries(first, last_excl, new_entry)
+
+    async def _do_flush(self) -> None:
+        await self._file.flush()
+
+    # -- resizing -------------------------------------------------------------------
+
+    async def _do_truncate(self, size: int) -> None:
+        if self.corrupt:
+            raise BlockIOError(errno.EIO, "qcow2: Image is corrupt; writes are refused")
+        async with self._lock:
+            with trio.CancelScope(shield=True):
+                try:
+                    await self._grow_locked(size)
+                except OverlapError as exc:
+                    await self._mark_corrupt(str(exc))
+
+    async def _grow_locked(self, size: int) -> None:
+        cs = self.cluster_size
+        h = self.header
+        old_size = h.size
+        need = -(-size // (cs * self.l2_entries))
+        if need > h.l1_size:
+            nclusters = -(-need * 8 // cs)
+            new = await self._refs.allocate(nclusters)
+            self._meta.check(new, nclusters * cs, None)
+            table = array("Q", self._l1)
+            table.extend(zero_table(need - len(self._l1)))
+            raw = encode_entries(table)
+            await self._file.write(new, raw + bytes(nclusters * cs - len(raw)))
+            await self._file.flush()
+            self._meta.check(hdr.OFF_L1, 12, MetaKind.HEADER)
+            await self._file.write(hdr.OFF_L1, struct.pack(">IQ", need, new))
+            await self._file.flush()
+            old_off, old_n = h.l1_table_offset, h.l1_size
+            h.l1_size, h.l1_table_offset = need, new
+            self._l1 = table
+            if old_n:
+                self._meta.remove(old_off, old_n * 8)
+            self._meta.add(new, need * 8, MetaKind.L1)
+            if old_n:
+                await self._refs.change(
+                    host_clusters_of_range(old_off, old_n * 8, self.cluster_bits), -1
+                )
+        self._meta.check(hdr.OFF_SIZE, 8, MetaKind.HEADER)
+        await self._file.write(hdr.OFF_SIZE, struct.pack(">Q", size))
+        await self._file.flush()
+        h.size = size
+        # the new area must read as zeros: neither stale bytes in the old last
+        # cluster nor a longer backing file may show through
+        zero_end = size if self._has_backing() else min(size, -(-old_size // cs) * cs)
+        if zero_end > old_size:
+            await self._zero_locked(old_size, zero_end - old_size)
+
+    # -- backing --------------------------------------------------------------------
+
+    async def _do_change_backing(
+        self,
+        backing: BlockNode | None,
+        backing_string: str | None,
+        backing_format: str | None,
+    ) -> None:
+        self._check_writable()
+        if backing_string and not backing_format:
+            raise BlockError("backing format must be specified")
+        async with self._lock:
+            with trio.CancelScope(shield=True):
+                new = hdr.with_backing(self.header, backing_string, backing_format)
+                raw = hdr.serialize(new)
+                extent = max(len(raw), self._header_extent)
+                self._meta.check(0, extent, MetaKind.HEADER)
+                # one write covering the whole old extent, so no stale name bytes remain
+                await self._file.write(0, raw + bytes(extent - len(raw)))
+                await self._file.flush()
+                parsed = hdr.parse_fixed(raw)
+                new.backing_file_offset = parsed.backing_file_offset
+                new.backing_file_size = parsed.backing_file_size
+                for field in dataclasses.fields(hdr.Header):
+                    setattr(self.header, field.name, getattr(new, field.name))
+                self._header_extent = len(raw)
+                self.backing = backing
+
+    # -- open mode ------------------------------------------------------------------
+
+    async def _do_reopen(self, read_only: bool) -> None:
+        if not read_only:
+            refusal = self._read_write_refusal()
+            if refusal is not None or self._corrupt:
+                raise ImageError(refusal or "qcow2: Image is corrupt; cannot be opened read/write")
+        await self._file.reopen(read_only=read_only)
+        if not read_only:
+            try:
+                await self._prepare_read_write()
+            except BaseException:
+                await self._file.reopen(read_only=True)
+                raise
+
+
+def _header_extent(h: hdr.Header) -> int:
+    """Bytes of cluster 0 the header currently uses (fields, extensions, name)."""
+    pos = h.header_length
+    for ext in h.extensions:
+        pos += 8 + len(ext.data) + (-len(ext.data) % 8)
+    pos += 8
+    if h.backing_file_offset:
+        pos = max(pos, h.backing_file_offset + h.backing_file_size)
+    return pos

@@ -1,0 +1,324 @@
+"""Refcount table and blocks (any width 1..64 bits) and cluster allocation.
+
+Allocation follows the crash-safe rule "refcount before reference": the new
+counters are written here before the caller may write anything pointing at
+the clusters, and every new refcount block / refcount table is written and
+flushed before the entry or header field that points at it.
+
+Placement policy: a missing refcount block goes to the first free cluster;
+if that cluster lies in the range the block itself covers, the block counts
+itself, otherwise its counter lives in an existing block (created first if
+needed).  A full refcount table is replaced by a bigger one placed, together
+with the blocks describing it, at the start of the first range the old table
+could not cover (all free by definition), so that area describes itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from array import array
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from blockd.block.drivers.qcow2.header import OFF_REFTABLE, Header
+from blockd.block.drivers.qcow2.overlap import MetadataMap, MetaKind
+from blockd.block.drivers.qcow2.tables import (
+    OFFSET_MASK,
+    decode_table,
+    encode_entries,
+    zero_table,
+)
+from blockd.block.node import BlockNode
+from blockd.errors import BlockIOError
+
+REFTABLE_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
+
+
+def get_refcount(buf: bytes | bytearray, index: int, bits: int) -> int:
+    if bits >= 8:
+        width = bits // 8
+        return int.from_bytes(buf[index * width : (index + 1) * width], "big")
+    bit = index * bits
+    return (buf[bit >> 3] >> (bit & 7)) & ((1 << bits) - 1)
+
+
+def set_refcount(buf: bytearray, index: int, bits: int, value: int) -> tuple[int, int]:
+    """Store one counter; returns the byte span that changed (for a minimal write)."""
+    if bits >= 8:
+        width = bits // 8
+        buf[index * width : (index + 1) * width] = value.to_bytes(width, "big")
+        return index * width, (index + 1) * width
+    bit = index * bits
+    mask = ((1 << bits) - 1) << (bit & 7)
+    byte = bit >> 3
+    buf[byte] = (buf[byte] & ~mask) | ((value << (bit & 7)) & mask)
+    return byte, byte + 1
+
+
+class Refcounts:
+    """Counters for every host cluster, with a bounded write-through block cache."""
+
+    def __init__(
+        self, file: BlockNode, header: Header, meta: MetadataMap, cache_bytes: int = 2 << 20
+    ) -> None:
+        self.file = file
+        self.header = header
+        self.meta = meta
+        self.cluster_bits = header.cluster_bits
+        self.cluster_size = header.cluster_size
+        self.bits = header.refcount_bits
+        self.max_refcount = (1 << self.bits) - 1
+        self.block_entries = self.cluster_size * 8 // self.bits
+        self.table: array[int] = zero_table(0)
+        self._cache: OrderedDict[int, bytearray] = OrderedDict()
+        self._cache_blocks = max(2, cache_bytes // self.cluster_size)
+        self.free_hint = 0
+
+    async def load(self) -> None:
+        h = self.header
+        nbytes = h.refcount_table_clusters << self.cluster_bits
+        raw = await self.file.read(h.refcount_table_offset, nbytes)
+        self.table = decode_table(raw)
+
+    def register_metadata(self) -> None:
+        h = self.header
+        self.meta.add(h.refcount_table_offset, h.refcount_table_clusters << self.cluster_bits,
+                      MetaKind.REFTABLE)
+        for entry in self.table:
+            off = entry & REFTABLE_OFFSET_MASK
+            if off:
+                self.meta.add(off, self.cluster_size, MetaKind.REFBLOCK)
+
+    # -- blocks ---------------------------------------------------------------------
+
+    async def _block(self, rt_index: int) -> tuple[int, bytearray] | None:
+        if rt_index >= len(self.table):
+            return None
+        off = self.table[rt_index] & REFTABLE_OFFSET_MASK
+        if not off:
+            return None
+        if off & (self.cluster_size - 1):
+            raise BlockIOError(errno.EIO, f"qcow2: refcount block offset {off:#x} unaligned")
+        buf = self._cache.get(off)
+        if buf is None:
+            loaded = bytearray(await self.file.read(off, self.cluster_size))
+            buf = self._cache.get(off)  # someone may have loaded it meanwhile
+            if buf is None:
+                buf = self._remember(off, loaded)
+        else:
+            self._cache.move_to_end(off)
+        return off, buf
+
+    def _remember(self, off: int, buf: bytearray) -> bytearray:
+        self._cache[off] = buf
+        self._cache.move_to_end(off)
+        while len(self._cache) > self._cache_blocks:
+            self._cache.popitem(last=False)
+        return buf
+
+    async def get(self, cluster: int) -> int:
+        blk = await self._block(cluster // self.block_entries)
+        if blk is None:
+            return 0
+        return get_refcount(blk[1], cluster % self.block_entries, self.bits)
+
+    async def change(self, clusters: Iterable[int], delta: int) -> None:
+        """Add ``delta`` to each cluster's counter (a cluster may appear repeatedly)."""
+        by_block: dict[int, list[int]] = {}
+        for c in clusters:
+            by_block.setdefault(c // self.block_entries, []).append(c)
+        for rt_index, members in sorted(by_block.items()):
+            blk = await self._block(rt_index)
+            if blk is None:
+                raise BlockIOError(
+                    errno.EIO, f"qcow2: no refcount block covers cluster {members[0]}"
+                )
+            off, buf = blk
+            lo, hi = len(buf), 0
+            for c in members:
+                i = c % self.block_entries
+                value = get_refcount(buf, i, self.bits) + delta
+                if value < 0 or value > self.max_refcount:
+                    raise BlockIOError(
+                        errno.EIO if value < 0 else errno.ERANGE,
+                        f"qcow2: refcount of cluster {c} would become {value}",
+                    )
+                a, b = set_refcount(buf, i, self.bits, value)
+                lo, hi = min(lo, a), max(hi, b)
+                if value == 0:
+                    self.free_hint = min(self.free_hint, c)
+            self.meta.check(off + lo, hi - lo, MetaKind.REFBLOCK)
+            await self.file.write(off + lo, bytes(buf[lo:hi]))
+
+    # -- allocation -----------------------------------------------------------------
+
+    async def _find_free_run(self, n: int, *, partial: bool = False) -> tuple[int, int]:
+        """First run of ``n`` free clusters; with ``partial`` the first free run, up to n."""
+        c = max(self.free_hint, 1)
+        start, found = c, 0
+        first_free: int | None = None
+        while found < n:
+            rt_index = c // self.block_entries
+            range_end = (rt_index + 1) * self.block_entries
+            blk = await self._block(rt_index)
+            if blk is None:
+                # no counters for this whole range: all of it is free
+                if first_free is None:
+                    first_free = c
+                found += range_end - c
+                c = range_end
+                continue
+            buf = blk[1]
+            while c < range_end and found < n:
+                if get_refcount(buf, c % self.block_entries, self.bits) == 0:
+                    if first_free is None:
+                        first_free = c
+                    found += 1
+                elif partial and found:
+                    n = found
+                    break
+                else:
+                    start, found = c + 1, 0
+                c += 1
+        # invariant: free_hint <= the first free cluster (callers advance it on use)
+        if first_free is not None:
+            self.free_hint = first_free
+        return start, min(found, n)
+
+    async def allocate(self, n: int) -> int:
+        """Claim ``n`` contiguous free clusters (refcount 1, written, not yet flushed)."""
+        return (await self._allocate(n, partial=False))[0]
+
+    async def allocate_run(self, n: int) -> tuple[int, int]:
+        """Claim the first free run of up to ``n`` clusters: (host offset, count).
+
+        Data does not need to be contiguous, so holes left by discards are
+        reused instead of growing the file.
+        """
+        return await self._allocate(n, partial=True)
+
+    async def _allocate(self, n: int, *, partial: bool) -> tuple[int, int]:
+        while True:
+            start, count = await self._find_free_run(n, partial=partial)
+            ready = True
+            for rt_index in range(start // self.block_entries,
+                                  (start + count - 1) // self.block_entries + 1):
+                if rt_index >= len(self.table):
+                    await self._grow_table(rt_index)
+                    ready = False
+                    break
+                if not self.table[rt_index] & REFTABLE_OFFSET_MASK:
+                    await self._new_block(rt_index)
+                    ready = False
+                    break
+            if ready:
+                await self.change(range(start, start + count), +1)
+                if self.free_hint == start:
+                    self.free_hint = start + count
+                return start << self.cluster_bits, count
+
+    async def _new_block(self, rt_index: int) -> None:
+        """Create the missing refcount block for table index ``rt_index``.
+
+        It goes to the first free cluster, so blocks sit next to the data they
+        describe and never split a contiguous run that is being searched for.
+        """
+        cluster, _n = await self._find_free_run(1)
+        home = cluster // self.block_entries
+        if home != rt_index and (
+            home >= len(self.table) or not self.table[home] & REFTABLE_OFFSET_MASK
+        ):
+            # the block's own counter would need yet another block: make that first
+            if home >= len(self.table):
+                await self._grow_table(home)
+            else:
+                await self._new_block(home)
+            return  # the caller restarts its search
+        off = cluster << self.cluster_bits
+        if self.free_hint == cluster:
+            self.free_hint = cluster + 1
+        buf = bytearray(self.cluster_size)
+        if home == rt_index:
+            set_refcount(buf, cluster % self.block_entries, self.bits, 1)  # counts itself
+        else:
+            await self.change([cluster], +1)
+        self.meta.check(off, self.cluster_size, None)
+        await self.file.write(off, bytes(buf))
+        await self.file.flush()
+        entry_off = self.header.refcount_table_offset + rt_index * 8
+        self.meta.check(entry_off, 8, MetaKind.REFTABLE)
+        await self.file.write(entry_off, struct.pack(">Q", off))
+        await self.file.flush()
+        self.table[rt_index] = off
+        self.meta.add(off, self.cluster_size, MetaKind.REFBLOCK)
+        self._remember(off, buf)
+
+    async def _grow_table(self, rt_index: int) -> None:
+        cs, be = self.cluster_size, self.block_entries
+        old_entries = len(self.table)
+        area = old_entries * be  # first cluster no counter exists for
+        want = max(rt_index + 1, (old_entries * 3 + 1) // 2)
+        nblocks = 1
+        while True:
+            table_clusters = -(-want * 8 // cs)
+            area_end = area + nblocks + table_clusters
+            need_blocks = -(-(area_end - area) // be)
+            need_entries = (area_end - 1) // be + 1
+            if need_blocks <= nblocks and need_entries <= want:
+                break
+            nblocks = max(nblocks, need_blocks)
+            want = max(want, need_entries)
+        new_entries = table_clusters * cs // 8
+        table_off = (area + nblocks) << self.cluster_bits
+        # 1. the new refcount blocks, counting the whole new area (themselves + table)
+        blocks: list[tuple[int, bytearray]] = []
+        for i in range(nblocks):
+            buf = bytearray(cs)
+            lo, hi = (old_entries + i) * be, (old_entries + i + 1) * be
+            for c in range(max(lo, area), min(hi, area_end)):
+                set_refcount(buf, c - lo, self.bits, 1)
+            blocks.append(((area + i) << self.cluster_bits, buf))
+        for off, buf in blocks:
+            self.meta.check(off, cs, None)
+            await self.file.write(off, bytes(buf))
+        await self.file.flush()
+        # 2. the new table: old entries, the new blocks, zeros
+        new_table = array("Q", self.table)
+        new_table.extend(off for off, _ in blocks)
+        new_table.extend(zero_table(new_entries - len(new_table)))
+        self.meta.check(table_off, table_clusters * cs, None)
+        await self.file.write(table_off, encode_entries(new_table))
+        await self.file.flush()
+        # 3. switch the header over in one 12-byte write
+        self.meta.check(OFF_REFTABLE, 12, MetaKind.HEADER)
+        await self.file.write(OFF_REFTABLE, struct.pack(">QI", table_off, table_clusters))
+        await self.file.flush()
+        old_off = self.header.refcount_table_offset
+        old_clusters = self.header.refcount_table_clusters
+        self.header.refcount_table_offset = table_off
+        self.header.refcount_table_clusters = table_clusters
+        self.table = new_table
+        self.meta.remove(old_off, old_clusters * cs)
+        self.meta.add(table_off, table_clusters * cs, MetaKind.REFTABLE)
+        for off, buf in blocks:
+            self.meta.add(off, cs, MetaKind.REFBLOCK)
+            self._remember(off, buf)
+        # 4. only now give the old table back (a crash before this merely leaks it)
+        first = old_off >> self.cluster_bits
+        await self.change(range(first, first + old_clusters), -1)
+
+    async def host_clusters_in_use(self) -> int:
+        """Highest cluster index with a nonzero counter, plus one (for tests/diagnostics)."""
+        top = 0
+        for rt_index in range(len(self.table)):
+            blk = await self._block(rt_index)
+            if blk is None:
+                continue
+            for i in range(self.block_entries):
+                if get_refcount(blk[1], i, self.bits):
+                    top = rt_index * self.block_entries + i + 1
+        return top
+
+
+__all__ = ["OFFSET_MASK", "Refcounts", "get_refcount", "set_refcount"]

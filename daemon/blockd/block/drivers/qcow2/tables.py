@@ -1,0 +1,105 @@
+"""L1/L2 entries (decoding) and a bounded cache of decoded L2 tables.
+
+The cache is write-through: every change is written to the file by the node at
+the point the crash-safe ordering allows, so an evicted table never carries
+unsaved state and eviction is always free.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from array import array
+from collections import OrderedDict
+from collections.abc import Iterable
+
+OFFSET_MASK = 0x00FFFFFFFFFFFE00
+OFLAG_COPIED = 1 << 63
+OFLAG_COMPRESSED = 1 << 62
+OFLAG_ZERO = 1
+L1_RESERVED = 0x7F000000000001FF
+SECTOR = 512
+
+
+class ClusterKind(enum.Enum):
+    UNALLOCATED = "unallocated"  # entry 0: falls through to the backing chain
+    ZERO_PLAIN = "zero-plain"  # zero flag, no host cluster
+    ZERO_ALLOC = "zero-alloc"  # zero flag, host cluster still owned
+    NORMAL = "normal"
+    COMPRESSED = "compressed"
+
+
+def classify(entry: int) -> ClusterKind:
+    """What a standard (64-bit) L2 entry means for a reader."""
+    if entry & OFLAG_COMPRESSED:
+        return ClusterKind.COMPRESSED
+    if entry & OFLAG_ZERO:
+        return ClusterKind.ZERO_ALLOC if entry & OFFSET_MASK else ClusterKind.ZERO_PLAIN
+    if entry & OFFSET_MASK:
+        return ClusterKind.NORMAL
+    return ClusterKind.UNALLOCATED
+
+
+def compressed_range(entry: int, cluster_bits: int) -> tuple[int, int]:
+    """(host byte offset, byte count) of a compressed cluster's deflate stream."""
+    x = 62 - (cluster_bits - 8)
+    offset = entry & ((1 << x) - 1)
+    nsectors = (entry >> x) & ((1 << (cluster_bits - 8)) - 1)
+    return offset, (nsectors + 1) * SECTOR - (offset % SECTOR)
+
+
+def host_clusters_of_range(offset: int, length: int, cluster_bits: int) -> range:
+    """Indices of the host clusters a byte range touches (what refcounts count)."""
+    return range(offset >> cluster_bits, ((offset + length - 1) >> cluster_bits) + 1)
+
+
+def decode_table(buf: bytes) -> array[int]:
+    """Big-endian u64 table -> compact array (8 bytes/entry, not a list of objects)."""
+    table = array("Q")
+    table.frombytes(buf[: len(buf) // 8 * 8])
+    if sys.byteorder == "little":
+        table.byteswap()
+    return table
+
+
+def zero_table(entries: int) -> array[int]:
+    return array("Q", bytes(entries * 8))
+
+
+def encode_entries(entries: Iterable[int]) -> bytes:
+    table = array("Q", entries)
+    if sys.byteorder == "little":
+        table.byteswap()
+    return table.tobytes()
+
+
+class L2Cache:
+    """Decoded L2 tables by host offset, least recently used evicted first.
+
+    Bounded by bytes rather than tables so 2 MiB clusters cannot blow memory up.
+    """
+
+    def __init__(self, budget_bytes: int, cluster_size: int) -> None:
+        self.capacity = max(2, budget_bytes // cluster_size)
+        self._tables: OrderedDict[int, array[int]] = OrderedDict()
+
+    def get(self, offset: int) -> array[int] | None:
+        table = self._tables.get(offset)
+        if table is not None:
+            self._tables.move_to_end(offset)
+        return table
+
+    def put(self, offset: int, table: array[int]) -> array[int]:
+        existing = self._tables.get(offset)
+        if existing is not None:  # a concurrent loader won: keep one copy
+            return existing
+        self._tables[offset] = table
+        while len(self._tables) > self.capacity:
+            self._tables.popitem(last=False)
+        return table
+
+    def drop(self, offset: int) -> None:
+        self._tables.pop(offset, None)
+
+    def __len__(self) -> int:
+        return len(self._tables)

@@ -1,0 +1,166 @@
+"""The node registry: names, chains, and the allocation question commit asks.
+
+Kept separate from the nodes so that a node never needs to know who else
+refers to it; ownership (which children were opened implicitly along with a
+node) is recorded here so closing a node can drop exactly those.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+
+from blockd.block.node import BlockNode, Status
+from blockd.errors import BlockError
+
+_NODE_NAME_MAX = 31
+
+
+def _valid_node_name(name: str) -> bool:
+    if not name or not name[0].isascii() or not name[0].isalpha():
+        return False
+    return all(c.isascii() and (c.isalnum() or c in "-._") for c in name)
+
+
+class BlockGraph:
+    """All open nodes of one daemon, by node name."""
+
+    def __init__(self, first_auto_index: int = 100) -> None:
+        self._nodes: dict[str, BlockNode] = {}
+        # children opened implicitly together with a parent (inline file, header backing)
+        self._implicit: dict[str, list[BlockNode]] = {}
+        self._auto = itertools.count(first_auto_index)
+
+    # -- naming ---------------------------------------------------------------------
+
+    def auto_name(self) -> str:
+        """A fresh ``#blockNNN`` name; '#' cannot appear in user names, so no clash."""
+        while True:
+            name = f"#block{next(self._auto):03d}"
+            if name not in self._nodes:
+                return name
+
+    def check_new_name(self, name: str) -> None:
+        """Refuse a user-given node name the way QEMU does, before anything is opened."""
+        if name in self._nodes:
+            raise BlockError(f"Duplicate nodes with node-name='{name}'")
+        if len(name) > _NODE_NAME_MAX:
+            raise BlockError("Node name too long")
+        if not _valid_node_name(name):
+            raise BlockError(f"Invalid node-name: '{name}'")
+
+    # -- registry -------------------------------------------------------------------
+
+    def add(self, node: BlockNode, implicit_children: list[BlockNode] | None = None) -> None:
+        if node.node_name in self._nodes:
+            raise BlockError(f"Duplicate nodes with node-name='{node.node_name}'")
+        self._nodes[node.node_name] = node
+        self._implicit[node.node_name] = list(implicit_children or [])
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._nodes
+
+    def __iter__(self) -> Iterator[BlockNode]:
+        return iter(list(self._nodes.values()))
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def get(self, name: str) -> BlockNode | None:
+        return self._nodes.get(name)
+
+    def lookup(self, name_or_filename: str) -> BlockNode | None:
+        """By node name first, then by filename (QEMU's deprecated ``top``/``base`` form).
+
+        For a filename the topmost format node wins over its protocol child.
+        """
+        node = self._nodes.get(name_or_filename)
+        if node is not None:
+            return node
+        return self.by_filename(name_or_filename)
+
+    def by_filename(self, filename: str) -> BlockNode | None:
+        want = os.path.realpath(filename)
+        matches = [
+            n for n in self._nodes.values()
+            if n.filename and os.path.realpath(n.filename) == want
+        ]
+        if not matches:
+            return None
+        children = {id(n.file) for n in matches if n.file is not None}
+        tops = [n for n in matches if id(n) not in children]
+        return (tops or matches)[0]
+
+    def parents(self, node: BlockNode) -> list[tuple[BlockNode, str]]:
+        """Every (parent, edge name) pointing at ``node``."""
+        out: list[tuple[BlockNode, str]] = []
+        for n in self._nodes.values():
+            if n.file is node:
+                out.append((n, "file"))
+            if n.backing is node:
+                out.append((n, "backing"))
+        return out
+
+    # -- chains ---------------------------------------------------------------------
+
+    @staticmethod
+    def chain(top: BlockNode) -> Iterator[BlockNode]:
+        """``top``, its backing, its backing's backing, ... (loops are cut)."""
+        seen: set[int] = set()
+        node: BlockNode | None = top
+        while node is not None and id(node) not in seen:
+            seen.add(id(node))
+            yield node
+            node = node.backing
+
+    async def is_allocated_above(
+        self, top: BlockNode, base: BlockNode | None, offset: int, length: int
+    ) -> tuple[bool, int]:
+        """Whether any layer from ``top`` down to (excluding) ``base`` holds the extent.
+
+        Zero clusters count as allocated: they hide what is below.  Returns the
+        answer for the run starting at ``offset`` and that run's length, so a
+        caller can walk a range in as few questions as there are runs.
+        """
+        if length <= 0:
+            raise BlockError("is_allocated_above: empty range")
+        run = length
+        for node in self.chain(top):
+            if node is base:
+                break
+            if offset >= node.size:
+                # this layer (and everything it would fall through to) ends here
+                # for this offset; lower layers may still be larger
+                continue
+            status, n = await node.block_status(offset, min(run, node.size - offset))
+            if status is not Status.UNALLOCATED:
+                return True, min(run, n)
+            run = min(run, n) if offset + n < node.size else run
+        return False, run
+
+    # -- teardown -------------------------------------------------------------------
+
+    def implicit_children(self, node: BlockNode) -> list[BlockNode]:
+        return list(self._implicit.get(node.node_name, []))
+
+    async def close_node(self, node: BlockNode) -> None:
+        """Close ``node`` and the children opened with it that nobody else uses."""
+        self._nodes.pop(node.node_name, None)
+        children = self._implicit.pop(node.node_name, [])
+        await node.close()
+        for child in children:
+            if child.node_name in self._nodes and not self.parents(child):
+                await self.close_node(child)
+
+    async def close_all(self) -> None:
+        """Close every node, parents before children so flushes go top-down."""
+        while self._nodes:
+            roots = [n for n in self._nodes.values() if not self.parents(n)]
+            if not roots:  # a cycle should be impossible; close whatever is left
+                roots = list(self._nodes.values())
+            for node in roots:
+                if node.node_name in self._nodes:
+                    self._nodes.pop(node.node_name, None)
+                    self._implicit.pop(node.node_name, None)
+                    await node.close()

@@ -1,0 +1,207 @@
+"""The node every driver implements: a byte-addressed async view of one image layer.
+
+The public coroutines validate requests once, here, so drivers only ever see
+in-range, well-formed requests and read-only nodes can never be written by
+accident whatever the driver does.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+from typing import ClassVar
+
+from blockd.errors import BlockError, BlockIOError
+
+
+class Status(enum.Enum):
+    """What one layer holds for an extent (``block_status``), ignoring backing layers."""
+
+    DATA = "data"
+    ZERO = "zero"
+    UNALLOCATED = "unallocated"
+
+
+class BlockNode:
+    """Base class of every node.
+
+    ``file`` is the protocol child of a format node, ``backing`` the image that
+    supplies unallocated extents.  Drivers override the ``_do_*`` hooks.
+    """
+
+    driver: ClassVar[str] = ""
+    #: Protocol nodes may be written (and read) past their end; the file grows.
+    growable: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        node_name: str,
+        *,
+        read_only: bool,
+        file: BlockNode | None = None,
+        backing: BlockNode | None = None,
+    ) -> None:
+        self.node_name = node_name
+        self.read_only = read_only
+        self.file = file
+        self.backing = backing
+        self.closed = False
+
+    def __repr__(self) -> str:
+        mode = "ro" if self.read_only else "rw"
+        return f"<{type(self).__name__} {self.node_name!r} {self.filename!r} {mode}>"
+
+    # -- properties drivers provide -------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Virtual size in bytes (for protocol nodes: the current file length)."""
+        raise NotImplementedError
+
+    @property
+    def filename(self) -> str:
+        """The host file behind this node, as graph lookups by filename see it."""
+        return self.file.filename if self.file is not None else ""
+
+    # -- request validation ---------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise BlockIOError(errno.EBADF, f"Node '{self.node_name}' is closed")
+
+    def _check_request(self, offset: int, length: int) -> None:
+        self._check_open()
+        if offset < 0 or length < 0:
+            raise BlockIOError(errno.EINVAL)
+        if not self.growable and offset + length > self.size:
+            # QEMU fails requests past the end of a non-growable node with EIO.
+            raise BlockIOError(
+                errno.EIO,
+                f"Request {offset}+{length} is beyond the end of node "
+                f"'{self.node_name}' ({self.size} bytes)",
+            )
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise BlockError(f"Block node '{self.node_name}' is read-only")
+
+    # -- public interface -----------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        """Guest view of ``length`` bytes at ``offset``, backing chain included."""
+        self._check_request(offset, length)
+        if length == 0:
+            return b""
+        return await self._do_read(offset, length)
+
+    async def write(self, offset: int, data: bytes) -> None:
+        self._check_request(offset, len(data))
+        self._check_writable()
+        if data:
+            await self._do_write(offset, bytes(data))
+
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        self._check_request(offset, length)
+        self._check_writable()
+        if length:
+            await self._do_write_zeroes(offset, length)
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Advisory: afterwards the range reads as zeros or as the backing image."""
+        self._check_request(offset, length)
+        self._check_writable()
+        if length:
+            await self._do_discard(offset, length)
+
+    async def block_status(self, offset: int, length: int) -> tuple[Status, int]:
+        """Kind of the extent at ``offset`` in this layer only, and its length (<= length)."""
+        self._check_open()
+        if offset < 0 or length <= 0 or offset >= self.size:
+            raise BlockIOError(errno.EINVAL)
+        length = min(length, self.size - offset)
+        status, n = await self._do_block_status(offset, length)
+        return status, max(1, min(n, length))
+
+    async def flush(self) -> None:
+        self._check_open()
+        if not self.read_only:
+            await self._do_flush()
+
+    async def truncate(self, size: int) -> None:
+        """Grow the node to ``size`` bytes; shrinking is refused (commit never needs it)."""
+        self._check_open()
+        self._check_writable()
+        if size < self.size:
+            raise BlockError("Cannot shrink an image")
+        if size != self.size:
+            await self._do_truncate(size)
+
+    async def change_backing(
+        self,
+        backing: BlockNode | None,
+        backing_string: str | None,
+        backing_format: str | None,
+    ) -> None:
+        """Point this node at another backing node and record that in the image."""
+        self._check_open()
+        await self._do_change_backing(backing, backing_string, backing_format)
+
+    async def reopen(self, *, read_only: bool) -> None:
+        """Switch the open mode in place so caches (and the graph) survive."""
+        self._check_open()
+        if read_only == self.read_only:
+            return
+        if read_only:
+            await self._do_flush()
+        await self._do_reopen(read_only)
+        self.read_only = read_only
+
+    async def close(self) -> None:
+        """Release this node's own resources (children are the graph's business)."""
+        if self.closed:
+            return
+        try:
+            if not self.read_only:
+                await self._do_flush()
+        finally:
+            self.closed = True
+            await self._do_close()
+
+    # -- driver hooks ---------------------------------------------------------------
+
+    async def _do_read(self, offset: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    async def _do_write(self, offset: int, data: bytes) -> None:
+        raise BlockIOError(errno.ENOTSUP)
+
+    async def _do_write_zeroes(self, offset: int, length: int) -> None:
+        await self._do_write(offset, bytes(length))
+
+    async def _do_discard(self, offset: int, length: int) -> None:
+        return None
+
+    async def _do_block_status(self, offset: int, length: int) -> tuple[Status, int]:
+        return Status.DATA, length
+
+    async def _do_flush(self) -> None:
+        if self.file is not None:
+            await self.file.flush()
+
+    async def _do_truncate(self, size: int) -> None:
+        raise BlockError(f"Driver '{self.driver}' does not support resizing")
+
+    async def _do_change_backing(
+        self,
+        backing: BlockNode | None,
+        backing_string: str | None,
+        backing_format: str | None,
+    ) -> None:
+        raise BlockError(f"Driver '{self.driver}' does not support backing files")
+
+    async def _do_reopen(self, read_only: bool) -> None:
+        if self.file is not None:
+            await self.file.reopen(read_only=read_only)
+
+    async def _do_close(self) -> None:
+        return None

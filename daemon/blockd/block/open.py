@@ -1,0 +1,186 @@
+"""Opening nodes from ``blockdev-add`` options, including header-named backing chains.
+
+Everything a failed open created is closed and unregistered again, so a
+refused ``blockdev-add`` leaves the graph exactly as it was.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from blockd.block.drivers.file import FileNode
+from blockd.block.drivers.qcow2.node import Qcow2Node
+from blockd.block.drivers.raw import RawNode
+from blockd.block.graph import BlockGraph
+from blockd.block.node import BlockNode
+from blockd.errors import BlockError, BlockIOError, ImageError
+
+_FORMATS = ("raw", "qcow2")
+
+
+class _Opening:
+    """Bookkeeping for one top-level open: what to undo, which files are in the chain."""
+
+    def __init__(self, graph: BlockGraph) -> None:
+        self.graph = graph
+        self.created: list[BlockNode] = []
+        self.chain_files: list[str] = []
+
+    async def rollback(self) -> None:
+        for node in reversed(self.created):
+            if node.node_name in self.graph and self.graph.get(node.node_name) is node:
+                await self.graph.close_node(node)
+            else:
+                await node.close()
+
+
+async def open_node(graph: BlockGraph, options: dict[str, Any]) -> BlockNode:
+    """Open the node described by ``options`` (already schema-validated) and register it."""
+    ctx = _Opening(graph)
+    try:
+        return await _open(ctx, options, read_only=bool(options.get("read-only", False)))
+    except BaseException:
+        await ctx.rollback()
+        raise
+
+
+def _name(ctx: _Opening, options: dict[str, Any]) -> str:
+    name = options.get("node-name")
+    if name is None:
+        return ctx.graph.auto_name()
+    ctx.graph.check_new_name(str(name))
+    return str(name)
+
+
+async def _open(ctx: _Opening, options: dict[str, Any], *, read_only: bool) -> BlockNode:
+    driver = options.get("driver")
+    if driver == "file":
+        return await _open_file(ctx, options, read_only)
+    if driver in _FORMATS:
+        return await _open_format(ctx, str(driver), options, read_only)
+    raise BlockError(f"Parameter 'driver' does not accept value '{driver}'")
+
+
+async def _open_file(ctx: _Opening, options: dict[str, Any], read_only: bool) -> BlockNode:
+    name = _name(ctx, options)
+    filename = options.get("filename")
+    if not isinstance(filename, str):
+        raise BlockError("Parameter 'filename' is missing")
+    locking = options.get("locking", "auto") != "off"
+    node = await FileNode.open(name, filename, read_only=read_only, locking=locking)
+    ctx.created.append(node)
+    ctx.graph.add(node)
+    return node
+
+
+async def _child_ref(
+    ctx: _Opening, ref: Any, *, read_only: bool, what: str
+) -> tuple[BlockNode, bool]:
+    """Resolve a BlockdevRef: (node, opened implicitly by us)."""
+    if isinstance(ref, str):
+        node = ctx.graph.get(ref)
+        if node is None:
+            raise BlockError(f"Cannot find device='{ref}' nor node-name='{ref}'")
+        return node, False
+    if isinstance(ref, dict):
+        opts = dict(ref)
+        opts.setdefault("read-only", read_only)
+        return await _open(ctx, opts, read_only=bool(opts["read-only"])), True
+    raise BlockError(f"Parameter '{what}' is missing")
+
+
+async def _open_format(
+    ctx: _Opening, driver: str, options: dict[str, Any], read_only: bool
+) -> BlockNode:
+    name = _name(ctx, options)
+    if "file" not in options:
+        raise BlockError("Parameter 'file' is missing")
+    file, file_implicit = await _child_ref(ctx, options["file"], read_only=read_only,
+                                           what="file")
+    if not read_only and file.read_only:
+        raise BlockError(f"Block node '{file.node_name}' is read-only")
+    implicit = [file] if file_implicit else []
+    node: BlockNode
+    if driver == "raw":
+        node = RawNode(name, file, read_only=read_only,
+                       offset=int(options.get("offset", 0)),
+                       size=options.get("size"))
+        ctx.created.append(node)
+    else:
+        qnode = await Qcow2Node.open(name, file, read_only=read_only)
+        node = qnode
+        ctx.created.append(node)
+        backing, backing_implicit = await _open_backing(ctx, qnode, options)
+        node.backing = backing
+        if backing is not None and backing_implicit:
+            implicit.append(backing)
+    ctx.graph.add(node, implicit)
+    return node
+
+
+async def _open_backing(
+    ctx: _Opening, node: Qcow2Node, options: dict[str, Any]
+) -> tuple[BlockNode | None, bool]:
+    if "backing" in options:
+        ref = options["backing"]
+        if ref is None:
+            return None, False
+        try:
+            return await _child_ref(ctx, ref, read_only=True, what="backing")
+        except BlockError as exc:
+            raise _backing_error(exc) from exc
+    if not node.backing_file:
+        return None, False
+    try:
+        return await _open_header_backing(ctx, node), True
+    except BlockError as exc:
+        raise _backing_error(exc) from exc
+
+
+def _backing_error(exc: BlockError) -> BlockError:
+    """The same kind of error, worded as QEMU words a failed backing open."""
+    text = f"Could not open backing file: {exc}"
+    if isinstance(exc, BlockIOError):
+        return BlockIOError(exc.errno, text)
+    if isinstance(exc, ImageError):
+        return ImageError(text)
+    return BlockError(text)
+
+
+def _resolve_backing_name(overlay: str, backing: str) -> str:
+    if backing.startswith("json:"):
+        raise ImageError(f"'{backing}': json: pseudo-filenames are not supported")
+    if os.path.isabs(backing):
+        return backing
+    return os.path.join(os.path.dirname(overlay), backing)
+
+
+async def _open_header_backing(ctx: _Opening, node: Qcow2Node) -> BlockNode:
+    assert node.backing_file is not None
+    overlay = node.filename
+    if not ctx.chain_files:
+        ctx.chain_files.append(os.path.realpath(overlay))
+    path = _resolve_backing_name(overlay, node.backing_file)
+    fmt = node.backing_format
+    if fmt is None:
+        # QEMU would probe; probing a raw image can be a security hole, so refuse
+        raise ImageError(
+            f"Backing file format of '{overlay}' is not recorded in the image header "
+            "(probing is not supported; set it with 'qemu-img rebase -u -F')"
+        )
+    if fmt not in _FORMATS:
+        raise ImageError(f"Unknown driver '{fmt}'")
+    real = os.path.realpath(path)
+    if real in ctx.chain_files:
+        raise ImageError(f"Backing file '{path}' creates a loop in the backing chain")
+    ctx.chain_files.append(real)
+    return await _open(
+        ctx,
+        {
+            "driver": fmt,
+            "read-only": True,
+            "file": {"driver": "file", "filename": path, "read-only": True},
+        },
+        read_only=True,
+    )

@@ -1,0 +1,114 @@
+"""Images written by QEMU, read back through our nodes, judged by qemu-img convert."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from blockd.block.graph import BlockGraph
+from blockd.block.node import Status
+
+from .conftest import create, open_qcow2, qemu_io, run, to_raw
+
+MiB = 1 << 20
+
+
+async def read_all(node, chunk: int = 3 * MiB + 4097) -> bytes:
+    out = bytearray()
+    pos = 0
+    while pos < node.size:
+        n = min(chunk, node.size - pos)
+        out += await node.read(pos, n)
+        pos += n
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    ("compat", "cluster_size", "refcount_bits"),
+    [
+        ("0.10", 65536, 16),
+        ("1.1", 512, 1),
+        ("1.1", 4096, 64),
+        ("1.1", 65536, 8),
+        ("1.1", 2 * MiB, 32),
+        ("0.10", 1024, 16),
+    ],
+)
+async def test_read_patterns(
+    tmp_path: Path, graph: BlockGraph, compat: str, cluster_size: int, refcount_bits: int
+) -> None:
+    img = create(tmp_path / "a.qcow2", 6 * MiB + 1536, compat=compat,
+                 cluster_size=cluster_size, refcount_bits=refcount_bits)
+    qemu_io(
+        img,
+        "write -P 0x11 0 64k",
+        "write -P 0x22 100k 3000",
+        "write -P 0x33 1M 1M",
+        "write -z 1536k 128k",
+        "write -P 0x44 5M 1M",
+        "discard 5M 64k" if compat == "1.1" else "write -P 0x55 5M 4k",
+        f"write -P 0x66 {6 * MiB} 1536",
+    )
+    expected = to_raw(img, tmp_path / "a.raw")
+    node = await open_qcow2(graph, img, read_only=True)
+    assert node.size == len(expected)
+    assert await read_all(node) == expected
+    # unaligned small reads
+    for off, n in [(1, 1), (65535, 2), (100 * 1024 - 1, 3002), (6 * MiB + 1000, 536)]:
+        assert await node.read(off, n) == expected[off : off + n]
+
+
+async def test_read_compressed(tmp_path: Path, graph: BlockGraph) -> None:
+    src = create(tmp_path / "src.qcow2", 4 * MiB)
+    qemu_io(src, "write -P 0x5a 0 1M", "write -P 0xa5 1536k 100k", "write -P 0x01 3M 7")
+    comp = tmp_path / "comp.qcow2"
+    run("qemu-img", "convert", "-c", "-O", "qcow2", str(src), str(comp))
+    expected = to_raw(src, tmp_path / "src.raw")
+    node = await open_qcow2(graph, comp, read_only=True)
+    assert await read_all(node) == expected
+    status, n = await node.block_status(0, 4 * MiB)
+    assert status is Status.DATA
+    assert n >= 65536
+
+
+@pytest.mark.parametrize("compat", ["0.10", "1.1"])
+async def test_read_backing_chain(tmp_path: Path, graph: BlockGraph, compat: str) -> None:
+    base = create(tmp_path / "base.qcow2", 2 * MiB, compat=compat, cluster_size=4096)
+    qemu_io(base, "write -P 0xbb 0 2M")
+    mid = create(tmp_path / "mid.qcow2", 3 * MiB, compat=compat, cluster_size=65536,
+                 backing=Path("base.qcow2"))
+    qemu_io(mid, "write -P 0xcc 64k 64k", "write -P 0xcd 1M 100")
+    top = create(tmp_path / "top.qcow2", 4 * MiB, compat=compat, cluster_size=512,
+                 backing=mid)
+    cmds = ["write -P 0xdd 1000 5000"]
+    if compat == "1.1":
+        cmds.append("write -z 128k 64k")
+    qemu_io(top, *cmds)
+    expected = to_raw(top, tmp_path / "top.raw")
+    node = await open_qcow2(graph, top, read_only=True)
+    assert node.backing is not None
+    assert node.backing.backing is not None
+    assert node.backing.read_only
+    assert node.backing.node_name.startswith("#block")
+    assert await read_all(node) == expected
+    chain = list(graph.chain(node))
+    assert [n.filename for n in chain] == [str(top), str(tmp_path / "mid.qcow2"),
+                                           str(tmp_path / "base.qcow2")]
+
+
+async def test_block_status_and_allocated_above(tmp_path: Path, graph: BlockGraph) -> None:
+    base = create(tmp_path / "base.qcow2", 1 * MiB)
+    qemu_io(base, "write -P 1 0 1M")
+    top = create(tmp_path / "top.qcow2", 1 * MiB, backing=base)
+    qemu_io(top, "write -P 2 64k 64k", "write -z 192k 128k")
+    node = await open_qcow2(graph, top, read_only=True)
+    assert await node.block_status(0, MiB) == (Status.UNALLOCATED, 65536)
+    assert await node.block_status(65536, MiB - 65536) == (Status.DATA, 65536)
+    assert await node.block_status(192 * 1024, 256 * 1024) == (Status.ZERO, 128 * 1024)
+    assert node.backing is not None
+    assert await graph.is_allocated_above(node, node.backing, 0, MiB) == (False, 65536)
+    assert await graph.is_allocated_above(node, node.backing, 65536, MiB - 65536) == (
+        True, 65536)
+    assert await graph.is_allocated_above(node, None, 0, MiB) == (True, 65536)
+    assert await graph.is_allocated_above(node, node.backing, 320 * 1024, 100) == (False, 100)

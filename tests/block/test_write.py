@@ -1,0 +1,208 @@
+"""Writes through our qcow2 node, judged by qemu-img check / compare and qemu-io."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from blockd.block.graph import BlockGraph
+from blockd.block.node import Status
+from blockd.errors import BlockError
+
+from .conftest import (
+    assert_clean,
+    check,
+    compare_with,
+    create,
+    open_qcow2,
+    pattern,
+    qemu_io,
+    run,
+    to_raw,
+)
+
+KiB = 1024
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize(
+    ("compat", "cluster_size", "refcount_bits"),
+    [("1.1", 65536, 16), ("0.10", 4096, 16), ("1.1", 512, 1), ("1.1", 1024, 64),
+     ("1.1", 2 * MiB, 2)],
+)
+async def test_write_patterns(
+    tmp_path: Path, graph: BlockGraph, compat: str, cluster_size: int, refcount_bits: int
+) -> None:
+    img = create(tmp_path / "w.qcow2", 8 * MiB, compat=compat, cluster_size=cluster_size,
+                 refcount_bits=refcount_bits)
+    model = bytearray(8 * MiB)
+    node = await open_qcow2(graph, img)
+    for off, byte, n in [(0, 0x11, 64 * KiB), (100 * KiB + 3, 0x22, 3000),
+                         (MiB, 0x33, MiB), (MiB + 17, 0x44, 5), (8 * MiB - 700, 0x55, 700)]:
+        await node.write(off, pattern(byte, n))
+        model[off : off + n] = pattern(byte, n)
+    await node.write_zeroes(MiB + 4 * KiB, 300 * KiB)
+    model[MiB + 4 * KiB : MiB + 304 * KiB] = bytes(300 * KiB)
+    assert await node.read(0, 8 * MiB) == bytes(model)
+    await graph.close_all()
+    assert_clean(img)
+    compare_with(img, bytes(model), tmp_path)
+    qemu_io(img, "read -P 0x33 1536k 512k", f"read -P 0x55 {8 * MiB - 700} 700")
+
+
+async def test_cow_from_backing_and_compressed(tmp_path: Path, graph: BlockGraph) -> None:
+    src = create(tmp_path / "src.qcow2", 2 * MiB)
+    qemu_io(src, "write -P 0x77 0 2M")
+    base = tmp_path / "base.qcow2"
+    run("qemu-img", "convert", "-c", "-O", "qcow2", str(src), str(base))
+    top = create(tmp_path / "top.qcow2", 2 * MiB, backing=base, cluster_size=4096)
+    node = await open_qcow2(graph, top)
+    await node.write(5000, b"hello")  # partial cluster: COW from the backing file
+    await graph.close_all()
+    assert_clean(top)
+    expected = bytearray(pattern(0x77, 2 * MiB))
+    expected[5000:5005] = b"hello"
+    assert to_raw(top, tmp_path / "top.raw") == bytes(expected)
+
+    # now write into the compressed base itself: new clusters, old refs dropped
+    g2 = BlockGraph()
+    bnode = await open_qcow2(g2, base)
+    await bnode.write(70 * KiB, pattern(0x01, 10))
+    await bnode.write(0, pattern(0x02, 64 * KiB))
+    await bnode.write_zeroes(128 * KiB, 64 * KiB)
+    await bnode.discard(192 * KiB, 64 * KiB)
+    await g2.close_all()
+    assert_clean(base)
+    model = bytearray(pattern(0x77, 2 * MiB))
+    model[70 * KiB : 70 * KiB + 10] = pattern(0x01, 10)
+    model[0 : 64 * KiB] = pattern(0x02, 64 * KiB)
+    model[128 * KiB : 256 * KiB] = bytes(128 * KiB)
+    compare_with(base, bytes(model), tmp_path)
+
+
+async def test_discard_and_zero_semantics(tmp_path: Path, graph: BlockGraph) -> None:
+    base = create(tmp_path / "base.qcow2", MiB)
+    qemu_io(base, "write -P 0xee 0 1M")
+    top = create(tmp_path / "top.qcow2", MiB, backing=base)
+    node = await open_qcow2(graph, top)
+    await node.write(0, pattern(1, 256 * KiB))
+    await node.discard(64 * KiB, 64 * KiB)  # with backing: zero cluster, not backing data
+    await node.write_zeroes(512 * KiB, 64 * KiB)  # unallocated -> zero cluster
+    await node.discard(130 * KiB, 10)  # partial: ignored
+    assert await node.block_status(64 * KiB, 64 * KiB) == (Status.ZERO, 64 * KiB)
+    assert await node.read(64 * KiB, 4) == bytes(4)
+    assert await node.read(512 * KiB, 4) == bytes(4)
+    assert await node.read(600 * KiB, 1) == b"\xee"
+    await graph.close_all()
+    assert_clean(top)
+    qemu_io(top, "read -P 1 0 64k", "read -P 0 64k 64k", "read -P 1 128k 128k",
+            "read -P 0xee 256k 256k", "read -P 0 512k 64k", "read -P 0xee 576k 448k")
+
+
+async def test_grow_l1_and_refcount_table(tmp_path: Path, graph: BlockGraph) -> None:
+    # 512-byte clusters and 64-bit refcounts: one refcount block covers 32 KiB,
+    # one table cluster 2 MiB, so 3 MiB of data forces the table to grow
+    img = create(tmp_path / "g.qcow2", 1 * MiB, cluster_size=512, refcount_bits=64)
+    node = await open_qcow2(graph, img)
+    await node.truncate(4 * MiB)  # L1 grows from 16 to 64 entries
+    assert node.size == 4 * MiB
+    data = bytes(range(256)) * (3 * MiB // 256)
+    for off in range(0, 3 * MiB, 256 * KiB):
+        await node.write(off + 100, data[off : off + 256 * KiB])
+    await graph.close_all()
+    assert_clean(img)
+    # 3 MiB of data + ~3% metadata: allocation must not leave big holes behind
+    assert check(img)["image-end-offset"] < 3 * MiB + 512 * KiB
+    model = bytearray(4 * MiB)
+    for off in range(0, 3 * MiB, 256 * KiB):
+        model[off + 100 : off + 100 + 256 * KiB] = data[off : off + 256 * KiB]
+    compare_with(img, bytes(model), tmp_path)
+    info = run("qemu-img", "info", str(img)).stdout
+    assert "virtual size: 4 MiB" in info
+
+
+async def test_truncate_hides_backing_and_tail(tmp_path: Path, graph: BlockGraph) -> None:
+    base = create(tmp_path / "base.qcow2", 2 * MiB)
+    qemu_io(base, "write -P 0x99 0 2M")
+    top = create(tmp_path / "top.qcow2", MiB + 1024, backing=base)
+    node = await open_qcow2(graph, top)
+    await node.truncate(2 * MiB)
+    assert await node.read(MiB + 1024, 10) == bytes(10)
+    assert await node.read(MiB - 10, 10) == pattern(0x99, 10)
+    await graph.close_all()
+    assert_clean(top)
+    qemu_io(top, f"read -P 0x99 0 {MiB + 1024}", f"read -P 0 {MiB + 1024} {MiB - 1024}")
+
+
+async def test_readonly_and_reopen(tmp_path: Path, graph: BlockGraph) -> None:
+    img = create(tmp_path / "ro.qcow2", MiB)
+    node = await open_qcow2(graph, img, read_only=True)
+    with pytest.raises(BlockError, match="read-only"):
+        await node.write(0, b"x")
+    await node.reopen(read_only=False)
+    await node.write(0, b"abc")
+    await node.reopen(read_only=True)
+    assert await node.read(0, 3) == b"abc"
+    with pytest.raises(BlockError, match="read-only"):
+        await node.write_zeroes(0, 512)
+    await graph.close_all()
+    assert_clean(img)
+
+
+async def test_change_backing(tmp_path: Path, graph: BlockGraph) -> None:
+    base = create(tmp_path / "base.qcow2", MiB)
+    qemu_io(base, "write -P 0x10 0 1M")
+    other = tmp_path / "sub"
+    other.mkdir()
+    run("cp", str(base), str(other / "copy-of-base-with-a-long-name.qcow2"))
+    top = create(tmp_path / "top.qcow2", MiB, backing=Path("base.qcow2"))
+    node = await open_qcow2(graph, top)
+    newb = await open_qcow2(graph, other / "copy-of-base-with-a-long-name.qcow2",
+                            read_only=True, name="nb")
+    await node.change_backing(newb, "sub/copy-of-base-with-a-long-name.qcow2", "qcow2")
+    assert node.backing is newb
+    await graph.close_all()
+    assert_clean(top)
+    info = run("qemu-img", "info", "--output=json", str(top)).stdout
+    assert '"backing-filename": "sub/copy-of-base-with-a-long-name.qcow2"' in info
+    assert '"backing-filename-format": "qcow2"' in info
+    qemu_io(top, "read -P 0x10 0 1M")
+    # and back to a shorter name, then none at all
+    g = BlockGraph()
+    node = await open_qcow2(g, top, backing=None)
+    await node.change_backing(None, "base.qcow2", "qcow2")
+    await node.change_backing(None, None, None)
+    await g.close_all()
+    assert_clean(top)
+    info = run("qemu-img", "info", "--output=json", str(top)).stdout
+    assert "backing-filename" not in info
+    qemu_io(top, "read -P 0 0 1M")
+
+
+async def test_cancellation_never_tears_metadata(tmp_path: Path, graph: BlockGraph) -> None:
+    img = create(tmp_path / "c.qcow2", 16 * MiB, cluster_size=4096)
+    node = await open_qcow2(graph, img)
+    for delay in (0, 0.0005, 0.001, 0.003, 0.01):
+        with trio.move_on_after(delay):
+            async with trio.open_nursery() as nursery:
+                for i in range(8):
+                    nursery.start_soon(node.write, i * MiB + 1000, pattern(i + 1, 300 * KiB))
+    await graph.close_all()
+    result = check(img)
+    assert result.get("corruptions", 0) == 0
+    assert result.get("leaks", 0) == 0
+
+
+async def test_concurrent_writes_and_reads(tmp_path: Path, graph: BlockGraph) -> None:
+    img = create(tmp_path / "p.qcow2", 8 * MiB, cluster_size=8192)
+    node = await open_qcow2(graph, img)
+    async with trio.open_nursery() as nursery:
+        for i in range(16):
+            nursery.start_soon(node.write, i * 512 * KiB + 7, pattern(i + 1, 200 * KiB))
+            nursery.start_soon(node.read, i * 512 * KiB, 100 * KiB)
+    for i in range(16):
+        assert await node.read(i * 512 * KiB + 7, 200 * KiB) == pattern(i + 1, 200 * KiB)
+    await graph.close_all()
+    assert_clean(img)
