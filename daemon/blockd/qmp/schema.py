@@ -36,7 +36,8 @@ _KNOWN_KEYWORDS = frozenset(
     {
         "$schema", "$id", "$ref", "$defs", "$comment", "title", "description",
         "deprecated", "default", "examples", "type", "properties", "required",
-        "additionalProperties", "items", "enum", "const", "minimum", "maximum",
+        "additionalProperties", "unevaluatedProperties", "items", "enum", "const",
+        "minimum", "maximum",
         "allOf", "if", "then", "else",
     }
 )  # fmt: skip
@@ -116,7 +117,15 @@ def _check_keywords(node: Any, where: str) -> None:
         if key in ("properties", "$defs"):
             for sub in value.values():
                 _check_keywords(sub, where)
-        elif key in ("items", "additionalProperties", "allOf", "if", "then", "else"):
+        elif key in (
+            "items",
+            "additionalProperties",
+            "unevaluatedProperties",
+            "allOf",
+            "if",
+            "then",
+            "else",
+        ):
             _check_keywords(value, where)
 
 
@@ -173,37 +182,77 @@ def _member(parent: Sequence[Any], member: str) -> str:
     return _full_name([*parent, member])
 
 
-def _sort_key(command: CommandSchema, error: ValidationError) -> tuple[int, ...]:
-    """The position of an error in the schema file, in visiting order."""
+_OBJECT_CLOSERS = ("additionalProperties", "unevaluatedProperties")
+
+
+@dataclass
+class _Located:
+    """Where in the schema files an error arose, and its visiting-order position."""
+
+    positions: tuple[int, ...]
+    node: Any
+    resolver: Any
+    registry: referencing.Registry[Any]
+
+
+def _deref(node: Any, resolver: Any) -> tuple[Any, Any]:
+    while isinstance(node, dict) and "$ref" in node:
+        resolved = resolver.lookup(node["$ref"])
+        node, resolver = resolved.contents, resolved.resolver
+    return node, resolver
+
+
+def _locate(command: CommandSchema, error: ValidationError) -> _Located:
+    """Walk the error's schema path through the files, following ``$ref``.
+
+    Each step's position is the index of the key taken in its (ordered) JSON
+    object, so sorting by positions is sorting by place in the files; a
+    missing member sorts where it is declared, and an unexpected one after
+    every declared member of its object, as QEMU's visitor meets them.
+    """
     node: Any = command.schema
-    resolver = command.registry.resolver(base_uri=command.uri)
+    resolver: Any = command.registry.resolver(base_uri=command.uri)
     positions: list[int] = []
     path = list(error.absolute_schema_path)
     for index, part in enumerate(path):
-        # jsonschema leaves "$ref" out of the path: follow references that
-        # stand where the path continues with a keyword the node lacks.
-        while isinstance(node, dict) and "$ref" in node and part not in node:
-            resolved = resolver.lookup(node["$ref"])
-            node, resolver = resolved.contents, resolved.resolver
+        if isinstance(node, dict) and part not in node:
+            # jsonschema leaves "$ref" out of the path.
+            node, resolver = _deref(node, resolver)
         if isinstance(node, list):
             positions.append(int(part))
             node = node[int(part)]
             continue
         keys = list(node)
-        last = index == len(path) - 1
-        if last and part == "required":
-            # A missing member sorts where that member is declared.
-            properties = list(node.get("properties", {}))
-            missing = _missing(error)
-            positions.append(keys.index("properties") if "properties" in keys else len(keys))
-            positions.append(properties.index(missing) if missing in properties else 0)
-            break
-        if last and part == "additionalProperties":
-            positions.append(len(keys) + 1)
-            break
+        if index == len(path) - 1:
+            if part == "required":
+                declared = list(node.get("properties", {}))
+                missing = _missing(error)
+                positions.append(keys.index("properties") if "properties" in keys else len(keys))
+                positions.append(declared.index(missing) if missing in declared else 0)
+                break
+            if part in _OBJECT_CLOSERS:
+                positions.append(len(keys) + 1)
+                break
         positions.append(keys.index(part))
-        node = node[part]
-    return tuple(positions)
+        if index < len(path) - 1:
+            node = node[part]
+    return _Located(tuple(positions), node, resolver, command.registry)
+
+
+def _known_members(where: _Located, node: Any, resolver: Any, instance: Any) -> set[str]:
+    """Members an object schema declares for this instance, its variants included."""
+    node, resolver = _deref(node, resolver)
+    if not isinstance(node, dict):
+        return set()
+    names = set(node.get("properties", {}))
+    for sub in node.get("allOf", []):
+        names |= _known_members(where, sub, resolver, instance)
+    if "if" in node:
+        condition = Validator(node["if"], registry=where.registry)
+        branch = "then" if condition.is_valid(instance) else "else"
+        if branch in node:
+            names |= _known_members(where, node[branch], resolver, instance)
+    return names
 
 
 def _missing(error: ValidationError) -> str:
@@ -212,37 +261,37 @@ def _missing(error: ValidationError) -> str:
     return next(str(name) for name in required if name not in instance)
 
 
-def _expected(schema: Mapping[str, Any]) -> str:
-    kind = schema.get("type")
-    if isinstance(kind, str):
-        return kind
-    return str(schema.get("title", "value"))
+def _leaf(path: Sequence[Any]) -> str:
+    """QEMU names enum and alternate members by their own name, list elements 'null'."""
+    return path[-1] if path and isinstance(path[-1], str) else "null"
 
 
-def _word(error: ValidationError) -> str:
+def _word(error: ValidationError, where: _Located) -> str:
     parent = error.absolute_path
     keyword = error.validator
+    instance: Any = error.instance
     if keyword == "required":
         return f"Parameter '{_member(parent, _missing(error))}' is missing"
-    if keyword == "additionalProperties":
-        declared = error.schema.get("properties", {}) if isinstance(error.schema, dict) else {}
-        instance: Any = error.instance
-        extra = next(str(k) for k in instance if k not in declared)
+    if keyword in _OBJECT_CLOSERS:
+        known = _known_members(where, where.node, where.resolver, instance)
+        extra = next(str(k) for k in instance if k not in known)
         return f"Parameter '{_member(parent, extra)}' is unexpected"
     if keyword in ("type", "minimum", "maximum"):
-        # QEMU has one message for a wrong JSON type and an int64 overflow.
-        expected = _expected(error.schema) if isinstance(error.schema, Mapping) else "value"
-        return f"Invalid parameter type for '{_full_name(parent)}', expected: {expected}"
+        schema: Any = error.schema
+        kind = schema.get("type") if isinstance(schema, Mapping) else None
+        if isinstance(kind, list):
+            # An alternate: QEMU names the alternate type and the bare member.
+            return f"Invalid parameter type for '{_leaf(parent)}', expected: {schema.get('title')}"
+        # One message for a wrong JSON type and for an int64 overflow.
+        return f"Invalid parameter type for '{_full_name(parent)}', expected: {kind}"
     if keyword in ("enum", "const"):
-        # QEMU names enum values by the member's own name, and list elements 'null'.
-        leaf = parent[-1] if parent and isinstance(parent[-1], str) else "null"
-        return f"Parameter '{leaf}' does not accept value '{error.instance}'"
+        return f"Parameter '{_leaf(parent)}' does not accept value '{instance}'"
     return f"Parameter '{_full_name(parent)}' is invalid"
 
 
 def first_error(command: CommandSchema, errors: Iterable[ValidationError]) -> str | None:
-    collected = list(errors)
-    if not collected:
+    located = [(_locate(command, e), e) for e in errors]
+    if not located:
         return None
-    collected.sort(key=lambda e: _sort_key(command, e))
-    return _word(collected[0])
+    where, error = min(located, key=lambda pair: pair[0].positions)
+    return _word(error, where)
