@@ -44,12 +44,16 @@ class InheritedSocket:
         return address or f"fd {self.fd} ({self.name})"
 
 
-def _kind(sock: socket.socket) -> str:
+def _describe(sock: socket.socket, listening: bool) -> str:
     families = {socket.AF_UNIX: "Unix", socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
-    types = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "datagram"}
-    family = families.get(sock.family, f"family {int(sock.family)}")
-    kind = types.get(sock.type, "seqpacket" if sock.type == socket.SOCK_SEQPACKET else "other")
-    return f"a {family} {kind} socket"
+    types = {
+        socket.SOCK_STREAM: "stream",
+        socket.SOCK_DGRAM: "datagram",
+        socket.SOCK_SEQPACKET: "seqpacket",
+    }
+    family = families.get(sock.family, str(int(sock.family)))
+    kind = types.get(sock.type, str(int(sock.type)))
+    return f"family {family}, type {kind}, {'listening' if listening else 'not listening'}"
 
 
 def _adopt(fd: int, name: str) -> InheritedSocket:
@@ -60,15 +64,16 @@ def _adopt(fd: int, name: str) -> InheritedSocket:
         raise ActivationError(f"{where} is not open: {err.strerror}") from None
     if not stat.S_ISSOCK(st.st_mode):
         raise ActivationError(
-            f"{where} is not a socket; blockd serves listening Unix stream sockets"
+            f"{where} is not a listening Unix stream socket (not a socket at all); "
+            "blockd serves only those"
         )
     sock = socket.socket(fileno=fd)
     try:
         listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
         if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or not listening:
-            state = "" if listening else "non-listening "
             raise ActivationError(
-                f"{where} is {state}{_kind(sock)}; blockd serves listening Unix stream sockets "
+                f"{where} is not a listening Unix stream socket "
+                f"({_describe(sock, bool(listening))}); blockd serves only those "
                 "(ListenStream= with a path in the .socket unit, Accept=no)"
             )
         sock.set_inheritable(False)
