@@ -137,6 +137,16 @@ async def run(settings: Settings) -> None:
     server = QMPServer(dispatcher, bus, version_info())
     notifier = Notifier.from_environ()
     watchdog = watchdog_interval()
+    log.debug(
+        "settings: socket %s (mode %04o), %d inherited socket(s), %d start-up node(s), "
+        "notify %s, watchdog every %s s",
+        settings.socket_path,
+        settings.socket_mode,
+        len(settings.inherited),
+        len(settings.blockdevs),
+        "on" if notifier.enabled else "off",
+        watchdog,
+    )
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         listeners, bound, names = _listen(settings)
         try:
