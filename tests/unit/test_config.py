@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,15 @@ def test_blockdev_option_is_json() -> None:
 def test_bad_blockdev_option(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_blockdev(text)
+
+
+def test_shipped_example_is_valid() -> None:
+    example = Path(__file__).resolve().parents[2] / "systemd" / "blockd.toml"
+    assert load_config(example) == Config(log_level="info")
+    # The commented node is a valid table too, once uncommented.
+    lines = example.read_text().splitlines()
+    start = lines.index("# [[blockdev]]")
+    uncommented = "\n".join(line.removeprefix("# ") for line in lines[start:])
+    node = tomllib.loads(uncommented)["blockdev"][0]
+    assert node["driver"] == "qcow2"
+    assert node["file"]["filename"].startswith("/var/lib/images/")
