@@ -73,11 +73,11 @@ def test_watchdog_pings_at_half_the_timeout(
     daemon = start_blockd(sock_dir / "qmp.sock", wait=False)
     try:
         notify.wait_for("READY")
-        pings = [at for at, fields in notify.collect(1.2) if "WATCHDOG" in fields]
+        pings = [at for at, fields in notify.collect(1.0) if "WATCHDOG" in fields]
     finally:
         daemon.stop()
-    # About 6; loose bounds so a loaded machine does not fail the test.
-    assert 3 <= len(pings) <= 10, pings
+    # About 5; loose bounds so a loaded machine does not fail the test.
+    assert 3 <= len(pings) <= 9, pings
     gaps = [b - a for a, b in itertools.pairwise(pings)]
     assert 0.1 < statistics.median(gaps) < 0.4, gaps
 
@@ -90,7 +90,7 @@ def test_no_watchdog_pings_for_another_pid(
     daemon = start_blockd(sock_dir / "qmp.sock", wait=False)
     try:
         notify.wait_for("READY")
-        messages = notify.collect(0.5)
+        messages = notify.collect(0.4)
     finally:
         daemon.stop()
     assert not [fields for _, fields in messages if "WATCHDOG" in fields]
@@ -106,7 +106,7 @@ def test_stop_is_bounded_with_a_client_that_never_reads(
         stuck = RawQMP(path)
         stuck.negotiate()
         # Pile up replies it never reads, until neither side's buffers take more.
-        stuck.sock.settimeout(0.5)
+        stuck.sock.settimeout(0.3)
         request = b'{"execute": "query-version"}' * 64
         with contextlib.suppress(TimeoutError, BlockingIOError):
             for _ in range(100_000):
