@@ -150,7 +150,11 @@ async def run(settings: Settings) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         listeners, bound, names = _listen(settings)
         try:
-            await open_startup_nodes(dispatcher, settings.blockdevs)
+            try:
+                await open_startup_nodes(dispatcher, settings.blockdevs)
+            except StartupError as err:
+                notifier.status(f"Start-up failed: {err}")
+                raise
             async with trio.open_nursery() as service:
                 if watchdog is not None:
                     service.start_soon(keep_watchdog_fed, notifier, watchdog)

@@ -93,8 +93,10 @@ def test_configured_blockdev_runs_through_the_dispatcher(
         assert result.returncode == 1
         assert f"blockd: start-up node 1 (f0): {NOT_YET}" in result.stderr
         assert not (sock_dir / "bd.sock").exists()
-        # Never ready.
-        assert all("READY" not in fields for _, fields in notify.collect(0.1))
+        # Never ready; systemctl status shows why.
+        messages = [fields for _, fields in notify.collect(0.1)]
+        assert all("READY" not in fields for fields in messages)
+        assert {"STATUS": f"Start-up failed: start-up node 1 (f0): {NOT_YET}"} in messages
     finally:
         notify.close()
 
