@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,16 +79,10 @@ def service_status(nodes: int, jobs: int) -> str:
     return f"{nodes} node{'s' * (nodes != 1)} open, {jobs} job{'s' * (jobs != 1)} running"
 
 
-def _status() -> str:
-    # The block graph and the job manager do not exist yet: when they do, build
-    # them in run() and pass them here (open nodes, jobs not yet concluded).
-    return service_status(nodes=0, jobs=0)
-
-
-async def _report_status(notifier: Notifier) -> None:
+async def _report_status(notifier: Notifier, status: Callable[[], str]) -> None:
     last = None
     while True:
-        line = _status()
+        line = status()
         if line != last:
             notifier.status(line)
             last = line
@@ -135,6 +129,12 @@ async def run(settings: Settings) -> None:
     context = CommandContext(events=bus, request_shutdown=stop.set)
     dispatcher = Dispatcher(load_command_schemas(), HANDLERS, context)
     server = QMPServer(dispatcher, bus, version_info())
+
+    def status() -> str:
+        # Plug in the block graph's open nodes and the job manager's running
+        # jobs here once they exist; the line is resent whenever it changes.
+        return service_status(nodes=0, jobs=0)
+
     notifier = Notifier.from_environ()
     watchdog = watchdog_interval()
     log.debug(
@@ -161,9 +161,9 @@ async def run(settings: Settings) -> None:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(server.serve, listeners)
                     logs.started(__version__, names)
-                    notifier.ready(_status())
+                    notifier.ready(status())
                     if notifier.enabled:
-                        service.start_soon(_report_status, notifier)
+                        service.start_soon(_report_status, notifier, status)
                     async with trio.open_nursery() as waiting:
                         waiting.start_soon(_stop_on_signal, signals, stop)
                         await stop.event.wait()
