@@ -1,75 +1,191 @@
 """The composition root: builds the daemon's parts and runs them until stopped.
 
 Nothing else wires layers together; each layer gets what it needs from here.
+
+Start-up order, each step only once the previous one succeeded: take the
+control socket (inherited from systemd, or created), open the start-up nodes
+by running ``blockdev-add`` through the dispatcher as a client would, start
+serving, then tell systemd ``READY=1``.  Clients that connect meanwhile wait
+in the socket's backlog.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
+from blockd import __version__, logs
 from blockd.commands import HANDLERS, CommandContext
-from blockd.control_socket import bind_control_socket
+from blockd.control_socket import BoundSocket, bind_control_socket
 from blockd.events import EventBus
 from blockd.jobs.registry import JobRegistry
 from blockd.qmp.dispatch import Dispatcher
+from blockd.qmp.protocol import QMPConnection, Request
 from blockd.qmp.schema import load_command_schemas
 from blockd.qmp.server import QMPServer
+from blockd.systemd.activation import InheritedSocket
+from blockd.systemd.notify import Notifier, keep_watchdog_fed, watchdog_interval
 from blockd.version import version_info
 
 log = logging.getLogger("blockd")
 
 #: How long stopping waits for cancelled jobs to finish their clean-up.
 JOB_GRACE_SECONDS = 5.0
+#: How long clients get, once the daemon stops, to take their last replies.
+STOP_SECONDS = 10
+#: How often the ``STATUS=`` line is recomputed (sent only when it changed).
+STATUS_SECONDS = 1.0
+
+
+class StartupError(Exception):
+    """A start-up node could not be opened; the daemon does not start."""
 
 
 @dataclass(frozen=True)
 class Settings:
-    socket_path: Path
+    #: The socket to create; unused when systemd passed ``inherited`` sockets.
+    socket_path: Path | None
     socket_mode: int = 0o600
+    #: Listening sockets from socket activation, served instead of ``socket_path``.
+    inherited: tuple[InheritedSocket, ...] = ()
+    #: ``blockdev-add`` arguments of the nodes to open before ``READY=1``, in order.
+    blockdevs: tuple[Mapping[str, Any], ...] = ()
 
 
-async def _stop_on_signal(signals: AsyncIterator[int], stop: trio.Event) -> None:
+class _Stop:
+    """The request to stop, and what asked for it (for the log)."""
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.reason = "quit command"
+
+    def set(self) -> None:
+        self.event.set()
+
+
+async def _stop_on_signal(signals: AsyncIterator[int], stop: _Stop) -> None:
     async for signum in signals:
-        log.info("received %s", signal.Signals(signum).name)
+        stop.reason = signal.Signals(signum).name
         stop.set()
         return
 
 
+def service_status(nodes: int, jobs: int) -> str:
+    """The ``STATUS=`` line systemctl shows."""
+    return f"{nodes} node{'s' * (nodes != 1)} open, {jobs} job{'s' * (jobs != 1)} running"
+
+
+async def _report_status(notifier: Notifier, status: Callable[[], str]) -> None:
+    last = None
+    while True:
+        line = status()
+        if line != last:
+            notifier.status(line)
+            last = line
+        await trio.sleep(STATUS_SECONDS)
+
+
+async def open_startup_nodes(
+    dispatcher: Dispatcher, blockdevs: tuple[Mapping[str, Any], ...]
+) -> None:
+    """Run ``blockdev-add`` for each node, in order, as a QMP client would."""
+    conn = QMPConnection(version_info())
+    conn.enter_command_mode([])
+    for index, arguments in enumerate(blockdevs, 1):
+        request = Request(command="blockdev-add", arguments=dict(arguments))
+        reply = json.loads(await dispatcher.execute(conn, request))
+        if "error" in reply:
+            name = arguments.get("node-name")
+            which = f"start-up node {index}" + (f" ({name})" if isinstance(name, str) else "")
+            raise StartupError(f"{which}: {reply['error']['desc']}")
+
+
+def _listen(settings: Settings) -> tuple[list[trio.SocketListener], BoundSocket | None, list[str]]:
+    if settings.inherited:
+        socks = [inherited.sock for inherited in settings.inherited]
+        names = [inherited.describe() for inherited in settings.inherited]
+        bound = None
+        if settings.socket_path is not None:
+            log.info(
+                "socket-activated: serving inherited sockets, not creating %s", settings.socket_path
+            )
+    else:
+        if settings.socket_path is None:
+            raise ValueError("no socket to serve on")
+        bound = bind_control_socket(settings.socket_path, settings.socket_mode)
+        socks, names = [bound.sock], [str(bound.path)]
+    listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks]
+    return listeners, bound, names
+
+
 async def run(settings: Settings) -> None:
-    """Serve QMP on the control socket until ``quit``, SIGTERM or SIGINT."""
-    stop = trio.Event()
+    """Serve QMP on the control socket(s) until ``quit``, SIGTERM or SIGINT."""
+    stop = _Stop()
     bus = EventBus()
     jobs = JobRegistry()
     context = CommandContext(events=bus, jobs=jobs, request_shutdown=stop.set)
     dispatcher = Dispatcher(load_command_schemas(), HANDLERS, context)
     server = QMPServer(dispatcher, bus, version_info())
+
+    def status() -> str:
+        # Plug in the block graph's open nodes and the job manager's running
+        # jobs here once they exist; the line is resent whenever it changes.
+        return service_status(nodes=0, jobs=0)
+
+    notifier = Notifier.from_environ()
+    watchdog = watchdog_interval()
+    log.debug(
+        "settings: socket %s (mode %04o), %d inherited socket(s), %d start-up node(s), "
+        "notify %s, watchdog every %s s",
+        settings.socket_path,
+        settings.socket_mode,
+        len(settings.inherited),
+        len(settings.blockdevs),
+        "on" if notifier.enabled else "off",
+        watchdog,
+    )
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        bound = bind_control_socket(settings.socket_path, settings.socket_mode)
-        listener = trio.SocketListener(trio.socket.from_stdlib_socket(bound.sock))
+        listeners, bound, names = _listen(settings)
         try:
-            async with trio.open_nursery() as job_host:
-                await job_host.start(jobs.serve)
+            try:
+                await open_startup_nodes(dispatcher, settings.blockdevs)
+            except StartupError as err:
+                notifier.status(f"Start-up failed: {err}")
+                raise
+            async with trio.open_nursery() as service:
+                await service.start(jobs.serve)
+                if watchdog is not None:
+                    service.start_soon(keep_watchdog_fed, notifier, watchdog)
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(server.serve, [listener])
-                    log.info("listening on %s", bound.path)
+                    await nursery.start(server.serve, listeners)
+                    logs.started(__version__, names)
+                    notifier.ready(status())
+                    if notifier.enabled:
+                        service.start_soon(_report_status, notifier, status)
                     async with trio.open_nursery() as waiting:
                         waiting.start_soon(_stop_on_signal, signals, stop)
-                        await stop.wait()
+                        await stop.event.wait()
                         waiting.cancel_scope.cancel()
-                    log.info("stopping")
+                    logs.stopping(stop.reason)
+                    notifier.stopping()
                     # Jobs end first, so clients still hear how they ended.
                     await jobs.shutdown(grace=JOB_GRACE_SECONDS)
                     server.close()
                     # Clients get a bounded time to take their last replies.
-                    nursery.cancel_scope.deadline = trio.current_time() + 10
-                job_host.cancel_scope.cancel()
+                    nursery.cancel_scope.deadline = trio.current_time() + STOP_SECONDS
+                service.cancel_scope.cancel()
         finally:
-            await listener.aclose()
-            bound.remove()
-    log.info("stopped")
+            for listener in listeners:
+                await listener.aclose()
+            # Only a socket this process created; systemd's stay where they are.
+            if bound is not None:
+                bound.remove()
+            notifier.close()
+    logs.stopped()

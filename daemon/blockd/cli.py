@@ -3,27 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import trio
 
-from blockd import __version__
-from blockd.app import Settings, run
+from blockd import __version__, logs
+from blockd.app import Settings, StartupError, run
+from blockd.config import Config, ConfigError, load_config, parse_blockdev, parse_mode
 from blockd.control_socket import ControlSocketError
 from blockd.qmp.schema import SchemaError
+from blockd.systemd.activation import ActivationError, listen_sockets
 
 
 def _mode(text: str) -> int:
     try:
-        mode = int(text, 8)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an octal file mode: {text!r}") from None
-    if not 0 <= mode <= 0o777:
-        raise argparse.ArgumentTypeError(f"file mode out of range: {text!r}")
-    return mode
+        return parse_mode(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,38 +28,73 @@ def build_parser() -> argparse.ArgumentParser:
         prog="blockd",
         description="Storage daemon: serves QMP (as qemu-storage-daemon 7.2 does) "
         "on a Unix socket and commits qcow2 snapshot chains live.",
+        epilog="Options given here override the configuration file. Under socket "
+        "activation (LISTEN_FDS) blockd serves the sockets systemd passes and "
+        "creates none.",
     )
     parser.add_argument("--version", action="version", version=f"blockd {__version__}")
     parser.add_argument(
-        "--socket", required=True, type=Path, metavar="PATH", help="QMP control socket to create"
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML file with the socket, its mode, the log level and start-up nodes",
+    )
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        metavar="PATH",
+        help="QMP control socket to create (required unless set in --config or socket-activated)",
     )
     parser.add_argument(
         "--socket-mode",
         type=_mode,
-        default=0o600,
         metavar="MODE",
         help="permissions of the control socket, in octal (default: 0600)",
     )
     parser.add_argument(
         "--log-level",
-        choices=["debug", "info", "warning", "error"],
-        default="info",
+        choices=logs.LEVELS,
         help="least severe message to log on stderr (default: info)",
+    )
+    parser.add_argument(
+        "--blockdev",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help="a node to open at start-up, as blockdev-add arguments in JSON; "
+        "repeatable, opened in order after the configuration file's nodes",
     )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=args.log_level.upper(),
-        format="%(asctime)s blockd[%(process)d] %(levelname)s %(message)s",
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config) if args.config is not None else Config()
+        blockdevs = config.blockdevs + tuple(parse_blockdev(text) for text in args.blockdev)
+    except ConfigError as err:
+        logs.fatal(str(err))
+        return 1
+    logs.setup(args.log_level or config.log_level or "info")
+    try:
+        inherited = tuple(listen_sockets())
+    except ActivationError as err:
+        logs.fatal(str(err))
+        return 1
+    socket_path = args.socket or config.socket
+    if not inherited and socket_path is None:
+        parser.error("--socket is required (or a socket in --config, or socket activation)")
+    mode = args.socket_mode if args.socket_mode is not None else config.socket_mode
+    settings = Settings(
+        socket_path=socket_path,
+        socket_mode=mode if mode is not None else 0o600,
+        inherited=inherited,
+        blockdevs=blockdevs,
     )
-    settings = Settings(socket_path=args.socket, socket_mode=args.socket_mode)
     try:
         trio.run(run, settings)
-    except (ControlSocketError, SchemaError) as err:
-        print(f"blockd: {err}", file=sys.stderr)
+    except (ControlSocketError, SchemaError, StartupError) as err:
+        logs.fatal(str(err))
         return 1
     return 0

@@ -1,0 +1,215 @@
+"""Start-up configuration: a TOML file and the command line's ``--blockdev``.
+
+The file names what a restart must bring back: the control socket, its mode,
+the log level and the block nodes to open at start-up, each one the arguments
+of a ``blockdev-add`` command::
+
+    socket = "/run/blockd/qmp.sock"   # relative paths: from the file's directory
+    socket-mode = "0660"              # octal, as a string
+    log-level = "info"                # debug, info, warning or error
+
+    [[blockdev]]
+    driver = "qcow2"
+    node-name = "disk0"
+    file = { driver = "file", filename = "/var/lib/blockd/disk0.qcow2" }
+
+Everything is checked here, before anything is opened or created, and a
+mistake is reported with its line (TOML syntax) or its key (everything else).
+The nodes themselves are checked by the ``blockdev-add`` command, exactly as
+for a QMP client.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from blockd.logs import LEVELS
+
+KEYS = ("socket", "socket-mode", "log-level", "blockdev")
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the daemon does not start."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """What the file sets; ``None`` (or no nodes) where it is silent."""
+
+    socket: Path | None = None
+    socket_mode: int | None = None
+    log_level: str | None = None
+    blockdevs: tuple[dict[str, Any], ...] = ()
+
+
+def parse_mode(text: str) -> int:
+    """An octal file mode such as ``0600``; ValueError says what is wrong."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise ValueError(f"not an octal file mode: {text!r}") from None
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"file mode out of range: {text!r}")
+    return mode
+
+
+def parse_blockdev(text: str) -> dict[str, Any]:
+    """One ``--blockdev`` option: a JSON object of ``blockdev-add`` arguments."""
+    if not text.lstrip().startswith("{"):
+        raise ConfigError(
+            f"--blockdev {text!r}: give the node as a JSON object, "
+            'e.g. \'{"driver": "qcow2", "node-name": "disk0", ...}\' '
+            "(the key=value form is not supported)"
+        )
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--blockdev {text!r}: not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"--blockdev {text!r}: must be a JSON object")
+    return value
+
+
+def load_config(path: Path) -> Config:
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror or err}") from None
+    try:
+        text = raw.decode()
+        data = tomllib.loads(text)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text: {err}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return _Checker(path, text).check(data)
+
+
+class _Checker:
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.lines = text.splitlines()
+
+    def _where(self, key: str) -> str:
+        """``line N: key 'k'``, finding a top-level key before the first table."""
+        pattern = re.compile(rf"""^\s*(["']?){re.escape(key)}\1\s*=""")
+        for number, line in enumerate(self.lines, 1):
+            if line.lstrip().startswith("["):
+                break
+            if pattern.match(line):
+                return f"line {number}: key '{key}'"
+        return f"key '{key}'"
+
+    def fail(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {self._where(key)}: {reason}")
+
+    def check(self, data: Mapping[str, Any]) -> Config:
+        unknown = sorted(set(data) - set(KEYS))
+        if unknown:
+            raise self.fail(unknown[0], f"unknown key (known keys: {', '.join(KEYS)})")
+        return Config(
+            socket=self._socket(data.get("socket")),
+            socket_mode=self._mode(data.get("socket-mode")),
+            log_level=self._level(data.get("log-level")),
+            blockdevs=self._blockdevs(data.get("blockdev")),
+        )
+
+    def _string(self, key: str, value: Any, what: str) -> str:
+        if not isinstance(value, str):
+            raise self.fail(key, f"expected {what}, got {_type_name(value)}")
+        return value
+
+    def _socket(self, value: Any) -> Path | None:
+        if value is None:
+            return None
+        text = self._string("socket", value, "a string (the socket's path)")
+        if not text:
+            raise self.fail("socket", "must not be empty")
+        return self.path.parent.absolute() / text
+
+    def _mode(self, value: Any) -> int | None:
+        if value is None:
+            return None
+        text = self._string("socket-mode", value, 'a string with an octal mode such as "0600"')
+        try:
+            return parse_mode(text)
+        except ValueError as err:
+            raise self.fail("socket-mode", str(err)) from None
+
+    def _level(self, value: Any) -> str | None:
+        if value is None:
+            return None
+        text = self._string("log-level", value, "a string")
+        if text not in LEVELS:
+            raise self.fail("log-level", f"{text!r} is not one of {', '.join(LEVELS)}")
+        return text
+
+    def _blockdevs(self, value: Any) -> tuple[dict[str, Any], ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise self.fail(
+                "blockdev", f"expected an array of tables ([[blockdev]]), got {_type_name(value)}"
+            )
+        nodes = []
+        for index, node in enumerate(value):
+            key = f"blockdev[{index}]"
+            if not isinstance(node, dict):
+                raise ConfigError(
+                    f"{self.path}: key '{key}': expected a table of blockdev-add arguments, "
+                    f"got {_type_name(node)}"
+                )
+            problem = _not_json(node, key)
+            if problem is not None:
+                raise ConfigError(f"{self.path}: {problem}")
+            nodes.append(node)
+        return tuple(nodes)
+
+
+def _not_json(value: Any, key: str) -> str | None:
+    """Why ``value`` cannot be a QMP argument (TOML has dates; JSON has none)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            problem = _not_json(v, f"{key}.{k}")
+            if problem is not None:
+                return problem
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            problem = _not_json(v, f"{key}[{i}]")
+            if problem is not None:
+                return problem
+    elif isinstance(value, datetime.date | datetime.time):
+        return f"key '{key}': {_type_name(value)} has no JSON form"
+    elif isinstance(value, float) and not math.isfinite(value):
+        return f"key '{key}': {value} has no JSON form"
+    return None
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, int):
+        return f"an integer ({value})"
+    if isinstance(value, float):
+        return f"a float ({value})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, datetime.datetime):
+        return "a date-time"
+    if isinstance(value, datetime.date):
+        return "a date"
+    if isinstance(value, datetime.time):
+        return "a time"
+    return type(value).__name__
