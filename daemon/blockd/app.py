@@ -22,6 +22,7 @@ from typing import Any
 import trio
 
 from blockd import __version__, logs
+from blockd.block.graph import BlockGraph
 from blockd.commands import HANDLERS, CommandContext
 from blockd.control_socket import BoundSocket, bind_control_socket
 from blockd.events import EventBus
@@ -129,15 +130,14 @@ async def run(settings: Settings) -> None:
     """Serve QMP on the control socket(s) until ``quit``, SIGTERM or SIGINT."""
     stop = _Stop()
     bus = EventBus()
+    graph = BlockGraph()
     jobs = JobRegistry()
-    context = CommandContext(events=bus, jobs=jobs, request_shutdown=stop.set)
+    context = CommandContext(events=bus, graph=graph, jobs=jobs, request_shutdown=stop.set)
     dispatcher = Dispatcher(load_command_schemas(), HANDLERS, context)
     server = QMPServer(dispatcher, bus, version_info())
 
     def status() -> str:
-        # Plug in the block graph's open nodes and the job manager's running
-        # jobs here once they exist; the line is resent whenever it changes.
-        return service_status(nodes=0, jobs=0)
+        return service_status(nodes=len(graph), jobs=len(jobs.running()))
 
     notifier = Notifier.from_environ()
     watchdog = watchdog_interval()
@@ -182,6 +182,12 @@ async def run(settings: Settings) -> None:
                     nursery.cancel_scope.deadline = trio.current_time() + STOP_SECONDS
                 service.cancel_scope.cancel()
         finally:
+            # Every image is flushed and closed, also after a failed start-up.
+            with trio.CancelScope(shield=True):
+                try:
+                    await graph.close_all()
+                except Exception:
+                    log.exception("closing the block nodes failed")
             for listener in listeners:
                 await listener.aclose()
             # Only a socket this process created; systemd's stay where they are.

@@ -89,8 +89,10 @@ def check(path: Path) -> dict[str, Any]:
 def assert_clean(path: Path) -> None:
     result = check(path)
     problems = {k: result.get(k, 0) for k in ("corruptions", "leaks", "check-errors")}
-    assert not any(problems.values()), (problems, run("qemu-img", "check", str(path),
-                                                      check=False).stdout)
+    assert not any(problems.values()), (
+        problems,
+        run("qemu-img", "check", str(path), check=False).stdout,
+    )
 
 
 def to_raw(path: Path, out: Path) -> bytes:
@@ -101,8 +103,7 @@ def to_raw(path: Path, out: Path) -> bytes:
 def compare_with(path: Path, data: bytes, tmp: Path) -> None:
     raw = tmp / "expected.raw"
     raw.write_bytes(data)
-    proc = run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(path), str(raw),
-               check=False)
+    proc = run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(path), str(raw), check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

@@ -20,12 +20,14 @@ Patch = Callable[[bytearray], None]
 def put(fmt: str, offset: int, *values: int) -> Patch:
     def patch(buf: bytearray) -> None:
         struct.pack_into(fmt, buf, offset, *values)
+
     return patch
 
 
 def truncate_to(n: int) -> Patch:
     def patch(buf: bytearray) -> None:
         del buf[n:]
+
     return patch
 
 
@@ -46,8 +48,11 @@ CASES: list[tuple[str, Patch, str]] = [
     ("reftable-past-eof", put(">Q", 48, 0x9990000), "Invalid reference count table offset"),
     ("reftable-over-header", put(">Q", 48, 0), "Invalid reference count table offset"),
     ("no-reftable", put(">I", 56, 0), "reference count table"),
-    ("unknown-incompat", put(">Q", 72, 1 << 20),
-     "Unsupported qcow2 feature(s): Unknown incompatible feature: 100000"),
+    (
+        "unknown-incompat",
+        put(">Q", 72, 1 << 20),
+        "Unsupported qcow2 feature(s): Unknown incompatible feature: 100000",
+    ),
     ("extended-l2-bit", put(">Q", 72, 1 << 4), "extended L2 entries"),
     ("data-file-bit", put(">Q", 72, 1 << 2), "external data file"),
     ("header-length-short", put(">I", 100, 96), "header too short"),
@@ -57,8 +62,9 @@ CASES: list[tuple[str, Patch, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("patch", "message"), [(p, m) for _n, p, m in CASES],
-                         ids=[n for n, _p, _m in CASES])
+@pytest.mark.parametrize(
+    ("patch", "message"), [(p, m) for _n, p, m in CASES], ids=[n for n, _p, _m in CASES]
+)
 @pytest.mark.parametrize("read_only", [True, False], ids=["ro", "rw"])
 async def test_refused(
     tmp_path: Path, graph: BlockGraph, patch: Patch, message: str, read_only: bool
@@ -130,8 +136,18 @@ async def test_zstd_clusters_refused_clearly(tmp_path: Path, graph: BlockGraph) 
     src = create(tmp_path / "src.qcow2", "1M")
     qemu_io(src, "write -P 0x42 0 64k")
     comp = tmp_path / "z.qcow2"
-    proc = run("qemu-img", "convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd",
-               str(src), str(comp), check=False)
+    proc = run(
+        "qemu-img",
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        "-o",
+        "compression_type=zstd",
+        str(src),
+        str(comp),
+        check=False,
+    )
     if proc.returncode != 0:
         pytest.skip("qemu-img built without zstd")
     node = await open_qcow2(graph, comp, read_only=True)

@@ -113,8 +113,14 @@ async def test_power_loss_leaves_only_leaks(
     last_end = [0]
 
     async def run_once(crash_at: int, seed: int) -> int:
-        img = create(tmp_path / f"img-{crash_at}.qcow2", 1800 * KiB + 512, compat=compat,
-                     cluster_size=cluster_size, refcount_bits=refcount_bits, backing=base)
+        img = create(
+            tmp_path / f"img-{crash_at}.qcow2",
+            1800 * KiB + 512,
+            compat=compat,
+            cluster_size=cluster_size,
+            refcount_bits=refcount_bits,
+            backing=base,
+        )
         inner = await FileNode.open("f", str(img), read_only=False)
         file = CrashingFile(inner, crash_at)
         node = await Qcow2Node.open("q", file, read_only=False)

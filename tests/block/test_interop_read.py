@@ -38,8 +38,13 @@ async def read_all(node, chunk: int = 3 * MiB + 4097) -> bytes:
 async def test_read_patterns(
     tmp_path: Path, graph: BlockGraph, compat: str, cluster_size: int, refcount_bits: int
 ) -> None:
-    img = create(tmp_path / "a.qcow2", 6 * MiB + 1536, compat=compat,
-                 cluster_size=cluster_size, refcount_bits=refcount_bits)
+    img = create(
+        tmp_path / "a.qcow2",
+        6 * MiB + 1536,
+        compat=compat,
+        cluster_size=cluster_size,
+        refcount_bits=refcount_bits,
+    )
     qemu_io(
         img,
         "write -P 0x11 0 64k",
@@ -76,11 +81,15 @@ async def test_read_compressed(tmp_path: Path, graph: BlockGraph) -> None:
 async def test_read_backing_chain(tmp_path: Path, graph: BlockGraph, compat: str) -> None:
     base = create(tmp_path / "base.qcow2", 2 * MiB, compat=compat, cluster_size=4096)
     qemu_io(base, "write -P 0xbb 0 2M")
-    mid = create(tmp_path / "mid.qcow2", 3 * MiB, compat=compat, cluster_size=65536,
-                 backing=Path("base.qcow2"))
+    mid = create(
+        tmp_path / "mid.qcow2",
+        3 * MiB,
+        compat=compat,
+        cluster_size=65536,
+        backing=Path("base.qcow2"),
+    )
     qemu_io(mid, "write -P 0xcc 64k 64k", "write -P 0xcd 1M 100")
-    top = create(tmp_path / "top.qcow2", 4 * MiB, compat=compat, cluster_size=512,
-                 backing=mid)
+    top = create(tmp_path / "top.qcow2", 4 * MiB, compat=compat, cluster_size=512, backing=mid)
     cmds = ["write -P 0xdd 1000 5000"]
     if compat == "1.1":
         cmds.append("write -z 128k 64k")
@@ -93,8 +102,11 @@ async def test_read_backing_chain(tmp_path: Path, graph: BlockGraph, compat: str
     assert node.backing.node_name.startswith("#block")
     assert await read_all(node) == expected
     chain = list(graph.chain(node))
-    assert [n.filename for n in chain] == [str(top), str(tmp_path / "mid.qcow2"),
-                                           str(tmp_path / "base.qcow2")]
+    assert [n.filename for n in chain] == [
+        str(top),
+        str(tmp_path / "mid.qcow2"),
+        str(tmp_path / "base.qcow2"),
+    ]
 
 
 async def test_block_status_and_allocated_above(tmp_path: Path, graph: BlockGraph) -> None:
@@ -108,7 +120,6 @@ async def test_block_status_and_allocated_above(tmp_path: Path, graph: BlockGrap
     assert await node.block_status(192 * 1024, 256 * 1024) == (Status.ZERO, 128 * 1024)
     assert node.backing is not None
     assert await graph.is_allocated_above(node, node.backing, 0, MiB) == (False, 65536)
-    assert await graph.is_allocated_above(node, node.backing, 65536, MiB - 65536) == (
-        True, 65536)
+    assert await graph.is_allocated_above(node, node.backing, 65536, MiB - 65536) == (True, 65536)
     assert await graph.is_allocated_above(node, None, 0, MiB) == (True, 65536)
     assert await graph.is_allocated_above(node, node.backing, 320 * 1024, 100) == (False, 100)

@@ -55,15 +55,28 @@ async def test_explicit_chain_by_node_name(tmp_path: Path, graph: BlockGraph) ->
     mid = create(tmp_path / "mid.qcow2", MiB, backing=base)
     qemu_io(mid, "write -P 2 0 64k")
     top = create(tmp_path / "top.qcow2", MiB, backing=mid)
-    b = await open_node(graph, {"driver": "qcow2", "node-name": "base", "backing": None,
-                                "file": {"driver": "file", "filename": str(base),
-                                         "node-name": "f-base"}})
-    f_mid = await open_node(graph, {"driver": "file", "filename": str(mid),
-                                    "node-name": "f-mid"})
-    m = await open_node(graph, {"driver": "qcow2", "node-name": "mid", "backing": "base",
-                                "file": "f-mid"})
-    t = await open_node(graph, {"driver": "qcow2", "node-name": "top", "backing": "mid",
-                                "file": {"driver": "file", "filename": str(top)}})
+    b = await open_node(
+        graph,
+        {
+            "driver": "qcow2",
+            "node-name": "base",
+            "backing": None,
+            "file": {"driver": "file", "filename": str(base), "node-name": "f-base"},
+        },
+    )
+    f_mid = await open_node(graph, {"driver": "file", "filename": str(mid), "node-name": "f-mid"})
+    m = await open_node(
+        graph, {"driver": "qcow2", "node-name": "mid", "backing": "base", "file": "f-mid"}
+    )
+    t = await open_node(
+        graph,
+        {
+            "driver": "qcow2",
+            "node-name": "top",
+            "backing": "mid",
+            "file": {"driver": "file", "filename": str(top)},
+        },
+    )
     assert m.file is f_mid
     assert [n.node_name for n in graph.chain(t)] == ["top", "mid", "base"]
     assert await t.read(0, 4) == b"\x02" * 4
@@ -73,10 +86,18 @@ async def test_explicit_chain_by_node_name(tmp_path: Path, graph: BlockGraph) ->
     assert graph.parents(b) == [(m, "backing")]
     other = create(tmp_path / "other.qcow2", MiB)
     with pytest.raises(BlockError) as info:
-        await open_node(graph, {"driver": "qcow2", "node-name": "x", "backing": "nosuchnode",
-                                "file": {"driver": "file", "filename": str(other)}})
-    assert str(info.value) == ("Could not open backing file: Cannot find "
-                               "device='nosuchnode' nor node-name='nosuchnode'")
+        await open_node(
+            graph,
+            {
+                "driver": "qcow2",
+                "node-name": "x",
+                "backing": "nosuchnode",
+                "file": {"driver": "file", "filename": str(other)},
+            },
+        )
+    assert str(info.value) == (
+        "Could not open backing file: Cannot find device='nosuchnode' nor node-name='nosuchnode'"
+    )
     assert "x" not in graph
 
 
@@ -87,8 +108,12 @@ async def test_backing_null_reads_zeros(tmp_path: Path, graph: BlockGraph) -> No
     node = await open_qcow2(graph, top, backing=None, read_only=True)
     assert node.backing is None
     assert await node.read(0, 10) == bytes(10)
-    nested = await open_qcow2(graph, top, read_only=True, backing={
-        "driver": "raw", "file": {"driver": "file", "filename": str(base)}})
+    nested = await open_qcow2(
+        graph,
+        top,
+        read_only=True,
+        backing={"driver": "raw", "file": {"driver": "file", "filename": str(base)}},
+    )
     assert nested.backing is not None
     assert nested.backing.driver == "raw"
     assert (await nested.read(0, 4))[:4] == b"QFI\xfb"  # base seen as raw, as asked
@@ -115,8 +140,9 @@ async def test_backing_errors(tmp_path: Path, graph: BlockGraph) -> None:
     os.rename(base, tmp_path / "gone.qcow2")
     with pytest.raises(ImageError) as info:
         await open_qcow2(graph, top)
-    assert str(info.value) == (f"Could not open backing file: Could not open '{base}': "
-                               "No such file or directory")
+    assert str(info.value) == (
+        f"Could not open backing file: Could not open '{base}': No such file or directory"
+    )
     assert len(graph) == 0
     os.rename(tmp_path / "gone.qcow2", base)
 
@@ -146,9 +172,16 @@ async def test_backing_loop(tmp_path: Path, graph: BlockGraph) -> None:
 async def test_raw_and_file_nodes(tmp_path: Path, graph: BlockGraph) -> None:
     path = tmp_path / "disk.raw"
     path.write_bytes(bytes(range(256)) * 4096)  # 1 MiB
-    raw = await open_node(graph, {"driver": "raw", "node-name": "r", "offset": 4096,
-                                  "size": 65536,
-                                  "file": {"driver": "file", "filename": str(path)}})
+    raw = await open_node(
+        graph,
+        {
+            "driver": "raw",
+            "node-name": "r",
+            "offset": 4096,
+            "size": 65536,
+            "file": {"driver": "file", "filename": str(path)},
+        },
+    )
     assert raw.size == 65536
     assert await raw.read(0, 4) == bytes([0, 1, 2, 3])
     await raw.write(10, b"abc")
@@ -166,9 +199,14 @@ async def test_raw_and_file_nodes(tmp_path: Path, graph: BlockGraph) -> None:
     data = path.read_bytes()
     assert data[4106:4109] == b"abc"
     assert data[4096 + 8192 : 4096 + 16384] == bytes(8192)
-    whole = await open_node(graph, {"driver": "raw", "read-only": True,
-                                    "file": {"driver": "file", "filename": str(path),
-                                             "read-only": True, "locking": "off"}})
+    whole = await open_node(
+        graph,
+        {
+            "driver": "raw",
+            "read-only": True,
+            "file": {"driver": "file", "filename": str(path), "read-only": True, "locking": "off"},
+        },
+    )
     assert whole.size == MiB
     with pytest.raises(BlockError, match="read-only"):
         await whole.write(0, b"x")
@@ -217,12 +255,19 @@ async def test_lock_held_by_qemu_storage_daemon(tmp_path: Path, graph: BlockGrap
         pytest.skip("no qemu-storage-daemon")
     img = create(tmp_path / "q.qcow2", MiB)
     proc = subprocess.Popen(
-        ["qemu-storage-daemon", "--blockdev",
-         f"driver=file,node-name=f,filename={img}", "--blockdev",
-         "driver=qcow2,node-name=q,file=f", "--nbd-server",
-         f"addr.type=unix,addr.path={tmp_path / 'nbd.sock'}", "--export",
-         "type=nbd,id=e,node-name=q,writable=on"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            "qemu-storage-daemon",
+            "--blockdev",
+            f"driver=file,node-name=f,filename={img}",
+            "--blockdev",
+            "driver=qcow2,node-name=q,file=f",
+            "--nbd-server",
+            f"addr.type=unix,addr.path={tmp_path / 'nbd.sock'}",
+            "--export",
+            "type=nbd,id=e,node-name=q,writable=on",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         for _ in range(250):  # wait until QSD holds its locks

@@ -25,8 +25,9 @@ def scenarios(draw: st.DrawFn) -> dict:
     backing = draw(st.booleans())
     # what QEMU left in the image before we touch it: nothing, data plus
     # (v3) preallocated zero clusters, or (no backing) compressed clusters
-    prefill = draw(st.sampled_from(["none", "qemu", "compressed"] if not backing
-                                   else ["none", "qemu"]))
+    prefill = draw(
+        st.sampled_from(["none", "qemu", "compressed"] if not backing else ["none", "qemu"])
+    )
     backing_size = 512 * draw(st.integers(1, 1200)) if backing else 0
     ops = []
     for _ in range(draw(st.integers(1, 12))):
@@ -35,8 +36,13 @@ def scenarios(draw: st.DrawFn) -> dict:
         n = draw(st.integers(1, min(size - off, 3 * cluster_size + 1000)))
         ops.append((op, off, n, draw(st.integers(1, 255))))
     return {
-        "compat": compat, "refcount_bits": refcount_bits, "cluster_size": cluster_size,
-        "size": size, "backing_size": backing_size, "ops": ops, "prefill": prefill,
+        "compat": compat,
+        "refcount_bits": refcount_bits,
+        "cluster_size": cluster_size,
+        "size": size,
+        "backing_size": backing_size,
+        "ops": ops,
+        "prefill": prefill,
     }
 
 
@@ -53,21 +59,45 @@ def discard_model(model: bytearray, below: bytes, sc: dict, off: int, n: int) ->
             model[lo:hi] = bytes(hi - lo)
 
 
-@settings(max_examples=MAX_EXAMPLES, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=MAX_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(sc=scenarios())
-@example(sc={  # v2 + backing + QEMU data: discard must let the backing show through
-    "compat": "0.10", "refcount_bits": 16, "cluster_size": 4096, "size": 64 * 1024,
-    "backing_size": 48 * 1024, "prefill": "qemu",
-    "ops": [("discard", 1000, 20000, 1), ("read", 0, 65536, 1), ("write", 4095, 2, 9),
-            ("zero", 40000, 20000, 1), ("discard", 0, 65536, 1)],
-})
-@example(sc={  # v3 compressed clusters, partially overwritten, zeroed and discarded
-    "compat": "1.1", "refcount_bits": 4, "cluster_size": 1024, "size": 32 * 1024,
-    "backing_size": 0, "prefill": "compressed",
-    "ops": [("write", 100, 5000, 7), ("zero", 3000, 9000, 1), ("discard", 8000, 9000, 1),
-            ("read", 0, 32768, 1)],
-})
+@example(
+    sc={  # v2 + backing + QEMU data: discard must let the backing show through
+        "compat": "0.10",
+        "refcount_bits": 16,
+        "cluster_size": 4096,
+        "size": 64 * 1024,
+        "backing_size": 48 * 1024,
+        "prefill": "qemu",
+        "ops": [
+            ("discard", 1000, 20000, 1),
+            ("read", 0, 65536, 1),
+            ("write", 4095, 2, 9),
+            ("zero", 40000, 20000, 1),
+            ("discard", 0, 65536, 1),
+        ],
+    }
+)
+@example(
+    sc={  # v3 compressed clusters, partially overwritten, zeroed and discarded
+        "compat": "1.1",
+        "refcount_bits": 4,
+        "cluster_size": 1024,
+        "size": 32 * 1024,
+        "backing_size": 0,
+        "prefill": "compressed",
+        "ops": [
+            ("write", 100, 5000, 7),
+            ("zero", 3000, 9000, 1),
+            ("discard", 8000, 9000, 1),
+            ("read", 0, 32768, 1),
+        ],
+    }
+)
 async def test_random_operations(sc: dict) -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -79,9 +109,14 @@ async def test_random_operations(sc: dict) -> None:
             qemu_io(backing, f"write -P 0xb1 0 {bs}", f"write -P 0xb2 {bs // 3} {bs // 3}")
             base_raw = to_raw(backing, tmp / "base.raw")
             below = (base_raw + bytes(sc["size"]))[: sc["size"]]
-        img = create(tmp / "top.qcow2", sc["size"], compat=sc["compat"],
-                     cluster_size=sc["cluster_size"], refcount_bits=sc["refcount_bits"],
-                     backing=backing)
+        img = create(
+            tmp / "top.qcow2",
+            sc["size"],
+            compat=sc["compat"],
+            cluster_size=sc["cluster_size"],
+            refcount_bits=sc["refcount_bits"],
+            backing=backing,
+        )
         if sc["prefill"] != "none":
             size = sc["size"]
             cmds = [f"write -P 0xc1 0 {size // 2}", f"write -P 0xc2 {size // 3} {size // 4}"]
@@ -90,9 +125,18 @@ async def test_random_operations(sc: dict) -> None:
             qemu_io(img, *cmds)
             if sc["prefill"] == "compressed":
                 comp = tmp / "comp.qcow2"
-                run("qemu-img", "convert", "-c", "-O", "qcow2", "-o",
+                run(
+                    "qemu-img",
+                    "convert",
+                    "-c",
+                    "-O",
+                    "qcow2",
+                    "-o",
                     f"compat={sc['compat']},cluster_size={sc['cluster_size']},"
-                    f"refcount_bits={sc['refcount_bits']}", str(img), str(comp))
+                    f"refcount_bits={sc['refcount_bits']}",
+                    str(img),
+                    str(comp),
+                )
                 comp.replace(img)
             model = bytearray(to_raw(img, tmp / "prefilled.raw"))
         else:

@@ -29,18 +29,33 @@ MiB = 1 << 20
 
 @pytest.mark.parametrize(
     ("compat", "cluster_size", "refcount_bits"),
-    [("1.1", 65536, 16), ("0.10", 4096, 16), ("1.1", 512, 1), ("1.1", 1024, 64),
-     ("1.1", 2 * MiB, 2)],
+    [
+        ("1.1", 65536, 16),
+        ("0.10", 4096, 16),
+        ("1.1", 512, 1),
+        ("1.1", 1024, 64),
+        ("1.1", 2 * MiB, 2),
+    ],
 )
 async def test_write_patterns(
     tmp_path: Path, graph: BlockGraph, compat: str, cluster_size: int, refcount_bits: int
 ) -> None:
-    img = create(tmp_path / "w.qcow2", 8 * MiB, compat=compat, cluster_size=cluster_size,
-                 refcount_bits=refcount_bits)
+    img = create(
+        tmp_path / "w.qcow2",
+        8 * MiB,
+        compat=compat,
+        cluster_size=cluster_size,
+        refcount_bits=refcount_bits,
+    )
     model = bytearray(8 * MiB)
     node = await open_qcow2(graph, img)
-    for off, byte, n in [(0, 0x11, 64 * KiB), (100 * KiB + 3, 0x22, 3000),
-                         (MiB, 0x33, MiB), (MiB + 17, 0x44, 5), (8 * MiB - 700, 0x55, 700)]:
+    for off, byte, n in [
+        (0, 0x11, 64 * KiB),
+        (100 * KiB + 3, 0x22, 3000),
+        (MiB, 0x33, MiB),
+        (MiB + 17, 0x44, 5),
+        (8 * MiB - 700, 0x55, 700),
+    ]:
         await node.write(off, pattern(byte, n))
         model[off : off + n] = pattern(byte, n)
     await node.write_zeroes(MiB + 4 * KiB, 300 * KiB)
@@ -97,8 +112,15 @@ async def test_discard_and_zero_semantics(tmp_path: Path, graph: BlockGraph) -> 
     assert await node.read(600 * KiB, 1) == b"\xee"
     await graph.close_all()
     assert_clean(top)
-    qemu_io(top, "read -P 1 0 64k", "read -P 0 64k 64k", "read -P 1 128k 128k",
-            "read -P 0xee 256k 256k", "read -P 0 512k 64k", "read -P 0xee 576k 448k")
+    qemu_io(
+        top,
+        "read -P 1 0 64k",
+        "read -P 0 64k 64k",
+        "read -P 1 128k 128k",
+        "read -P 0xee 256k 256k",
+        "read -P 0 512k 64k",
+        "read -P 0xee 576k 448k",
+    )
 
 
 async def test_grow_l1_and_refcount_table(tmp_path: Path, graph: BlockGraph) -> None:
@@ -159,8 +181,9 @@ async def test_change_backing(tmp_path: Path, graph: BlockGraph) -> None:
     run("cp", str(base), str(other / "copy-of-base-with-a-long-name.qcow2"))
     top = create(tmp_path / "top.qcow2", MiB, backing=Path("base.qcow2"))
     node = await open_qcow2(graph, top)
-    newb = await open_qcow2(graph, other / "copy-of-base-with-a-long-name.qcow2",
-                            read_only=True, name="nb")
+    newb = await open_qcow2(
+        graph, other / "copy-of-base-with-a-long-name.qcow2", read_only=True, name="nb"
+    )
     await node.change_backing(newb, "sub/copy-of-base-with-a-long-name.qcow2", "qcow2")
     assert node.backing is newb
     await graph.close_all()

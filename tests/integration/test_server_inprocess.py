@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import trio
 
+from blockd.block.graph import BlockGraph
 from blockd.commands import CommandContext, Handler
 from blockd.events import EventBus
 from blockd.jobs.registry import JobRegistry
@@ -55,7 +56,9 @@ class Harness:
         from blockd.commands import HANDLERS
 
         handlers.update(HANDLERS)
-        context = CommandContext(events=self.bus, jobs=JobRegistry(), request_shutdown=lambda: None)
+        context = CommandContext(
+            events=self.bus, graph=BlockGraph(), jobs=JobRegistry(), request_shutdown=lambda: None
+        )
         self.dispatcher = Dispatcher(load_command_schemas(root), handlers, context)
         self.path = tmp / "s.sock"
 
@@ -186,7 +189,9 @@ async def test_command_finishes_when_its_client_disconnects(harness: Harness) ->
 
 
 async def test_dispatcher_refuses_handler_without_schema() -> None:
-    context = CommandContext(events=EventBus(), jobs=JobRegistry(), request_shutdown=lambda: None)
+    context = CommandContext(
+        events=EventBus(), graph=BlockGraph(), jobs=JobRegistry(), request_shutdown=lambda: None
+    )
 
     async def extra(ctx: CommandContext, args: Mapping[str, Any]) -> Any:
         return {}

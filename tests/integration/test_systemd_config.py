@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import require_tool
 from tests.helpers import TIMEOUT, RawQMP
 from tests.systemd_helpers import NotifySocket, blockd_argv, spawn
-
-NOT_YET = "The command blockdev-add has not been found"
 
 
 def _write(sock_dir: Path, text: str) -> Path:
@@ -77,35 +76,95 @@ def test_broken_file_is_refused_before_anything_is_created(
     assert not (sock_dir / "bad.sock").exists()
 
 
-def test_configured_blockdev_runs_through_the_dispatcher(
+def _chain(directory: Path) -> tuple[Path, Path]:
+    base, top = directory / "base.qcow2", directory / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1M"], check=True)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(top)],
+        check=True,
+    )
+    return base, top
+
+
+def test_configured_chain_opens_before_ready(
     sock_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Until blockdev-add exists, a start-up node fails with its QMP error text."""
+    """Config-file nodes, then --blockdev nodes, in order, before READY=1."""
+    require_tool("qemu-img")
+    base, top = _chain(sock_dir)
     notify = NotifySocket(sock_dir / "notify")
     monkeypatch.setenv("NOTIFY_SOCKET", str(notify.path))
     config = _write(
         sock_dir,
-        'socket = "bd.sock"\n[[blockdev]]\ndriver = "file"\nnode-name = "f0"\n'
-        'filename = "/nonexistent.img"\n',
+        'socket = "bd.sock"\n'
+        f'[[blockdev]]\ndriver = "qcow2"\nnode-name = "base"\n'
+        f'file = {{ driver = "file", filename = "{base}" }}\n',
+    )
+    # The overlay from --blockdev names the file's node, which works only if
+    # that one opened first.
+    overlay = json.dumps(
+        {
+            "driver": "qcow2",
+            "node-name": "top",
+            "backing": "base",
+            "file": {"driver": "file", "filename": str(top)},
+        }
+    )
+    path = sock_dir / "bd.sock"
+    daemon = spawn(blockd_argv("--config", str(config), "--blockdev", overlay), path)
+    try:
+        messages = [fields for _, fields in notify.collect(1.0)]
+        ready = [fields for fields in messages if fields.get("READY") == "1"]
+        assert ready and ready[0]["STATUS"].startswith("4 nodes open")
+        with RawQMP(path) as client:
+            client.negotiate()
+            nodes = client.execute("query-named-block-nodes", {"flat": True})["return"]
+            by_name = {n["node-name"]: n for n in nodes}
+            assert by_name["top"]["backing_file"] == str(base)
+            assert by_name["base"]["ro"] is False
+            assert client.execute("quit") == {"return": {}}
+        assert daemon.wait() == 0
+    finally:
+        daemon.stop()
+        notify.close()
+    # Closed cleanly: qemu-img can take the images again.
+    subprocess.run(["qemu-img", "check", "-q", str(top)], check=True)
+
+
+def test_failing_startup_node_stops_startup(
+    sock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require_tool("qemu-img")
+    base, _ = _chain(sock_dir)
+    notify = NotifySocket(sock_dir / "notify")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify.path))
+    config = _write(
+        sock_dir,
+        'socket = "bd.sock"\n'
+        f'[[blockdev]]\ndriver = "file"\nnode-name = "ok"\nfilename = "{base}"\n'
+        '[[blockdev]]\ndriver = "file"\nnode-name = "f0"\nfilename = "/nonexistent.img"\n',
     )
     try:
         result = _run("--config", str(config))
+        missing = "Could not open '/nonexistent.img': No such file or directory"
         assert result.returncode == 1
-        assert f"blockd: start-up node 1 (f0): {NOT_YET}" in result.stderr
+        assert f"blockd: start-up node 2 (f0): {missing}" in result.stderr
         assert not (sock_dir / "bd.sock").exists()
         # Never ready; systemctl status shows why.
         messages = [fields for _, fields in notify.collect(0.1)]
         assert all("READY" not in fields for fields in messages)
-        assert {"STATUS": f"Start-up failed: start-up node 1 (f0): {NOT_YET}"} in messages
+        assert {"STATUS": f"Start-up failed: start-up node 2 (f0): {missing}"} in messages
     finally:
         notify.close()
+    # The node that did open was closed again: its image is not locked.
+    subprocess.run(["qemu-io", "-c", "write 0 512", str(base)], check=True, capture_output=True)
 
 
-def test_blockdev_option_runs_after_the_files_nodes(sock_dir: Path) -> None:
+def test_blockdev_option_error_names_the_node(sock_dir: Path) -> None:
     node = json.dumps({"driver": "file", "node-name": "cli0", "filename": "/nonexistent.img"})
     result = _run("--socket", str(sock_dir / "bd.sock"), "--blockdev", node)
     assert result.returncode == 1
-    assert f"blockd: start-up node 1 (cli0): {NOT_YET}" in result.stderr
+    assert "blockd: start-up node 1 (cli0): Could not open '/nonexistent.img'" in result.stderr
     assert not (sock_dir / "bd.sock").exists()
 
 

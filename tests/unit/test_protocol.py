@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from blockd.qmp.protocol import NO_ID, BadRequest, QMPConnection, Request, encode
+from blockd.qjson import encode
+from blockd.qmp.protocol import NO_ID, BadRequest, QMPConnection, Request
 
 VERSION = {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": "test"}
 

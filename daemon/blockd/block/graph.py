@@ -31,6 +31,8 @@ class BlockGraph:
         # children opened implicitly together with a parent (inline file, header backing)
         self._implicit: dict[str, list[BlockNode]] = {}
         self._auto = itertools.count(first_auto_index)
+        self._monitor_owned: set[str] = set()
+        self._blockers: dict[str, list[str]] = {}
 
     # -- naming ---------------------------------------------------------------------
 
@@ -83,8 +85,7 @@ class BlockGraph:
     def by_filename(self, filename: str) -> BlockNode | None:
         want = os.path.realpath(filename)
         matches = [
-            n for n in self._nodes.values()
-            if n.filename and os.path.realpath(n.filename) == want
+            n for n in self._nodes.values() if n.filename and os.path.realpath(n.filename) == want
         ]
         if not matches:
             return None
@@ -130,14 +131,52 @@ class BlockGraph:
             if node is base:
                 break
             if offset >= node.size:
-                # this layer (and everything it would fall through to) ends here
-                # for this offset; lower layers may still be larger
-                continue
+                # A layer shorter than its overlay reads as zeros past its end,
+                # and those zeros hide whatever the layers below hold there.
+                return True, run
             status, n = await node.block_status(offset, min(run, node.size - offset))
             if status is not Status.UNALLOCATED:
                 return True, min(run, n)
-            run = min(run, n) if offset + n < node.size else run
+            run = min(run, n)
         return False, run
+
+    # -- who may change or drop a node --------------------------------------------
+
+    def set_monitor_owned(self, node: BlockNode) -> None:
+        """Mark a node added by blockdev-add: only those may be blockdev-del'd."""
+        self._monitor_owned.add(node.node_name)
+
+    def is_monitor_owned(self, node: BlockNode) -> bool:
+        return node.node_name in self._monitor_owned
+
+    def add_blocker(self, node: BlockNode, reason: str) -> None:
+        """Record that an operation (a job) holds ``node`` until it removes the blocker."""
+        self._blockers.setdefault(node.node_name, []).append(reason)
+
+    def remove_blocker(self, node: BlockNode, reason: str) -> None:
+        reasons = self._blockers.get(node.node_name, [])
+        if reason in reasons:
+            reasons.remove(reason)
+        if not reasons:
+            self._blockers.pop(node.node_name, None)
+
+    def blocker(self, node: BlockNode) -> str | None:
+        reasons = self._blockers.get(node.node_name)
+        return reasons[0] if reasons else None
+
+    async def release(self, node: BlockNode) -> None:
+        """Close ``node`` if it was opened implicitly and nothing refers to it any more.
+
+        Used when a commit drops intermediate images from a chain: the ones a
+        client added stay open until it deletes them, as in QEMU.
+        """
+        if (
+            node.node_name in self._nodes
+            and not self.is_monitor_owned(node)
+            and not self.parents(node)
+            and self.blocker(node) is None
+        ):
+            await self.close_node(node)
 
     # -- teardown -------------------------------------------------------------------
 
@@ -147,6 +186,7 @@ class BlockGraph:
     async def close_node(self, node: BlockNode) -> None:
         """Close ``node`` and the children opened with it that nobody else uses."""
         self._nodes.pop(node.node_name, None)
+        self._monitor_owned.discard(node.node_name)
         children = self._implicit.pop(node.node_name, [])
         await node.close()
         for child in children:

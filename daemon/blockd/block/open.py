@@ -96,16 +96,19 @@ async def _open_format(
     name = _name(ctx, options)
     if "file" not in options:
         raise BlockError("Parameter 'file' is missing")
-    file, file_implicit = await _child_ref(ctx, options["file"], read_only=read_only,
-                                           what="file")
+    file, file_implicit = await _child_ref(ctx, options["file"], read_only=read_only, what="file")
     if not read_only and file.read_only:
         raise BlockError(f"Block node '{file.node_name}' is read-only")
     implicit = [file] if file_implicit else []
     node: BlockNode
     if driver == "raw":
-        node = RawNode(name, file, read_only=read_only,
-                       offset=int(options.get("offset", 0)),
-                       size=options.get("size"))
+        node = RawNode(
+            name,
+            file,
+            read_only=read_only,
+            offset=int(options.get("offset", 0)),
+            size=options.get("size"),
+        )
         ctx.created.append(node)
     else:
         qnode = await Qcow2Node.open(name, file, read_only=read_only)

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from blockd.commands import jobs, misc
+from blockd.commands import block, jobs, misc
 from blockd.commands.context import CommandContext, Handler
 
 HANDLERS: Mapping[str, Handler] = {
     "query-version": misc.query_version,
     "quit": misc.quit_daemon,
+    "blockdev-add": block.blockdev_add,
+    "blockdev-del": block.blockdev_del,
+    "query-named-block-nodes": block.query_named_block_nodes,
+    "query-block": block.query_block,
     "query-jobs": jobs.query_jobs,
     "query-block-jobs": jobs.query_block_jobs,
     "block-job-set-speed": jobs.block_job_set_speed,

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from blockd.block.graph import BlockGraph
 from blockd.events import EventSink
 from blockd.jobs.registry import JobRegistry
 
@@ -18,6 +19,7 @@ from blockd.jobs.registry import JobRegistry
 @dataclass(frozen=True)
 class CommandContext:
     events: EventSink
+    graph: BlockGraph
     jobs: JobRegistry
     #: Ask the daemon to stop once the current command has been answered.
     request_shutdown: Callable[[], None]

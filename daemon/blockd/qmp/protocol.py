@@ -13,13 +13,11 @@ escapes, and members in the order QEMU's dictionaries iterate.
 from __future__ import annotations
 
 import enum
-import json
-import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from blockd.qjson import encode, qdict_order
 from blockd.qmp.json_stream import DEFAULT_MAX_MESSAGE_SIZE, JSONStreamParser, MessageError
 
 
@@ -107,7 +105,7 @@ class QMPConnection:
             return BadRequest("QMP input must be a JSON object")
         request_id = message.get("id", NO_ID)
         exec_key: str | None = None
-        for key in _qdict_order(message):
+        for key in qdict_order(message):
             value = message[key]
             if key == "execute" or (key == "exec-oob" and self.oob_enabled):
                 if not isinstance(value, str):
@@ -154,66 +152,6 @@ class QMPConnection:
         if data is not None:
             message["data"] = data
         return _line(message)
-
-
-def _qdict_hash(key: str) -> int:
-    """The bucket QEMU's QDict puts a key in (tdb hash, 512 buckets)."""
-    raw = key.encode("utf-8", "surrogatepass")
-    value = (0x238F13AF * len(raw)) & 0xFFFFFFFF
-    for i, byte in enumerate(raw):
-        value = (value + (byte << (i * 5 % 24))) & 0xFFFFFFFF
-    return ((1103515243 * value + 12345) & 0xFFFFFFFF) % 512
-
-
-def _qdict_order(message: Mapping[str, Any]) -> list[str]:
-    """Keys in the order QEMU iterates a QDict: by bucket, newest first in one.
-
-    QEMU reports the first envelope problem it meets in that order, so
-    checking in the same order gives the same answer when there are several.
-    """
-    indexed = list(enumerate(message))
-    indexed.sort(key=lambda item: (_qdict_hash(item[1]), -item[0]))
-    return [key for _, key in indexed]
-
-
-# After json.dumps, a \u escape is preceded by an odd number of backslashes;
-# matching escaped backslashes first keeps a literal "\\u" in a string intact.
-_ESCAPE = re.compile(r"(\\\\)|\\u([0-9a-f]{4})")
-
-
-def _upper_escape(match: re.Match[str]) -> str:
-    return match.group(1) or "\\u" + match.group(2).upper()
-
-
-def encode(value: Any) -> str:
-    """Serialise like QEMU: compact one-line JSON, ASCII only.
-
-    Floats use C's ``%.17g`` (QEMU echoes ``1.5e3`` as ``1500``); escapes use
-    upper-case hex; object members come in QDict iteration order, which is the
-    order every QEMU reply and event shows (``return`` before ``id``, ``id``
-    before ``error``, ``device, len, offset, speed, type`` in job events), so
-    callers need not arrange members themselves.
-    """
-    if value is None:
-        return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, str):
-        return _ESCAPE.sub(_upper_escape, json.dumps(value, ensure_ascii=True))
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"{value!r} has no JSON form")
-        return "%.17g" % value
-    if isinstance(value, Mapping):
-        members = (f"{encode(k)}: {encode(value[k])}" for k in _qdict_order(value))
-        return "{" + ", ".join(members) + "}"
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(encode(v) for v in value) + "]"
-    raise TypeError(f"cannot encode {type(value).__name__} as JSON")
 
 
 def _line(message: Mapping[str, Any]) -> bytes:

@@ -36,8 +36,13 @@ _ZERO_CHUNK = 1 << 20
 _PERM_CONSISTENT_READ = 0
 _PERM_WRITE = 1
 _PERM_RESIZE = 3
-_PERM_NAMES = {0: "consistent read", 1: "write", 2: "write unchanged", 3: "resize",
-               4: "change children"}
+_PERM_NAMES = {
+    0: "consistent read",
+    1: "write",
+    2: "write unchanged",
+    3: "resize",
+    4: "change children",
+}
 _LOCK_BASE_PERM = 100
 _LOCK_BASE_SHARED = 200
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock on 64-bit Linux
@@ -50,8 +55,9 @@ def _flock(fd: int, cmd: int, kind: int, start: int, length: int = 1) -> int:
 
 def _perms(read_only: bool) -> tuple[list[int], list[int]]:
     """(held, unshared) permissions for a node in this mode, as QSD takes them."""
-    held = [_PERM_CONSISTENT_READ] if read_only else [_PERM_CONSISTENT_READ, _PERM_WRITE,
-                                                         _PERM_RESIZE]
+    held = (
+        [_PERM_CONSISTENT_READ] if read_only else [_PERM_CONSISTENT_READ, _PERM_WRITE, _PERM_RESIZE]
+    )
     return held, [_PERM_WRITE, _PERM_RESIZE]
 
 
@@ -64,12 +70,10 @@ def lock_image(fd: int, read_only: bool) -> None:
         _flock(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, _LOCK_BASE_SHARED + p)
     try:
         for p in held:
-            if _flock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK,
-                      _LOCK_BASE_SHARED + p) != fcntl.F_UNLCK:
+            if _flock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, _LOCK_BASE_SHARED + p) != fcntl.F_UNLCK:
                 raise ImageError(f'Failed to get "{_PERM_NAMES[p]}" lock')
         for p in unshared:
-            if _flock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK,
-                      _LOCK_BASE_PERM + p) != fcntl.F_UNLCK:
+            if _flock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, _LOCK_BASE_PERM + p) != fcntl.F_UNLCK:
                 raise ImageError(f'Failed to get shared "{_PERM_NAMES[p]}" lock')
     except BaseException:
         unlock_image(fd)

@@ -158,8 +158,13 @@ def parse_fixed(buf: bytes) -> Header:
     if version == 3:
         if len(buf) < V3_MIN_HEADER_LENGTH:
             raise ImageError("qcow2 header too short (truncated file)")
-        (h.incompatible_features, h.compatible_features, h.autoclear_features,
-         h.refcount_order, h.header_length) = _V3.unpack_from(buf, V2_HEADER_LENGTH)
+        (
+            h.incompatible_features,
+            h.compatible_features,
+            h.autoclear_features,
+            h.refcount_order,
+            h.header_length,
+        ) = _V3.unpack_from(buf, V2_HEADER_LENGTH)
         if h.header_length < V3_MIN_HEADER_LENGTH:
             raise ImageError("qcow2 header too short")
         if h.header_length % 8:
@@ -242,9 +247,7 @@ def _parse_extensions(h: Header, buf: bytes) -> None:
         pos += (length + 7) & ~7
 
 
-def _validate_table(
-    what: str, offset: int, nbytes: int, cluster_size: int, file_size: int
-) -> None:
+def _validate_table(what: str, offset: int, nbytes: int, cluster_size: int, file_size: int) -> None:
     if offset % cluster_size:
         raise ImageError(f"Invalid {what} offset: {offset:#x} is not cluster aligned")
     if offset < cluster_size:
@@ -283,15 +286,28 @@ def serialize(h: Header) -> bytes:
     """Header + extensions + backing name, laid out as QEMU lays them out."""
     out = bytearray(
         _V2.pack(
-            MAGIC, h.version, 0, 0, h.cluster_bits, h.size, h.crypt_method, h.l1_size,
-            h.l1_table_offset, h.refcount_table_offset, h.refcount_table_clusters,
-            h.nb_snapshots, h.snapshots_offset,
+            MAGIC,
+            h.version,
+            0,
+            0,
+            h.cluster_bits,
+            h.size,
+            h.crypt_method,
+            h.l1_size,
+            h.l1_table_offset,
+            h.refcount_table_offset,
+            h.refcount_table_clusters,
+            h.nb_snapshots,
+            h.snapshots_offset,
         )
     )
     if h.version == 3:
         out += _V3.pack(
-            h.incompatible_features, h.compatible_features, h.autoclear_features,
-            h.refcount_order, h.header_length,
+            h.incompatible_features,
+            h.compatible_features,
+            h.autoclear_features,
+            h.refcount_order,
+            h.header_length,
         )
         out += h.tail
     for ext in h.extensions:

@@ -100,8 +100,9 @@ class Qcow2Node(BlockNode):
         cluster0 = await file.read(0, min(file_size, 1 << fixed.cluster_bits))
         header = hdr.parse(cluster0, file_size)
         extent = _header_extent(header)
-        node = cls(node_name, file, header, extent, read_only=read_only,
-                   l2_cache_bytes=l2_cache_bytes)
+        node = cls(
+            node_name, file, header, extent, read_only=read_only, l2_cache_bytes=l2_cache_bytes
+        )
         await node._load()
         if not read_only:
             await node._prepare_read_write()
@@ -128,11 +129,15 @@ class Qcow2Node(BlockNode):
         if h.incompatible_features & hdr.INCOMPAT_CORRUPT:
             return "qcow2: Image is corrupt; cannot be opened read/write"
         if h.incompatible_features & hdr.INCOMPAT_DIRTY:
-            return ("qcow2: Image is dirty (lazy refcounts were not written back); "
-                    "repair it with 'qemu-img check -r all' before opening it read/write")
+            return (
+                "qcow2: Image is dirty (lazy refcounts were not written back); "
+                "repair it with 'qemu-img check -r all' before opening it read/write"
+            )
         if h.nb_snapshots:
-            return (f"qcow2: Images with internal snapshots ({h.nb_snapshots}) can only "
-                    "be opened read-only")
+            return (
+                f"qcow2: Images with internal snapshots ({h.nb_snapshots}) can only "
+                "be opened read-only"
+            )
         return None
 
     async def _prepare_read_write(self) -> None:
@@ -178,8 +183,9 @@ class Qcow2Node(BlockNode):
         if not off:
             return None
         if off & (self.cluster_size - 1):
-            raise BlockIOError(errno.EIO, f"qcow2: L2 table offset {off:#x} unaligned "
-                               f"(L1 index {l1_index})")
+            raise BlockIOError(
+                errno.EIO, f"qcow2: L2 table offset {off:#x} unaligned (L1 index {l1_index})"
+            )
         table = self._l2.get(off)
         if table is None:
             table = self._l2.put(off, decode_table(await self._file.read(off, self.cluster_size)))

@@ -83,8 +83,11 @@ class Refcounts:
 
     def register_metadata(self) -> None:
         h = self.header
-        self.meta.add(h.refcount_table_offset, h.refcount_table_clusters << self.cluster_bits,
-                      MetaKind.REFTABLE)
+        self.meta.add(
+            h.refcount_table_offset,
+            h.refcount_table_clusters << self.cluster_bits,
+            MetaKind.REFTABLE,
+        )
         for entry in self.table:
             off = entry & REFTABLE_OFFSET_MASK
             if off:
@@ -202,8 +205,9 @@ class Refcounts:
         while True:
             start, count = await self._find_free_run(n, partial=partial)
             ready = True
-            for rt_index in range(start // self.block_entries,
-                                  (start + count - 1) // self.block_entries + 1):
+            for rt_index in range(
+                start // self.block_entries, (start + count - 1) // self.block_entries + 1
+            ):
                 if rt_index >= len(self.table):
                     await self._grow_table(rt_index)
                     ready = False

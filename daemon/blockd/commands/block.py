@@ -1,0 +1,103 @@
+"""Node commands: blockdev-add, blockdev-del, query-named-block-nodes, query-block."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from blockd.block.graph import BlockGraph
+from blockd.block.info import display_filename, image_info
+from blockd.block.node import BlockNode
+from blockd.block.open import open_node
+from blockd.commands.context import CommandContext
+from blockd.errors import BlockdError
+
+log = logging.getLogger("blockd")
+
+
+async def blockdev_add(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str, Any]:
+    if "node-name" not in args:
+        raise BlockdError("'node-name' must be specified for the root node")
+    node = await open_node(ctx.graph, dict(args))
+    ctx.graph.set_monitor_owned(node)
+    log.info(
+        "node %s opened: %s %s (%s)",
+        node.node_name,
+        node.driver,
+        node.filename,
+        "read-only" if node.read_only else "read-write",
+    )
+    return {}
+
+
+async def blockdev_del(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str, Any]:
+    name = args["node-name"]
+    graph = ctx.graph
+    node = graph.get(name)
+    if node is None:
+        raise BlockdError(f"Failed to find node with node-name='{name}'")
+    users = graph.parents(node)
+    # QEMU's order: what blocks the node first, then ownership, then other references.
+    for parent, edge in users:
+        if edge == "backing":
+            raise BlockdError(
+                f"Node '{name}' is busy: node is used as backing hd of '{parent.node_name}'"
+            )
+    blocker = graph.blocker(node)
+    if blocker is not None:
+        raise BlockdError(f"Node '{name}' is busy: {blocker}")
+    if not graph.is_monitor_owned(node):
+        raise BlockdError(f"Node {name} is not owned by the monitor")
+    if users:
+        raise BlockdError(f"Block device {name} is in use")
+    await graph.close_node(node)
+    log.info("node %s closed", name)
+    return {}
+
+
+def _device_info(
+    graph: BlockGraph, node: BlockNode, image: dict[str, Any], depth: int
+) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "file": display_filename(graph, node),
+        "node-name": node.node_name,
+        "ro": node.read_only,
+        "drv": node.driver,
+    }
+    if node.backing is not None:
+        info["backing_file"] = display_filename(graph, node.backing)
+    info.update(
+        {
+            "backing_file_depth": depth,
+            "encrypted": False,
+            "detect_zeroes": "off",
+            "bps": 0,
+            "bps_rd": 0,
+            "bps_wr": 0,
+            "iops": 0,
+            "iops_rd": 0,
+            "iops_wr": 0,
+            "image": image,
+            "cache": {"writeback": True, "direct": False, "no-flush": False},
+            "write_threshold": 0,
+        }
+    )
+    return info
+
+
+async def query_named_block_nodes(
+    ctx: CommandContext, args: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    flat = args.get("flat", False)
+    out = []
+    for node in ctx.graph:
+        depth = 0 if flat else len(list(ctx.graph.chain(node))) - 1
+        image = await image_info(ctx.graph, node, nested=not flat)
+        out.append(_device_info(ctx.graph, node, image, depth))
+    return out
+
+
+async def query_block(ctx: CommandContext, args: Mapping[str, Any]) -> list[Any]:
+    # Block backends are guest devices; a storage daemon has none.
+    return []
