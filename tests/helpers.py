@@ -109,6 +109,8 @@ class RawQMP:
         self.sock.settimeout(timeout)
         self.sock.connect(str(path))
         self._buffer = b""
+        #: Events seen while waiting for replies, in arrival order.
+        self.events: list[dict[str, Any]] = []
 
     def close(self) -> None:
         self.sock.close()
@@ -137,11 +139,45 @@ class RawQMP:
         return message
 
     def read_reply(self) -> dict[str, Any]:
-        """The next message that is not an event."""
+        """The next message that is not an event (events are kept in ``events``)."""
         while True:
             message = self.read()
             if "event" not in message:
                 return message
+            self.events.append(message)
+
+    def wait_event(self, name: str, timeout: float = TIMEOUT, **data: Any) -> dict[str, Any]:
+        """The first event called ``name`` whose data has these members (waiting for it)."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for event in self.events[seen:]:
+                if event["event"] == name and all(
+                    event.get("data", {}).get(k) == v for k, v in data.items()
+                ):
+                    return event
+            seen = len(self.events)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no {name} {data} event; saw {self.events}")
+            self.sock.settimeout(left)
+            try:
+                self.events.append(self.read())
+            finally:
+                self.sock.settimeout(TIMEOUT)
+
+    def job_statuses(self, job_id: str) -> list[str]:
+        """The job's JOB_STATUS_CHANGE statuses and block-job events seen so far."""
+        out = []
+        for event in self.events:
+            data = event.get("data", {})
+            if event["event"] == "JOB_STATUS_CHANGE" and data.get("id") == job_id:
+                out.append(data["status"])
+            elif data.get("device") == job_id or (
+                event["event"] == "BLOCK_JOB_PENDING" and data.get("id") == job_id
+            ):
+                out.append(event["event"])
+        return out
 
     def execute(self, command: str, arguments: dict[str, Any] | None = None, **extra: Any) -> Any:
         request: dict[str, Any] = {"execute": command, **extra}

@@ -164,6 +164,19 @@ class BlockGraph:
         reasons = self._blockers.get(node.node_name)
         return reasons[0] if reasons else None
 
+    def adopt(self, child: BlockNode, owner: BlockNode) -> None:
+        """Make ``owner`` the node that ``child`` is closed with, unless a client owns it.
+
+        A commit moves base under the overlay when the image that had opened
+        it leaves the chain.
+        """
+        if self.is_monitor_owned(child):
+            return
+        for children in self._implicit.values():
+            if child in children:
+                children.remove(child)
+        self._implicit.setdefault(owner.node_name, []).append(child)
+
     async def release(self, node: BlockNode) -> None:
         """Close ``node`` if it was opened implicitly and nothing refers to it any more.
 

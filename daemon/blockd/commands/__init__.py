@@ -19,6 +19,7 @@ HANDLERS: Mapping[str, Handler] = {
     "blockdev-del": block.blockdev_del,
     "query-named-block-nodes": block.query_named_block_nodes,
     "query-block": block.query_block,
+    "block-commit": jobs.block_commit,
     "query-jobs": jobs.query_jobs,
     "query-block-jobs": jobs.query_block_jobs,
     "block-job-set-speed": jobs.block_job_set_speed,

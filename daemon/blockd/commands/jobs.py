@@ -3,11 +3,16 @@ the ``job-*`` family (missing job: GenericError), as QEMU distinguishes them."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 from blockd.commands.context import CommandContext
 from blockd.errors import BlockdError
+from blockd.jobs.commit import CommitJob, plan_commit
+from blockd.jobs.job import OnError
+
+log = logging.getLogger("blockd")
 
 
 async def query_jobs(ctx: CommandContext, args: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -84,4 +89,49 @@ async def job_finalize(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str
 
 async def job_dismiss(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str, Any]:
     ctx.jobs.job(args["id"]).dismiss()
+    return {}
+
+
+async def block_commit(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str, Any]:
+    plan = plan_commit(
+        ctx.graph,
+        device=args["device"],
+        top_node=args.get("top-node"),
+        top=args.get("top"),
+        base_node=args.get("base-node"),
+        base=args.get("base"),
+        backing_file=args.get("backing-file"),
+    )
+    job_id = args.get("job-id", "")
+    ctx.jobs.check_new_id(job_id)
+    job = CommitJob(
+        job_id,
+        ctx.events,
+        ctx.graph,
+        plan,
+        speed=max(args.get("speed", 0), 0),
+        on_error=OnError(args.get("on-error", "report")),
+        auto_finalize=args.get("auto-finalize", True),
+        auto_dismiss=args.get("auto-dismiss", True),
+    )
+    ctx.jobs.add(job)
+    # QEMU checks these once the job exists: a client sees it created and gone.
+    try:
+        if args.get("speed", 0) < 0:
+            raise BlockdError("Parameter 'speed' expects a non-negative value")
+        filter_name = args.get("filter-node-name")
+        if filter_name is not None:
+            ctx.graph.check_new_name(filter_name)
+        await job.setup()
+    except BaseException:
+        job.early_fail()
+        raise
+    ctx.jobs.start(job)
+    log.info(
+        "job %s started: commit %s into %s (%d bytes)",
+        job_id,
+        plan.top.node_name,
+        plan.base.node_name,
+        plan.top.size,
+    )
     return {}

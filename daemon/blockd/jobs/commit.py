@@ -1,0 +1,323 @@
+"""Intermediate commit: merge the images between ``top`` and ``base`` into ``base``.
+
+The copy never changes what the chain's user sees: until the job finishes,
+every image above base still overrides what was copied into it, so a cancel
+or a failure at any point leaves the guest view as it was (base keeps the
+copied clusters; only readers of base alone could see them, as with QEMU).
+The chain is stitched only in :meth:`CommitJob.prepare`, after base has been
+flushed: first the overlay's header is rewritten to name base (the commit
+point, flushed before the graph follows), then the intermediates leave.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from blockd.block.drivers.qcow2 import header as hdr
+from blockd.block.drivers.qcow2.node import Qcow2Node
+from blockd.block.graph import BlockGraph
+from blockd.block.info import display_filename
+from blockd.block.node import BlockNode
+from blockd.errors import BlockError, BlockIOError, DeviceNotFound
+from blockd.events import EventSink
+from blockd.jobs.job import Job, OnError
+
+log = logging.getLogger(__name__)
+
+#: Bytes copied per step, as QEMU's COMMIT_BUFFER_SIZE: progress, pause,
+#: cancel and the rate limit act at this granularity.
+CHUNK = 512 * 1024
+
+#: What ``blockdev-del`` and other jobs are told while a commit holds a node.
+BLOCKER = "block device is in use by block job: commit"
+
+
+@dataclass(frozen=True)
+class CommitPlan:
+    """A validated commit: which nodes, and what to write into the overlay."""
+
+    device: BlockNode
+    top: BlockNode
+    base: BlockNode
+    #: The image whose backing is ``top``; it will point at ``base``.
+    overlay: BlockNode
+    backing_string: str
+    #: ``top`` down to, but not including, ``base``.
+    intermediates: tuple[BlockNode, ...]
+    #: ``device`` down to the overlay: the images that read through ``top``.
+    overlay_chain: tuple[BlockNode, ...]
+
+
+class CommitJob(Job):
+    job_type = "commit"
+
+    def __init__(
+        self,
+        job_id: str,
+        events: EventSink,
+        graph: BlockGraph,
+        plan: CommitPlan,
+        *,
+        speed: int = 0,
+        on_error: OnError = OnError.REPORT,
+        auto_finalize: bool = True,
+        auto_dismiss: bool = True,
+    ) -> None:
+        super().__init__(
+            job_id,
+            events,
+            speed=speed,
+            on_error=on_error,
+            auto_finalize=auto_finalize,
+            auto_dismiss=auto_dismiss,
+        )
+        self.graph = graph
+        self.plan = plan
+        self._held: list[BlockNode] = []
+        self._base_was_read_only = plan.base.read_only
+        self._overlay_was_read_only = plan.overlay.read_only
+
+    def _nodes(self) -> list[BlockNode]:
+        plan = self.plan
+        nodes = [plan.device, plan.overlay, *plan.intermediates, plan.base]
+        return list({id(n): n for n in nodes}.values())
+
+    async def setup(self) -> None:
+        """Take the nodes and open base read-write; undone by :meth:`clean`.
+
+        Raises if base cannot be written; the caller then drops the job
+        before it starts (the command fails, nothing changed).
+        """
+        for node in self._nodes():
+            self.graph.add_blocker(node, BLOCKER)
+            self._held.append(node)
+        try:
+            await self.plan.base.reopen(read_only=False)
+        except BaseException:
+            await self.clean()
+            raise
+
+    async def run(self) -> None:
+        top, base = self.plan.top, self.plan.base
+        length = top.size
+        self.length = length
+        if base.size < length:
+            await base.truncate(length)
+        offset = 0
+        while offset < length:
+            await self.throttle()
+            n = min(CHUNK, length - offset)
+            try:
+                allocated, n = await self.graph.is_allocated_above(top, base, offset, n)
+                data = await top.read(offset, n) if allocated else b""
+            except BlockIOError as err:
+                await self.io_error(err, "read")
+                continue
+            if allocated:
+                try:
+                    await self._write_base(offset, data)
+                except BlockIOError as err:
+                    await self.io_error(err, "write")
+                    continue
+                self.account(n)
+            offset += n
+            self.offset = offset
+        await self._hide_base_past_top()
+
+    async def _hide_base_past_top(self) -> None:
+        """Zero what base holds past top's end where the overlay can see it.
+
+        Above a short ``top`` the chain reads zeros past its end; once the
+        overlay backs onto base directly, base's own data there would show.
+        """
+        plan = self.plan
+        visible = max(n.size for n in plan.overlay_chain)
+        start, end = plan.top.size, min(plan.base.size, visible)
+        while start < end:
+            await self.pause_point()
+            n = min(CHUNK, end - start)
+            try:
+                holds, n = await self.graph.is_allocated_above(plan.base, None, start, n)
+                if holds:
+                    await plan.base.write_zeroes(start, n)
+            except BlockIOError as err:
+                await self.io_error(err, "write")
+                continue
+            start += n
+
+    async def _write_base(self, offset: int, data: bytes) -> None:
+        # Zeros (zero clusters above, or data that happens to be zero) become
+        # zero writes: base stays sparse where it can.
+        if data.count(0) == len(data):
+            await self.plan.base.write_zeroes(offset, len(data))
+        else:
+            await self.plan.base.write(offset, data)
+
+    async def prepare(self) -> None:
+        plan = self.plan
+        await plan.base.flush()
+        overlay = plan.overlay
+        if overlay.read_only:
+            await overlay.reopen(read_only=False)
+        try:
+            # The commit point: once this header write is flushed, the overlay
+            # names base and the intermediates are out of the chain.
+            await overlay.change_backing(plan.base, plan.backing_string, plan.base.driver)
+        finally:
+            if self._overlay_was_read_only and not overlay.read_only:
+                await overlay.reopen(read_only=True)
+        log.info(
+            "job %s: %s now backs onto %s (%s)",
+            self.id,
+            overlay.node_name,
+            plan.base.node_name,
+            plan.backing_string,
+        )
+        # Base belongs with the overlay now; intermediates opened along with
+        # the chain (not by a client) are closed, their files untouched.
+        self.graph.adopt(plan.base, overlay)
+        for node in plan.intermediates:
+            self._release_hold(node)
+            await self.graph.release(node)
+
+    def _release_hold(self, node: BlockNode) -> None:
+        if node in self._held:
+            self._held.remove(node)
+            self.graph.remove_blocker(node, BLOCKER)
+
+    async def clean(self) -> None:
+        for node in list(self._held):
+            self._release_hold(node)
+        base = self.plan.base
+        if self._base_was_read_only and not base.read_only and not base.closed:
+            await base.reopen(read_only=True)
+
+
+def _is_root(graph: BlockGraph, node: BlockNode) -> bool:
+    return not graph.parents(node) and graph.blocker(node) is None
+
+
+def _matches(graph: BlockGraph, node: BlockNode, name: str, relative_to: BlockNode | None) -> bool:
+    """Whether ``name`` (the deprecated filename form of top/base) names ``node``."""
+    shown = display_filename(graph, node)
+    if shown == name:
+        return True
+    if shown.startswith("json:"):
+        return False
+    if not os.path.isabs(name) and relative_to is not None:
+        name = os.path.join(os.path.dirname(relative_to.filename), name)
+    return os.path.realpath(name) == os.path.realpath(node.filename)
+
+
+def _find_in_chain(graph: BlockGraph, top: BlockNode, name: str) -> BlockNode | None:
+    above: BlockNode | None = None
+    for node in graph.chain(top):
+        if above is not None and _matches(graph, node, name, above):
+            return node
+        above = node
+    return None
+
+
+def _check_backing_string(overlay: BlockNode, backing: str, backing_format: str) -> None:
+    """Refuse, before anything changes, a backing name the overlay cannot record."""
+    if len(backing.encode("utf-8", "surrogateescape")) > hdr.MAX_BACKING_NAME:
+        raise BlockError(
+            f"Backing file name too long: {len(backing.encode())} bytes "
+            f"(qcow2 allows at most {hdr.MAX_BACKING_NAME})"
+        )
+    if isinstance(overlay, Qcow2Node):
+        raw = hdr.serialize(hdr.with_backing(overlay.header, backing, backing_format))
+        if len(raw) > overlay.cluster_size:
+            raise BlockError(
+                f"Backing file name too long for the header of '{overlay.node_name}' "
+                f"(it must fit in one {overlay.cluster_size}-byte cluster)"
+            )
+
+
+def plan_commit(
+    graph: BlockGraph,
+    *,
+    device: str,
+    top_node: str | None = None,
+    top: str | None = None,
+    base_node: str | None = None,
+    base: str | None = None,
+    backing_file: str | None = None,
+) -> CommitPlan:
+    """Resolve and check a block-commit request in QEMU's order; change nothing."""
+    device_bs = graph.get(device)
+    if device_bs is None:
+        raise DeviceNotFound(f"Device '{device}' not found")
+    if not _is_root(graph, device_bs):
+        raise BlockError("Need a root block node")
+    chain = list(graph.chain(device_bs))
+
+    top_bs: BlockNode | None = device_bs
+    if top_node is not None and top is not None:
+        raise BlockError("'top-node' and 'top' are mutually exclusive")
+    if top_node is not None:
+        top_bs = graph.get(top_node)
+        if top_bs is None:
+            raise BlockError(f"Cannot find device='' nor node-name='{top_node}'")
+        if top_bs not in chain:
+            raise BlockError(f"'{top_node}' is not in this backing file chain")
+    elif top is not None and not _matches(graph, device_bs, top, None):
+        top_bs = _find_in_chain(graph, device_bs, top)
+    if top_bs is None:
+        raise BlockError(f"Top image file {top} not found")
+
+    below_top = list(graph.chain(top_bs))
+    if base_node is not None and base is not None:
+        raise BlockError("'base-node' and 'base' are mutually exclusive")
+    if base_node is not None:
+        base_bs = graph.get(base_node)
+        if base_bs is None:
+            raise BlockError(f"Cannot find device='' nor node-name='{base_node}'")
+        if base_bs not in below_top:
+            raise BlockError(f"'{base_node}' is not in this backing file chain")
+    elif base is not None:
+        found = _find_in_chain(graph, top_bs, base)
+        if found is None:
+            raise BlockError(f"Can't find '{base}' in the backing chain")
+        base_bs = found
+    else:
+        base_bs = below_top[-1]
+
+    intermediates = tuple(below_top[: below_top.index(base_bs)])
+    for node in intermediates:
+        reason = graph.blocker(node)
+        if reason is not None:
+            raise BlockError(f"Node '{node.node_name}' is busy: {reason}")
+    if top_bs is base_bs:
+        raise BlockError("cannot commit an image into itself")
+    if top_bs is device_bs:
+        if backing_file is not None:
+            raise BlockError("'backing-file' specified, but 'top' is the active layer")
+        raise BlockError(
+            f"Committing the active layer is not supported yet: '{top_bs.node_name}' is "
+            "the active layer of this chain; commit an image below it (set 'top-node')"
+        )
+    overlay = chain[chain.index(top_bs) - 1]
+    reason = graph.blocker(overlay)
+    if reason is not None:
+        raise BlockError(f"Node '{overlay.node_name}' is busy: {reason}")
+    for parent, edge in graph.parents(base_bs):
+        if edge == "backing" and parent not in intermediates:
+            raise BlockError(
+                f"Conflicts with use by node '{parent.node_name}' as 'backing', which does "
+                f"not allow 'write' on {base_bs.node_name}: committing into "
+                f"'{base_bs.node_name}' would change what '{parent.node_name}' reads"
+            )
+    backing_string = backing_file if backing_file is not None else base_bs.filename
+    _check_backing_string(overlay, backing_string, base_bs.driver)
+    return CommitPlan(
+        device=device_bs,
+        top=top_bs,
+        base=base_bs,
+        overlay=overlay,
+        backing_string=backing_string,
+        intermediates=intermediates,
+        overlay_chain=tuple(chain[: chain.index(top_bs)]),
+    )
