@@ -344,6 +344,8 @@ def test_verbs_on_a_running_commit(blockd: DaemonProcess, tmp_path: Path, verb: 
         reply = client.execute(verb, {"device": "job0"})
         if verb == "block-job-pause":
             assert reply == {"return": {}}
+            # Paused at once if idle, else at the end of the chunk in flight.
+            client.wait_event("JOB_STATUS_CHANGE", id="job0", status="paused")
             assert client.execute("query-block-jobs")["return"][0]["status"] == "paused"
             assert client.execute("block-job-cancel", {"device": "job0"})["error"]["desc"] == (
                 "The block job for device 'job0' is currently paused"
