@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
+from blockd import logs
 from blockd.block.graph import BlockGraph
 from blockd.block.info import display_filename, image_info
 from blockd.block.node import BlockNode
@@ -13,21 +13,13 @@ from blockd.block.open import open_node
 from blockd.commands.context import CommandContext
 from blockd.errors import BlockdError
 
-log = logging.getLogger("blockd")
-
 
 async def blockdev_add(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str, Any]:
     if "node-name" not in args:
         raise BlockdError("'node-name' must be specified for the root node")
     node = await open_node(ctx.graph, dict(args))
     ctx.graph.set_monitor_owned(node)
-    log.info(
-        "node %s opened: %s %s (%s)",
-        node.node_name,
-        node.driver,
-        node.filename,
-        "read-only" if node.read_only else "read-write",
-    )
+    logs.node_opened(node.node_name, node.driver, node.filename, node.read_only)
     return {}
 
 
@@ -52,7 +44,7 @@ async def blockdev_del(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str
     if users:
         raise BlockdError(f"Block device {name} is in use")
     await graph.close_node(node)
-    log.info("node %s closed", name)
+    logs.node_closed(name)
     return {}
 
 

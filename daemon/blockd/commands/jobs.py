@@ -3,16 +3,14 @@ the ``job-*`` family (missing job: GenericError), as QEMU distinguishes them."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
+from blockd import logs
 from blockd.commands.context import CommandContext
 from blockd.errors import BlockdError
 from blockd.jobs.commit import CommitJob, plan_commit
 from blockd.jobs.job import OnError
-
-log = logging.getLogger("blockd")
 
 
 async def query_jobs(ctx: CommandContext, args: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -127,11 +125,5 @@ async def block_commit(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str
         job.early_fail()
         raise
     ctx.jobs.start(job)
-    log.info(
-        "job %s started: commit %s into %s (%d bytes)",
-        job_id,
-        plan.top.node_name,
-        plan.base.node_name,
-        plan.top.size,
-    )
+    logs.job_started(job_id, "commit", args["device"])
     return {}

@@ -21,11 +21,13 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 import trio
 
+from blockd import logs
 from blockd.errors import BlockdError, BlockIOError
 from blockd.events import (
     BlockJobCancelled,
@@ -86,6 +88,9 @@ class Job:
         #: Progress, in bytes: how much is done of how much there is to do.
         self.offset = 0
         self.length = 0
+        #: Bytes actually copied (progress also counts what needed no copy).
+        self.copied = 0
+        self._started_at = 0.0
         self.io_status = "ok"
         self.error: str | None = None
         #: False while the job waits at a pause point (sleeping or paused).
@@ -190,7 +195,8 @@ class Job:
         await self.pause_point()
 
     def account(self, nbytes: int) -> None:
-        """Charge ``nbytes`` of work to the rate limit."""
+        """Charge ``nbytes`` of copying to the rate limit."""
+        self.copied += nbytes
         self._limiter.delay(nbytes)
 
     async def throttle(self) -> None:
@@ -244,6 +250,7 @@ class Job:
         self._on_dismiss(self)
 
     def start(self, nursery: trio.Nursery) -> None:
+        self._started_at = time.monotonic()
         self.busy = True
         self._transition(S.RUNNING)
         nursery.start_soon(self._main, name=f"job {self.id}")
@@ -295,8 +302,14 @@ class Job:
         progress = (self.job_type, self.id, self.length, self.offset, self.speed)
         if self.is_cancelled:
             self.events.emit(BlockJobCancelled(*progress))
+            logs.job_cancelled(self.id, self.job_type, self.copied, self.length)
         else:
             self.events.emit(BlockJobCompleted(*progress, error=error))
+            if error is None:
+                seconds = time.monotonic() - self._started_at
+                logs.job_finished(self.id, self.job_type, self.copied, self.length, seconds)
+            else:
+                logs.job_failed(self.id, self.job_type, error, self.copied, self.length)
         self._transition(S.CONCLUDED)
         self.concluded.set()
         if self.auto_dismiss:
