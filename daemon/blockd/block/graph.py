@@ -32,7 +32,11 @@ class BlockGraph:
         self._implicit: dict[str, list[BlockNode]] = {}
         self._auto = itertools.count(first_auto_index)
         self._monitor_owned: set[str] = set()
-        self._blockers: dict[str, list[str]] = {}
+        # Why a node may not go away, oldest first, each with a sequence
+        # number: operations (jobs) in _blockers, overlays in _backing_users.
+        self._blockers: dict[str, list[tuple[int, str]]] = {}
+        self._backing_users: dict[str, list[tuple[int, str]]] = {}
+        self._sequence = itertools.count()
 
     # -- naming ---------------------------------------------------------------------
 
@@ -59,6 +63,8 @@ class BlockGraph:
             raise BlockError(f"Duplicate nodes with node-name='{node.node_name}'")
         self._nodes[node.node_name] = node
         self._implicit[node.node_name] = list(implicit_children or [])
+        if node.backing is not None:
+            self._note_backing(node, node.backing)
 
     def __contains__(self, name: object) -> bool:
         return name in self._nodes
@@ -151,18 +157,39 @@ class BlockGraph:
 
     def add_blocker(self, node: BlockNode, reason: str) -> None:
         """Record that an operation (a job) holds ``node`` until it removes the blocker."""
-        self._blockers.setdefault(node.node_name, []).append(reason)
+        self._blockers.setdefault(node.node_name, []).append((next(self._sequence), reason))
 
     def remove_blocker(self, node: BlockNode, reason: str) -> None:
-        reasons = self._blockers.get(node.node_name, [])
-        if reason in reasons:
-            reasons.remove(reason)
-        if not reasons:
-            self._blockers.pop(node.node_name, None)
+        _remove_reason(self._blockers, node.node_name, reason)
 
     def blocker(self, node: BlockNode) -> str | None:
+        """Why an operation holds ``node`` (the most recent reason), if one does."""
         reasons = self._blockers.get(node.node_name)
-        return reasons[0] if reasons else None
+        return reasons[-1][1] if reasons else None
+
+    def deletion_blocker(self, node: BlockNode) -> str | None:
+        """Why ``node`` cannot be deleted: the newest of its jobs and overlays.
+
+        QEMU keeps one list of blockers per node, newest first, so the reason
+        a client is given is whichever hold was taken last.
+        """
+        held = self._blockers.get(node.node_name, []) + self._backing_users.get(node.node_name, [])
+        return max(held)[1] if held else None
+
+    def _note_backing(self, overlay: BlockNode, backing: BlockNode) -> None:
+        reason = f"node is used as backing hd of '{overlay.node_name}'"
+        self._backing_users.setdefault(backing.node_name, []).append((next(self._sequence), reason))
+
+    def _forget_backing(self, overlay: BlockNode, backing: BlockNode) -> None:
+        reason = f"node is used as backing hd of '{overlay.node_name}'"
+        _remove_reason(self._backing_users, backing.node_name, reason)
+
+    def relink(self, overlay: BlockNode, old: BlockNode | None, new: BlockNode | None) -> None:
+        """Record that ``overlay`` now backs onto ``new`` instead of ``old``."""
+        if old is not None:
+            self._forget_backing(overlay, old)
+        if new is not None:
+            self._note_backing(overlay, new)
 
     def adopt(self, child: BlockNode, owner: BlockNode) -> None:
         """Make ``owner`` the node that ``child`` is closed with, unless a client owns it.
@@ -200,6 +227,8 @@ class BlockGraph:
         """Close ``node`` and the children opened with it that nobody else uses."""
         self._nodes.pop(node.node_name, None)
         self._monitor_owned.discard(node.node_name)
+        if node.backing is not None:
+            self._forget_backing(node, node.backing)
         children = self._implicit.pop(node.node_name, [])
         await node.close()
         for child in children:
@@ -217,3 +246,13 @@ class BlockGraph:
                     self._nodes.pop(node.node_name, None)
                     self._implicit.pop(node.node_name, None)
                     await node.close()
+
+
+def _remove_reason(table: dict[str, list[tuple[int, str]]], name: str, reason: str) -> None:
+    entries = table.get(name, [])
+    for entry in entries:
+        if entry[1] == reason:
+            entries.remove(entry)
+            break
+    if not entries:
+        table.pop(name, None)

@@ -29,19 +29,13 @@ async def blockdev_del(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str
     node = graph.get(name)
     if node is None:
         raise BlockdError(f"Failed to find node with node-name='{name}'")
-    users = graph.parents(node)
-    # QEMU's order: what blocks the node first, then ownership, then other references.
-    for parent, edge in users:
-        if edge == "backing":
-            raise BlockdError(
-                f"Node '{name}' is busy: node is used as backing hd of '{parent.node_name}'"
-            )
-    blocker = graph.blocker(node)
-    if blocker is not None:
-        raise BlockdError(f"Node '{name}' is busy: {blocker}")
+    # QEMU's order: what holds the node first, then ownership, then other users.
+    reason = graph.deletion_blocker(node)
+    if reason is not None:
+        raise BlockdError(f"Node '{name}' is busy: {reason}")
     if not graph.is_monitor_owned(node):
         raise BlockdError(f"Node {name} is not owned by the monitor")
-    if users:
+    if graph.parents(node):
         raise BlockdError(f"Block device {name} is in use")
     await graph.close_node(node)
     logs.node_closed(name)

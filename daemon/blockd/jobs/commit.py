@@ -165,6 +165,7 @@ class CommitJob(Job):
             # The commit point: once this header write is flushed, the overlay
             # names base and the intermediates are out of the chain.
             await overlay.change_backing(plan.base, plan.backing_string, plan.base.driver)
+            self.graph.relink(overlay, plan.top, plan.base)
         finally:
             if self._overlay_was_read_only and not overlay.read_only:
                 await overlay.reopen(read_only=True)

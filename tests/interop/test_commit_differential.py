@@ -1,0 +1,204 @@
+"""block-commit and the job commands against qemu-storage-daemon 7.2.
+
+Each daemon gets its own fresh copy of the same chain and the same
+conversation.  Compared: every reply, and every event (without its
+timestamp) in order.  Masked: what legitimately differs (random names of
+implicit nodes, actual-size, and progress at the moment of a cancel).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import DaemonProcess, RawQMP, start_blockd, start_qsd
+from tests.images import create, qemu_io
+
+pytestmark = pytest.mark.qsd
+
+MiB = 1 << 20
+
+
+def make_chain(d: Path) -> None:
+    d.mkdir()
+    base = create(d / "base.qcow2")
+    mid = create(d / "mid.qcow2", backing="base.qcow2")
+    top = create(d / "top.qcow2", backing="mid.qcow2")
+    qemu_io(base, "write -P 0x11 0 1M", "write -P 0x12 8M 1M")
+    qemu_io(mid, "write -P 0x21 1M 2M", "write -P 0x22 32M 4M")
+    qemu_io(top, "write -P 0x31 2M 1M")
+
+
+def chain_nodes(d: Path) -> list[tuple[str, dict[str, Any], Any]]:
+    steps: list[tuple[str, dict[str, Any], Any]] = []
+    for name, backing, ro in (("base", None, True), ("mid", "base", True), ("top", "mid", False)):
+        steps.append(("blockdev-add", {
+            "driver": "qcow2", "node-name": name, "read-only": ro, "backing": backing,
+            "file": {"driver": "file", "filename": str(d / f"{name}.qcow2"), "node-name": f"f-{name}"},
+        }, None))  # fmt: skip
+    return steps
+
+
+def commit(**args: Any) -> dict[str, Any]:
+    return {"job-id": "job0", "device": "top", **args}
+
+
+ERRORS: list[tuple[str, dict[str, Any], Any]] = [
+    ("block-commit", {"job-id": "j", "device": "nosuch"}, None),
+    ("block-commit", {"job-id": "j", "device": "nosuch", "speed": -5}, None),
+    ("block-commit", {"job-id": "j", "device": "mid"}, None),
+    ("block-commit", {"job-id": "j", "device": "f-top"}, None),
+    ("block-commit", {"job-id": "j", "device": "top", "top-node": "mid", "top": "x"}, None),
+    ("block-commit", {"job-id": "j", "device": "top", "top-node": "nosuch"}, None),
+    ("block-commit", {"job-id": "j", "device": "top", "top-node": "f-mid"}, None),
+    ("block-commit", {"job-id": "j", "device": "top", "top-node": "mid", "base-node": "top"}, None),
+    (
+        "block-commit",
+        {"job-id": "j", "device": "top", "top-node": "mid", "base-node": "nosuch"},
+        None,
+    ),
+    (
+        "block-commit",
+        {"job-id": "j", "device": "top", "top-node": "base", "base-node": "base"},
+        None,
+    ),
+    ("block-commit", {"job-id": "j", "device": "top", "top-node": "mid", "base-node": "mid"}, None),
+    ("block-commit", {"device": "top", "top-node": "mid"}, None),
+    ("block-commit", {"job-id": "1x", "device": "top", "top-node": "mid"}, None),
+    ("block-commit", {"job-id": "j", "device": "top", "top-node": "mid", "speed": -1}, None),
+    ("block-commit", {"job-id": "j", "device": "top", "backing-file": "x"}, None),
+    ("block-commit", {"job-id": "j", "device": "top", "top": "nosuch.qcow2"}, None),
+    (
+        "block-commit",
+        {"job-id": "j", "device": "top", "top-node": "mid", "base": "nosuch.qcow2"},
+        None,
+    ),
+    (
+        "block-commit",
+        {"job-id": "j", "device": "top", "top-node": "mid", "base": "b", "base-node": "base"},
+        None,
+    ),
+    (
+        "block-commit",
+        {"job-id": "j", "device": "top", "top-node": "mid", "filter-node-name": "top"},
+        None,
+    ),
+    (
+        "block-commit",
+        {"job-id": "j", "device": "top", "top-node": "mid", "on-error": "bogus"},
+        None,
+    ),
+    ("block-commit", {"job-id": "j", "device": "top", "top-node": "mid", "speed": "fast"}, None),
+    ("block-commit", {"job-id": "j", "top-node": "mid"}, None),
+]
+
+SUCCESS = [
+    (
+        "block-commit",
+        commit(**{"top-node": "mid", "base-node": "base"}),
+        ("JOB_STATUS_CHANGE", {"status": "null"}),
+    ),
+    ("query-block-jobs", {}, None),
+    ("query-jobs", {}, None),
+    ("blockdev-del", {"node-name": "base"}, None),
+    ("blockdev-del", {"node-name": "mid"}, None),
+    ("blockdev-del", {"node-name": "f-mid"}, None),
+]
+
+CANCEL = [
+    ("block-commit", commit(**{"top-node": "mid", "speed": MiB, "auto-dismiss": False}), None),
+    ("block-commit", commit(**{"top-node": "mid"}), None),
+    ("block-commit", {"job-id": "job1", "device": "top", "top-node": "mid"}, None),
+    ("blockdev-del", {"node-name": "top"}, None),
+    ("block-job-complete", {"device": "job0"}, None),
+    ("block-job-finalize", {"id": "job0"}, None),
+    ("block-job-dismiss", {"id": "job0"}, None),
+    ("block-job-resume", {"device": "job0"}, None),
+    ("block-job-set-speed", {"device": "job0", "speed": -1}, None),
+    ("block-job-set-speed", {"device": "job0", "speed": MiB // 2}, None),
+    ("block-job-pause", {"device": "job0"}, ("JOB_STATUS_CHANGE", {"status": "paused"})),
+    ("block-job-pause", {"device": "job0"}, None),
+    ("block-job-cancel", {"device": "job0"}, None),
+    ("block-job-resume", {"device": "job0"}, ("JOB_STATUS_CHANGE", {"status": "running"})),
+    ("block-job-cancel", {"device": "job0"}, ("JOB_STATUS_CHANGE", {"status": "concluded"})),
+    ("query-jobs", {}, None),
+    ("query-block-jobs", {}, None),
+    ("block-job-cancel", {"device": "job0"}, None),
+    ("job-dismiss", {"id": "job0"}, ("JOB_STATUS_CHANGE", {"status": "null"})),
+    ("query-jobs", {}, None),
+]
+
+MANUAL_FINALIZE = [
+    ("block-commit", commit(**{"top-node": "mid", "auto-finalize": False, "auto-dismiss": False}),
+     ("BLOCK_JOB_PENDING", {})),
+    ("query-jobs", {}, None),
+    ("job-dismiss", {"id": "job0"}, None),
+    ("job-finalize", {"id": "job0"}, ("JOB_STATUS_CHANGE", {"status": "concluded"})),
+    ("query-block-jobs", {}, None),
+    ("job-dismiss", {"id": "job0"}, ("JOB_STATUS_CHANGE", {"status": "null"})),
+]  # fmt: skip
+
+CONVERSATIONS = {
+    "errors": ERRORS,
+    "success": SUCCESS,
+    "cancel": CANCEL,
+    "manual finalize": MANUAL_FINALIZE,
+}
+
+
+def mask(value: Any) -> Any:
+    """Hide what legitimately differs between the two daemons."""
+    if isinstance(value, list):
+        return [mask(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out = {}
+    for key, item in value.items():
+        if key in ("offset", "current-progress", "actual-size", "timestamp"):
+            continue
+        if key == "node-name" and str(item).startswith("#block"):
+            item = "<auto>"
+        out[key] = mask(item)
+    return out
+
+
+def converse(daemon: DaemonProcess, steps: list[tuple[str, dict[str, Any], Any]]) -> list[Any]:
+    transcript: list[Any] = []
+    with RawQMP(daemon.socket_path) as client:
+        client.negotiate()
+        for command, arguments, wait in steps:
+            before = len(client.events)
+            reply = client.execute(command, arguments)
+            if wait is not None:
+                name, data = wait
+                event = client.wait_event(name, **data)
+                # Everything emitted up to the awaited event belongs to this step.
+                upto = client.events.index(event) + 1
+            else:
+                upto = len(client.events)
+            transcript.append((command, mask(reply), mask(client.events[before:upto])))
+            del client.events[before:upto]
+        assert client.execute("quit") == {"return": {}}
+    assert daemon.wait() == 0
+    return transcript
+
+
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+def test_same_commit_conversation(tmp_path: Path, sock_dir: Path, name: str) -> None:
+    make_chain(tmp_path / "chain")
+    transcripts = []
+    for which, start in (("qsd", start_qsd), ("blockd", start_blockd)):
+        d = tmp_path / which
+        shutil.copytree(tmp_path / "chain", d)
+        steps = chain_nodes(d) + CONVERSATIONS[name]
+        daemon = start(sock_dir / f"{which}.sock")
+        try:
+            transcripts.append(converse(daemon, steps))
+        finally:
+            daemon.stop()
+    qsd, ours = transcripts
+    for want, got in zip(qsd, ours, strict=True):
+        assert got == want
