@@ -206,3 +206,20 @@ async def test_concurrent_writes_and_reads(tmp_path: Path, graph: BlockGraph) ->
         assert await node.read(i * 512 * KiB + 7, 200 * KiB) == pattern(i + 1, 200 * KiB)
     await graph.close_all()
     assert_clean(img)
+
+
+@pytest.mark.parametrize("compat", ["0.10", "1.1"])
+async def test_truncate_zeroes_only_what_backing_covers(
+    tmp_path: Path, graph: BlockGraph, compat: str
+) -> None:
+    base = create(tmp_path / "base.qcow2", 1536 * KiB, compat=compat)
+    qemu_io(base, "write -P 0x99 0 1536k")
+    top = create(tmp_path / "top.qcow2", MiB, backing=base, compat=compat)
+    node = await open_qcow2(graph, top)
+    await node.truncate(4 * MiB)
+    assert await node.read(MiB, 512 * KiB) == bytes(512 * KiB)
+    status, _n = await node.block_status(2 * MiB, 2 * MiB)
+    assert status is Status.UNALLOCATED  # beyond the backing file: left alone
+    await graph.close_all()
+    assert_clean(top)
+    qemu_io(top, "read -P 0x99 0 1M", "read -P 0 1M 3M")

@@ -567,7 +567,12 @@ class Qcow2Node(BlockNode):
         h.size = size
         # the new area must read as zeros: neither stale bytes in the old last
         # cluster nor a longer backing file may show through
-        zero_end = size if self._has_backing() else min(size, -(-old_size // cs) * cs)
+        zero_end = -(-old_size // cs) * cs
+        if self.backing is not None:
+            zero_end = max(zero_end, self.backing.size)
+        elif self.header.backing_file:
+            zero_end = size  # backing not open: its size is unknown, be safe
+        zero_end = min(zero_end, size)
         if zero_end > old_size:
             await self._zero_locked(old_size, zero_end - old_size)
 
