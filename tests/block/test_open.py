@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -237,3 +238,24 @@ async def test_lock_held_by_qemu_storage_daemon(tmp_path: Path, graph: BlockGrap
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("compat", ["0.10", "1.1"])
+async def test_image_info_matches_qemu_img(
+    tmp_path: Path, graph: BlockGraph, compat: str
+) -> None:
+    base = create(tmp_path / "base.qcow2", MiB, compat=compat, refcount_bits=16)
+    top = create(tmp_path / "top.qcow2", 2 * MiB, compat=compat, cluster_size=4096,
+                 backing=Path("base.qcow2"))
+    qemu_io(top, "write -P 1 0 100k")
+    expected = json.loads(run("qemu-img", "info", "--output=json", str(top)).stdout)
+    node = await open_qcow2(graph, top, read_only=True)
+    info = await node.image_info()
+    for key in ("filename", "format", "virtual-size", "cluster-size", "dirty-flag",
+                "backing-filename", "full-backing-filename", "backing-filename-format",
+                "format-specific", "actual-size"):
+        assert info.get(key) == expected.get(key), key
+    assert node.backing is not None
+    binfo = await node.backing.image_info()
+    assert binfo["filename"] == str(base)
+    assert "backing-filename" not in binfo

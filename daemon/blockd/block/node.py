@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import enum
 import errno
-from typing import ClassVar
+import os
+from typing import Any, ClassVar
+
+import trio
 
 from blockd.errors import BlockError, BlockIOError
 
@@ -62,6 +65,32 @@ class BlockNode:
     def filename(self) -> str:
         """The host file behind this node, as graph lookups by filename see it."""
         return self.file.filename if self.file is not None else ""
+
+    async def image_info(self) -> dict[str, Any]:
+        """QAPI ImageInfo for this node, as ``qemu-img info`` / query-named-block-nodes show it.
+
+        Built here so the command layer never has to know a format's internals.
+        """
+        filename = self.filename
+        actual = 0
+        if filename:
+            try:
+                st = await trio.to_thread.run_sync(os.stat, filename)
+                actual = st.st_blocks * 512
+            except OSError:
+                actual = 0
+        info: dict[str, Any] = {
+            "filename": filename,
+            "format": self.driver,
+            "virtual-size": self.size,
+            "actual-size": actual,
+            "dirty-flag": False,
+        }
+        info.update(self._format_info())
+        return info
+
+    def _format_info(self) -> dict[str, Any]:
+        return {}
 
     # -- request validation ---------------------------------------------------------
 

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import os
 import struct
 from array import array
+from typing import Any
 
 import trio
 
@@ -168,6 +170,38 @@ class Qcow2Node(BlockNode):
     @property
     def corrupt(self) -> bool:
         return self._corrupt or bool(self.header.incompatible_features & hdr.INCOMPAT_CORRUPT)
+
+    @property
+    def full_backing_filename(self) -> str | None:
+        """The header's backing name resolved the way opening resolves it."""
+        name = self.header.backing_file
+        if not name or os.path.isabs(name) or name.startswith("json:"):
+            return name
+        return os.path.join(os.path.dirname(self.filename), name)
+
+    def _format_info(self) -> dict[str, Any]:
+        h = self.header
+        data: dict[str, Any] = {
+            "compat": "1.1" if h.version >= 3 else "0.10",
+            "compression-type": "zstd" if h.compression_type == hdr.COMPRESSION_ZSTD else "zlib",
+        }
+        if h.version >= 3:
+            data["lazy-refcounts"] = bool(h.compatible_features & hdr.COMPAT_LAZY_REFCOUNTS)
+        data["refcount-bits"] = h.refcount_bits
+        if h.version >= 3:
+            data["corrupt"] = self.corrupt
+            data["extended-l2"] = bool(h.incompatible_features & hdr.INCOMPAT_EXTL2)
+        info: dict[str, Any] = {
+            "cluster-size": self.cluster_size,
+            "dirty-flag": bool(h.incompatible_features & hdr.INCOMPAT_DIRTY),
+            "format-specific": {"type": "qcow2", "data": data},
+        }
+        if h.backing_file:
+            info["backing-filename"] = h.backing_file
+            info["full-backing-filename"] = self.full_backing_filename
+            if h.backing_format:
+                info["backing-filename-format"] = h.backing_format
+        return info
 
     # -- mapping --------------------------------------------------------------------
 
