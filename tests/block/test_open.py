@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -223,15 +225,25 @@ async def test_lock_held_by_qemu_storage_daemon(tmp_path: Path, graph: BlockGrap
          "driver=qcow2,node-name=q,file=f", "--nbd-server",
          f"addr.type=unix,addr.path={tmp_path / 'nbd.sock'}", "--export",
          "type=nbd,id=e,node-name=q,writable=on"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
-        for _ in range(250):  # wait until QSD holds its locks
-            if run("qemu-img", "info", str(img), check=False).returncode != 0:
-                break
-            await trio.sleep(0.02)
-        else:
-            pytest.fail("qemu-storage-daemon never locked the image")
+        # wait until QSD holds the "write" permission lock (byte 101); probe with
+        # F_OFD_GETLK, which takes no lock (a qemu-img probe would race with QSD)
+        fd = os.open(img, os.O_RDONLY)
+        try:
+            for _ in range(250):
+                flock = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 101, 1, 0)
+                got = struct.unpack("hhqqi4x", fcntl.fcntl(fd, fcntl.F_OFD_GETLK, flock))
+                if got[0] != fcntl.F_UNLCK:
+                    break
+                if proc.poll() is not None:
+                    pytest.fail(f"qemu-storage-daemon exited: {proc.communicate()[1]}")
+                await trio.sleep(0.02)
+            else:
+                pytest.fail("qemu-storage-daemon never locked the image")
+        finally:
+            os.close(fd)
         with pytest.raises(ImageError, match='Failed to get shared "write" lock'):
             await open_qcow2(graph, img, read_only=True)
         assert len(graph) == 0
