@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from blockd.block.blkdebug import BlkdebugNode, Rule
 from blockd.block.drivers.file import FileNode
 from blockd.block.drivers.qcow2.node import Qcow2Node
 from blockd.block.drivers.raw import RawNode
@@ -59,6 +60,8 @@ async def _open(ctx: _Opening, options: dict[str, Any], *, read_only: bool) -> B
         return await _open_file(ctx, options, read_only)
     if driver in _FORMATS:
         return await _open_format(ctx, str(driver), options, read_only)
+    if driver == "blkdebug":
+        return await _open_blkdebug(ctx, options, read_only)
     raise BlockError(f"Parameter 'driver' does not accept value '{driver}'")
 
 
@@ -71,6 +74,18 @@ async def _open_file(ctx: _Opening, options: dict[str, Any], read_only: bool) ->
     node = await FileNode.open(name, filename, read_only=read_only, locking=locking)
     ctx.created.append(node)
     ctx.graph.add(node)
+    return node
+
+
+async def _open_blkdebug(ctx: _Opening, options: dict[str, Any], read_only: bool) -> BlockNode:
+    name = _name(ctx, options)
+    if "image" not in options:
+        raise BlockError("Parameter 'image' is missing")
+    rules = [Rule.from_options(r) for r in options.get("inject-error", [])]
+    image, implicit = await _child_ref(ctx, options["image"], read_only=read_only, what="image")
+    node = BlkdebugNode(name, image, read_only=read_only, rules=rules)
+    ctx.created.append(node)
+    ctx.graph.add(node, [image] if implicit else [])
     return node
 
 
