@@ -368,8 +368,12 @@ class Qcow2Node(BlockNode):
             hi = max(clusters) % self.l2_entries + 1
             for c in clusters:
                 table[c % self.l2_entries] = updates[c]
-            self._meta.check(off + lo * 8, (hi - lo) * 8, MetaKind.L2)
-            await self._file.write(off + lo * 8, encode_entries(table[lo:hi]))
+            try:
+                self._meta.check(off + lo * 8, (hi - lo) * 8, MetaKind.L2)
+                await self._file.write(off + lo * 8, encode_entries(table[lo:hi]))
+            except BaseException:
+                self._l2.drop(off)  # the cache must never be ahead of the disk
+                raise
 
     async def _release(self, entries: list[int]) -> None:
         """Drop the references the (already durable) old entries held."""
