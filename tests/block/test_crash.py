@@ -182,6 +182,7 @@ async def test_io_error_then_carry_on(
             except BlockIOError:
                 failed += 1
         # after the failure the node still works and reads what it last wrote
+        file.crash_at = -1
         await node.write(1000, b"after" * 100)
         assert await node.read(1000, 500) == b"after" * 100
         await node.flush()

@@ -86,6 +86,8 @@ class Qcow2Node(BlockNode):
         self._lock = trio.Lock()
         self._corrupt = False
         self._inflated: tuple[int, bytes] | None = None
+        self._pinned: dict[int, int] = {}  # host cluster -> in-flight data I/Os
+        self._unpinned = trio.Event()
 
     # -- opening --------------------------------------------------------------------
 
@@ -301,11 +303,53 @@ class Qcow2Node(BlockNode):
             return (await self._read_compressed(entry))[within : within + n]
         return bytes(n)
 
+    # -- in-flight data I/O ---------------------------------------------------------
+    #
+    # Data I/O to clusters already mapped runs outside the metadata lock, so
+    # readers and in-place writers proceed in parallel.  While such I/O is in
+    # flight its host clusters are pinned: dropping the last reference to a
+    # pinned cluster waits, so the cluster cannot be reallocated (and filled
+    # with someone else's data) under the I/O's feet.
+
+    def _host_clusters(self, extents: list[Extent]) -> list[int]:
+        out: list[int] = []
+        for kind, goff, n, entry in extents:
+            if kind is ClusterKind.NORMAL:
+                host = (entry & OFFSET_MASK) + goff % self.cluster_size
+                out.extend(host_clusters_of_range(host, n, self.cluster_bits))
+            elif kind is ClusterKind.COMPRESSED:
+                host, nbytes = compressed_range(entry, self.cluster_bits)
+                out.extend(host_clusters_of_range(host, nbytes, self.cluster_bits))
+        return out
+
+    def _pin(self, clusters: list[int]) -> None:
+        for c in clusters:
+            self._pinned[c] = self._pinned.get(c, 0) + 1
+
+    def _unpin(self, clusters: list[int]) -> None:
+        for c in clusters:
+            left = self._pinned[c] - 1
+            if left:
+                self._pinned[c] = left
+            else:
+                del self._pinned[c]
+        self._unpinned.set()
+        self._unpinned = trio.Event()
+
+    async def _wait_unpinned(self, clusters: list[int]) -> None:
+        while any(c in self._pinned for c in clusters):
+            await self._unpinned.wait()
+
     async def _do_read(self, offset: int, length: int) -> bytes:
         # map under the lock (a consistent view of L2), copy data outside it
         async with self._lock:
             extents = await self._map(offset, length)
-        parts = [await self._read_extent(ext) for ext in extents]
+            pinned = self._host_clusters(extents)
+            self._pin(pinned)
+        try:
+            parts = [await self._read_extent(ext) for ext in extents]
+        finally:
+            self._unpin(pinned)
         return b"".join(parts)
 
     async def _do_block_status(self, offset: int, length: int) -> tuple[Status, int]:
@@ -387,6 +431,7 @@ class Qcow2Node(BlockNode):
             elif kind in _FREEABLE:
                 clusters.append((entry & OFFSET_MASK) >> self.cluster_bits)
         if clusters:
+            await self._wait_unpinned(clusters)
             await self._refs.change(clusters, -1)
 
     async def _cluster_content(self, cluster: int, entry: int) -> bytearray:
@@ -398,12 +443,15 @@ class Qcow2Node(BlockNode):
     async def _metadata_update(self, op: str, offset: int, arg: bytes | int) -> None:
         if self.corrupt:
             raise BlockIOError(errno.EIO, "qcow2: Image is corrupt; writes are refused")
+        in_place: list[tuple[int, int, int]] | None = None
         async with self._lock:
             with trio.CancelScope(shield=True):
                 try:
                     if op == "write":
                         assert isinstance(arg, bytes)
-                        await self._write_locked(offset, arg)
+                        in_place = await self._in_place_plan(offset, len(arg))
+                        if in_place is None:
+                            await self._write_locked(offset, arg)
                     elif op == "zero":
                         assert isinstance(arg, int)
                         await self._zero_locked(offset, arg)
@@ -412,6 +460,37 @@ class Qcow2Node(BlockNode):
                         await self._discard_locked(offset, arg)
                 except OverlapError as exc:
                     await self._mark_corrupt(str(exc))
+        if in_place is not None:
+            assert isinstance(arg, bytes)
+            await self._write_in_place(offset, arg, in_place)
+
+    async def _in_place_plan(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
+        """(guest, host, length) pieces if every cluster can be overwritten in place.
+
+        The clusters are pinned before the lock is released; the caller writes
+        them outside the lock and unpins.
+        """
+        extents = await self._map(offset, length)
+        plan: list[tuple[int, int, int]] = []
+        for kind, goff, n, entry in extents:
+            if kind is not ClusterKind.NORMAL or not entry & OFLAG_COPIED:
+                return None
+            plan.append((goff, (entry & OFFSET_MASK) + goff % self.cluster_size, n))
+        for _g, host, n in plan:
+            self._meta.check(host, n, None)
+        self._pin(self._host_clusters(extents))
+        return plan
+
+    async def _write_in_place(
+        self, offset: int, data: bytes, plan: list[tuple[int, int, int]]
+    ) -> None:
+        clusters = [c for _g, host, n in plan
+                    for c in host_clusters_of_range(host, n, self.cluster_bits)]
+        try:
+            for goff, host, n in plan:
+                await self._file.write(host, data[goff - offset : goff - offset + n])
+        finally:
+            self._unpin(clusters)
 
     async def _mark_corrupt(self, reason: str) -> None:
         self._corrupt = True
