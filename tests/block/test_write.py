@@ -316,3 +316,29 @@ async def test_in_flight_read_pins_its_cluster(tmp_path: Path) -> None:
     await node.flush()
     await inner.close()
     assert_clean(img)
+
+
+async def test_lazy_refcounts_image_kept_exact(tmp_path: Path, graph: BlockGraph) -> None:
+    img = create(tmp_path / "lazy.qcow2", MiB, extra="lazy_refcounts=on")
+    node = await open_qcow2(graph, img)
+    await node.write(4096, b"q" * 70000)
+    # we never defer refcounts, so the dirty bit must stay clear even mid-session
+    assert img.read_bytes()[79] & 1 == 0
+    await graph.close_all()
+    assert_clean(img)
+    info = run("qemu-img", "info", "--output=json", str(img)).stdout
+    assert '"lazy-refcounts": true' in info  # the compatible bit itself is kept
+
+
+async def test_bitmaps_invalidated_not_corrupted(tmp_path: Path, graph: BlockGraph) -> None:
+    img = create(tmp_path / "bm.qcow2", MiB)
+    run("qemu-img", "bitmap", "--add", str(img), "b0")
+    node = await open_qcow2(graph, img)
+    await node.write(0, b"w" * 4096)
+    await graph.close_all()
+    result = check(img)
+    # like any program without bitmap support: autoclear cleared, the bitmap
+    # directory becomes a leak for QEMU to reclaim, nothing is corrupted
+    assert result.get("corruptions", 0) == 0
+    assert "b0" not in run("qemu-img", "info", str(img)).stdout
+    qemu_io(img, "read -P 0x77 0 4k")
