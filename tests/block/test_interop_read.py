@@ -112,3 +112,27 @@ async def test_block_status_and_allocated_above(tmp_path: Path, graph: BlockGrap
         True, 65536)
     assert await graph.is_allocated_above(node, None, 0, MiB) == (True, 65536)
     assert await graph.is_allocated_above(node, node.backing, 320 * 1024, 100) == (False, 100)
+
+
+async def test_block_status_on_huge_sparse_image_is_cheap(
+    tmp_path: Path, graph: BlockGraph
+) -> None:
+    import time
+
+    img = create(tmp_path / "huge.qcow2", "64G")
+    qemu_io(img, "write -P 1 0 64k", "write -P 2 40G 64k")
+    node = await open_qcow2(graph, img, read_only=True)
+    t0 = time.monotonic()
+    assert await node.block_status(0, node.size) == (Status.DATA, 65536)
+    extents = []
+    pos = 0
+    while pos < node.size:
+        allocated, n = await graph.is_allocated_above(node, None, pos, node.size - pos)
+        if extents and extents[-1][0] == allocated:
+            extents[-1] = (allocated, extents[-1][1] + n)
+        else:
+            extents.append((allocated, n))
+        pos += n
+    assert extents == [(True, 65536), (False, 40 * 2**30 - 65536), (True, 65536),
+                       (False, 24 * 2**30 - 65536)]
+    assert time.monotonic() - t0 < 5

@@ -353,15 +353,26 @@ class Qcow2Node(BlockNode):
         return b"".join(parts)
 
     async def _do_block_status(self, offset: int, length: int) -> tuple[Status, int]:
+        # Walk one L2 table's worth at a time and stop at the first change, so a
+        # question about a huge range costs as much as its first extent.
+        cs = self.cluster_size
+        end = offset + length
+        span = cs * self.l2_entries
+        limit = offset + 16 * span  # callers loop; bound the work per question
+        status: Status | None = None
+        pos = offset
         async with self._lock:
-            extents = await self._map(offset, length)
-        status = _STATUS[extents[0][0]]
-        n = 0
-        for kind, _g, ln, _e in extents:
-            if _STATUS[kind] is not status:
-                break
-            n += ln
-        return status, n
+            while pos < min(end, limit):
+                chunk_end = min(end, (pos // span + 1) * span)
+                for kind, goff, _n, _e in await self._map(pos, chunk_end - pos):
+                    st = _STATUS[kind]
+                    if status is None:
+                        status = st
+                    elif st is not status:
+                        return status, goff - offset
+                pos = chunk_end
+        assert status is not None
+        return status, min(end, limit) - offset
 
     # -- metadata helpers (callers hold the lock, shielded) -------------------------
 
