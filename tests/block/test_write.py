@@ -10,6 +10,7 @@ import trio
 import trio.lowlevel
 
 from blockd.block.drivers.file import FileNode
+from blockd.block.drivers.qcow2 import header as hdr
 from blockd.block.drivers.qcow2.node import Qcow2Node
 from blockd.block.graph import BlockGraph
 from blockd.block.node import Status
@@ -342,3 +343,52 @@ async def test_bitmaps_invalidated_not_corrupted(tmp_path: Path, graph: BlockGra
     assert result.get("corruptions", 0) == 0
     assert "b0" not in run("qemu-img", "info", str(img)).stdout
     qemu_io(img, "read -P 0x77 0 4k")
+
+
+async def test_header_rewrite_preserves_unknowns(tmp_path: Path, graph: BlockGraph) -> None:
+    base = create(tmp_path / "base.qcow2", MiB)
+    img = create(tmp_path / "u.qcow2", MiB, backing=Path("base.qcow2"))
+    raw = bytearray(img.read_bytes())
+    h = hdr.parse(bytes(raw[:65536]), len(raw))
+    # an unknown header field (header_length 120) and an unknown extension
+    h.header_length = 120
+    h.tail = h.tail + b"\xab" * 8
+    h.extensions.append(hdr.Extension(0x12345678, b"keep me"))
+    h.compatible_features |= 1 << 9
+    crafted = hdr.serialize(h)
+    raw[: len(crafted)] = crafted
+    img.write_bytes(bytes(raw))
+    assert_clean(img)  # QEMU accepts the crafted header
+
+    node = await open_qcow2(graph, img)
+    await node.change_backing(None, str(base), "qcow2")
+    await graph.close_all()
+    after = img.read_bytes()
+    h2 = hdr.parse(after[:65536], len(after))
+    assert h2.backing_file == str(base)
+    assert h2.backing_format == "qcow2"
+    assert h2.header_length == 120
+    assert h2.tail.endswith(b"\xab" * 8)
+    assert hdr.Extension(0x12345678, b"keep me") in h2.extensions
+    assert h2.extension(hdr.EXT_FEATURE_TABLE) == h.extension(hdr.EXT_FEATURE_TABLE)
+    assert h2.compatible_features & (1 << 9)
+    assert_clean(img)
+    info = run("qemu-img", "info", "--output=json", str(img)).stdout
+    assert f'"backing-filename": "{base}"' in info
+
+
+async def test_change_backing_refusals(tmp_path: Path, graph: BlockGraph) -> None:
+    img = create(tmp_path / "r.qcow2", MiB, cluster_size=512)
+    node = await open_qcow2(graph, img)
+    with pytest.raises(BlockError, match="backing format must be specified"):
+        await node.change_backing(None, "x.qcow2", None)
+    with pytest.raises(BlockError, match="No space left in the file header"):
+        await node.change_backing(None, "x" * 600, "qcow2")
+    with pytest.raises(BlockError, match="too long"):
+        await node.change_backing(None, "x" * 1024, "qcow2")
+    ro = await open_qcow2(graph, create(tmp_path / "ro.qcow2", MiB), read_only=True)
+    with pytest.raises(BlockError, match="read-only"):
+        await ro.change_backing(None, None, None)
+    await graph.close_all()
+    assert_clean(img)
+    assert "backing file:" not in run("qemu-img", "info", str(img)).stdout
