@@ -271,3 +271,28 @@ async def test_image_info_matches_qemu_img(
     binfo = await node.backing.image_info()
     assert binfo["filename"] == str(base)
     assert "backing-filename" not in binfo
+
+
+async def test_old_v2_header_without_extension_area(tmp_path: Path, graph: BlockGraph) -> None:
+    base = create(tmp_path / "base.qcow2", MiB, compat="0.10")
+    qemu_io(base, "write -P 5 0 1M")
+    img = create(tmp_path / "old.qcow2", MiB, compat="0.10", backing=Path("base.qcow2"))
+    raw = bytearray(img.read_bytes())
+    name = b"base.qcow2"
+    raw[72:512] = bytes(440)
+    raw[72 : 72 + len(name)] = name
+    struct.pack_into(">QI", raw, 8, 72, len(name))
+    img.write_bytes(bytes(raw))
+    assert "backing file: base.qcow2" in run("qemu-img", "info", "-U", str(img)).stdout
+    with pytest.raises(ImageError, match="not recorded"):
+        await open_qcow2(graph, img, read_only=True)
+    b = await open_qcow2(graph, base, read_only=True, name="b")
+    node = await open_qcow2(graph, img, backing="b")
+    assert await node.read(0, 2) == b"\x05\x05"
+    await node.write(0, b"new")
+    await node.change_backing(b, "base.qcow2", "qcow2")  # now with the format recorded
+    await graph.close_all()
+    assert_clean(img)
+    qemu_io(img, "read -P 5 3 1000")
+    info = run("qemu-img", "info", str(img)).stdout
+    assert "backing file format: qcow2" in info

@@ -228,7 +228,9 @@ def _parse_extensions(h: Header, buf: bytes) -> None:
     seen: set[int] = set()
     while True:
         if pos + 8 > min(end, len(buf)):
-            raise ImageError("qcow2: Header extension list runs past the header")
+            # old images have no extension area at all (the name follows the
+            # header directly): no room for an entry means the list is over
+            return
         ext_type, length = struct.unpack_from(">II", buf, pos)
         pos += 8
         if ext_type == EXT_END:
