@@ -392,3 +392,18 @@ async def test_change_backing_refusals(tmp_path: Path, graph: BlockGraph) -> Non
     await graph.close_all()
     assert_clean(img)
     assert "backing file:" not in run("qemu-img", "info", str(img)).stdout
+
+
+async def test_grow_limits(tmp_path: Path, graph: BlockGraph) -> None:
+    img = create(tmp_path / "lim.qcow2", MiB, cluster_size=512, refcount_bits=64)
+    node = await open_qcow2(graph, img)
+    with pytest.raises(BlockError, match="L1 table"):
+        await node.truncate(2**50)
+    with pytest.raises(BlockError, match="shrink"):
+        await node.truncate(512)
+    # new L1: 64 KiB = 128 contiguous clusters, more than one refcount block (64) covers
+    await node.truncate(256 * MiB)
+    await node.write(255 * MiB, b"end")
+    await graph.close_all()
+    assert_clean(img)
+    qemu_io(img, f"read -P 0x65 {255 * MiB} 1")

@@ -667,6 +667,9 @@ class Qcow2Node(BlockNode):
         h = self.header
         old_size = h.size
         need = -(-size // (cs * self.l2_entries))
+        if need * 8 > hdr.MAX_L1_BYTES:
+            raise BlockError(f"qcow2: virtual size {size} needs an L1 table larger than "
+                             f"{hdr.MAX_L1_BYTES} bytes; use bigger clusters")
         if need > h.l1_size:
             nclusters = -(-need * 8 // cs)
             new = await self._refs.allocate(nclusters)
