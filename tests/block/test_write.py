@@ -407,3 +407,35 @@ async def test_grow_limits(tmp_path: Path, graph: BlockGraph) -> None:
     await graph.close_all()
     assert_clean(img)
     qemu_io(img, f"read -P 0x65 {255 * MiB} 1")
+
+
+async def test_change_backing_refuses_loops(tmp_path: Path, graph: BlockGraph) -> None:
+    base = create(tmp_path / "base.qcow2", MiB)
+    top = create(tmp_path / "top.qcow2", MiB, backing=base)
+    node = await open_qcow2(graph, top)
+    assert node.backing is not None
+    await node.backing.reopen(read_only=False)
+    with pytest.raises(BlockError, match="loop"):
+        await node.backing.change_backing(node, str(top), "qcow2")
+    with pytest.raises(BlockError, match="loop"):
+        await node.change_backing(node, str(top), "qcow2")
+    await graph.close_all()
+    assert_clean(base)
+    assert "backing file:" not in run("qemu-img", "info", str(base)).stdout
+
+
+async def test_write_over_qemu_grown_refcount_table(tmp_path: Path, graph: BlockGraph) -> None:
+    img = create(tmp_path / "qg.qcow2", 4 * MiB, cluster_size=512, refcount_bits=64)
+    qemu_io(img, "write -P 0x21 0 3M")  # QEMU grows the refcount table itself
+    node = await open_qcow2(graph, img)
+    await node.discard(MiB, MiB)
+    await node.write(3 * MiB - 100, b"\x22" * 700 * KiB)
+    await node.write(MiB + 5, b"\x23" * 5000)
+    await graph.close_all()
+    assert_clean(img)
+    model = bytearray(4 * MiB)
+    model[: 3 * MiB] = b"\x21" * (3 * MiB)
+    model[MiB : 2 * MiB] = bytes(MiB)
+    model[3 * MiB - 100 : 3 * MiB - 100 + 700 * KiB] = b"\x22" * (700 * KiB)
+    model[MiB + 5 : MiB + 5005] = b"\x23" * 5000
+    compare_with(img, bytes(model), tmp_path)

@@ -173,6 +173,14 @@ class BlockNode:
     ) -> None:
         """Point this node at another backing node and record that in the image."""
         self._check_open()
+        node = backing
+        while node is not None:
+            if node is self:
+                raise BlockError(
+                    f"Making '{backing.node_name if backing else ''}' a backing file of "
+                    f"'{self.node_name}' would create a loop"
+                )
+            node = node.backing
         await self._do_change_backing(backing, backing_string, backing_format)
 
     async def reopen(self, *, read_only: bool) -> None:
