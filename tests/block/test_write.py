@@ -401,6 +401,8 @@ async def test_grow_limits(tmp_path: Path, graph: BlockGraph) -> None:
         await node.truncate(2**50)
     with pytest.raises(BlockError, match="shrink"):
         await node.truncate(512)
+    with pytest.raises(BlockError, match="multiple of 512"):
+        await node.truncate(2 * MiB + 1)
     # new L1: 64 KiB = 128 contiguous clusters, more than one refcount block (64) covers
     await node.truncate(256 * MiB)
     await node.write(255 * MiB, b"end")

@@ -653,6 +653,8 @@ class Qcow2Node(BlockNode):
     # -- resizing -------------------------------------------------------------------
 
     async def _do_truncate(self, size: int) -> None:
+        if size % 512:
+            raise BlockError("The new size must be a multiple of 512")
         if self.corrupt:
             raise BlockIOError(errno.EIO, "qcow2: Image is corrupt; writes are refused")
         async with self._lock:
