@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import random
 from pathlib import Path
 
 import pytest
@@ -136,3 +138,51 @@ async def test_block_status_on_huge_sparse_image_is_cheap(
     assert extents == [(True, 65536), (False, 40 * 2**30 - 65536), (True, 65536),
                        (False, 24 * 2**30 - 65536)]
     assert time.monotonic() - t0 < 5
+
+
+def qemu_map(path: Path) -> list[dict]:
+    return json.loads(run("qemu-img", "map", "--output=json", str(path)).stdout)
+
+
+def runs(extents: list[tuple[int, int, bool]]) -> list[tuple[int, int, bool]]:
+    merged: list[tuple[int, int, bool]] = []
+    for start, length, flag in extents:
+        if merged and merged[-1][2] == flag and merged[-1][0] + merged[-1][1] == start:
+            merged[-1] = (merged[-1][0], merged[-1][1] + length, flag)
+        else:
+            merged.append((start, length, flag))
+    return merged
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_is_allocated_above_matches_qemu_img_map(
+    tmp_path: Path, graph: BlockGraph, seed: int
+) -> None:
+    rng = random.Random(seed)
+    sizes = [MiB, 3 * MiB // 2, 2 * MiB]  # base, mid, top: each bigger than the last
+    paths: list[Path] = []
+    for depth, size in enumerate(sizes):
+        p = create(tmp_path / f"l{depth}.qcow2", size,
+                   cluster_size=rng.choice([512, 4096, 65536]),
+                   backing=paths[-1] if paths else None)
+        cmds = []
+        for _ in range(6):
+            off = rng.randrange(0, size // 512) * 512
+            n = min(rng.randrange(1, 64) * 4096, size - off)
+            cmds.append(f"write {'-z' if rng.random() < 0.3 else '-P 9'} {off} {n}")
+        qemu_io(p, *cmds)
+        paths.append(p)
+    top = await open_qcow2(graph, paths[-1], read_only=True)
+    chain = list(graph.chain(top))
+    qmap = qemu_map(paths[-1])
+    for base_depth in (1, 2, 3):  # base = mid, base = l0, no base
+        base = chain[base_depth] if base_depth < len(chain) else None
+        expected = runs([(e["start"], e["length"], e["present"] and e["depth"] < base_depth)
+                         for e in qmap])
+        got: list[tuple[int, int, bool]] = []
+        pos = 0
+        while pos < top.size:
+            allocated, n = await graph.is_allocated_above(top, base, pos, top.size - pos)
+            got.append((pos, n, allocated))
+            pos += n
+        assert runs(got) == expected, base_depth
