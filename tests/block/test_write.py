@@ -441,3 +441,28 @@ async def test_write_over_qemu_grown_refcount_table(tmp_path: Path, graph: Block
     model[3 * MiB - 100 : 3 * MiB - 100 + 700 * KiB] = b"\x22" * (700 * KiB)
     model[MiB + 5 : MiB + 5005] = b"\x23" * 5000
     compare_with(img, bytes(model), tmp_path)
+
+
+async def test_reopen_while_io_in_flight(tmp_path: Path, graph: BlockGraph) -> None:
+    img = create(tmp_path / "ri.qcow2", 4 * MiB)
+    qemu_io(img, "write -P 0x1f 0 4M")
+    node = await open_qcow2(graph, img)
+    errors: list[BaseException] = []
+
+    async def reader(i: int) -> None:
+        for _ in range(20):
+            try:
+                assert await node.read(i * 65536, 65536) == b"\x1f" * 65536
+            except BaseException as exc:  # collected, not raised, to count them all
+                errors.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(16):
+            nursery.start_soon(reader, i)
+        for _ in range(5):
+            await node.reopen(read_only=True)
+            await node.reopen(read_only=False)
+    assert errors == []
+    await node.write(0, b"ok")
+    await graph.close_all()
+    assert_clean(img)
