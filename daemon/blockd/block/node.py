@@ -188,21 +188,24 @@ class BlockNode:
         self._check_open()
         if read_only == self.read_only:
             return
-        if read_only:
-            await self._do_flush()
-        await self._do_reopen(read_only)
-        self.read_only = read_only
+        # a half-done reopen (locks dropped, descriptor swapped) must not be left behind
+        with trio.CancelScope(shield=True):
+            if read_only:
+                await self._do_flush()
+            await self._do_reopen(read_only)
+            self.read_only = read_only
 
     async def close(self) -> None:
         """Release this node's own resources (children are the graph's business)."""
         if self.closed:
             return
-        try:
-            if not self.read_only:
-                await self._do_flush()
-        finally:
-            self.closed = True
-            await self._do_close()
+        with trio.CancelScope(shield=True):
+            try:
+                if not self.read_only:
+                    await self._do_flush()
+            finally:
+                self.closed = True
+                await self._do_close()
 
     # -- driver hooks ---------------------------------------------------------------
 
