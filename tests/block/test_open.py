@@ -298,3 +298,16 @@ async def test_old_v2_header_without_extension_area(tmp_path: Path, graph: Block
     qemu_io(img, "read -P 5 3 1000")
     info = run("qemu-img", "info", str(img)).stdout
     assert "backing file format: qcow2" in info
+
+
+async def test_parameter_texts_name_nested_members(graph: BlockGraph) -> None:
+    with pytest.raises(BlockError) as info:
+        await open_node(graph, {"driver": "qcow2", "file": {"driver": "file"}})
+    assert str(info.value) == "Parameter 'file.filename' is missing"
+    with pytest.raises(BlockError) as info:
+        await open_node(graph, {"driver": "raw", "file": {"driver": "nosuchdrv"}})
+    assert str(info.value) == "Parameter 'file.driver' does not accept value 'nosuchdrv'"
+    with pytest.raises(BlockError) as info:
+        await open_node(graph, {"driver": "qcow2"})
+    assert str(info.value) == "Parameter 'file' is missing"
+    assert len(graph) == 0
