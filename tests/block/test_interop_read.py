@@ -144,16 +144,6 @@ def qemu_map(path: Path) -> list[dict]:
     return json.loads(run("qemu-img", "map", "--output=json", str(path)).stdout)
 
 
-def runs(extents: list[tuple[int, int, bool]]) -> list[tuple[int, int, bool]]:
-    merged: list[tuple[int, int, bool]] = []
-    for start, length, flag in extents:
-        if merged and merged[-1][2] == flag and merged[-1][0] + merged[-1][1] == start:
-            merged[-1] = (merged[-1][0], merged[-1][1] + length, flag)
-        else:
-            merged.append((start, length, flag))
-    return merged
-
-
 @pytest.mark.parametrize("seed", range(4))
 async def test_is_allocated_above_matches_qemu_img_map(
     tmp_path: Path, graph: BlockGraph, seed: int
@@ -175,14 +165,29 @@ async def test_is_allocated_above_matches_qemu_img_map(
     top = await open_qcow2(graph, paths[-1], read_only=True)
     chain = list(graph.chain(top))
     qmap = qemu_map(paths[-1])
+    sector = 512
+    nsec = top.size // sector
+    depth_of = [0] * nsec
+    present = [False] * nsec
+    for e in qmap:
+        for s in range(e["start"] // sector, (e["start"] + e["length"]) // sector):
+            depth_of[s], present[s] = e["depth"], e["present"]
+    sizes_from_top = list(reversed(sizes))
     for base_depth in (1, 2, 3):  # base = mid, base = l0, no base
         base = chain[base_depth] if base_depth < len(chain) else None
-        expected = runs([(e["start"], e["length"], e["present"] and e["depth"] < base_depth)
-                         for e in qmap])
-        got: list[tuple[int, int, bool]] = []
+        expected = []
+        for s in range(nsec):
+            allocated = present[s] and depth_of[s] < base_depth
+            # qemu-img map shows "absent" past a short intermediate layer, but
+            # QEMU's is_allocated_above counts those synthesised zeros as allocated
+            short = any(s * sector >= sizes_from_top[d] for d in range(1, base_depth)
+                        if d < len(sizes_from_top))
+            expected.append(allocated or (not present[s] and short))
+        got: list[bool] = []
         pos = 0
         while pos < top.size:
             allocated, n = await graph.is_allocated_above(top, base, pos, top.size - pos)
-            got.append((pos, n, allocated))
+            assert n % sector == 0
+            got.extend([allocated] * (n // sector))
             pos += n
-        assert runs(got) == expected, base_depth
+        assert got == expected, base_depth

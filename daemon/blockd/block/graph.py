@@ -130,13 +130,14 @@ class BlockGraph:
             if node is base:
                 break
             if offset >= node.size:
-                # this layer (and everything it would fall through to) ends here
-                # for this offset; lower layers may still be larger
-                continue
+                # a layer shorter than the offset ends the chain here: what is
+                # seen through it are zeros it synthesises, which hide everything
+                # below exactly like a zero cluster would (QEMU treats them so)
+                return True, run
             status, n = await node.block_status(offset, min(run, node.size - offset))
             if status is not Status.UNALLOCATED:
                 return True, min(run, n)
-            run = min(run, n) if offset + n < node.size else run
+            run = min(run, n)
         return False, run
 
     # -- teardown -------------------------------------------------------------------
