@@ -44,6 +44,7 @@ CASES: list[tuple[str, Patch, str]] = [
     ("l1-past-eof", put(">Q", 40, 0x7770000), "Invalid L1 table offset"),
     ("l1-over-header", put(">Q", 40, 0), "Invalid L1 table offset"),
     ("l1-too-small", put(">I", 36, 0), "L1 table is too small"),
+    ("l1-over-reftable", put(">Q", 40, 0x10000), "overlaps the reference count table"),
     ("reftable-unaligned", put(">Q", 48, 0x10008), "Invalid reference count table offset"),
     ("reftable-past-eof", put(">Q", 48, 0x9990000), "Invalid reference count table offset"),
     ("reftable-over-header", put(">Q", 48, 0), "Invalid reference count table offset"),

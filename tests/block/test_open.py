@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -252,33 +255,97 @@ async def test_image_locking_interop(tmp_path: Path, graph: BlockGraph) -> None:
 
 async def test_lock_held_by_qemu_storage_daemon(tmp_path: Path, graph: BlockGraph) -> None:
     if shutil.which("qemu-storage-daemon") is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("missing tool: qemu-storage-daemon")
         pytest.skip("no qemu-storage-daemon")
     img = create(tmp_path / "q.qcow2", MiB)
     proc = subprocess.Popen(
-        [
-            "qemu-storage-daemon",
-            "--blockdev",
-            f"driver=file,node-name=f,filename={img}",
-            "--blockdev",
-            "driver=qcow2,node-name=q,file=f",
-            "--nbd-server",
-            f"addr.type=unix,addr.path={tmp_path / 'nbd.sock'}",
-            "--export",
-            "type=nbd,id=e,node-name=q,writable=on",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        ["qemu-storage-daemon", "--blockdev",
+         f"driver=file,node-name=f,filename={img}", "--blockdev",
+         "driver=qcow2,node-name=q,file=f", "--nbd-server",
+         f"addr.type=unix,addr.path={tmp_path / 'nbd.sock'}", "--export",
+         "type=nbd,id=e,node-name=q,writable=on"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
-        for _ in range(250):  # wait until QSD holds its locks
-            if run("qemu-img", "info", str(img), check=False).returncode != 0:
-                break
-            await trio.sleep(0.02)
-        else:
-            pytest.fail("qemu-storage-daemon never locked the image")
+        # wait until QSD holds the "write" permission lock (byte 101); probe with
+        # F_OFD_GETLK, which takes no lock (a qemu-img probe would race with QSD)
+        fd = os.open(img, os.O_RDONLY)
+        try:
+            for _ in range(250):
+                flock = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 101, 1, 0)
+                got = struct.unpack("hhqqi4x", fcntl.fcntl(fd, fcntl.F_OFD_GETLK, flock))
+                if got[0] != fcntl.F_UNLCK:
+                    break
+                if proc.poll() is not None:
+                    pytest.fail(f"qemu-storage-daemon exited: {proc.communicate()[1]}")
+                await trio.sleep(0.02)
+            else:
+                pytest.fail("qemu-storage-daemon never locked the image")
+        finally:
+            os.close(fd)
         with pytest.raises(ImageError, match='Failed to get shared "write" lock'):
             await open_qcow2(graph, img, read_only=True)
         assert len(graph) == 0
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("compat", ["0.10", "1.1"])
+async def test_image_info_matches_qemu_img(
+    tmp_path: Path, graph: BlockGraph, compat: str
+) -> None:
+    base = create(tmp_path / "base.qcow2", MiB, compat=compat, refcount_bits=16)
+    top = create(tmp_path / "top.qcow2", 2 * MiB, compat=compat, cluster_size=4096,
+                 backing=Path("base.qcow2"))
+    qemu_io(top, "write -P 1 0 100k")
+    expected = json.loads(run("qemu-img", "info", "--output=json", str(top)).stdout)
+    node = await open_qcow2(graph, top, read_only=True)
+    info = await node.image_info()
+    for key in ("filename", "format", "virtual-size", "cluster-size", "dirty-flag",
+                "backing-filename", "full-backing-filename", "backing-filename-format",
+                "format-specific", "actual-size"):
+        assert info.get(key) == expected.get(key), key
+    assert node.backing is not None
+    binfo = await node.backing.image_info()
+    assert binfo["filename"] == str(base)
+    assert "backing-filename" not in binfo
+
+
+async def test_old_v2_header_without_extension_area(tmp_path: Path, graph: BlockGraph) -> None:
+    base = create(tmp_path / "base.qcow2", MiB, compat="0.10")
+    qemu_io(base, "write -P 5 0 1M")
+    img = create(tmp_path / "old.qcow2", MiB, compat="0.10", backing=Path("base.qcow2"))
+    raw = bytearray(img.read_bytes())
+    name = b"base.qcow2"
+    raw[72:512] = bytes(440)
+    raw[72 : 72 + len(name)] = name
+    struct.pack_into(">QI", raw, 8, 72, len(name))
+    img.write_bytes(bytes(raw))
+    assert "backing file: base.qcow2" in run("qemu-img", "info", "-U", str(img)).stdout
+    with pytest.raises(ImageError, match="not recorded"):
+        await open_qcow2(graph, img, read_only=True)
+    b = await open_qcow2(graph, base, read_only=True, name="b")
+    node = await open_qcow2(graph, img, backing="b")
+    assert await node.read(0, 2) == b"\x05\x05"
+    await node.write(0, b"new")
+    await node.change_backing(b, "base.qcow2", "qcow2")  # now with the format recorded
+    await graph.close_all()
+    assert_clean(img)
+    qemu_io(img, "read -P 5 3 1000")
+    info = run("qemu-img", "info", str(img)).stdout
+    assert "backing file format: qcow2" in info
+
+
+async def test_parameter_texts_name_nested_members(graph: BlockGraph) -> None:
+    with pytest.raises(BlockError) as info:
+        await open_node(graph, {"driver": "qcow2", "file": {"driver": "file"}})
+    assert str(info.value) == "Parameter 'file.filename' is missing"
+    with pytest.raises(BlockError) as info:
+        await open_node(graph, {"driver": "raw", "file": {"driver": "nosuchdrv"}})
+    assert str(info.value) == "Parameter 'file.driver' does not accept value 'nosuchdrv'"
+    with pytest.raises(BlockError) as info:
+        await open_node(graph, {"driver": "qcow2"})
+    assert str(info.value) == "Parameter 'file' is missing"
+    assert len(graph) == 0

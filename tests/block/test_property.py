@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from blockd.block.graph import BlockGraph
+from blockd.block.node import Status
 
 from .conftest import assert_clean, compare_with, create, open_qcow2, qemu_io, run, to_raw
 
@@ -159,6 +160,17 @@ async def test_random_operations(sc: dict) -> None:
                 else:
                     assert await node.read(off, n) == bytes(model[off : off + n])
             assert await node.read(0, sc["size"]) == bytes(model)
+            # block_status must agree with what reads return
+            pos = 0
+            while pos < sc["size"]:
+                status, n = await node.block_status(pos, sc["size"] - pos)
+                assert 0 < n <= sc["size"] - pos
+                hidden = status is Status.UNALLOCATED and not sc["backing_size"]
+                if status is Status.ZERO or hidden:
+                    assert model[pos : pos + n] == bytes(n)
+                elif status is Status.UNALLOCATED:
+                    assert model[pos : pos + n] == below[pos : pos + n]
+                pos += n
         finally:
             await graph.close_all()
         assert_clean(img)

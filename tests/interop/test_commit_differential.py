@@ -35,10 +35,9 @@ def make_chain(d: Path) -> None:
 def chain_nodes(d: Path) -> list[tuple[str, dict[str, Any], Any]]:
     steps: list[tuple[str, dict[str, Any], Any]] = []
     for name, backing, ro in (("base", None, True), ("mid", "base", True), ("top", "mid", False)):
-        steps.append(("blockdev-add", {
-            "driver": "qcow2", "node-name": name, "read-only": ro, "backing": backing,
-            "file": {"driver": "file", "filename": str(d / f"{name}.qcow2"), "node-name": f"f-{name}"},
-        }, None))  # fmt: skip
+        file = {"driver": "file", "filename": str(d / f"{name}.qcow2"), "node-name": f"f-{name}"}
+        arguments = {"driver": "qcow2", "node-name": name, "read-only": ro, "backing": backing}
+        steps.append(("blockdev-add", {**arguments, "file": file}, None))
     return steps
 
 

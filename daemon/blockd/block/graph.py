@@ -137,8 +137,9 @@ class BlockGraph:
             if node is base:
                 break
             if offset >= node.size:
-                # A layer shorter than its overlay reads as zeros past its end,
-                # and those zeros hide whatever the layers below hold there.
+                # a layer shorter than the offset ends the chain here: what is
+                # seen through it are zeros it synthesises, which hide everything
+                # below exactly like a zero cluster would (QEMU treats them so)
                 return True, run
             status, n = await node.block_status(offset, min(run, node.size - offset))
             if status is not Status.UNALLOCATED:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import enum
 import errno
-from typing import ClassVar
+import os
+from typing import Any, ClassVar
+
+import trio
 
 from blockd.errors import BlockError, BlockIOError
 
@@ -62,6 +65,32 @@ class BlockNode:
     def filename(self) -> str:
         """The host file behind this node, as graph lookups by filename see it."""
         return self.file.filename if self.file is not None else ""
+
+    async def image_info(self) -> dict[str, Any]:
+        """QAPI ImageInfo for this node, as ``qemu-img info`` / query-named-block-nodes show it.
+
+        Built here so the command layer never has to know a format's internals.
+        """
+        filename = self.filename
+        actual = 0
+        if filename:
+            try:
+                st = await trio.to_thread.run_sync(os.stat, filename)
+                actual = st.st_blocks * 512
+            except OSError:
+                actual = 0
+        info: dict[str, Any] = {
+            "filename": filename,
+            "format": self.driver,
+            "virtual-size": self.size,
+            "actual-size": actual,
+            "dirty-flag": False,
+        }
+        info.update(self._format_info())
+        return info
+
+    def _format_info(self) -> dict[str, Any]:
+        return {}
 
     # -- request validation ---------------------------------------------------------
 
@@ -144,6 +173,14 @@ class BlockNode:
     ) -> None:
         """Point this node at another backing node and record that in the image."""
         self._check_open()
+        node = backing
+        while node is not None:
+            if node is self:
+                raise BlockError(
+                    f"Making '{backing.node_name if backing else ''}' a backing file of "
+                    f"'{self.node_name}' would create a loop"
+                )
+            node = node.backing
         await self._do_change_backing(backing, backing_string, backing_format)
 
     async def reopen(self, *, read_only: bool) -> None:
@@ -151,21 +188,24 @@ class BlockNode:
         self._check_open()
         if read_only == self.read_only:
             return
-        if read_only:
-            await self._do_flush()
-        await self._do_reopen(read_only)
-        self.read_only = read_only
+        # a half-done reopen (locks dropped, descriptor swapped) must not be left behind
+        with trio.CancelScope(shield=True):
+            if read_only:
+                await self._do_flush()
+            await self._do_reopen(read_only)
+            self.read_only = read_only
 
     async def close(self) -> None:
         """Release this node's own resources (children are the graph's business)."""
         if self.closed:
             return
-        try:
-            if not self.read_only:
-                await self._do_flush()
-        finally:
-            self.closed = True
-            await self._do_close()
+        with trio.CancelScope(shield=True):
+            try:
+                if not self.read_only:
+                    await self._do_flush()
+            finally:
+                self.closed = True
+                await self._do_close()
 
     # -- driver hooks ---------------------------------------------------------------
 

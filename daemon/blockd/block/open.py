@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from blockd.block.blkdebug import BlkdebugNode, Rule
 from blockd.block.drivers.file import FileNode
 from blockd.block.drivers.qcow2.node import Qcow2Node
 from blockd.block.drivers.raw import RawNode
@@ -26,6 +27,10 @@ class _Opening:
         self.graph = graph
         self.created: list[BlockNode] = []
         self.chain_files: list[str] = []
+        self.path: list[str] = []  # where in the nested options we are, for messages
+
+    def param(self, name: str) -> str:
+        return ".".join([*self.path, name])
 
     async def rollback(self) -> None:
         for node in reversed(self.created):
@@ -59,18 +64,34 @@ async def _open(ctx: _Opening, options: dict[str, Any], *, read_only: bool) -> B
         return await _open_file(ctx, options, read_only)
     if driver in _FORMATS:
         return await _open_format(ctx, str(driver), options, read_only)
-    raise BlockError(f"Parameter 'driver' does not accept value '{driver}'")
+    if driver == "blkdebug":
+        return await _open_blkdebug(ctx, options, read_only)
+    if driver is None:
+        raise BlockError(f"Parameter '{ctx.param('driver')}' is missing")
+    raise BlockError(f"Parameter '{ctx.param('driver')}' does not accept value '{driver}'")
 
 
 async def _open_file(ctx: _Opening, options: dict[str, Any], read_only: bool) -> BlockNode:
     name = _name(ctx, options)
     filename = options.get("filename")
     if not isinstance(filename, str):
-        raise BlockError("Parameter 'filename' is missing")
+        raise BlockError(f"Parameter '{ctx.param('filename')}' is missing")
     locking = options.get("locking", "auto") != "off"
     node = await FileNode.open(name, filename, read_only=read_only, locking=locking)
     ctx.created.append(node)
     ctx.graph.add(node)
+    return node
+
+
+async def _open_blkdebug(ctx: _Opening, options: dict[str, Any], read_only: bool) -> BlockNode:
+    name = _name(ctx, options)
+    if "image" not in options:
+        raise BlockError(f"Parameter '{ctx.param('image')}' is missing")
+    rules = [Rule.from_options(r) for r in options.get("inject-error", [])]
+    image, implicit = await _child_ref(ctx, options["image"], read_only=read_only, what="image")
+    node = BlkdebugNode(name, image, read_only=read_only, rules=rules)
+    ctx.created.append(node)
+    ctx.graph.add(node, [image] if implicit else [])
     return node
 
 
@@ -86,8 +107,12 @@ async def _child_ref(
     if isinstance(ref, dict):
         opts = dict(ref)
         opts.setdefault("read-only", read_only)
-        return await _open(ctx, opts, read_only=bool(opts["read-only"])), True
-    raise BlockError(f"Parameter '{what}' is missing")
+        ctx.path.append(what)
+        try:
+            return await _open(ctx, opts, read_only=bool(opts["read-only"])), True
+        finally:
+            ctx.path.pop()
+    raise BlockError(f"Parameter '{ctx.param(what)}' is missing")
 
 
 async def _open_format(
@@ -95,8 +120,9 @@ async def _open_format(
 ) -> BlockNode:
     name = _name(ctx, options)
     if "file" not in options:
-        raise BlockError("Parameter 'file' is missing")
-    file, file_implicit = await _child_ref(ctx, options["file"], read_only=read_only, what="file")
+        raise BlockError(f"Parameter '{ctx.param('file')}' is missing")
+    file, file_implicit = await _child_ref(ctx, options["file"], read_only=read_only,
+                                           what="file")
     if not read_only and file.read_only:
         raise BlockError(f"Block node '{file.node_name}' is read-only")
     implicit = [file] if file_implicit else []

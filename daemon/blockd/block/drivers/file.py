@@ -157,6 +157,8 @@ class FileNode(BlockNode):
         self._fd = fd
         self._size = os.fstat(fd).st_size
         self.locking = locking
+        self._inflight = 0
+        self._idle = trio.Event()
 
     @classmethod
     async def open(
@@ -200,11 +202,11 @@ class FileNode(BlockNode):
 
     async def _do_read(self, offset: int, length: int) -> bytes:
         fd = self._fd
-        return await run_io(lambda: _pread_full(fd, offset, length))
+        return await self._io(lambda: _pread_full(fd, offset, length))
 
     async def _do_write(self, offset: int, data: bytes) -> None:
         fd = self._fd
-        await run_io(lambda: _pwrite_full(fd, offset, data))
+        await self._io(lambda: _pwrite_full(fd, offset, data))
         self._size = max(self._size, offset + len(data))
 
     async def _do_write_zeroes(self, offset: int, length: int) -> None:
@@ -216,7 +218,7 @@ class FileNode(BlockNode):
                 return
             _zero_fill(fd, offset, length)
 
-        await run_io(zero)
+        await self._io(zero)
         self._size = max(self._size, offset + length)
 
     async def _do_discard(self, offset: int, length: int) -> None:
@@ -230,7 +232,7 @@ class FileNode(BlockNode):
             # discard is advisory: a file system without hole punching just keeps the data
             fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, end - offset)
 
-        await run_io(punch)
+        await self._io(punch)
 
     async def _do_block_status(self, offset: int, length: int) -> tuple[Status, int]:
         fd = self._fd
@@ -248,15 +250,15 @@ class FileNode(BlockNode):
             hole = os.lseek(fd, offset, os.SEEK_HOLE)
             return Status.DATA, min(hole, end) - offset
 
-        return await run_io(probe)
+        return await self._io(probe)
 
     async def _do_flush(self) -> None:
         fd = self._fd
-        await run_io(lambda: os.fdatasync(fd))
+        await self._io(lambda: os.fdatasync(fd))
 
     async def _do_truncate(self, size: int) -> None:
         fd = self._fd
-        await run_io(lambda: os.ftruncate(fd, size))
+        await self._io(lambda: os.ftruncate(fd, size))
         self._size = size
 
     async def _do_reopen(self, read_only: bool) -> None:
@@ -272,12 +274,32 @@ class FileNode(BlockNode):
                 await run_io(lambda: lock_image(old, self.read_only))
                 raise
         self._fd = new_fd
+        # I/O that captured the old descriptor must finish before it is closed:
+        # a closed number can be reused by an unrelated file at once
+        await self._drain()
         os.close(old)
 
     async def _do_close(self) -> None:
+        await self._drain()
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
+
+    async def _io(self, fn: Callable[[], T]) -> T:
+        """run_io, counted, so the descriptor is never closed under a running call."""
+        self._inflight += 1
+        try:
+            return await run_io(fn)
+        finally:
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
+                self._idle = trio.Event()
+
+    async def _drain(self) -> None:
+        with trio.CancelScope(shield=True):
+            while self._inflight:
+                await self._idle.wait()
 
     async def refresh_size(self) -> int:
         """Re-read the file length (someone else may have changed the file)."""

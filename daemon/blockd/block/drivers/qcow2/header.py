@@ -233,7 +233,9 @@ def _parse_extensions(h: Header, buf: bytes) -> None:
     seen: set[int] = set()
     while True:
         if pos + 8 > min(end, len(buf)):
-            raise ImageError("qcow2: Header extension list runs past the header")
+            # old images have no extension area at all (the name follows the
+            # header directly): no room for an entry means the list is over
+            return
         ext_type, length = struct.unpack_from(">II", buf, pos)
         pos += 8
         if ext_type == EXT_END:
@@ -280,6 +282,12 @@ def _validate_tables(h: Header, file_size: int) -> None:
         )
     if h.nb_snapshots:
         _validate_table("snapshot table", h.snapshots_offset, 8, cs, file_size)
+    if h.l1_size:
+        l1 = (h.l1_table_offset, h.l1_table_offset + h.l1_size * 8)
+        rt = (h.refcount_table_offset, h.refcount_table_offset + rt_bytes)
+        if l1[0] < rt[1] and rt[0] < l1[1]:
+            raise ImageError("Invalid L1 table offset: the L1 table overlaps the "
+                             "reference count table")
 
 
 def serialize(h: Header) -> bytes:

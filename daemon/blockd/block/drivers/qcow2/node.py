@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import os
 import struct
 from array import array
+from typing import Any
 
 import trio
 
@@ -84,6 +86,8 @@ class Qcow2Node(BlockNode):
         self._lock = trio.Lock()
         self._corrupt = False
         self._inflated: tuple[int, bytes] | None = None
+        self._pinned: dict[int, int] = {}  # host cluster -> in-flight data I/Os
+        self._unpinned = trio.Event()
 
     # -- opening --------------------------------------------------------------------
 
@@ -173,6 +177,38 @@ class Qcow2Node(BlockNode):
     @property
     def corrupt(self) -> bool:
         return self._corrupt or bool(self.header.incompatible_features & hdr.INCOMPAT_CORRUPT)
+
+    @property
+    def full_backing_filename(self) -> str | None:
+        """The header's backing name resolved the way opening resolves it."""
+        name = self.header.backing_file
+        if not name or os.path.isabs(name) or name.startswith("json:"):
+            return name
+        return os.path.join(os.path.dirname(self.filename), name)
+
+    def _format_info(self) -> dict[str, Any]:
+        h = self.header
+        data: dict[str, Any] = {
+            "compat": "1.1" if h.version >= 3 else "0.10",
+            "compression-type": "zstd" if h.compression_type == hdr.COMPRESSION_ZSTD else "zlib",
+        }
+        if h.version >= 3:
+            data["lazy-refcounts"] = bool(h.compatible_features & hdr.COMPAT_LAZY_REFCOUNTS)
+        data["refcount-bits"] = h.refcount_bits
+        if h.version >= 3:
+            data["corrupt"] = self.corrupt
+            data["extended-l2"] = bool(h.incompatible_features & hdr.INCOMPAT_EXTL2)
+        info: dict[str, Any] = {
+            "cluster-size": self.cluster_size,
+            "dirty-flag": bool(h.incompatible_features & hdr.INCOMPAT_DIRTY),
+            "format-specific": {"type": "qcow2", "data": data},
+        }
+        if h.backing_file:
+            info["backing-filename"] = h.backing_file
+            info["full-backing-filename"] = self.full_backing_filename
+            if h.backing_format:
+                info["backing-filename-format"] = h.backing_format
+        return info
 
     # -- mapping --------------------------------------------------------------------
 
@@ -273,23 +309,76 @@ class Qcow2Node(BlockNode):
             return (await self._read_compressed(entry))[within : within + n]
         return bytes(n)
 
+    # -- in-flight data I/O ---------------------------------------------------------
+    #
+    # Data I/O to clusters already mapped runs outside the metadata lock, so
+    # readers and in-place writers proceed in parallel.  While such I/O is in
+    # flight its host clusters are pinned: dropping the last reference to a
+    # pinned cluster waits, so the cluster cannot be reallocated (and filled
+    # with someone else's data) under the I/O's feet.
+
+    def _host_clusters(self, extents: list[Extent]) -> list[int]:
+        out: list[int] = []
+        for kind, goff, n, entry in extents:
+            if kind is ClusterKind.NORMAL:
+                host = (entry & OFFSET_MASK) + goff % self.cluster_size
+                out.extend(host_clusters_of_range(host, n, self.cluster_bits))
+            elif kind is ClusterKind.COMPRESSED:
+                host, nbytes = compressed_range(entry, self.cluster_bits)
+                out.extend(host_clusters_of_range(host, nbytes, self.cluster_bits))
+        return out
+
+    def _pin(self, clusters: list[int]) -> None:
+        for c in clusters:
+            self._pinned[c] = self._pinned.get(c, 0) + 1
+
+    def _unpin(self, clusters: list[int]) -> None:
+        for c in clusters:
+            left = self._pinned[c] - 1
+            if left:
+                self._pinned[c] = left
+            else:
+                del self._pinned[c]
+        self._unpinned.set()
+        self._unpinned = trio.Event()
+
+    async def _wait_unpinned(self, clusters: list[int]) -> None:
+        while any(c in self._pinned for c in clusters):
+            await self._unpinned.wait()
+
     async def _do_read(self, offset: int, length: int) -> bytes:
         # map under the lock (a consistent view of L2), copy data outside it
         async with self._lock:
             extents = await self._map(offset, length)
-        parts = [await self._read_extent(ext) for ext in extents]
+            pinned = self._host_clusters(extents)
+            self._pin(pinned)
+        try:
+            parts = [await self._read_extent(ext) for ext in extents]
+        finally:
+            self._unpin(pinned)
         return b"".join(parts)
 
     async def _do_block_status(self, offset: int, length: int) -> tuple[Status, int]:
+        # Walk one L2 table's worth at a time and stop at the first change, so a
+        # question about a huge range costs as much as its first extent.
+        cs = self.cluster_size
+        end = offset + length
+        span = cs * self.l2_entries
+        limit = offset + 16 * span  # callers loop; bound the work per question
+        status: Status | None = None
+        pos = offset
         async with self._lock:
-            extents = await self._map(offset, length)
-        status = _STATUS[extents[0][0]]
-        n = 0
-        for kind, _g, ln, _e in extents:
-            if _STATUS[kind] is not status:
-                break
-            n += ln
-        return status, n
+            while pos < min(end, limit):
+                chunk_end = min(end, (pos // span + 1) * span)
+                for kind, goff, _n, _e in await self._map(pos, chunk_end - pos):
+                    st = _STATUS[kind]
+                    if status is None:
+                        status = st
+                    elif st is not status:
+                        return status, goff - offset
+                pos = chunk_end
+        assert status is not None
+        return status, min(end, limit) - offset
 
     # -- metadata helpers (callers hold the lock, shielded) -------------------------
 
@@ -340,8 +429,12 @@ class Qcow2Node(BlockNode):
             hi = max(clusters) % self.l2_entries + 1
             for c in clusters:
                 table[c % self.l2_entries] = updates[c]
-            self._meta.check(off + lo * 8, (hi - lo) * 8, MetaKind.L2)
-            await self._file.write(off + lo * 8, encode_entries(table[lo:hi]))
+            try:
+                self._meta.check(off + lo * 8, (hi - lo) * 8, MetaKind.L2)
+                await self._file.write(off + lo * 8, encode_entries(table[lo:hi]))
+            except BaseException:
+                self._l2.drop(off)  # the cache must never be ahead of the disk
+                raise
 
     async def _release(self, entries: list[int]) -> None:
         """Drop the references the (already durable) old entries held."""
@@ -355,6 +448,7 @@ class Qcow2Node(BlockNode):
             elif kind in _FREEABLE:
                 clusters.append((entry & OFFSET_MASK) >> self.cluster_bits)
         if clusters:
+            await self._wait_unpinned(clusters)
             await self._refs.change(clusters, -1)
 
     async def _cluster_content(self, cluster: int, entry: int) -> bytearray:
@@ -366,12 +460,15 @@ class Qcow2Node(BlockNode):
     async def _metadata_update(self, op: str, offset: int, arg: bytes | int) -> None:
         if self.corrupt:
             raise BlockIOError(errno.EIO, "qcow2: Image is corrupt; writes are refused")
+        in_place: list[tuple[int, int, int]] | None = None
         async with self._lock:
             with trio.CancelScope(shield=True):
                 try:
                     if op == "write":
                         assert isinstance(arg, bytes)
-                        await self._write_locked(offset, arg)
+                        in_place = await self._in_place_plan(offset, len(arg))
+                        if in_place is None:
+                            await self._write_locked(offset, arg)
                     elif op == "zero":
                         assert isinstance(arg, int)
                         await self._zero_locked(offset, arg)
@@ -380,6 +477,37 @@ class Qcow2Node(BlockNode):
                         await self._discard_locked(offset, arg)
                 except OverlapError as exc:
                     await self._mark_corrupt(str(exc))
+        if in_place is not None:
+            assert isinstance(arg, bytes)
+            await self._write_in_place(offset, arg, in_place)
+
+    async def _in_place_plan(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
+        """(guest, host, length) pieces if every cluster can be overwritten in place.
+
+        The clusters are pinned before the lock is released; the caller writes
+        them outside the lock and unpins.
+        """
+        extents = await self._map(offset, length)
+        plan: list[tuple[int, int, int]] = []
+        for kind, goff, n, entry in extents:
+            if kind is not ClusterKind.NORMAL or not entry & OFLAG_COPIED:
+                return None
+            plan.append((goff, (entry & OFFSET_MASK) + goff % self.cluster_size, n))
+        for _g, host, n in plan:
+            self._meta.check(host, n, None)
+        self._pin(self._host_clusters(extents))
+        return plan
+
+    async def _write_in_place(
+        self, offset: int, data: bytes, plan: list[tuple[int, int, int]]
+    ) -> None:
+        clusters = [c for _g, host, n in plan
+                    for c in host_clusters_of_range(host, n, self.cluster_bits)]
+        try:
+            for goff, host, n in plan:
+                await self._file.write(host, data[goff - offset : goff - offset + n])
+        finally:
+            self._unpin(clusters)
 
     async def _mark_corrupt(self, reason: str) -> None:
         self._corrupt = True
@@ -531,6 +659,8 @@ class Qcow2Node(BlockNode):
     # -- resizing -------------------------------------------------------------------
 
     async def _do_truncate(self, size: int) -> None:
+        if size % 512:
+            raise BlockError("The new size must be a multiple of 512")
         if self.corrupt:
             raise BlockIOError(errno.EIO, "qcow2: Image is corrupt; writes are refused")
         async with self._lock:
@@ -545,6 +675,9 @@ class Qcow2Node(BlockNode):
         h = self.header
         old_size = h.size
         need = -(-size // (cs * self.l2_entries))
+        if need * 8 > hdr.MAX_L1_BYTES:
+            raise BlockError(f"qcow2: virtual size {size} needs an L1 table larger than "
+                             f"{hdr.MAX_L1_BYTES} bytes; use bigger clusters")
         if need > h.l1_size:
             nclusters = -(-need * 8 // cs)
             new = await self._refs.allocate(nclusters)
@@ -573,7 +706,12 @@ class Qcow2Node(BlockNode):
         h.size = size
         # the new area must read as zeros: neither stale bytes in the old last
         # cluster nor a longer backing file may show through
-        zero_end = size if self._has_backing() else min(size, -(-old_size // cs) * cs)
+        zero_end = -(-old_size // cs) * cs
+        if self.backing is not None:
+            zero_end = max(zero_end, self.backing.size)
+        elif self.header.backing_file:
+            zero_end = size  # backing not open: its size is unknown, be safe
+        zero_end = min(zero_end, size)
         if zero_end > old_size:
             await self._zero_locked(old_size, zero_end - old_size)
 

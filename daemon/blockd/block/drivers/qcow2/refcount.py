@@ -138,21 +138,29 @@ class Refcounts:
                     errno.EIO, f"qcow2: no refcount block covers cluster {members[0]}"
                 )
             off, buf = blk
-            lo, hi = len(buf), 0
+            # validate everything before touching the cached block
+            values: dict[int, int] = {}
             for c in members:
                 i = c % self.block_entries
-                value = get_refcount(buf, i, self.bits) + delta
+                value = values.get(i, get_refcount(buf, i, self.bits)) + delta
                 if value < 0 or value > self.max_refcount:
                     raise BlockIOError(
                         errno.EIO if value < 0 else errno.ERANGE,
                         f"qcow2: refcount of cluster {c} would become {value}",
                     )
+                values[i] = value
+            lo, hi = len(buf), 0
+            for i, value in values.items():
                 a, b = set_refcount(buf, i, self.bits, value)
                 lo, hi = min(lo, a), max(hi, b)
                 if value == 0:
-                    self.free_hint = min(self.free_hint, c)
-            self.meta.check(off + lo, hi - lo, MetaKind.REFBLOCK)
-            await self.file.write(off + lo, bytes(buf[lo:hi]))
+                    self.free_hint = min(self.free_hint, rt_index * self.block_entries + i)
+            try:
+                self.meta.check(off + lo, hi - lo, MetaKind.REFBLOCK)
+                await self.file.write(off + lo, bytes(buf[lo:hi]))
+            except BaseException:
+                self._cache.pop(off, None)  # the cache must never be ahead of the disk
+                raise
 
     # -- allocation -----------------------------------------------------------------
 
