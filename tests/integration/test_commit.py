@@ -361,3 +361,129 @@ def test_verbs_on_a_running_commit(blockd: DaemonProcess, tmp_path: Path, verb: 
             "return": {}
         }
         client.wait_event("JOB_STATUS_CHANGE", id="job0", status="null")
+
+
+def add_chain_with_blkdebug(client: RawQMP, d: Path, where: str, rule: dict[str, Any]) -> None:
+    """The explicit chain, with a blkdebug filter between ``where`` and its file."""
+    for name, backing in (("base", None), ("mid", "base"), ("top", "mid")):
+        file: dict[str, Any] = {"driver": "file", "filename": str(d / f"{name}.qcow2")}
+        if name == where:
+            file = {"driver": "blkdebug", "image": file, "inject-error": [rule]}
+        args = {"driver": "qcow2", "node-name": name, "read-only": name != "top",
+                "file": file, "backing": backing}  # fmt: skip
+        assert client.execute("blockdev-add", args) == {"return": {}}
+
+
+def first_data_sector(image: Path) -> int:
+    import json
+
+    extents = json.loads(qemu_img("map", "--output=json", str(image)))
+    return next(e["offset"] for e in extents if e.get("data") and e["depth"] == 0) // 512
+
+
+@pytest.mark.parametrize(
+    ("policy", "errno", "action", "io_status"),
+    [
+        ("report", 28, "report", None),
+        ("ignore", 28, "ignore", None),
+        ("stop", 5, "stop", "failed"),
+        ("stop", 28, "stop", "nospace"),
+        ("enospc", 28, "stop", "nospace"),
+        ("enospc", 5, "report", None),
+        ("auto", 28, "stop", "nospace"),
+    ],
+)
+def test_write_errors_on_base(
+    blockd: DaemonProcess,
+    tmp_path: Path,
+    policy: str,
+    errno: int,
+    action: str,
+    io_status: str | None,
+) -> None:
+    base, mid, top = chain(tmp_path)
+    before = guest_view(top, tmp_path / "before.raw")
+    rule = {"event": "write_aio", "errno": errno, "once": True}
+    with RawQMP(blockd.socket_path) as client:
+        client.negotiate()
+        add_chain_with_blkdebug(client, tmp_path, "base", rule)
+        assert commit(client, **{"top-node": "mid", "on-error": policy})["return"] == {}
+        error = client.wait_event("BLOCK_JOB_ERROR", device="job0")
+        assert error["data"] == {"device": "job0", "operation": "write", "action": action}
+        if action == "stop":
+            client.wait_event("JOB_STATUS_CHANGE", id="job0", status="paused")
+            [info] = client.execute("query-block-jobs")["return"]
+            assert info["io-status"] == io_status and info["paused"] is True
+            assert client.execute("block-job-resume", {"device": "job0"}) == {"return": {}}
+        done = client.wait_event("BLOCK_JOB_COMPLETED", device="job0")
+        client.wait_event("JOB_STATUS_CHANGE", id="job0", status="null")
+        if action == "report":
+            strerror = "No space left on device" if errno == 28 else "Input/output error"
+            assert done["data"]["error"] == strerror
+            assert client.job_statuses("job0")[2:] == [
+                "BLOCK_JOB_ERROR", "aborting", "BLOCK_JOB_COMPLETED", "concluded", "null",
+            ]  # fmt: skip
+        else:
+            assert "error" not in done["data"]
+        assert node(client, "base")["ro"] is True
+        finish(client, blockd)
+    assert backing_of(top) == ("mid.qcow2" if action == "report" else str(base))
+    assert same_data(before, top)
+    for image in (base, mid, top):
+        check(image)
+
+
+def test_read_error_on_mid_is_a_read_operation(blockd: DaemonProcess, tmp_path: Path) -> None:
+    base, mid, top = chain(tmp_path)
+    rule = {"event": "read_aio", "errno": 5, "sector": first_data_sector(mid), "once": True}
+    with RawQMP(blockd.socket_path) as client:
+        client.negotiate()
+        add_chain_with_blkdebug(client, tmp_path, "mid", rule)
+        assert commit(client, **{"top-node": "mid", "on-error": "stop"})["return"] == {}
+        error = client.wait_event("BLOCK_JOB_ERROR", device="job0")
+        assert error["data"] == {"device": "job0", "operation": "read", "action": "stop"}
+        client.wait_event("JOB_STATUS_CHANGE", id="job0", status="paused")
+        assert client.execute("query-block-jobs")["return"][0]["io-status"] == "failed"
+        client.execute("block-job-resume", {"device": "job0"})
+        done = client.wait_event("BLOCK_JOB_COMPLETED", device="job0")
+        assert "error" not in done["data"]
+        finish(client, blockd)
+    assert backing_of(top) == str(base)
+    check(base)
+
+
+def test_two_commits_at_once_and_a_busy_chain(blockd: DaemonProcess, tmp_path: Path) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    views = []
+    for d in (first, second):
+        chain(d)
+        views.append(guest_view(d / "top.qcow2", d / "before.raw"))
+    with RawQMP(blockd.socket_path) as client:
+        client.negotiate()
+        for prefix, d in (("a", first), ("b", second)):
+            for name, backing in (("base", None), ("mid", "base"), ("top", "mid")):
+                args = {"driver": "qcow2", "node-name": f"{prefix}{name}",
+                        "backing": None if backing is None else f"{prefix}{backing}",
+                        "file": {"driver": "file", "filename": str(d / f"{name}.qcow2")}}  # fmt: skip
+                assert client.execute("blockdev-add", args) == {"return": {}}
+        for prefix in "ab":
+            reply = client.execute("block-commit", {"job-id": f"job-{prefix}", "device": f"{prefix}top",
+                                                    "top-node": f"{prefix}mid", "speed": 8 * MiB})  # fmt: skip
+            assert reply == {"return": {}}
+        # Both run; the chain of the first is busy for another commit.
+        busy = client.execute(
+            "block-commit", {"job-id": "job-c", "device": "atop", "top-node": "amid"}
+        )
+        assert busy["error"]["desc"] == "Need a root block node"
+        assert {j["device"] for j in client.execute("query-block-jobs")["return"]} == {
+            "job-a",
+            "job-b",
+        }
+        for prefix in "ab":
+            client.wait_event("JOB_STATUS_CHANGE", id=f"job-{prefix}", status="null")
+        finish(client, blockd)
+    for d, view in zip((first, second), views, strict=True):
+        assert same_data(view, d / "top.qcow2")
+        assert backing_of(d / "top.qcow2") == str(d / "base.qcow2")

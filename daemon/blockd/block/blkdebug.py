@@ -17,6 +17,16 @@ from blockd.errors import BlockError, BlockIOError
 
 IOTYPES = ("read", "write", "write-zeroes", "discard", "flush", "block-status")
 
+#: QEMU blkdebug events, by the kind of request they stand for.
+EVENTS = {
+    "read_aio": "read",
+    "preadv": "read",
+    "write_aio": "write",
+    "pwritev": "write",
+    "pwritev_zero": "write-zeroes",
+    "flush_to_disk": "flush",
+}
+
 
 @dataclasses.dataclass
 class Rule:
@@ -30,6 +40,16 @@ class Rule:
 
     @classmethod
     def from_options(cls, opts: dict[str, Any]) -> Rule:
+        """A rule from QEMU's ``inject-error`` options (``event``, ``errno``, ``sector``...).
+
+        QEMU fires rules on events its format drivers raise; blockd's drivers
+        raise none, so the data events map to the request types they stand for.
+        """
+        event = opts.get("event")
+        if event is not None:
+            if event not in EVENTS:
+                raise BlockError(f"blkdebug event '{event}' is not supported by blockd")
+            opts = {"iotype": EVENTS[event], **opts}
         iotype = str(opts.get("iotype", "write"))
         if iotype not in IOTYPES:
             raise BlockError(f"Parameter 'iotype' does not accept value '{iotype}'")
