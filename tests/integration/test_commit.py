@@ -464,13 +464,13 @@ def test_two_commits_at_once_and_a_busy_chain(blockd: DaemonProcess, tmp_path: P
         client.negotiate()
         for prefix, d in (("a", first), ("b", second)):
             for name, backing in (("base", None), ("mid", "base"), ("top", "mid")):
-                args = {"driver": "qcow2", "node-name": f"{prefix}{name}",
-                        "backing": None if backing is None else f"{prefix}{backing}",
-                        "file": {"driver": "file", "filename": str(d / f"{name}.qcow2")}}  # fmt: skip
+                file = {"driver": "file", "filename": str(d / f"{name}.qcow2")}
+                args = {"driver": "qcow2", "node-name": f"{prefix}{name}", "file": file}
+                args["backing"] = None if backing is None else f"{prefix}{backing}"
                 assert client.execute("blockdev-add", args) == {"return": {}}
         for prefix in "ab":
-            reply = client.execute("block-commit", {"job-id": f"job-{prefix}", "device": f"{prefix}top",
-                                                    "top-node": f"{prefix}mid", "speed": 8 * MiB})  # fmt: skip
+            job = {"job-id": f"job-{prefix}", "device": f"{prefix}top", "top-node": f"{prefix}mid"}
+            reply = client.execute("block-commit", {**job, "speed": 8 * MiB})
             assert reply == {"return": {}}
         # Both run; the chain of the first is busy for another commit.
         busy = client.execute(

@@ -46,7 +46,7 @@ class Rule:
         raise none, so the data events map to the request types they stand for.
         """
         event = opts.get("event")
-        if event is not None:
+        if event not in (None, "none"):
             if event not in EVENTS:
                 raise BlockError(f"blkdebug event '{event}' is not supported by blockd")
             opts = {"iotype": EVENTS[event], **opts}
