@@ -311,3 +311,11 @@ async def test_parameter_texts_name_nested_members(graph: BlockGraph) -> None:
         await open_node(graph, {"driver": "qcow2"})
     assert str(info.value) == "Parameter 'file' is missing"
     assert len(graph) == 0
+
+
+async def test_is_allocated_above_rejects_bad_ranges(tmp_path: Path, graph: BlockGraph) -> None:
+    node = await open_qcow2(graph, create(tmp_path / "x.qcow2", MiB), read_only=True)
+    for off, n in [(MiB, 1), (0, 0), (-1, 5)]:
+        with pytest.raises(BlockError):
+            await graph.is_allocated_above(node, None, off, n)
+    assert await graph.is_allocated_above(node, None, MiB - 512, 4096) == (False, 512)
