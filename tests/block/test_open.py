@@ -319,3 +319,22 @@ async def test_is_allocated_above_rejects_bad_ranges(tmp_path: Path, graph: Bloc
         with pytest.raises(BlockError):
             await graph.is_allocated_above(node, None, off, n)
     assert await graph.is_allocated_above(node, None, MiB - 512, 4096) == (False, 512)
+
+
+async def test_force_share(tmp_path: Path, graph: BlockGraph) -> None:
+    base = create(tmp_path / "base.qcow2", MiB)
+    img = create(tmp_path / "fs.qcow2", MiB, backing=base)
+    writer = await open_qcow2(graph, img, name="w", backing=None)
+    await writer.write(0, b"shared")
+    await writer.flush()
+    other = BlockGraph()
+    try:
+        with pytest.raises(BlockError, match="force-share=on can only be used"):
+            await open_qcow2(other, img, **{"force-share": True})
+        peek = await open_qcow2(other, img, read_only=True, **{"force-share": True})
+        assert await peek.read(0, 6) == b"shared"
+        assert peek.backing is not None  # the header chain inherits force-share
+        # nothing is unshared: QEMU can still open the base read-write
+        run("qemu-io", "-c", "write -P 1 0 512", str(base))
+    finally:
+        await other.close_all()
