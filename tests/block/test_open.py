@@ -338,3 +338,26 @@ async def test_force_share(tmp_path: Path, graph: BlockGraph) -> None:
         run("qemu-io", "-c", "write -P 1 0 512", str(base))
     finally:
         await other.close_all()
+
+
+async def test_drop_intermediate_and_adopt(tmp_path: Path, graph: BlockGraph) -> None:
+    base = create(tmp_path / "base.qcow2", MiB)
+    qemu_io(base, "write -P 0xba 0 1M")
+    mid = create(tmp_path / "mid.qcow2", MiB, backing=base)
+    top = create(tmp_path / "top.qcow2", MiB, backing=mid)
+    node = await open_qcow2(graph, top, name="top")
+    assert len(graph) == 6
+    m = node.backing
+    assert m is not None
+    b = m.backing
+    assert b is not None
+    # what commit does at the end: repoint top, drop mid, base now belongs to top
+    await node.change_backing(b, "base.qcow2", "qcow2")
+    graph.adopt(node, b)
+    await graph.close_node(m)
+    assert len(graph) == 4
+    assert b.node_name in graph
+    assert await node.read(0, 1) == b"\xba"
+    await graph.close_node(node)
+    assert len(graph) == 0
+    assert_clean(top)

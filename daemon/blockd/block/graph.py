@@ -147,6 +147,17 @@ class BlockGraph:
     def implicit_children(self, node: BlockNode) -> list[BlockNode]:
         return list(self._implicit.get(node.node_name, []))
 
+    def adopt(self, parent: BlockNode, child: BlockNode) -> None:
+        """Make ``parent`` the owner of an implicitly opened ``child``.
+
+        Commit re-parents the base of a header-opened chain when it drops the
+        intermediate images; the base must then close with its new parent.
+        """
+        for owned in self._implicit.values():
+            if child in owned:
+                owned.remove(child)
+        self._implicit.setdefault(parent.node_name, []).append(child)
+
     async def close_node(self, node: BlockNode) -> None:
         """Close ``node`` and the children opened with it that nobody else uses."""
         self._nodes.pop(node.node_name, None)
