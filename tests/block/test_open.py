@@ -349,3 +349,53 @@ async def test_parameter_texts_name_nested_members(graph: BlockGraph) -> None:
         await open_node(graph, {"driver": "qcow2"})
     assert str(info.value) == "Parameter 'file' is missing"
     assert len(graph) == 0
+
+
+async def test_is_allocated_above_rejects_bad_ranges(tmp_path: Path, graph: BlockGraph) -> None:
+    node = await open_qcow2(graph, create(tmp_path / "x.qcow2", MiB), read_only=True)
+    for off, n in [(MiB, 1), (0, 0), (-1, 5)]:
+        with pytest.raises(BlockError):
+            await graph.is_allocated_above(node, None, off, n)
+    assert await graph.is_allocated_above(node, None, MiB - 512, 4096) == (False, 512)
+
+
+async def test_force_share(tmp_path: Path, graph: BlockGraph) -> None:
+    base = create(tmp_path / "base.qcow2", MiB)
+    img = create(tmp_path / "fs.qcow2", MiB, backing=base)
+    writer = await open_qcow2(graph, img, name="w", backing=None)
+    await writer.write(0, b"shared")
+    await writer.flush()
+    other = BlockGraph()
+    try:
+        with pytest.raises(BlockError, match="force-share=on can only be used"):
+            await open_qcow2(other, img, **{"force-share": True})
+        peek = await open_qcow2(other, img, read_only=True, **{"force-share": True})
+        assert await peek.read(0, 6) == b"shared"
+        assert peek.backing is not None  # the header chain inherits force-share
+        # nothing is unshared: QEMU can still open the base read-write
+        run("qemu-io", "-c", "write -P 1 0 512", str(base))
+    finally:
+        await other.close_all()
+
+
+async def test_drop_intermediate_and_adopt(tmp_path: Path, graph: BlockGraph) -> None:
+    base = create(tmp_path / "base.qcow2", MiB)
+    qemu_io(base, "write -P 0xba 0 1M")
+    mid = create(tmp_path / "mid.qcow2", MiB, backing=base)
+    top = create(tmp_path / "top.qcow2", MiB, backing=mid)
+    node = await open_qcow2(graph, top, name="top")
+    assert len(graph) == 6
+    m = node.backing
+    assert m is not None
+    b = m.backing
+    assert b is not None
+    # what commit does at the end: repoint top, drop mid, base now belongs to top
+    await node.change_backing(b, "base.qcow2", "qcow2")
+    graph.adopt(b, node)
+    await graph.close_node(m)
+    assert len(graph) == 4
+    assert b.node_name in graph
+    assert await node.read(0, 1) == b"\xba"
+    await graph.close_node(node)
+    assert len(graph) == 0
+    assert_clean(top)

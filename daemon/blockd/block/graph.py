@@ -130,9 +130,11 @@ class BlockGraph:
         answer for the run starting at ``offset`` and that run's length, so a
         caller can walk a range in as few questions as there are runs.
         """
-        if length <= 0:
-            raise BlockError("is_allocated_above: empty range")
-        run = length
+        if length <= 0 or offset < 0 or offset >= top.size:
+            raise BlockError(
+                f"is_allocated_above: range {offset}+{length} outside '{top.node_name}'"
+            )
+        run = min(length, top.size - offset)
         for node in self.chain(top):
             if node is base:
                 break

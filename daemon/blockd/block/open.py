@@ -28,6 +28,7 @@ class _Opening:
         self.created: list[BlockNode] = []
         self.chain_files: list[str] = []
         self.path: list[str] = []  # where in the nested options we are, for messages
+        self.force_share = False  # inherited by implicitly opened children
 
     def param(self, name: str) -> str:
         return ".".join([*self.path, name])
@@ -43,6 +44,9 @@ class _Opening:
 async def open_node(graph: BlockGraph, options: dict[str, Any]) -> BlockNode:
     """Open the node described by ``options`` (already schema-validated) and register it."""
     ctx = _Opening(graph)
+    ctx.force_share = bool(options.get("force-share", False))
+    if ctx.force_share and not options.get("read-only", False):
+        raise BlockError("force-share=on can only be used with read-only images")
     try:
         return await _open(ctx, options, read_only=bool(options.get("read-only", False)))
     except BaseException:
@@ -77,7 +81,8 @@ async def _open_file(ctx: _Opening, options: dict[str, Any], read_only: bool) ->
     if not isinstance(filename, str):
         raise BlockError(f"Parameter '{ctx.param('filename')}' is missing")
     locking = options.get("locking", "auto") != "off"
-    node = await FileNode.open(name, filename, read_only=read_only, locking=locking)
+    node = await FileNode.open(name, filename, read_only=read_only, locking=locking,
+                               force_share=bool(options.get("force-share", False)))
     ctx.created.append(node)
     ctx.graph.add(node)
     return node
@@ -107,6 +112,8 @@ async def _child_ref(
     if isinstance(ref, dict):
         opts = dict(ref)
         opts.setdefault("read-only", read_only)
+        if ctx.force_share:
+            opts.setdefault("force-share", True)
         ctx.path.append(what)
         try:
             return await _open(ctx, opts, read_only=bool(opts["read-only"])), True

@@ -53,17 +53,16 @@ def _flock(fd: int, cmd: int, kind: int, start: int, length: int = 1) -> int:
     return int(_FLOCK.unpack(res)[0])
 
 
-def _perms(read_only: bool) -> tuple[list[int], list[int]]:
+def _perms(read_only: bool, force_share: bool) -> tuple[list[int], list[int]]:
     """(held, unshared) permissions for a node in this mode, as QSD takes them."""
-    held = (
-        [_PERM_CONSISTENT_READ] if read_only else [_PERM_CONSISTENT_READ, _PERM_WRITE, _PERM_RESIZE]
-    )
-    return held, [_PERM_WRITE, _PERM_RESIZE]
+    held = [_PERM_CONSISTENT_READ] if read_only else [_PERM_CONSISTENT_READ, _PERM_WRITE,
+                                                         _PERM_RESIZE]
+    return held, [] if force_share else [_PERM_WRITE, _PERM_RESIZE]
 
 
-def lock_image(fd: int, read_only: bool) -> None:
+def lock_image(fd: int, read_only: bool, force_share: bool = False) -> None:
     """Take QEMU-compatible locks so qemu tools and blockd keep off each other's images."""
-    held, unshared = _perms(read_only)
+    held, unshared = _perms(read_only, force_share)
     for p in held:
         _flock(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, _LOCK_BASE_PERM + p)
     for p in unshared:
@@ -150,29 +149,50 @@ class FileNode(BlockNode):
     growable = True
 
     def __init__(
-        self, node_name: str, filename: str, fd: int, *, read_only: bool, locking: bool = True
+        self,
+        node_name: str,
+        filename: str,
+        fd: int,
+        *,
+        read_only: bool,
+        locking: bool = True,
+        force_share: bool = False,
     ) -> None:
         super().__init__(node_name, read_only=read_only)
         self._filename = filename
         self._fd = fd
         self._size = os.fstat(fd).st_size
         self.locking = locking
+        self.force_share = force_share
         self._inflight = 0
         self._idle = trio.Event()
 
     @classmethod
     async def open(
-        cls, node_name: str, filename: str, *, read_only: bool, locking: bool = True
+        cls,
+        node_name: str,
+        filename: str,
+        *,
+        read_only: bool,
+        locking: bool = True,
+        force_share: bool = False,
     ) -> FileNode:
-        """Open and (unless ``locking`` is off) lock the file the way QEMU does."""
+        """Open and (unless ``locking`` is off) lock the file the way QEMU does.
+
+        ``force_share`` (read-only only) shares every permission, so the image
+        can be inspected while another process writes it, as ``qemu-img -U``.
+        """
+        if force_share and not read_only:
+            raise ImageError("force-share=on can only be used with read-only images")
         fd = await cls._open_fd(filename, read_only)
         if locking:
             try:
-                await run_io(lambda: lock_image(fd, read_only))
+                await run_io(lambda: lock_image(fd, read_only, force_share))
             except BaseException:
                 os.close(fd)
                 raise
-        return cls(node_name, filename, fd, read_only=read_only, locking=locking)
+        return cls(node_name, filename, fd, read_only=read_only, locking=locking,
+                   force_share=force_share)
 
     @staticmethod
     async def _open_fd(filename: str, read_only: bool) -> int:
@@ -268,10 +288,12 @@ class FileNode(BlockNode):
             # our old descriptor's locks would conflict with the new one's
             await run_io(lambda: unlock_image(old))
             try:
-                await run_io(lambda: lock_image(new_fd, read_only))
+                if self.force_share and not read_only:
+                    raise ImageError("force-share=on can only be used with read-only images")
+                await run_io(lambda: lock_image(new_fd, read_only, self.force_share))
             except BaseException:
                 os.close(new_fd)
-                await run_io(lambda: lock_image(old, self.read_only))
+                await run_io(lambda: lock_image(old, self.read_only, self.force_share))
                 raise
         self._fd = new_fd
         # I/O that captured the old descriptor must finish before it is closed:

@@ -24,7 +24,6 @@ from collections.abc import Iterable
 from blockd.block.drivers.qcow2.header import OFF_REFTABLE, Header
 from blockd.block.drivers.qcow2.overlap import MetadataMap, MetaKind
 from blockd.block.drivers.qcow2.tables import (
-    OFFSET_MASK,
     decode_table,
     encode_entries,
     zero_table,
@@ -319,18 +318,3 @@ class Refcounts:
         # 4. only now give the old table back (a crash before this merely leaks it)
         first = old_off >> self.cluster_bits
         await self.change(range(first, first + old_clusters), -1)
-
-    async def host_clusters_in_use(self) -> int:
-        """Highest cluster index with a nonzero counter, plus one (for tests/diagnostics)."""
-        top = 0
-        for rt_index in range(len(self.table)):
-            blk = await self._block(rt_index)
-            if blk is None:
-                continue
-            for i in range(self.block_entries):
-                if get_refcount(blk[1], i, self.bits):
-                    top = rt_index * self.block_entries + i + 1
-        return top
-
-
-__all__ = ["OFFSET_MASK", "Refcounts", "get_refcount", "set_refcount"]
