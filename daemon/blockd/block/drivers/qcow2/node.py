@@ -729,6 +729,9 @@ class Qcow2Node(BlockNode):
         async with self._lock:
             with trio.CancelScope(shield=True):
                 new = hdr.with_backing(self.header, backing_string, backing_format)
+                if backing_string and await self._repoint_backing(new, backing_string):
+                    self.backing = backing
+                    return
                 raw = hdr.serialize(new)
                 extent = max(len(raw), self._header_extent)
                 self._meta.check(0, extent, MetaKind.HEADER)
@@ -742,6 +745,49 @@ class Qcow2Node(BlockNode):
                     setattr(self.header, field.name, getattr(new, field.name))
                 self._header_extent = len(raw)
                 self.backing = backing
+
+    async def _repoint_backing(self, new: hdr.Header, name: str) -> bool:
+        """Change the backing name with one sector-sized pointer write, if possible.
+
+        The new name goes to free bytes of cluster 0 first (flushed); then the
+        12 bytes that locate it (offset and length, in the first sector) are
+        rewritten at once.  A crash before that write leaves the old name in
+        force, after it the new one: never a torn header, even on power loss.
+        Returns False when the layout does not allow it (the extensions change,
+        or there is no end marker or no room), for the caller's full rewrite.
+        """
+        if new.extensions != self.header.extensions:
+            return False
+        raw = name.encode("utf-8", "surrogateescape")
+        cs = self.cluster_size
+        ext_end = self.header.header_length
+        for ext in self.header.extensions:
+            ext_end += 8 + len(ext.data) + (-len(ext.data) % 8)
+        ext_end += 8
+        old_start = self.header.backing_file_offset
+        old_end = old_start + self.header.backing_file_size
+        if old_start and old_start < ext_end:
+            return False
+        above_old = max(ext_end, old_end) + (-max(ext_end, old_end) % 8)
+        if above_old + len(raw) <= cs:
+            start = above_old
+        elif not old_start or ext_end + len(raw) <= old_start:
+            start = ext_end
+        else:
+            return False
+        cluster0 = await self._file.read(0, min(cs, self._file.size))
+        if cluster0[ext_end - 8 : ext_end] != bytes(8):
+            return False  # no end-of-extensions marker: name bytes could pass for one
+        self._meta.check(0, max(ext_end, start + len(raw)), MetaKind.HEADER)
+        await self._file.write(start, raw)
+        await self._file.flush()
+        await self._file.write(8, struct.pack(">QI", start, len(raw)))
+        await self._file.flush()
+        self.header.backing_file = name
+        self.header.backing_file_offset = start
+        self.header.backing_file_size = len(raw)
+        self._header_extent = max(ext_end, start + len(raw))
+        return True
 
     # -- open mode ------------------------------------------------------------------
 
