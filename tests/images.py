@@ -74,3 +74,16 @@ def backing_of(image: Path) -> str | None:
 
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_consistent(image: Path) -> dict[str, Any]:
+    """qemu-img check after a crash: leaked clusters are allowed, corruption is not."""
+    result = subprocess.run(
+        [require_tool("qemu-img"), "check", "--output=json", str(image)],
+        capture_output=True,
+        text=True,
+    )
+    report: dict[str, Any] = json.loads(result.stdout)
+    assert result.returncode in (0, 3), report  # 3: leaks only
+    assert report.get("corruptions", 0) == 0, report
+    return report
