@@ -58,7 +58,9 @@ def blockd_command(socket_path: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "blockd", "--socket", str(socket_path), *extra]
 
 
-def start_blockd(socket_path: Path, *extra: str, wait: bool = True) -> DaemonProcess:
+def start_blockd(
+    socket_path: Path, *extra: str, wait: bool = True, cwd: Path | None = None
+) -> DaemonProcess:
     stderr_path = socket_path.with_suffix(".stderr")
     with open(stderr_path, "wb") as stderr:
         proc = subprocess.Popen(
@@ -66,6 +68,7 @@ def start_blockd(socket_path: Path, *extra: str, wait: bool = True) -> DaemonPro
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
+            cwd=cwd,
         )
     daemon = DaemonProcess(proc, socket_path, stderr_path)
     if wait:

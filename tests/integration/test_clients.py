@@ -6,13 +6,15 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
 from tests.conftest import require_tool
-from tests.helpers import DaemonProcess
+from tests.helpers import DaemonProcess, start_blockd
+from tests.images import backing_of, check, create, guest_view, qemu_io, same_data
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -93,3 +95,45 @@ def test_socat_session_from_readme(blockd: DaemonProcess) -> None:
         {"return": {}},
     ]
     assert blockd.wait() == 0
+
+
+def readme_block(heading: str) -> list[str]:
+    """The lines of the first fenced block after ``heading`` in the README."""
+    text = README.read_text()
+    after = text[text.index(heading) :]
+    fence = after.index("```\n")
+    body = after[fence + 4 : after.index("```", fence + 4)]
+    return [line for line in body.splitlines() if line.strip()]
+
+
+def test_readme_commit_session(sock_dir: Path, tmp_path: Path) -> None:
+    """The README's snapshot-deletion session, pasted line by line into socat."""
+    socat = require_tool("socat")
+    base = create(tmp_path / "base.qcow2")
+    mid = create(tmp_path / "mid.qcow2", backing="base.qcow2")
+    top = create(tmp_path / "top.qcow2", backing="mid.qcow2")
+    qemu_io(mid, "write -P 0x21 1M 2M")
+    before = guest_view(top, tmp_path / "before.raw")
+    daemon = start_blockd(sock_dir / "qmp.sock", cwd=tmp_path)
+    try:
+        session = subprocess.Popen(
+            [socat, "-t", "2", "-", f"UNIX-CONNECT:{daemon.socket_path}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        assert session.stdin is not None
+        for line in readme_block("## Deleting a snapshot"):
+            session.stdin.write(line.encode() + b"\n")
+            session.stdin.flush()
+            time.sleep(0.5)  # a person pasting: the job has long finished
+        out, _ = session.communicate(timeout=30)
+        messages = [json.loads(line) for line in out.split(b"\r\n") if line]
+        replies = [m for m in messages if "event" not in m and "QMP" not in m]
+        assert all("return" in r for r in replies), replies
+        events = [m["event"] for m in messages if "event" in m]
+        assert "BLOCK_JOB_COMPLETED" in events
+    finally:
+        daemon.stop()
+    assert backing_of(top) == "base.qcow2"
+    assert same_data(before, top)
+    check(base)
