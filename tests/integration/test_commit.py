@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -487,3 +488,80 @@ def test_two_commits_at_once_and_a_busy_chain(blockd: DaemonProcess, tmp_path: P
     for d, view in zip((first, second), views, strict=True):
         assert same_data(view, d / "top.qcow2")
         assert backing_of(d / "top.qcow2") == str(d / "base.qcow2")
+
+
+LAYOUTS = {
+    # name: (layers bottom-up as (file, qemu-img -o options), commit top index, base index)
+    "4 images, mid two": ([("base", ""), ("s1", ""), ("s2", ""), ("top", "")], 2, 0),
+    "4 images, shallow": ([("base", ""), ("s1", ""), ("s2", ""), ("top", "")], 2, 1),
+    "mixed cluster sizes": (
+        [("base", "cluster_size=512"), ("mid", "cluster_size=2M"), ("top", "cluster_size=4096")],
+        1,
+        0,
+    ),
+    "v2 base, v3 above": (
+        [("base", "compat=0.10"), ("mid", ""), ("top", "refcount_bits=64")],
+        1,
+        0,
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_commit_layouts(blockd: DaemonProcess, tmp_path: Path, layout: str) -> None:
+    layers, top_index, base_index = LAYOUTS[layout]
+    paths: list[Path] = []
+    for i, (name, options) in enumerate(layers):
+        backing = None if i == 0 else f"{layers[i - 1][0]}.qcow2"
+        paths.append(create(tmp_path / f"{name}.qcow2", backing=backing, options=options))
+        # Every layer writes a pattern of its own, partly over the ones below,
+        # and zeroes a range that hides data below.
+        qemu_io(paths[-1], f"write -P {0x40 + i} {i * 3}M 4M", f"write -z {i * 3 + 1}M 256k")
+    before = guest_view(paths[-1], tmp_path / "before.raw")
+    with RawQMP(blockd.socket_path) as client:
+        client.negotiate()
+        for i, (name, _) in enumerate(layers):
+            args = {"driver": "qcow2", "node-name": name, "read-only": i < len(layers) - 1,
+                    "backing": None if i == 0 else layers[i - 1][0],
+                    "file": {"driver": "file", "filename": str(paths[i])}}  # fmt: skip
+            assert client.execute("blockdev-add", args) == {"return": {}}
+        top_name, base_name = layers[top_index][0], layers[base_index][0]
+        reply = commit(client, **{"top-node": top_name, "base-node": base_name,
+                                  "backing-file": f"{base_name}.qcow2"})  # fmt: skip
+        assert reply == {"return": {}}
+        client.wait_event("JOB_STATUS_CHANGE", id="job0", status="null")
+        finish(client, blockd)
+    overlay = paths[top_index + 1]
+    assert backing_of(overlay) == f"{base_name}.qcow2"
+    assert same_data(before, paths[-1])
+    for path in paths:
+        check(path)
+
+
+def test_commit_into_a_raw_base(blockd: DaemonProcess, tmp_path: Path) -> None:
+    base = tmp_path / "base.raw"
+    qemu_img("create", "-q", "-f", "raw", str(base), "64M")
+    qemu_io(base, "write -P 0x11 0 8M", fmt="raw")
+    mid = tmp_path / "mid.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", str(mid))
+    qemu_io(mid, "write -P 0x21 1M 2M", "write -z 4M 1M")
+    top = create(tmp_path / "top.qcow2", backing="mid.qcow2")
+    before = guest_view(top, tmp_path / "before.raw")
+    with RawQMP(blockd.socket_path) as client:
+        client.negotiate()
+        for args in (
+            {"driver": "raw", "node-name": "base", "read-only": True, "file": str(base)},
+            {"driver": "qcow2", "node-name": "mid", "read-only": True, "backing": "base",
+             "file": str(mid)},
+            {"driver": "qcow2", "node-name": "top", "backing": "mid", "file": str(top)},
+        ):  # fmt: skip
+            args["file"] = {"driver": "file", "filename": args["file"]}
+            assert client.execute("blockdev-add", args) == {"return": {}}
+        assert commit(client, **{"top-node": "mid"}) == {"return": {}}
+        client.wait_event("JOB_STATUS_CHANGE", id="job0", status="null")
+        finish(client, blockd)
+    info = json.loads(qemu_img("info", "--output=json", str(top)))
+    assert info["backing-filename"] == str(base)
+    assert info["backing-filename-format"] == "raw"
+    assert same_data(before, top)
+    check(top)

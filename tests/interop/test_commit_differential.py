@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import DaemonProcess, RawQMP, start_blockd, start_qsd
-from tests.images import create, qemu_io
+from tests.images import backing_of, check, create, qemu_img, qemu_io
 
 pytestmark = pytest.mark.qsd
 
@@ -201,3 +201,17 @@ def test_same_commit_conversation(tmp_path: Path, sock_dir: Path, name: str) -> 
     qsd, ours = transcripts
     for want, got in zip(qsd, ours, strict=True):
         assert got == want
+    # The same chain on disk, and the same data in every image of it.
+    for image in ("base", "mid", "top"):
+        theirs, mine = tmp_path / "qsd" / f"{image}.qcow2", tmp_path / "blockd" / f"{image}.qcow2"
+        qsd_backing = backing_of(theirs)
+        assert backing_of(mine) == (
+            None
+            if qsd_backing is None
+            else qsd_backing.replace(str(tmp_path / "qsd"), str(tmp_path / "blockd"))
+        )
+        # A cancelled job leaves however much it copied in base (timing),
+        # so base alone is compared only when the job ran to its end.
+        if image == "top" or name != "cancel":
+            assert qemu_img("compare", "-f", "qcow2", "-F", "qcow2", str(theirs), str(mine))
+        check(mine)
