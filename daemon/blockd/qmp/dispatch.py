@@ -20,6 +20,7 @@ import trio
 
 from blockd.commands import CommandContext, Handler
 from blockd.errors import BlockdError, CommandNotFound, ErrorClass, InvalidArgument
+from blockd.qmp.introspect import build_schema
 from blockd.qmp.protocol import QMPConnection, Request
 from blockd.qmp.schema import CommandSchema, SchemaError
 
@@ -39,6 +40,7 @@ class Dispatcher:
         runners: dict[str, _Runner] = {
             "qmp_capabilities": self._qmp_capabilities,
             "query-commands": self._query_commands,
+            "query-qmp-schema": self._query_qmp_schema,
         }
         for name, handler in handlers.items():
             runners[name] = _bind(handler, context)
@@ -51,6 +53,7 @@ class Dispatcher:
             )
         self._schemas = schemas
         self._runners = runners
+        self._introspection = build_schema(schemas)
         self._lock = trio.Lock()
 
     @property
@@ -93,6 +96,9 @@ class Dispatcher:
 
     async def _query_commands(self, conn: QMPConnection, args: Mapping[str, Any]) -> Any:
         return [{"name": name} for name in self.command_names]
+
+    async def _query_qmp_schema(self, conn: QMPConnection, args: Mapping[str, Any]) -> Any:
+        return self._introspection
 
 
 def _bind(handler: Handler, context: CommandContext) -> _Runner:

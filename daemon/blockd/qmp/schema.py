@@ -27,9 +27,11 @@ import referencing.jsonschema
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError
 
-_BASE_URI = "https://blockd.invalid/schema/"
+BASE_URI = "https://blockd.invalid/schema/"
 
-#: Keywords whose failures this module can word as QEMU does.  A schema using
+#: Keywords whose failures this module can word as QEMU does (plus the
+#: annotation ``x-qapi-features``: QAPI feature flags such as "unstable" that
+#: query-qmp-schema reports and validation ignores).  A schema using
 #: any other validation keyword is refused at start-up rather than producing
 #: an error text no QEMU client has seen.
 _KNOWN_KEYWORDS = frozenset(
@@ -37,7 +39,7 @@ _KNOWN_KEYWORDS = frozenset(
         "$schema", "$id", "$ref", "$defs", "$comment", "title", "description",
         "deprecated", "default", "examples", "type", "properties", "required",
         "additionalProperties", "unevaluatedProperties", "items", "enum", "const",
-        "minimum", "maximum",
+        "minimum", "maximum", "x-qapi-features",
         "allOf", "if", "then", "else",
     }
 )  # fmt: skip
@@ -137,7 +139,7 @@ def load_command_schemas(root: Traversable | None = None) -> dict[str, CommandSc
     for relative, contents in documents.items():
         if not isinstance(contents, dict):
             raise SchemaError(f"schema/{relative}: a schema must be a JSON object")
-        contents.setdefault("$id", _BASE_URI + relative)
+        contents.setdefault("$id", BASE_URI + relative)
         try:
             Validator.check_schema(contents)
         except Exception as err:
