@@ -102,7 +102,7 @@ def test_first_error_in_qemu_words(
 
 def test_real_schemas_load_and_match_the_handlers() -> None:
     schemas = load_command_schemas()
-    protocol_commands = {"qmp_capabilities", "query-commands"}
+    protocol_commands = {"qmp_capabilities", "query-commands", "query-qmp-schema"}
     assert set(schemas) == set(HANDLERS) | protocol_commands
 
 
