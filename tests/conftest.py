@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import DaemonProcess, start_blockd
+from tests.helpers import DaemonProcess, start_blockd, start_qsd
 
 
 def require_tool(name: str) -> str:
@@ -35,6 +35,17 @@ def sock_dir() -> Iterator[Path]:
 @pytest.fixture
 def blockd(sock_dir: Path) -> Iterator[DaemonProcess]:
     daemon = start_blockd(sock_dir / "qmp.sock")
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture
+def qsd(sock_dir: Path) -> Iterator[DaemonProcess]:
+    """qemu-storage-daemon 7.2 on a temporary socket, for differential tests."""
+    require_tool("qemu-storage-daemon")
+    daemon = start_qsd(sock_dir / "qsd.sock")
     try:
         yield daemon
     finally:

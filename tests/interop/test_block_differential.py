@@ -8,7 +8,6 @@ mapping every node to its driver and file).
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -223,16 +222,6 @@ def run_conversation(
             seen.append(normalise(nodes))
         seen.append(client.execute("query-block"))
     return seen
-
-
-@pytest.fixture
-def qsd(sock_dir: Path) -> Iterator[DaemonProcess]:
-    require_tool("qemu-storage-daemon")
-    daemon = start_qsd(sock_dir / "qsd.sock")
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
 
 
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))

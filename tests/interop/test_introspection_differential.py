@@ -8,14 +8,11 @@ the same members.  And the introspection must be self-consistent.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import require_tool
-from tests.helpers import DaemonProcess, RawQMP, start_qsd
+from tests.helpers import DaemonProcess, RawQMP
 
 pytestmark = pytest.mark.qsd
 
@@ -58,16 +55,6 @@ def shape(schema: dict[str, dict[str, Any]], name: str, depth: int = 2) -> Any:
         for m in entry["members"]
     ]
     return ("object", entry.get("tag"), sorted(members))
-
-
-@pytest.fixture
-def qsd(sock_dir: Path) -> Iterator[DaemonProcess]:
-    require_tool("qemu-storage-daemon")
-    daemon = start_qsd(sock_dir / "qsd.sock")
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
 
 
 def test_arguments_match_qemu(qsd: DaemonProcess, blockd: DaemonProcess) -> None:

@@ -7,14 +7,12 @@ package string legitimately differ and are masked.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import require_tool
-from tests.helpers import DaemonProcess, RawQMP, start_qsd
+from tests.helpers import DaemonProcess, RawQMP
 
 pytestmark = pytest.mark.qsd
 
@@ -143,16 +141,6 @@ def full_conversation(daemon: DaemonProcess) -> list[Any]:
         client.assert_closed()
     assert daemon.wait() == 0
     return transcript
-
-
-@pytest.fixture
-def qsd(sock_dir: Path) -> Iterator[DaemonProcess]:
-    require_tool("qemu-storage-daemon")
-    daemon = start_qsd(sock_dir / "qsd.sock")
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
 
 
 def test_same_conversation_same_observations(qsd: DaemonProcess, blockd: DaemonProcess) -> None:

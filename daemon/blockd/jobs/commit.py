@@ -221,6 +221,15 @@ def _find_in_chain(graph: BlockGraph, top: BlockNode, name: str) -> BlockNode | 
     return None
 
 
+def _node_in_chain(graph: BlockGraph, name: str, chain: list[BlockNode]) -> BlockNode:
+    node = graph.get(name)
+    if node is None:
+        raise BlockError(f"Cannot find device='' nor node-name='{name}'")
+    if node not in chain:
+        raise BlockError(f"'{name}' is not in this backing file chain")
+    return node
+
+
 def _check_backing_string(overlay: BlockNode, backing: str, backing_format: str) -> None:
     """Refuse, before anything changes, a backing name the overlay cannot record."""
     if len(backing.encode("utf-8", "surrogateescape")) > hdr.MAX_BACKING_NAME:
@@ -259,11 +268,7 @@ def plan_commit(
     if top_node is not None and top is not None:
         raise BlockError("'top-node' and 'top' are mutually exclusive")
     if top_node is not None:
-        top_bs = graph.get(top_node)
-        if top_bs is None:
-            raise BlockError(f"Cannot find device='' nor node-name='{top_node}'")
-        if top_bs not in chain:
-            raise BlockError(f"'{top_node}' is not in this backing file chain")
+        top_bs = _node_in_chain(graph, top_node, chain)
     elif top is not None and not _matches(graph, device_bs, top, None):
         top_bs = _find_in_chain(graph, device_bs, top)
     if top_bs is None:
@@ -273,11 +278,7 @@ def plan_commit(
     if base_node is not None and base is not None:
         raise BlockError("'base-node' and 'base' are mutually exclusive")
     if base_node is not None:
-        base_bs = graph.get(base_node)
-        if base_bs is None:
-            raise BlockError(f"Cannot find device='' nor node-name='{base_node}'")
-        if base_bs not in below_top:
-            raise BlockError(f"'{base_node}' is not in this backing file chain")
+        base_bs = _node_in_chain(graph, base_node, below_top)
     elif base is not None:
         found = _find_in_chain(graph, top_bs, base)
         if found is None:
