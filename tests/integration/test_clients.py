@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -48,7 +49,10 @@ def test_qemu_qmp_client_conversation(blockd: DaemonProcess) -> None:
             assert all(r == version for r in results)
             assert await client.execute("quit") == {}
         finally:
-            await client.disconnect()
+            # After quit the daemon closes first (as qemu-storage-daemon does);
+            # qemu.qmp then reports the end of the stream from disconnect().
+            with contextlib.suppress(EOFError):
+                await client.disconnect()
 
     asyncio.run(conversation())
     assert blockd.wait() == 0
