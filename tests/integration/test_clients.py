@@ -14,7 +14,7 @@ import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
 from tests.conftest import require_tool
-from tests.helpers import DaemonProcess, start_blockd
+from tests.helpers import DaemonProcess, RawQMP, start_blockd
 from tests.images import backing_of, check, create, guest_view, qemu_io, same_data
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -126,10 +126,16 @@ def test_readme_commit_session(sock_dir: Path, tmp_path: Path) -> None:
             stdout=subprocess.PIPE,
         )
         assert session.stdin is not None
+        watcher = RawQMP(daemon.socket_path)
+        watcher.negotiate()
         for line in readme_block("## Deleting a snapshot"):
             session.stdin.write(line.encode() + b"\n")
             session.stdin.flush()
-            time.sleep(0.5)  # a person pasting: the job has long finished
+            time.sleep(0.3)
+            if '"block-commit"' in line:
+                # A person reads the events before going on: the job has ended.
+                watcher.wait_event("JOB_STATUS_CHANGE", id="job0", status="null")
+        watcher.close()
         out, _ = session.communicate(timeout=30)
         messages = [json.loads(line) for line in out.split(b"\r\n") if line]
         replies = [m for m in messages if "event" not in m and "QMP" not in m]
