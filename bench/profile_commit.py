@@ -28,7 +28,8 @@ BENCH = "/work/shared/bench/commit_bench.py"
 
 def _load_bench() -> Any:
     spec = importlib.util.spec_from_file_location("commit_bench", BENCH)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     sys.modules["commit_bench"] = mod
     spec.loader.exec_module(mod)
@@ -84,7 +85,8 @@ def main() -> None:
         dt = trio.run(_commit, work)
         if args.profile:
             prof.disable()
-            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+            stats = pstats.Stats(prof).sort_stats(os.environ.get("SORT", "tottime"))
+            stats.print_stats(int(os.environ.get("TOP", "25")))
         print(f"commit: {dt:.3f} s, {size // 2 / dt / 1e6:.1f} MB/s (chain in {pristine})")
     finally:
         shutil.rmtree(work)

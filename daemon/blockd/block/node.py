@@ -173,6 +173,24 @@ class BlockNode:
             return True
         return await self._do_write_from_host(offset, length, src)
 
+    async def write_many_from_host(self, writes: list[tuple[int, int, HostExtents]]) -> bool:
+        """:meth:`write_from_host` for several ranges, (offset, length, src), in
+        ascending order and not overlapping, as one batch (one thread call for
+        the data, one metadata update).  False, having changed nothing, when the
+        batch cannot be done that way; the caller then writes range by range.
+        """
+        self._check_writable()
+        end = 0
+        for offset, length, _src in writes:
+            self._check_request(offset, length)
+            if offset < end:
+                raise BlockIOError(errno.EINVAL, "write_many_from_host: ranges overlap")
+            end = offset + length
+        writes = [w for w in writes if w[1]]
+        if not writes:
+            return True
+        return await self._do_write_many_from_host(writes)
+
     async def write_zeroes(self, offset: int, length: int) -> None:
         self._check_request(offset, length)
         self._check_writable()
@@ -266,6 +284,9 @@ class BlockNode:
         return None
 
     async def _do_write_from_host(self, offset: int, length: int, src: HostExtents) -> bool:
+        return False
+
+    async def _do_write_many_from_host(self, writes: list[tuple[int, int, HostExtents]]) -> bool:
         return False
 
     async def _do_discard(self, offset: int, length: int) -> None:

@@ -19,7 +19,7 @@ from blockd.block.drivers.qcow2 import header as hdr
 from blockd.block.drivers.qcow2.node import Qcow2Node
 from blockd.block.graph import BlockGraph
 from blockd.block.info import display_filename
-from blockd.block.node import BlockNode, Status
+from blockd.block.node import BlockNode, HostExtents, Status
 from blockd.errors import BlockError, BlockIOError, DeviceNotFound
 from blockd.events import EventSink
 from blockd.jobs.job import Job, OnError
@@ -145,44 +145,68 @@ class CommitJob(Job):
         """Copy what the images above base hold in ``[offset, end)``; bytes copied.
 
         Each run of the window comes from the one layer that holds it: zeros
-        become a zero write, data is copied file to file where both images
-        allow it (no bytes through Python), else read through top and written.
+        become a zero write; data runs are copied file to file, all of the
+        window's in one batch (one worker-thread call, one metadata update)
+        where both images allow it, else run by run (read through top, write).
         """
         top, base = self.plan.top, self.plan.base
-        pos, copied = offset, 0
+        runs: list[tuple[BlockNode, Status, int, int]] = []
+        pos = offset
         while pos < end:
             try:
                 layer, status, n = await self.graph.allocation_above(top, base, pos, end - pos)
             except BlockIOError as err:
                 raise _CopyFailed(err, "read") from err
             if layer is not None:
-                if status is Status.ZERO:
-                    try:
-                        await base.write_zeroes(pos, n)
-                    except BlockIOError as err:
-                        raise _CopyFailed(err, "write") from err
-                else:
-                    await self._copy_data(layer, pos, n)
-                copied += n
+                runs.append((layer, status, pos, n))
             pos += n
-        return copied
-
-    async def _copy_data(self, layer: BlockNode, offset: int, n: int) -> None:
-        base = self.plan.base
-        try:
-            src = await layer.map_data(offset, n)
-        except BlockIOError as err:
-            raise _CopyFailed(err, "read") from err
-        if src is not None:
-            try:
+        data: list[tuple[BlockNode, int, int]] = []
+        for layer, status, pos, n in runs:
+            if status is Status.ZERO:
                 try:
-                    done = await base.write_from_host(offset, n, src)
-                finally:
-                    src.release()
+                    await base.write_zeroes(pos, n)
+                except BlockIOError as err:
+                    raise _CopyFailed(err, "write") from err
+            else:
+                data.append((layer, pos, n))
+        if data:
+            await self._copy_data_runs(data)
+        return sum(n for _l, _s, _p, n in runs)
+
+    async def _copy_data_runs(self, runs: list[tuple[BlockNode, int, int]]) -> None:
+        base = self.plan.base
+        mapped: list[tuple[int, int, HostExtents]] = []
+        rest: list[tuple[BlockNode, int, int]] = []
+        try:
+            for layer, pos, n in runs:
+                try:
+                    src = await layer.map_data(pos, n)
+                except BlockIOError as err:
+                    raise _CopyFailed(err, "read") from err
+                if src is None:
+                    rest.append((layer, pos, n))
+                else:
+                    mapped.append((pos, n, src))
+            try:
+                done = await base.write_many_from_host(mapped) if len(mapped) > 1 else False
             except BlockIOError as err:
                 raise _CopyFailed(err, "write") from err
-            if done:
-                return
+            if not done:
+                for pos, n, src in mapped:
+                    try:
+                        ok = await base.write_from_host(pos, n, src)
+                    except BlockIOError as err:
+                        raise _CopyFailed(err, "write") from err
+                    if not ok:
+                        rest.append((src.file, pos, n))
+        finally:
+            for _p, _n, src in mapped:
+                src.release()
+        for layer, pos, n in rest:
+            await self._copy_data(layer, pos, n)
+
+    async def _copy_data(self, layer: BlockNode, offset: int, n: int) -> None:
+        """Copy one data run the slow way: read through top, write into base."""
         try:
             data = await self.plan.top.read(offset, n)
         except BlockIOError as err:

@@ -265,24 +265,42 @@ class FileNode(BlockNode):
 
         One worker-thread call; the bytes never enter Python (copy_file_range).
         """
-        self._check_request(offset, length)
+        await self.copy_many([(offset, src, src_offset, length)])
+
+    async def copy_many(self, copies: list[tuple[int, FileNode, int, int]]) -> None:
+        """Several :meth:`copy_from` s, (offset, src, src_offset, length), in one worker call.
+
+        A thread round trip costs more than copying a MiB in the page cache,
+        so callers batch what they can.
+        """
+        for offset, src, src_offset, length in copies:
+            self._check_request(offset, length)
+            src._check_open()
+            if src_offset < 0:
+                raise BlockIOError(errno.EINVAL)
         self._check_writable()
-        src._check_open()
-        if src_offset < 0:
-            raise BlockIOError(errno.EINVAL)
-        if not length:
+        jobs = [(src._fd, src_off, off, n) for off, src, src_off, n in copies if n]
+        if not jobs:
             return
-        dst_fd, src_fd = self._fd, src._fd
-        # both descriptors must stay open while the worker uses them
-        src._inflight += 1
+        dst_fd = self._fd
+        sources = list({id(src): src for _o, src, _s, n in copies if n}.values())
+
+        def copy_all() -> None:
+            for src_fd, src_off, off, n in jobs:
+                _copy_full(src_fd, src_off, dst_fd, off, n)
+
+        # every descriptor must stay open while the worker uses it
+        for src in sources:
+            src._inflight += 1
         try:
-            await self._io(lambda: _copy_full(src_fd, src_offset, dst_fd, offset, length))
+            await self._io(copy_all)
         finally:
-            src._inflight -= 1
-            if not src._inflight:
-                src._idle.set()
-                src._idle = trio.Event()
-        self._size = max(self._size, offset + length)
+            for src in sources:
+                src._inflight -= 1
+                if not src._inflight:
+                    src._idle.set()
+                    src._idle = trio.Event()
+        self._size = max(self._size, max(off + n for _f, _s, off, n in jobs))
 
     async def _do_write_zeroes(self, offset: int, length: int) -> None:
         fd = self._fd

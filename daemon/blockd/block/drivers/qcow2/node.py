@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import itertools
 import os
 import struct
 from array import array
@@ -554,6 +555,67 @@ class Qcow2Node(BlockNode):
         pieces = [(g, (e & OFFSET_MASK) + g % cs, n) for _k, g, n, e in extents]
         return HostExtents(self.file, pieces, lambda: self._unpin(pinned))
 
+    async def _do_write_many_from_host(self, writes: list[tuple[int, int, HostExtents]]) -> bool:
+        file = self.file
+        if not isinstance(file, FileNode) or any(
+            not isinstance(src.file, FileNode) or src.file is file for _o, _n, src in writes
+        ):
+            return False
+        cs = self.cluster_size
+        # ranges sharing a cluster would both see it unallocated before either
+        # points L2 at its copy: such batches go range by range
+        for (o1, n1, _s1), (o2, _n2, _s2) in itertools.pairwise(writes):
+            if (o1 + n1 - 1) // cs >= o2 // cs:
+                return False
+        if self.corrupt:
+            raise BlockIOError(errno.EIO, "qcow2: Image is corrupt; writes are refused")
+        copies: list[tuple[int, FileNode, int, int]] = []
+        payloads = [_HostPayload(o, n, src, copies) for o, n, src in writes]
+        pinned: list[int] = []
+        async with self._lock:
+            with trio.CancelScope(shield=True):
+                try:
+                    plans: list[list[tuple[int, int, int]]] = []
+                    for p in payloads:
+                        plan = await self._in_place_plan(p.offset, p.length)
+                        if plan is None:
+                            break
+                        plans.append(plan)
+                        pinned.extend(c for _g, host, n in plan
+                                      for c in host_clusters_of_range(host, n, self.cluster_bits))
+                    if len(plans) < len(payloads):
+                        # allocating: everything under the lock, one flush for the batch
+                        self._unpin(pinned)
+                        pinned = []
+                        updates: dict[int, int] = {}
+                        old: list[int] = []
+                        for p in payloads:
+                            more, freed = await self._write_payload_data(p)
+                            updates.update(more)
+                            old.extend(freed)
+                            if copies:
+                                await file.copy_many(copies)
+                                copies.clear()
+                        await self._finish_allocation(updates, old)
+                    else:
+                        for p, plan in zip(payloads, plans, strict=True):
+                            for goff, host, n in plan:
+                                await p.put(file, host, goff, n)
+                except OverlapError as exc:
+                    self._unpin(pinned)
+                    pinned = []
+                    await self._mark_corrupt(str(exc))
+                except BaseException:
+                    self._unpin(pinned)
+                    raise
+        if pinned:
+            # all in place: the data goes outside the lock, in one worker call
+            try:
+                await file.copy_many(copies)
+            finally:
+                self._unpin(pinned)
+        return True
+
     async def _do_write_from_host(self, offset: int, length: int, src: HostExtents) -> bool:
         if (
             not isinstance(self.file, FileNode)
@@ -574,6 +636,13 @@ class Qcow2Node(BlockNode):
         await self._write_payload_locked(_BytesPayload(offset, data))
 
     async def _write_payload_locked(self, payload: _Payload) -> None:
+        await self._finish_allocation(*await self._write_payload_data(payload))
+
+    async def _write_payload_data(self, payload: _Payload) -> tuple[dict[int, int], list[int]]:
+        """First half of an allocating write: data into place (in place or new
+        clusters, whose refcounts are written).  Returns the L2 updates and the
+        old entries to free, for :meth:`_finish_allocation`.
+        """
         cs = self.cluster_size
         offset = payload.offset
         end = offset + payload.length
@@ -604,7 +673,7 @@ class Qcow2Node(BlockNode):
         for lo, host, n in in_place:
             await payload.put(self._file, host, lo, n)
         if not fresh:
-            return
+            return {}, []
 
         hosts: list[int] = []
         while len(hosts) < len(fresh):
@@ -612,11 +681,15 @@ class Qcow2Node(BlockNode):
             self._meta.check(run_off, count * cs, None)
             await self._fill_run(payload, run_off, fresh[len(hosts) : len(hosts) + count])
             hosts.extend(run_off + i * cs for i in range(count))
+        updates = {c: host | OFLAG_COPIED for (c, _e), host in zip(fresh, hosts, strict=True)}
+        return updates, [e for _c, e in fresh if classify(e) in _FREEABLE]
+
+    async def _finish_allocation(self, updates: dict[int, int], old: list[int]) -> None:
+        """Second half: make the new clusters reachable, then free what they replace."""
+        if not updates:
+            return
         await self._file.flush()  # data and refcounts durable before the L2 entries
-        await self._set_entries(
-            {c: host | OFLAG_COPIED for (c, _e), host in zip(fresh, hosts, strict=True)}
-        )
-        old = [e for _c, e in fresh if classify(e) in _FREEABLE]
+        await self._set_entries(updates)
         if old:
             await self._file.flush()  # the unreference is durable before the decrement
             await self._release(old)
@@ -877,11 +950,19 @@ class _BytesPayload(_Payload):
 class _HostPayload(_Payload):
     """Bytes that sit in another image's host file (``HostExtents``): copied file to file."""
 
-    def __init__(self, offset: int, length: int, src: HostExtents) -> None:
+    def __init__(
+        self,
+        offset: int,
+        length: int,
+        src: HostExtents,
+        collect: list[tuple[int, FileNode, int, int]] | None = None,
+    ) -> None:
         super().__init__(offset, length)
         assert isinstance(src.file, FileNode)
         self.file: FileNode = src.file
         self.pieces = src.pieces
+        #: with a list, put() only records the copies for one copy_many later
+        self.collect = collect
 
     def _parts(self, guest: int, n: int) -> list[tuple[int, int, int]]:
         """(position in the request, source host offset, length) covering guest [guest, +n)."""
@@ -897,8 +978,13 @@ class _HostPayload(_Payload):
 
     async def put(self, file: BlockNode, host: int, guest: int, n: int) -> None:
         assert isinstance(file, FileNode)
-        for pos, src_host, m in self._parts(guest, n):
-            await file.copy_from(host + pos, self.file, src_host, m)
+        copies = [
+            (host + pos, self.file, src_host, m) for pos, src_host, m in self._parts(guest, n)
+        ]
+        if self.collect is not None:
+            self.collect.extend(copies)
+        else:
+            await file.copy_many(copies)
 
     async def get(self, guest: int, n: int) -> bytes:
         parts = [await self.file.read(h, m) for _p, h, m in self._parts(guest, n)]

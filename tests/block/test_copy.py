@@ -1,0 +1,116 @@
+"""File-to-file copies between qcow2 images (map_data / write_from_host), as commit uses them."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from blockd.block.graph import BlockGraph
+from blockd.block.node import BlockNode, HostExtents, Status
+
+from .conftest import assert_clean, compare_with, create, open_qcow2, qemu_io, run
+
+KiB = 1024
+MiB = 1 << 20
+
+
+def _fill(rng: random.Random, path: Path, size: int, step: int) -> None:
+    cmds = []
+    for off in range(0, size, step):
+        what = rng.choice(["data", "data", "zero", "none"])
+        n = min(rng.randrange(1, step // 512 + 1) * 512, size - off)
+        if what == "data":
+            cmds.append(f"write -P {rng.randrange(1, 256)} {off} {n}")
+        elif what == "zero":
+            cmds.append(f"write -z {off} {n}")
+    if cmds:
+        qemu_io(path, *cmds)
+
+
+async def _image(graph: BlockGraph, path: Path, name: str, read_only: bool = False) -> BlockNode:
+    return await open_qcow2(graph, path, name=name, read_only=read_only, backing=None)
+
+
+@pytest.mark.parametrize(("src_cluster", "dst_cluster", "batch"), [
+    (65536, 65536, True), (65536, 65536, False), (4096, 65536, True), (65536, 4096, True),
+    (512, 2048, True),
+])
+async def test_copy_between_images(
+    graph: BlockGraph, tmp_path: Path, src_cluster: int, dst_cluster: int, batch: bool
+) -> None:
+    rng = random.Random(src_cluster * 7 + dst_cluster + batch)
+    size = 4 * MiB
+    src_path = create(tmp_path / "src.qcow2", size, cluster_size=src_cluster)
+    dst_path = create(tmp_path / "dst.qcow2", size, cluster_size=dst_cluster)
+    _fill(rng, src_path, size, 96 * KiB)
+    _fill(rng, dst_path, size, 160 * KiB)  # some clusters in place, some allocated
+    src = await _image(graph, src_path, "src", read_only=True)
+    dst = await _image(graph, dst_path, "dst")
+    expected = bytearray(await dst.read(0, size))
+    # the data runs of src, as commit finds them
+    runs: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size:
+        status, n = await src.block_status(pos, size - pos)
+        if status is Status.DATA:
+            runs.append((pos, n))
+        pos += n
+    assert runs
+    mapped: list[tuple[int, int, HostExtents]] = []
+    for off, n in runs:
+        ext = await src.map_data(off, n)
+        assert ext is not None
+        assert sum(p[2] for p in ext.pieces) == n
+        mapped.append((off, n, ext))
+        expected[off : off + n] = await src.read(off, n)
+    try:
+        done = await dst.write_many_from_host(mapped) if batch else False
+        if not done:
+            for off, n, ext in mapped:
+                assert await dst.write_from_host(off, n, ext)
+    finally:
+        for _o, _n, ext in mapped:
+            ext.release()
+    assert await dst.read(0, size) == bytes(expected)
+    await graph.close_all()
+    compare_with(dst_path, bytes(expected), tmp_path)
+    assert_clean(dst_path)
+    assert_clean(src_path)
+
+
+async def test_batch_sharing_a_cluster_is_refused(graph: BlockGraph, tmp_path: Path) -> None:
+    src_path = create(tmp_path / "src.qcow2", MiB, cluster_size=4096)
+    dst_path = create(tmp_path / "dst.qcow2", MiB, cluster_size=65536)
+    qemu_io(src_path, "write -P 1 0 4k", "write -P 2 8k 4k")
+    src = await _image(graph, src_path, "src", read_only=True)
+    dst = await _image(graph, dst_path, "dst")
+    a, b = await src.map_data(0, 4096), await src.map_data(8192, 4096)
+    assert a is not None and b is not None
+    assert not await dst.write_many_from_host([(0, 4096, a), (8192, 4096, b)])
+    assert await dst.write_from_host(0, 4096, a)
+    assert await dst.write_from_host(8192, 4096, b)
+    a.release()
+    b.release()
+    assert await dst.read(0, 12288) == b"\1" * 4096 + bytes(4096) + b"\2" * 4096
+
+
+async def test_map_data_only_for_plain_data(graph: BlockGraph, tmp_path: Path) -> None:
+    path = create(tmp_path / "img.qcow2", MiB)
+    qemu_io(path, "write -P 1 0 64k", "write -z 64k 64k")
+    img = await _image(graph, path, "img", read_only=True)
+    ext = await img.map_data(0, 65536)
+    assert ext is not None and len(ext.pieces) == 1
+    ext.release()
+    assert await img.map_data(0, 128 * KiB) is None  # zero cluster
+    assert await img.map_data(128 * KiB, 64 * KiB) is None  # unallocated
+
+
+async def test_map_data_of_compressed_clusters_is_none(graph: BlockGraph, tmp_path: Path) -> None:
+    raw = tmp_path / "src.raw"
+    raw.write_bytes(b"abc" * (MiB // 3) + b"a")
+    path = tmp_path / "c.qcow2"
+    run("qemu-img", "convert", "-c", "-O", "qcow2", str(raw), str(path))
+    img = await _image(graph, path, "img", read_only=True)
+    assert await img.map_data(0, 65536) is None
