@@ -7,6 +7,7 @@ number of threads stays bounded however many nodes are open.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -101,6 +102,27 @@ def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
 
 
 _fallocate = _load_fallocate()
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+
+    def call(fd: int, offset: int, length: int) -> None:
+        # only a hint (start writeback now); a failure shows at the next flush
+        fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+    return call
+
+
+_start_writeback = _load_sync_file_range()
 
 
 async def run_io(fn: Callable[[], T]) -> T:
@@ -197,6 +219,8 @@ class FileNode(BlockNode):
         self.force_share = force_share
         self._inflight = 0
         self._idle = trio.Event()
+        self._writeback_busy = False
+        self._writeback_next: tuple[int, int] | None = None
 
     @classmethod
     async def open(
@@ -300,7 +324,53 @@ class FileNode(BlockNode):
                 if not src._inflight:
                     src._idle.set()
                     src._idle = trio.Event()
-        self._size = max(self._size, max(off + n for _f, _s, off, n in jobs))
+        lo = min(off for _f, _s, off, _n in jobs)
+        hi = max(off + n for _f, _s, off, n in jobs)
+        self._size = max(self._size, hi)
+        self.start_writeback(lo, hi - lo)
+
+    def start_writeback(self, offset: int, length: int) -> None:
+        """Let the disk start on dirty pages of the range now, without waiting.
+
+        Bulk copies end in a flush; started early, the write-out overlaps with
+        the copying that follows instead of all happening in that flush.  One
+        background thread call at a time (it may block while the device queue
+        is full); ranges asked for meanwhile are merged and sent next.  Only a
+        hint: errors surface at the next flush as they would anyway.
+        """
+        if _start_writeback is None or self.closed or length <= 0:
+            return
+        lo, hi = offset, offset + length
+        if self._writeback_next is not None:
+            lo, hi = min(lo, self._writeback_next[0]), max(hi, self._writeback_next[1])
+        self._writeback_next = (lo, hi)
+        if not self._writeback_busy:
+            self._writeback_kick()
+
+    def _writeback_kick(self) -> None:
+        job, self._writeback_next = self._writeback_next, None
+        if job is None or _start_writeback is None or self._fd < 0:
+            return
+        start_writeback, fd, (lo, hi) = _start_writeback, self._fd, job
+        token = trio.lowlevel.current_trio_token()
+        self._writeback_busy = True
+        self._inflight += 1  # the descriptor stays open until the call is back
+
+        def done() -> None:
+            self._writeback_busy = False
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
+                self._idle = trio.Event()
+            if not self.closed:
+                self._writeback_kick()
+
+        def deliver(_outcome: object) -> None:
+            # if the loop is gone, so is everybody who would wait for this
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(done)
+
+        trio.lowlevel.start_thread_soon(lambda: start_writeback(fd, lo, hi - lo), deliver)
 
     async def _do_write_zeroes(self, offset: int, length: int) -> None:
         fd = self._fd
