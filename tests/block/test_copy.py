@@ -9,6 +9,7 @@ import pytest
 
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode, HostExtents, Status
+from blockd.errors import BlockIOError
 
 from .conftest import assert_clean, compare_with, create, open_qcow2, qemu_io, run
 
@@ -114,3 +115,30 @@ async def test_map_data_of_compressed_clusters_is_none(graph: BlockGraph, tmp_pa
     run("qemu-img", "convert", "-c", "-O", "qcow2", str(raw), str(path))
     img = await _image(graph, path, "img", read_only=True)
     assert await img.map_data(0, 65536) is None
+
+
+@pytest.mark.parametrize("cluster_size", [512, 65536])
+async def test_readinto_matches_read(graph: BlockGraph, tmp_path: Path, cluster_size: int) -> None:
+    size = 3 * MiB + 512
+    base_path = create(tmp_path / "base.qcow2", 2 * MiB, cluster_size=cluster_size)
+    top_path = create(tmp_path / "top.qcow2", size, cluster_size=cluster_size,
+                      backing=base_path)
+    qemu_io(base_path, "write -P 7 0 2M")
+    qemu_io(top_path, "write -P 1 4k 100k", "write -z 512k 128k", "write -P 3 1M 1M")
+    raw = tmp_path / "c.raw"
+    raw.write_bytes(b"xyz" * 100000)
+    run("qemu-img", "convert", "-c", "-O", "qcow2", "-o", f"cluster_size={cluster_size}",
+        str(raw), str(tmp_path / "c.qcow2"))
+    top = await open_qcow2(graph, top_path, read_only=True)
+    comp = await open_qcow2(graph, tmp_path / "c.qcow2", read_only=True)
+    rng = random.Random(cluster_size)
+    for node in (top, comp):
+        for _ in range(30):
+            off = rng.randrange(0, node.size)
+            n = rng.randrange(0, min(node.size - off, 700 * KiB) + 1)
+            buf = bytearray(n + 3)
+            await node.readinto(off, memoryview(buf)[1 : n + 1])
+            assert bytes(buf[1 : n + 1]) == await node.read(off, n)
+            assert buf[0] == 0 and buf[n + 1 :] == b"\0\0"
+    with pytest.raises(BlockIOError):
+        await top.readinto(0, b"readonly")  # type: ignore[arg-type]

@@ -144,6 +144,19 @@ class BlockNode:
             return b""
         return await self._do_read(offset, length)
 
+    async def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
+        """:meth:`read` into the caller's (writable, byte-format) buffer.
+
+        A reused buffer spares allocating (and page-faulting in) a new object
+        for every large request.
+        """
+        view = memoryview(buf)
+        if view.readonly or view.format != "B" or view.ndim != 1:
+            raise BlockIOError(errno.EINVAL, "readinto needs a writable byte buffer")
+        self._check_request(offset, len(view))
+        if len(view):
+            await self._do_readinto(offset, view)
+
     async def write(self, offset: int, data: bytes) -> None:
         self._check_request(offset, len(data))
         self._check_writable()
@@ -282,6 +295,9 @@ class BlockNode:
 
     async def _do_map_data(self, offset: int, length: int) -> HostExtents | None:
         return None
+
+    async def _do_readinto(self, offset: int, view: memoryview) -> None:
+        view[:] = await self._do_read(offset, len(view))
 
     async def _do_write_from_host(self, offset: int, length: int, src: HostExtents) -> bool:
         return False

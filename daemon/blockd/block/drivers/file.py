@@ -148,6 +148,17 @@ def _pread_full(fd: int, offset: int, length: int) -> bytes:
     return b"".join(chunks)
 
 
+def _preadv_full(fd: int, offset: int, view: memoryview) -> None:
+    """Fill ``view`` from ``offset``; past EOF the file reads as zeros."""
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if not n:
+            view[got:] = bytes(len(view) - got)
+            return
+        got += n
+
+
 def _pwrite_full(fd: int, offset: int, data: bytes) -> None:
     view = memoryview(data)
     done = 0
@@ -278,6 +289,10 @@ class FileNode(BlockNode):
     async def _do_read(self, offset: int, length: int) -> bytes:
         fd = self._fd
         return await self._io(lambda: _pread_full(fd, offset, length))
+
+    async def _do_readinto(self, offset: int, view: memoryview) -> None:
+        fd = self._fd
+        await self._io(lambda: _preadv_full(fd, offset, view))
 
     async def _do_write(self, offset: int, data: bytes) -> None:
         fd = self._fd

@@ -360,6 +360,30 @@ class Qcow2Node(BlockNode):
             self._unpin(pinned)
         return b"".join(parts)
 
+    async def _do_readinto(self, offset: int, view: memoryview) -> None:
+        async with self._lock:
+            extents = await self._map(offset, len(view))
+            pinned = self._host_clusters(extents)
+            self._pin(pinned)
+        try:
+            for ext in extents:
+                kind, goff, n, entry = ext
+                part = view[goff - offset : goff - offset + n]
+                if kind is ClusterKind.NORMAL:
+                    host = (entry & OFFSET_MASK) + goff % self.cluster_size
+                    await self._file.readinto(host, part)
+                elif kind is ClusterKind.UNALLOCATED:
+                    backing = self.backing
+                    m = 0 if backing is None else max(0, min(n, backing.size - goff))
+                    if backing is not None and m:
+                        await backing.readinto(goff, part[:m])
+                    if m < n:
+                        part[m:] = bytes(n - m)
+                else:
+                    part[:] = await self._read_extent(ext)
+        finally:
+            self._unpin(pinned)
+
     async def _do_block_status(self, offset: int, length: int) -> tuple[Status, int]:
         # Walk the L2 entries from offset and stop at the first change, so a
         # question about a huge range costs as much as its first extent.
