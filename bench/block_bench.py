@@ -13,7 +13,7 @@
 
 Page cache warm (the source is read once before timing).  MB/s = 10^6 B/s.
 
-usage: PYTHONPATH=daemon python bench/block_bench.py [--size 1G] [--request 8M]
+usage: PYTHONPATH=daemon python bench/block_bench.py [--size 1G] [--request 8M] [--depth 4]
        [--cluster-size 64K] [--runs 1] [--workdir /tmp] [--keep]
 Exit status 0 when every result was verified, 1 otherwise.
 """
@@ -90,7 +90,7 @@ async def blockd_read(image: str, request: int) -> int:
     return total
 
 
-async def blockd_write(raw: str, image: str, request: int) -> None:
+async def blockd_write(raw: str, image: str, request: int, depth: int) -> None:
     graph = BlockGraph()
     src = await open_node(graph, {"driver": "raw", "read-only": True,
                                   "file": {"driver": "file", "filename": raw}})
@@ -98,8 +98,15 @@ async def blockd_write(raw: str, image: str, request: int) -> None:
                                   "file": {"driver": "file", "filename": image}})
     try:
         size = src.size
-        for off in range(0, size, request):
-            await dst.write(off, await src.read(off, min(request, size - off)))
+        offsets = iter(range(0, size, request))
+
+        async def worker() -> None:  # sequential requests, ``depth`` in flight
+            for off in offsets:
+                await dst.write(off, await src.read(off, min(request, size - off)))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(depth):
+                nursery.start_soon(worker)
         await dst.flush()
     finally:
         await graph.close_all()
@@ -127,6 +134,8 @@ def main() -> int:
     p.add_argument("--size", type=parse_size, default=GiB)
     p.add_argument("--request", type=parse_size, default=8 * MiB)
     p.add_argument("--cluster-size", type=parse_size, default=64 * KiB)
+    p.add_argument("--depth", type=int, default=4,
+                   help="blockd write requests in flight (qemu-img convert uses 8)")
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--workdir", default=tempfile.gettempdir())
     p.add_argument("--keep", action="store_true")
@@ -150,6 +159,7 @@ def main() -> int:
                 while f.read(8 * MiB):
                     pass
         print(f"# size {size >> 20} MiB, cluster {cs >> 10} KiB, request {args.request >> 20} MiB,"
+              f" write depth {args.depth},"
               f" {os.cpu_count()} CPUs, {tool('qemu-img', '--version').stdout.splitlines()[0]}")
         for run in range(1, args.runs + 1):
             t = timed(tool, "qemu-img", "convert", "-n", "-f", "qcow2", src,
@@ -171,7 +181,7 @@ def main() -> int:
                 else:
                     tool("qemu-img", "create", "-q", "-f", "qcow2",
                          "-o", f"cluster_size={cs}", dst, str(size))
-                    trio.run(blockd_write, raw, dst, args.request)
+                    trio.run(blockd_write, raw, dst, args.request, args.depth)
                 fsync(dst)
                 results[f"write {who}"].append(time.perf_counter() - t0)
                 good = verify(dst, raw)

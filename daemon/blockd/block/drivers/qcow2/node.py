@@ -18,12 +18,14 @@ Metadata policy (see DESIGN.md "crash safety"):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import itertools
 import os
 import struct
 from array import array
+from collections.abc import AsyncIterator
 from typing import Any
 
 import trio
@@ -89,6 +91,8 @@ class Qcow2Node(BlockNode):
         self._corrupt = False
         self._inflated: tuple[int, bytes] | None = None
         self._pinned: dict[int, int] = {}  # host cluster -> in-flight data I/Os
+        self._allocating: list[tuple[int, int]] = []  # guest cluster spans being allocated
+        self._allocation_done = trio.Event()
         self._unpinned = trio.Event()
 
     # -- opening --------------------------------------------------------------------
@@ -498,18 +502,58 @@ class Qcow2Node(BlockNode):
         goff = cluster * self.cluster_size
         return bytearray(await self._read_extent((kind, goff, self.cluster_size, entry)))
 
+    # -- allocating writes in flight ------------------------------------------------
+    #
+    # An allocating write claims its clusters and writes their refcounts under
+    # the lock, then writes the data and flushes *outside* it, and takes the
+    # lock again to point L2 at the new clusters.  Meanwhile its guest clusters
+    # are marked: any other change to them (write, zero, discard) waits, so
+    # updates of one cluster never cross; readers see the old mapping.  This
+    # lets one request's flush overlap with the next request's data.
+
+    def _allocating_overlaps(self, first: int, last: int) -> bool:
+        return any(a <= last and first <= b for a, b in self._allocating)
+
+    async def _acquire_range(self, first: int, last: int) -> None:
+        """Take the lock once no allocating write is in flight on clusters first..last."""
+        while True:
+            while self._allocating_overlaps(first, last):
+                await self._allocation_done.wait()
+            await self._lock.acquire()
+            if not self._allocating_overlaps(first, last):
+                return
+            self._lock.release()
+
+    @contextlib.asynccontextmanager
+    async def _range_locked(self, first: int, last: int) -> AsyncIterator[None]:
+        await self._acquire_range(first, last)
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _end_allocating(self, span: tuple[int, int]) -> None:
+        self._allocating.remove(span)
+        self._allocation_done.set()
+        self._allocation_done = trio.Event()
+
     async def _metadata_update(self, op: str, offset: int, arg: _Payload | int) -> None:
         if self.corrupt:
             raise BlockIOError(errno.EIO, "qcow2: Image is corrupt; writes are refused")
+        length = arg.length if isinstance(arg, _Payload) else arg
+        span = (offset // self.cluster_size, (offset + length - 1) // self.cluster_size)
         in_place: list[tuple[int, int, int]] | None = None
-        async with self._lock:
+        alloc: _Allocation | None = None
+        await self._acquire_range(*span)
+        try:
             with trio.CancelScope(shield=True):
                 try:
                     if op == "write":
                         assert isinstance(arg, _Payload)
                         in_place = await self._in_place_plan(offset, arg.length)
                         if in_place is None:
-                            await self._write_payload_locked(arg)
+                            alloc = await self._plan_allocation(arg)
+                            self._allocating.append(span)
                     elif op == "zero":
                         assert isinstance(arg, int)
                         await self._zero_locked(offset, arg)
@@ -518,9 +562,36 @@ class Qcow2Node(BlockNode):
                         await self._discard_locked(offset, arg)
                 except OverlapError as exc:
                     await self._mark_corrupt(str(exc))
+        finally:
+            self._lock.release()
         if in_place is not None:
             assert isinstance(arg, _Payload)
             await self._write_in_place(arg, in_place)
+        elif alloc is not None:
+            assert isinstance(arg, _Payload)
+            with trio.CancelScope(shield=True):
+                try:
+                    await self._complete_allocation(arg, alloc)
+                finally:
+                    self._end_allocating(span)
+
+    async def _complete_allocation(self, payload: _Payload, alloc: _Allocation) -> None:
+        """Data into the claimed clusters and flush (no lock), then L2 (locked)."""
+        try:
+            await self._fill_allocation(payload, alloc)
+            if alloc.runs:
+                await self._file.flush()  # data and refcounts durable before the L2 entries
+        except BaseException:
+            # nothing points at the new clusters yet: give them back (or leak them)
+            async with self._lock:
+                with contextlib.suppress(BlockIOError, OverlapError):
+                    await self._refs.change(self._allocated_clusters(alloc), -1)
+            raise
+        async with self._lock:
+            try:
+                await self._finish_allocation(*self._allocation_result(alloc), flushed=True)
+            except OverlapError as exc:
+                await self._mark_corrupt(str(exc))
 
     async def _in_place_plan(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
         """(guest, host, length) pieces if every cluster can be overwritten in place.
@@ -596,7 +667,8 @@ class Qcow2Node(BlockNode):
         copies: list[tuple[int, FileNode, int, int]] = []
         payloads = [_HostPayload(o, n, src, copies) for o, n, src in writes]
         pinned: list[int] = []
-        async with self._lock:
+        span = (writes[0][0] // cs, (writes[-1][0] + writes[-1][1] - 1) // cs)
+        async with self._range_locked(*span):
             with trio.CancelScope(shield=True):
                 try:
                     plans: list[list[tuple[int, int, int]]] = []
@@ -667,6 +739,12 @@ class Qcow2Node(BlockNode):
         clusters, whose refcounts are written).  Returns the L2 updates and the
         old entries to free, for :meth:`_finish_allocation`.
         """
+        alloc = await self._plan_allocation(payload)
+        await self._fill_allocation(payload, alloc)
+        return self._allocation_result(alloc)
+
+    async def _plan_allocation(self, payload: _Payload) -> _Allocation:
+        """Claim (refcounts written) the new clusters a write needs; nothing else written."""
         cs = self.cluster_size
         offset = payload.offset
         end = offset + payload.length
@@ -694,25 +772,40 @@ class Qcow2Node(BlockNode):
                     in_place.append((lo, host, hi - lo))
             else:
                 fresh.append((c, entry))
-        for lo, host, n in in_place:
-            await payload.put(self._file, host, lo, n)
-        if not fresh:
-            return {}, []
-
-        hosts: list[int] = []
-        while len(hosts) < len(fresh):
-            run_off, count = await self._refs.allocate_run(len(fresh) - len(hosts))
+        alloc = _Allocation(in_place, [])
+        done = 0
+        while done < len(fresh):
+            run_off, count = await self._refs.allocate_run(len(fresh) - done)
+            alloc.runs.append((run_off, fresh[done : done + count]))
             self._meta.check(run_off, count * cs, None)
-            await self._fill_run(payload, run_off, fresh[len(hosts) : len(hosts) + count])
-            hosts.extend(run_off + i * cs for i in range(count))
-        updates = {c: host | OFLAG_COPIED for (c, _e), host in zip(fresh, hosts, strict=True)}
-        return updates, [e for _c, e in fresh if classify(e) in _FREEABLE]
+            done += count
+        return alloc
 
-    async def _finish_allocation(self, updates: dict[int, int], old: list[int]) -> None:
+    async def _fill_allocation(self, payload: _Payload, alloc: _Allocation) -> None:
+        for lo, host, n in alloc.in_place:
+            await payload.put(self._file, host, lo, n)
+        for run_off, batch in alloc.runs:
+            await self._fill_run(payload, run_off, batch)
+
+    def _allocated_clusters(self, alloc: _Allocation) -> list[int]:
+        return [(run_off >> self.cluster_bits) + i
+                for run_off, batch in alloc.runs for i in range(len(batch))]
+
+    def _allocation_result(self, alloc: _Allocation) -> tuple[dict[int, int], list[int]]:
+        cs = self.cluster_size
+        updates = {c: (run_off + i * cs) | OFLAG_COPIED
+                   for run_off, batch in alloc.runs for i, (c, _e) in enumerate(batch)}
+        old = [e for _r, batch in alloc.runs for _c, e in batch if classify(e) in _FREEABLE]
+        return updates, old
+
+    async def _finish_allocation(
+        self, updates: dict[int, int], old: list[int], *, flushed: bool = False
+    ) -> None:
         """Second half: make the new clusters reachable, then free what they replace."""
         if not updates:
             return
-        await self._file.flush()  # data and refcounts durable before the L2 entries
+        if not flushed:
+            await self._file.flush()  # data and refcounts durable before the L2 entries
         await self._set_entries(updates)
         if old:
             await self._file.flush()  # the unreference is durable before the decrement
@@ -842,7 +935,7 @@ class Qcow2Node(BlockNode):
             raise BlockError("The new size must be a multiple of 512")
         if self.corrupt:
             raise BlockIOError(errno.EIO, "qcow2: Image is corrupt; writes are refused")
-        async with self._lock:
+        async with self._range_locked(0, 1 << 63):  # no allocating write in flight
             with trio.CancelScope(shield=True):
                 try:
                     await self._grow_locked(size)
@@ -936,6 +1029,15 @@ class Qcow2Node(BlockNode):
             except BaseException:
                 await self._file.reopen(read_only=True)
                 raise
+
+
+@dataclasses.dataclass
+class _Allocation:
+    """What an allocating write claimed: in-place pieces (guest, host, length) and
+    new host runs with the (guest cluster, old entry) pairs they replace."""
+
+    in_place: list[tuple[int, int, int]]
+    runs: list[tuple[int, list[tuple[int, int]]]]
 
 
 class _Payload:
