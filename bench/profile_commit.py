@@ -12,6 +12,7 @@ import importlib.util
 import os
 import pstats
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -66,6 +67,8 @@ def main() -> None:
     p.add_argument("--size", default="1G")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--dir")
+    p.add_argument("--empty-base", action="store_true",
+                   help="commit into an empty base (every cluster allocated by the commit)")
     args = p.parse_args()
     bench = _load_bench()
     size = bench.parse_size(args.size)
@@ -78,6 +81,10 @@ def main() -> None:
     try:
         for name in ("base", "mid", "top"):
             shutil.copy(os.path.join(pristine, f"{name}.qcow2"), work)
+        if args.empty_base:
+            base = os.path.join(work, "base.qcow2")
+            os.unlink(base)
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", base, str(size)], check=True)
         os.sync()
         if args.profile:
             prof = cProfile.Profile()

@@ -26,13 +26,18 @@ from blockd.jobs.job import Job, OnError
 
 log = logging.getLogger(__name__)
 
-#: Bytes copied per step, as QEMU's COMMIT_BUFFER_SIZE: progress, pause,
-#: cancel and the rate limit act at this granularity.
+#: Smallest step (QEMU's COMMIT_BUFFER_SIZE), used when a low speed limit is set;
+#: progress, pause, cancel and the rate limit act per step.
 CHUNK = 512 * 1024
 
 #: Bytes per step without a speed limit: runs are coalesced up to this size
-#: and copied in as few requests as the images' layouts allow.
-WINDOW = 8 * 1024 * 1024
+#: and copied in as few requests as the images' layouts allow (into a sparse
+#: base, one flush per step: 8 MiB -> 32 MiB took a 1 GiB commit from 2.9-4.5 s
+#: to 1.8-2.0 s).
+WINDOW = 32 * 1024 * 1024
+
+#: Largest buffer of the read-and-write path (runs that cannot go file to file).
+BUFFER = 4 * 1024 * 1024
 
 #: What ``blockdev-del`` and other jobs are told while a commit holds a node.
 BLOCKER = "block device is in use by block job: commit"
@@ -206,15 +211,18 @@ class CommitJob(Job):
             await self._copy_data(layer, pos, n)
 
     async def _copy_data(self, layer: BlockNode, offset: int, n: int) -> None:
-        """Copy one data run the slow way: read through top, write into base."""
-        try:
-            data = await self.plan.top.read(offset, n)
-        except BlockIOError as err:
-            raise _CopyFailed(err, "read") from err
-        try:
-            await self._write_base(offset, data)
-        except BlockIOError as err:
-            raise _CopyFailed(err, "write") from err
+        """Copy one data run the slow way: read through top, write into base,
+        BUFFER bytes at a time (memory stays bounded whatever the window)."""
+        for pos in range(offset, offset + n, BUFFER):
+            m = min(BUFFER, offset + n - pos)
+            try:
+                data = await self.plan.top.read(pos, m)
+            except BlockIOError as err:
+                raise _CopyFailed(err, "read") from err
+            try:
+                await self._write_base(pos, data)
+            except BlockIOError as err:
+                raise _CopyFailed(err, "write") from err
 
     async def _hide_base_past_top(self) -> None:
         """Zero what base holds past top's end where the overlay can see it.
