@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import random
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import pytest
 import trio
 import trio.lowlevel
 
+from blockd.block.drivers.file import FileNode
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode, HostExtents, Status
 from blockd.errors import BlockIOError
@@ -181,3 +184,35 @@ async def test_concurrent_allocating_writes(
     # what qemu sees through the real backing file is what we wrote
     compare_with(path, bytes(expected), tmp_path)
     assert_clean(path)
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+async def test_file_copy_many(tmp_path: Path, kernel_copy: bool,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    if not kernel_copy:
+        def refuse(*_args: object) -> int:
+            raise OSError(errno.EXDEV, "cross-device")
+
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    src_path, dst_path = tmp_path / "src", tmp_path / "dst"
+    payload = random.Random(3).randbytes(3 * MiB)
+    src_path.write_bytes(payload)
+    dst_path.write_bytes(b"\xff" * MiB)
+    src = await FileNode.open("src", str(src_path), read_only=True)
+    dst = await FileNode.open("dst", str(dst_path), read_only=False)
+    try:
+        # in order, out of order, growing the file, and past the source's end
+        await dst.copy_many([(4096, src, 0, 100_000), (2 * MiB, src, MiB, 2 * MiB),
+                             (200_000, src, 3 * MiB - 1000, 5000)])
+        await dst.copy_from(5 * MiB, src, 3 * MiB, 1000)
+        assert dst.size == 5 * MiB + 1000
+    finally:
+        await src.close()
+        await dst.close()
+    out = dst_path.read_bytes()
+    assert out[:4096] == b"\xff" * 4096
+    assert out[4096 : 4096 + 100_000] == payload[:100_000]
+    assert out[200_000 : 201_000] == payload[-1000:]
+    assert out[201_000 : 205_000] == bytes(4000)  # the source ended: zeros
+    assert out[2 * MiB : 4 * MiB] == payload[MiB:]
+    assert out[5 * MiB :] == bytes(1000)
