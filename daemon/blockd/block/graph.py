@@ -130,6 +130,18 @@ class BlockGraph:
         answer for the run starting at ``offset`` and that run's length, so a
         caller can walk a range in as few questions as there are runs.
         """
+        layer, _status, run = await self.allocation_above(top, base, offset, length)
+        return layer is not None, run
+
+    async def allocation_above(
+        self, top: BlockNode, base: BlockNode | None, offset: int, length: int
+    ) -> tuple[BlockNode | None, Status, int]:
+        """Like :meth:`is_allocated_above`, also naming the layer that holds the run.
+
+        Returns (layer, status, run length): the topmost layer above ``base``
+        that holds the whole run and whether it holds data or zeros there, or
+        (None, UNALLOCATED, run).  A layer shorter than ``offset`` holds zeros.
+        """
         if length <= 0 or offset < 0 or offset >= top.size:
             raise BlockError(
                 f"is_allocated_above: range {offset}+{length} outside '{top.node_name}'"
@@ -142,12 +154,12 @@ class BlockGraph:
                 # a layer shorter than the offset ends the chain here: what is
                 # seen through it are zeros it synthesises, which hide everything
                 # below exactly like a zero cluster would (QEMU treats them so)
-                return True, run
+                return node, Status.ZERO, run
             status, n = await node.block_status(offset, min(run, node.size - offset))
             if status is not Status.UNALLOCATED:
-                return True, min(run, n)
+                return node, status, min(run, n)
             run = min(run, n)
-        return False, run
+        return None, Status.UNALLOCATED, run
 
     # -- who may change or drop a node --------------------------------------------
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import enum
 import errno
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import trio
@@ -23,6 +25,25 @@ class Status(enum.Enum):
     DATA = "data"
     ZERO = "zero"
     UNALLOCATED = "unallocated"
+
+
+@dataclass
+class HostExtents:
+    """Where a layer's own data for a guest range lies in its host file.
+
+    ``pieces`` are (guest offset, host offset, length), consecutive in guest
+    order and covering the range exactly.  The host clusters stay pinned (not
+    freed or reused) until :meth:`release` is called, which must happen once.
+    """
+
+    file: BlockNode
+    pieces: list[tuple[int, int, int]]
+    _release: Callable[[], None] | None = field(default=None, repr=False)
+
+    def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
 
 class BlockNode:
@@ -123,11 +144,65 @@ class BlockNode:
             return b""
         return await self._do_read(offset, length)
 
+    async def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
+        """:meth:`read` into the caller's (writable, byte-format) buffer.
+
+        A reused buffer spares allocating (and page-faulting in) a new object
+        for every large request.
+        """
+        view = memoryview(buf)
+        if view.readonly or view.format != "B" or view.ndim != 1:
+            raise BlockIOError(errno.EINVAL, "readinto needs a writable byte buffer")
+        self._check_request(offset, len(view))
+        if len(view):
+            await self._do_readinto(offset, view)
+
     async def write(self, offset: int, data: bytes) -> None:
         self._check_request(offset, len(data))
         self._check_writable()
         if data:
             await self._do_write(offset, bytes(data))
+
+    async def map_data(self, offset: int, length: int) -> HostExtents | None:
+        """Host file locations of this layer's data for the range, pinned; None if
+        the range is not plain data of this layer in a host file (the caller then
+        reads).  Used to copy between images without the bytes entering Python.
+        """
+        self._check_request(offset, length)
+        if length == 0:
+            return None
+        return await self._do_map_data(offset, length)
+
+    async def write_from_host(self, offset: int, length: int, src: HostExtents) -> bool:
+        """Write the guest range from ``src`` (as returned by :meth:`map_data` of a
+        node of the same range) without reading it into memory.
+
+        Returns False, having changed nothing, when this node cannot take the
+        fast path for the range; the caller then reads and :meth:`write` s.
+        """
+        self._check_request(offset, length)
+        self._check_writable()
+        if length == 0:
+            return True
+        return await self._do_write_from_host(offset, length, src)
+
+    async def write_many_from_host(self, writes: list[tuple[int, int, HostExtents]]) -> bool:
+        """:meth:`write_from_host` for several ranges, (offset, length, src), in
+        ascending order and not overlapping, as one batch (one thread call for
+        the data, one metadata update).  False, having changed nothing, when the
+        batch cannot be done that way; the caller then writes range by range.
+        """
+        self._check_writable()
+        end = 0
+        for offset, length, _src in writes:
+            self._check_request(offset, length)
+            if offset < end:
+                raise BlockIOError(errno.EINVAL, "write_many_from_host: ranges overlap")
+            end = offset + length
+        writes = [w for w in writes if w[1]]
+        if not writes:
+            return True
+        return await self._do_write_many_from_host(writes)
 
     async def write_zeroes(self, offset: int, length: int) -> None:
         self._check_request(offset, length)
@@ -217,6 +292,18 @@ class BlockNode:
 
     async def _do_write_zeroes(self, offset: int, length: int) -> None:
         await self._do_write(offset, bytes(length))
+
+    async def _do_map_data(self, offset: int, length: int) -> HostExtents | None:
+        return None
+
+    async def _do_readinto(self, offset: int, view: memoryview) -> None:
+        view[:] = await self._do_read(offset, len(view))
+
+    async def _do_write_from_host(self, offset: int, length: int, src: HostExtents) -> bool:
+        return False
+
+    async def _do_write_many_from_host(self, writes: list[tuple[int, int, HostExtents]]) -> bool:
+        return False
 
     async def _do_discard(self, offset: int, length: int) -> None:
         return None

@@ -19,16 +19,25 @@ from blockd.block.drivers.qcow2 import header as hdr
 from blockd.block.drivers.qcow2.node import Qcow2Node
 from blockd.block.graph import BlockGraph
 from blockd.block.info import display_filename
-from blockd.block.node import BlockNode
+from blockd.block.node import BlockNode, HostExtents, Status
 from blockd.errors import BlockError, BlockIOError, DeviceNotFound
 from blockd.events import EventSink
 from blockd.jobs.job import Job, OnError
 
 log = logging.getLogger(__name__)
 
-#: Bytes copied per step, as QEMU's COMMIT_BUFFER_SIZE: progress, pause,
-#: cancel and the rate limit act at this granularity.
+#: Smallest step (QEMU's COMMIT_BUFFER_SIZE), used when a low speed limit is set;
+#: progress, pause, cancel and the rate limit act per step.
 CHUNK = 512 * 1024
+
+#: Bytes per step without a speed limit: runs are coalesced up to this size
+#: and copied in as few requests as the images' layouts allow (into a sparse
+#: base, one flush per step: 8 MiB -> 32 MiB took a 1 GiB commit from 2.9-4.5 s
+#: to 1.8-2.0 s).
+WINDOW = 32 * 1024 * 1024
+
+#: Largest buffer of the read-and-write path (runs that cannot go file to file).
+BUFFER = 4 * 1024 * 1024
 
 #: What ``blockdev-del`` and other jobs are told while a commit holds a node.
 BLOCKER = "block device is in use by block job: commit"
@@ -48,6 +57,15 @@ class CommitPlan:
     intermediates: tuple[BlockNode, ...]
     #: ``device`` down to the overlay: the images that read through ``top``.
     overlay_chain: tuple[BlockNode, ...]
+
+
+class _CopyFailed(Exception):
+    """A step's read or write failed: ``operation`` is what on-error reports."""
+
+    def __init__(self, error: BlockIOError, operation: str) -> None:
+        super().__init__(error.desc)
+        self.error = error
+        self.operation = operation
 
 
 class CommitJob(Job):
@@ -99,6 +117,13 @@ class CommitJob(Job):
             await self.clean()
             raise
 
+    def _step(self) -> int:
+        """Bytes per step: large when unthrottled, ~ a tenth of a second's worth otherwise."""
+        speed = self.speed
+        if not speed:
+            return WINDOW
+        return max(CHUNK, min(WINDOW, speed // 10 // CHUNK * CHUNK))
+
     async def run(self) -> None:
         top, base = self.plan.top, self.plan.base
         length = top.size
@@ -108,23 +133,96 @@ class CommitJob(Job):
         offset = 0
         while offset < length:
             await self.throttle()
-            n = min(CHUNK, length - offset)
+            end = min(offset + self._step(), length)
             try:
-                allocated, n = await self.graph.is_allocated_above(top, base, offset, n)
-                data = await top.read(offset, n) if allocated else b""
-            except BlockIOError as err:
-                await self.io_error(err, "read")
+                copied = await self._copy_window(offset, end)
+            except _CopyFailed as failed:
+                # the whole step is retried: copying a piece again is harmless
+                await self.io_error(failed.error, failed.operation)
                 continue
-            if allocated:
-                try:
-                    await self._write_base(offset, data)
-                except BlockIOError as err:
-                    await self.io_error(err, "write")
-                    continue
-                self.account(n)
-            offset += n
+            if copied:
+                self.account(copied)
+            offset = end
             self.offset = offset
         await self._hide_base_past_top()
+
+    async def _copy_window(self, offset: int, end: int) -> int:
+        """Copy what the images above base hold in ``[offset, end)``; bytes copied.
+
+        Each run of the window comes from the one layer that holds it: zeros
+        become a zero write; data runs are copied file to file, all of the
+        window's in one batch (one worker-thread call, one metadata update)
+        where both images allow it, else run by run (read through top, write).
+        """
+        top, base = self.plan.top, self.plan.base
+        runs: list[tuple[BlockNode, Status, int, int]] = []
+        pos = offset
+        while pos < end:
+            try:
+                layer, status, n = await self.graph.allocation_above(top, base, pos, end - pos)
+            except BlockIOError as err:
+                raise _CopyFailed(err, "read") from err
+            if layer is not None:
+                runs.append((layer, status, pos, n))
+            pos += n
+        data: list[tuple[BlockNode, int, int]] = []
+        for layer, status, pos, n in runs:
+            if status is Status.ZERO:
+                try:
+                    await base.write_zeroes(pos, n)
+                except BlockIOError as err:
+                    raise _CopyFailed(err, "write") from err
+            else:
+                data.append((layer, pos, n))
+        if data:
+            await self._copy_data_runs(data)
+        return sum(n for _l, _s, _p, n in runs)
+
+    async def _copy_data_runs(self, runs: list[tuple[BlockNode, int, int]]) -> None:
+        base = self.plan.base
+        mapped: list[tuple[int, int, HostExtents]] = []
+        rest: list[tuple[BlockNode, int, int]] = []
+        try:
+            for layer, pos, n in runs:
+                try:
+                    src = await layer.map_data(pos, n)
+                except BlockIOError as err:
+                    raise _CopyFailed(err, "read") from err
+                if src is None:
+                    rest.append((layer, pos, n))
+                else:
+                    mapped.append((pos, n, src))
+            try:
+                done = await base.write_many_from_host(mapped) if len(mapped) > 1 else False
+            except BlockIOError as err:
+                raise _CopyFailed(err, "write") from err
+            if not done:
+                for pos, n, src in mapped:
+                    try:
+                        ok = await base.write_from_host(pos, n, src)
+                    except BlockIOError as err:
+                        raise _CopyFailed(err, "write") from err
+                    if not ok:
+                        rest.append((src.file, pos, n))
+        finally:
+            for _p, _n, src in mapped:
+                src.release()
+        for layer, pos, n in rest:
+            await self._copy_data(layer, pos, n)
+
+    async def _copy_data(self, layer: BlockNode, offset: int, n: int) -> None:
+        """Copy one data run the slow way: read through top, write into base,
+        BUFFER bytes at a time (memory stays bounded whatever the window)."""
+        for pos in range(offset, offset + n, BUFFER):
+            m = min(BUFFER, offset + n - pos)
+            try:
+                data = await self.plan.top.read(pos, m)
+            except BlockIOError as err:
+                raise _CopyFailed(err, "read") from err
+            try:
+                await self._write_base(pos, data)
+            except BlockIOError as err:
+                raise _CopyFailed(err, "write") from err
 
     async def _hide_base_past_top(self) -> None:
         """Zero what base holds past top's end where the overlay can see it.
@@ -150,7 +248,7 @@ class CommitJob(Job):
     async def _write_base(self, offset: int, data: bytes) -> None:
         # Zeros (zero clusters above, or data that happens to be zero) become
         # zero writes: base stays sparse where it can.
-        if data.count(0) == len(data):
+        if not data[:1].strip(b"\0") and data == bytes(len(data)):
             await self.plan.base.write_zeroes(offset, len(data))
         else:
             await self.plan.base.write(offset, data)

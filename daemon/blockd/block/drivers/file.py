@@ -7,6 +7,7 @@ number of threads stays bounded however many nodes are open.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -102,6 +103,27 @@ def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
 
 _fallocate = _load_fallocate()
 
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+
+    def call(fd: int, offset: int, length: int) -> None:
+        # only a hint (start writeback now); a failure shows at the next flush
+        fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+    return call
+
+
+_start_writeback = _load_sync_file_range()
+
 
 async def run_io(fn: Callable[[], T]) -> T:
     """Run one blocking call in a worker thread; OSError becomes BlockIOError."""
@@ -126,11 +148,53 @@ def _pread_full(fd: int, offset: int, length: int) -> bytes:
     return b"".join(chunks)
 
 
+def _preadv_full(fd: int, offset: int, view: memoryview) -> None:
+    """Fill ``view`` from ``offset``; past EOF the file reads as zeros."""
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if not n:
+            view[got:] = bytes(len(view) - got)
+            return
+        got += n
+
+
 def _pwrite_full(fd: int, offset: int, data: bytes) -> None:
     view = memoryview(data)
     done = 0
     while done < len(view):
         done += os.pwrite(fd, view[done:], offset + done)
+
+
+_COPY_FALLBACK_ERRNOS = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF)
+_COPY_BUFFER = 1 << 20
+
+
+def _copy_full(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, length: int) -> None:
+    """Copy ``length`` bytes between two files, in the kernel where it can.
+
+    ``copy_file_range`` moves the bytes page cache to page cache without a
+    round trip through user space; where it is refused (other file systems,
+    old kernels) a buffered loop does the same.  Past the source's end the
+    bytes read as zeros, as :func:`_pread_full` makes them.
+    """
+    done = 0
+    while done < length:
+        try:
+            n = os.copy_file_range(
+                src_fd, dst_fd, length - done, src_offset + done, dst_offset + done
+            )
+        except OSError as exc:
+            if exc.errno not in _COPY_FALLBACK_ERRNOS:
+                raise
+            break
+        if n == 0:
+            break  # end of the source: the rest is zeros (buffered path below)
+        done += n
+    while done < length:
+        n = min(_COPY_BUFFER, length - done)
+        _pwrite_full(dst_fd, dst_offset + done, _pread_full(src_fd, src_offset + done, n))
+        done += n
 
 
 def _zero_fill(fd: int, offset: int, length: int) -> None:
@@ -166,6 +230,8 @@ class FileNode(BlockNode):
         self.force_share = force_share
         self._inflight = 0
         self._idle = trio.Event()
+        self._writeback_busy = False
+        self._writeback_next: tuple[int, int] | None = None
 
     @classmethod
     async def open(
@@ -224,10 +290,102 @@ class FileNode(BlockNode):
         fd = self._fd
         return await self._io(lambda: _pread_full(fd, offset, length))
 
+    async def _do_readinto(self, offset: int, view: memoryview) -> None:
+        fd = self._fd
+        await self._io(lambda: _preadv_full(fd, offset, view))
+
     async def _do_write(self, offset: int, data: bytes) -> None:
         fd = self._fd
         await self._io(lambda: _pwrite_full(fd, offset, data))
         self._size = max(self._size, offset + len(data))
+
+    async def copy_from(self, offset: int, src: FileNode, src_offset: int, length: int) -> None:
+        """Write ``length`` bytes of ``src`` (from ``src_offset``) at ``offset``.
+
+        One worker-thread call; the bytes never enter Python (copy_file_range).
+        """
+        await self.copy_many([(offset, src, src_offset, length)])
+
+    async def copy_many(self, copies: list[tuple[int, FileNode, int, int]]) -> None:
+        """Several :meth:`copy_from` s, (offset, src, src_offset, length), in one worker call.
+
+        A thread round trip costs more than copying a MiB in the page cache,
+        so callers batch what they can.
+        """
+        for offset, src, src_offset, length in copies:
+            self._check_request(offset, length)
+            src._check_open()
+            if src_offset < 0:
+                raise BlockIOError(errno.EINVAL)
+        self._check_writable()
+        jobs = [(src._fd, src_off, off, n) for off, src, src_off, n in copies if n]
+        if not jobs:
+            return
+        dst_fd = self._fd
+        sources = list({id(src): src for _o, src, _s, n in copies if n}.values())
+
+        def copy_all() -> None:
+            for src_fd, src_off, off, n in jobs:
+                _copy_full(src_fd, src_off, dst_fd, off, n)
+
+        # every descriptor must stay open while the worker uses it
+        for src in sources:
+            src._inflight += 1
+        try:
+            await self._io(copy_all)
+        finally:
+            for src in sources:
+                src._inflight -= 1
+                if not src._inflight:
+                    src._idle.set()
+                    src._idle = trio.Event()
+        lo = min(off for _f, _s, off, _n in jobs)
+        hi = max(off + n for _f, _s, off, n in jobs)
+        self._size = max(self._size, hi)
+        self.start_writeback(lo, hi - lo)
+
+    def start_writeback(self, offset: int, length: int) -> None:
+        """Let the disk start on dirty pages of the range now, without waiting.
+
+        Bulk copies end in a flush; started early, the write-out overlaps with
+        the copying that follows instead of all happening in that flush.  One
+        background thread call at a time (it may block while the device queue
+        is full); ranges asked for meanwhile are merged and sent next.  Only a
+        hint: errors surface at the next flush as they would anyway.
+        """
+        if _start_writeback is None or self.closed or length <= 0:
+            return
+        lo, hi = offset, offset + length
+        if self._writeback_next is not None:
+            lo, hi = min(lo, self._writeback_next[0]), max(hi, self._writeback_next[1])
+        self._writeback_next = (lo, hi)
+        if not self._writeback_busy:
+            self._writeback_kick()
+
+    def _writeback_kick(self) -> None:
+        job, self._writeback_next = self._writeback_next, None
+        if job is None or _start_writeback is None or self._fd < 0:
+            return
+        start_writeback, fd, (lo, hi) = _start_writeback, self._fd, job
+        token = trio.lowlevel.current_trio_token()
+        self._writeback_busy = True
+        self._inflight += 1  # the descriptor stays open until the call is back
+
+        def done() -> None:
+            self._writeback_busy = False
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
+                self._idle = trio.Event()
+            if not self.closed:
+                self._writeback_kick()
+
+        def deliver(_outcome: object) -> None:
+            # if the loop is gone, so is everybody who would wait for this
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(done)
+
+        trio.lowlevel.start_thread_soon(lambda: start_writeback(fd, lo, hi - lo), deliver)
 
     async def _do_write_zeroes(self, offset: int, length: int) -> None:
         fd = self._fd

@@ -18,15 +18,19 @@ Metadata policy (see DESIGN.md "crash safety"):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
+import itertools
 import os
 import struct
 from array import array
+from collections.abc import AsyncIterator
 from typing import Any
 
 import trio
 
+from blockd.block.drivers.file import FileNode
 from blockd.block.drivers.qcow2 import header as hdr
 from blockd.block.drivers.qcow2.compress import decompress_cluster
 from blockd.block.drivers.qcow2.overlap import MetadataMap, MetaKind, OverlapError
@@ -44,7 +48,7 @@ from blockd.block.drivers.qcow2.tables import (
     host_clusters_of_range,
     zero_table,
 )
-from blockd.block.node import BlockNode, Status
+from blockd.block.node import BlockNode, HostExtents, Status
 from blockd.errors import BlockError, BlockIOError, ImageError
 
 #: one mapped piece of a guest range: (kind, guest offset, length, L2 entry)
@@ -87,6 +91,8 @@ class Qcow2Node(BlockNode):
         self._corrupt = False
         self._inflated: tuple[int, bytes] | None = None
         self._pinned: dict[int, int] = {}  # host cluster -> in-flight data I/Os
+        self._allocating: list[tuple[int, int]] = []  # guest cluster spans being allocated
+        self._allocation_done = trio.Event()
         self._unpinned = trio.Event()
 
     # -- opening --------------------------------------------------------------------
@@ -358,27 +364,66 @@ class Qcow2Node(BlockNode):
             self._unpin(pinned)
         return b"".join(parts)
 
+    async def _do_readinto(self, offset: int, view: memoryview) -> None:
+        async with self._lock:
+            extents = await self._map(offset, len(view))
+            pinned = self._host_clusters(extents)
+            self._pin(pinned)
+        try:
+            for ext in extents:
+                kind, goff, n, entry = ext
+                part = view[goff - offset : goff - offset + n]
+                if kind is ClusterKind.NORMAL:
+                    host = (entry & OFFSET_MASK) + goff % self.cluster_size
+                    await self._file.readinto(host, part)
+                elif kind is ClusterKind.UNALLOCATED:
+                    backing = self.backing
+                    m = 0 if backing is None else max(0, min(n, backing.size - goff))
+                    if backing is not None and m:
+                        await backing.readinto(goff, part[:m])
+                    if m < n:
+                        part[m:] = bytes(n - m)
+                else:
+                    part[:] = await self._read_extent(ext)
+        finally:
+            self._unpin(pinned)
+
     async def _do_block_status(self, offset: int, length: int) -> tuple[Status, int]:
-        # Walk one L2 table's worth at a time and stop at the first change, so a
+        # Walk the L2 entries from offset and stop at the first change, so a
         # question about a huge range costs as much as its first extent.
         cs = self.cluster_size
         end = offset + length
         span = cs * self.l2_entries
-        limit = offset + 16 * span  # callers loop; bound the work per question
+        limit = min(end, offset + 16 * span)  # callers loop; bound the work per question
         status: Status | None = None
         pos = offset
         async with self._lock:
-            while pos < min(end, limit):
-                chunk_end = min(end, (pos // span + 1) * span)
-                for kind, goff, _n, _e in await self._map(pos, chunk_end - pos):
-                    st = _STATUS[kind]
+            while pos < limit:
+                chunk_end = min(limit, (pos // span + 1) * span)
+                l1_index = pos // span
+                loaded = await self._l2_table(l1_index)
+                if loaded is None:
                     if status is None:
-                        status = st
-                    elif st is not status:
-                        return status, goff - offset
+                        status = Status.UNALLOCATED
+                    elif status is not Status.UNALLOCATED:
+                        return status, pos - offset
+                else:
+                    table = loaded[1]
+                    skip = l1_index * self.l2_entries
+                    first = pos // cs
+                    for i, entry in enumerate(
+                        table[first - skip : (chunk_end - 1) // cs - skip + 1], first
+                    ):
+                        kind = classify(entry)
+                        self._check_entry(entry, kind)
+                        st = _STATUS[kind]
+                        if status is None:
+                            status = st
+                        elif st is not status:
+                            return status, max(offset, i * cs) - offset
                 pos = chunk_end
         assert status is not None
-        return status, min(end, limit) - offset
+        return status, limit - offset
 
     # -- metadata helpers (callers hold the lock, shielded) -------------------------
 
@@ -457,18 +502,58 @@ class Qcow2Node(BlockNode):
         goff = cluster * self.cluster_size
         return bytearray(await self._read_extent((kind, goff, self.cluster_size, entry)))
 
-    async def _metadata_update(self, op: str, offset: int, arg: bytes | int) -> None:
+    # -- allocating writes in flight ------------------------------------------------
+    #
+    # An allocating write claims its clusters and writes their refcounts under
+    # the lock, then writes the data and flushes *outside* it, and takes the
+    # lock again to point L2 at the new clusters.  Meanwhile its guest clusters
+    # are marked: any other change to them (write, zero, discard) waits, so
+    # updates of one cluster never cross; readers see the old mapping.  This
+    # lets one request's flush overlap with the next request's data.
+
+    def _allocating_overlaps(self, first: int, last: int) -> bool:
+        return any(a <= last and first <= b for a, b in self._allocating)
+
+    async def _acquire_range(self, first: int, last: int) -> None:
+        """Take the lock once no allocating write is in flight on clusters first..last."""
+        while True:
+            while self._allocating_overlaps(first, last):
+                await self._allocation_done.wait()
+            await self._lock.acquire()
+            if not self._allocating_overlaps(first, last):
+                return
+            self._lock.release()
+
+    @contextlib.asynccontextmanager
+    async def _range_locked(self, first: int, last: int) -> AsyncIterator[None]:
+        await self._acquire_range(first, last)
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _end_allocating(self, span: tuple[int, int]) -> None:
+        self._allocating.remove(span)
+        self._allocation_done.set()
+        self._allocation_done = trio.Event()
+
+    async def _metadata_update(self, op: str, offset: int, arg: _Payload | int) -> None:
         if self.corrupt:
             raise BlockIOError(errno.EIO, "qcow2: Image is corrupt; writes are refused")
+        length = arg.length if isinstance(arg, _Payload) else arg
+        span = (offset // self.cluster_size, (offset + length - 1) // self.cluster_size)
         in_place: list[tuple[int, int, int]] | None = None
-        async with self._lock:
+        alloc: _Allocation | None = None
+        await self._acquire_range(*span)
+        try:
             with trio.CancelScope(shield=True):
                 try:
                     if op == "write":
-                        assert isinstance(arg, bytes)
-                        in_place = await self._in_place_plan(offset, len(arg))
+                        assert isinstance(arg, _Payload)
+                        in_place = await self._in_place_plan(offset, arg.length)
                         if in_place is None:
-                            await self._write_locked(offset, arg)
+                            alloc = await self._plan_allocation(arg)
+                            self._allocating.append(span)
                     elif op == "zero":
                         assert isinstance(arg, int)
                         await self._zero_locked(offset, arg)
@@ -477,9 +562,36 @@ class Qcow2Node(BlockNode):
                         await self._discard_locked(offset, arg)
                 except OverlapError as exc:
                     await self._mark_corrupt(str(exc))
+        finally:
+            self._lock.release()
         if in_place is not None:
-            assert isinstance(arg, bytes)
-            await self._write_in_place(offset, arg, in_place)
+            assert isinstance(arg, _Payload)
+            await self._write_in_place(arg, in_place)
+        elif alloc is not None:
+            assert isinstance(arg, _Payload)
+            with trio.CancelScope(shield=True):
+                try:
+                    await self._complete_allocation(arg, alloc)
+                finally:
+                    self._end_allocating(span)
+
+    async def _complete_allocation(self, payload: _Payload, alloc: _Allocation) -> None:
+        """Data into the claimed clusters and flush (no lock), then L2 (locked)."""
+        try:
+            await self._fill_allocation(payload, alloc)
+            if alloc.runs:
+                await self._file.flush()  # data and refcounts durable before the L2 entries
+        except BaseException:
+            # nothing points at the new clusters yet: give them back (or leak them)
+            async with self._lock:
+                with contextlib.suppress(BlockIOError, OverlapError):
+                    await self._refs.change(self._allocated_clusters(alloc), -1)
+            raise
+        async with self._lock:
+            try:
+                await self._finish_allocation(*self._allocation_result(alloc), flushed=True)
+            except OverlapError as exc:
+                await self._mark_corrupt(str(exc))
 
     async def _in_place_plan(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
         """(guest, host, length) pieces if every cluster can be overwritten in place.
@@ -498,14 +610,12 @@ class Qcow2Node(BlockNode):
         self._pin(self._host_clusters(extents))
         return plan
 
-    async def _write_in_place(
-        self, offset: int, data: bytes, plan: list[tuple[int, int, int]]
-    ) -> None:
+    async def _write_in_place(self, payload: _Payload, plan: list[tuple[int, int, int]]) -> None:
         clusters = [c for _g, host, n in plan
                     for c in host_clusters_of_range(host, n, self.cluster_bits)]
         try:
             for goff, host, n in plan:
-                await self._file.write(host, data[goff - offset : goff - offset + n])
+                await payload.put(self._file, host, goff, n)
         finally:
             self._unpin(clusters)
 
@@ -525,7 +635,92 @@ class Qcow2Node(BlockNode):
     # -- writing --------------------------------------------------------------------
 
     async def _do_write(self, offset: int, data: bytes) -> None:
-        await self._metadata_update("write", offset, data)
+        await self._metadata_update("write", offset, _BytesPayload(offset, data))
+
+    async def _do_map_data(self, offset: int, length: int) -> HostExtents | None:
+        if not isinstance(self.file, FileNode):
+            return None
+        cs = self.cluster_size
+        async with self._lock:
+            extents = await self._map(offset, length)
+            if any(kind is not ClusterKind.NORMAL for kind, _g, _n, _e in extents):
+                return None
+            pinned = self._host_clusters(extents)
+            self._pin(pinned)
+        pieces = [(g, (e & OFFSET_MASK) + g % cs, n) for _k, g, n, e in extents]
+        return HostExtents(self.file, pieces, lambda: self._unpin(pinned))
+
+    async def _do_write_many_from_host(self, writes: list[tuple[int, int, HostExtents]]) -> bool:
+        file = self.file
+        if not isinstance(file, FileNode) or any(
+            not isinstance(src.file, FileNode) or src.file is file for _o, _n, src in writes
+        ):
+            return False
+        cs = self.cluster_size
+        # ranges sharing a cluster would both see it unallocated before either
+        # points L2 at its copy: such batches go range by range
+        for (o1, n1, _s1), (o2, _n2, _s2) in itertools.pairwise(writes):
+            if (o1 + n1 - 1) // cs >= o2 // cs:
+                return False
+        if self.corrupt:
+            raise BlockIOError(errno.EIO, "qcow2: Image is corrupt; writes are refused")
+        copies: list[tuple[int, FileNode, int, int]] = []
+        payloads = [_HostPayload(o, n, src, copies) for o, n, src in writes]
+        pinned: list[int] = []
+        span = (writes[0][0] // cs, (writes[-1][0] + writes[-1][1] - 1) // cs)
+        async with self._range_locked(*span):
+            with trio.CancelScope(shield=True):
+                try:
+                    plans: list[list[tuple[int, int, int]]] = []
+                    for p in payloads:
+                        plan = await self._in_place_plan(p.offset, p.length)
+                        if plan is None:
+                            break
+                        plans.append(plan)
+                        pinned.extend(c for _g, host, n in plan
+                                      for c in host_clusters_of_range(host, n, self.cluster_bits))
+                    if len(plans) < len(payloads):
+                        # allocating: everything under the lock, one flush for the batch
+                        self._unpin(pinned)
+                        pinned = []
+                        updates: dict[int, int] = {}
+                        old: list[int] = []
+                        for p in payloads:
+                            more, freed = await self._write_payload_data(p)
+                            updates.update(more)
+                            old.extend(freed)
+                            if copies:
+                                await file.copy_many(copies)
+                                copies.clear()
+                        await self._finish_allocation(updates, old)
+                    else:
+                        for p, plan in zip(payloads, plans, strict=True):
+                            for goff, host, n in plan:
+                                await p.put(file, host, goff, n)
+                except OverlapError as exc:
+                    self._unpin(pinned)
+                    pinned = []
+                    await self._mark_corrupt(str(exc))
+                except BaseException:
+                    self._unpin(pinned)
+                    raise
+        if pinned:
+            # all in place: the data goes outside the lock, in one worker call
+            try:
+                await file.copy_many(copies)
+            finally:
+                self._unpin(pinned)
+        return True
+
+    async def _do_write_from_host(self, offset: int, length: int, src: HostExtents) -> bool:
+        if (
+            not isinstance(self.file, FileNode)
+            or not isinstance(src.file, FileNode)
+            or src.file is self.file
+        ):
+            return False
+        await self._metadata_update("write", offset, _HostPayload(offset, length, src))
+        return True
 
     async def _do_write_zeroes(self, offset: int, length: int) -> None:
         await self._metadata_update("zero", offset, length)
@@ -534,14 +729,32 @@ class Qcow2Node(BlockNode):
         await self._metadata_update("discard", offset, length)
 
     async def _write_locked(self, offset: int, data: bytes) -> None:
+        await self._write_payload_locked(_BytesPayload(offset, data))
+
+    async def _write_payload_locked(self, payload: _Payload) -> None:
+        await self._finish_allocation(*await self._write_payload_data(payload))
+
+    async def _write_payload_data(self, payload: _Payload) -> tuple[dict[int, int], list[int]]:
+        """First half of an allocating write: data into place (in place or new
+        clusters, whose refcounts are written).  Returns the L2 updates and the
+        old entries to free, for :meth:`_finish_allocation`.
+        """
+        alloc = await self._plan_allocation(payload)
+        await self._fill_allocation(payload, alloc)
+        return self._allocation_result(alloc)
+
+    async def _plan_allocation(self, payload: _Payload) -> _Allocation:
+        """Claim (refcounts written) the new clusters a write needs; nothing else written."""
         cs = self.cluster_size
-        end = offset + len(data)
+        offset = payload.offset
+        end = offset + payload.length
         first, last = offset // cs, (end - 1) // cs
         for l1_index in range(first // self.l2_entries, last // self.l2_entries + 1):
             await self._ensure_l2(l1_index)
         entries = await self._entries(first, last - first + 1)
 
         fresh: list[tuple[int, int]] = []  # (guest cluster, old entry) needing a new cluster
+        in_place: list[tuple[int, int, int]] = []  # (guest, host, length), coalesced
         for i, entry in enumerate(entries):
             c = first + i
             kind = classify(entry)
@@ -550,36 +763,95 @@ class Qcow2Node(BlockNode):
                 lo, hi = max(offset, c * cs), min(end, (c + 1) * cs)
                 host = (entry & OFFSET_MASK) + lo - c * cs
                 self._meta.check(host, hi - lo, None)
-                await self._file.write(host, data[lo - offset : hi - offset])
+                if in_place and in_place[-1][0] + in_place[-1][2] == lo and (
+                    in_place[-1][1] + in_place[-1][2] == host
+                ):
+                    g, h, n = in_place[-1]
+                    in_place[-1] = (g, h, n + hi - lo)
+                else:
+                    in_place.append((lo, host, hi - lo))
             else:
                 fresh.append((c, entry))
-        if not fresh:
-            return
-
-        hosts: list[int] = []
-        while len(hosts) < len(fresh):
-            run_off, count = await self._refs.allocate_run(len(fresh) - len(hosts))
+        alloc = _Allocation(in_place, [])
+        done = 0
+        while done < len(fresh):
+            run_off, count = await self._refs.allocate_run(len(fresh) - done)
+            alloc.runs.append((run_off, fresh[done : done + count]))
             self._meta.check(run_off, count * cs, None)
-            buffers: list[bytes] = []
-            for c, entry in fresh[len(hosts) : len(hosts) + count]:
-                lo, hi = max(offset, c * cs), min(end, (c + 1) * cs)
-                piece = data[lo - offset : hi - offset]
-                if hi - lo == cs:
-                    buffers.append(piece)
-                else:  # partial cluster: copy the rest from what the guest sees now
-                    content = await self._cluster_content(c, entry)
-                    content[lo - c * cs : hi - c * cs] = piece
-                    buffers.append(bytes(content))
-            await self._file.write(run_off, b"".join(buffers))
-            hosts.extend(run_off + i * cs for i in range(count))
-        await self._file.flush()  # data and refcounts durable before the L2 entries
-        await self._set_entries(
-            {c: host | OFLAG_COPIED for (c, _e), host in zip(fresh, hosts, strict=True)}
-        )
-        old = [e for _c, e in fresh if classify(e) in _FREEABLE]
+            done += count
+        return alloc
+
+    async def _fill_allocation(self, payload: _Payload, alloc: _Allocation) -> None:
+        for lo, host, n in alloc.in_place:
+            await payload.put(self._file, host, lo, n)
+        for run_off, batch in alloc.runs:
+            await self._fill_run(payload, run_off, batch)
+
+    def _allocated_clusters(self, alloc: _Allocation) -> list[int]:
+        return [(run_off >> self.cluster_bits) + i
+                for run_off, batch in alloc.runs for i in range(len(batch))]
+
+    def _allocation_result(self, alloc: _Allocation) -> tuple[dict[int, int], list[int]]:
+        cs = self.cluster_size
+        updates = {c: (run_off + i * cs) | OFLAG_COPIED
+                   for run_off, batch in alloc.runs for i, (c, _e) in enumerate(batch)}
+        old = [e for _r, batch in alloc.runs for _c, e in batch if classify(e) in _FREEABLE]
+        return updates, old
+
+    async def _finish_allocation(
+        self, updates: dict[int, int], old: list[int], *, flushed: bool = False
+    ) -> None:
+        """Second half: make the new clusters reachable, then free what they replace."""
+        if not updates:
+            return
+        if not flushed:
+            await self._file.flush()  # data and refcounts durable before the L2 entries
+        await self._set_entries(updates)
         if old:
             await self._file.flush()  # the unreference is durable before the decrement
             await self._release(old)
+
+    async def _fill_run(
+        self, payload: _Payload, run_off: int, batch: list[tuple[int, int]]
+    ) -> None:
+        """Write the new contents of ``batch``'s guest clusters into the host run.
+
+        Whole clusters that follow each other in the guest go out in one
+        request; a partial cluster is completed from what the guest sees now.
+        """
+        cs = self.cluster_size
+        offset, end = payload.offset, payload.offset + payload.length
+        buffered = isinstance(payload, _BytesPayload)
+        pending: list[bytes] = []  # buffered: the whole run, written at once
+
+        def whole(c: int) -> bool:
+            return min(end, (c + 1) * cs) - max(offset, c * cs) == cs
+
+        i = 0
+        while i < len(batch):
+            c, entry = batch[i]
+            host = run_off + i * cs
+            if whole(c):
+                j = i + 1
+                while j < len(batch) and batch[j][0] == c + (j - i) and whole(batch[j][0]):
+                    j += 1
+                if isinstance(payload, _BytesPayload):
+                    pending.append(payload.get_now(c * cs, (j - i) * cs))
+                else:
+                    await payload.put(self._file, host, c * cs, (j - i) * cs)
+                i = j
+                continue
+            # partial cluster: copy the rest from what the guest sees now
+            lo, hi = max(offset, c * cs), min(end, (c + 1) * cs)
+            content = await self._cluster_content(c, entry)
+            content[lo - c * cs : hi - c * cs] = await payload.get(lo, hi - lo)
+            if buffered:
+                pending.append(bytes(content))
+            else:
+                await self._file.write(host, bytes(content))
+            i += 1
+        if pending:
+            await self._file.write(run_off, pending[0] if len(pending) == 1 else b"".join(pending))
 
     def _full_clusters(self, offset: int, length: int) -> tuple[int, int]:
         """Guest clusters wholly inside the range (the image's end counts as a boundary)."""
@@ -663,7 +935,7 @@ class Qcow2Node(BlockNode):
             raise BlockError("The new size must be a multiple of 512")
         if self.corrupt:
             raise BlockIOError(errno.EIO, "qcow2: Image is corrupt; writes are refused")
-        async with self._lock:
+        async with self._range_locked(0, 1 << 63):  # no allocating write in flight
             with trio.CancelScope(shield=True):
                 try:
                     await self._grow_locked(size)
@@ -803,6 +1075,92 @@ class Qcow2Node(BlockNode):
             except BaseException:
                 await self._file.reopen(read_only=True)
                 raise
+
+
+@dataclasses.dataclass
+class _Allocation:
+    """What an allocating write claimed: in-place pieces (guest, host, length) and
+    new host runs with the (guest cluster, old entry) pairs they replace."""
+
+    in_place: list[tuple[int, int, int]]
+    runs: list[tuple[int, list[tuple[int, int]]]]
+
+
+class _Payload:
+    """The bytes a write puts at guest ``[offset, offset + length)``."""
+
+    def __init__(self, offset: int, length: int) -> None:
+        self.offset = offset
+        self.length = length
+
+    async def put(self, file: BlockNode, host: int, guest: int, n: int) -> None:
+        """Write the payload's bytes for guest ``[guest, guest + n)`` to ``file`` at ``host``."""
+        raise NotImplementedError
+
+    async def get(self, guest: int, n: int) -> bytes:
+        raise NotImplementedError
+
+
+class _BytesPayload(_Payload):
+    def __init__(self, offset: int, data: bytes) -> None:
+        super().__init__(offset, len(data))
+        self.data = data
+
+    def get_now(self, guest: int, n: int) -> bytes:
+        lo = guest - self.offset
+        if lo == 0 and n == len(self.data):
+            return self.data
+        return self.data[lo : lo + n]
+
+    async def put(self, file: BlockNode, host: int, guest: int, n: int) -> None:
+        await file.write(host, self.get_now(guest, n))
+
+    async def get(self, guest: int, n: int) -> bytes:
+        return self.get_now(guest, n)
+
+
+class _HostPayload(_Payload):
+    """Bytes that sit in another image's host file (``HostExtents``): copied file to file."""
+
+    def __init__(
+        self,
+        offset: int,
+        length: int,
+        src: HostExtents,
+        collect: list[tuple[int, FileNode, int, int]] | None = None,
+    ) -> None:
+        super().__init__(offset, length)
+        assert isinstance(src.file, FileNode)
+        self.file: FileNode = src.file
+        self.pieces = src.pieces
+        #: with a list, put() only records the copies for one copy_many later
+        self.collect = collect
+
+    def _parts(self, guest: int, n: int) -> list[tuple[int, int, int]]:
+        """(position in the request, source host offset, length) covering guest [guest, +n)."""
+        out: list[tuple[int, int, int]] = []
+        end = guest + n
+        for g, h, m in self.pieces:
+            lo, hi = max(g, guest), min(g + m, end)
+            if lo < hi:
+                out.append((lo - guest, h + lo - g, hi - lo))
+        if sum(p[2] for p in out) != n:
+            raise BlockIOError(errno.EIO, "qcow2: copy source does not cover the request")
+        return out
+
+    async def put(self, file: BlockNode, host: int, guest: int, n: int) -> None:
+        assert isinstance(file, FileNode)
+        copies = [
+            (host + pos, self.file, src_host, m) for pos, src_host, m in self._parts(guest, n)
+        ]
+        if self.collect is not None:
+            self.collect.extend(copies)
+        else:
+            await file.copy_many(copies)
+
+    async def get(self, guest: int, n: int) -> bytes:
+        parts = [await self.file.read(h, m) for _p, h, m in self._parts(guest, n)]
+        return b"".join(parts)
 
 
 def _header_extent(h: hdr.Header) -> int:
