@@ -133,30 +133,6 @@ async def test_real_extended_l2_and_data_file(tmp_path: Path, graph: BlockGraph)
     assert df.read_bytes() == before
 
 
-async def test_zstd_clusters_refused_clearly(tmp_path: Path, graph: BlockGraph) -> None:
-    src = create(tmp_path / "src.qcow2", "1M")
-    qemu_io(src, "write -P 0x42 0 64k")
-    comp = tmp_path / "z.qcow2"
-    proc = run(
-        "qemu-img",
-        "convert",
-        "-c",
-        "-O",
-        "qcow2",
-        "-o",
-        "compression_type=zstd",
-        str(src),
-        str(comp),
-        check=False,
-    )
-    if proc.returncode != 0:
-        pytest.skip("qemu-img built without zstd")
-    node = await open_qcow2(graph, comp, read_only=True)
-    assert await node.read(128 * 1024, 10) == bytes(10)  # unallocated parts still read
-    with pytest.raises(ImageError, match="zstd"):
-        await node.read(0, 10)
-
-
 async def test_unknown_autoclear_bits_cleared(tmp_path: Path, graph: BlockGraph) -> None:
     img = create(tmp_path / "a.qcow2", "1M")
     buf = bytearray(img.read_bytes())

@@ -11,7 +11,7 @@ import pytest
 from blockd.block.graph import BlockGraph
 from blockd.block.node import Status
 
-from .conftest import create, open_qcow2, qemu_io, run, to_raw
+from .conftest import assert_clean, create, open_qcow2, qemu_io, run, to_raw
 
 MiB = 1 << 20
 
@@ -77,6 +77,26 @@ async def test_read_compressed(tmp_path: Path, graph: BlockGraph) -> None:
     status, n = await node.block_status(0, 4 * MiB)
     assert status is Status.DATA
     assert n >= 65536
+
+
+@pytest.mark.parametrize("cluster_size", [4096, 65536, 2 * MiB])
+async def test_read_and_overwrite_zstd_compressed(
+    tmp_path: Path, graph: BlockGraph, cluster_size: int
+) -> None:
+    src = create(tmp_path / "src.qcow2", 6 * MiB, cluster_size=cluster_size)
+    qemu_io(src, "write -P 0x5a 0 1M", "write -P 0xa5 1536k 100k", "write -P 0x01 5M 7")
+    comp = tmp_path / "zstd.qcow2"
+    run("qemu-img", "convert", "-c", "-O", "qcow2", "-o",
+        f"compression_type=zstd,cluster_size={cluster_size}", str(src), str(comp))  # fmt: skip
+    expected = bytearray(to_raw(src, tmp_path / "src.raw"))
+    node = await open_qcow2(graph, comp)
+    assert await read_all(node) == expected
+    # A write into a compressed cluster moves it to a normal one.
+    await node.write(1536 * 1024 + 10, b"\x77" * 5000)
+    expected[1536 * 1024 + 10 : 1536 * 1024 + 5010] = b"\x77" * 5000
+    await graph.close_all()
+    assert to_raw(comp, tmp_path / "after.raw") == expected
+    assert_clean(comp)
 
 
 @pytest.mark.parametrize("compat", ["0.10", "1.1"])
