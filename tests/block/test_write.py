@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -488,4 +489,19 @@ async def test_reopen_while_io_in_flight(tmp_path: Path, graph: BlockGraph) -> N
     assert errors == []
     await node.write(0, b"ok")
     await graph.close_all()
+    assert_clean(img)
+
+
+@pytest.mark.parametrize("mode", ["on", "unmap"])
+async def test_detect_zeroes_writes_zeros_as_zero_clusters(
+    tmp_path: Path, graph: BlockGraph, mode: str
+) -> None:
+    img = create(tmp_path / "dz.qcow2", 4 * MiB)
+    node = await open_qcow2(graph, img, **{"detect-zeroes": mode})
+    await node.write(0, bytes(MiB))
+    await node.write(MiB, b"\x01" * 4096)
+    await graph.close_all()
+    extents = json.loads(run("qemu-img", "map", "--output=json", str(img)).stdout)
+    data = [e for e in extents if e["data"]]
+    assert [(e["start"], e["length"]) for e in data] == [(MiB, 65536)]
     assert_clean(img)

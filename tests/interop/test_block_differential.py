@@ -126,6 +126,18 @@ CONVERSATIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
             },
         ),
     ],
+    "detect zeroes": [
+        (
+            "blockdev-add",
+            {
+                "driver": "qcow2",
+                "node-name": "dz",
+                "detect-zeroes": "unmap",
+                "discard": "unmap",
+                "file": {"driver": "file", "filename": "{d}/base.qcow2", "detect-zeroes": "on"},
+            },
+        ),
+    ],
     "no backing": [
         (
             "blockdev-add",

@@ -70,6 +70,9 @@ class BlockNode:
         self.file = file
         self.backing = backing
         self.closed = False
+        #: ``detect-zeroes``: "off", or write all-zero data as zero writes
+        #: ("on"; "unmap" also lets the zeroed range be deallocated).
+        self.detect_zeroes = "off"
 
     def __repr__(self) -> str:
         mode = "ro" if self.read_only else "rw"
@@ -160,8 +163,12 @@ class BlockNode:
     async def write(self, offset: int, data: bytes) -> None:
         self._check_request(offset, len(data))
         self._check_writable()
-        if data:
-            await self._do_write(offset, bytes(data))
+        if not data:
+            return
+        if self.detect_zeroes != "off" and data.count(0) == len(data):
+            await self._do_write_zeroes(offset, len(data))
+            return
+        await self._do_write(offset, bytes(data))
 
     async def map_data(self, offset: int, length: int) -> HostExtents | None:
         """Host file locations of this layer's data for the range, pinned; None if

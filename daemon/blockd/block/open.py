@@ -63,6 +63,12 @@ def _name(ctx: _Opening, options: dict[str, Any]) -> str:
 
 
 async def _open(ctx: _Opening, options: dict[str, Any], *, read_only: bool) -> BlockNode:
+    node = await _open_driver(ctx, options, read_only=read_only)
+    node.detect_zeroes = str(options.get("detect-zeroes", "off"))
+    return node
+
+
+async def _open_driver(ctx: _Opening, options: dict[str, Any], *, read_only: bool) -> BlockNode:
     driver = options.get("driver")
     if driver == "file":
         return await _open_file(ctx, options, read_only)

@@ -57,7 +57,7 @@ def _device_info(
         {
             "backing_file_depth": depth,
             "encrypted": False,
-            "detect_zeroes": "off",
+            "detect_zeroes": node.detect_zeroes,
             "bps": 0,
             "bps_rd": 0,
             "bps_wr": 0,
