@@ -58,17 +58,14 @@ def blockd_command(socket_path: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "blockd", "--socket", str(socket_path), *extra]
 
 
-def start_blockd(
-    socket_path: Path, *extra: str, wait: bool = True, cwd: Path | None = None
+def spawn(
+    argv: list[str], socket_path: Path, *, wait: bool = True, **popen: object
 ) -> DaemonProcess:
+    """Start a daemon, stderr to a file next to ``socket_path``."""
     stderr_path = socket_path.with_suffix(".stderr")
     with open(stderr_path, "wb") as stderr:
-        proc = subprocess.Popen(
-            blockd_command(socket_path, *extra),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            cwd=cwd,
+        proc = subprocess.Popen(  # type: ignore[call-overload]
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, **popen
         )
     daemon = DaemonProcess(proc, socket_path, stderr_path)
     if wait:
@@ -78,6 +75,12 @@ def start_blockd(
             daemon.stop()
             raise
     return daemon
+
+
+def start_blockd(
+    socket_path: Path, *extra: str, wait: bool = True, cwd: Path | None = None
+) -> DaemonProcess:
+    return spawn(blockd_command(socket_path, *extra), socket_path, wait=wait, cwd=cwd)
 
 
 def start_qsd(socket_path: Path) -> DaemonProcess:

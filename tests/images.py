@@ -38,6 +38,22 @@ def create(path: Path, size: str = "64M", backing: str | None = None, options: s
     return path
 
 
+def chain(
+    d: Path, base: tuple[str, ...], mid: tuple[str, ...], top: tuple[str, ...]
+) -> tuple[Path, Path, Path]:
+    """base.qcow2 <- mid.qcow2 <- top.qcow2 in ``d`` (relative backing names),
+    each filled by its qemu-io commands."""
+    images = []
+    backing = None
+    for name, commands in (("base", base), ("mid", mid), ("top", top)):
+        image = create(d / f"{name}.qcow2", backing=backing)
+        if commands:
+            qemu_io(image, *commands)
+        images.append(image)
+        backing = image.name
+    return images[0], images[1], images[2]
+
+
 def guest_view(image: Path, out: Path) -> Path:
     """The chain's data as a raw file (qemu-img convert is the reference reader)."""
     qemu_img("convert", "-O", "raw", str(image), str(out))

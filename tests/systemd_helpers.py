@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from tests.helpers import TIMEOUT, DaemonProcess, wait_for_socket
+from tests.helpers import TIMEOUT
 
 
 class NotifySocket:
@@ -55,22 +54,3 @@ class NotifySocket:
 def blockd_argv(*args: str) -> list[str]:
     """``python -m blockd`` with exactly these arguments (no implied --socket)."""
     return [sys.executable, "-m", "blockd", *args]
-
-
-def spawn(
-    argv: list[str], socket_path: Path, *, wait: bool = True, **popen: object
-) -> DaemonProcess:
-    """Start a daemon, stderr to a file next to ``socket_path``."""
-    stderr_path = socket_path.with_suffix(".stderr")
-    with open(stderr_path, "wb") as stderr:
-        proc = subprocess.Popen(  # type: ignore[call-overload]
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, **popen
-        )
-    daemon = DaemonProcess(proc, socket_path, stderr_path)
-    if wait:
-        try:
-            wait_for_socket(socket_path, proc)
-        except Exception:
-            daemon.stop()
-            raise
-    return daemon

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests import images
 from tests.helpers import DaemonProcess, RawQMP
 from tests.images import (
     MiB,
@@ -26,13 +27,12 @@ from tests.images import (
 
 def chain(d: Path) -> tuple[Path, Path, Path]:
     """base (data at 0-1M, 8-9M) <- mid (1-3M, 32-36M, zeros at 8M) <- top (2-3M)."""
-    base = create(d / "base.qcow2")
-    mid = create(d / "mid.qcow2", backing="base.qcow2")
-    top = create(d / "top.qcow2", backing="mid.qcow2")
-    qemu_io(base, "write -P 0x11 0 1M", "write -P 0x12 8M 1M")
-    qemu_io(mid, "write -P 0x21 1M 2M", "write -P 0x22 32M 4M", "write -z 8M 512k")
-    qemu_io(top, "write -P 0x31 2M 1M")
-    return base, mid, top
+    return images.chain(
+        d,
+        base=("write -P 0x11 0 1M", "write -P 0x12 8M 1M"),
+        mid=("write -P 0x21 1M 2M", "write -P 0x22 32M 4M", "write -z 8M 512k"),
+        top=("write -P 0x31 2M 1M",),
+    )
 
 
 def add_explicit_chain(client: RawQMP, d: Path, *, read_only_base: bool = True) -> None:

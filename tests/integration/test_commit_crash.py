@@ -16,27 +16,25 @@ from typing import Any
 
 import pytest
 
+from tests import images
 from tests.helpers import DaemonProcess, RawQMP
 from tests.images import (
     MiB,
     backing_of,
     check,
     check_consistent,
-    create,
     guest_view,
-    qemu_io,
     same_data,
 )
 
 
 def chain(d: Path) -> tuple[Path, Path, Path]:
-    base = create(d / "base.qcow2")
-    mid = create(d / "mid.qcow2", backing="base.qcow2")
-    top = create(d / "top.qcow2", backing="mid.qcow2")
-    qemu_io(base, "write -P 0x11 0 4M", "write -P 0x12 40M 4M")
-    qemu_io(mid, "write -P 0x21 2M 8M", "write -z 40M 1M", "write -P 0x22 50M 8M")
-    qemu_io(top, "write -P 0x31 6M 1M")
-    return base, mid, top
+    return images.chain(
+        d,
+        base=("write -P 0x11 0 4M", "write -P 0x12 40M 4M"),
+        mid=("write -P 0x21 2M 8M", "write -z 40M 1M", "write -P 0x22 50M 8M"),
+        top=("write -P 0x31 6M 1M",),
+    )
 
 
 def add_chain(client: RawQMP, d: Path, *, base_read_only: bool) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_tool
-from tests.helpers import TIMEOUT, RawQMP
-from tests.systemd_helpers import NotifySocket, blockd_argv, spawn
+from tests.helpers import TIMEOUT, RawQMP, spawn
+from tests.systemd_helpers import NotifySocket, blockd_argv
 
 
 def _write(sock_dir: Path, text: str) -> Path:
