@@ -80,10 +80,18 @@ async def _bind_inet(data: Mapping[str, Any]) -> list[trio.SocketListener]:
     return listeners
 
 
+def _uint32(value: Any, name: str) -> int:
+    """QEMU's uint32 visitor: any integer as uint64 (negatives wrap), then the range."""
+    if not isinstance(value, int) or isinstance(value, bool) or not -(1 << 63) <= value < 1 << 64:
+        raise BlockdError(f"Parameter '{name}' expects uint64")
+    number = int(value) % (1 << 64)
+    if number > _UINT32_MAX:
+        raise BlockdError(f"Parameter '{name}' expects uint32_t")
+    return number
+
+
 async def nbd_server_start(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str, Any]:
-    max_connections = args.get("max-connections", 0)
-    if not 0 <= max_connections <= _UINT32_MAX:
-        raise BlockdError("Parameter 'max-connections' expects uint32_t")
+    max_connections = _uint32(args.get("max-connections", 0), "max-connections")
     if ctx.exports.server is not None:
         raise BlockdError("NBD server already running")
     addr = args["addr"]

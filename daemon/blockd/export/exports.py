@@ -56,6 +56,8 @@ class Export:
         self.writethrough = writethrough
         self.description = description
         self.shutting_down = False
+        #: Set once the export is deleted and its clients are gone.
+        self.gone = trio.Event()
         self.clients: set[ClientHandle] = set()
         self._node = node
         self._inflight = 0
@@ -205,27 +207,48 @@ class ExportRegistry:
             raise BlockdError(f"Export '{export_id}' is not found")
         if mode == "safe" and export.clients:
             raise BlockdError(f"export '{export_id}' still in use")
-        await self._remove(export)
+        await self._remove(export, wait=False)
 
-    async def _remove(self, export: Export) -> None:
+    async def _remove(self, export: Export, *, wait: bool = True) -> None:
+        """Disconnect the clients; the export is gone (and the event sent) once they are.
+
+        With ``wait=False`` (``block-export-del`` in hard mode) the command
+        returns at once and the export stays listed as shutting down until its
+        clients are gone, as in QEMU.
+        """
         if export.shutting_down:
+            if wait:
+                with trio.CancelScope(shield=True):
+                    await export.gone.wait()
             return
         export.shutting_down = True
         clients = list(export.clients)
         for client in clients:
             client.disconnect()
-        with trio.CancelScope(shield=True):
-            for client in clients:
-                await client.wait_closed()
-            await export.drain()
-        self._exports.pop(export.id, None)
-        log.info("export %s deleted", export.id)
-        self._events.emit(BlockExportDeleted(export.id))
+
+        async def finish() -> None:
+            with trio.CancelScope(shield=True):
+                for client in clients:
+                    await client.wait_closed()
+                await export.drain()
+            self._exports.pop(export.id, None)
+            log.info("export %s deleted", export.id)
+            self._events.emit(BlockExportDeleted(export.id))
+            export.gone.set()
+
+        if wait or not clients:
+            await finish()
+        else:
+            self.nursery.start_soon(finish)
 
     async def remove_all(self) -> None:
-        """Hard-delete every export, newest first (each one's event is sent)."""
-        for export in reversed(list(self._exports.values())):
-            await self._remove(export)
+        """Hard-delete every export, newest first; those without clients go at once."""
+        exports = list(reversed(self._exports.values()))
+        for export in exports:
+            await self._remove(export, wait=False)
+        with trio.CancelScope(shield=True):
+            for export in exports:
+                await export.gone.wait()
 
     # -- the server -------------------------------------------------------------------
 
