@@ -74,6 +74,8 @@ def served(sock_dir: Path, tmp_path: Path) -> Iterator[Served]:
     finally:
         s.qmp.close()
         s.daemon.stop()
+    # No client, however rude, caused an internal error.
+    assert "Traceback" not in s.daemon.stderr(), s.daemon.stderr()[-3000:]
 
 
 def check_image(image: Path) -> None:

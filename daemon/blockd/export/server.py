@@ -210,6 +210,10 @@ class NBDServer:
             nursery.start_soon(self._write, client)
             try:
                 await self._read(client, conn, nursery)
+            except p.ProtocolError as err:
+                log.info("dropping an NBD client: %s", err)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
             finally:
                 # Let running requests finish and their replies go out, then stop the writer.
                 async with trio.open_nursery() as waiter:
