@@ -204,3 +204,214 @@ def test_export_commands_match_qsd(both: tuple[Path, Path]) -> None:
     for index, (want, have) in enumerate(zip(expected, got, strict=False)):
         assert have == want, f"message {index} differs"
     assert len(got) == len(expected)
+
+
+# -- the NBD wire itself ---------------------------------------------------------------
+
+IHAVEOPT = 0x49484156454F5054
+REQ = 0x25609513
+
+
+def opt(code: int, data: bytes = b"") -> bytes:
+    return struct.pack(">QII", IHAVEOPT, code, len(data)) + data
+
+
+def info(name: bytes, *items: int) -> bytes:
+    return (
+        struct.pack(">I", len(name))
+        + name
+        + struct.pack(">H", len(items))
+        + b"".join(struct.pack(">H", i) for i in items)
+    )
+
+
+def meta(name: bytes, *queries: bytes) -> bytes:
+    out = struct.pack(">I", len(name)) + name + struct.pack(">I", len(queries))
+    return out + b"".join(struct.pack(">I", len(q)) + q for q in queries)
+
+
+def req(kind: int, offset: int = 0, length: int = 0, flags: int = 0, data: bytes = b"") -> bytes:
+    return struct.pack(">IHHQQI", REQ, flags, kind, 0x1234, offset, length) + data
+
+
+class WireClient:
+    """Sends raw messages and reads exactly one complete answer to each."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(5)
+        self.sock.connect(path)
+        self.buf = b""
+        self.structured = False
+
+    def take(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            part = self.sock.recv(1 << 20)
+            if not part:
+                raise EOFError
+            self.buf += part
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def closed(self) -> bool:
+        try:
+            return self.sock.recv(1) == b""
+        except OSError:
+            return True
+
+    def option(self, message: bytes) -> list[bytes]:
+        """Option replies up to and including the final ACK or error."""
+        self.sock.sendall(message)
+        out = []
+        while True:
+            try:
+                header = self.take(20)
+            except EOFError:
+                return [*out, b"EOF"]
+            length = struct.unpack_from(">I", header, 16)[0]
+            out.append(header + self.take(length))
+            rep = struct.unpack_from(">I", header, 12)[0]
+            if rep == 1 or rep & 0x80000000:
+                return out
+
+    def request(self, message: bytes, read_length: int = 0) -> list[bytes]:
+        """One reply: a simple reply (with data for a good READ), or chunks up to DONE."""
+        self.sock.sendall(message)
+        out = []
+        while True:
+            magic = struct.unpack(">I", self.take(4))[0]
+            if magic == 0x67446698:
+                rest = self.take(12)
+                error = struct.unpack_from(">I", rest)[0]
+                data = self.take(read_length) if read_length and not error else b""
+                return [b"simple" + rest + data]
+            rest = self.take(16)
+            flags, _kind, _handle, length = struct.unpack(">HHQI", rest)
+            out.append(rest + self.take(length))
+            if flags & 1:
+                return out
+
+
+def wire_conversations(sock: str) -> list[Any]:
+    log: list[Any] = []
+    c = WireClient(sock)
+    log.append(c.take(18))
+    c.sock.sendall(struct.pack(">I", 3))
+    for message in [
+        opt(3),
+        opt(3, b"x"),
+        opt(6, info(b"disk", 1, 3)),
+        opt(6, info(b"nope")),
+        opt(6, info(b"")),
+        opt(6, info(b"ro")),
+        opt(5),
+        opt(11),
+        opt(10, meta(b"disk", b"base:allocation")),
+        opt(8, b"x"),
+        opt(8),
+        opt(8),
+        opt(9, meta(b"disk")),
+        opt(9, meta(b"disk", b"base:")),
+        opt(9, meta(b"disk", b"qemu:", b"nope:x")),
+        opt(9, meta(b"nope", b"base:allocation")),
+        opt(10, meta(b"disk", b"base:")),
+        opt(10, meta(b"disk", b"base:allocation", b"base:allocation")),
+        opt(7, info(b"disk")),
+    ]:
+        log.append(c.option(message))
+    for message, length in [
+        (req(0, 0, 256 * 1024), 256 * 1024),
+        (req(0, 0, 4096, flags=4), 4096),
+        (req(0, (4 << 20) - 512, 1024), 0),
+        (req(1, (4 << 20) - 512, 4, data=b"abcd"), 0),
+        (req(99), 0),
+        (req(7, 0, 4 << 20), 0),
+        (req(7, 0, 4 << 20, flags=8), 0),
+        (req(7, 65536, 100), 0),
+        (req(7, 0, 0), 0),
+        (req(0, 0, 16, flags=2), 0),
+        (req(6, 2 << 20, 65536, flags=0x10), 0),
+        (req(6, 2 << 20, 65536, flags=0x12), 0),
+        (req(4, 3 << 20, 65536), 0),
+        (req(3), 0),
+        (req(5, 0, 65536), 0),
+        (req(1, 65536 * 5, 5, flags=1, data=b"hello"), 0),
+        (req(0, 65536 * 5, 5), 5),
+        (req(0, 0, (32 << 20) + 1), 0),
+    ]:
+        log.append(c.request(message, length))
+    c.sock.sendall(req(2))
+    log.append(c.closed())
+    # plain: no structured replies, EXPORT_NAME with the zero padding
+    c = WireClient(sock)
+    c.take(18)
+    c.sock.sendall(struct.pack(">I", 1) + opt(1, b"ro"))
+    log.append(c.take(8 + 2 + 124))
+    for message, length in [
+        (req(0, 0, 4096), 4096),
+        (req(0, (4 << 20) - 512, 1024), 0),
+        (req(1, 0, 1, data=b"x"), 0),
+        (req(7, 0, 4096), 0),
+        (req(99), 0),
+    ]:
+        log.append(c.request(message, length))
+    c.sock.sendall(req(2))
+    log.append(c.closed())
+    # odd starts: unknown client flags; meta context before structured; abort; bad export name
+    for start in [
+        struct.pack(">I", 0x10),
+        struct.pack(">I", 3) + opt(10, meta(b"disk", b"base:allocation")),
+        struct.pack(">I", 3) + opt(2),
+        struct.pack(">I", 3) + opt(1, b"nope"),
+    ]:
+        c = WireClient(sock)
+        c.take(18)
+        c.sock.sendall(start)
+        try:
+            log.append(c.take(20 + 73) if b"\x00\x00\x00\x0a" in start[4:20] else b"")
+        except EOFError:
+            log.append(b"EOF")
+        if start.endswith(opt(2)):
+            log.append(c.take(20))
+        log.append(
+            c.closed() if not start.endswith(opt(10, meta(b"disk", b"base:allocation"))) else None
+        )
+    return log
+
+
+def wire_setup(directory: Path) -> None:
+    from tests.images import qemu_io
+
+    qemu_io(directory / "d.qcow2", "write -P 0x11 0 64k", "write -z 1M 64k", "write -P 0x22 1M 4k")
+
+
+def wire_run(start: Any, directory: Path) -> list[Any]:
+    d = str(directory)
+    wire_setup(directory)
+    daemon: DaemonProcess = start(directory / "qmp.sock")
+    try:
+        with RawQMP(directory / "qmp.sock") as qmp:
+            qmp.negotiate()
+            for command, arguments in [
+                ("blockdev-add", node("d", f"{d}/d.qcow2")),
+                ("blockdev-add", node("ro", f"{d}/ro.qcow2", read_only=True)),
+                ("nbd-server-start", unix(f"{d}/nbd.sock")),
+                (
+                    "block-export-add",
+                    export("e", "d", name="disk", writable=True, description="my disk"),
+                ),
+                ("block-export-add", export("f", "ro")),
+            ]:
+                assert qmp.execute(command, arguments) == {"return": {}}
+            return wire_conversations(f"{d}/nbd.sock")
+    finally:
+        daemon.stop()
+
+
+def test_nbd_wire_matches_qsd(both: tuple[Path, Path]) -> None:
+    qsd_dir, blockd_dir = both
+    expected = wire_run(start_qsd, qsd_dir)
+    got = wire_run(start_blockd, blockd_dir)
+    for index, (want, have) in enumerate(zip(expected, got, strict=False)):
+        assert have == want, f"exchange {index} differs"
+    assert len(got) == len(expected)

@@ -242,7 +242,7 @@ def test_huge_write_is_fatal() -> None:
             p.Refusal(22, "operation past EOF; From: 4193792, Len: 1024, Size: 4194304"),
         ),
         (p.Request(0, 99, 1, 0, 0), True, True, {}, p.Refusal(22, "invalid request type (99) received")),
-        (p.Request(0, 1, 1, 0, 1), False, False, {}, p.Refusal(1, "Export is read-only")),
+        (p.Request(0, 1, 1, 0, 1), False, False, {}, p.Refusal(22, "Export is read-only")),
         (p.Request(0, 7, 1, 0, 1), True, True, {}, p.Refusal(22, "CMD_BLOCK_STATUS not negotiated")),
         (p.Request(0, 7, 1, 0, 1), True, True, {0: "base:allocation"}, None),
         (p.Request(4, 0, 1, 0, 1), True, False, {}, p.Refusal(22, "unsupported flags for command read (got 0x4)")),
@@ -261,14 +261,15 @@ def test_check_request(
     assert p.check_request(req, 4 << 20, writable, structured, contexts) == expected
 
 
-def test_read_chunks_send_zero_granules_as_holes() -> None:
-    data = b"x" * 65536 + bytes(2 * 65536) + b"y" * 10
-    chunks = p.read_chunks(5, 0, data, df=False)
+def test_read_chunks_merge_holes_and_mark_the_last_done() -> None:
+    extents = [(65536, b"x" * 65536), (65536, None), (65536, None), (10, b"y" * 10)]
+    chunks = p.read_chunks(5, 0, extents)
     kinds = [struct.unpack_from(">IHHQI", c)[1:3] for c in chunks]
-    assert kinds == [(0, 1), (0, 2), (0, 2), (1, 1)]
-    assert struct.unpack_from(">QI", chunks[1], 20) == (65536, 65536)
-    df = p.read_chunks(5, 0, data, df=True)
-    assert len(df) == 1 and len(df[0]) == 20 + 8 + len(data)
+    assert kinds == [(0, 1), (0, 2), (1, 1)]
+    assert struct.unpack_from(">QI", chunks[1], 20) == (65536, 131072)
+    assert struct.unpack_from(">Q", chunks[2], 20) == (3 * 65536,)
+    df = p.read_chunks(5, 0, extents, df=True)
+    assert len(df) == 1 and len(df[0]) == 20 + 8 + 3 * 65536 + 10
 
 
 def test_error_replies() -> None:

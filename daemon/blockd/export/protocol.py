@@ -529,9 +529,11 @@ def check_request(
         name = _COMMAND_NAMES[Cmd(kind)]
         return Refusal(EINVAL, f"unsupported flags for command {name} (got 0x{request.flags:x})")
     if kind in (Cmd.READ, Cmd.CACHE) and request.length > MAX_BUFFER:
-        return Refusal(EINVAL, f"len ({request.length}) is larger than max len ({MAX_BUFFER})")
+        # (sic: QEMU 7.2 prints a space after the length)
+        return Refusal(EINVAL, f"len ({request.length} ) is larger than max len ({MAX_BUFFER})")
     if kind in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES) and not writable:
-        return Refusal(EPERM, "Export is read-only")
+        # QEMU answers every request it refuses before running it with EINVAL.
+        return Refusal(EINVAL, "Export is read-only")
     if kind != Cmd.FLUSH and request.offset + request.length > size:
         return Refusal(
             EINVAL,
@@ -571,37 +573,35 @@ def error_reply(handle: int, structured: bool, error: int, message: str) -> byte
     return simple_reply(handle, error)
 
 
-#: Zero runs at least this long (and aligned to it) are sent as holes.
-HOLE_GRANULE: Final = 64 * 1024
-_ZEROS: Final = bytes(HOLE_GRANULE)
+def read_chunks(
+    handle: int, offset: int, extents: Sequence[tuple[int, bytes | None]], df: bool = False
+) -> list[bytes]:
+    """A structured READ reply, as QEMU's sparse read builds it.
 
-
-def read_chunks(handle: int, offset: int, data: bytes, df: bool) -> list[bytes]:
-    """A structured READ reply: data chunks, with all-zero 64 KiB pieces as holes."""
-    if df or not data:
-        if not data:
-            return [chunk(handle, Chunk.NONE, b"", done=True)]
-        return [chunk(handle, Chunk.OFFSET_DATA, struct.pack(">Q", offset) + data, done=True)]
-    pieces: list[tuple[bool, int, int]] = []  # (is_hole, start, end) relative to data
-    pos = 0
-    end = len(data)
-    while pos < end:
-        stop = min(end, (offset + pos) // HOLE_GRANULE * HOLE_GRANULE + HOLE_GRANULE - offset)
-        hole = data[pos:stop] == _ZEROS[: stop - pos]
-        if pieces and pieces[-1][0] == hole and not hole:
-            pieces[-1] = (False, pieces[-1][1], stop)
-        else:
-            pieces.append((hole, pos, stop))
-        pos = stop
+    ``extents`` cover the request in order: ``(length, data)`` for data and
+    ``(length, None)`` for a run that reads as zeros (sent as a hole; adjacent
+    holes are merged).  With ``DF`` everything goes in one data chunk.
+    """
+    if df:
+        whole = b"".join(d if d is not None else bytes(n) for n, d in extents)
+        return [chunk(handle, Chunk.OFFSET_DATA, struct.pack(">Q", offset) + whole, done=True)]
+    merged: list[tuple[int, bytes | None]] = []
+    for length, piece in extents:
+        if merged and piece is None and merged[-1][1] is None:
+            merged[-1] = (merged[-1][0] + length, None)
+        elif length:
+            merged.append((length, piece))
+    if not merged:
+        return [chunk(handle, Chunk.NONE, b"", done=True)]
     out = []
-    for index, (hole, start, stop) in enumerate(pieces):
-        done = index == len(pieces) - 1
-        if hole:
-            payload = struct.pack(">QI", offset + start, stop - start)
-            out.append(chunk(handle, Chunk.OFFSET_HOLE, payload, done))
+    pos = offset
+    for index, (length, data) in enumerate(merged):
+        done = index == len(merged) - 1
+        if data is None:
+            out.append(chunk(handle, Chunk.OFFSET_HOLE, struct.pack(">QI", pos, length), done))
         else:
-            payload = struct.pack(">Q", offset + start) + data[start:stop]
-            out.append(chunk(handle, Chunk.OFFSET_DATA, payload, done))
+            out.append(chunk(handle, Chunk.OFFSET_DATA, struct.pack(">Q", pos) + data, done))
+        pos += length
     return out
 
 

@@ -96,6 +96,20 @@ async def allocation_extents(
     return extents
 
 
+async def sparse_read(node: BlockNode, offset: int, length: int) -> list[tuple[int, bytes | None]]:
+    """Read a range as QEMU's sparse read does: runs that read as zeros stay holes."""
+    out: list[tuple[int, bytes | None]] = []
+    end = offset + length
+    while offset < end:
+        flags, n = await allocation_flags(node, offset, end - offset)
+        if flags & p.STATE_ZERO:
+            out.append((n, None))
+        else:
+            out.append((n, await node.read(offset, n)))
+        offset += n
+    return out
+
+
 def _has_fast_zeroes(node: BlockNode) -> bool:
     return type(node)._do_write_zeroes is not BlockNode._do_write_zeroes
 
@@ -291,11 +305,12 @@ class NBDServer:
         handle = request.handle
         fua = bool(flags & p.CmdFlag.FUA) or export.writethrough
         if kind == p.Cmd.READ:
-            data = await node.read(offset, length)
-            if client.structured:
-                df = bool(flags & p.CmdFlag.DF)
-                return b"".join(p.read_chunks(handle, offset, data, df))
-            return p.simple_reply(handle, 0, data)
+            if not client.structured:
+                return p.simple_reply(handle, 0, await node.read(offset, length))
+            if flags & p.CmdFlag.DF:
+                data = await node.read(offset, length)
+                return b"".join(p.read_chunks(handle, offset, [(length, data)], df=True))
+            return b"".join(p.read_chunks(handle, offset, await sparse_read(node, offset, length)))
         if kind == p.Cmd.WRITE:
             await node.write(offset, request.data)
             if fua:
