@@ -342,6 +342,29 @@ def wire_conversations(sock: str) -> list[Any]:
         log.append(c.request(message, length))
     c.sock.sendall(req(2))
     log.append(c.closed())
+    # a backing chain exported with qemu:allocation-depth
+    c = WireClient(sock)
+    c.take(18)
+    c.sock.sendall(struct.pack(">I", 3))
+    for message in [
+        opt(8),
+        opt(9, meta(b"chain")),
+        opt(9, meta(b"chain", b"qemu:")),
+        opt(9, meta(b"chain", b"qemu:allocation-depth", b"qemu:dirty-bitmap:x")),
+        opt(10, meta(b"chain", b"qemu:allocation-depth", b"base:allocation")),
+        opt(7, info(b"chain")),
+    ]:
+        log.append(c.option(message))
+    for message, length in [
+        (req(7, 0, 4 << 20), 0),
+        (req(7, 0, 4 << 20, flags=8), 0),
+        (req(7, 1 << 20, 8192), 0),
+        (req(0, 0, 2 << 20), 0),
+        (req(0, 960 * 1024, 128 * 1024), 0),
+    ]:
+        log.append(c.request(message, length))
+    c.sock.sendall(req(2))
+    log.append(c.closed())
     # plain: no structured replies, EXPORT_NAME with the zero padding
     c = WireClient(sock)
     c.take(18)
@@ -383,6 +406,12 @@ def wire_setup(directory: Path) -> None:
     from tests.images import qemu_io
 
     qemu_io(directory / "d.qcow2", "write -P 0x11 0 64k", "write -z 1M 64k", "write -P 0x22 1M 4k")
+    base = create(directory / "base.qcow2", "4M")
+    qemu_io(base, "write -P 0x33 1M 128k", "write -P 0x34 3M 64k")
+    mid = create(directory / "mid.qcow2", "4M", backing="base.qcow2")
+    qemu_io(mid, "write -P 0x35 2M 64k")
+    top = create(directory / "top.qcow2", "4M", backing="mid.qcow2")
+    qemu_io(top, "write -P 0x36 0 64k", "write -z 1M 64k")
 
 
 def wire_run(start: Any, directory: Path) -> list[Any]:
@@ -401,6 +430,8 @@ def wire_run(start: Any, directory: Path) -> list[Any]:
                     export("e", "d", name="disk", writable=True, description="my disk"),
                 ),
                 ("block-export-add", export("f", "ro")),
+                ("blockdev-add", node("t", f"{d}/top.qcow2")),
+                ("block-export-add", export("g", "t", name="chain", **{"allocation-depth": True})),
             ]:
                 assert qmp.execute(command, arguments) == {"return": {}}
             return wire_conversations(f"{d}/nbd.sock")

@@ -261,15 +261,15 @@ def test_check_request(
     assert p.check_request(req, 4 << 20, writable, structured, contexts) == expected
 
 
-def test_read_chunks_merge_holes_and_mark_the_last_done() -> None:
-    extents = [(65536, b"x" * 65536), (65536, None), (65536, None), (10, b"y" * 10)]
+def test_read_chunks_place_each_extent_and_mark_the_last_done() -> None:
+    extents = [(65536, b"x" * 65536), (131072, None), (65536, None), (10, b"y" * 10)]
     chunks = p.read_chunks(5, 0, extents)
     kinds = [struct.unpack_from(">IHHQI", c)[1:3] for c in chunks]
-    assert kinds == [(0, 1), (0, 2), (1, 1)]
+    assert kinds == [(0, 1), (0, 2), (0, 2), (1, 1)]
     assert struct.unpack_from(">QI", chunks[1], 20) == (65536, 131072)
-    assert struct.unpack_from(">Q", chunks[2], 20) == (3 * 65536,)
+    assert struct.unpack_from(">Q", chunks[3], 20) == (4 * 65536,)
     df = p.read_chunks(5, 0, extents, df=True)
-    assert len(df) == 1 and len(df[0]) == 20 + 8 + 3 * 65536 + 10
+    assert len(df) == 1 and len(df[0]) == 20 + 8 + 4 * 65536 + 10
 
 
 def test_error_replies() -> None:

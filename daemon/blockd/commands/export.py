@@ -139,8 +139,6 @@ async def block_export_add(ctx: CommandContext, args: Mapping[str, Any]) -> dict
     for bitmap in args.get("bitmaps", []):
         # blockd keeps no dirty bitmaps, persistent or not.
         raise BlockdError(f"Bitmap '{bitmap}' is not found")
-    if args.get("allocation-depth", False):
-        raise BlockdError("blockd does not support the qemu:allocation-depth context")
     ctx.exports.add(
         export_id,
         node,
@@ -148,6 +146,7 @@ async def block_export_add(ctx: CommandContext, args: Mapping[str, Any]) -> dict
         description=args.get("description"),
         writable=writable,
         writethrough=args.get("writethrough", False),
+        allocation_depth=args.get("allocation-depth", False),
     )
     return {}
 

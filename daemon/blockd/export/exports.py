@@ -49,8 +49,10 @@ class Export:
         writable: bool,
         writethrough: bool,
         description: str | None,
+        allocation_depth: bool = False,
     ) -> None:
         self.id = export_id
+        self.allocation_depth = allocation_depth
         self.name = name
         self.writable = writable
         self.writethrough = writethrough
@@ -70,7 +72,9 @@ class Export:
         return self._node
 
     def info(self) -> ExportInfo:
-        return ExportInfo(self.name, self._node.size, self.writable, self.description)
+        return ExportInfo(
+            self.name, self._node.size, self.writable, self.description, self.allocation_depth
+        )
 
     @asynccontextmanager
     async def use(self) -> AsyncIterator[BlockNode]:
@@ -176,6 +180,7 @@ class ExportRegistry:
         description: str | None,
         writable: bool,
         writethrough: bool,
+        allocation_depth: bool = False,
     ) -> Export:
         """Create an NBD export, checking as QEMU's ``nbd_export_create`` does."""
         if self.server is None:
@@ -196,6 +201,7 @@ class ExportRegistry:
             writable=writable,
             writethrough=writethrough,
             description=description,
+            allocation_depth=allocation_depth,
         )
         self._exports[export_id] = export
         log.info("export %s: node %s as NBD export %r", export_id, node.node_name, name)

@@ -41,6 +41,8 @@ PREFERRED_BLOCK: Final = 4096
 
 BASE_ALLOCATION: Final = "base:allocation"
 BASE_ALLOCATION_ID: Final = 0
+ALLOCATION_DEPTH: Final = "qemu:allocation-depth"
+ALLOCATION_DEPTH_ID: Final = 1
 
 
 class Opt(enum.IntEnum):
@@ -165,6 +167,8 @@ class ExportInfo:
     size: int
     writable: bool
     description: str | None = None
+    #: Offer the ``qemu:allocation-depth`` meta context.
+    allocation_depth: bool = False
 
 
 def transmission_flags(export: ExportInfo, structured: bool) -> int:
@@ -459,18 +463,21 @@ class NBDConnection:
             self._error(option, Rep.ERR_UNKNOWN, f"export '{export_name}' not present")
             return
         listing = option == Opt.LIST_META_CONTEXT
-        if listing:
-            wanted = not queries or any(q in ("base:", BASE_ALLOCATION) for q in queries)
-        else:
-            wanted = BASE_ALLOCATION in queries
+        # (id, name, namespace) of what this export offers, in QEMU's reply order
+        offered = [(BASE_ALLOCATION_ID, BASE_ALLOCATION, "base:")]
+        if export.allocation_depth:
+            offered.append((ALLOCATION_DEPTH_ID, ALLOCATION_DEPTH, "qemu:"))
         chosen: dict[int, str] = {}
-        if wanted:
-            chosen[BASE_ALLOCATION_ID] = BASE_ALLOCATION
-            self._reply(
-                option,
-                Rep.META_CONTEXT,
-                struct.pack(">I", BASE_ALLOCATION_ID) + BASE_ALLOCATION.encode(),
-            )
+        for context_id, context, namespace in offered:
+            if listing:
+                wanted = not queries or any(q in (namespace, context) for q in queries)
+            else:
+                wanted = context in queries
+            if wanted:
+                chosen[context_id] = context
+                # LIST replies carry id 0: ids only mean something after SET (as QEMU)
+                wire_id = 0 if listing else context_id
+                self._reply(option, Rep.META_CONTEXT, struct.pack(">I", wire_id) + context.encode())
         if not listing:
             self._selected = (export.name, chosen)
         self._reply(option, Rep.ACK)
@@ -579,18 +586,13 @@ def read_chunks(
     """A structured READ reply, as QEMU's sparse read builds it.
 
     ``extents`` cover the request in order: ``(length, data)`` for data and
-    ``(length, None)`` for a run that reads as zeros (sent as a hole; adjacent
-    holes are merged).  With ``DF`` everything goes in one data chunk.
+    ``(length, None)`` for a run that reads as zeros (sent as a hole).  With
+    ``DF`` everything goes in one data chunk.
     """
     if df:
         whole = b"".join(d if d is not None else bytes(n) for n, d in extents)
         return [chunk(handle, Chunk.OFFSET_DATA, struct.pack(">Q", offset) + whole, done=True)]
-    merged: list[tuple[int, bytes | None]] = []
-    for length, piece in extents:
-        if merged and piece is None and merged[-1][1] is None:
-            merged[-1] = (merged[-1][0] + length, None)
-        elif length:
-            merged.append((length, piece))
+    merged = [(length, piece) for length, piece in extents if length]
     if not merged:
         return [chunk(handle, Chunk.NONE, b"", done=True)]
     out = []
