@@ -471,3 +471,32 @@ def test_concurrent_unaligned_writes_keep_the_image_sound(served: Served, tmp_pa
     check_image(served.image)
     qemu_img("convert", "-f", "qcow2", "-O", "raw", str(served.image), str(tmp_path / "img.raw"))
     assert (tmp_path / "img.raw").read_bytes() == model_path.read_bytes()
+
+
+def test_max_connections_holds_extra_clients_back(sock_dir: Path, tmp_path: Path) -> None:
+    image = create(tmp_path / "disk.qcow2", "1M")
+    daemon = start_blockd(sock_dir / "qmp.sock")
+    nbd_sock = sock_dir / "nbd.sock"
+    try:
+        with RawQMP(sock_dir / "qmp.sock") as qmp:
+            qmp.negotiate()
+            assert qmp.execute(
+                "nbd-server-start",
+                {"addr": {"type": "unix", "data": {"path": str(nbd_sock)}}, "max-connections": 1},
+            ) == {"return": {}}
+            first = raw_client(nbd_sock)
+            second = socket.socket(socket.AF_UNIX)
+            second.connect(str(nbd_sock))  # waits in the backlog
+            second.settimeout(0.3)
+            with pytest.raises(TimeoutError):
+                second.recv(18)
+            first.close()
+            second.settimeout(10)
+            assert second.recv(18) == b"NBDMAGICIHAVEOPT\x00\x03"
+            second.close()
+            assert qmp.execute("nbd-server-stop") == {"return": {}}
+            assert not nbd_sock.exists()
+            assert qmp.execute("query-block-exports") == {"return": []}
+            del image
+    finally:
+        daemon.stop()
