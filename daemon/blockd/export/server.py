@@ -35,6 +35,8 @@ MAX_INFLIGHT = 16
 #: Extents one BLOCK_STATUS reply may carry.
 MAX_EXTENTS = 1024
 _RECEIVE_SIZE = 256 * 1024
+#: Replies queued together are sent in one write, up to about this many bytes.
+_COALESCE_BYTES = 256 * 1024
 
 _ERRNO_TO_NBD = {
     errno_module.EPERM: p.EPERM,
@@ -296,7 +298,17 @@ class NBDServer:
     async def _write(self, client: _Client) -> None:
         try:
             async for frame in client.outbox_reader:
-                await client.stream.send_all(frame)
+                # Coalesce the replies that are already waiting into one send.
+                frames = [frame]
+                size = len(frame)
+                while size < _COALESCE_BYTES:
+                    try:
+                        more = client.outbox_reader.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    frames.append(more)
+                    size += len(more)
+                await client.stream.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             client.scope.cancel()
 
