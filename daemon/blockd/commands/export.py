@@ -80,11 +80,13 @@ async def _bind_inet(data: Mapping[str, Any]) -> list[trio.SocketListener]:
     return listeners
 
 
-def _uint32(value: Any, name: str) -> int:
-    """QEMU's uint32 visitor: any integer as uint64 (negatives wrap), then the range."""
-    if not isinstance(value, int) or isinstance(value, bool) or not -(1 << 63) <= value < 1 << 64:
-        raise BlockdError(f"Parameter '{name}' expects uint64")
-    number = int(value) % (1 << 64)
+def _uint32(value: int, name: str) -> int:
+    """QEMU's uint32 visitor: the integer as uint64 (negatives wrap), then the range.
+
+    (A value that is no integer at all fails schema validation first, worded
+    as for any integer member, where QEMU says "expects uint64".)
+    """
+    number = value % (1 << 64)
     if number > _UINT32_MAX:
         raise BlockdError(f"Parameter '{name}' expects uint32_t")
     return number
@@ -122,6 +124,8 @@ async def nbd_server_stop(ctx: CommandContext, args: Mapping[str, Any]) -> dict[
 
 
 async def block_export_add(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str, Any]:
+    if args["type"] != "nbd":
+        raise BlockdError(f"Export type '{args['type']}' is not supported by blockd (only nbd)")
     export_id = args["id"]
     ctx.exports.check_new_id(export_id)
     node_name = args["node-name"]
