@@ -128,3 +128,30 @@ async def test_registry_checks_in_qemu_order() -> None:
     assert [e.name for e in events] == ["BLOCK_EXPORT_DELETED"]
     assert events[0].data == {"id": "e"}
     assert registry.exports_of(node) == []
+
+
+async def test_registry_pivots_every_export_of_a_node_at_once() -> None:
+    registry = ExportRegistry(EventBus())
+    registry.server = object()
+    old, new, other = MemoryNode("top"), MemoryNode("base"), MemoryNode("other")
+    a = registry.add("a", old, name="a", description=None, writable=True, writethrough=False)
+    b = registry.add("b", old, name="b", description=None, writable=True, writethrough=False)
+    c = registry.add("c", other, name="c", description=None, writable=True, writethrough=False)
+    old.gate = trio.Event()
+    seen_inflight: list[int] = []
+
+    async def prepare() -> None:
+        seen_inflight.append(a._inflight + b._inflight)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write_through, a, 0, b"a")
+        nursery.start_soon(write_through, b, 8, b"b")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(registry.switch_node, old, new, prepare)
+        await trio.testing.wait_all_tasks_blocked()
+        assert a.node is old and b.node is old
+        old.gate.set()
+    assert seen_inflight == [0]
+    assert a.node is new and b.node is new and c.node is other
+    assert registry.exports_of(old) == []
+    assert await write_through(b, 16, b"c") == "base"

@@ -96,28 +96,43 @@ class Export:
             self._drained = trio.Event()
             await self._drained.wait()
 
-    async def switch_node(self, node: BlockNode, prepare: Callable[[], Any] | None = None) -> None:
-        """Serve ``node`` from now on, atomically for every client (the pivot hook).
-
-        New requests wait; requests in flight finish on the old node; then
-        ``prepare`` (if given; sync, may be a coroutine function) runs while
-        nothing is in flight, the node is swapped and waiting requests resume
-        on the new one.  Cancel-safe: the export is never left gated.
-        """
-        gate = trio.Event()
+    async def hold(self) -> trio.Event:
+        """Stop new requests from starting (they wait); returns the gate to :meth:`release`."""
         while self._gate is not None:
             await self._gate.wait()
+        gate = trio.Event()
         self._gate = gate
+        return gate
+
+    def release(self, gate: trio.Event) -> None:
+        if self._gate is gate:
+            self._gate = None
+        gate.set()
+
+    async def switch_node(self, node: BlockNode, prepare: Callable[[], Any] | None = None) -> None:
+        """Serve ``node`` from now on, atomically for every client of this export.
+
+        New requests wait; requests in flight finish on the old node; then
+        ``prepare`` (if given; a function or coroutine function) runs while
+        nothing is in flight, the node is swapped and waiting requests resume
+        on the new one.  Cancel-safe: the export is never left gated.  To
+        switch every export of a node at once use
+        :meth:`ExportRegistry.switch_node`.
+        """
+        gate = await self.hold()
         try:
             await self.drain()
-            if prepare is not None:
-                result = prepare()
-                if hasattr(result, "__await__"):
-                    await result
+            await _call(prepare)
             self._node = node
         finally:
-            self._gate = None
-            gate.set()
+            self.release(gate)
+
+
+async def _call(prepare: Callable[[], Any] | None) -> None:
+    if prepare is not None:
+        result = prepare()
+        if hasattr(result, "__await__"):
+            await result
 
 
 class ExportRegistry:
@@ -162,6 +177,31 @@ class ExportRegistry:
 
     def listing(self) -> list[ExportInfo]:
         return [e.info() for e in self._exports.values() if not e.shutting_down]
+
+    async def switch_node(
+        self, old: BlockNode, new: BlockNode, prepare: Callable[[], Any] | None = None
+    ) -> list[Export]:
+        """The pivot hook: every export of ``old`` serves ``new``, all at one moment.
+
+        New requests on those exports wait, in-flight ones finish on ``old``,
+        ``prepare`` runs once while none is in flight (an active commit copies
+        its last dirty clusters and rewrites the chain there), then all swap
+        and resume.  Clients stay connected.  Returns the exports switched.
+        """
+        exports = self.exports_of(old)
+        held: list[tuple[Export, trio.Event]] = []
+        try:
+            for export in exports:
+                held.append((export, await export.hold()))
+            for export in exports:
+                await export.drain()
+            await _call(prepare)
+            for export in exports:
+                export._node = new
+        finally:
+            for export, gate in held:
+                export.release(gate)
+        return exports
 
     # -- changes ------------------------------------------------------------------------
 
