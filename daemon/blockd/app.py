@@ -26,6 +26,7 @@ from blockd.block.graph import BlockGraph
 from blockd.commands import HANDLERS, CommandContext
 from blockd.control_socket import BoundSocket, bind_control_socket
 from blockd.events import EventBus
+from blockd.export.exports import ExportRegistry
 from blockd.jobs.registry import JobRegistry
 from blockd.qmp.dispatch import Dispatcher
 from blockd.qmp.protocol import QMPConnection, Request
@@ -132,7 +133,10 @@ async def run(settings: Settings) -> None:
     bus = EventBus()
     graph = BlockGraph()
     jobs = JobRegistry()
-    context = CommandContext(events=bus, graph=graph, jobs=jobs, request_shutdown=stop.set)
+    exports = ExportRegistry(bus)
+    context = CommandContext(
+        events=bus, graph=graph, jobs=jobs, request_shutdown=stop.set, exports=exports
+    )
     dispatcher = Dispatcher(load_command_schemas(), HANDLERS, context)
     server = QMPServer(dispatcher, bus, version_info())
 
@@ -161,6 +165,7 @@ async def run(settings: Settings) -> None:
                 raise
             async with trio.open_nursery() as service:
                 await service.start(jobs.serve)
+                await service.start(exports.serve)
                 if watchdog is not None:
                     service.start_soon(keep_watchdog_fed, notifier, watchdog)
                 async with trio.open_nursery() as nursery:
@@ -177,6 +182,12 @@ async def run(settings: Settings) -> None:
                     notifier.stopping()
                     # Jobs end first, so clients still hear how they ended.
                     await jobs.shutdown(grace=JOB_GRACE_SECONDS)
+                    # Then the exports (NBD clients' running requests finish first),
+                    # so no request is still using a node when the nodes close.
+                    try:
+                        await exports.shutdown()
+                    except Exception:
+                        log.exception("stopping the NBD server failed")
                     server.close()
                     # Clients get a bounded time to take their last replies.
                     nursery.cancel_scope.deadline = trio.current_time() + STOP_SECONDS

@@ -153,3 +153,14 @@ class BlockJobPending:
 
     def data(self) -> Mapping[str, Any]:
         return {"type": self.type, "id": self.id}
+
+
+@dataclass(frozen=True)
+class BlockExportDeleted:
+    """An export is gone: deleted, or its NBD server stopped (``BLOCK_EXPORT_DELETED``)."""
+
+    id: str
+    name: ClassVar[str] = "BLOCK_EXPORT_DELETED"
+
+    def data(self) -> Mapping[str, Any]:
+        return {"id": self.id}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from blockd.commands import block, jobs, misc
+from blockd.commands import block, export, jobs, misc
 from blockd.commands.context import CommandContext, Handler
 
 HANDLERS: Mapping[str, Handler] = {
@@ -35,6 +35,11 @@ HANDLERS: Mapping[str, Handler] = {
     "job-complete": jobs.job_complete,
     "job-finalize": jobs.job_finalize,
     "job-dismiss": jobs.job_dismiss,
+    "nbd-server-start": export.nbd_server_start,
+    "nbd-server-stop": export.nbd_server_stop,
+    "block-export-add": export.block_export_add,
+    "block-export-del": export.block_export_del,
+    "query-block-exports": export.query_block_exports,
 }
 
 __all__ = ["HANDLERS", "CommandContext", "Handler"]

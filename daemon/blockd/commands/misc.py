@@ -19,7 +19,9 @@ QUIT_JOB_GRACE_SECONDS = 5.0
 
 async def quit_daemon(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str, Any]:
     # As qemu-storage-daemon does: cancel every job (clients see them end),
-    # then reply, then close the connections and exit.
+    # delete the exports, then reply, then close the connections and exit.
     await ctx.jobs.shutdown(grace=QUIT_JOB_GRACE_SECONDS)
+    # Exports go before the reply too, each with its BLOCK_EXPORT_DELETED.
+    await ctx.exports.shutdown()
     ctx.request_shutdown()
     return {}

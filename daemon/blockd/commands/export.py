@@ -1,0 +1,173 @@
+"""Export commands: nbd-server-start/stop, block-export-add/del, query-block-exports.
+
+Checks run in the order qemu-storage-daemon 7.2 runs them, with its texts.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+import trio
+
+from blockd.commands.context import CommandContext
+from blockd.errors import BlockdError
+from blockd.export.server import unix_listener_cleanup
+
+_UINT32_MAX = (1 << 32) - 1
+
+
+def _bind_unix(path: str) -> trio.SocketListener:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # QEMU replaces a stale socket file.
+        try:
+            if os.path.exists(path) and not os.path.isdir(path):
+                os.unlink(path)
+        except OSError:
+            pass
+        sock.bind(path)
+        sock.listen(128)
+    except OSError as err:
+        sock.close()
+        raise BlockdError(
+            f"Failed to bind socket to {path}: {os.strerror(err.errno or errno.EIO)}"
+        ) from None
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
+async def _bind_inet(data: Mapping[str, Any]) -> list[trio.SocketListener]:
+    host, port = data["host"], data["port"]
+    try:
+        number = int(port)
+    except ValueError:
+        try:
+            number = socket.getservbyname(port, "tcp")
+        except OSError:
+            raise BlockdError(f"Service '{port}' is not known") from None
+    family = socket.AF_UNSPEC
+    if data.get("ipv4") and not data.get("ipv6"):
+        family = socket.AF_INET
+    elif data.get("ipv6") and not data.get("ipv4"):
+        family = socket.AF_INET6
+    try:
+        infos = await trio.socket.getaddrinfo(
+            host or None, number, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+        )
+    except socket.gaierror as err:
+        raise BlockdError(f"address resolution failed for {host}:{port}: {err.strerror}") from None
+    listeners: list[trio.SocketListener] = []
+    try:
+        for fam, kind, proto, _name, sockaddr in infos[:1]:
+            sock = trio.socket.socket(fam, kind, proto)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                await sock.bind(sockaddr)
+                sock.listen(128)
+            except OSError as err:
+                sock.close()
+                raise BlockdError(
+                    f"Failed to bind socket: {os.strerror(err.errno or errno.EIO)}"
+                ) from None
+            listeners.append(trio.SocketListener(sock))
+    except BaseException:
+        for listener in listeners:
+            await listener.aclose()
+        raise
+    return listeners
+
+
+def _uint32(value: int, name: str) -> int:
+    """QEMU's uint32 visitor: the integer as uint64 (negatives wrap), then the range.
+
+    (A value that is no integer at all fails schema validation first, worded
+    as for any integer member, where QEMU says "expects uint64".)
+    """
+    number = value % (1 << 64)
+    if number > _UINT32_MAX:
+        raise BlockdError(f"Parameter '{name}' expects uint32_t")
+    return number
+
+
+async def nbd_server_start(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str, Any]:
+    max_connections = _uint32(args.get("max-connections", 0), "max-connections")
+    if ctx.exports.server is not None:
+        raise BlockdError("NBD server already running")
+    addr = args["addr"]
+    kind, data = addr["type"], addr["data"]
+    if kind == "fd":
+        raise BlockdError("only QEMU supports file descriptor passing")
+    if kind == "vsock":
+        raise BlockdError("blockd does not support vsock addresses; use unix or inet")
+    if "tls-creds" in args:
+        # blockd has no object-add, so no TLS credentials object can exist.
+        raise BlockdError(f"No TLS credentials with id '{args['tls-creds']}'")
+    if kind == "unix":
+        if data.get("abstract"):
+            raise BlockdError("blockd does not support abstract Unix sockets")
+        path = data["path"]
+        listeners = [_bind_unix(path)]
+        cleanup = unix_listener_cleanup(path)
+    else:
+        listeners = await _bind_inet(data)
+        cleanup = None
+    await ctx.exports.start_server(listeners, max_connections, cleanup)
+    return {}
+
+
+async def nbd_server_stop(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str, Any]:
+    await ctx.exports.stop_server()
+    return {}
+
+
+async def block_export_add(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str, Any]:
+    if args["type"] != "nbd":
+        raise BlockdError(f"Export type '{args['type']}' is not supported by blockd (only nbd)")
+    export_id = args["id"]
+    ctx.exports.check_new_id(export_id)
+    node_name = args["node-name"]
+    node = ctx.graph.get(node_name)
+    if node is None:
+        raise BlockdError(f"Cannot find device='' nor node-name='{node_name}'")
+    if "iothread" in args:
+        # No iothread objects exist in blockd (it has no object-add).
+        raise BlockdError(f'iothread "{args["iothread"]}" not found')
+    writable = args.get("writable", False)
+    if writable and node.read_only:
+        raise BlockdError("Cannot export read-only node as writable")
+    if ctx.exports.server is None:
+        raise BlockdError("NBD server not running")
+    for bitmap in args.get("bitmaps", []):
+        # blockd keeps no dirty bitmaps, persistent or not.
+        raise BlockdError(f"Bitmap '{bitmap}' is not found")
+    ctx.exports.add(
+        export_id,
+        node,
+        name=args.get("name"),
+        description=args.get("description"),
+        writable=writable,
+        writethrough=args.get("writethrough", False),
+        allocation_depth=args.get("allocation-depth", False),
+    )
+    return {}
+
+
+async def block_export_del(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str, Any]:
+    await ctx.exports.delete(args["id"], args.get("mode", "safe"))
+    return {}
+
+
+async def query_block_exports(ctx: CommandContext, args: Mapping[str, Any]) -> list[Any]:
+    # QEMU lists the newest export first.
+    return [
+        {
+            "id": export.id,
+            "type": "nbd",
+            "node-name": export.node.node_name,
+            "shutting-down": export.shutting_down,
+        }
+        for export in reversed(list(ctx.exports))
+    ]

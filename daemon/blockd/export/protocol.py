@@ -1,0 +1,631 @@
+"""The NBD wire protocol for one server-side connection, as a state machine with no I/O.
+
+The server feeds received bytes to :meth:`NBDConnection.receive_data`; the
+connection answers the handshake itself (the option replies are in
+:meth:`NBDConnection.data_to_send`) and, once an export is chosen, returns
+parsed transmission requests for the server to run.  Replies are built by the
+``*_reply`` / ``*_chunk`` functions below, so every byte that leaves the
+server is produced here and can be tested without a socket.
+
+Only the fixed-newstyle handshake exists (QEMU 7.2 speaks nothing else);
+extended headers are newer than 7.2 and answered as an unknown option.  What
+a client can observe follows qemu-storage-daemon 7.2 (see ``nbd.md``).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+NBDMAGIC: Final = 0x4E42444D41474943
+IHAVEOPT: Final = 0x49484156454F5054
+REPLY_MAGIC: Final = 0x0003E889045565A9
+REQUEST_MAGIC: Final = 0x25609513
+SIMPLE_REPLY_MAGIC: Final = 0x67446698
+STRUCTURED_REPLY_MAGIC: Final = 0x668E33EF
+
+FLAG_FIXED_NEWSTYLE: Final = 1
+FLAG_NO_ZEROES: Final = 2
+
+#: Longest option payload we accept (QEMU: 4 KiB name + queries; be generous).
+MAX_OPTION_LENGTH: Final = 64 * 1024
+#: Longest name or description (NBD_MAX_STRING_SIZE).
+MAX_STRING: Final = 4096
+#: Largest READ/WRITE payload (QEMU's NBD_MAX_BUFFER_SIZE).
+MAX_BUFFER: Final = 32 * 1024 * 1024
+MIN_BLOCK: Final = 1
+PREFERRED_BLOCK: Final = 4096
+
+BASE_ALLOCATION: Final = "base:allocation"
+BASE_ALLOCATION_ID: Final = 0
+ALLOCATION_DEPTH: Final = "qemu:allocation-depth"
+ALLOCATION_DEPTH_ID: Final = 1
+
+
+class Opt(enum.IntEnum):
+    EXPORT_NAME = 1
+    ABORT = 2
+    LIST = 3
+    STARTTLS = 5
+    INFO = 6
+    GO = 7
+    STRUCTURED_REPLY = 8
+    LIST_META_CONTEXT = 9
+    SET_META_CONTEXT = 10
+
+
+class Rep(enum.IntEnum):
+    ACK = 1
+    SERVER = 2
+    INFO = 3
+    META_CONTEXT = 4
+    ERR_UNSUP = 0x80000001
+    ERR_POLICY = 0x80000002
+    ERR_INVALID = 0x80000003
+    ERR_PLATFORM = 0x80000004
+    ERR_TLS_REQD = 0x80000005
+    ERR_UNKNOWN = 0x80000006
+    ERR_SHUTDOWN = 0x80000007
+    ERR_BLOCK_SIZE_REQD = 0x80000008
+    ERR_TOO_BIG = 0x80000009
+
+
+class Info(enum.IntEnum):
+    EXPORT = 0
+    NAME = 1
+    DESCRIPTION = 2
+    BLOCK_SIZE = 3
+
+
+class TxFlag(enum.IntFlag):
+    HAS_FLAGS = 1 << 0
+    READ_ONLY = 1 << 1
+    SEND_FLUSH = 1 << 2
+    SEND_FUA = 1 << 3
+    ROTATIONAL = 1 << 4
+    SEND_TRIM = 1 << 5
+    SEND_WRITE_ZEROES = 1 << 6
+    SEND_DF = 1 << 7
+    CAN_MULTI_CONN = 1 << 8
+    SEND_RESIZE = 1 << 9
+    SEND_CACHE = 1 << 10
+    SEND_FAST_ZERO = 1 << 11
+
+
+class Cmd(enum.IntEnum):
+    READ = 0
+    WRITE = 1
+    DISC = 2
+    FLUSH = 3
+    TRIM = 4
+    CACHE = 5
+    WRITE_ZEROES = 6
+    BLOCK_STATUS = 7
+
+
+class CmdFlag(enum.IntFlag):
+    FUA = 1 << 0
+    NO_HOLE = 1 << 1
+    DF = 1 << 2
+    REQ_ONE = 1 << 3
+    FAST_ZERO = 1 << 4
+
+
+class Chunk(enum.IntEnum):
+    NONE = 0
+    OFFSET_DATA = 1
+    OFFSET_HOLE = 2
+    BLOCK_STATUS = 5
+    ERROR = 0x8001
+    ERROR_OFFSET = 0x8002
+
+
+CHUNK_DONE: Final = 1
+
+# NBD error values (the wire's own errno subset).
+EPERM: Final = 1
+EIO: Final = 5
+ENOMEM: Final = 12
+EINVAL: Final = 22
+ENOSPC: Final = 28
+EOVERFLOW: Final = 75
+ENOTSUP: Final = 95
+ESHUTDOWN: Final = 108
+
+_OPTION_NAMES: Final = {
+    Opt.EXPORT_NAME: "export name",
+    Opt.ABORT: "abort",
+    Opt.LIST: "list",
+    Opt.STARTTLS: "starttls",
+    Opt.INFO: "info",
+    Opt.GO: "go",
+    Opt.STRUCTURED_REPLY: "structured reply",
+    Opt.LIST_META_CONTEXT: "list meta context",
+    Opt.SET_META_CONTEXT: "set meta context",
+}
+
+_COMMAND_NAMES: Final = {
+    Cmd.READ: "read",
+    Cmd.WRITE: "write",
+    Cmd.DISC: "disconnect",
+    Cmd.FLUSH: "flush",
+    Cmd.TRIM: "trim",
+    Cmd.CACHE: "cache",
+    Cmd.WRITE_ZEROES: "write zeroes",
+    Cmd.BLOCK_STATUS: "block status",
+}
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """What the handshake tells a client about one export."""
+
+    name: str
+    size: int
+    writable: bool
+    description: str | None = None
+    #: Offer the ``qemu:allocation-depth`` meta context.
+    allocation_depth: bool = False
+
+
+def transmission_flags(export: ExportInfo, structured: bool) -> int:
+    """The flags qemu-storage-daemon 7.2 advertises (0x0d6d/0x0ded, 0x050f/0x058f)."""
+    flags = (
+        TxFlag.HAS_FLAGS
+        | TxFlag.SEND_FLUSH
+        | TxFlag.SEND_FUA
+        | TxFlag.CAN_MULTI_CONN
+        | TxFlag.SEND_CACHE
+    )
+    if export.writable:
+        flags |= TxFlag.SEND_TRIM | TxFlag.SEND_WRITE_ZEROES | TxFlag.SEND_FAST_ZERO
+    else:
+        flags |= TxFlag.READ_ONLY
+    if structured:
+        flags |= TxFlag.SEND_DF
+    return int(flags)
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol in a way that ends the connection."""
+
+
+# -- events handed to the server ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Negotiated:
+    """The handshake ended: transmission on ``export`` begins."""
+
+    export: ExportInfo
+    structured: bool
+    #: context id -> name, for BLOCK_STATUS.
+    contexts: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One transmission request; ``data`` is the payload of a WRITE."""
+
+    flags: int
+    type: int
+    handle: int
+    offset: int
+    length: int
+    data: bytes = b""
+
+
+@dataclass(frozen=True)
+class Closed:
+    """The client ended the session (ABORT answered, DISC, or an unknown export name)."""
+
+    reason: str
+
+
+Event = Negotiated | Request | Closed
+
+
+class Phase(enum.Enum):
+    CLIENT_FLAGS = "client flags"
+    OPTIONS = "options"
+    TRANSMISSION = "transmission"
+    CLOSED = "closed"
+
+
+ExportLookup = Callable[[str], ExportInfo | None]
+ExportList = Callable[[], Sequence[ExportInfo]]
+
+_HEADER = struct.Struct(">IHHQQI")  # request: magic, flags, type, handle, offset, length
+_OPTION = struct.Struct(">QII")
+
+
+class NBDConnection:
+    """Per-connection protocol state: handshake answers and request framing."""
+
+    def __init__(self, lookup: ExportLookup, listing: ExportList) -> None:
+        self._lookup = lookup
+        self._listing = listing
+        self.phase = Phase.CLIENT_FLAGS
+        self.no_zeroes = False
+        self.structured = False
+        self.export: ExportInfo | None = None
+        #: The meta contexts selected by SET_META_CONTEXT: (export name, {id: name}).
+        self._selected: tuple[str, dict[int, str]] | None = None
+        self._buffer = bytearray()
+        self._out = bytearray()
+        self._pending: tuple[int, int, int, int, int] | None = None
+
+    # -- output ---------------------------------------------------------------------
+
+    def greeting(self) -> bytes:
+        return struct.pack(">QQH", NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def _reply(self, option: int, reply: int, data: bytes = b"") -> None:
+        self._out += struct.pack(">QII", REPLY_MAGIC, option, reply)
+        self._out += struct.pack(">I", len(data)) + data
+
+    def _error(self, option: int, reply: Rep, message: str) -> None:
+        self._reply(option, reply, message.encode())
+
+    # -- input ----------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray) -> list[Event]:
+        """Consume bytes; raises :class:`ProtocolError` when the connection must end."""
+        if self.phase is Phase.CLOSED:
+            return []
+        self._buffer += data
+        events: list[Event] = []
+        while self.phase is not Phase.CLOSED:
+            if self.phase is Phase.CLIENT_FLAGS:
+                if len(self._buffer) < 4:
+                    break
+                (flags,) = struct.unpack_from(">I", self._buffer)
+                del self._buffer[:4]
+                if flags & ~(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES):
+                    self.phase = Phase.CLOSED
+                    raise ProtocolError(f"Unknown client flags 0x{flags:x} received")
+                if not flags & FLAG_FIXED_NEWSTYLE:
+                    # QEMU refuses plain newstyle too.
+                    self.phase = Phase.CLOSED
+                    raise ProtocolError("Expected fixed newstyle negotiation")
+                self.no_zeroes = bool(flags & FLAG_NO_ZEROES)
+                self.phase = Phase.OPTIONS
+            elif self.phase is Phase.OPTIONS:
+                event = self._next_option()
+                if event is None:
+                    break
+                if not isinstance(event, bool):
+                    events.append(event)
+            else:
+                request = self._next_request()
+                if request is None:
+                    break
+                events.append(request)
+                if isinstance(request, Closed):
+                    self.phase = Phase.CLOSED
+        return events
+
+    def _next_option(self) -> Event | bool | None:
+        if len(self._buffer) < _OPTION.size:
+            return None
+        magic, option, length = _OPTION.unpack_from(self._buffer)
+        if magic != IHAVEOPT:
+            self.phase = Phase.CLOSED
+            raise ProtocolError(f"Bad option magic 0x{magic:x}")
+        if length > MAX_OPTION_LENGTH:
+            self.phase = Phase.CLOSED
+            raise ProtocolError(f"option length {length} too long")
+        if len(self._buffer) < _OPTION.size + length:
+            return None
+        payload = bytes(self._buffer[_OPTION.size : _OPTION.size + length])
+        del self._buffer[: _OPTION.size + length]
+        return self._option(option, payload)
+
+    def _option(self, option: int, payload: bytes) -> Event | bool:
+        name = _OPTION_NAMES.get(option)  # type: ignore[call-overload]
+        if option == Opt.EXPORT_NAME:
+            export = self._lookup(payload.decode("utf-8", "replace"))
+            if export is None:
+                # QEMU just hangs up.
+                self.phase = Phase.CLOSED
+                return Closed("unknown export name")
+            self._out += struct.pack(">QH", export.size, transmission_flags(export, False))
+            if not self.no_zeroes:
+                self._out += bytes(124)
+            # EXPORT_NAME cannot say it ignored structured replies: drop them.
+            self.structured = False
+            return self._enter_transmission(export, {})
+        if option == Opt.ABORT:
+            self._reply(option, Rep.ACK)
+            self.phase = Phase.CLOSED
+            return Closed("client aborted")
+        if option in (Opt.LIST, Opt.STRUCTURED_REPLY) and payload:
+            self._error(option, Rep.ERR_INVALID, f"option '{name}' has unexpected length")
+            return True
+        if option == Opt.LIST:
+            for export in self._listing():
+                encoded = export.name.encode()
+                data = struct.pack(">I", len(encoded)) + encoded
+                if export.description:
+                    data += export.description.encode()
+                self._reply(option, Rep.SERVER, data)
+            self._reply(option, Rep.ACK)
+            return True
+        if option == Opt.STARTTLS:
+            self._error(option, Rep.ERR_POLICY, "TLS not configured")
+            return True
+        if option == Opt.STRUCTURED_REPLY:
+            if self.structured:
+                self._error(option, Rep.ERR_INVALID, "structured reply already negotiated")
+            else:
+                self.structured = True
+                self._reply(option, Rep.ACK)
+            return True
+        if option in (Opt.INFO, Opt.GO):
+            return self._info(option, payload)
+        if option in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
+            self._meta_context(option, payload)
+            return True
+        self._error(option, Rep.ERR_UNSUP, f"Unsupported option {option} ({name or '<unknown>'})")
+        return True
+
+    def _info(self, option: int, payload: bytes) -> Event | bool:
+        name = _OPTION_NAMES[Opt(option)]
+        try:
+            (nlen,) = struct.unpack_from(">I", payload)
+            if nlen > MAX_STRING or 4 + nlen + 2 > len(payload):
+                raise ValueError
+            export_name = payload[4 : 4 + nlen].decode("utf-8")
+            (count,) = struct.unpack_from(">H", payload, 4 + nlen)
+            if len(payload) != 4 + nlen + 2 + 2 * count:
+                raise ValueError
+            requests = struct.unpack_from(f">{count}H", payload, 4 + nlen + 2)
+        except (struct.error, ValueError, UnicodeDecodeError):
+            self._error(option, Rep.ERR_INVALID, f"option '{name}' has invalid length")
+            return True
+        export = self._lookup(export_name)
+        if export is None:
+            self._error(option, Rep.ERR_UNKNOWN, f"export '{export_name}' not present")
+            return True
+        if Info.NAME in requests:
+            self._reply(option, Rep.INFO, struct.pack(">H", Info.NAME) + export.name.encode())
+        if export.description:
+            self._reply(
+                option,
+                Rep.INFO,
+                struct.pack(">H", Info.DESCRIPTION) + export.description.encode(),
+            )
+        self._reply(
+            option,
+            Rep.INFO,
+            struct.pack(">HIII", Info.BLOCK_SIZE, MIN_BLOCK, PREFERRED_BLOCK, MAX_BUFFER),
+        )
+        self._reply(
+            option,
+            Rep.INFO,
+            struct.pack(
+                ">HQH", Info.EXPORT, export.size, transmission_flags(export, self.structured)
+            ),
+        )
+        self._reply(option, Rep.ACK)
+        if option == Opt.INFO:
+            return True
+        contexts: dict[int, str] = {}
+        if self._selected is not None and self._selected[0] == export.name:
+            contexts = dict(self._selected[1])
+        return self._enter_transmission(export, contexts)
+
+    def _enter_transmission(self, export: ExportInfo, contexts: dict[int, str]) -> Negotiated:
+        self.export = export
+        self.phase = Phase.TRANSMISSION
+        return Negotiated(export, self.structured, contexts)
+
+    def _meta_context(self, option: int, payload: bytes) -> None:
+        name = _OPTION_NAMES[Opt(option)]
+        if not self.structured:
+            self._error(
+                option,
+                Rep.ERR_INVALID,
+                f"request option '{name}' when structured reply is not negotiated",
+            )
+            return
+        try:
+            (nlen,) = struct.unpack_from(">I", payload)
+            if nlen > MAX_STRING:
+                raise ValueError
+            export_name = payload[4 : 4 + nlen].decode("utf-8")
+            pos = 4 + nlen
+            (count,) = struct.unpack_from(">I", payload, pos)
+            pos += 4
+            queries = []
+            for _ in range(count):
+                (qlen,) = struct.unpack_from(">I", payload, pos)
+                pos += 4
+                if qlen > MAX_STRING or pos + qlen > len(payload):
+                    raise ValueError
+                queries.append(payload[pos : pos + qlen].decode("utf-8"))
+                pos += qlen
+            if pos != len(payload):
+                raise ValueError
+        except (struct.error, ValueError, UnicodeDecodeError):
+            self._error(option, Rep.ERR_INVALID, f"option '{name}' has invalid length")
+            return
+        export = self._lookup(export_name)
+        if export is None:
+            self._error(option, Rep.ERR_UNKNOWN, f"export '{export_name}' not present")
+            return
+        listing = option == Opt.LIST_META_CONTEXT
+        # (id, name, namespace) of what this export offers, in QEMU's reply order
+        offered = [(BASE_ALLOCATION_ID, BASE_ALLOCATION, "base:")]
+        if export.allocation_depth:
+            offered.append((ALLOCATION_DEPTH_ID, ALLOCATION_DEPTH, "qemu:"))
+        chosen: dict[int, str] = {}
+        for context_id, context, namespace in offered:
+            if listing:
+                wanted = not queries or any(q in (namespace, context) for q in queries)
+            else:
+                wanted = context in queries
+            if wanted:
+                chosen[context_id] = context
+                # LIST replies carry id 0: ids only mean something after SET (as QEMU)
+                wire_id = 0 if listing else context_id
+                self._reply(option, Rep.META_CONTEXT, struct.pack(">I", wire_id) + context.encode())
+        if not listing:
+            self._selected = (export.name, chosen)
+        self._reply(option, Rep.ACK)
+
+    def _next_request(self) -> Event | None:
+        if self._pending is None:
+            if len(self._buffer) < _HEADER.size:
+                return None
+            magic, flags, kind, handle, offset, length = _HEADER.unpack_from(self._buffer)
+            if magic != REQUEST_MAGIC:
+                raise ProtocolError(f"invalid magic (got 0x{magic:x})")
+            del self._buffer[: _HEADER.size]
+            if kind == Cmd.DISC:
+                return Closed("client disconnected")
+            if kind != Cmd.WRITE:
+                return Request(flags, kind, handle, offset, length)
+            if length > MAX_BUFFER:
+                # The payload cannot be buffered, and skipping it is not worth it.
+                raise ProtocolError(f"len ({length}) is larger than max len ({MAX_BUFFER})")
+            self._pending = (flags, kind, handle, offset, length)
+        flags, kind, handle, offset, length = self._pending
+        if len(self._buffer) < length:
+            return None
+        data = bytes(self._buffer[:length])
+        del self._buffer[:length]
+        self._pending = None
+        return Request(flags, kind, handle, offset, length, data)
+
+
+# -- request checks -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a request is answered with an error instead of being run."""
+
+    error: int
+    message: str
+
+
+def check_request(
+    request: Request, size: int, writable: bool, structured: bool, contexts: dict[int, str]
+) -> Refusal | None:
+    """QEMU's checks before a request reaches the block layer, in its order."""
+    kind = request.type
+    if kind not in _COMMAND_NAMES:
+        return Refusal(EINVAL, f"invalid request type ({kind}) received")
+    allowed = CmdFlag.FUA
+    if kind == Cmd.READ and structured:
+        allowed |= CmdFlag.DF
+    if kind == Cmd.WRITE_ZEROES:
+        allowed |= CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO
+    if kind == Cmd.BLOCK_STATUS:
+        allowed |= CmdFlag.REQ_ONE
+    if request.flags & ~allowed:
+        name = _COMMAND_NAMES[Cmd(kind)]
+        return Refusal(EINVAL, f"unsupported flags for command {name} (got 0x{request.flags:x})")
+    if kind in (Cmd.READ, Cmd.CACHE) and request.length > MAX_BUFFER:
+        # (sic: QEMU 7.2 prints a space after the length)
+        return Refusal(EINVAL, f"len ({request.length} ) is larger than max len ({MAX_BUFFER})")
+    if kind in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES) and not writable:
+        # QEMU answers every request it refuses before running it with EINVAL.
+        return Refusal(EINVAL, "Export is read-only")
+    if kind != Cmd.FLUSH and request.offset + request.length > size:
+        return Refusal(
+            EINVAL,
+            f"operation past EOF; From: {request.offset}, Len: {request.length}, Size: {size}",
+        )
+    if kind == Cmd.BLOCK_STATUS:
+        if not structured or not contexts:
+            return Refusal(EINVAL, "CMD_BLOCK_STATUS not negotiated")
+        if request.length == 0:
+            return Refusal(EINVAL, "need non-zero length")
+    return None
+
+
+# -- replies --------------------------------------------------------------------------
+
+
+def simple_reply(handle: int, error: int = 0, data: bytes = b"") -> bytes:
+    return struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, error, handle) + data
+
+
+def chunk(handle: int, kind: int, payload: bytes, done: bool) -> bytes:
+    header = struct.pack(
+        ">IHHQI", STRUCTURED_REPLY_MAGIC, CHUNK_DONE if done else 0, kind, handle, len(payload)
+    )
+    return header + payload
+
+
+def error_chunk(handle: int, error: int, message: str) -> bytes:
+    text = message.encode()[:4096]
+    return chunk(handle, Chunk.ERROR, struct.pack(">IH", error, len(text)) + text, done=True)
+
+
+def error_reply(handle: int, structured: bool, error: int, message: str) -> bytes:
+    """A failed request: an error chunk once structured replies are on, else a simple reply."""
+    if structured:
+        return error_chunk(handle, error, message)
+    return simple_reply(handle, error)
+
+
+def read_chunks(
+    handle: int, offset: int, extents: Sequence[tuple[int, bytes | None]], df: bool = False
+) -> list[bytes]:
+    """A structured READ reply, as QEMU's sparse read builds it.
+
+    ``extents`` cover the request in order: ``(length, data)`` for data and
+    ``(length, None)`` for a run that reads as zeros (sent as a hole).  With
+    ``DF`` everything goes in one data chunk.
+    """
+    if df:
+        whole = b"".join(d if d is not None else bytes(n) for n, d in extents)
+        return [chunk(handle, Chunk.OFFSET_DATA, struct.pack(">Q", offset) + whole, done=True)]
+    merged = [(length, piece) for length, piece in extents if length]
+    if not merged:
+        return [chunk(handle, Chunk.NONE, b"", done=True)]
+    out = []
+    pos = offset
+    for index, (length, data) in enumerate(merged):
+        done = index == len(merged) - 1
+        if data is None:
+            out.append(chunk(handle, Chunk.OFFSET_HOLE, struct.pack(">QI", pos, length), done))
+        else:
+            out.append(chunk(handle, Chunk.OFFSET_DATA, struct.pack(">Q", pos) + data, done))
+        pos += length
+    return out
+
+
+STATE_HOLE: Final = 1
+STATE_ZERO: Final = 2
+
+
+def block_status_chunk(
+    handle: int, context_id: int, extents: Sequence[tuple[int, int]], done: bool
+) -> bytes:
+    payload = struct.pack(">I", context_id)
+    for length, flags in extents:
+        payload += struct.pack(">II", length, flags)
+    return chunk(handle, Chunk.BLOCK_STATUS, payload, done)
+
+
+def merge_extents(extents: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Join adjacent extents with equal flags (as QEMU does); lengths stay u32."""
+    out: list[tuple[int, int]] = []
+    for length, flags in extents:
+        if out and out[-1][1] == flags and out[-1][0] + length < 1 << 32:
+            out[-1] = (out[-1][0] + length, flags)
+        else:
+            out.append((length, flags))
+    return out

@@ -1,0 +1,397 @@
+"""The NBD server: the only code that touches NBD client sockets.
+
+One task per client runs the handshake through the sans-I/O
+:class:`~blockd.export.protocol.NBDConnection`, then reads requests and starts
+one task per request (at most :data:`MAX_INFLIGHT` per client, so a client
+that floods us is slowed down by TCP, not by our memory).  Replies may finish
+out of order; each is queued whole on the client's outbox and one writer task
+sends them, so frames never interleave mid-way.
+
+Failure containment: garbage, a broken pipe or a vanished client ends only
+that client.  A request that reached the block layer runs to completion even
+if its client goes away (its node I/O is shielded), so a write is never cut in
+half, and an acknowledged FUA write or FLUSH has been flushed to disk first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as errno_module
+import logging
+import os
+from collections.abc import Callable
+
+import trio
+
+from blockd.block.node import BlockNode, Status
+from blockd.errors import BlockdError, BlockIOError
+from blockd.export import protocol as p
+from blockd.export.exports import Export, ExportRegistry
+
+log = logging.getLogger(__name__)
+
+#: Requests one client may have running at once.
+MAX_INFLIGHT = 16
+#: Extents one BLOCK_STATUS reply may carry.
+MAX_EXTENTS = 1024
+_RECEIVE_SIZE = 256 * 1024
+#: Replies queued together are sent in one write, up to about this many bytes.
+_COALESCE_BYTES = 256 * 1024
+
+_ERRNO_TO_NBD = {
+    errno_module.EPERM: p.EPERM,
+    errno_module.EROFS: p.EPERM,
+    errno_module.EIO: p.EIO,
+    errno_module.ENOMEM: p.ENOMEM,
+    errno_module.ENOSPC: p.ENOSPC,
+    errno_module.EDQUOT: p.ENOSPC,
+    errno_module.EFBIG: p.ENOSPC,
+    errno_module.EOVERFLOW: p.EOVERFLOW,
+    errno_module.ENOTSUP: p.ENOTSUP,
+    errno_module.EOPNOTSUPP: p.ENOTSUP,
+    errno_module.ESHUTDOWN: p.ESHUTDOWN,
+    errno_module.EINVAL: p.EINVAL,
+}
+
+
+def nbd_error(err: BaseException) -> int:
+    """The NBD error value for a failure (QEMU maps unknown errno to EINVAL)."""
+    if isinstance(err, BlockIOError):
+        return _ERRNO_TO_NBD.get(err.errno, p.EINVAL)
+    if isinstance(err, OSError) and err.errno is not None:
+        return _ERRNO_TO_NBD.get(err.errno, p.EINVAL)
+    if isinstance(err, BlockdError) and "read-only" in str(err):
+        return p.EPERM
+    return p.EIO
+
+
+async def chain_status(node: BlockNode, offset: int, length: int) -> tuple[int, int, int]:
+    """What the whole backing chain holds at ``offset``: (flags, depth, run length).
+
+    ``flags`` are ``base:allocation``'s (0 data, HOLE|ZERO reads as zeros);
+    ``depth`` is ``qemu:allocation-depth``'s (0 absent, 1 in ``node``, N
+    found N-1 layers down).  A layer shorter than ``offset`` reads as zeros
+    from that layer on.
+    """
+    run = length
+    layer: BlockNode | None = node
+    depth = 1
+    seen: set[int] = set()
+    while layer is not None and id(layer) not in seen:
+        seen.add(id(layer))
+        if offset >= layer.size:
+            return p.STATE_HOLE | p.STATE_ZERO, depth, run
+        status, n = await layer.block_status(offset, min(run, layer.size - offset))
+        run = min(run, n)
+        if status is Status.DATA:
+            return 0, depth, run
+        if status is Status.ZERO:
+            return p.STATE_HOLE | p.STATE_ZERO, depth, run
+        layer = layer.backing
+        depth += 1
+    return p.STATE_HOLE | p.STATE_ZERO, 0, run
+
+
+async def allocation_flags(node: BlockNode, offset: int, length: int) -> tuple[int, int]:
+    flags, _depth, run = await chain_status(node, offset, length)
+    return flags, run
+
+
+async def allocation_depth(node: BlockNode, offset: int, length: int) -> tuple[int, int]:
+    _flags, depth, run = await chain_status(node, offset, length)
+    return depth, run
+
+
+async def allocation_extents(
+    node: BlockNode, offset: int, length: int, max_extents: int, context: str = p.BASE_ALLOCATION
+) -> list[tuple[int, int]]:
+    probe = allocation_depth if context == p.ALLOCATION_DEPTH else allocation_flags
+    extents: list[tuple[int, int]] = []
+    end = offset + length
+    while offset < end:
+        flags, n = await probe(node, offset, min(end - offset, 0xFFFFFFFF))
+        extents = p.merge_extents([*extents, (n, flags)])
+        offset += n
+        if len(extents) >= max_extents:
+            break
+    return extents
+
+
+async def sparse_read(node: BlockNode, offset: int, length: int) -> list[tuple[int, bytes | None]]:
+    """Read a range as QEMU's sparse read does: runs that read as zeros become holes.
+
+    Adjacent holes are joined only when they come from the same place (one
+    layer's zero clusters, or nothing anywhere in the chain), as QEMU's block
+    status walk splits them.
+    """
+    out: list[tuple[int, bytes | None]] = []
+    last_hole: int | None = None
+    end = offset + length
+    while offset < end:
+        flags, depth, n = await chain_status(node, offset, end - offset)
+        if flags & p.STATE_ZERO:
+            if last_hole == depth and out:
+                out[-1] = (out[-1][0] + n, None)
+            else:
+                out.append((n, None))
+            last_hole = depth
+        else:
+            out.append((n, await node.read(offset, n)))
+            last_hole = None
+        offset += n
+    return out
+
+
+def _has_fast_zeroes(node: BlockNode) -> bool:
+    return type(node)._do_write_zeroes is not BlockNode._do_write_zeroes
+
+
+class _Client:
+    def __init__(self, server: NBDServer, stream: trio.abc.Stream) -> None:
+        self.server = server
+        self.stream = stream
+        self.scope = trio.CancelScope()
+        self.closed = trio.Event()
+        self.outbox, self.outbox_reader = trio.open_memory_channel[bytes](MAX_INFLIGHT * 2)
+        self.slots = trio.Semaphore(MAX_INFLIGHT)
+        self.export: Export | None = None
+        self.structured = False
+        self.contexts: dict[int, str] = {}
+        self.size = 0
+
+    # ClientHandle
+    def disconnect(self) -> None:
+        self.scope.cancel()
+
+    async def wait_closed(self) -> None:
+        await self.closed.wait()
+
+
+class NBDServer:
+    def __init__(
+        self,
+        registry: ExportRegistry,
+        listeners: list[trio.SocketListener],
+        max_connections: int,
+        cleanup: Callable[[], None] | None = None,
+    ) -> None:
+        self._registry = registry
+        self._listeners = listeners
+        self._connections = trio.Semaphore(max_connections) if max_connections > 0 else None
+        self._cleanup = cleanup
+        self._scope = trio.CancelScope()
+        self._clients: set[_Client] = set()
+        self._stopped = trio.Event()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    for listener in self._listeners:
+                        nursery.start_soon(self._accept_loop, listener, nursery)
+                    task_status.started()
+                    await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                for listener in self._listeners:
+                    await listener.aclose()
+            if self._cleanup is not None:
+                self._cleanup()
+            self._stopped.set()
+
+    async def stop(self) -> None:
+        """Stop listening and drop every client (their running requests finish first)."""
+        for client in list(self._clients):
+            client.disconnect()
+        self._scope.cancel()
+        with trio.CancelScope(shield=True):
+            await self._stopped.wait()
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            if self._connections is not None:
+                await self._connections.acquire()
+            try:
+                stream = await listener.accept()
+            except OSError as err:
+                if self._connections is not None:
+                    self._connections.release()
+                log.error("accepting an NBD connection failed: %s", err)
+                await trio.sleep(0.1)
+                continue
+            nursery.start_soon(self._serve_client, stream)
+
+    async def _serve_client(self, stream: trio.abc.Stream) -> None:
+        client = _Client(self, stream)
+        self._clients.add(client)
+        try:
+            with client.scope:
+                await self._session(client)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except p.ProtocolError as err:
+            log.info("dropping an NBD client: %s", err)
+        except Exception:
+            log.exception("NBD client failed")
+        finally:
+            self._clients.discard(client)
+            if client.export is not None:
+                client.export.clients.discard(client)
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+            if self._connections is not None:
+                self._connections.release()
+            client.closed.set()
+
+    async def _session(self, client: _Client) -> None:
+        registry = self._registry
+
+        def lookup(name: str) -> p.ExportInfo | None:
+            export = registry.by_name(name)
+            return export.info() if export is not None else None
+
+        conn = p.NBDConnection(lookup, registry.listing)
+        await client.stream.send_all(conn.greeting())
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._write, client)
+            try:
+                await self._read(client, conn, nursery)
+            except p.ProtocolError as err:
+                log.info("dropping an NBD client: %s", err)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            finally:
+                # Let running requests finish and their replies go out, then stop the writer.
+                async with trio.open_nursery() as waiter:
+                    waiter.start_soon(self._wait_requests, client)
+                client.outbox.close()
+
+    async def _wait_requests(self, client: _Client) -> None:
+        for _ in range(MAX_INFLIGHT):
+            await client.slots.acquire()
+
+    async def _read(self, client: _Client, conn: p.NBDConnection, nursery: trio.Nursery) -> None:
+        while True:
+            data = await client.stream.receive_some(_RECEIVE_SIZE)
+            if not data:
+                return
+            events = conn.receive_data(data)
+            reply = conn.data_to_send()
+            if reply:
+                await client.outbox.send(reply)
+            for event in events:
+                if isinstance(event, p.Closed):
+                    return
+                if isinstance(event, p.Negotiated):
+                    export = self._registry.by_name(event.export.name)
+                    if export is None:
+                        return
+                    client.export = export
+                    client.structured = event.structured
+                    client.contexts = event.contexts
+                    client.size = event.export.size
+                    export.clients.add(client)
+                    continue
+                await client.slots.acquire()
+                nursery.start_soon(self._request, client, event)
+
+    async def _write(self, client: _Client) -> None:
+        try:
+            async for frame in client.outbox_reader:
+                # Coalesce the replies that are already waiting into one send.
+                frames = [frame]
+                size = len(frame)
+                while size < _COALESCE_BYTES:
+                    try:
+                        more = client.outbox_reader.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    frames.append(more)
+                    size += len(more)
+                await client.stream.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            client.scope.cancel()
+
+    async def _request(self, client: _Client, request: p.Request) -> None:
+        try:
+            frames = await self._run(client, request)
+            await client.outbox.send(frames)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            client.slots.release()
+
+    async def _run(self, client: _Client, request: p.Request) -> bytes:
+        export = client.export
+        assert export is not None
+        refusal = p.check_request(
+            request, client.size, export.writable, client.structured, client.contexts
+        )
+        if refusal is not None:
+            return p.error_reply(request.handle, client.structured, refusal.error, refusal.message)
+        try:
+            async with export.use() as node:
+                # Once started, node I/O is never cut short by a disconnect.
+                with trio.CancelScope(shield=True):
+                    reply = await self._execute(client, export, node, request)
+        except Exception as err:
+            if not isinstance(err, BlockdError | OSError):
+                log.exception("NBD request %d failed unexpectedly", request.type)
+            return p.error_reply(request.handle, client.structured, nbd_error(err), str(err))
+        return reply
+
+    async def _execute(
+        self, client: _Client, export: Export, node: BlockNode, request: p.Request
+    ) -> bytes:
+        kind, offset, length, flags = request.type, request.offset, request.length, request.flags
+        handle = request.handle
+        fua = bool(flags & p.CmdFlag.FUA) or export.writethrough
+        if kind == p.Cmd.READ:
+            if not client.structured:
+                return p.simple_reply(handle, 0, await node.read(offset, length))
+            if flags & p.CmdFlag.DF:
+                data = await node.read(offset, length)
+                return b"".join(p.read_chunks(handle, offset, [(length, data)], df=True))
+            return b"".join(p.read_chunks(handle, offset, await sparse_read(node, offset, length)))
+        if kind == p.Cmd.WRITE:
+            await node.write(offset, request.data)
+            if fua:
+                await node.flush()
+        elif kind == p.Cmd.FLUSH:
+            await node.flush()
+        elif kind == p.Cmd.TRIM:
+            await node.discard(offset, length)
+            if fua:
+                await node.flush()
+        elif kind == p.Cmd.WRITE_ZEROES:
+            if flags & p.CmdFlag.FAST_ZERO and not _has_fast_zeroes(node):
+                return p.error_reply(
+                    handle, client.structured, p.ENOTSUP, "fast zeroing is not supported"
+                )
+            await node.write_zeroes(offset, length)
+            if fua:
+                await node.flush()
+        elif kind == p.Cmd.CACHE:
+            pass
+        elif kind == p.Cmd.BLOCK_STATUS:
+            limit = 1 if flags & p.CmdFlag.REQ_ONE else MAX_EXTENTS
+            ids = sorted(client.contexts)
+            out = []
+            for index, context_id in enumerate(ids):
+                context = client.contexts[context_id]
+                extents = await allocation_extents(node, offset, length, limit, context)
+                out.append(
+                    p.block_status_chunk(handle, context_id, extents, done=index == len(ids) - 1)
+                )
+            return b"".join(out)
+        return p.simple_reply(handle)
+
+
+def unix_listener_cleanup(path: str) -> Callable[[], None]:
+    """Removes the Unix socket file the server created, once it stops."""
+
+    def remove() -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+    return remove
