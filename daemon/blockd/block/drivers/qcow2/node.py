@@ -265,22 +265,34 @@ class Qcow2Node(BlockNode):
         entries = await self._entries(first, last - first + 1)
         extents: list[Extent] = []
         end = offset + length
-        for i, entry in enumerate(entries):
-            c = first + i
-            lo = max(offset, c * cs)
-            hi = min(end, (c + 1) * cs)
+        count = len(entries)
+        i = 0
+        while i < count:
+            entry = entries[i]
             kind = classify(entry)
             self._check_entry(entry, kind)
-            if extents:
+            # Extend the extent over the entries that continue it, comparing
+            # raw entries only: clusters contiguous on the host (same flags,
+            # next offset), or the same unallocated / plain-zero entry.
+            j = i + 1
+            if kind is ClusterKind.NORMAL:
+                following = entry + cs
+                while j < count and entries[j] == following:
+                    following += cs
+                    j += 1
+            elif kind in (ClusterKind.UNALLOCATED, ClusterKind.ZERO_PLAIN):
+                while j < count and entries[j] == entry:
+                    j += 1
+            lo = max(offset, (first + i) * cs)
+            hi = min(end, (first + j) * cs)
+            if extents and kind is not ClusterKind.NORMAL:
                 pk, pg, pn, pe = extents[-1]
-                mergeable = pk is kind and kind is not ClusterKind.COMPRESSED
-                if mergeable and kind is ClusterKind.NORMAL:
-                    # contiguous on the host too?
-                    mergeable = (pe & OFFSET_MASK) + (pg % cs) + pn == (entry & OFFSET_MASK)
-                if mergeable:
+                if pk is kind and kind is not ClusterKind.COMPRESSED:
                     extents[-1] = (pk, pg, pn + hi - lo, pe)
+                    i = j
                     continue
             extents.append((kind, lo, hi - lo, entry))
+            i = j
         return extents
 
     # -- reading --------------------------------------------------------------------
