@@ -86,6 +86,12 @@ class BlockNode:
         raise NotImplementedError
 
     @property
+    def _file(self) -> BlockNode:
+        """The protocol child of a format node, which always has one."""
+        assert self.file is not None
+        return self.file
+
+    @property
     def filename(self) -> str:
         """The host file behind this node, as graph lookups by filename see it."""
         return self.file.filename if self.file is not None else ""

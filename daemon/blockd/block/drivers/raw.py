@@ -33,11 +33,6 @@ class RawNode(BlockNode):
         self._fixed_size = size
 
     @property
-    def _file(self) -> BlockNode:
-        assert self.file is not None
-        return self.file
-
-    @property
     def size(self) -> int:
         if self._fixed_size is not None:
             return self._fixed_size

@@ -163,11 +163,6 @@ class Qcow2Node(BlockNode):
             h.autoclear_features = 0
 
     @property
-    def _file(self) -> BlockNode:
-        assert self.file is not None
-        return self.file
-
-    @property
     def size(self) -> int:
         return self.header.size
 
