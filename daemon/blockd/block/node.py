@@ -73,6 +73,7 @@ class BlockNode:
         #: ``detect-zeroes``: "off", or write all-zero data as zero writes
         #: ("on"; "unmap" also lets the zeroed range be deallocated).
         self.detect_zeroes = "off"
+        self._write_observers: list[Callable[[int, int], None]] = []
 
     def __repr__(self) -> str:
         mode = "ro" if self.read_only else "rw"
@@ -121,6 +122,25 @@ class BlockNode:
 
     def _format_info(self) -> dict[str, Any]:
         return {}
+
+    # -- who watches writes ------------------------------------------------------
+
+    def add_write_observer(self, observer: Callable[[int, int], None]) -> None:
+        """Have ``observer(offset, length)`` called after every request that
+        changes what the node reads (write, zeroes, discard), failed ones too.
+
+        Called after the change is in place, never before: a watcher that
+        copies the range once told (an active commit) must not copy it while
+        the old data is still there and then believe it up to date.
+        """
+        self._write_observers.append(observer)
+
+    def remove_write_observer(self, observer: Callable[[int, int], None]) -> None:
+        self._write_observers.remove(observer)
+
+    def _written(self, offset: int, length: int) -> None:
+        for observer in self._write_observers:
+            observer(offset, length)
 
     # -- request validation ---------------------------------------------------------
 
@@ -171,10 +191,13 @@ class BlockNode:
         self._check_writable()
         if not data:
             return
-        if self.detect_zeroes != "off" and data.count(0) == len(data):
-            await self._do_write_zeroes(offset, len(data))
-            return
-        await self._do_write(offset, bytes(data))
+        try:
+            if self.detect_zeroes != "off" and data.count(0) == len(data):
+                await self._do_write_zeroes(offset, len(data))
+            else:
+                await self._do_write(offset, bytes(data))
+        finally:
+            self._written(offset, len(data))
 
     async def map_data(self, offset: int, length: int) -> HostExtents | None:
         """Host file locations of this layer's data for the range, pinned; None if
@@ -197,7 +220,10 @@ class BlockNode:
         self._check_writable()
         if length == 0:
             return True
-        return await self._do_write_from_host(offset, length, src)
+        try:
+            return await self._do_write_from_host(offset, length, src)
+        finally:
+            self._written(offset, length)
 
     async def write_many_from_host(self, writes: list[tuple[int, int, HostExtents]]) -> bool:
         """:meth:`write_from_host` for several ranges, (offset, length, src), in
@@ -215,20 +241,30 @@ class BlockNode:
         writes = [w for w in writes if w[1]]
         if not writes:
             return True
-        return await self._do_write_many_from_host(writes)
+        try:
+            return await self._do_write_many_from_host(writes)
+        finally:
+            for offset, length, _src in writes:
+                self._written(offset, length)
 
     async def write_zeroes(self, offset: int, length: int) -> None:
         self._check_request(offset, length)
         self._check_writable()
         if length:
-            await self._do_write_zeroes(offset, length)
+            try:
+                await self._do_write_zeroes(offset, length)
+            finally:
+                self._written(offset, length)
 
     async def discard(self, offset: int, length: int) -> None:
         """Advisory: afterwards the range reads as zeros or as the backing image."""
         self._check_request(offset, length)
         self._check_writable()
         if length:
-            await self._do_discard(offset, length)
+            try:
+                await self._do_discard(offset, length)
+            finally:
+                self._written(offset, length)
 
     async def block_status(self, offset: int, length: int) -> tuple[Status, int]:
         """Kind of the extent at ``offset`` in this layer only, and its length (<= length)."""

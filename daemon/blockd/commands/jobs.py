@@ -9,6 +9,7 @@ from typing import Any
 from blockd import logs
 from blockd.commands.context import CommandContext
 from blockd.errors import BlockdError
+from blockd.jobs.active_commit import ActiveCommitJob, ActiveCommitPlan
 from blockd.jobs.commit import CommitJob, plan_commit
 from blockd.jobs.job import OnError
 
@@ -100,25 +101,32 @@ async def block_commit(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str
         base=args.get("base"),
         backing_file=args.get("backing-file"),
     )
+    filter_name = args.get("filter-node-name")
+    active = isinstance(plan, ActiveCommitPlan)
+    if active and filter_name is not None:
+        # QEMU inserts an active commit's filter before it creates the job.
+        ctx.graph.check_new_name(filter_name)
     job_id = args.get("job-id", "")
     ctx.jobs.check_new_id(job_id)
-    job = CommitJob(
-        job_id,
-        ctx.events,
-        ctx.graph,
-        plan,
-        speed=max(args.get("speed", 0), 0),
-        on_error=OnError(args.get("on-error", "report")),
-        auto_finalize=args.get("auto-finalize", True),
-        auto_dismiss=args.get("auto-dismiss", True),
-    )
+    options: dict[str, Any] = {
+        "speed": max(args.get("speed", 0), 0),
+        "on_error": OnError(args.get("on-error", "report")),
+        "auto_finalize": args.get("auto-finalize", True),
+        "auto_dismiss": args.get("auto-dismiss", True),
+    }
+    job: CommitJob | ActiveCommitJob
+    if isinstance(plan, ActiveCommitPlan):
+        job = ActiveCommitJob(
+            job_id, ctx.events, ctx.graph, plan, ctx.exports.switch_node, **options
+        )
+    else:
+        job = CommitJob(job_id, ctx.events, ctx.graph, plan, **options)
     ctx.jobs.add(job)
     # QEMU checks these once the job exists: a client sees it created and gone.
     try:
         if args.get("speed", 0) < 0:
             raise BlockdError("Parameter 'speed' expects a non-negative value")
-        filter_name = args.get("filter-node-name")
-        if filter_name is not None:
+        if filter_name is not None and not active:
             ctx.graph.check_new_name(filter_name)
         await job.setup()
     except BaseException:

@@ -19,9 +19,11 @@ from blockd.block.drivers.qcow2 import header as hdr
 from blockd.block.drivers.qcow2.node import Qcow2Node
 from blockd.block.graph import BlockGraph
 from blockd.block.info import display_filename
-from blockd.block.node import BlockNode, HostExtents, Status
+from blockd.block.node import BlockNode
 from blockd.errors import BlockError, BlockIOError, DeviceNotFound
 from blockd.events import EventSink
+from blockd.jobs.active_commit import ActiveCommitPlan
+from blockd.jobs.copy import ChainCopy, CopyFailed
 from blockd.jobs.job import Job, OnError
 
 log = logging.getLogger(__name__)
@@ -35,9 +37,6 @@ CHUNK = 512 * 1024
 #: base, one flush per step: 8 MiB -> 32 MiB took a 1 GiB commit from 2.9-4.5 s
 #: to 1.8-2.0 s).
 WINDOW = 32 * 1024 * 1024
-
-#: Largest buffer of the read-and-write path (runs that cannot go file to file).
-BUFFER = 4 * 1024 * 1024
 
 #: What ``blockdev-del`` and other jobs are told while a commit holds a node.
 BLOCKER = "block device is in use by block job: commit"
@@ -57,15 +56,6 @@ class CommitPlan:
     intermediates: tuple[BlockNode, ...]
     #: ``device`` down to the overlay: the images that read through ``top``.
     overlay_chain: tuple[BlockNode, ...]
-
-
-class _CopyFailed(Exception):
-    """A step's read or write failed: ``operation`` is what on-error reports."""
-
-    def __init__(self, error: BlockIOError, operation: str) -> None:
-        super().__init__(error.desc)
-        self.error = error
-        self.operation = operation
 
 
 class CommitJob(Job):
@@ -96,6 +86,7 @@ class CommitJob(Job):
         self._held: list[BlockNode] = []
         self._base_was_read_only = plan.base.read_only
         self._overlay_was_read_only = plan.overlay.read_only
+        self._copy = ChainCopy(graph, plan.top, plan.base)
 
     def _nodes(self) -> list[BlockNode]:
         plan = self.plan
@@ -135,8 +126,8 @@ class CommitJob(Job):
             await self.throttle()
             end = min(offset + self._step(), length)
             try:
-                copied = await self._copy_window(offset, end)
-            except _CopyFailed as failed:
+                copied = await self._copy.window(offset, end)
+            except CopyFailed as failed:
                 # the whole step is retried: copying a piece again is harmless
                 await self.io_error(failed.error, failed.operation)
                 continue
@@ -145,84 +136,6 @@ class CommitJob(Job):
             offset = end
             self.offset = offset
         await self._hide_base_past_top()
-
-    async def _copy_window(self, offset: int, end: int) -> int:
-        """Copy what the images above base hold in ``[offset, end)``; bytes copied.
-
-        Each run of the window comes from the one layer that holds it: zeros
-        become a zero write; data runs are copied file to file, all of the
-        window's in one batch (one worker-thread call, one metadata update)
-        where both images allow it, else run by run (read through top, write).
-        """
-        top, base = self.plan.top, self.plan.base
-        runs: list[tuple[BlockNode, Status, int, int]] = []
-        pos = offset
-        while pos < end:
-            try:
-                layer, status, n = await self.graph.allocation_above(top, base, pos, end - pos)
-            except BlockIOError as err:
-                raise _CopyFailed(err, "read") from err
-            if layer is not None:
-                runs.append((layer, status, pos, n))
-            pos += n
-        data: list[tuple[BlockNode, int, int]] = []
-        for layer, status, pos, n in runs:
-            if status is Status.ZERO:
-                try:
-                    await base.write_zeroes(pos, n)
-                except BlockIOError as err:
-                    raise _CopyFailed(err, "write") from err
-            else:
-                data.append((layer, pos, n))
-        if data:
-            await self._copy_data_runs(data)
-        return sum(n for _l, _s, _p, n in runs)
-
-    async def _copy_data_runs(self, runs: list[tuple[BlockNode, int, int]]) -> None:
-        base = self.plan.base
-        mapped: list[tuple[int, int, HostExtents]] = []
-        rest: list[tuple[BlockNode, int, int]] = []
-        try:
-            for layer, pos, n in runs:
-                try:
-                    src = await layer.map_data(pos, n)
-                except BlockIOError as err:
-                    raise _CopyFailed(err, "read") from err
-                if src is None:
-                    rest.append((layer, pos, n))
-                else:
-                    mapped.append((pos, n, src))
-            try:
-                done = await base.write_many_from_host(mapped) if len(mapped) > 1 else False
-            except BlockIOError as err:
-                raise _CopyFailed(err, "write") from err
-            if not done:
-                for pos, n, src in mapped:
-                    try:
-                        ok = await base.write_from_host(pos, n, src)
-                    except BlockIOError as err:
-                        raise _CopyFailed(err, "write") from err
-                    if not ok:
-                        rest.append((src.file, pos, n))
-        finally:
-            for _p, _n, src in mapped:
-                src.release()
-        for layer, pos, n in rest:
-            await self._copy_data(layer, pos, n)
-
-    async def _copy_data(self, layer: BlockNode, offset: int, n: int) -> None:
-        """Copy one data run the slow way: read through top, write into base,
-        BUFFER bytes at a time (memory stays bounded whatever the window)."""
-        for pos in range(offset, offset + n, BUFFER):
-            m = min(BUFFER, offset + n - pos)
-            try:
-                data = await self.plan.top.read(pos, m)
-            except BlockIOError as err:
-                raise _CopyFailed(err, "read") from err
-            try:
-                await self._write_base(pos, data)
-            except BlockIOError as err:
-                raise _CopyFailed(err, "write") from err
 
     async def _hide_base_past_top(self) -> None:
         """Zero what base holds past top's end where the overlay can see it.
@@ -244,14 +157,6 @@ class CommitJob(Job):
                 await self.io_error(err, "write")
                 continue
             start += n
-
-    async def _write_base(self, offset: int, data: bytes) -> None:
-        # Zeros (zero clusters above, or data that happens to be zero) become
-        # zero writes: base stays sparse where it can.
-        if not data[:1].strip(b"\0") and data == bytes(len(data)):
-            await self.plan.base.write_zeroes(offset, len(data))
-        else:
-            await self.plan.base.write(offset, data)
 
     async def prepare(self) -> None:
         plan = self.plan
@@ -353,8 +258,12 @@ def plan_commit(
     base_node: str | None = None,
     base: str | None = None,
     backing_file: str | None = None,
-) -> CommitPlan:
-    """Resolve and check a block-commit request in QEMU's order; change nothing."""
+) -> CommitPlan | ActiveCommitPlan:
+    """Resolve and check a block-commit request in QEMU's order; change nothing.
+
+    Committing the active layer (``top`` is ``device``) gives an
+    :class:`ActiveCommitPlan`, for :class:`~blockd.jobs.active_commit.ActiveCommitJob`.
+    """
     device_bs = graph.get(device)
     if device_bs is None:
         raise DeviceNotFound(f"Device '{device}' not found")
@@ -392,17 +301,14 @@ def plan_commit(
             raise BlockError(f"Node '{node.node_name}' is busy: {reason}")
     if top_bs is base_bs:
         raise BlockError("cannot commit an image into itself")
-    if top_bs is device_bs:
-        if backing_file is not None:
-            raise BlockError("'backing-file' specified, but 'top' is the active layer")
-        raise BlockError(
-            f"Committing the active layer is not supported yet: '{top_bs.node_name}' is "
-            "the active layer of this chain; commit an image below it (set 'top-node')"
-        )
-    overlay = chain[chain.index(top_bs) - 1]
-    reason = graph.blocker(overlay)
-    if reason is not None:
-        raise BlockError(f"Node '{overlay.node_name}' is busy: {reason}")
+    active = top_bs is device_bs
+    if active and backing_file is not None:
+        raise BlockError("'backing-file' specified, but 'top' is the active layer")
+    overlay = None if active else chain[chain.index(top_bs) - 1]
+    if overlay is not None:
+        reason = graph.blocker(overlay)
+        if reason is not None:
+            raise BlockError(f"Node '{overlay.node_name}' is busy: {reason}")
     for parent, edge in graph.parents(base_bs):
         if edge == "backing" and parent not in intermediates:
             raise BlockError(
@@ -410,6 +316,8 @@ def plan_commit(
                 f"not allow 'write' on {base_bs.node_name}: committing into "
                 f"'{base_bs.node_name}' would change what '{parent.node_name}' reads"
             )
+    if overlay is None:
+        return ActiveCommitPlan(top=top_bs, base=base_bs, intermediates=intermediates)
     backing_string = backing_file if backing_file is not None else base_bs.filename
     _check_backing_string(overlay, backing_string, base_bs.driver)
     return CommitPlan(

@@ -1,0 +1,265 @@
+"""Active commit: merge the active layer into base while the guest keeps writing to it.
+
+The job copies everything the layers above base hold, and learns of the
+guest's writes from a write observer on the active node (a dirty bitmap at
+about base's cluster granularity), copying those ranges again until nothing
+is left; then base is flushed and the job is READY.  From then on it keeps
+base in sync until the client decides:
+
+* ``block-job-complete``: the pivot.  Every export of the active node is held
+  (new requests wait, those in flight finish), what is still dirty is copied,
+  base is flushed, and the exports resume on base.  No request is lost or
+  reordered, and base never serves a byte it does not hold.
+* a soft cancel (``block-job-cancel`` without force, READY only): base is left
+  as a consistent copy and the exports stay where they are.
+* a forced cancel: nothing changes for the guest; base keeps what was copied,
+  which nothing reads through the chain differently from before.
+
+Before the pivot the guest only ever reads base where nothing above holds the
+range, and the job only writes base where something above does, so the copy
+is invisible to the guest at every moment.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from blockd.block.dirty import DirtyBitmap
+from blockd.block.drivers.qcow2.node import Qcow2Node
+from blockd.block.graph import BlockGraph
+from blockd.block.node import BlockNode
+from blockd.errors import BlockIOError
+from blockd.events import BlockJobReady, EventSink
+from blockd.jobs.copy import ChainCopy, CopyFailed
+from blockd.jobs.job import Job, OnError
+from blockd.jobs.status import JobStatus
+
+log = logging.getLogger(__name__)
+
+S = JobStatus
+
+#: What ``blockdev-del`` and other jobs are told while the job holds a node.
+BLOCKER = "block device is in use by block job: commit"
+
+#: Bytes per step unthrottled; with a speed limit about a tenth of a second's worth.
+WINDOW = 32 * 1024 * 1024
+CHUNK = 512 * 1024
+
+#: How often a READY job looks for new writes to copy (QEMU's mirror: 100 ms).
+READY_POLL = 0.1
+
+#: Block-status runs looked at between checkpoints while scanning the chain.
+_SCAN_BATCH = 256
+
+#: Moves every user of a node onto another at one moment: (old, new, prepare),
+#: ``prepare`` running while nothing is in flight (the export registry's).
+Pivot = Callable[[BlockNode, BlockNode, Callable[[], Awaitable[None]]], Awaitable[object]]
+
+
+@dataclass(frozen=True)
+class ActiveCommitPlan:
+    """A validated active commit: ``top`` is the chain's active layer."""
+
+    top: BlockNode
+    base: BlockNode
+    #: ``top`` down to, but not including, ``base``.
+    intermediates: tuple[BlockNode, ...]
+
+
+def granularity(base: BlockNode) -> int:
+    """Dirty-tracking granularity: base's cluster size within [4 KiB, 64 KiB], as QEMU."""
+    cluster = base.cluster_size if isinstance(base, Qcow2Node) else 65536
+    return min(65536, max(4096, cluster))
+
+
+class ActiveCommitJob(Job):
+    job_type = "commit"
+
+    def __init__(
+        self,
+        job_id: str,
+        events: EventSink,
+        graph: BlockGraph,
+        plan: ActiveCommitPlan,
+        pivot: Pivot,
+        *,
+        speed: int = 0,
+        on_error: OnError = OnError.REPORT,
+        auto_finalize: bool = True,
+        auto_dismiss: bool = True,
+    ) -> None:
+        super().__init__(
+            job_id,
+            events,
+            speed=speed,
+            on_error=on_error,
+            auto_finalize=auto_finalize,
+            auto_dismiss=auto_dismiss,
+        )
+        self.graph = graph
+        self.plan = plan
+        self._pivot = pivot
+        self._copy = ChainCopy(graph, plan.top, plan.base)
+        self._dirty = DirtyBitmap(plan.top.size, granularity(plan.base))
+        self._held: list[BlockNode] = []
+        self._watching = False
+        self._base_was_read_only = plan.base.read_only
+        self._complete_requested = False
+        self._pivoted = False
+        self._cursor = 0
+        self._in_flight = 0
+
+    # -- bookkeeping ------------------------------------------------------------------
+
+    def _update_length(self) -> None:
+        # QEMU's definition: what is done plus what is known to be left.
+        self.length = self.offset + self._dirty.dirty_bytes + self._in_flight
+
+    def _on_write(self, offset: int, length: int) -> None:
+        self._dirty.mark(offset, length)
+        self._update_length()
+
+    def _step(self) -> int:
+        speed = self.speed
+        if not speed:
+            return WINDOW
+        return max(CHUNK, min(WINDOW, speed // 10 // CHUNK * CHUNK))
+
+    # -- hooks of Job -----------------------------------------------------------------
+
+    def cancel_is_forced(self, force: bool) -> bool:
+        # Only a READY job can be cancelled softly (finish without pivoting).
+        return force or self.status not in (S.READY, S.STANDBY)
+
+    def request_completion(self) -> None:
+        self._complete_requested = True
+        self._kick()
+
+    async def setup(self) -> None:
+        """Hold the nodes, open base read-write, start watching writes; undone by clean."""
+        plan = self.plan
+        for node in {id(n): n for n in (plan.top, *plan.intermediates, plan.base)}.values():
+            self.graph.add_blocker(node, BLOCKER)
+            self._held.append(node)
+        try:
+            await plan.base.reopen(read_only=False)
+        except BaseException:
+            await self.clean()
+            raise
+        plan.top.add_write_observer(self._on_write)
+        self._watching = True
+
+    async def run(self) -> None:
+        top, base = self.plan.top, self.plan.base
+        if base.size < top.size:
+            await base.truncate(top.size)
+        await self._scan()
+        while True:
+            await self.throttle()
+            if await self._copy_next():
+                continue
+            if self.status is S.RUNNING:
+                if not await self._flush_base():
+                    continue
+                if self._dirty:
+                    continue
+                self._transition(S.READY)
+                self.events.emit(
+                    BlockJobReady(self.job_type, self.id, self.length, self.offset, self.speed)
+                )
+                log.info("job %s: %s and %s in sync", self.id, top.node_name, base.node_name)
+            if self._complete_requested or self.cancelled:
+                return
+            await self.sleep(READY_POLL)
+
+    async def _scan(self) -> None:
+        """Mark dirty everything the layers above base hold (zero clusters too)."""
+        top, base = self.plan.top, self.plan.base
+        pos, size, runs = 0, top.size, 0
+        while pos < size:
+            await self.pause_point()
+            try:
+                holds, n = await self.graph.is_allocated_above(top, base, pos, size - pos)
+            except BlockIOError as err:
+                await self.io_error(err, "read")
+                continue
+            if holds:
+                self._dirty.mark(pos, n)
+                self._update_length()
+            pos += n
+            runs += 1
+            if runs % _SCAN_BATCH == 0:
+                await trio.lowlevel.checkpoint()
+
+    async def _copy_next(self) -> bool:
+        """Copy the next dirty run (after the last one, wrapping); False if none."""
+        step = self._step()
+        run = self._dirty.next_run(self._cursor, step) or self._dirty.next_run(0, step)
+        if run is None:
+            return False
+        offset, n = run
+        # Cleared before copying: a write landing meanwhile marks it again.
+        self._dirty.clear(offset, n)
+        self._in_flight = n
+        try:
+            copied = await self._copy.window(offset, offset + n)
+        except CopyFailed as failed:
+            self._dirty.mark(offset, n)
+            self._in_flight = 0
+            self._update_length()
+            await self.io_error(failed.error, failed.operation)
+            return True
+        self._in_flight = 0
+        self._cursor = offset + n
+        self.offset += n
+        self._update_length()
+        self.account(copied)
+        return True
+
+    async def _flush_base(self) -> bool:
+        try:
+            await self.plan.base.flush()
+        except BlockIOError as err:
+            await self.io_error(err, "write")
+            return False
+        return True
+
+    async def _final_sync(self) -> None:
+        """Copy what is still dirty and flush base; runs with the guest's I/O held."""
+        while (run := self._dirty.next_run(0, WINDOW)) is not None:
+            offset, n = run
+            self._dirty.clear(offset, n)
+            try:
+                await self._copy.window(offset, offset + n)
+            except CopyFailed as failed:
+                self._dirty.mark(offset, n)
+                raise failed.error from failed
+            self.offset += n
+            self._update_length()
+        await self.plan.base.flush()
+
+    async def prepare(self) -> None:
+        top, base = self.plan.top, self.plan.base
+        if self.cancelled:
+            # A soft cancel: base keeps a consistent copy, nobody moves.
+            await base.flush()
+            return
+        await self._pivot(top, base, self._final_sync)
+        self._pivoted = True
+        log.info("job %s: the users of %s now use %s", self.id, top.node_name, base.node_name)
+
+    async def clean(self) -> None:
+        if self._watching:
+            self.plan.top.remove_write_observer(self._on_write)
+            self._watching = False
+        for node in self._held:
+            self.graph.remove_blocker(node, BLOCKER)
+        self._held.clear()
+        base = self.plan.base
+        # After the pivot base is the active image and stays writable, as in QEMU.
+        if self._base_was_read_only and not self._pivoted and not base.closed:
+            await base.reopen(read_only=True)

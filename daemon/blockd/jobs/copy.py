@@ -1,0 +1,115 @@
+"""Copying what the images above ``base`` hold down into ``base``: both commits' hot path.
+
+Each run of a window comes from the one layer that holds it: zeros become a
+zero write; data runs are copied file to file, all of the window's in one
+batch (one worker-thread call, one metadata update) where both images allow
+it, else run by run (read through top, write), with bounded buffers.  What
+nothing above base holds is left alone: base already shows it.
+"""
+
+from __future__ import annotations
+
+from blockd.block.graph import BlockGraph
+from blockd.block.node import BlockNode, HostExtents, Status
+from blockd.errors import BlockIOError
+
+#: Largest buffer of the read-and-write path (runs that cannot go file to file).
+BUFFER = 4 * 1024 * 1024
+
+
+class CopyFailed(Exception):
+    """A read or a write of the copy failed: ``operation`` is what on-error reports."""
+
+    def __init__(self, error: BlockIOError, operation: str) -> None:
+        super().__init__(error.desc)
+        self.error = error
+        self.operation = operation
+
+
+class ChainCopy:
+    """Copies ranges of ``top``'s view of the chain, above ``base``, into ``base``."""
+
+    def __init__(self, graph: BlockGraph, top: BlockNode, base: BlockNode) -> None:
+        self.graph = graph
+        self.top = top
+        self.base = base
+
+    async def window(self, offset: int, end: int) -> int:
+        """Copy what the layers above base hold in ``[offset, end)``; bytes copied.
+
+        Raises :class:`CopyFailed`; copying the window again is harmless.
+        """
+        runs: list[tuple[BlockNode, Status, int, int]] = []
+        pos = offset
+        while pos < end:
+            try:
+                layer, status, n = await self.graph.allocation_above(
+                    self.top, self.base, pos, end - pos
+                )
+            except BlockIOError as err:
+                raise CopyFailed(err, "read") from err
+            if layer is not None:
+                runs.append((layer, status, pos, n))
+            pos += n
+        data: list[tuple[BlockNode, int, int]] = []
+        for layer, status, pos, n in runs:
+            if status is Status.ZERO:
+                try:
+                    await self.base.write_zeroes(pos, n)
+                except BlockIOError as err:
+                    raise CopyFailed(err, "write") from err
+            else:
+                data.append((layer, pos, n))
+        if data:
+            await self._data_runs(data)
+        return sum(n for _l, _s, _p, n in runs)
+
+    async def _data_runs(self, runs: list[tuple[BlockNode, int, int]]) -> None:
+        base = self.base
+        mapped: list[tuple[int, int, HostExtents]] = []
+        rest: list[tuple[BlockNode, int, int]] = []
+        try:
+            for layer, pos, n in runs:
+                try:
+                    src = await layer.map_data(pos, n)
+                except BlockIOError as err:
+                    raise CopyFailed(err, "read") from err
+                if src is None:
+                    rest.append((layer, pos, n))
+                else:
+                    mapped.append((pos, n, src))
+            try:
+                done = await base.write_many_from_host(mapped) if len(mapped) > 1 else False
+            except BlockIOError as err:
+                raise CopyFailed(err, "write") from err
+            if not done:
+                for pos, n, src in mapped:
+                    try:
+                        ok = await base.write_from_host(pos, n, src)
+                    except BlockIOError as err:
+                        raise CopyFailed(err, "write") from err
+                    if not ok:
+                        rest.append((src.file, pos, n))
+        finally:
+            for _p, _n, src in mapped:
+                src.release()
+        for _layer, pos, n in rest:
+            await self._read_write(pos, n)
+
+    async def _read_write(self, offset: int, n: int) -> None:
+        """Copy one data run the slow way, BUFFER bytes at a time."""
+        for pos in range(offset, offset + n, BUFFER):
+            m = min(BUFFER, offset + n - pos)
+            try:
+                data = await self.top.read(pos, m)
+            except BlockIOError as err:
+                raise CopyFailed(err, "read") from err
+            try:
+                # Zeros (data that happens to be zero) become zero writes: base
+                # stays sparse where it can.
+                if not data[:1].strip(b"\0") and data == bytes(len(data)):
+                    await self.base.write_zeroes(pos, len(data))
+                else:
+                    await self.base.write(pos, data)
+            except BlockIOError as err:
+                raise CopyFailed(err, "write") from err
