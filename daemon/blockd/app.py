@@ -133,7 +133,7 @@ async def run(settings: Settings) -> None:
     bus = EventBus()
     graph = BlockGraph()
     jobs = JobRegistry()
-    exports = ExportRegistry(bus)
+    exports = ExportRegistry(bus, graph)
     context = CommandContext(
         events=bus, graph=graph, jobs=jobs, request_shutdown=stop.set, exports=exports
     )

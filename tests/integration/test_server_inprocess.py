@@ -19,6 +19,7 @@ import trio
 from blockd.block.graph import BlockGraph
 from blockd.commands import CommandContext, Handler
 from blockd.events import EventBus
+from blockd.export.exports import ExportRegistry
 from blockd.jobs.registry import JobRegistry
 from blockd.qmp.dispatch import Dispatcher
 from blockd.qmp.schema import SchemaError, load_command_schemas, schema_root
@@ -56,8 +57,13 @@ class Harness:
         from blockd.commands import HANDLERS
 
         handlers.update(HANDLERS)
+        graph = BlockGraph()
         context = CommandContext(
-            events=self.bus, graph=BlockGraph(), jobs=JobRegistry(), request_shutdown=lambda: None
+            events=self.bus,
+            graph=graph,
+            jobs=JobRegistry(),
+            request_shutdown=lambda: None,
+            exports=ExportRegistry(self.bus, graph),
         )
         self.dispatcher = Dispatcher(load_command_schemas(root), handlers, context)
         self.path = tmp / "s.sock"
@@ -189,8 +195,13 @@ async def test_command_finishes_when_its_client_disconnects(harness: Harness) ->
 
 
 async def test_dispatcher_refuses_handler_without_schema() -> None:
+    graph = BlockGraph()
     context = CommandContext(
-        events=EventBus(), graph=BlockGraph(), jobs=JobRegistry(), request_shutdown=lambda: None
+        events=EventBus(),
+        graph=graph,
+        jobs=JobRegistry(),
+        request_shutdown=lambda: None,
+        exports=ExportRegistry(EventBus(), graph),
     )
 
     async def extra(ctx: CommandContext, args: Mapping[str, Any]) -> Any:

@@ -80,5 +80,5 @@ def test_whole_disk_and_edges():
 
 
 def test_granularity_must_be_a_power_of_two():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="power of two"):
         DirtyBitmap(1 << 20, 3000)

@@ -8,6 +8,7 @@ import pytest
 import trio
 import trio.testing
 
+from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
 from blockd.errors import BlockdError
 from blockd.events import EventBus
@@ -105,7 +106,7 @@ async def test_registry_checks_in_qemu_order() -> None:
     events: list[Any] = []
     bus = EventBus()
     bus.subscribe(events.append)
-    registry = ExportRegistry(bus)
+    registry = ExportRegistry(bus, BlockGraph())
     node = MemoryNode("d")
     with pytest.raises(BlockdError, match="NBD server not running"):
         registry.add("e", node, name=None, description=None, writable=False, writethrough=False)
@@ -131,7 +132,7 @@ async def test_registry_checks_in_qemu_order() -> None:
 
 
 async def test_registry_pivots_every_export_of_a_node_at_once() -> None:
-    registry = ExportRegistry(EventBus())
+    registry = ExportRegistry(EventBus(), BlockGraph())
     registry.server = object()
     old, new, other = MemoryNode("top"), MemoryNode("base"), MemoryNode("other")
     a = registry.add("a", old, name="a", description=None, writable=True, writethrough=False)

@@ -37,6 +37,11 @@ class BlockGraph:
         self._blockers: dict[str, list[tuple[int, str]]] = {}
         self._backing_users: dict[str, list[tuple[int, str]]] = {}
         self._sequence = itertools.count()
+        # Nodes something outside the graph works on (exports), counted; such
+        # a node outlives the image that opened it, as an orphan closed when
+        # its last user goes (QEMU's reference counting, for this one case).
+        self._users: dict[str, int] = {}
+        self._orphans: set[str] = set()
 
     # -- naming ---------------------------------------------------------------------
 
@@ -219,6 +224,25 @@ class BlockGraph:
                 children.remove(child)
         self._implicit.setdefault(owner.node_name, []).append(child)
 
+    def add_user(self, node: BlockNode) -> None:
+        """Record that an export (or the like) works on ``node``."""
+        self._users[node.node_name] = self._users.get(node.node_name, 0) + 1
+
+    def in_use(self, node: BlockNode) -> bool:
+        return node.node_name in self._users
+
+    async def remove_user(self, node: BlockNode) -> None:
+        """Undo :meth:`add_user`; an orphan without users left is closed now."""
+        name = node.node_name
+        left = self._users.get(name, 0) - 1
+        if left > 0:
+            self._users[name] = left
+            return
+        self._users.pop(name, None)
+        if name in self._orphans and self._nodes.get(name) is node and not self.parents(node):
+            self._orphans.discard(name)
+            await self.close_node(node)
+
     async def release(self, node: BlockNode) -> None:
         """Close ``node`` if it was opened implicitly and nothing refers to it any more.
 
@@ -231,6 +255,12 @@ class BlockGraph:
             and not self.parents(node)
             and self.blocker(node) is None
         ):
+            await self._close_unless_used(node)
+
+    async def _close_unless_used(self, node: BlockNode) -> None:
+        if self.in_use(node):
+            self._orphans.add(node.node_name)
+        else:
             await self.close_node(node)
 
     # -- teardown -------------------------------------------------------------------
@@ -242,13 +272,14 @@ class BlockGraph:
         """Close ``node`` and the children opened with it that nobody else uses."""
         self._nodes.pop(node.node_name, None)
         self._monitor_owned.discard(node.node_name)
+        self._orphans.discard(node.node_name)
         if node.backing is not None:
             self._forget_backing(node, node.backing)
         children = self._implicit.pop(node.node_name, [])
         await node.close()
         for child in children:
             if child.node_name in self._nodes and not self.parents(child):
-                await self.close_node(child)
+                await self._close_unless_used(child)
 
     async def close_all(self) -> None:
         """Close every node, parents before children so flushes go top-down."""

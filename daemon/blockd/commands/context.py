@@ -8,11 +8,11 @@ which the composition root (``blockd.app``) builds once.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from blockd.block.graph import BlockGraph
-from blockd.events import EventBus, EventSink
+from blockd.events import EventSink
 from blockd.export.exports import ExportRegistry
 from blockd.jobs.registry import JobRegistry
 
@@ -24,8 +24,8 @@ class CommandContext:
     jobs: JobRegistry
     #: Ask the daemon to stop once the current command has been answered.
     request_shutdown: Callable[[], None]
-    #: Block exports and the NBD server (``blockd.app`` passes one sharing ``events``).
-    exports: ExportRegistry = field(default_factory=lambda: ExportRegistry(EventBus()))
+    #: Block exports and the NBD server, sharing ``events`` and ``graph``.
+    exports: ExportRegistry
 
 
 Handler = Callable[[CommandContext, Mapping[str, Any]], Awaitable[Any]]

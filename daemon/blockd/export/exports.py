@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import trio
 
+from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
 from blockd.errors import BlockdError
 from blockd.events import BlockExportDeleted, EventSink
@@ -138,8 +139,9 @@ async def _call(prepare: Callable[[], Any] | None) -> None:
 class ExportRegistry:
     """Exports by id, plus the NBD server they are reached through."""
 
-    def __init__(self, events: EventSink) -> None:
+    def __init__(self, events: EventSink, graph: BlockGraph) -> None:
         self._events = events
+        self._graph = graph
         self._exports: dict[str, Export] = {}
         self._nursery: trio.Nursery | None = None
         self.server: Any = None  # blockd.export.server.NBDServer, set while running
@@ -198,6 +200,8 @@ class ExportRegistry:
             await _call(prepare)
             for export in exports:
                 export._node = new
+                self._graph.add_user(new)
+                await self._graph.remove_user(old)
         finally:
             for export, gate in held:
                 export.release(gate)
@@ -244,6 +248,7 @@ class ExportRegistry:
             allocation_depth=allocation_depth,
         )
         self._exports[export_id] = export
+        self._graph.add_user(node)
         log.info("export %s: node %s as NBD export %r", export_id, node.node_name, name)
         return export
 
@@ -277,7 +282,8 @@ class ExportRegistry:
                 for client in clients:
                     await client.wait_closed()
                 await export.drain()
-            self._exports.pop(export.id, None)
+                self._exports.pop(export.id, None)
+                await self._graph.remove_user(export.node)
             log.info("export %s deleted", export.id)
             self._events.emit(BlockExportDeleted(export.id))
             export.gone.set()
