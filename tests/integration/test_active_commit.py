@@ -422,3 +422,46 @@ def test_sigkill_during_active_commit_loses_nothing(disk: Disk) -> None:
     for image in ("base", "mid", "top"):
         check_consistent(d / f"{image}.qcow2")
     assert disk.matches(d / "top.qcow2")
+
+
+def read_only_io(uri: str, command: str) -> str:
+    result = subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", command, uri],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0 and "failed" not in result.stdout, result
+    return result.stdout.splitlines()[0]
+
+
+def test_exported_intermediate_outlives_an_intermediate_commit(
+    tmp_path: Path, sock_dir: Path
+) -> None:
+    """mid, opened along with top's chain, is also exported: the commit drops it
+    from the chain, but the export keeps it open until the export goes."""
+    disk = serve(tmp_path, sock_dir, explicit=False)
+    try:
+        nodes = disk.execute("query-named-block-nodes", flat=True)["return"]
+        mid = next(
+            n["node-name"]
+            for n in nodes
+            if n["drv"] == "qcow2" and n["image"]["filename"].endswith("mid.qcow2")
+        )
+        export = {"type": "nbd", "id": "m", "node-name": mid, "name": "mid"}
+        assert disk.execute("block-export-add", **export) == {"return": {}}
+        mid_uri = f"nbd+unix:///mid?socket={disk.nbd_sock}"
+        before = read_only_io(mid_uri, "read -P 0x21 4M 2M")
+        disk.commit(**{"top-node": mid})
+        disk.qmp.wait_event("BLOCK_JOB_COMPLETED", device="j")
+        assert backing_of(tmp_path / "top.qcow2") == str(tmp_path / "base.qcow2")
+        names = [n["node-name"] for n in disk.execute("query-named-block-nodes")["return"]]
+        assert mid in names
+        assert read_only_io(mid_uri, "read -P 0x21 4M 2M") == before
+        assert disk.execute("block-export-del", id="m", mode="hard") == {"return": {}}
+        disk.qmp.wait_event("BLOCK_EXPORT_DELETED", id="m")
+        names = [n["node-name"] for n in disk.execute("query-named-block-nodes")["return"]]
+        assert mid not in names and "top" in names
+        disk.stop()
+    finally:
+        disk.qmp.close()
+        disk.daemon.stop()
+    for image in ("base", "mid", "top"):
+        check(tmp_path / f"{image}.qcow2")
+    assert disk.matches(tmp_path / "top.qcow2")
