@@ -357,7 +357,7 @@ def converse(
         if expected is not None:
             index = len(transcript) - 1
             want = expected[index] if index < len(expected) else None
-            assert entry == want, f"step {index} ({step}) differs"
+            assert entry == want, f"step {index} {step}\n got:  {entry}\n want: {want}"
 
     with RawQMP(daemon.socket_path) as client:
         client.negotiate()
@@ -387,7 +387,10 @@ def converse(
             reply = mask(client.execute(step.command, step.arguments), step.timing)
             if expected is not None and len(transcript) < len(expected):
                 # The reply first: a refused command would otherwise wait for its events.
-                assert reply == expected[len(transcript)][1], f"step {len(transcript)} ({step})"
+                want = expected[len(transcript)][1]
+                assert reply == want, (
+                    f"step {len(transcript)} {step}\n got:  {reply}\n want: {want}"
+                )
             if step.wait is not None:
                 name, data = step.wait
                 event = client.wait_event(name, **data)
@@ -452,9 +455,10 @@ def test_same_active_commit_conversation(tmp_path: Path, short_dir: Path, name: 
         assert backing_of(mine) == backing_of(theirs)
         check(theirs)
         check(mine)
-    # What the guest sees through top is the same; so is base, except after a cancel
-    # before READY (how much of the chain base got by then is timing).
-    compared = ("top", "mid") if name == "cancel before ready" else ("top", "mid", "base")
+    # What the guest sees through top is the same; so are base and mid (whose view
+    # shows base where mid is unallocated), except after a cancel before READY: which
+    # parts of the chain base got by then is timing.
+    compared = ("top",) if name == "cancel before ready" else ("top", "mid", "base")
     for image in compared:
         theirs, mine = tmp_path / "qsd" / f"{image}.qcow2", tmp_path / "blockd" / f"{image}.qcow2"
         qemu_img("compare", "-f", "qcow2", "-F", "qcow2", str(theirs), str(mine))
