@@ -103,3 +103,12 @@ def check_consistent(image: Path) -> dict[str, Any]:
     assert result.returncode in (0, 3), report  # 3: leaks only
     assert report.get("corruptions", 0) == 0, report
     return report
+
+
+def nbd_io(socket_path: Path, export: str, *commands: str) -> subprocess.CompletedProcess[str]:
+    """qemu-io (raw) against an NBD export on a Unix socket; the caller judges the result."""
+    argv = [require_tool("qemu-io"), "-f", "raw"]
+    for command in commands:
+        argv += ["-c", command]
+    uri = f"nbd+unix:///{export}?socket={socket_path}"
+    return subprocess.run([*argv, uri], capture_output=True, text=True, timeout=60)
