@@ -42,6 +42,9 @@ class BlockGraph:
         # its last user goes (QEMU's reference counting, for this one case).
         self._users: dict[str, int] = {}
         self._orphans: set[str] = set()
+        # Nodes whose users reach them through a job's filter for now (QEMU
+        # inserts one above an actively committed node): not "in use" directly.
+        self._covered: set[str] = set()
 
     # -- naming ---------------------------------------------------------------------
 
@@ -230,6 +233,17 @@ class BlockGraph:
 
     def in_use(self, node: BlockNode) -> bool:
         return node.node_name in self._users
+
+    def attached(self, node: BlockNode) -> bool:
+        """Whether a user works on ``node`` itself: ``blockdev-del`` says "in use"."""
+        return self.in_use(node) and node.node_name not in self._covered
+
+    def cover(self, node: BlockNode) -> None:
+        """Record that a job now stands between ``node`` and its users."""
+        self._covered.add(node.node_name)
+
+    def uncover(self, node: BlockNode) -> None:
+        self._covered.discard(node.node_name)
 
     async def remove_user(self, node: BlockNode) -> None:
         """Undo :meth:`add_user`; an orphan without users left is closed now."""

@@ -29,9 +29,9 @@ async def blockdev_del(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str
     node = graph.get(name)
     if node is None:
         raise BlockdError(f"Failed to find node with node-name='{name}'")
-    # QEMU's order: users (exports) first, then what holds the node, then
-    # ownership, then other parents.
-    if ctx.exports.exports_of(node):
+    # QEMU's order: users (exports, a job's target) first, then what holds
+    # the node, then ownership, then other parents.
+    if graph.attached(node):
         raise BlockdError(f"Node {name} is in use")
     reason = graph.deletion_blocker(node)
     if reason is not None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -107,6 +108,7 @@ class ActiveCommitJob(Job):
         self._dirty = DirtyBitmap(plan.top.size, granularity(plan.base))
         self._held: list[BlockNode] = []
         self._watching = False
+        self._using = False
         self._base_was_read_only = plan.base.read_only
         self._complete_requested = False
         self._pivoted = False
@@ -139,12 +141,25 @@ class ActiveCommitJob(Job):
         self._complete_requested = True
         self._kick()
 
+    def block_job_info(self) -> dict[str, Any]:
+        info = super().block_job_info()
+        if self.status is S.PENDING:
+            # QEMU's mirror keeps the chain drained from the end of its copying
+            # until it is finalized, and a drain counts as a pause there.
+            info["paused"] = True
+        return info
+
     async def setup(self) -> None:
         """Hold the nodes, open base read-write, start watching writes; undone by clean."""
         plan = self.plan
         for node in {id(n): n for n in (plan.top, *plan.intermediates, plan.base)}.values():
             self.graph.add_blocker(node, BLOCKER)
             self._held.append(node)
+        # As with QEMU's filter above top and its own handle on base:
+        # blockdev-del finds top busy and base in use.
+        self.graph.add_user(plan.base)
+        self.graph.cover(plan.top)
+        self._using = True
         try:
             await plan.base.reopen(read_only=False)
         except BaseException:
@@ -260,6 +275,10 @@ class ActiveCommitJob(Job):
             self.graph.remove_blocker(node, BLOCKER)
         self._held.clear()
         base = self.plan.base
+        if self._using:
+            self._using = False
+            self.graph.uncover(self.plan.top)
+            await self.graph.remove_user(base)
         # After the pivot base is the active image and stays writable, as in QEMU.
         if self._base_was_read_only and not self._pivoted and not base.closed:
             await base.reopen(read_only=True)

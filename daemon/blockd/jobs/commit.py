@@ -84,6 +84,7 @@ class CommitJob(Job):
         self.graph = graph
         self.plan = plan
         self._held: list[BlockNode] = []
+        self._used: list[BlockNode] = []
         self._base_was_read_only = plan.base.read_only
         self._overlay_was_read_only = plan.overlay.read_only
         self._copy = ChainCopy(graph, plan.top, plan.base)
@@ -102,6 +103,11 @@ class CommitJob(Job):
         for node in self._nodes():
             self.graph.add_blocker(node, BLOCKER)
             self._held.append(node)
+        # Like QEMU's commit job, the job works on top and base directly:
+        # blockdev-del calls them in use.
+        for node in (self.plan.top, self.plan.base):
+            self.graph.add_user(node)
+            self._used.append(node)
         try:
             await self.plan.base.reopen(read_only=False)
         except BaseException:
@@ -194,6 +200,9 @@ class CommitJob(Job):
     async def clean(self) -> None:
         for node in list(self._held):
             self._release_hold(node)
+        while self._used:
+            # an intermediate the commit dropped from the chain is closed here
+            await self.graph.remove_user(self._used.pop())
         base = self.plan.base
         if self._base_was_read_only and not base.read_only and not base.closed:
             await base.reopen(read_only=True)
