@@ -91,11 +91,11 @@ def make_chain(d: Path) -> tuple[Path, Path, Path]:
     return base, mid, top
 
 
-def add_chain(qmp: RawQMP, d: Path, *, base_file: dict[str, Any] | None = None) -> None:
+def add_chain(qmp: RawQMP, d: Path, *, files: dict[str, dict[str, Any]] | None = None) -> None:
+    """The explicit chain; ``files`` replaces the file child of the images it names."""
     for name, backing, ro in (("base", None, True), ("mid", "base", True), ("top", "mid", False)):
         file: dict[str, Any] = {"driver": "file", "filename": str(d / f"{name}.qcow2")}
-        if name == "base" and base_file is not None:
-            file = base_file
+        file = (files or {}).get(name, file)
         args = {"driver": "qcow2", "node-name": name, "read-only": ro, "backing": backing}
         assert qmp.execute("blockdev-add", {**args, "file": file}) == {"return": {}}
 
@@ -275,38 +275,60 @@ def test_manual_finalize_copies_what_was_written_while_pending(disk: Disk) -> No
     assert disk.matches(d / "base.qcow2")
 
 
-@pytest.mark.parametrize(("policy", "action"), [("stop", "stop"), ("report", "report")])
-def test_write_error_on_base(tmp_path: Path, sock_dir: Path, policy: str, action: str) -> None:
-    file = {"driver": "file", "filename": str(tmp_path / "base.qcow2")}
-    rule = {"event": "write_aio", "errno": 5, "once": True}
+@pytest.mark.parametrize(
+    ("where", "event", "errno", "policy", "action", "io_status"),
+    [
+        ("base", "write_aio", 5, "stop", "stop", "failed"),
+        ("base", "write_aio", 28, "enospc", "stop", "nospace"),
+        ("base", "write_aio", 5, "report", "report", None),
+        ("base", "write_aio", 5, "ignore", "ignore", None),
+        ("mid", "read_aio", 5, "stop", "stop", "failed"),
+    ],
+)
+def test_io_errors_follow_on_error(
+    tmp_path: Path,
+    sock_dir: Path,
+    where: str,
+    event: str,
+    errno: int,
+    policy: str,
+    action: str,
+    io_status: str | None,
+) -> None:
+    file = {"driver": "file", "filename": str(tmp_path / f"{where}.qcow2")}
+    rule = {"event": event, "errno": errno, "once": True}
+    if where == "mid":
+        rule["sector"] = 4 * MiB // 512  # mid's data, which the commit reads
     blkdebug = {"driver": "blkdebug", "image": file, "inject-error": [rule]}
-    disk = serve(tmp_path, sock_dir, base_file=blkdebug)
+    disk = serve(tmp_path, sock_dir, files={where: blkdebug})
+    operation = "write" if event == "write_aio" else "read"
     try:
         disk.commit(**{"on-error": policy})
         error = disk.qmp.wait_event("BLOCK_JOB_ERROR", device="j")
-        assert error["data"] == {"device": "j", "operation": "write", "action": action}
-        if action == "stop":
-            disk.qmp.wait_event("JOB_STATUS_CHANGE", id="j", status="paused")
-            assert disk.job()["io-status"] == "failed"
-            disk.write(5 * MiB, 1 * MiB, 0x91)  # the guest goes on meanwhile
-            assert disk.execute("block-job-resume", device="j") == {"return": {}}
+        assert error["data"] == {"device": "j", "operation": operation, "action": action}
+        if action == "report":
+            done = disk.qmp.wait_event("BLOCK_JOB_COMPLETED", device="j")
+            assert done["data"]["error"] == "Input/output error"
+            assert disk.export_node() == "top"
+            assert disk.ro("base") is True
+        else:
+            if action == "stop":
+                disk.qmp.wait_event("JOB_STATUS_CHANGE", id="j", status="paused")
+                assert disk.job()["io-status"] == io_status
+                disk.write(5 * MiB, 1 * MiB, 0x91)  # the guest goes on meanwhile
+                assert disk.execute("block-job-resume", device="j") == {"return": {}}
             disk.qmp.wait_event("BLOCK_JOB_READY", device="j")
             assert disk.execute("block-job-complete", device="j") == {"return": {}}
             done = disk.qmp.wait_event("BLOCK_JOB_COMPLETED", device="j")
             assert "error" not in done["data"]
             assert disk.export_node() == "base"
-        else:
-            done = disk.qmp.wait_event("BLOCK_JOB_COMPLETED", device="j")
-            assert done["data"]["error"] == "Input/output error"
-            assert disk.export_node() == "top"
-            assert disk.ro("base") is True
         disk.stop()
     finally:
         disk.qmp.close()
         disk.daemon.stop()
     for image in ("base", "mid", "top"):
         check(tmp_path / f"{image}.qcow2")
-    assert disk.matches(tmp_path / ("base.qcow2" if action == "stop" else "top.qcow2"))
+    assert disk.matches(tmp_path / ("top.qcow2" if action == "report" else "base.qcow2"))
 
 
 def test_header_chain_pivot_then_delete_the_old_top(tmp_path: Path, sock_dir: Path) -> None:
