@@ -10,8 +10,9 @@ base in sync until the client decides:
   (new requests wait, those in flight finish), what is still dirty is copied,
   base is flushed, and the exports resume on base.  No request is lost or
   reordered, and base never serves a byte it does not hold.
-* a soft cancel (``block-job-cancel`` without force, READY only): base is left
-  as a consistent copy and the exports stay where they are.
+* a soft cancel (``block-job-cancel`` without force, READY only): the same
+  final copy with the exports held, so base is a consistent copy of the
+  disk, but they stay where they are.
 * a forced cancel: nothing changes for the guest; base keeps what was copied,
   which nothing reads through the chain differently from before.
 
@@ -57,7 +58,8 @@ READY_POLL = 0.1
 _SCAN_BATCH = 256
 
 #: Moves every user of a node onto another at one moment: (old, new, prepare),
-#: ``prepare`` running while nothing is in flight (the export registry's).
+#: ``prepare`` running while nothing is in flight (the export registry's); with
+#: new = old it only holds the users while ``prepare`` runs.
 Pivot = Callable[[BlockNode, BlockNode, Callable[[], Awaitable[None]]], Awaitable[object]]
 
 
@@ -260,8 +262,9 @@ class ActiveCommitJob(Job):
     async def prepare(self) -> None:
         top, base = self.plan.top, self.plan.base
         if self.cancelled:
-            # A soft cancel: base keeps a consistent copy, nobody moves.
-            await base.flush()
+            # A soft cancel: base gets a consistent copy of the moment the
+            # users are held, and they go on with top.
+            await self._pivot(top, top, self._final_sync)
             return
         await self._pivot(top, base, self._final_sync)
         self._pivoted = True
