@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,14 +121,20 @@ def serve(d: Path, sock_dir: Path, *, explicit: bool = True, **chain_options: An
     return Disk(d, daemon, qmp, model, nbd_sock, f"nbd+unix:///disk?socket={nbd_sock}")
 
 
+@contextmanager
+def serving(d: Path, sock_dir: Path, **options: Any) -> Iterator[Disk]:
+    disk = serve(d, sock_dir, **options)
+    try:
+        yield disk
+    finally:
+        disk.qmp.close()
+        disk.daemon.stop()
+
+
 @pytest.fixture
 def disk(tmp_path: Path, sock_dir: Path) -> Iterator[Disk]:
-    d = serve(tmp_path, sock_dir)
-    try:
+    with serving(tmp_path, sock_dir) as d:
         yield d
-    finally:
-        d.qmp.close()
-        d.daemon.stop()
 
 
 def final_statuses(disk: Disk) -> list[str]:
@@ -300,9 +307,8 @@ def test_io_errors_follow_on_error(
     if where == "mid":
         rule["sector"] = 4 * MiB // 512  # mid's data, which the commit reads
     blkdebug = {"driver": "blkdebug", "image": file, "inject-error": [rule]}
-    disk = serve(tmp_path, sock_dir, files={where: blkdebug})
     operation = "write" if event == "write_aio" else "read"
-    try:
+    with serving(tmp_path, sock_dir, files={where: blkdebug}) as disk:
         disk.commit(**{"on-error": policy})
         error = disk.qmp.wait_event("BLOCK_JOB_ERROR", device="j")
         assert error["data"] == {"device": "j", "operation": operation, "action": action}
@@ -323,9 +329,6 @@ def test_io_errors_follow_on_error(
             assert "error" not in done["data"]
             assert disk.export_node() == "base"
         disk.stop()
-    finally:
-        disk.qmp.close()
-        disk.daemon.stop()
     for image in ("base", "mid", "top"):
         check(tmp_path / f"{image}.qcow2")
     assert disk.matches(tmp_path / ("top.qcow2" if action == "report" else "base.qcow2"))
@@ -333,8 +336,7 @@ def test_io_errors_follow_on_error(
 
 def test_header_chain_pivot_then_delete_the_old_top(tmp_path: Path, sock_dir: Path) -> None:
     """Base was opened with top's chain; it outlives top while the export uses it."""
-    disk = serve(tmp_path, sock_dir, explicit=False)
-    try:
+    with serving(tmp_path, sock_dir, explicit=False) as disk:
         disk.commit()
         disk.qmp.wait_event("BLOCK_JOB_READY", device="j")
         assert disk.execute("block-job-complete", device="j") == {"return": {}}
@@ -349,9 +351,6 @@ def test_header_chain_pivot_then_delete_the_old_top(tmp_path: Path, sock_dir: Pa
         disk.qmp.wait_event("BLOCK_EXPORT_DELETED", id="e")
         assert disk.execute("query-named-block-nodes")["return"] == []
         disk.stop()
-    finally:
-        disk.qmp.close()
-        disk.daemon.stop()
     check(tmp_path / "base.qcow2")
     assert disk.matches(tmp_path / "base.qcow2")
 
@@ -458,8 +457,7 @@ def test_exported_intermediate_outlives_an_intermediate_commit(
 ) -> None:
     """mid, opened along with top's chain, is also exported: the commit drops it
     from the chain, but the export keeps it open until the export goes."""
-    disk = serve(tmp_path, sock_dir, explicit=False)
-    try:
+    with serving(tmp_path, sock_dir, explicit=False) as disk:
         nodes = disk.execute("query-named-block-nodes", flat=True)["return"]
         mid = next(
             n["node-name"]
@@ -481,9 +479,6 @@ def test_exported_intermediate_outlives_an_intermediate_commit(
         names = [n["node-name"] for n in disk.execute("query-named-block-nodes")["return"]]
         assert mid not in names and "top" in names
         disk.stop()
-    finally:
-        disk.qmp.close()
-        disk.daemon.stop()
     for image in ("base", "mid", "top"):
         check(tmp_path / f"{image}.qcow2")
     assert disk.matches(tmp_path / "top.qcow2")

@@ -11,7 +11,7 @@ from blockd.commands.context import CommandContext
 from blockd.errors import BlockdError
 from blockd.jobs.active_commit import ActiveCommitJob, ActiveCommitPlan
 from blockd.jobs.commit import CommitJob, plan_commit
-from blockd.jobs.job import OnError
+from blockd.jobs.job import JobOptions, OnError
 
 
 async def query_jobs(ctx: CommandContext, args: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -108,7 +108,7 @@ async def block_commit(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str
         ctx.graph.check_new_name(filter_name)
     job_id = args.get("job-id", "")
     ctx.jobs.check_new_id(job_id)
-    options: dict[str, Any] = {
+    options: JobOptions = {
         "speed": max(args.get("speed", 0), 0),
         "on_error": OnError(args.get("on-error", "report")),
         "auto_finalize": args.get("auto-finalize", True),

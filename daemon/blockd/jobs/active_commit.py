@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Unpack
 
 import trio
 
@@ -37,7 +37,7 @@ from blockd.block.node import BlockNode
 from blockd.errors import BlockIOError
 from blockd.events import BlockJobReady, EventSink
 from blockd.jobs.copy import ChainCopy, CopyFailed
-from blockd.jobs.job import Job, OnError
+from blockd.jobs.job import Job, JobOptions
 from blockd.jobs.status import JobStatus
 
 log = logging.getLogger(__name__)
@@ -89,20 +89,9 @@ class ActiveCommitJob(Job):
         graph: BlockGraph,
         plan: ActiveCommitPlan,
         pivot: Pivot,
-        *,
-        speed: int = 0,
-        on_error: OnError = OnError.REPORT,
-        auto_finalize: bool = True,
-        auto_dismiss: bool = True,
+        **options: Unpack[JobOptions],
     ) -> None:
-        super().__init__(
-            job_id,
-            events,
-            speed=speed,
-            on_error=on_error,
-            auto_finalize=auto_finalize,
-            auto_dismiss=auto_dismiss,
-        )
+        super().__init__(job_id, events, **options)
         self.graph = graph
         self.plan = plan
         self._pivot = pivot

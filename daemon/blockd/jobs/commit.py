@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Unpack
 
 from blockd.block.drivers.qcow2 import header as hdr
 from blockd.block.drivers.qcow2.node import Qcow2Node
@@ -24,7 +25,7 @@ from blockd.errors import BlockError, BlockIOError, DeviceNotFound
 from blockd.events import EventSink
 from blockd.jobs.active_commit import ActiveCommitPlan
 from blockd.jobs.copy import ChainCopy, CopyFailed
-from blockd.jobs.job import Job, OnError
+from blockd.jobs.job import Job, JobOptions
 
 log = logging.getLogger(__name__)
 
@@ -67,20 +68,9 @@ class CommitJob(Job):
         events: EventSink,
         graph: BlockGraph,
         plan: CommitPlan,
-        *,
-        speed: int = 0,
-        on_error: OnError = OnError.REPORT,
-        auto_finalize: bool = True,
-        auto_dismiss: bool = True,
+        **options: Unpack[JobOptions],
     ) -> None:
-        super().__init__(
-            job_id,
-            events,
-            speed=speed,
-            on_error=on_error,
-            auto_finalize=auto_finalize,
-            auto_dismiss=auto_dismiss,
-        )
+        super().__init__(job_id, events, **options)
         self.graph = graph
         self.plan = plan
         self._held: list[BlockNode] = []

@@ -23,7 +23,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 import trio
 
@@ -53,6 +53,15 @@ class OnError(enum.StrEnum):
     ENOSPC = "enospc"
     STOP = "stop"
     AUTO = "auto"
+
+
+class JobOptions(TypedDict, total=False):
+    """What every job kind takes from its command (the QAPI common job options)."""
+
+    speed: int
+    on_error: OnError
+    auto_finalize: bool
+    auto_dismiss: bool
 
 
 class JobFailed(Exception):
