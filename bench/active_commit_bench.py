@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from qmp_client import QMP
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,57 +62,6 @@ json.dump({"last": last, "writes": seq, "seconds": elapsed, "max_ms": latencies[
 
 def run(*argv: str) -> str:
     return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-
-
-class QMP:
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(str(path))
-        self.buf = b""
-        self.events: list[dict[str, Any]] = []
-        self.read()
-        self.execute("qmp_capabilities")
-
-    def read(self) -> dict[str, Any]:
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError("QMP connection closed")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        message: dict[str, Any] = json.loads(line)
-        return message
-
-    def execute(self, command: str, **arguments: Any) -> Any:
-        request: dict[str, Any] = {"execute": command}
-        if arguments:
-            request["arguments"] = arguments
-        self.sock.sendall(json.dumps(request).encode())
-        while True:
-            message = self.read()
-            if "event" in message:
-                self.events.append(message)
-                continue
-            if "error" in message:
-                raise RuntimeError(f"{command}: {message['error']}")
-            return message["return"]
-
-    def wait_event(self, name: str, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        seen = 0
-        while time.monotonic() < deadline:
-            for event in self.events[seen:]:
-                if event["event"] == name:
-                    return event
-            seen = len(self.events)
-            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                self.events.append(self.read())
-            except TimeoutError:
-                break
-            finally:
-                self.sock.settimeout(None)
-        raise TimeoutError(f"no {name} within {timeout} s")
 
 
 def wait_socket(path: Path, proc: subprocess.Popen[bytes]) -> None:

@@ -11,8 +11,6 @@ ends.  Prints the latency distribution and the job's throughput.
 from __future__ import annotations
 
 import argparse
-import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -20,39 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from qmp_client import QMP
+
 MiB = 1 << 20
 
 
 def qemu_img(*args: str) -> None:
     subprocess.run(["qemu-img", *args], check=True, capture_output=True)
-
-
-class Client:
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(str(path))
-        self.buf = b""
-        self.events: list[dict[str, object]] = []
-        self.read()
-
-    def read(self) -> dict[str, object]:
-        while b"\r\n" not in self.buf:
-            self.buf += self.sock.recv(65536)
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        message: dict[str, object] = json.loads(line)
-        return message
-
-    def execute(self, command: str, arguments: dict[str, object] | None = None) -> object:
-        request: dict[str, object] = {"execute": command}
-        if arguments:
-            request["arguments"] = arguments
-        self.sock.sendall(json.dumps(request).encode())
-        while True:
-            message = self.read()
-            if "event" in message:
-                self.events.append(message)
-            else:
-                return message
 
 
 def main() -> int:
@@ -88,8 +60,7 @@ def main() -> int:
         try:
             while not sock.exists():
                 time.sleep(0.01)
-            client = Client(sock)
-            client.execute("qmp_capabilities")
+            client = QMP(sock)
             for name, backing, ro in (
                 ("base", None, True),
                 ("mid", "base", True),
@@ -97,22 +68,19 @@ def main() -> int:
             ):
                 client.execute(
                     "blockdev-add",
-                    {
-                        "driver": "qcow2",
-                        "node-name": name,
-                        "read-only": ro,
-                        "backing": backing,
-                        "file": {"driver": "file", "filename": str(d / f"{name}.qcow2")},
-                    },
+                    driver="qcow2",
+                    backing=backing,
+                    file={"driver": "file", "filename": str(d / f"{name}.qcow2")},
+                    **{"node-name": name, "read-only": ro},
                 )
             start = time.monotonic()
-            client.execute("block-commit", {"job-id": "j", "device": "top", "top-node": "mid"})
+            client.execute("block-commit", **{"job-id": "j", "device": "top", "top-node": "mid"})
             latencies = []
             while True:
                 t0 = time.monotonic()
                 reply = client.execute("query-block-jobs")
                 latencies.append(time.monotonic() - t0)
-                if not reply["return"]:  # type: ignore[index]
+                if not reply:
                     break
                 time.sleep(0.005)
             elapsed = time.monotonic() - start
