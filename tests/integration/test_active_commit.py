@@ -197,7 +197,11 @@ def test_soft_cancel_in_ready_completes_without_pivot(disk: Disk) -> None:
     done = disk.qmp.wait_event("BLOCK_JOB_COMPLETED", device="j")
     assert "error" not in done["data"]
     assert final_statuses(disk)[-5:] == [
-        "waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"
+        "waiting",
+        "pending",
+        "BLOCK_JOB_COMPLETED",
+        "concluded",
+        "null",
     ]
     assert disk.export_node() == "top"
     assert disk.ro("base") is True  # blockd restores the open mode (QSD 7.2 does not)
@@ -257,7 +261,13 @@ def test_pause_in_ready_is_standby_and_complete_waits_for_resume(disk: Disk) -> 
     assert disk.execute("block-job-resume", device="j") == {"return": {}}
     disk.qmp.wait_event("BLOCK_JOB_COMPLETED", device="j")
     assert final_statuses(disk)[4:] == [
-        "standby", "ready", "waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"
+        "standby",
+        "ready",
+        "waiting",
+        "pending",
+        "BLOCK_JOB_COMPLETED",
+        "concluded",
+        "null",
     ]
     assert disk.export_node() == "base"
     disk.stop()
@@ -482,3 +492,70 @@ def test_exported_intermediate_outlives_an_intermediate_commit(
     for image in ("base", "mid", "top"):
         check(tmp_path / f"{image}.qcow2")
     assert disk.matches(tmp_path / "top.qcow2")
+
+
+def start_export(
+    d: Path, sock_dir: Path, nodes: list[dict[str, Any]]
+) -> tuple[DaemonProcess, RawQMP, str]:
+    """blockd with ``nodes`` added in order and the last one exported as 'disk'."""
+    daemon = start_blockd(sock_dir / "qmp.sock")
+    qmp = RawQMP(sock_dir / "qmp.sock")
+    qmp.negotiate()
+    for node in nodes:
+        assert qmp.execute("blockdev-add", node) == {"return": {}}
+    nbd_sock = sock_dir / "nbd.sock"
+    addr = {"type": "unix", "data": {"path": str(nbd_sock)}}
+    assert qmp.execute("nbd-server-start", {"addr": addr}) == {"return": {}}
+    export = {"type": "nbd", "id": "e", "node-name": nodes[-1]["node-name"], "name": "disk",
+              "writable": True}  # fmt: skip
+    assert qmp.execute("block-export-add", export) == {"return": {}}
+    return daemon, qmp, f"nbd+unix:///disk?socket={nbd_sock}"
+
+
+def test_raw_base_smaller_than_top(tmp_path: Path, sock_dir: Path) -> None:
+    """A raw base (64 KiB granularity) shorter than top grows to top's size."""
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"\x5a" * (3 * MiB))
+    top = create(tmp_path / "top.qcow2", "8M")
+    qemu_io(top, "write -P 0x6b 2M 2M")
+    raw = {"driver": "raw", "node-name": "base", "read-only": True,
+           "file": {"driver": "file", "filename": str(base)}}  # fmt: skip
+    qcow2 = {"driver": "qcow2", "node-name": "top", "backing": "base",
+             "file": {"driver": "file", "filename": str(top)}}  # fmt: skip
+    daemon, qmp, uri = start_export(tmp_path, sock_dir, [raw, qcow2])
+    with qmp:
+        io(uri, "write -P 0x7c 6M 1M")
+        assert qmp.execute("block-commit", {"job-id": "j", "device": "top"}) == {"return": {}}
+        qmp.wait_event("BLOCK_JOB_READY", device="j")
+        io(uri, "write -P 0x7d 7M 4k")
+        assert qmp.execute("block-job-complete", {"device": "j"}) == {"return": {}}
+        qmp.wait_event("BLOCK_JOB_COMPLETED", device="j")
+        io(uri, "read -P 0x5a 0 2M", "read -P 0x6b 2M 2M", "read -P 0 4M 2M",
+           "read -P 0x7c 6M 1M", "read -P 0x7d 7M 4k")  # fmt: skip
+    daemon.stop()
+    assert base.stat().st_size == 8 * MiB
+    data = base.read_bytes()
+    assert data[: 2 * MiB] == b"\x5a" * (2 * MiB) and data[2 * MiB : 4 * MiB] == b"\x6b" * (2 * MiB)
+    assert (
+        data[4 * MiB : 6 * MiB] == bytes(2 * MiB)
+        and data[7 * MiB : 7 * MiB + 4096] == b"\x7d" * 4096
+    )
+
+
+def test_empty_top_is_ready_at_once(tmp_path: Path, sock_dir: Path) -> None:
+    base = create(tmp_path / "base.qcow2", "0")
+    top = create(tmp_path / "top.qcow2", "0", backing="base.qcow2")
+    daemon = start_blockd(sock_dir / "qmp.sock")
+    with RawQMP(sock_dir / "qmp.sock") as qmp:
+        qmp.negotiate()
+        args = {"driver": "qcow2", "node-name": "top",
+                "file": {"driver": "file", "filename": str(top)}}  # fmt: skip
+        assert qmp.execute("blockdev-add", args) == {"return": {}}
+        assert qmp.execute("block-commit", {"job-id": "j", "device": "top"}) == {"return": {}}
+        ready = qmp.wait_event("BLOCK_JOB_READY", device="j")
+        assert ready["data"]["len"] == 0 and ready["data"]["offset"] == 0
+        assert qmp.execute("block-job-complete", {"device": "j"}) == {"return": {}}
+        qmp.wait_event("BLOCK_JOB_COMPLETED", device="j")
+    daemon.stop()
+    check(base)
+    check(top)
