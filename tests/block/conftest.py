@@ -129,6 +129,8 @@ async def open_qcow2(
     opts: dict[str, Any] = {
         "driver": "qcow2",
         "read-only": read_only,
+        # discard requests carried out (a client-opened node ignores them by default)
+        "discard": "unmap",
         "file": {"driver": "file", "filename": str(path)},
     }
     if name is not None:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,7 +42,7 @@ class Served:
 
 
 def start_served(
-    sock_dir: Path, image: Path, *, writable: bool = True, name: str = "disk"
+    sock_dir: Path, image: Path, *, writable: bool = True, name: str = "disk", **node: Any
 ) -> Served:
     daemon = start_blockd(sock_dir / "qmp.sock")
     qmp = RawQMP(sock_dir / "qmp.sock")
@@ -53,6 +54,7 @@ def start_served(
             "driver": "qcow2",
             "node-name": "d",
             "file": {"driver": "file", "filename": str(image)},
+            **node,
         },
     ) == {"return": {}}
     assert qmp.execute(
@@ -500,3 +502,26 @@ def test_max_connections_holds_extra_clients_back(sock_dir: Path, tmp_path: Path
             del image
     finally:
         daemon.stop()
+
+
+@pytest.mark.parametrize("discard", [None, "ignore", "unmap"])
+def test_trim_follows_the_discard_option(
+    sock_dir: Path, tmp_path: Path, discard: str | None
+) -> None:
+    """As in QEMU, a node a client opens ignores discards unless opened with
+    ``discard: unmap``; TRIM succeeds either way."""
+    image = create(tmp_path / "disk.qcow2", str(SIZE))
+    options = {} if discard is None else {"discard": discard}
+    s = start_served(sock_dir, image, **options)
+    try:
+        io(s.uri(), "write -P 0x5e 0 1M", "discard 0 1M", "flush")
+        kept = discard != "unmap"
+        io(s.uri(), f"read -P {0x5E if kept else 0} 0 1M")
+        s.qmp.close()
+        s.daemon.stop()
+    finally:
+        s.qmp.close()
+        s.daemon.stop()
+    mapped = json.loads(qemu_img("map", "--output=json", str(image)))
+    assert mapped[0]["data"] is kept
+    check_image(image)

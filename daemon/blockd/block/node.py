@@ -73,6 +73,9 @@ class BlockNode:
         #: ``detect-zeroes``: "off", or write all-zero data as zero writes
         #: ("on"; "unmap" also lets the zeroed range be deallocated).
         self.detect_zeroes = "off"
+        #: ``discard``: whether discard requests are carried out ("unmap") or,
+        #: QEMU's default for a node a client opens, ignored ("ignore").
+        self.unmap = True
         self._write_observers: list[Callable[[int, int], None]] = []
 
     def __repr__(self) -> str:
@@ -257,10 +260,11 @@ class BlockNode:
                 self._written(offset, length)
 
     async def discard(self, offset: int, length: int) -> None:
-        """Advisory: afterwards the range reads as zeros or as the backing image."""
+        """Advisory: afterwards the range reads as zeros or as the backing image
+        (or, on a node opened with ``discard: ignore``, as before)."""
         self._check_request(offset, length)
         self._check_writable()
-        if length:
+        if length and self.unmap:
             try:
                 await self._do_discard(offset, length)
             finally:

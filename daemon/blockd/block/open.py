@@ -65,6 +65,7 @@ def _name(ctx: _Opening, options: dict[str, Any]) -> str:
 async def _open(ctx: _Opening, options: dict[str, Any], *, read_only: bool) -> BlockNode:
     node = await _open_driver(ctx, options, read_only=read_only)
     node.detect_zeroes = str(options.get("detect-zeroes", "off"))
+    node.unmap = options.get("discard", "ignore") == "unmap"
     return node
 
 
@@ -118,6 +119,9 @@ async def _child_ref(
     if isinstance(ref, dict):
         opts = dict(ref)
         opts.setdefault("read-only", read_only)
+        # As in QEMU, only the node a client names ignores discards by default:
+        # what lies below honours those its parent lets through.
+        opts.setdefault("discard", "unmap")
         if ctx.force_share:
             opts.setdefault("force-share", True)
         ctx.path.append(what)
@@ -222,7 +226,8 @@ async def _open_header_backing(ctx: _Opening, node: Qcow2Node) -> BlockNode:
         {
             "driver": fmt,
             "read-only": True,
-            "file": {"driver": "file", "filename": path, "read-only": True},
+            "discard": "unmap",
+            "file": {"driver": "file", "filename": path, "read-only": True, "discard": "unmap"},
         },
         read_only=True,
     )
