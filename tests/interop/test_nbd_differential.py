@@ -333,7 +333,11 @@ def wire_conversations(sock: str) -> list[Any]:
         (req(0, 0, 16, flags=2), 0),
         (req(6, 2 << 20, 65536, flags=0x10), 0),
         (req(6, 2 << 20, 65536, flags=0x12), 0),
+        (req(1, 3 << 20, 5, data=b"trim!"), 0),
         (req(4, 3 << 20, 65536), 0),
+        # the node was opened without discard: unmap, so TRIM leaves the data
+        (req(0, 3 << 20, 5), 0),
+        (req(7, 3 << 20, 65536), 0),
         (req(3), 0),
         (req(5, 0, 65536), 0),
         (req(1, 65536 * 5, 5, flags=1, data=b"hello"), 0),
