@@ -2,10 +2,11 @@
 """How fast blockd answers QMP while a commit copies at full speed.
 
 Builds base <- mid <- top (mid holds --fill of --size), starts an unthrottled
-intermediate commit, and times query-block-jobs round trips until the job
-ends.  Prints the latency distribution and the job's throughput.
+intermediate commit of mid (with --active: an active commit of top and mid,
+timed until READY), and times query-block-jobs round trips meanwhile.
+Prints the latency distribution and the job's throughput.
 
-    .venv/bin/python bench/qmp_latency.py [--size 1G] [--fill 0.5]
+    .venv/bin/python bench/qmp_latency.py [--size 1G] [--fill 0.5] [--active]
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="1G")
     parser.add_argument("--fill", type=float, default=0.5)
+    parser.add_argument("--active", action="store_true", help="commit the active layer")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="blockd-lat-") as scratch:
         d = Path(scratch)
@@ -74,13 +76,14 @@ def main() -> int:
                     **{"node-name": name, "read-only": ro},
                 )
             start = time.monotonic()
-            client.execute("block-commit", **{"job-id": "j", "device": "top", "top-node": "mid"})
+            top = {} if args.active else {"top-node": "mid"}
+            client.execute("block-commit", **{"job-id": "j", "device": "top", **top})
             latencies = []
             while True:
                 t0 = time.monotonic()
                 reply = client.execute("query-block-jobs")
                 latencies.append(time.monotonic() - t0)
-                if not reply:
+                if not reply or reply[0]["ready"]:
                     break
                 time.sleep(0.005)
             elapsed = time.monotonic() - start
