@@ -112,6 +112,10 @@ CANCEL = [
     ("block-commit", commit(**{"top-node": "mid"}), None),
     ("block-commit", {"job-id": "job1", "device": "top", "top-node": "mid"}, None),
     ("blockdev-del", {"node-name": "top"}, None),
+    # the job works on mid and base: "in use", not "busy"
+    ("blockdev-del", {"node-name": "mid"}, None),
+    ("blockdev-del", {"node-name": "base"}, None),
+    ("blockdev-del", {"node-name": "f-mid"}, None),
     ("block-job-complete", {"device": "job0"}, None),
     ("block-job-finalize", {"id": "job0"}, None),
     ("block-job-dismiss", {"id": "job0"}, None),
