@@ -561,6 +561,30 @@ def simple_reply(handle: int, error: int = 0, data: bytes = b"") -> bytes:
     return struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, error, handle) + data
 
 
+_SIMPLE = struct.Struct(">IIQ")
+_DATA_CHUNK = struct.Struct(">IHHQIQ")
+
+
+def data_reply_buffer(request: Request, structured: bool) -> bytearray:
+    """A successful READ's whole reply with room for the data at its end.
+
+    The data is read straight into the last ``request.length`` bytes, so the
+    reply is never copied to put a header in front of it.  With structured
+    replies it is the single OFFSET_DATA chunk QEMU sends for data (and for
+    ``DF``).
+    """
+    if not structured:
+        buf = bytearray(_SIMPLE.size + request.length)
+        _SIMPLE.pack_into(buf, 0, SIMPLE_REPLY_MAGIC, 0, request.handle)
+        return buf
+    buf = bytearray(_DATA_CHUNK.size + request.length)
+    _DATA_CHUNK.pack_into(
+        buf, 0, STRUCTURED_REPLY_MAGIC, CHUNK_DONE, Chunk.OFFSET_DATA, request.handle,
+        8 + request.length, request.offset,
+    )
+    return buf
+
+
 def chunk(handle: int, kind: int, payload: bytes, done: bool) -> bytes:
     header = struct.pack(
         ">IHHQI", STRUCTURED_REPLY_MAGIC, CHUNK_DONE if done else 0, kind, handle, len(payload)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import trio
 
+from blockd.block.drivers.file import DirectJob, run_direct
 from blockd.block.node import BlockNode, Status
 from blockd.errors import BlockdError, BlockIOError
 from blockd.export import protocol as p
@@ -37,6 +38,13 @@ MAX_EXTENTS = 1024
 _RECEIVE_SIZE = 256 * 1024
 #: Replies queued together are sent in one write, up to about this many bytes.
 _COALESCE_BYTES = 256 * 1024
+#: A reply at least this big is sent by itself rather than copied into a bigger write.
+_SEND_ALONE = 64 * 1024
+#: Requests received together go to one worker-thread call, up to about this many bytes.
+_BATCH_BYTES = 1024 * 1024
+
+#: Replies queued together: whole frames, sent in order.
+Frames = list[bytes | bytearray]
 
 _ERRNO_TO_NBD = {
     errno_module.EPERM: p.EPERM,
@@ -142,6 +150,35 @@ async def sparse_read(node: BlockNode, offset: int, length: int) -> list[tuple[i
     return out
 
 
+def _batchable(client: _Client, request: p.Request) -> bool:
+    """Whether a request may go through :meth:`NBDServer._batch`: plain reads and
+    writes (a FUA write or a write-through export needs its flush)."""
+    if request.type == p.Cmd.READ:
+        return request.length > 0
+    return (
+        request.type == p.Cmd.WRITE
+        and request.length > 0
+        and not request.flags & p.CmdFlag.FUA
+        and client.export is not None
+        and not client.export.writethrough
+    )
+
+
+async def _send_frames(stream: trio.abc.Stream, frames: Frames) -> None:
+    """Send replies in as few writes as possible without copying big ones."""
+    small: list[bytes | bytearray] = []
+    for frame in frames:
+        if len(frame) >= _SEND_ALONE:
+            if small:
+                await stream.send_all(small[0] if len(small) == 1 else b"".join(small))
+                small = []
+            await stream.send_all(frame)
+        else:
+            small.append(frame)
+    if small:
+        await stream.send_all(small[0] if len(small) == 1 else b"".join(small))
+
+
 def _has_fast_zeroes(node: BlockNode) -> bool:
     return type(node)._do_write_zeroes is not BlockNode._do_write_zeroes
 
@@ -152,7 +189,7 @@ class _Client:
         self.stream = stream
         self.scope = trio.CancelScope()
         self.closed = trio.Event()
-        self.outbox, self.outbox_reader = trio.open_memory_channel[bytes](MAX_INFLIGHT * 2)
+        self.outbox, self.outbox_reader = trio.open_memory_channel[Frames](MAX_INFLIGHT * 2)
         self.slots = trio.Semaphore(MAX_INFLIGHT)
         self.export: Export | None = None
         self.structured = False
@@ -271,55 +308,144 @@ class NBDServer:
             await client.slots.acquire()
 
     async def _read(self, client: _Client, conn: p.NBDConnection, nursery: trio.Nursery) -> None:
-        while True:
-            data = await client.stream.receive_some(_RECEIVE_SIZE)
-            if not data:
-                return
-            events = conn.receive_data(data)
-            reply = conn.data_to_send()
-            if reply:
-                await client.outbox.send(reply)
-            for event in events:
-                if isinstance(event, p.Closed):
+        batch: list[p.Request] = []
+        batch_bytes = 0
+        try:
+            while True:
+                data = await client.stream.receive_some(_RECEIVE_SIZE)
+                if not data:
                     return
-                if isinstance(event, p.Negotiated):
-                    export = self._registry.by_name(event.export.name)
-                    if export is None:
+                events = conn.receive_data(data)
+                reply = conn.data_to_send()
+                if reply:
+                    await client.outbox.send([reply])
+                for event in events:
+                    if isinstance(event, p.Closed):
                         return
-                    client.export = export
-                    client.structured = event.structured
-                    client.contexts = event.contexts
-                    client.size = event.export.size
-                    export.clients.add(client)
-                    continue
-                await client.slots.acquire()
-                nursery.start_soon(self._request, client, event)
+                    if isinstance(event, p.Negotiated):
+                        export = self._registry.by_name(event.export.name)
+                        if export is None:
+                            return
+                        client.export = export
+                        client.structured = event.structured
+                        client.contexts = event.contexts
+                        client.size = event.export.size
+                        export.clients.add(client)
+                        continue
+                    try:
+                        client.slots.acquire_nowait()
+                    except trio.WouldBlock:
+                        # what is batched holds slots too: start it before waiting
+                        if batch:
+                            nursery.start_soon(self._batch, client, batch, nursery)
+                            batch, batch_bytes = [], 0
+                        await client.slots.acquire()
+                    if not _batchable(client, event):
+                        nursery.start_soon(self._request, client, event)
+                        continue
+                    batch.append(event)
+                    batch_bytes += event.length
+                    if batch_bytes >= _BATCH_BYTES:
+                        nursery.start_soon(self._batch, client, batch, nursery)
+                        batch, batch_bytes = [], 0
+                if batch:
+                    nursery.start_soon(self._batch, client, batch, nursery)
+                    batch, batch_bytes = [], 0
+        finally:
+            if batch:
+                nursery.start_soon(self._batch, client, batch, nursery)
 
     async def _write(self, client: _Client) -> None:
         try:
-            async for frame in client.outbox_reader:
+            async for group in client.outbox_reader:
                 # Coalesce the replies that are already waiting into one send.
-                frames = [frame]
-                size = len(frame)
+                frames = list(group)
+                size = sum(map(len, frames))
                 while size < _COALESCE_BYTES:
                     try:
                         more = client.outbox_reader.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                    frames.append(more)
-                    size += len(more)
-                await client.stream.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
+                    frames.extend(more)
+                    size += sum(map(len, more))
+                await _send_frames(client.stream, frames)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             client.scope.cancel()
 
     async def _request(self, client: _Client, request: p.Request) -> None:
         try:
             frames = await self._run(client, request)
-            await client.outbox.send(frames)
+            await client.outbox.send([frames])
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
             client.slots.release()
+
+    async def _batch(
+        self, client: _Client, requests: list[p.Request], nursery: trio.Nursery
+    ) -> None:
+        """Run the READs and WRITEs that :meth:`BlockNode.direct_io` resolves in
+        one worker call; hand the others to :meth:`_request`.
+
+        Each request holds one slot until its reply is queued.
+        """
+        export = client.export
+        assert export is not None
+        frames: Frames = []
+        held = len(requests)
+        try:
+            async with export.use() as node:
+                # Once started, node I/O is never cut short by a disconnect.
+                with trio.CancelScope(shield=True):
+                    jobs: list[DirectJob] = []
+                    replies: list[tuple[p.Request, bytearray | None]] = []
+                    for request in requests:
+                        refusal = p.check_request(
+                            request, client.size, export.writable, client.structured,
+                            client.contexts,
+                        )
+                        if refusal is not None:
+                            frames.append(p.error_reply(
+                                request.handle, client.structured, refusal.error, refusal.message
+                            ))
+                            continue
+                        write = request.type == p.Cmd.WRITE
+                        io = node.direct_io(request.offset, request.length, write)
+                        if io is None:
+                            held -= 1
+                            nursery.start_soon(self._request, client, request)
+                            continue
+                        if write:
+                            jobs.append((io, True, memoryview(request.data)))
+                            replies.append((request, None))
+                        else:
+                            reply = p.data_reply_buffer(request, client.structured)
+                            jobs.append(
+                                (io, False, memoryview(reply)[len(reply) - request.length :])
+                            )
+                            replies.append((request, reply))
+                    if jobs:
+                        try:
+                            errors = await run_direct(jobs)
+                        finally:
+                            for io, _write, _buf in jobs:
+                                io.release()
+                        for (request, buf), err in zip(replies, errors, strict=True):
+                            if err is not None:
+                                frames.append(p.error_reply(
+                                    request.handle, client.structured, nbd_error(err), str(err)
+                                ))
+                            elif buf is not None:
+                                frames.append(buf)
+                            else:
+                                frames.append(p.simple_reply(request.handle))
+            if frames:
+                await client.outbox.send(frames)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            for _ in range(held):
+                client.slots.release()
 
     async def _run(self, client: _Client, request: p.Request) -> bytes:
         export = client.export

@@ -19,6 +19,7 @@ from typing import TypeVar
 
 import trio
 
+from blockd.block.direct import DirectIO
 from blockd.block.node import BlockNode, Status
 from blockd.errors import BlockIOError, ImageError
 
@@ -133,6 +134,38 @@ async def run_io(fn: Callable[[], T]) -> T:
         raise BlockIOError(exc.errno or errno.EIO) from exc
 
 
+#: One request of a :func:`run_direct` batch: where, which way, and the bytes
+#: (the source of a write, the destination of a read).
+DirectJob = tuple[DirectIO, bool, memoryview]
+
+
+def _direct_all(jobs: list[DirectJob]) -> list[OSError | None]:
+    errors: list[OSError | None] = []
+    for io, write, buf in jobs:
+        pos = 0
+        try:
+            for host, n in io.pieces:
+                if write:
+                    _pwrite_full(io.fd, host, buf[pos : pos + n])
+                else:
+                    _preadv_full(io.fd, host, buf[pos : pos + n])
+                pos += n
+        except OSError as exc:
+            errors.append(exc)
+        else:
+            errors.append(None)
+    return errors
+
+
+async def run_direct(jobs: list[DirectJob]) -> list[BlockIOError | None]:
+    """Run many resolved requests in one worker-thread call; each one's error or None.
+
+    One failing request does not stop the others: each has its own reply.
+    """
+    errors = await trio.to_thread.run_sync(_direct_all, jobs, limiter=IO_LIMITER)
+    return [None if e is None else BlockIOError(e.errno or errno.EIO) for e in errors]
+
+
 def _pread_full(fd: int, offset: int, length: int) -> bytes:
     """pread until ``length`` bytes; past EOF the file reads as zeros."""
     chunks: list[bytes] = []
@@ -159,7 +192,7 @@ def _preadv_full(fd: int, offset: int, view: memoryview) -> None:
         got += n
 
 
-def _pwrite_full(fd: int, offset: int, data: bytes) -> None:
+def _pwrite_full(fd: int, offset: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     done = 0
     while done < len(view):
@@ -475,6 +508,19 @@ class FileNode(BlockNode):
             if not self._inflight:
                 self._idle.set()
                 self._idle = trio.Event()
+
+    def hold_fd(self) -> int:
+        """The descriptor, kept open until :meth:`release_fd`, for I/O run by
+        :func:`run_direct` rather than through this node's own calls."""
+        self._check_open()
+        self._inflight += 1
+        return self._fd
+
+    def release_fd(self) -> None:
+        self._inflight -= 1
+        if not self._inflight:
+            self._idle.set()
+            self._idle = trio.Event()
 
     async def _drain(self) -> None:
         with trio.CancelScope(shield=True):

@@ -30,6 +30,7 @@ from typing import Any
 
 import trio
 
+from blockd.block.direct import DirectIO
 from blockd.block.drivers.file import FileNode
 from blockd.block.drivers.qcow2 import header as hdr
 from blockd.block.drivers.qcow2.compress import decompress_cluster
@@ -37,6 +38,7 @@ from blockd.block.drivers.qcow2.overlap import MetadataMap, MetaKind, OverlapErr
 from blockd.block.drivers.qcow2.refcount import Refcounts
 from blockd.block.drivers.qcow2.tables import (
     OFFSET_MASK,
+    OFLAG_COMPRESSED,
     OFLAG_COPIED,
     OFLAG_ZERO,
     ClusterKind,
@@ -394,6 +396,72 @@ class Qcow2Node(BlockNode):
                     part[:] = await self._read_extent(ext)
         finally:
             self._unpin(pinned)
+
+    def direct_io(self, offset: int, length: int, write: bool) -> DirectIO | None:
+        # Answered from memory in one go (no await), so the mapping cannot
+        # change half-way; no lock is needed for that.  The pins then keep
+        # the clusters from being freed until the caller's I/O is done,
+        # exactly as for a mapped read or in-place write.
+        file = self.file
+        if type(file) is not FileNode or self.closed or file.closed or length <= 0:
+            return None
+        cs = self.cluster_size
+        bits = self.cluster_bits
+        first = offset >> bits
+        last = (offset + length - 1) >> bits
+        if offset + length > self.size:
+            return None
+        if write and (
+            self.read_only
+            or self.corrupt
+            or self.detect_zeroes != "off"
+            # an allocation or a metadata change may be on its way to these
+            # clusters: the ordinary path waits for it, so it must decide
+            or self._lock.locked()
+            or (self._allocating and self._allocating_overlaps(first, last))
+        ):
+            return None
+        need = OFLAG_COPIED if write else 0
+        bad = OFLAG_COMPRESSED | OFLAG_ZERO | (cs - 1)
+        n_l2 = self.l2_entries
+        pieces: list[tuple[int, int]] = []
+        clusters: list[int] = []
+        c = first
+        while c <= last:
+            l1_index, l2_index = divmod(c, n_l2)
+            if l1_index >= len(self._l1):
+                return None
+            table = self._l2.get(self._l1[l1_index] & OFFSET_MASK)
+            if table is None:
+                return None
+            stop = min(last + 1, (l1_index + 1) * n_l2)
+            for entry in table[l2_index : l2_index + stop - c]:
+                host = entry & OFFSET_MASK
+                if not host or entry & bad or entry & need != need:
+                    return None
+                lo = max(offset, c << bits)
+                hi = min(offset + length, (c + 1) << bits)
+                start = host + lo - (c << bits)
+                if pieces and pieces[-1][0] + pieces[-1][1] == start:
+                    pieces[-1] = (pieces[-1][0], pieces[-1][1] + hi - lo)
+                else:
+                    pieces.append((start, hi - lo))
+                clusters.append(host >> bits)
+                c += 1
+        if write:
+            try:
+                for start, n in pieces:
+                    self._meta.check(start, n, None)
+            except OverlapError:
+                return None  # the ordinary path marks the image corrupt
+        self._pin(clusters)
+        fd = file.hold_fd()
+
+        def release() -> None:
+            file.release_fd()
+            self._unpin(clusters)
+
+        return DirectIO(fd, pieces, release)
 
     async def _do_block_status(self, offset: int, length: int) -> tuple[Status, int]:
         # Walk the L2 entries from offset and stop at the first change, so a
