@@ -1,8 +1,10 @@
 """The ``file`` protocol driver: a host file accessed with positional I/O.
 
-Every blocking call runs in a worker thread under one shared
-``trio.CapacityLimiter`` so a busy copy never stalls the event loop and the
-number of threads stays bounded however many nodes are open.
+Every blocking call runs in one of the shared worker threads of
+:mod:`blockd.block.workers`, so a busy copy never stalls the event loop and
+the number of threads stays bounded however many nodes are open.  The one
+exception is :func:`read_cached`, which only copies what the page cache
+already holds and is refused by the kernel rather than wait for the disk.
 """
 
 from __future__ import annotations
@@ -19,14 +21,12 @@ from typing import TypeVar
 
 import trio
 
+from blockd.block import workers
 from blockd.block.direct import DirectIO
 from blockd.block.node import BlockNode, Status
 from blockd.errors import BlockIOError, ImageError
 
 T = TypeVar("T")
-
-#: Shared by every file node: bounds the worker threads doing disk I/O.
-IO_LIMITER = trio.CapacityLimiter(16)
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -129,7 +129,7 @@ _start_writeback = _load_sync_file_range()
 async def run_io(fn: Callable[[], T]) -> T:
     """Run one blocking call in a worker thread; OSError becomes BlockIOError."""
     try:
-        return await trio.to_thread.run_sync(fn, limiter=IO_LIMITER)
+        return await workers.run(fn)
     except OSError as exc:
         raise BlockIOError(exc.errno or errno.EIO) from exc
 
@@ -162,8 +162,32 @@ async def run_direct(jobs: list[DirectJob]) -> list[BlockIOError | None]:
 
     One failing request does not stop the others: each has its own reply.
     """
-    errors = await trio.to_thread.run_sync(_direct_all, jobs, limiter=IO_LIMITER)
+    errors = await workers.run(lambda: _direct_all(jobs))
     return [None if e is None else BlockIOError(e.errno or errno.EIO) for e in errors]
+
+
+_RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
+
+
+def read_cached(io: DirectIO, buf: memoryview) -> bool:
+    """Fill ``buf`` from ``io`` if the page cache holds all of it; False if not.
+
+    ``RWF_NOWAIT`` makes the kernel refuse (EAGAIN, or a short count) instead
+    of waiting for the disk, so this may run on the event loop: a small read
+    of cached data costs a few microseconds, far less than a thread round
+    trip.  On False the caller reads through :func:`run_direct`.
+    """
+    if _RWF_NOWAIT is None:
+        return False
+    pos = 0
+    try:
+        for host, n in io.pieces:
+            if os.preadv(io.fd, [buf[pos : pos + n]], host, _RWF_NOWAIT) != n:
+                return False
+            pos += n
+    except OSError:
+        return False
+    return True
 
 
 def _pread_full(fd: int, offset: int, length: int) -> bytes:
@@ -297,7 +321,7 @@ class FileNode(BlockNode):
     async def _open_fd(filename: str, read_only: bool) -> int:
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
         try:
-            fd = await trio.to_thread.run_sync(os.open, filename, flags, limiter=IO_LIMITER)
+            fd = await workers.run(lambda: os.open(filename, flags))
         except OSError as exc:
             raise ImageError(
                 f"Could not open '{filename}': {os.strerror(exc.errno or errno.EIO)}"
