@@ -263,6 +263,16 @@ def _zero_fill(fd: int, offset: int, length: int) -> None:
         done += n
 
 
+class _FlushRun:
+    """One fdatasync in progress; it covers the flush calls numbered up to ``covers``."""
+
+    def __init__(self, covers: int) -> None:
+        self.covers = covers
+        self.done = trio.Event()
+        self.error: BlockIOError | None = None
+        self.aborted = False
+
+
 class FileNode(BlockNode):
     """A host file; growable, because format drivers allocate past its end."""
 
@@ -289,6 +299,8 @@ class FileNode(BlockNode):
         self._idle = trio.Event()
         self._writeback_busy = False
         self._writeback_next: tuple[int, int] | None = None
+        self._flush_calls = 0
+        self._flush_run: _FlushRun | None = None
 
     @classmethod
     async def open(
@@ -488,8 +500,32 @@ class FileNode(BlockNode):
         return await self._io(probe)
 
     async def _do_flush(self) -> None:
+        # Group commit: one fdatasync covers every write completed before it
+        # started, so callers that arrive while one runs share the next one
+        # instead of queueing a sync each (parallel allocating writes all flush).
+        self._flush_calls += 1
+        mine = self._flush_calls
+        while (run := self._flush_run) is not None:
+            await run.done.wait()
+            if not run.aborted and run.covers >= mine:
+                if run.error is not None:
+                    raise BlockIOError(run.error.errno, str(run.error)) from run.error
+                return
+        run = _FlushRun(self._flush_calls)
+        self._flush_run = run
         fd = self._fd
-        await self._io(lambda: os.fdatasync(fd))
+        try:
+            await self._io(lambda: os.fdatasync(fd))
+        except BlockIOError as exc:
+            # the error is reported once per descriptor: later syncs would pass
+            run.error = exc
+            raise
+        except BaseException:
+            run.aborted = True  # cancelled before it ran: the waiters try again
+            raise
+        finally:
+            self._flush_run = None
+            run.done.set()
 
     async def _do_truncate(self, size: int) -> None:
         fd = self._fd
