@@ -15,6 +15,7 @@ half, and an acknowledged FUA write or FLUSH has been flushed to disk first.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno as errno_module
 import logging
@@ -42,6 +43,8 @@ _COALESCE_BYTES = 256 * 1024
 _SEND_ALONE = 64 * 1024
 #: Requests received together go to one worker-thread call, up to about this many bytes.
 _BATCH_BYTES = 1024 * 1024
+#: Batch tasks per client, each waiting on one worker-thread call at a time.
+_MAX_BATCHES = 2
 #: Reads up to this size are served from the page cache on the event loop when they can.
 _INLINE_READ = 64 * 1024
 
@@ -193,6 +196,9 @@ class _Client:
         self.closed = trio.Event()
         self.outbox, self.outbox_reader = trio.open_memory_channel[Frames](MAX_INFLIGHT * 2)
         self.slots = trio.Semaphore(MAX_INFLIGHT)
+        #: requests waiting for a batch task (see NBDServer._queue_batch)
+        self.pending: collections.deque[p.Request] = collections.deque()
+        self.batchers = 0
         self.export: Export | None = None
         self.structured = False
         self.contexts: dict[int, str] = {}
@@ -355,7 +361,7 @@ class NBDServer:
                     batch, batch_bytes = [], 0
         finally:
             if batch:
-                nursery.start_soon(self._batch, client, batch, nursery)
+                self._queue_batch(client, batch, nursery)
 
     async def _write(self, client: _Client) -> None:
         try:
@@ -425,7 +431,7 @@ class NBDServer:
                     else:
                         rest.append(request)
             if rest:
-                nursery.start_soon(self._batch, client, rest, nursery)
+                self._queue_batch(client, rest, nursery)
             if frames:
                 try:
                     client.outbox.send_nowait(frames)
@@ -434,6 +440,33 @@ class NBDServer:
         finally:
             for _ in range(len(requests) - len(rest)):
                 client.slots.release()
+
+    def _queue_batch(
+        self, client: _Client, requests: list[p.Request], nursery: trio.Nursery
+    ) -> None:
+        """Queue requests for :meth:`_batch`, run by at most :data:`_MAX_BATCHES` tasks.
+
+        While those are busy in worker threads, newly received requests
+        accumulate, so under load each thread call carries many of them
+        instead of each paying its own round trip.
+        """
+        client.pending.extend(requests)
+        if client.batchers < _MAX_BATCHES:
+            client.batchers += 1
+            nursery.start_soon(self._run_batches, client, nursery)
+
+    async def _run_batches(self, client: _Client, nursery: trio.Nursery) -> None:
+        pending = client.pending
+        try:
+            while pending:
+                take = [pending.popleft()]
+                size = take[0].length
+                while pending and size + pending[0].length <= _BATCH_BYTES:
+                    size += pending[0].length
+                    take.append(pending.popleft())
+                await self._batch(client, take, nursery)
+        finally:
+            client.batchers -= 1
 
     async def _batch(
         self, client: _Client, requests: list[p.Request], nursery: trio.Nursery
