@@ -297,6 +297,7 @@ class FileNode(BlockNode):
         self.force_share = force_share
         self._inflight = 0
         self._idle = trio.Event()
+        self._draining = 0  # tasks waiting for _idle
         self._writeback_busy = False
         self._writeback_next: tuple[int, int] | None = None
         self._flush_calls = 0
@@ -404,10 +405,7 @@ class FileNode(BlockNode):
             await self._io(copy_all)
         finally:
             for src in sources:
-                src._inflight -= 1
-                if not src._inflight:
-                    src._idle.set()
-                    src._idle = trio.Event()
+                src.release_fd()
         lo = min(off for _f, _s, off, _n in jobs)
         hi = max(off + n for _f, _s, off, n in jobs)
         self._size = max(self._size, hi)
@@ -442,10 +440,7 @@ class FileNode(BlockNode):
 
         def done() -> None:
             self._writeback_busy = False
-            self._inflight -= 1
-            if not self._inflight:
-                self._idle.set()
-                self._idle = trio.Event()
+            self.release_fd()
             if not self.closed:
                 self._writeback_kick()
 
@@ -564,10 +559,7 @@ class FileNode(BlockNode):
         try:
             return await run_io(fn)
         finally:
-            self._inflight -= 1
-            if not self._inflight:
-                self._idle.set()
-                self._idle = trio.Event()
+            self.release_fd()
 
     def hold_fd(self) -> int:
         """The descriptor, kept open until :meth:`release_fd`, for I/O run by
@@ -578,14 +570,18 @@ class FileNode(BlockNode):
 
     def release_fd(self) -> None:
         self._inflight -= 1
-        if not self._inflight:
+        if not self._inflight and self._draining:
             self._idle.set()
             self._idle = trio.Event()
 
     async def _drain(self) -> None:
         with trio.CancelScope(shield=True):
             while self._inflight:
-                await self._idle.wait()
+                self._draining += 1
+                try:
+                    await self._idle.wait()
+                finally:
+                    self._draining -= 1
 
     async def refresh_size(self) -> int:
         """Re-read the file length (someone else may have changed the file)."""

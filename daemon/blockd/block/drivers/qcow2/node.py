@@ -98,6 +98,7 @@ class Qcow2Node(BlockNode):
         self._allocating: list[tuple[int, int]] = []  # guest cluster spans being allocated
         self._allocation_done = trio.Event()
         self._unpinned = trio.Event()
+        self._unpin_waiters = 0
         #: guest cluster -> (entry, token, L2 table offset), see _defer_entries
         self._uncommitted: dict[int, tuple[int, int, int]] = {}
         self._commit_tokens = itertools.count()
@@ -359,12 +360,17 @@ class Qcow2Node(BlockNode):
                 self._pinned[c] = left
             else:
                 del self._pinned[c]
-        self._unpinned.set()
-        self._unpinned = trio.Event()
+        if self._unpin_waiters:  # an Event per unpin would cost more than the pin
+            self._unpinned.set()
+            self._unpinned = trio.Event()
 
     async def _wait_unpinned(self, clusters: list[int]) -> None:
         while any(c in self._pinned for c in clusters):
-            await self._unpinned.wait()
+            self._unpin_waiters += 1
+            try:
+                await self._unpinned.wait()
+            finally:
+                self._unpin_waiters -= 1
 
     async def _do_read(self, offset: int, length: int) -> bytes:
         # map under the lock (a consistent view of L2), copy data outside it
@@ -406,16 +412,20 @@ class Qcow2Node(BlockNode):
         # Answered from memory in one go (no await), so the mapping cannot
         # change half-way; no lock is needed for that.  The pins then keep
         # the clusters from being freed until the caller's I/O is done,
-        # exactly as for a mapped read or in-place write.
+        # exactly as for a mapped read or in-place write.  Called for every
+        # small request: the common case (one cluster) is kept short.
         file = self.file
-        if type(file) is not FileNode or self.closed or file.closed or length <= 0:
+        if (
+            type(file) is not FileNode
+            or self.closed
+            or file.closed
+            or length <= 0
+            or offset + length > self.header.size
+        ):
             return None
-        cs = self.cluster_size
         bits = self.cluster_bits
         first = offset >> bits
         last = (offset + length - 1) >> bits
-        if offset + length > self.size:
-            return None
         if write and (
             self.read_only
             or self.corrupt
@@ -426,33 +436,32 @@ class Qcow2Node(BlockNode):
             or (self._allocating and self._allocating_overlaps(first, last))
         ):
             return None
-        need = OFLAG_COPIED if write else 0
-        bad = OFLAG_COMPRESSED | OFLAG_ZERO | (cs - 1)
         n_l2 = self.l2_entries
+        l1_index = first // n_l2
+        if l1_index != last // n_l2 or l1_index >= len(self._l1):
+            return None  # across two L2 tables (rare): the ordinary path
+        table = self._l2.get(self._l1[l1_index] & OFFSET_MASK)
+        if table is None:
+            return None
+        need = OFLAG_COPIED if write else 0
+        bad = OFLAG_COMPRESSED | OFLAG_ZERO | (self.cluster_size - 1)
+        base = l1_index * n_l2
         pieces: list[tuple[int, int]] = []
         clusters: list[int] = []
-        c = first
-        while c <= last:
-            l1_index, l2_index = divmod(c, n_l2)
-            if l1_index >= len(self._l1):
+        end = offset + length
+        for c in range(first, last + 1):
+            entry = table[c - base]
+            host = entry & OFFSET_MASK
+            if not host or entry & bad or entry & need != need:
                 return None
-            table = self._l2.get(self._l1[l1_index] & OFFSET_MASK)
-            if table is None:
-                return None
-            stop = min(last + 1, (l1_index + 1) * n_l2)
-            for entry in table[l2_index : l2_index + stop - c]:
-                host = entry & OFFSET_MASK
-                if not host or entry & bad or entry & need != need:
-                    return None
-                lo = max(offset, c << bits)
-                hi = min(offset + length, (c + 1) << bits)
-                start = host + lo - (c << bits)
-                if pieces and pieces[-1][0] + pieces[-1][1] == start:
-                    pieces[-1] = (pieces[-1][0], pieces[-1][1] + hi - lo)
-                else:
-                    pieces.append((start, hi - lo))
-                clusters.append(host >> bits)
-                c += 1
+            lo = offset if c == first else c << bits
+            hi = end if c == last else (c + 1) << bits
+            start = host + lo - (c << bits)
+            if pieces and pieces[-1][0] + pieces[-1][1] == start:
+                pieces[-1] = (pieces[-1][0], pieces[-1][1] + hi - lo)
+            else:
+                pieces.append((start, hi - lo))
+            clusters.append(host >> bits)
         if write:
             try:
                 for start, n in pieces:
