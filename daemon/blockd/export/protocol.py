@@ -244,6 +244,8 @@ ExportList = Callable[[], Sequence[ExportInfo]]
 
 _HEADER = struct.Struct(">IHHQQI")  # request: magic, flags, type, handle, offset, length
 _HEADER_SIZE = _HEADER.size
+#: WRITE payloads at least this big are copied out through a memoryview.
+_VIEW_COPY = 64 * 1024
 _OPTION = struct.Struct(">QII")
 
 
@@ -262,6 +264,9 @@ class NBDConnection:
         self._buffer = bytearray()
         self._out = bytearray()
         self._pending: tuple[int, int, int, int, int] | None = None
+        #: the received part of a big WRITE payload, kept as it came
+        self._parts: list[bytes | memoryview] | None = None
+        self._parts_size = 0
 
     # -- output ---------------------------------------------------------------------
 
@@ -286,8 +291,12 @@ class NBDConnection:
         """Consume bytes; raises :class:`ProtocolError` when the connection must end."""
         if self.phase is Phase.CLOSED:
             return []
-        self._buffer += data
         events: list[Event] = []
+        if self._parts is not None:
+            data = self._collect(data, events)
+            if self._parts is not None:
+                return events  # all of it was payload
+        self._buffer += data
         while self.phase is not Phase.CLOSED:
             if self.phase is Phase.CLIENT_FLAGS:
                 if len(self._buffer) < 4:
@@ -483,6 +492,25 @@ class NBDConnection:
             self._selected = (export.name, chosen)
         self._reply(option, Rep.ACK)
 
+    def _collect(self, data: bytes | bytearray, events: list[Event]) -> bytes | bytearray:
+        """Add received bytes to a big WRITE payload; returns what follows it."""
+        assert self._parts is not None
+        assert self._pending is not None
+        flags, kind, handle, offset, length = self._pending
+        need = length - self._parts_size
+        if len(data) < need:
+            self._parts.append(bytes(data))  # (a no-op for bytes, as received)
+            self._parts_size += len(data)
+            return b""
+        with memoryview(data) as view:
+            self._parts.append(view[:need])
+            payload = b"".join(self._parts)
+        self._parts = None
+        self._parts_size = 0
+        self._pending = None
+        events.append(Request(flags, kind, handle, offset, length, payload))
+        return data[need:]
+
     def _requests(self, events: list[Event]) -> None:
         """Parse every complete request in the buffer (transmission phase).
 
@@ -518,8 +546,18 @@ class NBDConnection:
                     self._pending = (flags, kind, handle, offset, length)
                 flags, kind, handle, offset, length = self._pending
                 if size - pos < length:
+                    if length >= _VIEW_COPY:
+                        # Growing the buffer to hold a big payload would copy
+                        # it over and over: keep its pieces until complete.
+                        self._parts = [bytes(buf[pos:size])]
+                        self._parts_size = size - pos
+                        pos = size
                     return
-                data = bytes(buf[pos : pos + length])
+                if length < _VIEW_COPY:
+                    data = bytes(buf[pos : pos + length])
+                else:  # slicing the bytearray would copy a big payload twice
+                    with memoryview(buf) as whole, whole[pos : pos + length] as payload:
+                        data = bytes(payload)
                 pos += length
                 self._pending = None
                 events.append(Request(flags, kind, handle, offset, length, data))
