@@ -358,7 +358,8 @@ class BlockNode:
         own data, already mapped in cached metadata, and (``write``) can be
         overwritten in place.  Everything else (and every node that cannot
         tell) answers None, and the caller uses :meth:`read` / :meth:`write`,
-        which see the same bytes.  A write through the result must not need
-        anything :meth:`write` would do besides storing the bytes.
+        which see the same bytes.  A write through the result bypasses
+        :meth:`write`: a node whose writes must be seen by someone (e.g. a
+        mirror or dirty tracking) has to answer None for ``write``.
         """
         return None

@@ -1,11 +1,18 @@
 """The NBD server: the only code that touches NBD client sockets.
 
 One task per client runs the handshake through the sans-I/O
-:class:`~blockd.export.protocol.NBDConnection`, then reads requests and starts
-one task per request (at most :data:`MAX_INFLIGHT` per client, so a client
-that floods us is slowed down by TCP, not by our memory).  Replies may finish
-out of order; each is queued whole on the client's outbox and one writer task
-sends them, so frames never interleave mid-way.
+:class:`~blockd.export.protocol.NBDConnection`, then reads requests (at most
+:data:`MAX_INFLIGHT` in progress per client, so a client that floods us is
+slowed down by TCP, not by our memory).  Plain READs and WRITEs take a fast
+path, because a thread round trip and a task each cost more than a 4 KiB copy
+in the page cache: the node resolves them to host-file positions from cached
+metadata (:meth:`BlockNode.direct_io`); small reads of cached data are
+answered at once on the loop (``RWF_NOWAIT`` reads, which the kernel refuses
+rather than block), the others go, many per call, to a worker thread from at
+most :data:`_MAX_BATCHES` batch tasks.  Every other request (and any the node
+cannot resolve) gets a task of its own and the node's ordinary async path.
+Replies may finish out of order; each is queued whole on the client's outbox
+and one writer task sends them, so frames never interleave mid-way.
 
 Failure containment: garbage, a broken pipe or a vanished client ends only
 that client.  A request that reached the block layer runs to completion even
