@@ -12,11 +12,14 @@ import errno
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import trio
 
 from blockd.errors import BlockError, BlockIOError
+
+if TYPE_CHECKING:
+    from blockd.block.direct import DirectIO
 
 
 class Status(enum.Enum):
@@ -384,4 +387,19 @@ class BlockNode:
             await self.file.reopen(read_only=read_only)
 
     async def _do_close(self) -> None:
+        return None
+
+    # -- batched I/O (added after the hooks above so they stay as they are) ---------
+
+    def direct_io(self, offset: int, length: int, write: bool) -> DirectIO | None:
+        """Where the range's bytes lie in a host file, decided now without waiting.
+
+        Only for the simple, frequent case: the whole range is this layer's
+        own data, already mapped in cached metadata, and (``write``) can be
+        overwritten in place.  Everything else (and every node that cannot
+        tell) answers None, and the caller uses :meth:`read` / :meth:`write`,
+        which see the same bytes.  A write through the result bypasses
+        :meth:`write`: a node whose writes must be seen by someone (e.g. a
+        mirror or dirty tracking) has to answer None for ``write``.
+        """
         return None

@@ -206,9 +206,13 @@ class Negotiated:
     contexts: dict[int, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Request:
-    """One transmission request; ``data`` is the payload of a WRITE."""
+    """One transmission request; ``data`` is the payload of a WRITE.
+
+    Not frozen: the frozen ``__init__`` costs more than the rest of parsing a
+    small request.
+    """
 
     flags: int
     type: int
@@ -239,6 +243,9 @@ ExportLookup = Callable[[str], ExportInfo | None]
 ExportList = Callable[[], Sequence[ExportInfo]]
 
 _HEADER = struct.Struct(">IHHQQI")  # request: magic, flags, type, handle, offset, length
+_HEADER_SIZE = _HEADER.size
+#: WRITE payloads at least this big are copied out through a memoryview.
+_VIEW_COPY = 64 * 1024
 _OPTION = struct.Struct(">QII")
 
 
@@ -257,6 +264,9 @@ class NBDConnection:
         self._buffer = bytearray()
         self._out = bytearray()
         self._pending: tuple[int, int, int, int, int] | None = None
+        #: the received part of a big WRITE payload, kept as it came
+        self._parts: list[bytes | memoryview] | None = None
+        self._parts_size = 0
 
     # -- output ---------------------------------------------------------------------
 
@@ -281,8 +291,12 @@ class NBDConnection:
         """Consume bytes; raises :class:`ProtocolError` when the connection must end."""
         if self.phase is Phase.CLOSED:
             return []
-        self._buffer += data
         events: list[Event] = []
+        if self._parts is not None:
+            data = self._collect(data, events)
+            if self._parts is not None:
+                return events  # all of it was payload
+        self._buffer += data
         while self.phase is not Phase.CLOSED:
             if self.phase is Phase.CLIENT_FLAGS:
                 if len(self._buffer) < 4:
@@ -305,12 +319,8 @@ class NBDConnection:
                 if not isinstance(event, bool):
                     events.append(event)
             else:
-                request = self._next_request()
-                if request is None:
-                    break
-                events.append(request)
-                if isinstance(request, Closed):
-                    self.phase = Phase.CLOSED
+                self._requests(events)
+                break
         return events
 
     def _next_option(self) -> Event | bool | None:
@@ -482,32 +492,84 @@ class NBDConnection:
             self._selected = (export.name, chosen)
         self._reply(option, Rep.ACK)
 
-    def _next_request(self) -> Event | None:
-        if self._pending is None:
-            if len(self._buffer) < _HEADER.size:
-                return None
-            magic, flags, kind, handle, offset, length = _HEADER.unpack_from(self._buffer)
-            if magic != REQUEST_MAGIC:
-                raise ProtocolError(f"invalid magic (got 0x{magic:x})")
-            del self._buffer[: _HEADER.size]
-            if kind == Cmd.DISC:
-                return Closed("client disconnected")
-            if kind != Cmd.WRITE:
-                return Request(flags, kind, handle, offset, length)
-            if length > MAX_BUFFER:
-                # The payload cannot be buffered, and skipping it is not worth it.
-                raise ProtocolError(f"len ({length}) is larger than max len ({MAX_BUFFER})")
-            self._pending = (flags, kind, handle, offset, length)
+    def _collect(self, data: bytes | bytearray, events: list[Event]) -> bytes | bytearray:
+        """Add received bytes to a big WRITE payload; returns what follows it."""
+        assert self._parts is not None
+        assert self._pending is not None
         flags, kind, handle, offset, length = self._pending
-        if len(self._buffer) < length:
-            return None
-        data = bytes(self._buffer[:length])
-        del self._buffer[:length]
+        need = length - self._parts_size
+        if len(data) < need:
+            self._parts.append(bytes(data))  # (a no-op for bytes, as received)
+            self._parts_size += len(data)
+            return b""
+        with memoryview(data) as view:
+            self._parts.append(view[:need])
+            payload = b"".join(self._parts)
+        self._parts = None
+        self._parts_size = 0
         self._pending = None
-        return Request(flags, kind, handle, offset, length, data)
+        events.append(Request(flags, kind, handle, offset, length, payload))
+        return data[need:]
+
+    def _requests(self, events: list[Event]) -> None:
+        """Parse every complete request in the buffer (transmission phase).
+
+        Consumed bytes are cut from the buffer once at the end, and a WRITE
+        payload is copied out once: with many small requests per receive
+        this loop is the hottest code of the server.
+        """
+        buf = self._buffer
+        size = len(buf)
+        pos = 0
+        unpack = _HEADER.unpack_from
+        try:
+            while True:
+                if self._pending is None:
+                    if size - pos < _HEADER_SIZE:
+                        return
+                    magic, flags, kind, handle, offset, length = unpack(buf, pos)
+                    if magic != REQUEST_MAGIC:
+                        raise ProtocolError(f"invalid magic (got 0x{magic:x})")
+                    pos += _HEADER_SIZE
+                    if kind == Cmd.DISC:
+                        events.append(Closed("client disconnected"))
+                        self.phase = Phase.CLOSED
+                        return
+                    if kind != Cmd.WRITE:
+                        events.append(Request(flags, kind, handle, offset, length))
+                        continue
+                    if length > MAX_BUFFER:
+                        # The payload cannot be buffered, and skipping it is not worth it.
+                        raise ProtocolError(
+                            f"len ({length}) is larger than max len ({MAX_BUFFER})"
+                        )
+                    self._pending = (flags, kind, handle, offset, length)
+                flags, kind, handle, offset, length = self._pending
+                if size - pos < length:
+                    if length >= _VIEW_COPY:
+                        # Growing the buffer to hold a big payload would copy
+                        # it over and over: keep its pieces until complete.
+                        self._parts = [bytes(buf[pos:size])]
+                        self._parts_size = size - pos
+                        pos = size
+                    return
+                if length < _VIEW_COPY:
+                    data = bytes(buf[pos : pos + length])
+                else:  # slicing the bytearray would copy a big payload twice
+                    with memoryview(buf) as whole, whole[pos : pos + length] as payload:
+                        data = bytes(payload)
+                pos += length
+                self._pending = None
+                events.append(Request(flags, kind, handle, offset, length, data))
+        finally:
+            del buf[:pos]
 
 
 # -- request checks -----------------------------------------------------------------
+
+
+_READ: Final = int(Cmd.READ)
+_WRITE: Final = int(Cmd.WRITE)
 
 
 @dataclass(frozen=True)
@@ -523,6 +585,12 @@ def check_request(
 ) -> Refusal | None:
     """QEMU's checks before a request reaches the block layer, in its order."""
     kind = request.type
+    if not request.flags and request.offset + request.length <= size:
+        # the common case, answered without the enum machinery below
+        if kind == _READ and request.length <= MAX_BUFFER:
+            return None
+        if kind == _WRITE and writable:
+            return None
     if kind not in _COMMAND_NAMES:
         return Refusal(EINVAL, f"invalid request type ({kind}) received")
     allowed = CmdFlag.FUA
@@ -559,6 +627,30 @@ def check_request(
 
 def simple_reply(handle: int, error: int = 0, data: bytes = b"") -> bytes:
     return struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, error, handle) + data
+
+
+_SIMPLE = struct.Struct(">IIQ")
+_DATA_CHUNK = struct.Struct(">IHHQIQ")
+
+
+def data_reply_buffer(request: Request, structured: bool) -> bytearray:
+    """A successful READ's whole reply with room for the data at its end.
+
+    The data is read straight into the last ``request.length`` bytes, so the
+    reply is never copied to put a header in front of it.  With structured
+    replies it is the single OFFSET_DATA chunk QEMU sends for data (and for
+    ``DF``).
+    """
+    if not structured:
+        buf = bytearray(_SIMPLE.size + request.length)
+        _SIMPLE.pack_into(buf, 0, SIMPLE_REPLY_MAGIC, 0, request.handle)
+        return buf
+    buf = bytearray(_DATA_CHUNK.size + request.length)
+    _DATA_CHUNK.pack_into(
+        buf, 0, STRUCTURED_REPLY_MAGIC, CHUNK_DONE, Chunk.OFFSET_DATA, request.handle,
+        8 + request.length, request.offset,
+    )
+    return buf
 
 
 def chunk(handle: int, kind: int, payload: bytes, done: bool) -> bytes:

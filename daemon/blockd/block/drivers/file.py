@@ -1,8 +1,10 @@
 """The ``file`` protocol driver: a host file accessed with positional I/O.
 
-Every blocking call runs in a worker thread under one shared
-``trio.CapacityLimiter`` so a busy copy never stalls the event loop and the
-number of threads stays bounded however many nodes are open.
+Every blocking call runs in one of the shared worker threads of
+:mod:`blockd.block.workers`, so a busy copy never stalls the event loop and
+the number of threads stays bounded however many nodes are open.  The one
+exception is :func:`read_cached`, which only copies what the page cache
+already holds and is refused by the kernel rather than wait for the disk.
 """
 
 from __future__ import annotations
@@ -19,13 +21,12 @@ from typing import TypeVar
 
 import trio
 
+from blockd.block import workers
+from blockd.block.direct import DirectIO
 from blockd.block.node import BlockNode, Status
 from blockd.errors import BlockIOError, ImageError
 
 T = TypeVar("T")
-
-#: Shared by every file node: bounds the worker threads doing disk I/O.
-IO_LIMITER = trio.CapacityLimiter(16)
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -128,9 +129,65 @@ _start_writeback = _load_sync_file_range()
 async def run_io(fn: Callable[[], T]) -> T:
     """Run one blocking call in a worker thread; OSError becomes BlockIOError."""
     try:
-        return await trio.to_thread.run_sync(fn, limiter=IO_LIMITER)
+        return await workers.run(fn)
     except OSError as exc:
         raise BlockIOError(exc.errno or errno.EIO) from exc
+
+
+#: One request of a :func:`run_direct` batch: where, which way, and the bytes
+#: (the source of a write, the destination of a read).
+DirectJob = tuple[DirectIO, bool, memoryview]
+
+
+def _direct_all(jobs: list[DirectJob]) -> list[OSError | None]:
+    errors: list[OSError | None] = []
+    for io, write, buf in jobs:
+        pos = 0
+        try:
+            for host, n in io.pieces:
+                if write:
+                    _pwrite_full(io.fd, host, buf[pos : pos + n])
+                else:
+                    _preadv_full(io.fd, host, buf[pos : pos + n])
+                pos += n
+        except OSError as exc:
+            errors.append(exc)
+        else:
+            errors.append(None)
+    return errors
+
+
+async def run_direct(jobs: list[DirectJob]) -> list[BlockIOError | None]:
+    """Run many resolved requests in one worker-thread call; each one's error or None.
+
+    One failing request does not stop the others: each has its own reply.
+    """
+    errors = await workers.run(lambda: _direct_all(jobs))
+    return [None if e is None else BlockIOError(e.errno or errno.EIO) for e in errors]
+
+
+_RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
+
+
+def read_cached(io: DirectIO, buf: memoryview) -> bool:
+    """Fill ``buf`` from ``io`` if the page cache holds all of it; False if not.
+
+    ``RWF_NOWAIT`` makes the kernel refuse (EAGAIN, or a short count) instead
+    of waiting for the disk, so this may run on the event loop: a small read
+    of cached data costs a few microseconds, far less than a thread round
+    trip.  On False the caller reads through :func:`run_direct`.
+    """
+    if _RWF_NOWAIT is None:
+        return False
+    pos = 0
+    try:
+        for host, n in io.pieces:
+            if os.preadv(io.fd, [buf[pos : pos + n]], host, _RWF_NOWAIT) != n:
+                return False
+            pos += n
+    except OSError:
+        return False
+    return True
 
 
 def _pread_full(fd: int, offset: int, length: int) -> bytes:
@@ -159,7 +216,7 @@ def _preadv_full(fd: int, offset: int, view: memoryview) -> None:
         got += n
 
 
-def _pwrite_full(fd: int, offset: int, data: bytes) -> None:
+def _pwrite_full(fd: int, offset: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     done = 0
     while done < len(view):
@@ -206,6 +263,16 @@ def _zero_fill(fd: int, offset: int, length: int) -> None:
         done += n
 
 
+class _FlushRun:
+    """One fdatasync in progress; it covers the flush calls numbered up to ``covers``."""
+
+    def __init__(self, covers: int) -> None:
+        self.covers = covers
+        self.done = trio.Event()
+        self.error: BlockIOError | None = None
+        self.aborted = False
+
+
 class FileNode(BlockNode):
     """A host file; growable, because format drivers allocate past its end."""
 
@@ -230,8 +297,11 @@ class FileNode(BlockNode):
         self.force_share = force_share
         self._inflight = 0
         self._idle = trio.Event()
+        self._draining = 0  # tasks waiting for _idle
         self._writeback_busy = False
         self._writeback_next: tuple[int, int] | None = None
+        self._flush_calls = 0
+        self._flush_run: _FlushRun | None = None
 
     @classmethod
     async def open(
@@ -264,7 +334,7 @@ class FileNode(BlockNode):
     async def _open_fd(filename: str, read_only: bool) -> int:
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
         try:
-            fd = await trio.to_thread.run_sync(os.open, filename, flags, limiter=IO_LIMITER)
+            fd = await workers.run(lambda: os.open(filename, flags))
         except OSError as exc:
             raise ImageError(
                 f"Could not open '{filename}': {os.strerror(exc.errno or errno.EIO)}"
@@ -335,10 +405,7 @@ class FileNode(BlockNode):
             await self._io(copy_all)
         finally:
             for src in sources:
-                src._inflight -= 1
-                if not src._inflight:
-                    src._idle.set()
-                    src._idle = trio.Event()
+                src.release_fd()
         lo = min(off for _f, _s, off, _n in jobs)
         hi = max(off + n for _f, _s, off, n in jobs)
         self._size = max(self._size, hi)
@@ -373,10 +440,7 @@ class FileNode(BlockNode):
 
         def done() -> None:
             self._writeback_busy = False
-            self._inflight -= 1
-            if not self._inflight:
-                self._idle.set()
-                self._idle = trio.Event()
+            self.release_fd()
             if not self.closed:
                 self._writeback_kick()
 
@@ -431,8 +495,32 @@ class FileNode(BlockNode):
         return await self._io(probe)
 
     async def _do_flush(self) -> None:
+        # Group commit: one fdatasync covers every write completed before it
+        # started, so callers that arrive while one runs share the next one
+        # instead of queueing a sync each (parallel allocating writes all flush).
+        self._flush_calls += 1
+        mine = self._flush_calls
+        while (run := self._flush_run) is not None:
+            await run.done.wait()
+            if not run.aborted and run.covers >= mine:
+                if run.error is not None:
+                    raise BlockIOError(run.error.errno, str(run.error)) from run.error
+                return
+        run = _FlushRun(self._flush_calls)
+        self._flush_run = run
         fd = self._fd
-        await self._io(lambda: os.fdatasync(fd))
+        try:
+            await self._io(lambda: os.fdatasync(fd))
+        except BlockIOError as exc:
+            # the error is reported once per descriptor: later syncs would pass
+            run.error = exc
+            raise
+        except BaseException:
+            run.aborted = True  # cancelled before it ran: the waiters try again
+            raise
+        finally:
+            self._flush_run = None
+            run.done.set()
 
     async def _do_truncate(self, size: int) -> None:
         fd = self._fd
@@ -471,15 +559,29 @@ class FileNode(BlockNode):
         try:
             return await run_io(fn)
         finally:
-            self._inflight -= 1
-            if not self._inflight:
-                self._idle.set()
-                self._idle = trio.Event()
+            self.release_fd()
+
+    def hold_fd(self) -> int:
+        """The descriptor, kept open until :meth:`release_fd`, for I/O run by
+        :func:`run_direct` rather than through this node's own calls."""
+        self._check_open()
+        self._inflight += 1
+        return self._fd
+
+    def release_fd(self) -> None:
+        self._inflight -= 1
+        if not self._inflight and self._draining:
+            self._idle.set()
+            self._idle = trio.Event()
 
     async def _drain(self) -> None:
         with trio.CancelScope(shield=True):
             while self._inflight:
-                await self._idle.wait()
+                self._draining += 1
+                try:
+                    await self._idle.wait()
+                finally:
+                    self._draining -= 1
 
     async def refresh_size(self) -> int:
         """Re-read the file length (someone else may have changed the file)."""

@@ -30,6 +30,7 @@ from typing import Any
 
 import trio
 
+from blockd.block.direct import DirectIO
 from blockd.block.drivers.file import FileNode
 from blockd.block.drivers.qcow2 import header as hdr
 from blockd.block.drivers.qcow2.compress import decompress_cluster
@@ -37,6 +38,7 @@ from blockd.block.drivers.qcow2.overlap import MetadataMap, MetaKind, OverlapErr
 from blockd.block.drivers.qcow2.refcount import Refcounts
 from blockd.block.drivers.qcow2.tables import (
     OFFSET_MASK,
+    OFLAG_COMPRESSED,
     OFLAG_COPIED,
     OFLAG_ZERO,
     ClusterKind,
@@ -62,6 +64,8 @@ _STATUS = {
     ClusterKind.UNALLOCATED: Status.UNALLOCATED,
 }
 _FREEABLE = (ClusterKind.NORMAL, ClusterKind.ZERO_ALLOC, ClusterKind.COMPRESSED)
+#: Uncommitted L2 entries (see Qcow2Node._defer_entries) that make a write commit them.
+_COMMIT_ENTRIES = 8192
 
 
 class Qcow2Node(BlockNode):
@@ -94,6 +98,10 @@ class Qcow2Node(BlockNode):
         self._allocating: list[tuple[int, int]] = []  # guest cluster spans being allocated
         self._allocation_done = trio.Event()
         self._unpinned = trio.Event()
+        self._unpin_waiters = 0
+        #: guest cluster -> (entry, token, L2 table offset), see _defer_entries
+        self._uncommitted: dict[int, tuple[int, int, int]] = {}
+        self._commit_tokens = itertools.count()
 
     # -- opening --------------------------------------------------------------------
 
@@ -352,12 +360,17 @@ class Qcow2Node(BlockNode):
                 self._pinned[c] = left
             else:
                 del self._pinned[c]
-        self._unpinned.set()
-        self._unpinned = trio.Event()
+        if self._unpin_waiters:  # an Event per unpin would cost more than the pin
+            self._unpinned.set()
+            self._unpinned = trio.Event()
 
     async def _wait_unpinned(self, clusters: list[int]) -> None:
         while any(c in self._pinned for c in clusters):
-            await self._unpinned.wait()
+            self._unpin_waiters += 1
+            try:
+                await self._unpinned.wait()
+            finally:
+                self._unpin_waiters -= 1
 
     async def _do_read(self, offset: int, length: int) -> bytes:
         # map under the lock (a consistent view of L2), copy data outside it
@@ -394,6 +407,75 @@ class Qcow2Node(BlockNode):
                     part[:] = await self._read_extent(ext)
         finally:
             self._unpin(pinned)
+
+    def direct_io(self, offset: int, length: int, write: bool) -> DirectIO | None:
+        # Answered from memory in one go (no await), so the mapping cannot
+        # change half-way; no lock is needed for that.  The pins then keep
+        # the clusters from being freed until the caller's I/O is done,
+        # exactly as for a mapped read or in-place write.  Called for every
+        # small request: the common case (one cluster) is kept short.
+        file = self.file
+        if (
+            type(file) is not FileNode
+            or self.closed
+            or file.closed
+            or length <= 0
+            or offset + length > self.header.size
+        ):
+            return None
+        bits = self.cluster_bits
+        first = offset >> bits
+        last = (offset + length - 1) >> bits
+        if write and (
+            self.read_only
+            or self.corrupt
+            or self.detect_zeroes != "off"
+            # an allocation or a metadata change may be on its way to these
+            # clusters: the ordinary path waits for it, so it must decide
+            or self._lock.locked()
+            or (self._allocating and self._allocating_overlaps(first, last))
+        ):
+            return None
+        n_l2 = self.l2_entries
+        l1_index = first // n_l2
+        if l1_index != last // n_l2 or l1_index >= len(self._l1):
+            return None  # across two L2 tables (rare): the ordinary path
+        table = self._l2.get(self._l1[l1_index] & OFFSET_MASK)
+        if table is None:
+            return None
+        need = OFLAG_COPIED if write else 0
+        bad = OFLAG_COMPRESSED | OFLAG_ZERO | (self.cluster_size - 1)
+        base = l1_index * n_l2
+        pieces: list[tuple[int, int]] = []
+        clusters: list[int] = []
+        end = offset + length
+        for c in range(first, last + 1):
+            entry = table[c - base]
+            host = entry & OFFSET_MASK
+            if not host or entry & bad or entry & need != need:
+                return None
+            lo = offset if c == first else c << bits
+            hi = end if c == last else (c + 1) << bits
+            start = host + lo - (c << bits)
+            if pieces and pieces[-1][0] + pieces[-1][1] == start:
+                pieces[-1] = (pieces[-1][0], pieces[-1][1] + hi - lo)
+            else:
+                pieces.append((start, hi - lo))
+            clusters.append(host >> bits)
+        if write:
+            try:
+                for start, n in pieces:
+                    self._meta.check(start, n, None)
+            except OverlapError:
+                return None  # the ordinary path marks the image corrupt
+        self._pin(clusters)
+        fd = file.hold_fd()
+
+        def release() -> None:
+            file.release_fd()
+            self._unpin(clusters)
+
+        return DirectIO(fd, pieces, release)
 
     async def _do_block_status(self, offset: int, length: int) -> tuple[Status, int]:
         # Walk the L2 entries from offset and stop at the first change, so a
@@ -469,24 +551,100 @@ class Qcow2Node(BlockNode):
         self._l1[l1_index] = entry
 
     async def _set_entries(self, updates: dict[int, int]) -> None:
-        """Write new L2 entries (tables must exist), one write per touched table."""
+        """Write new L2 entries (tables must exist) through to the file.
+
+        Only the updated entries are written (one write per run of adjacent
+        ones): a neighbour may hold an allocation not yet committed, whose
+        entry must not reach the disk before its data (see :meth:`_defer_entries`).
+        """
         by_table: dict[int, list[int]] = {}
         for c in updates:
             by_table.setdefault(c // self.l2_entries, []).append(c)
+            self._forget_uncommitted(c)
         for l1_index, clusters in sorted(by_table.items()):
             loaded = await self._l2_table(l1_index)
             assert loaded is not None, "L2 table must have been allocated"
             off, table = loaded
-            lo = min(clusters) % self.l2_entries
-            hi = max(clusters) % self.l2_entries + 1
             for c in clusters:
                 table[c % self.l2_entries] = updates[c]
             try:
-                self._meta.check(off + lo * 8, (hi - lo) * 8, MetaKind.L2)
-                await self._file.write(off + lo * 8, encode_entries(table[lo:hi]))
+                await self._write_entries(off, table, sorted(c % self.l2_entries for c in clusters))
             except BaseException:
                 self._l2.drop(off)  # the cache must never be ahead of the disk
                 raise
+
+    async def _write_entries(self, off: int, table: array[int], indices: list[int]) -> None:
+        """Write the table's entries at ``indices`` (ascending), a run per write."""
+        i = 0
+        while i < len(indices):
+            j = i + 1
+            while j < len(indices) and indices[j] == indices[j - 1] + 1:
+                j += 1
+            lo, hi = indices[i], indices[j - 1] + 1
+            self._meta.check(off + lo * 8, (hi - lo) * 8, MetaKind.L2)
+            await self._file.write(off + lo * 8, encode_entries(table[lo:hi]))
+            i = j
+
+    # -- L2 entries committed in batches ---------------------------------------------
+    #
+    # An allocating write's new L2 entries may only reach the disk after its
+    # data and refcounts are durable (a flush).  Rather than flush once per
+    # write, the entries are set in the cached table at once (so reads see
+    # the data) and recorded here as uncommitted; the next flush (a client's
+    # FLUSH or FUA, closing or reopening the node), or the write that makes
+    # the backlog too big, flushes once for everything recorded and then
+    # writes those entries.  A crash before that leaves only leaked clusters,
+    # and loses only writes no flush has covered, as the NBD and qcow2
+    # contracts allow (QEMU's writeback metadata cache does the same).  Each
+    # record carries a token, so an entry that was changed meanwhile
+    # (discarded and even allocated anew) is never committed with a stale
+    # meaning.
+
+    def _forget_uncommitted(self, cluster: int) -> None:
+        record = self._uncommitted.pop(cluster, None)
+        if record is not None:
+            self._l2.unkeep(record[2])
+
+    def _defer_entries(self, updates: dict[int, int]) -> bool:
+        """Set new entries in the cached tables, to be committed later.
+
+        True when the backlog has grown enough that the caller should
+        :meth:`_commit` now (the tables holding it cannot be evicted).
+        """
+        for c, entry in updates.items():
+            l1_index, index = divmod(c, self.l2_entries)
+            off = self._l1[l1_index] & OFFSET_MASK
+            table = self._l2.get(off)
+            assert table is not None, "the allocation has just loaded the table"
+            self._forget_uncommitted(c)
+            table[index] = entry
+            self._l2.keep(off)
+            self._uncommitted[c] = (entry, next(self._commit_tokens), off)
+        return (
+            len(self._uncommitted) >= _COMMIT_ENTRIES
+            or self._l2.kept_tables() > self._l2.capacity // 2
+        )
+
+    async def _commit(self) -> None:
+        """Flush, then write the entries uncommitted when called (not yet durable)."""
+        batch = dict(self._uncommitted)
+        if not batch:
+            return
+        with trio.CancelScope(shield=True):
+            await self._file.flush()  # their data and refcounts before the entries
+            async with self._lock:
+                by_table: dict[int, list[int]] = {}
+                for c, record in batch.items():
+                    if self._uncommitted.get(c) == record:
+                        by_table.setdefault(record[2], []).append(c)
+                for off, clusters in by_table.items():
+                    table = self._l2.get(off)
+                    assert table is not None, "uncommitted tables stay cached"
+                    await self._write_entries(
+                        off, table, sorted(c % self.l2_entries for c in clusters)
+                    )
+                    for c in clusters:
+                        self._forget_uncommitted(c)
 
     async def _release(self, entries: list[int]) -> None:
         """Drop the references the (already durable) old entries held."""
@@ -583,10 +741,17 @@ class Qcow2Node(BlockNode):
                     self._end_allocating(span)
 
     async def _complete_allocation(self, payload: _Payload, alloc: _Allocation) -> None:
-        """Data into the claimed clusters and flush (no lock), then L2 (locked)."""
+        """Data into the claimed clusters (no lock), then L2 (locked).
+
+        New clusters that replace nothing that must be freed get their
+        entries committed in the background (:meth:`_defer_entries`); when
+        old clusters are to be freed, their unreference must be durable
+        first, so that write flushes and writes L2 itself.
+        """
+        updates, old = self._allocation_result(alloc)
         try:
             await self._fill_allocation(payload, alloc)
-            if alloc.runs:
+            if old:
                 await self._file.flush()  # data and refcounts durable before the L2 entries
         except BaseException:
             # nothing points at the new clusters yet: give them back (or leak them)
@@ -594,9 +759,15 @@ class Qcow2Node(BlockNode):
                 with contextlib.suppress(BlockIOError, OverlapError):
                     await self._refs.change(self._allocated_clusters(alloc), -1)
             raise
+        if not old:
+            async with self._lock:
+                backlog = self._defer_entries(updates) if updates else False
+            if backlog:
+                await self._commit()
+            return
         async with self._lock:
             try:
-                await self._finish_allocation(*self._allocation_result(alloc), flushed=True)
+                await self._finish_allocation(updates, old, flushed=True)
             except OverlapError as exc:
                 await self._mark_corrupt(str(exc))
 
@@ -933,6 +1104,7 @@ class Qcow2Node(BlockNode):
         await self._replace_entries(first, last_excl, new_entry)
 
     async def _do_flush(self) -> None:
+        await self._commit()
         await self._file.flush()
 
     # -- resizing -------------------------------------------------------------------

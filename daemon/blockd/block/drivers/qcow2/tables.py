@@ -77,11 +77,15 @@ class L2Cache:
     """Decoded L2 tables by host offset, least recently used evicted first.
 
     Bounded by bytes rather than tables so 2 MiB clusters cannot blow memory up.
+    A table :meth:`keep` s holds entries not yet on disk; it is neither
+    evicted nor dropped until every :meth:`keep` is matched by :meth:`unkeep`
+    (the cache may then run over its budget for a moment).
     """
 
     def __init__(self, budget_bytes: int, cluster_size: int) -> None:
         self.capacity = max(2, budget_bytes // cluster_size)
         self._tables: OrderedDict[int, array[int]] = OrderedDict()
+        self._kept: dict[int, int] = {}
 
     def get(self, offset: int) -> array[int] | None:
         table = self._tables.get(offset)
@@ -94,12 +98,33 @@ class L2Cache:
         if existing is not None:  # a concurrent loader won: keep one copy
             return existing
         self._tables[offset] = table
-        while len(self._tables) > self.capacity:
-            self._tables.popitem(last=False)
+        self._evict()
         return table
 
+    def _evict(self) -> None:
+        while len(self._tables) > self.capacity:
+            victim = next((off for off in self._tables if off not in self._kept), None)
+            if victim is None:
+                return
+            del self._tables[victim]
+
     def drop(self, offset: int) -> None:
-        self._tables.pop(offset, None)
+        if offset not in self._kept:
+            self._tables.pop(offset, None)
+
+    def keep(self, offset: int) -> None:
+        self._kept[offset] = self._kept.get(offset, 0) + 1
+
+    def unkeep(self, offset: int) -> None:
+        left = self._kept[offset] - 1
+        if left:
+            self._kept[offset] = left
+        else:
+            del self._kept[offset]
+            self._evict()
+
+    def kept_tables(self) -> int:
+        return len(self._kept)
 
     def __len__(self) -> int:
         return len(self._tables)
