@@ -399,7 +399,22 @@ class BlockNode:
         overwritten in place.  Everything else (and every node that cannot
         tell) answers None, and the caller uses :meth:`read` / :meth:`write`,
         which see the same bytes.  A write through the result bypasses
-        :meth:`write`: a node whose writes must be seen by someone (e.g. a
-        mirror or dirty tracking) has to answer None for ``write``.
+        :meth:`write`, so its write observers are told when the caller
+        releases the range, which it does once the bytes are in place.
         """
+        io = self._do_direct_io(offset, length, write)
+        if io is not None and write and self._write_observers:
+            done = io._release
+
+            def release() -> None:
+                try:
+                    if done is not None:
+                        done()
+                finally:
+                    self._written(offset, length)
+
+            io._release = release
+        return io
+
+    def _do_direct_io(self, offset: int, length: int, write: bool) -> DirectIO | None:
         return None

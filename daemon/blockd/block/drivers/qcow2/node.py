@@ -408,7 +408,7 @@ class Qcow2Node(BlockNode):
         finally:
             self._unpin(pinned)
 
-    def direct_io(self, offset: int, length: int, write: bool) -> DirectIO | None:
+    def _do_direct_io(self, offset: int, length: int, write: bool) -> DirectIO | None:
         # Answered from memory in one go (no await), so the mapping cannot
         # change half-way; no lock is needed for that.  The pins then keep
         # the clusters from being freed until the caller's I/O is done,
