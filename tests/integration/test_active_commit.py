@@ -357,7 +357,8 @@ def test_header_chain_pivot_then_delete_the_old_top(tmp_path: Path, sock_dir: Pa
         names = [n["node-name"] for n in disk.execute("query-named-block-nodes")["return"]]
         assert node in names and "top" not in names
         disk.write(17 * MiB, 1 * MiB, 0xA1)
-        assert disk.execute("block-export-del", id="e") == {"return": {}}
+        # hard: qemu-io's disconnect may not have reached the server yet
+        assert disk.execute("block-export-del", id="e", mode="hard") == {"return": {}}
         disk.qmp.wait_event("BLOCK_EXPORT_DELETED", id="e")
         assert disk.execute("query-named-block-nodes")["return"] == []
         disk.stop()
