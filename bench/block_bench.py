@@ -24,36 +24,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 
 import trio
+from common import GiB, KiB, MiB, make_source, parse_size, tool
 
 from blockd.block.graph import BlockGraph
 from blockd.block.open import open_node
-
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-
-
-def parse_size(text: str) -> int:
-    units = {"K": KiB, "M": MiB, "G": GiB}
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
-
-
-def tool(*argv: str) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed: {proc.stdout}{proc.stderr}")
-    return proc
 
 
 def fsync(path: str) -> None:
@@ -64,15 +46,7 @@ def fsync(path: str) -> None:
         os.close(fd)
 
 
-def make_source(raw: str, size: int) -> None:
-    """Non-zero pseudo-random data, every 4 KiB stamped with its offset."""
-    block = random.Random(1).randbytes(MiB)
-    with open(raw, "wb") as f:
-        for off in range(0, size, MiB):
-            buf = bytearray(block)
-            for pos in range(0, MiB, 4 * KiB):
-                struct.pack_into("<8sQ", buf, pos, b"blkbench", off + pos)
-            f.write(buf)
+
 
 
 async def blockd_read(image: str, request: int, depth: int) -> int:
@@ -162,7 +136,7 @@ def main() -> int:
                                         "write qemu-img", "write blockd")}
     ok = True
     try:
-        make_source(raw, size)
+        make_source(raw, size, b"blkbench")
         tool("qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2",
              "-o", f"cluster_size={cs}", raw, src)
         for path in (raw, src):

@@ -31,19 +31,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
-import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+from common import GiB, KiB, MiB, make_source, parse_size, tool
+from qmp_client import QMP
+
 REPO = Path(__file__).resolve().parent.parent
 DAEMONS = ("qsd", "blockd")
 CASES = ("seq write", "seq read", "rand read", "rand write")
@@ -88,21 +86,6 @@ print(elapsed)
 """
 
 
-def parse_size(text: str) -> int:
-    units = {"K": KiB, "M": MiB, "G": GiB}
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
-
-
-def tool(*argv: str) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed: {proc.stdout}{proc.stderr}")
-    return proc
-
-
 def libnbd_python() -> str:
     """A Python interpreter that can import libnbd's bindings (not always ours)."""
     for candidate in ("/usr/bin/python3", "python3", sys.executable):
@@ -111,50 +94,6 @@ def libnbd_python() -> str:
                                     check=False).returncode == 0:
             return found
     raise SystemExit("no python3 with libnbd bindings (python3-libnbd) found")
-
-
-def make_source(raw: str, size: int) -> None:
-    """Non-zero pseudo-random data, every 4 KiB stamped with its offset."""
-    block = random.Random(1).randbytes(MiB)
-    with open(raw, "wb") as f:
-        for off in range(0, size, MiB):
-            buf = bytearray(block)
-            for pos in range(0, MiB, 4 * KiB):
-                struct.pack_into("<8sQ", buf, pos, b"nbdbench", off + pos)
-            f.write(buf[: min(MiB, size - off)])
-
-
-class QMP:
-    """Just enough of a QMP client to set an export up and shut the daemon down."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(str(path))
-        self.buf = b""
-        self.read()
-        self.execute("qmp_capabilities")
-
-    def read(self) -> dict[str, Any]:
-        while b"\n" not in self.buf:
-            more = self.sock.recv(65536)
-            if not more:
-                raise SystemExit("QMP connection closed")
-            self.buf += more
-        line, self.buf = self.buf.split(b"\n", 1)
-        message: dict[str, Any] = json.loads(line)
-        return message
-
-    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        request: dict[str, Any] = {"execute": command}
-        if arguments:
-            request["arguments"] = arguments
-        self.sock.sendall(json.dumps(request).encode() + b"\n")
-        while True:
-            message = self.read()
-            if "error" in message:
-                raise SystemExit(f"{command} failed: {message['error']}")
-            if "return" in message:
-                return message["return"]
 
 
 class Daemon:
@@ -180,13 +119,13 @@ class Daemon:
                 raise SystemExit(f"{kind} did not start")
             time.sleep(0.02)
         self.qmp = QMP(self.qmp_socket)
-        self.qmp.execute("blockdev-add", {
+        self.qmp.execute("blockdev-add", **{
             "driver": "qcow2", "node-name": "n0",
             "file": {"driver": "file", "filename": str(image)}})
         self.qmp.execute("nbd-server-start",
-                         {"addr": {"type": "unix", "data": {"path": str(self.nbd_socket)}}})
-        self.qmp.execute("block-export-add", {"type": "nbd", "id": "e0", "node-name": "n0",
-                                              "name": EXPORT, "writable": True})
+                         addr={"type": "unix", "data": {"path": str(self.nbd_socket)}})
+        self.qmp.execute("block-export-add", **{"type": "nbd", "id": "e0", "node-name": "n0",
+                                                "name": EXPORT, "writable": True})
         self.uri = f"nbd+unix:///{EXPORT}?socket={self.nbd_socket}"
 
     def stop(self) -> None:
@@ -251,7 +190,7 @@ def main() -> int:
     results: dict[tuple[str, str], list[float]] = {(d, c): [] for d in DAEMONS for c in CASES}
     ok = True
     try:
-        make_source(str(raw), args.size)
+        make_source(str(raw), args.size, b"nbdbench")
         with open(raw, "rb") as f:  # warm the page cache
             while f.read(8 * MiB):
                 pass
