@@ -39,8 +39,12 @@ class MemoryNode(BlockNode):
         self.log.append(("write-done", offset))
 
 
-def make_export(node: BlockNode) -> Export:
-    return Export("e", "disk", node, writable=True, writethrough=False, description=None)
+def make_export(node: BlockNode) -> tuple[ExportRegistry, Export]:
+    registry = ExportRegistry(EventBus(), BlockGraph())
+    registry.server = object()  # pretend it runs
+    export = registry.add("e", node, name="disk", description=None, writable=True,
+                          writethrough=False)  # fmt: skip
+    return registry, export
 
 
 async def write_through(export: Export, offset: int, data: bytes) -> str:
@@ -52,7 +56,7 @@ async def write_through(export: Export, offset: int, data: bytes) -> str:
 async def test_pivot_lets_inflight_finish_on_the_old_node_and_moves_new_ones() -> None:
     old, new = MemoryNode("top"), MemoryNode("base")
     old.gate = trio.Event()
-    export = make_export(old)
+    registry, export = make_export(old)
     results: dict[str, str] = {}
 
     async def run(tag: str, offset: int) -> None:
@@ -66,8 +70,8 @@ async def test_pivot_lets_inflight_finish_on_the_old_node_and_moves_new_ones() -
         switched = trio.Event()
 
         async def pivot() -> None:
-            await export.switch_node(
-                new, prepare=lambda: new.data.__setitem__(slice(0, 5), old.data[:5])
+            await registry.switch_node(
+                old, new, prepare=lambda: new.data.__setitem__(slice(0, 5), old.data[:5])
             )
             switched.set()
 
@@ -91,12 +95,12 @@ async def test_pivot_lets_inflight_finish_on_the_old_node_and_moves_new_ones() -
 async def test_pivot_cancelled_while_draining_leaves_the_export_usable() -> None:
     old, new = MemoryNode("top"), MemoryNode("base")
     old.gate = trio.Event()
-    export = make_export(old)
+    registry, export = make_export(old)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(write_through, export, 0, b"x")
         await trio.testing.wait_all_tasks_blocked()
         with trio.move_on_after(0.05):
-            await export.switch_node(new)
+            await registry.switch_node(old, new)
         assert export.node is old
         old.gate.set()
     assert await write_through(export, 1, b"y") == "top"

@@ -2,10 +2,10 @@
 
 An :class:`Export` keeps the node it serves behind one attribute, and every
 request reaches the node through :meth:`Export.use`.  That is the hook for an
-active commit's pivot: :meth:`Export.switch_node` stops new requests from
-starting, waits for those in flight to finish on the node they started on,
-swaps the node and lets the waiting requests go on, on the new node.  Clients
-stay connected throughout.
+active commit's pivot: :meth:`ExportRegistry.switch_node` stops new requests
+to every export of a node from starting, waits for those in flight to finish
+on the node they started on, swaps the node and lets the waiting requests go
+on, on the new node.  Clients stay connected throughout.
 
 The :class:`ExportRegistry` owns the NBD server's lifetime (start, stop) and
 the exports by id; the QMP commands are thin wrappers around it.
@@ -69,7 +69,7 @@ class Export:
 
     @property
     def node(self) -> BlockNode:
-        """The node requests go to; change it only with :meth:`switch_node`."""
+        """The node requests go to; change it only with :meth:`ExportRegistry.switch_node`."""
         return self._node
 
     def info(self) -> ExportInfo:
@@ -109,24 +109,6 @@ class Export:
         if self._gate is gate:
             self._gate = None
         gate.set()
-
-    async def switch_node(self, node: BlockNode, prepare: Callable[[], Any] | None = None) -> None:
-        """Serve ``node`` from now on, atomically for every client of this export.
-
-        New requests wait; requests in flight finish on the old node; then
-        ``prepare`` (if given; a function or coroutine function) runs while
-        nothing is in flight, the node is swapped and waiting requests resume
-        on the new one.  Cancel-safe: the export is never left gated.  To
-        switch every export of a node at once use
-        :meth:`ExportRegistry.switch_node`.
-        """
-        gate = await self.hold()
-        try:
-            await self.drain()
-            await _call(prepare)
-            self._node = node
-        finally:
-            self.release(gate)
 
 
 async def _call(prepare: Callable[[], Any] | None) -> None:
