@@ -36,20 +36,13 @@ from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
 from blockd.errors import BlockIOError
 from blockd.events import BlockJobReady, EventSink
-from blockd.jobs.copy import ChainCopy, CopyFailed
+from blockd.jobs.copy import BLOCKER, WINDOW, ChainCopy, CopyFailed, step_size
 from blockd.jobs.job import Job, JobOptions
 from blockd.jobs.status import JobStatus
 
 log = logging.getLogger(__name__)
 
 S = JobStatus
-
-#: What ``blockdev-del`` and other jobs are told while the job holds a node.
-BLOCKER = "block device is in use by block job: commit"
-
-#: Bytes per step unthrottled; with a speed limit about a tenth of a second's worth.
-WINDOW = 32 * 1024 * 1024
-CHUNK = 512 * 1024
 
 #: How often a READY job looks for new writes to copy (QEMU's mirror: 100 ms).
 READY_POLL = 0.1
@@ -115,12 +108,6 @@ class ActiveCommitJob(Job):
     def _on_write(self, offset: int, length: int) -> None:
         self._dirty.mark(offset, length)
         self._update_length()
-
-    def _step(self) -> int:
-        speed = self.speed
-        if not speed:
-            return WINDOW
-        return max(CHUNK, min(WINDOW, speed // 10 // CHUNK * CHUNK))
 
     # -- hooks of Job -----------------------------------------------------------------
 
@@ -203,7 +190,7 @@ class ActiveCommitJob(Job):
 
     async def _copy_next(self) -> bool:
         """Copy the next dirty run (after the last one, wrapping); False if none."""
-        step = self._step()
+        step = step_size(self.speed)
         run = self._dirty.next_run(self._cursor, step) or self._dirty.next_run(0, step)
         if run is None:
             return False

@@ -24,23 +24,10 @@ from blockd.block.node import BlockNode
 from blockd.errors import BlockError, BlockIOError, DeviceNotFound
 from blockd.events import EventSink
 from blockd.jobs.active_commit import ActiveCommitPlan
-from blockd.jobs.copy import ChainCopy, CopyFailed
+from blockd.jobs.copy import BLOCKER, CHUNK, ChainCopy, CopyFailed, step_size
 from blockd.jobs.job import Job, JobOptions
 
 log = logging.getLogger(__name__)
-
-#: Smallest step (QEMU's COMMIT_BUFFER_SIZE), used when a low speed limit is set;
-#: progress, pause, cancel and the rate limit act per step.
-CHUNK = 512 * 1024
-
-#: Bytes per step without a speed limit: runs are coalesced up to this size
-#: and copied in as few requests as the images' layouts allow (into a sparse
-#: base, one flush per step: 8 MiB -> 32 MiB took a 1 GiB commit from 2.9-4.5 s
-#: to 1.8-2.0 s).
-WINDOW = 32 * 1024 * 1024
-
-#: What ``blockdev-del`` and other jobs are told while a commit holds a node.
-BLOCKER = "block device is in use by block job: commit"
 
 
 @dataclass(frozen=True)
@@ -104,13 +91,6 @@ class CommitJob(Job):
             await self.clean()
             raise
 
-    def _step(self) -> int:
-        """Bytes per step: large when unthrottled, ~ a tenth of a second's worth otherwise."""
-        speed = self.speed
-        if not speed:
-            return WINDOW
-        return max(CHUNK, min(WINDOW, speed // 10 // CHUNK * CHUNK))
-
     async def run(self) -> None:
         top, base = self.plan.top, self.plan.base
         length = top.size
@@ -120,7 +100,7 @@ class CommitJob(Job):
         offset = 0
         while offset < length:
             await self.throttle()
-            end = min(offset + self._step(), length)
+            end = min(offset + step_size(self.speed), length)
             try:
                 copied = await self._copy.window(offset, end)
             except CopyFailed as failed:

@@ -16,6 +16,26 @@ from blockd.errors import BlockIOError
 #: Largest buffer of the read-and-write path (runs that cannot go file to file).
 BUFFER = 4 * 1024 * 1024
 
+#: Smallest step (QEMU's COMMIT_BUFFER_SIZE), used when a low speed limit is set;
+#: progress, pause, cancel and the rate limit act per step.
+CHUNK = 512 * 1024
+
+#: Bytes per step without a speed limit: runs are coalesced up to this size
+#: and copied in as few requests as the images' layouts allow (into a sparse
+#: base, one flush per step: 8 MiB -> 32 MiB took a 1 GiB commit from 2.9-4.5 s
+#: to 1.8-2.0 s).
+WINDOW = 32 * 1024 * 1024
+
+#: What ``blockdev-del`` and other jobs are told while a commit holds a node.
+BLOCKER = "block device is in use by block job: commit"
+
+
+def step_size(speed: int) -> int:
+    """Bytes per step: large when unthrottled, ~ a tenth of a second's worth otherwise."""
+    if not speed:
+        return WINDOW
+    return max(CHUNK, min(WINDOW, speed // 10 // CHUNK * CHUNK))
+
 
 class CopyFailed(Exception):
     """A read or a write of the copy failed: ``operation`` is what on-error reports."""
