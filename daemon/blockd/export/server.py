@@ -225,6 +225,16 @@ class _Client:
         await self.closed.wait()
 
 
+def _refusal(client: _Client, export: Export, request: p.Request) -> bytes | None:
+    """The error reply for a request the protocol refuses before any I/O, or None."""
+    refusal = p.check_request(
+        request, client.size, export.writable, client.structured, client.contexts
+    )
+    if refusal is None:
+        return None
+    return p.error_reply(request.handle, client.structured, refusal.error, refusal.message)
+
+
 class NBDServer:
     def __init__(
         self,
@@ -422,13 +432,9 @@ class NBDServer:
                     if request.type != _READ or request.length > _INLINE_READ:
                         rest.append(request)
                         continue
-                    refusal = p.check_request(
-                        request, client.size, export.writable, client.structured, client.contexts
-                    )
-                    if refusal is not None:
-                        frames.append(p.error_reply(
-                            request.handle, client.structured, refusal.error, refusal.message
-                        ))
+                    refused = _refusal(client, export, request)
+                    if refused is not None:
+                        frames.append(refused)
                         continue
                     io = node.direct_io(request.offset, request.length, False)
                     if io is None:
@@ -500,14 +506,9 @@ class NBDServer:
                     jobs: list[DirectJob] = []
                     replies: list[tuple[p.Request, bytearray | None]] = []
                     for request in requests:
-                        refusal = p.check_request(
-                            request, client.size, export.writable, client.structured,
-                            client.contexts,
-                        )
-                        if refusal is not None:
-                            frames.append(p.error_reply(
-                                request.handle, client.structured, refusal.error, refusal.message
-                            ))
+                        refused = _refusal(client, export, request)
+                        if refused is not None:
+                            frames.append(refused)
                             continue
                         write = request.type == _WRITE
                         io = node.direct_io(request.offset, request.length, write)
@@ -550,11 +551,9 @@ class NBDServer:
     async def _run(self, client: _Client, request: p.Request) -> bytes:
         export = client.export
         assert export is not None
-        refusal = p.check_request(
-            request, client.size, export.writable, client.structured, client.contexts
-        )
-        if refusal is not None:
-            return p.error_reply(request.handle, client.structured, refusal.error, refusal.message)
+        refused = _refusal(client, export, request)
+        if refused is not None:
+            return refused
         try:
             async with export.use() as node:
                 # Once started, node I/O is never cut short by a disconnect.
