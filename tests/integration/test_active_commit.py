@@ -456,13 +456,6 @@ def test_sigkill_during_active_commit_loses_nothing(disk: Disk) -> None:
     assert disk.matches(d / "top.qcow2")
 
 
-def read_only_io(uri: str, command: str) -> str:
-    result = subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", command, uri],
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert result.returncode == 0 and "failed" not in result.stdout, result
-    return result.stdout.splitlines()[0]
-
-
 def test_exported_intermediate_outlives_an_intermediate_commit(
     tmp_path: Path, sock_dir: Path
 ) -> None:
@@ -478,13 +471,13 @@ def test_exported_intermediate_outlives_an_intermediate_commit(
         export = {"type": "nbd", "id": "m", "node-name": mid, "name": "mid"}
         assert disk.execute("block-export-add", **export) == {"return": {}}
         mid_uri = f"nbd+unix:///mid?socket={disk.nbd_sock}"
-        before = read_only_io(mid_uri, "read -P 0x21 4M 2M")
+        before = io(mid_uri, "read -P 0x21 4M 2M", read_only=True).splitlines()[0]
         disk.commit(**{"top-node": mid})
         disk.qmp.wait_event("BLOCK_JOB_COMPLETED", device="j")
         assert backing_of(tmp_path / "top.qcow2") == str(tmp_path / "base.qcow2")
         names = [n["node-name"] for n in disk.execute("query-named-block-nodes")["return"]]
         assert mid in names
-        assert read_only_io(mid_uri, "read -P 0x21 4M 2M") == before
+        assert io(mid_uri, "read -P 0x21 4M 2M", read_only=True).splitlines()[0] == before
         assert disk.execute("block-export-del", id="m", mode="hard") == {"return": {}}
         disk.qmp.wait_event("BLOCK_EXPORT_DELETED", id="m")
         names = [n["node-name"] for n in disk.execute("query-named-block-nodes")["return"]]

@@ -85,8 +85,8 @@ def check_image(image: Path) -> None:
     assert out.get("corruptions", 0) == 0 and out.get("leaks", 0) == 0, out
 
 
-def io(uri: str, *commands: str) -> str:
-    argv = [require_tool("qemu-io"), "-f", "raw"]
+def io(uri: str, *commands: str, read_only: bool = False) -> str:
+    argv = [require_tool("qemu-io"), "-f", "raw", *(["-r"] if read_only else [])]
     for command in commands:
         argv += ["-c", command]
     result = subprocess.run([*argv, uri], capture_output=True, text=True, timeout=60)
