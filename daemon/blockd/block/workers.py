@@ -15,6 +15,7 @@ threads doing disk I/O stays bounded however many nodes and clients there are.
 from __future__ import annotations
 
 import contextlib
+import functools
 import queue
 import threading
 from collections.abc import Callable
@@ -28,7 +29,8 @@ T = TypeVar("T")
 #: Threads doing blocking I/O at most, over all nodes.
 MAX_THREADS = 16
 
-_Job = tuple[Callable[[], Any], trio.lowlevel.Task, trio.lowlevel.TrioToken]
+#: What to run, what to call on the loop with its outcome, and which loop.
+_Job = tuple[Callable[[], Any], Callable[[outcome.Outcome[Any]], object], trio.lowlevel.TrioToken]
 
 
 class _Pool:
@@ -69,12 +71,12 @@ class _Pool:
     def _work(self) -> None:
         jobs = self._jobs
         while True:
-            fn, task, token = jobs.get()
+            fn, done, token = jobs.get()
             result = outcome.capture(fn)
             with contextlib.suppress(trio.RunFinishedError):
                 # the loop is gone only when nobody waits for this any more
-                token.run_sync_soon(trio.lowlevel.reschedule, task, result)
-            del fn, task, token, result
+                token.run_sync_soon(done, result)
+            del fn, done, token, result
             with self._lock:
                 if self._backlog:
                     self._backlog -= 1
@@ -93,10 +95,20 @@ async def run(fn: Callable[[], T]) -> T:
     finish (a blocking system call cannot be taken back).
     """
     await trio.lowlevel.checkpoint_if_cancelled()
-    _pool.submit((fn, trio.lowlevel.current_task(), trio.lowlevel.current_trio_token()))
+    submit(fn, functools.partial(trio.lowlevel.reschedule, trio.lowlevel.current_task()))
 
     def refuse(_raise_cancel: Any) -> trio.lowlevel.Abort:
         return trio.lowlevel.Abort.FAILED
 
     result: T = await trio.lowlevel.wait_task_rescheduled(refuse)
     return result
+
+
+def submit(fn: Callable[[], T], done: Callable[[outcome.Outcome[T]], object]) -> None:
+    """Start ``fn()`` in a worker thread; ``done(outcome)`` then runs on this trio loop.
+
+    For callers that have many calls in flight and would rather not keep a
+    task waiting on each: ``done`` runs as a plain callback between tasks, so
+    it must not block and must not raise (trio treats that as its own crash).
+    """
+    _pool.submit((fn, done, trio.lowlevel.current_trio_token()))

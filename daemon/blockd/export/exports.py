@@ -80,16 +80,26 @@ class Export:
     @asynccontextmanager
     async def use(self) -> AsyncIterator[BlockNode]:
         """The node one request runs on, held until the request is done."""
-        while self._gate is not None:
+        while (node := self.enter()) is None:
+            assert self._gate is not None
             await self._gate.wait()
-        node = self._node
-        self._inflight += 1
         try:
             yield node
         finally:
-            self._inflight -= 1
-            if self._inflight == 0:
-                self._drained.set()
+            self.leave()
+
+    def enter(self) -> BlockNode | None:
+        """:meth:`use` for a caller that cannot wait: the node, to be given
+        back with :meth:`leave`, or None while a pivot holds the export."""
+        if self._gate is not None:
+            return None
+        self._inflight += 1
+        return self._node
+
+    def leave(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._drained.set()
 
     async def drain(self) -> None:
         """Wait until no request is running on the node."""

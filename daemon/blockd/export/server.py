@@ -29,9 +29,10 @@ import logging
 import os
 from collections.abc import Callable
 
+import outcome
 import trio
 
-from blockd.block.drivers.file import DirectJob, read_cached, run_direct
+from blockd.block.drivers.file import DirectJob, DirectResult, read_cached, start_direct
 from blockd.block.node import BlockNode, Status
 from blockd.errors import BlockdError, BlockIOError
 from blockd.export import protocol as p
@@ -40,7 +41,7 @@ from blockd.export.exports import Export, ExportRegistry
 log = logging.getLogger(__name__)
 
 #: Requests one client may have running at once.
-MAX_INFLIGHT = 16
+MAX_INFLIGHT = 32
 #: Extents one BLOCK_STATUS reply may carry.
 MAX_EXTENTS = 1024
 _RECEIVE_SIZE = 256 * 1024
@@ -50,7 +51,7 @@ _COALESCE_BYTES = 256 * 1024
 _SEND_ALONE = 64 * 1024
 #: Requests received together go to one worker-thread call, up to about this many bytes.
 _BATCH_BYTES = 1024 * 1024
-#: Batch tasks per client, each waiting on one worker-thread call at a time.
+#: Worker-thread calls one client may have running at once.
 _MAX_BATCHES = 2
 #: Reads up to this size are served from the page cache on the event loop when they can.
 _INLINE_READ = 64 * 1024
@@ -168,7 +169,7 @@ async def sparse_read(node: BlockNode, offset: int, length: int) -> list[tuple[i
 
 
 def _batchable(client: _Client, request: p.Request) -> bool:
-    """Whether a request may go through :meth:`NBDServer._batch`: plain reads and
+    """Whether a request may go through :meth:`NBDServer._submit`: plain reads and
     writes (a FUA write or a write-through export needs its flush)."""
     kind = request.type
     if kind == _READ:
@@ -209,9 +210,13 @@ class _Client:
         self.closed = trio.Event()
         self.outbox, self.outbox_reader = trio.open_memory_channel[Frames](MAX_INFLIGHT * 2)
         self.slots = trio.Semaphore(MAX_INFLIGHT)
-        #: requests waiting for a batch task (see NBDServer._queue_batch)
+        #: requests waiting for a worker-thread call (see NBDServer._start_batches)
         self.pending: collections.deque[p.Request] = collections.deque()
-        self.batchers = 0
+        self.batches = 0
+        #: set whenever no worker-thread call is running
+        self.batches_done = trio.Event()
+        self.batches_done.set()
+        self.nursery: trio.Nursery | None = None
         self.export: Export | None = None
         self.structured = False
         self.contexts: dict[int, str] = {}
@@ -321,9 +326,10 @@ class NBDServer:
         conn = p.NBDConnection(lookup, registry.listing)
         await client.stream.send_all(conn.greeting())
         async with trio.open_nursery() as nursery:
+            client.nursery = nursery
             nursery.start_soon(self._write, client)
             try:
-                await self._read(client, conn, nursery)
+                await self._read(client, conn)
             except p.ProtocolError as err:
                 log.info("dropping an NBD client: %s", err)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -332,13 +338,17 @@ class NBDServer:
                 # Let running requests finish and their replies go out, then stop the writer.
                 async with trio.open_nursery() as waiter:
                     waiter.start_soon(self._wait_requests, client)
+                with trio.CancelScope(shield=True):
+                    # worker-thread calls hold no task: wait for them here
+                    while client.pending or client.batches:
+                        await client.batches_done.wait()
                 client.outbox.close()
 
     async def _wait_requests(self, client: _Client) -> None:
         for _ in range(MAX_INFLIGHT):
             await client.slots.acquire()
 
-    async def _read(self, client: _Client, conn: p.NBDConnection, nursery: trio.Nursery) -> None:
+    async def _read(self, client: _Client, conn: p.NBDConnection) -> None:
         batch: list[p.Request] = []
         batch_bytes = 0
         try:
@@ -368,23 +378,24 @@ class NBDServer:
                     except trio.WouldBlock:
                         # what is batched holds slots too: start it before waiting
                         if batch:
-                            await self._dispatch(client, batch, nursery)
+                            self._dispatch(client, batch)
                             batch, batch_bytes = [], 0
                         await client.slots.acquire()
                     if not _batchable(client, event):
-                        nursery.start_soon(self._request, client, event)
+                        self._start_request(client, event)
                         continue
                     batch.append(event)
                     batch_bytes += event.length
                     if batch_bytes >= _BATCH_BYTES:
-                        await self._dispatch(client, batch, nursery)
+                        self._dispatch(client, batch)
                         batch, batch_bytes = [], 0
                 if batch:
-                    await self._dispatch(client, batch, nursery)
+                    self._dispatch(client, batch)
                     batch, batch_bytes = [], 0
         finally:
             if batch:
-                self._queue_batch(client, batch, nursery)
+                client.pending.extend(batch)
+                self._start_batches(client)
 
     async def _write(self, client: _Client) -> None:
         try:
@@ -412,141 +423,205 @@ class NBDServer:
         finally:
             client.slots.release()
 
-    async def _dispatch(
-        self, client: _Client, requests: list[p.Request], nursery: trio.Nursery
-    ) -> None:
-        """Answer small READs of cached data at once; start :meth:`_batch` for the rest.
+    def _start_request(self, client: _Client, request: p.Request) -> None:
+        """Run one request (holding a slot) on the node's ordinary async path, in a task."""
+        assert client.nursery is not None
+        client.nursery.start_soon(self._request, client, request)
+
+    def _dispatch(self, client: _Client, requests: list[p.Request]) -> None:
+        """Answer small READs of cached data at once; queue the rest for a worker thread.
 
         Most small reads hit the page cache, and a read that would wait for
         the disk is refused by the kernel (:func:`read_cached`), so these
-        need neither a task nor a thread.  Each answered request gives its
-        slot back once its reply is queued.
+        need neither a task nor a thread.
         """
         export = client.export
         assert export is not None
+        node = export.enter()
+        if node is None:  # a pivot holds the export: wait on the ordinary path
+            for request in requests:
+                self._start_request(client, request)
+            return
         frames: Frames = []
-        rest: list[p.Request] = []
+        answered = 0
         try:
-            async with export.use() as node:
-                for request in requests:
-                    if request.type != _READ or request.length > _INLINE_READ:
-                        rest.append(request)
-                        continue
-                    refused = _refusal(client, export, request)
-                    if refused is not None:
-                        frames.append(refused)
-                        continue
-                    io = node.direct_io(request.offset, request.length, False)
-                    if io is None:
-                        rest.append(request)
-                        continue
-                    reply = p.data_reply_buffer(request, client.structured)
-                    try:
-                        cached = read_cached(io, memoryview(reply)[len(reply) - request.length :])
-                    finally:
-                        io.release()
-                    if cached:
-                        frames.append(reply)
-                    else:
-                        rest.append(request)
-            if rest:
-                self._queue_batch(client, rest, nursery)
-            if frames:
+            for request in requests:
+                if request.type != _READ or request.length > _INLINE_READ:
+                    client.pending.append(request)
+                    continue
+                refused = _refusal(client, export, request)
+                if refused is not None:
+                    frames.append(refused)
+                    answered += 1
+                    continue
+                io = node.direct_io(request.offset, request.length, False)
+                if io is None:
+                    client.pending.append(request)
+                    continue
+                reply = p.data_reply_buffer(request, client.structured)
                 try:
-                    client.outbox.send_nowait(frames)
-                except trio.WouldBlock:
-                    await client.outbox.send(frames)
+                    cached = read_cached(io, memoryview(reply)[len(reply) - request.length :])
+                finally:
+                    io.release()
+                if cached:
+                    frames.append(reply)
+                    answered += 1
+                else:
+                    client.pending.append(request)
         finally:
-            for _ in range(len(requests) - len(rest)):
-                client.slots.release()
+            export.leave()
+        self._reply(client, frames, answered)
+        self._start_batches(client)
 
-    def _queue_batch(
-        self, client: _Client, requests: list[p.Request], nursery: trio.Nursery
-    ) -> None:
-        """Queue requests for :meth:`_batch`, run by at most :data:`_MAX_BATCHES` tasks.
+    def _reply(self, client: _Client, frames: Frames, answered: int) -> None:
+        """Queue replies, then give back the slots of the ``answered`` requests.
 
-        While those are busy in worker threads, newly received requests
-        accumulate, so under load each thread call carries many of them
-        instead of each paying its own round trip.
+        The slots are kept until the replies are queued, so a client that
+        does not read its replies stops being read from too.
         """
-        client.pending.extend(requests)
-        if client.batchers < _MAX_BATCHES:
-            client.batchers += 1
-            nursery.start_soon(self._run_batches, client, nursery)
-
-    async def _run_batches(self, client: _Client, nursery: trio.Nursery) -> None:
-        pending = client.pending
+        if not frames:
+            self._release(client, answered)
+            return
         try:
-            while pending:
-                take = [pending.popleft()]
-                size = take[0].length
-                while pending and size + pending[0].length <= _BATCH_BYTES:
-                    size += pending[0].length
-                    take.append(pending.popleft())
-                await self._batch(client, take, nursery)
-        finally:
-            client.batchers -= 1
+            client.outbox.send_nowait(frames)
+        except trio.WouldBlock:
+            assert client.nursery is not None
+            client.nursery.start_soon(self._reply_later, client, frames, answered)
+            return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        self._release(client, answered)
 
-    async def _batch(
-        self, client: _Client, requests: list[p.Request], nursery: trio.Nursery
-    ) -> None:
-        """Run the READs and WRITEs that :meth:`BlockNode.direct_io` resolves in
-        one worker call; hand the others to :meth:`_request`.
-
-        Each request holds one slot until its reply is queued.
-        """
-        export = client.export
-        assert export is not None
-        frames: Frames = []
-        held = len(requests)
+    async def _reply_later(self, client: _Client, frames: Frames, answered: int) -> None:
         try:
-            async with export.use() as node:
-                # Once started, node I/O is never cut short by a disconnect.
-                with trio.CancelScope(shield=True):
-                    jobs: list[DirectJob] = []
-                    replies: list[tuple[p.Request, bytearray | None]] = []
-                    for request in requests:
-                        refused = _refusal(client, export, request)
-                        if refused is not None:
-                            frames.append(refused)
-                            continue
-                        write = request.type == _WRITE
-                        io = node.direct_io(request.offset, request.length, write)
-                        if io is None:
-                            held -= 1
-                            nursery.start_soon(self._request, client, request)
-                            continue
-                        if write:
-                            jobs.append((io, True, memoryview(request.data)))
-                            replies.append((request, None))
-                        else:
-                            reply = p.data_reply_buffer(request, client.structured)
-                            jobs.append(
-                                (io, False, memoryview(reply)[len(reply) - request.length :])
-                            )
-                            replies.append((request, reply))
-                    if jobs:
-                        try:
-                            errors = await run_direct(jobs)
-                        finally:
-                            for io, _write, _buf in jobs:
-                                io.release()
-                        for (request, buf), err in zip(replies, errors, strict=True):
-                            if err is not None:
-                                frames.append(p.error_reply(
-                                    request.handle, client.structured, nbd_error(err), str(err)
-                                ))
-                            elif buf is not None:
-                                frames.append(buf)
-                            else:
-                                frames.append(p.simple_reply(request.handle))
-            if frames:
-                await client.outbox.send(frames)
+            await client.outbox.send(frames)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
-            for _ in range(held):
-                client.slots.release()
+            self._release(client, answered)
+
+    @staticmethod
+    def _release(client: _Client, answered: int) -> None:
+        for _ in range(answered):
+            client.slots.release()
+
+    def _start_batches(self, client: _Client) -> None:
+        """Start worker-thread calls for queued requests, at most :data:`_MAX_BATCHES`.
+
+        While those run, newly received requests accumulate, so under load
+        each call carries many of them instead of each paying its own round
+        trip.
+        """
+        pending = client.pending
+        while pending and client.batches < _MAX_BATCHES:
+            take = [pending.popleft()]
+            size = take[0].length
+            while pending and size + pending[0].length <= _BATCH_BYTES:
+                size += pending[0].length
+                take.append(pending.popleft())
+            self._submit(client, take)
+        if not pending and not client.batches:
+            client.batches_done.set()
+
+    def _submit(self, client: _Client, requests: list[p.Request]) -> None:
+        """Start one worker-thread call for the READs and WRITEs that
+        :meth:`BlockNode.direct_io` resolves; hand the others to :meth:`_request`.
+
+        Each request holds its slot until its reply is queued.  Once started,
+        the call runs to its end whatever happens to the client, so a write
+        is never cut short.
+        """
+        export = client.export
+        assert export is not None
+        node = export.enter()
+        if node is None:  # a pivot holds the export: wait on the ordinary path
+            for request in requests:
+                self._start_request(client, request)
+            return
+        frames: Frames = []
+        answered = 0
+        jobs: list[DirectJob] = []
+        replies: list[tuple[p.Request, bytearray | None]] = []
+        try:
+            for request in requests:
+                refused = _refusal(client, export, request)
+                if refused is not None:
+                    frames.append(refused)
+                    answered += 1
+                    continue
+                write = request.type == _WRITE
+                io = node.direct_io(request.offset, request.length, write)
+                if io is None:
+                    self._start_request(client, request)
+                    continue
+                if write:
+                    jobs.append((io, True, memoryview(request.data)))
+                    replies.append((request, None))
+                else:
+                    reply = p.data_reply_buffer(request, client.structured)
+                    jobs.append((io, False, memoryview(reply)[len(reply) - request.length :]))
+                    replies.append((request, reply))
+        except BaseException:
+            for io, _write, _buf in jobs:
+                io.release()
+            export.leave()
+            raise
+        if not jobs:
+            export.leave()
+            self._reply(client, frames, answered)
+            return
+        client.batches += 1
+        if client.batches_done.is_set():
+            client.batches_done = trio.Event()
+
+        def done(result: outcome.Outcome[DirectResult]) -> None:
+            self._finish(client, export, jobs, replies, frames, answered, result)
+
+        start_direct(jobs, done)
+
+    def _finish(
+        self,
+        client: _Client,
+        export: Export,
+        jobs: list[DirectJob],
+        replies: list[tuple[p.Request, bytearray | None]],
+        frames: Frames,
+        answered: int,
+        result: outcome.Outcome[DirectResult],
+    ) -> None:
+        """A worker-thread call is over: reply, and start what waited for it.
+
+        Runs as a loop callback, where an exception would take trio down, so
+        nothing may escape.
+        """
+        answered += len(replies)
+        try:
+            for io, _write, _buf in jobs:
+                io.release()
+            export.leave()
+            try:
+                errors: list[BaseException | None] = list(result.unwrap())
+            except Exception as failure:
+                log.exception("NBD batch failed unexpectedly")
+                errors = [failure] * len(replies)
+            for (request, buf), err in zip(replies, errors, strict=True):
+                if err is not None:
+                    frames.append(
+                        p.error_reply(request.handle, client.structured, nbd_error(err), str(err))
+                    )
+                elif buf is not None:
+                    frames.append(buf)
+                else:
+                    frames.append(p.simple_reply(request.handle))
+        except Exception:
+            log.exception("finishing an NBD batch failed")
+        finally:
+            client.batches -= 1
+            try:
+                self._reply(client, frames, answered)
+                self._start_batches(client)
+            except Exception:
+                log.exception("finishing an NBD batch failed")
 
     async def _run(self, client: _Client, request: p.Request) -> bytes:
         export = client.export

@@ -19,6 +19,7 @@ import struct
 from collections.abc import Callable
 from typing import TypeVar
 
+import outcome
 import trio
 
 from blockd.block import workers
@@ -134,13 +135,16 @@ async def run_io(fn: Callable[[], T]) -> T:
         raise BlockIOError(exc.errno or errno.EIO) from exc
 
 
-#: One request of a :func:`run_direct` batch: where, which way, and the bytes
+#: One request of a :func:`start_direct` batch: where, which way, and the bytes
 #: (the source of a write, the destination of a read).
 DirectJob = tuple[DirectIO, bool, memoryview]
 
+#: Each request's error or None, in order (one failing does not stop the others).
+DirectResult = list[BlockIOError | None]
 
-def _direct_all(jobs: list[DirectJob]) -> list[OSError | None]:
-    errors: list[OSError | None] = []
+
+def _direct_all(jobs: list[DirectJob]) -> DirectResult:
+    errors: DirectResult = []
     for io, write, buf in jobs:
         pos = 0
         try:
@@ -151,19 +155,22 @@ def _direct_all(jobs: list[DirectJob]) -> list[OSError | None]:
                     _preadv_full(io.fd, host, buf[pos : pos + n])
                 pos += n
         except OSError as exc:
-            errors.append(exc)
+            errors.append(BlockIOError(exc.errno or errno.EIO))
         else:
             errors.append(None)
     return errors
 
 
-async def run_direct(jobs: list[DirectJob]) -> list[BlockIOError | None]:
-    """Run many resolved requests in one worker-thread call; each one's error or None.
+def start_direct(
+    jobs: list[DirectJob], done: Callable[[outcome.Outcome[DirectResult]], object]
+) -> None:
+    """Start many resolved requests in one worker-thread call; ``done`` gets the
+    outcome on the event loop (a callback, with :func:`workers.submit`'s rules).
 
-    One failing request does not stop the others: each has its own reply.
+    A callback rather than an awaited call: a server with many small
+    requests in flight then needs no task, and no task switch, per batch.
     """
-    errors = await workers.run(lambda: _direct_all(jobs))
-    return [None if e is None else BlockIOError(e.errno or errno.EIO) for e in errors]
+    workers.submit(lambda: _direct_all(jobs), done)
 
 
 _RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
