@@ -417,7 +417,7 @@ class Qcow2Node(BlockNode):
         # change half-way; no lock is needed for that.  The pins then keep
         # the clusters from being freed until the caller's I/O is done,
         # exactly as for a mapped read or in-place write.  Called for every
-        # small request: the common case (one cluster) is kept short.
+        # small request, so the common case (one cluster) has a path of its own.
         file = self.file
         if (
             type(file) is not FileNode
@@ -432,7 +432,8 @@ class Qcow2Node(BlockNode):
         last = (offset + length - 1) >> bits
         if write and (
             self.read_only
-            or self.corrupt
+            or self._corrupt
+            or self.header.incompatible_features & hdr.INCOMPAT_CORRUPT
             or self.detect_zeroes != "off"
             # an allocation or a metadata change may be on its way to these
             # clusters: the ordinary path waits for it, so it must decide
@@ -449,6 +450,15 @@ class Qcow2Node(BlockNode):
             return None
         need = OFLAG_COPIED if write else 0
         bad = OFLAG_COMPRESSED | OFLAG_ZERO | (self.cluster_size - 1)
+        if first == last:
+            entry = table[first - l1_index * n_l2]
+            host = entry & OFFSET_MASK
+            if not host or entry & bad or entry & need != need:
+                return None
+            start = host + (offset & (self.cluster_size - 1))
+            if write and self._meta.kind_at(start) is not None:
+                return None  # the ordinary path marks the image corrupt
+            return self._held(file, [(start, length)], [host >> bits])
         base = l1_index * n_l2
         pieces: list[tuple[int, int]] = []
         clusters: list[int] = []
@@ -472,6 +482,10 @@ class Qcow2Node(BlockNode):
                     self._meta.check(start, n, None)
             except OverlapError:
                 return None  # the ordinary path marks the image corrupt
+        return self._held(file, pieces, clusters)
+
+    def _held(self, file: FileNode, pieces: list[tuple[int, int]], clusters: list[int]) -> DirectIO:
+        """``pieces`` of ``file`` as a :class:`DirectIO`, their clusters pinned until released."""
         self._pin(clusters)
         fd = file.hold_fd()
 
