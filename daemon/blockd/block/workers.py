@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import queue
+import signal
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -69,6 +70,9 @@ class _Pool:
         self._jobs.put(job)
 
     def _work(self) -> None:
+        # Signals go to the main thread, where Python handles them anyway; a
+        # signal landing here could cut a wait in glibc short (see listio).
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         jobs = self._jobs
         while True:
             fn, done, token = jobs.get()

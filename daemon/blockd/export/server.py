@@ -8,9 +8,10 @@ path, because a thread round trip and a task each cost more than a 4 KiB copy
 in the page cache: the node resolves them to host-file positions from cached
 metadata (:meth:`BlockNode.direct_io`); small reads of cached data are
 answered at once on the loop (``RWF_NOWAIT`` reads, which the kernel refuses
-rather than block), the others go, many per call, to a worker thread from at
-most :data:`_MAX_BATCHES` batch tasks.  Every other request (and any the node
-cannot resolve) gets a task of its own and the node's ordinary async path.
+rather than block), the others go, many per call, to worker threads (see
+:class:`_Lane`), and each call reports back through a loop callback, not a
+waiting task.  Every other request (and any the node cannot resolve) gets a
+task of its own and the node's ordinary async path.
 Replies may finish out of order; each is queued whole on the client's outbox
 and one writer task sends them, so frames never interleave mid-way.
 
@@ -51,8 +52,11 @@ _COALESCE_BYTES = 256 * 1024
 _SEND_ALONE = 64 * 1024
 #: Requests received together go to one worker-thread call, up to about this many bytes.
 _BATCH_BYTES = 1024 * 1024
-#: Worker-thread calls one client may have running at once.
-_MAX_BATCHES = 2
+#: Worker-thread calls one client may have running at once, reading and writing.
+_READ_CALLS = 2
+#: (A file's buffered writes take its inode lock one at a time anyway: a second
+#: call would only queue there, and give smaller batches.)
+_WRITE_CALLS = 1
 #: Reads up to this size are served from the page cache on the event loop when they can.
 _INLINE_READ = 64 * 1024
 
@@ -168,6 +172,10 @@ async def sparse_read(node: BlockNode, offset: int, length: int) -> list[tuple[i
     return out
 
 
+def _lane(client: _Client, request: p.Request) -> _Lane:
+    return client.writes if request.type == _WRITE else client.reads
+
+
 def _batchable(client: _Client, request: p.Request) -> bool:
     """Whether a request may go through :meth:`NBDServer._submit`: plain reads and
     writes (a FUA write or a write-through export needs its flush)."""
@@ -202,6 +210,24 @@ def _has_fast_zeroes(node: BlockNode) -> bool:
     return type(node)._do_write_zeroes is not BlockNode._do_write_zeroes
 
 
+class _Lane:
+    """Requests of one direction waiting for a worker-thread call, and the calls running.
+
+    While ``limit`` calls run, newly received requests accumulate here, so
+    under load each call carries many of them instead of each paying its own
+    round trip.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.pending: collections.deque[p.Request] = collections.deque()
+        self.running = 0
+
+    @property
+    def idle(self) -> bool:
+        return not self.pending and not self.running
+
+
 class _Client:
     def __init__(self, server: NBDServer, stream: trio.abc.Stream) -> None:
         self.server = server
@@ -210,10 +236,9 @@ class _Client:
         self.closed = trio.Event()
         self.outbox, self.outbox_reader = trio.open_memory_channel[Frames](MAX_INFLIGHT * 2)
         self.slots = trio.Semaphore(MAX_INFLIGHT)
-        #: requests waiting for a worker-thread call (see NBDServer._start_batches)
-        self.pending: collections.deque[p.Request] = collections.deque()
-        self.batches = 0
-        #: set whenever no worker-thread call is running
+        self.reads = _Lane(_READ_CALLS)
+        self.writes = _Lane(_WRITE_CALLS)
+        #: set whenever no request waits for or runs in a worker-thread call
         self.batches_done = trio.Event()
         self.batches_done.set()
         self.nursery: trio.Nursery | None = None
@@ -340,7 +365,7 @@ class NBDServer:
                     waiter.start_soon(self._wait_requests, client)
                 with trio.CancelScope(shield=True):
                     # worker-thread calls hold no task: wait for them here
-                    while client.pending or client.batches:
+                    while not (client.reads.idle and client.writes.idle):
                         await client.batches_done.wait()
                 client.outbox.close()
 
@@ -394,7 +419,8 @@ class NBDServer:
                     batch, batch_bytes = [], 0
         finally:
             if batch:
-                client.pending.extend(batch)
+                for request in batch:
+                    _lane(client, request).pending.append(request)
                 self._start_batches(client)
 
     async def _write(self, client: _Client) -> None:
@@ -447,7 +473,7 @@ class NBDServer:
         try:
             for request in requests:
                 if request.type != _READ or request.length > _INLINE_READ:
-                    client.pending.append(request)
+                    _lane(client, request).pending.append(request)
                     continue
                 refused = _refusal(client, export, request)
                 if refused is not None:
@@ -456,7 +482,7 @@ class NBDServer:
                     continue
                 io = node.direct_io(request.offset, request.length, False)
                 if io is None:
-                    client.pending.append(request)
+                    _lane(client, request).pending.append(request)
                     continue
                 reply = p.data_reply_buffer(request, client.structured)
                 try:
@@ -467,7 +493,7 @@ class NBDServer:
                     frames.append(reply)
                     answered += 1
                 else:
-                    client.pending.append(request)
+                    _lane(client, request).pending.append(request)
         finally:
             export.leave()
         self._reply(client, frames, answered)
@@ -506,24 +532,20 @@ class NBDServer:
             client.slots.release()
 
     def _start_batches(self, client: _Client) -> None:
-        """Start worker-thread calls for queued requests, at most :data:`_MAX_BATCHES`.
-
-        While those run, newly received requests accumulate, so under load
-        each call carries many of them instead of each paying its own round
-        trip.
-        """
-        pending = client.pending
-        while pending and client.batches < _MAX_BATCHES:
-            take = [pending.popleft()]
-            size = take[0].length
-            while pending and size + pending[0].length <= _BATCH_BYTES:
-                size += pending[0].length
-                take.append(pending.popleft())
-            self._submit(client, take)
-        if not pending and not client.batches:
+        """Start worker-thread calls for queued requests, as many as the lanes allow."""
+        for lane in (client.reads, client.writes):
+            pending = lane.pending
+            while pending and lane.running < lane.limit:
+                take = [pending.popleft()]
+                size = take[0].length
+                while pending and size + pending[0].length <= _BATCH_BYTES:
+                    size += pending[0].length
+                    take.append(pending.popleft())
+                self._submit(client, lane, take)
+        if client.reads.idle and client.writes.idle:
             client.batches_done.set()
 
-    def _submit(self, client: _Client, requests: list[p.Request]) -> None:
+    def _submit(self, client: _Client, lane: _Lane, requests: list[p.Request]) -> None:
         """Start one worker-thread call for the READs and WRITEs that
         :meth:`BlockNode.direct_io` resolves; hand the others to :meth:`_request`.
 
@@ -570,18 +592,19 @@ class NBDServer:
             export.leave()
             self._reply(client, frames, answered)
             return
-        client.batches += 1
+        lane.running += 1
         if client.batches_done.is_set():
             client.batches_done = trio.Event()
 
         def done(result: outcome.Outcome[DirectResult]) -> None:
-            self._finish(client, export, jobs, replies, frames, answered, result)
+            self._finish(client, lane, export, jobs, replies, frames, answered, result)
 
         start_direct(jobs, done)
 
     def _finish(
         self,
         client: _Client,
+        lane: _Lane,
         export: Export,
         jobs: list[DirectJob],
         replies: list[tuple[p.Request, bytearray | None]],
@@ -616,7 +639,7 @@ class NBDServer:
         except Exception:
             log.exception("finishing an NBD batch failed")
         finally:
-            client.batches -= 1
+            lane.running -= 1
             try:
                 self._reply(client, frames, answered)
                 self._start_batches(client)
