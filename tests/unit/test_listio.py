@@ -71,19 +71,32 @@ def test_refuses_a_buffer_whose_address_it_cannot_take(fd: int) -> None:
 
 
 def test_direct_batch_finishes_what_list_io_leaves(fd: int) -> None:
-    """_direct_all completes short transfers: past the end of the file reads as zeros."""
-    os.pwrite(fd, b"\x11" * 4096, 64 * 1024 - 4096)
-    into = bytearray(8192)
+    """_direct_all completes or reports what list I/O left: here a write on a bad descriptor."""
     data = b"\x22" * 4096
     jobs = [
-        (DirectIO(fd, [(64 * 1024 - 2048, 4096), (0, 4096)]), False, memoryview(into)),
+        (DirectIO(fd, [(64 * 1024 - 2048, 2048), (0, 2048)]), True, memoryview(data)),
         (DirectIO(fd, [(8192, 4096)]), True, memoryview(data)),
         (DirectIO(-1, [(0, 10)]), True, memoryview(data)[:10]),
     ]
     errors = _direct_all(jobs)
     assert errors[:2] == [None, None]
     assert errors[2] is not None and errors[2].errno == errno.EBADF
+    assert os.pread(fd, 2048, 64 * 1024 - 2048) == data[:2048]
+    assert os.pread(fd, 2048, 0) == data[2048:]
+    assert os.pread(fd, 4096, 8192) == data
+
+
+def test_direct_batch_of_reads(fd: int) -> None:
+    """Reads keep the plain calls; past the end of the file reads as zeros."""
+    os.pwrite(fd, b"\x11" * 4096, 64 * 1024 - 4096)
+    into = bytearray(8192)
+    errors = _direct_all(
+        [
+            (DirectIO(fd, [(64 * 1024 - 2048, 4096)]), False, memoryview(into)[:4096]),
+            (DirectIO(fd, [(64 * 1024 - 4096, 4096)]), False, memoryview(into)[4096:]),
+        ]
+    )
+    assert errors == [None, None]
     assert into[:2048] == b"\x11" * 2048
     assert into[2048:4096] == bytes(2048)
-    assert into[4096:] == bytes(4096)
-    assert os.pread(fd, 4096, 8192) == data
+    assert into[4096:] == b"\x11" * 4096

@@ -144,16 +144,25 @@ DirectResult = list[BlockIOError | None]
 
 
 def _direct_all(jobs: list[DirectJob]) -> DirectResult:
-    """Run a batch: all of it through list I/O where it can, so the worker
-    gives the interpreter lock up once rather than once per request; then
-    plain calls finish what it left (or was refused), and report the errors."""
-    ops: list[listio.Op] = []
-    for io, write, buf in jobs:
-        pos = 0
-        for host, n in io.pieces:
-            ops.append((io.fd, write, host, buf, pos, n))
-            pos += n
-    done = listio.transfer(ops) if len(ops) > 1 else None
+    """Run a batch; plain calls finish what list I/O left (or was refused) and
+    report the errors.
+
+    A batch of writes goes through list I/O, so the worker gives the
+    interpreter lock up once rather than once per request.  glibc runs one
+    descriptor's requests one after the other, which costs writes nothing
+    (buffered writes to a file take its inode lock in turn anyway) but would
+    cost reads the worker threads' parallelism: they keep the plain calls.
+    """
+    done: list[int] | None = None
+    if all(write for _io, write, _buf in jobs):
+        ops: list[listio.Op] = []
+        for io, _write, buf in jobs:
+            pos = 0
+            for host, n in io.pieces:
+                ops.append((io.fd, True, host, buf, pos, n))
+                pos += n
+        if len(ops) > 1:
+            done = listio.transfer(ops)
     errors: DirectResult = []
     index = 0
     for io, write, buf in jobs:
