@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -105,6 +106,18 @@ def compare_with(path: Path, data: bytes, tmp: Path) -> None:
     raw.write_bytes(data)
     proc = run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(path), str(raw), check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def data_on_refcount_block(path: Path) -> bytes:
+    """A 1 MiB image whose guest cluster 0 "is" its refcount block 0 (a corrupt L2
+    entry); the refcount block's bytes, which no write may change."""
+    img = create(path, "1M")
+    qemu_io(img, "write -P 0x42 0 64k")
+    buf = bytearray(img.read_bytes())
+    assert struct.unpack_from(">Q", buf, 0x40000)[0] == 0x8000000000050000
+    struct.pack_into(">Q", buf, 0x40000, 0x8000000000020000)
+    img.write_bytes(bytes(buf))
+    return bytes(buf[0x20000:0x30000])
 
 
 def pattern(byte: int, n: int) -> bytes:

@@ -12,7 +12,15 @@ import pytest
 from blockd.block.graph import BlockGraph
 from blockd.errors import BlockIOError, ImageError
 
-from .conftest import assert_clean, check, create, open_qcow2, qemu_io, run
+from .conftest import (
+    assert_clean,
+    check,
+    create,
+    data_on_refcount_block,
+    open_qcow2,
+    qemu_io,
+    run,
+)
 
 Patch = Callable[[bytearray], None]
 
@@ -152,14 +160,9 @@ async def test_unknown_autoclear_bits_cleared(tmp_path: Path, graph: BlockGraph)
 
 
 async def test_write_onto_metadata_marks_corrupt(tmp_path: Path, graph: BlockGraph) -> None:
-    img = create(tmp_path / "m.qcow2", "1M")
-    qemu_io(img, "write -P 0x42 0 64k")
-    buf = bytearray(img.read_bytes())
-    assert struct.unpack_from(">Q", buf, 0x40000)[0] == 0x8000000000050000
-    struct.pack_into(">Q", buf, 0x40000, 0x8000000000020000)  # data "is" refcount block 0
-    img.write_bytes(bytes(buf))
+    img = tmp_path / "m.qcow2"
+    refblock = data_on_refcount_block(img)
     node = await open_qcow2(graph, img)
-    refblock = bytes(buf[0x20000:0x30000])
     with pytest.raises(BlockIOError) as info:
         await node.write(0, b"\xff" * 512)
     assert info.value.errno == errno.EIO

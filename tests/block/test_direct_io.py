@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from pathlib import Path
 
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
 
-from .conftest import create, open_qcow2, qemu_io, run
+from .conftest import create, data_on_refcount_block, open_qcow2, qemu_io, run
 
 K = 1024
 
@@ -91,12 +90,8 @@ async def test_what_it_leaves_to_the_ordinary_path(tmp_path: Path, graph: BlockG
 
 
 async def test_refuses_a_write_onto_metadata(tmp_path: Path, graph: BlockGraph) -> None:
-    img = create(tmp_path / "m.qcow2", "1M")
-    qemu_io(img, "write -P 0x42 0 64k")
-    buf = bytearray(img.read_bytes())
-    assert struct.unpack_from(">Q", buf, 0x40000)[0] == 0x8000000000050000
-    struct.pack_into(">Q", buf, 0x40000, 0x8000000000020000)  # data "is" refcount block 0
-    img.write_bytes(bytes(buf))
+    img = tmp_path / "m.qcow2"
+    data_on_refcount_block(img)
     node = await open_qcow2(graph, img)
     await node.read(0, 4 * K)
     # the ordinary path must see this write, to refuse it and mark the image corrupt
