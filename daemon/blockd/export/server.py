@@ -6,12 +6,13 @@ One task per client runs the handshake through the sans-I/O
 slowed down by TCP, not by our memory).  Plain READs and WRITEs take a fast
 path, because a thread round trip and a task each cost more than a 4 KiB copy
 in the page cache: the node resolves them to host-file positions from cached
-metadata (:meth:`BlockNode.direct_io`); small reads of cached data are
-answered at once on the loop (``RWF_NOWAIT`` reads, which the kernel refuses
-rather than block), the others go, many per call, to worker threads (see
-:class:`_Lane`), and each call reports back through a loop callback, not a
-waiting task.  Every other request (and any the node cannot resolve) gets a
-task of its own and the node's ordinary async path.
+metadata (:meth:`BlockNode.direct_io`); reads of cached data are answered at
+once on the loop (``RWF_NOWAIT`` reads, which the kernel refuses rather than
+block; up to :data:`_INLINE_BYTES` per receive), the others go, many per
+call, to worker threads (see :class:`_Lane`), and each call reports back
+through a loop callback, not a waiting task.  Every other request (and any
+the node cannot resolve) gets a task of its own and the node's ordinary async
+path.
 Replies may finish out of order; each is queued whole on the client's outbox
 and one writer task sends them, so frames never interleave mid-way.
 
@@ -57,8 +58,10 @@ _READ_CALLS = 2
 #: (A file's buffered writes take its inode lock one at a time anyway: a second
 #: call would only queue there, and give smaller batches.)
 _WRITE_CALLS = 1
-#: Reads up to this size are served from the page cache on the event loop when they can.
-_INLINE_READ = 64 * 1024
+#: Bytes of reads served from the page cache on the event loop per receive, at most
+#: (the rest go to worker threads), so that one client's big reads hold the loop
+#: for a few milliseconds at a time, not for all the replies it may have asked for.
+_INLINE_BYTES = 8 * 1024 * 1024
 
 # plain ints: enum operators cost microseconds on the per-request path
 _READ = int(p.Cmd.READ)
@@ -246,6 +249,8 @@ class _Client:
         self.structured = False
         self.contexts: dict[int, str] = {}
         self.size = 0
+        #: what _dispatch may still read on the loop for the current receive
+        self.inline_left = _INLINE_BYTES
 
     # ClientHandle
     def disconnect(self) -> None:
@@ -379,6 +384,7 @@ class NBDServer:
         try:
             while True:
                 data = await client.stream.receive_some(_RECEIVE_SIZE)
+                client.inline_left = _INLINE_BYTES
                 if not data:
                     return
                 events = conn.receive_data(data)
@@ -455,11 +461,12 @@ class NBDServer:
         client.nursery.start_soon(self._request, client, request)
 
     def _dispatch(self, client: _Client, requests: list[p.Request]) -> None:
-        """Answer small READs of cached data at once; queue the rest for a worker thread.
+        """Answer READs of cached data at once; queue the rest for a worker thread.
 
-        Most small reads hit the page cache, and a read that would wait for
-        the disk is refused by the kernel (:func:`read_cached`), so these
-        need neither a task nor a thread.
+        Most reads hit the page cache, and a read that would wait for the disk
+        is refused by the kernel (:func:`read_cached`), so these need neither
+        a task nor a thread.  For a big read this also spares a copy between
+        CPUs: the loop sends the bytes it has just read.
         """
         export = client.export
         assert export is not None
@@ -472,7 +479,7 @@ class NBDServer:
         answered = 0
         try:
             for request in requests:
-                if request.type != _READ or request.length > _INLINE_READ:
+                if request.type != _READ or request.length > client.inline_left:
                     _lane(client, request).pending.append(request)
                     continue
                 refused = _refusal(client, export, request)
@@ -492,6 +499,7 @@ class NBDServer:
                 if cached:
                     frames.append(reply)
                     answered += 1
+                    client.inline_left -= request.length
                 else:
                     _lane(client, request).pending.append(request)
         finally:
