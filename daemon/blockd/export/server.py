@@ -53,10 +53,10 @@ _COALESCE_BYTES = 256 * 1024
 _SEND_ALONE = 64 * 1024
 #: Requests received together go to one worker-thread call, up to about this many bytes.
 _BATCH_BYTES = 1024 * 1024
-#: Worker-thread calls one client may have running at once, reading and writing.
+#: Worker-thread calls one client may have running at once for reads...
 _READ_CALLS = 2
-#: (A file's buffered writes take its inode lock one at a time anyway: a second
-#: call would only queue there, and give smaller batches.)
+#: ...and for writes: a file's buffered writes take its inode lock one at a time
+#: anyway, so a second call would only queue there, and make batches smaller.
 _WRITE_CALLS = 1
 #: Bytes of reads served from the page cache on the event loop per receive, at most
 #: (the rest go to worker threads), so that one client's big reads hold the loop
