@@ -42,8 +42,13 @@ from blockd.export.exports import Export, ExportRegistry
 
 log = logging.getLogger(__name__)
 
-#: Requests one client may have running at once.
+#: Requests one client may have running at once...
 MAX_INFLIGHT = 32
+#: ...of which at most this many READs or WRITEs over :data:`_BIG_REQUEST` bytes,
+#: so a client's requests hold at most about 16 x 32 MiB, as in QEMU, while small
+#: ones can still fill the bigger batches that 32 in flight give.
+MAX_BIG_INFLIGHT = 16
+_BIG_REQUEST = 1024 * 1024
 #: Extents one BLOCK_STATUS reply may carry.
 MAX_EXTENTS = 1024
 _RECEIVE_SIZE = 256 * 1024
@@ -175,6 +180,33 @@ async def sparse_read(node: BlockNode, offset: int, length: int) -> list[tuple[i
     return out
 
 
+def _big(request: p.Request) -> bool:
+    """Whether a request holds a big buffer (a WRITE's payload, a READ's reply)."""
+    return request.length > _BIG_REQUEST and (request.type == _READ or request.type == _WRITE)
+
+
+def _try_admit(client: _Client, request: p.Request) -> bool:
+    """Take the request's slots (and big slot) if they are free now; False if not."""
+    big = _big(request)
+    if not client.slots.value or (big and not client.big_slots.value):
+        return False
+    client.slots.acquire_nowait()
+    if big:
+        client.big_slots.acquire_nowait()
+    return True
+
+
+async def _admit(client: _Client, request: p.Request) -> None:
+    """Wait for the request's slots; given back by :meth:`NBDServer._release`."""
+    await client.slots.acquire()
+    if _big(request):
+        try:
+            await client.big_slots.acquire()
+        except BaseException:
+            client.slots.release()
+            raise
+
+
 def _lane(client: _Client, request: p.Request) -> _Lane:
     return client.writes if request.type == _WRITE else client.reads
 
@@ -239,6 +271,7 @@ class _Client:
         self.closed = trio.Event()
         self.outbox, self.outbox_reader = trio.open_memory_channel[Frames](MAX_INFLIGHT * 2)
         self.slots = trio.Semaphore(MAX_INFLIGHT)
+        self.big_slots = trio.Semaphore(MAX_BIG_INFLIGHT)
         self.reads = _Lane(_READ_CALLS)
         self.writes = _Lane(_WRITE_CALLS)
         #: set whenever no request waits for or runs in a worker-thread call
@@ -404,14 +437,12 @@ class NBDServer:
                         client.size = event.export.size
                         export.clients.add(client)
                         continue
-                    try:
-                        client.slots.acquire_nowait()
-                    except trio.WouldBlock:
+                    if not _try_admit(client, event):
                         # what is batched holds slots too: start it before waiting
                         if batch:
                             self._dispatch(client, batch)
                             batch, batch_bytes = [], 0
-                        await client.slots.acquire()
+                        await _admit(client, event)
                     if not _batchable(client, event):
                         self._start_request(client, event)
                         continue
@@ -453,7 +484,7 @@ class NBDServer:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
-            client.slots.release()
+            self._release(client, [request])
 
     def _start_request(self, client: _Client, request: p.Request) -> None:
         """Run one request (holding a slot) on the node's ordinary async path, in a task."""
@@ -476,7 +507,7 @@ class NBDServer:
                 self._start_request(client, request)
             return
         frames: Frames = []
-        answered = 0
+        answered: list[p.Request] = []
         try:
             for request in requests:
                 if request.type != _READ or request.length > client.inline_left:
@@ -485,7 +516,7 @@ class NBDServer:
                 refused = _refusal(client, export, request)
                 if refused is not None:
                     frames.append(refused)
-                    answered += 1
+                    answered.append(request)
                     continue
                 io = node.direct_io(request.offset, request.length, False)
                 if io is None:
@@ -498,7 +529,7 @@ class NBDServer:
                     io.release()
                 if cached:
                     frames.append(reply)
-                    answered += 1
+                    answered.append(request)
                     client.inline_left -= request.length
                 else:
                     _lane(client, request).pending.append(request)
@@ -507,7 +538,7 @@ class NBDServer:
         self._reply(client, frames, answered)
         self._start_batches(client)
 
-    def _reply(self, client: _Client, frames: Frames, answered: int) -> None:
+    def _reply(self, client: _Client, frames: Frames, answered: list[p.Request]) -> None:
         """Queue replies, then give back the slots of the ``answered`` requests.
 
         The slots are kept until the replies are queued, so a client that
@@ -526,7 +557,9 @@ class NBDServer:
             pass
         self._release(client, answered)
 
-    async def _reply_later(self, client: _Client, frames: Frames, answered: int) -> None:
+    async def _reply_later(
+        self, client: _Client, frames: Frames, answered: list[p.Request]
+    ) -> None:
         try:
             await client.outbox.send(frames)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -535,9 +568,11 @@ class NBDServer:
             self._release(client, answered)
 
     @staticmethod
-    def _release(client: _Client, answered: int) -> None:
-        for _ in range(answered):
+    def _release(client: _Client, answered: list[p.Request]) -> None:
+        for request in answered:
             client.slots.release()
+            if _big(request):
+                client.big_slots.release()
 
     def _start_batches(self, client: _Client) -> None:
         """Start worker-thread calls for queued requests, as many as the lanes allow."""
@@ -569,7 +604,7 @@ class NBDServer:
                 self._start_request(client, request)
             return
         frames: Frames = []
-        answered = 0
+        answered: list[p.Request] = []
         jobs: list[DirectJob] = []
         replies: list[tuple[p.Request, bytearray | None]] = []
         try:
@@ -577,7 +612,7 @@ class NBDServer:
                 refused = _refusal(client, export, request)
                 if refused is not None:
                     frames.append(refused)
-                    answered += 1
+                    answered.append(request)
                     continue
                 write = request.type == _WRITE
                 io = node.direct_io(request.offset, request.length, write)
@@ -617,7 +652,7 @@ class NBDServer:
         jobs: list[DirectJob],
         replies: list[tuple[p.Request, bytearray | None]],
         frames: Frames,
-        answered: int,
+        answered: list[p.Request],
         result: outcome.Outcome[DirectResult],
     ) -> None:
         """A worker-thread call is over: reply, and start what waited for it.
@@ -625,7 +660,7 @@ class NBDServer:
         Runs as a loop callback, where an exception would take trio down, so
         nothing may escape.
         """
-        answered += len(replies)
+        answered.extend(request for request, _buf in replies)
         try:
             for io, _write, _buf in jobs:
                 io.release()

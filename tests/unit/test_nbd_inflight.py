@@ -1,0 +1,105 @@
+"""How much one NBD client may have in progress: 32 requests, of which 16 big ones.
+
+A real server on a Unix socket in this process, serving a node whose writes
+wait on a gate, so the requests that reached the node can be counted while
+the client keeps sending.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import trio
+
+from blockd.export import protocol as p
+from blockd.export.server import MAX_BIG_INFLIGHT, MAX_INFLIGHT, NBDServer
+
+from .test_nbd_exports import MemoryNode, make_export
+
+MiB = 1 << 20
+
+
+async def receive_exactly(stream: trio.SocketStream, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = await stream.receive_some(n - len(data))
+        assert chunk, "the server closed the connection"
+        data += chunk
+    return data
+
+
+async def negotiate(stream: trio.SocketStream) -> None:
+    await receive_exactly(stream, 18)  # magic, IHAVEOPT, handshake flags
+    name = b"disk"
+    go = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
+    await stream.send_all(
+        struct.pack(">I", p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES)
+        + struct.pack(">QII", p.IHAVEOPT, p.Opt.GO, len(go))
+        + go
+    )
+    while True:  # option replies, up to the ACK
+        _magic, _option, kind, length = struct.unpack(">QIII", await receive_exactly(stream, 20))
+        await receive_exactly(stream, length)
+        if kind == p.Rep.ACK:
+            return
+
+
+async def count_admitted(tmp_path: Path, requests: int, length: int) -> int:
+    """Send ``requests`` WRITEs of ``length`` bytes; how many reach the node at once.
+
+    Afterwards the gate opens and every request must be answered, in full.
+    """
+    node = MemoryNode("n", size=requests * length)
+    node.gate = trio.Event()
+    registry, _export = make_export(node)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    path = str(tmp_path / "nbd.sock")
+    await sock.bind(path)
+    sock.listen()
+    server = NBDServer(registry, [trio.SocketListener(sock)], max_connections=0)
+
+    def started() -> int:
+        return sum(1 for what, _offset in node.log if what == "write-start")
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        stream = await trio.open_unix_socket(path)
+        await negotiate(stream)
+
+        async def send() -> None:
+            for handle in range(requests):
+                header = struct.pack(
+                    ">IHHQQI", p.REQUEST_MAGIC, 0, p.Cmd.WRITE, handle, handle * length, length
+                )
+                await stream.send_all(header + bytes([handle % 251 + 1]) * length)
+
+        nursery.start_soon(send)
+        with trio.fail_after(20):
+            admitted = -1
+            while started() != admitted:  # until nothing more arrives for a while
+                admitted = started()
+                await trio.sleep(0.5)
+        node.gate.set()
+        handles = set()
+        with trio.fail_after(20):
+            for _ in range(requests):
+                magic, error, handle = struct.unpack(">IIQ", await receive_exactly(stream, 16))
+                assert (magic, error) == (p.SIMPLE_REPLY_MAGIC, 0)
+                handles.add(handle)
+        assert handles == set(range(requests))
+        for handle in range(requests):
+            chunk = node.data[handle * length : (handle + 1) * length]
+            assert chunk == bytes([handle % 251 + 1]) * length
+        await stream.aclose()
+        await server.stop()
+    return admitted
+
+
+async def test_small_requests_up_to_max_inflight(tmp_path: Path) -> None:
+    assert await count_admitted(tmp_path, MAX_INFLIGHT + 8, 4096) == MAX_INFLIGHT
+
+
+async def test_big_requests_up_to_max_big_inflight(tmp_path: Path) -> None:
+    assert MAX_BIG_INFLIGHT < MAX_INFLIGHT
+    assert await count_admitted(tmp_path, MAX_BIG_INFLIGHT + 8, 2 * MiB) == MAX_BIG_INFLIGHT
