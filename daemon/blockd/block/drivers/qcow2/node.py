@@ -432,8 +432,7 @@ class Qcow2Node(BlockNode):
         last = (offset + length - 1) >> bits
         if write and (
             self.read_only
-            or self._corrupt
-            or self.header.incompatible_features & hdr.INCOMPAT_CORRUPT
+            or self.corrupt
             or self.detect_zeroes != "off"
             # an allocation or a metadata change may be on its way to these
             # clusters: the ordinary path waits for it, so it must decide
