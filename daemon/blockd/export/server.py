@@ -185,6 +185,12 @@ def _big(request: p.Request) -> bool:
     return request.length > _BIG_REQUEST and (request.type == _READ or request.type == _WRITE)
 
 
+def _read_reply(client: _Client, request: p.Request) -> tuple[bytearray, memoryview]:
+    """A READ's whole reply, and the part of it the data is to be read into."""
+    reply = p.data_reply_buffer(request, client.structured)
+    return reply, memoryview(reply)[len(reply) - request.length :]
+
+
 def _try_admit(client: _Client, request: p.Request) -> bool:
     """Take the request's slots (and big slot) if they are free now; False if not."""
     big = _big(request)
@@ -207,8 +213,9 @@ async def _admit(client: _Client, request: p.Request) -> None:
             raise
 
 
-def _lane(client: _Client, request: p.Request) -> _Lane:
-    return client.writes if request.type == _WRITE else client.reads
+def _queue(client: _Client, request: p.Request) -> None:
+    """Queue a READ or WRITE for a worker-thread call (see :meth:`NBDServer._start_batches`)."""
+    (client.writes if request.type == _WRITE else client.reads).pending.append(request)
 
 
 def _batchable(client: _Client, request: p.Request) -> bool:
@@ -457,7 +464,7 @@ class NBDServer:
         finally:
             if batch:
                 for request in batch:
-                    _lane(client, request).pending.append(request)
+                    _queue(client, request)
                 self._start_batches(client)
 
     async def _write(self, client: _Client) -> None:
@@ -491,6 +498,21 @@ class NBDServer:
         assert client.nursery is not None
         client.nursery.start_soon(self._request, client, request)
 
+    def _enter(
+        self, client: _Client, requests: list[p.Request]
+    ) -> tuple[Export, BlockNode] | None:
+        """The export and its node for requests that cannot wait (given back with
+        ``export.leave()``); None while a pivot holds the export, when each
+        request goes to the ordinary path, which waits for it."""
+        export = client.export
+        assert export is not None
+        node = export.enter()
+        if node is None:
+            for request in requests:
+                self._start_request(client, request)
+            return None
+        return export, node
+
     def _dispatch(self, client: _Client, requests: list[p.Request]) -> None:
         """Answer READs of cached data at once; queue the rest for a worker thread.
 
@@ -499,19 +521,16 @@ class NBDServer:
         a task nor a thread.  For a big read this also spares a copy between
         CPUs: the loop sends the bytes it has just read.
         """
-        export = client.export
-        assert export is not None
-        node = export.enter()
-        if node is None:  # a pivot holds the export: wait on the ordinary path
-            for request in requests:
-                self._start_request(client, request)
+        entered = self._enter(client, requests)
+        if entered is None:
             return
+        export, node = entered
         frames: Frames = []
         answered: list[p.Request] = []
         try:
             for request in requests:
                 if request.type != _READ or request.length > client.inline_left:
-                    _lane(client, request).pending.append(request)
+                    _queue(client, request)
                     continue
                 refused = _refusal(client, export, request)
                 if refused is not None:
@@ -520,11 +539,11 @@ class NBDServer:
                     continue
                 io = node.direct_io(request.offset, request.length, False)
                 if io is None:
-                    _lane(client, request).pending.append(request)
+                    _queue(client, request)
                     continue
-                reply = p.data_reply_buffer(request, client.structured)
+                reply, into = _read_reply(client, request)
                 try:
-                    cached = read_cached(io, memoryview(reply)[len(reply) - request.length :])
+                    cached = read_cached(io, into)
                 finally:
                     io.release()
                 if cached:
@@ -532,7 +551,7 @@ class NBDServer:
                     answered.append(request)
                     client.inline_left -= request.length
                 else:
-                    _lane(client, request).pending.append(request)
+                    _queue(client, request)
         finally:
             export.leave()
         self._reply(client, frames, answered)
@@ -596,13 +615,10 @@ class NBDServer:
         the call runs to its end whatever happens to the client, so a write
         is never cut short.
         """
-        export = client.export
-        assert export is not None
-        node = export.enter()
-        if node is None:  # a pivot holds the export: wait on the ordinary path
-            for request in requests:
-                self._start_request(client, request)
+        entered = self._enter(client, requests)
+        if entered is None:
             return
+        export, node = entered
         frames: Frames = []
         answered: list[p.Request] = []
         jobs: list[DirectJob] = []
@@ -623,8 +639,8 @@ class NBDServer:
                     jobs.append((io, True, memoryview(request.data)))
                     replies.append((request, None))
                 else:
-                    reply = p.data_reply_buffer(request, client.structured)
-                    jobs.append((io, False, memoryview(reply)[len(reply) - request.length :]))
+                    reply, into = _read_reply(client, request)
+                    jobs.append((io, False, into))
                     replies.append((request, reply))
         except BaseException:
             for io, _write, _buf in jobs:
