@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
@@ -118,6 +119,15 @@ def data_on_refcount_block(path: Path) -> bytes:
     struct.pack_into(">Q", buf, 0x40000, 0x8000000000020000)
     img.write_bytes(bytes(buf))
     return bytes(buf[0x20000:0x30000])
+
+
+#: Settings of the block layer's property tests: BLOCKD_PROPERTY_EXAMPLES examples
+#: (25 unless set), no deadline (each example runs qemu-img), big scenarios allowed.
+property_settings = settings(
+    max_examples=int(os.environ.get("BLOCKD_PROPERTY_EXAMPLES", "25")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 def pattern(byte: int, n: int) -> bytes:

@@ -8,13 +8,12 @@ alone must, and qemu-img must find every image clean.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import trio
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from blockd.block.drivers.qcow2.node import Qcow2Node
@@ -26,9 +25,15 @@ from blockd.jobs.commit import plan_commit
 from blockd.jobs.registry import JobRegistry
 from blockd.jobs.status import JobStatus
 
-from .conftest import assert_clean, compare_with, create, open_qcow2, qemu_io, to_raw
-
-MAX_EXAMPLES = int(os.environ.get("BLOCKD_PROPERTY_EXAMPLES", "25"))
+from .conftest import (
+    assert_clean,
+    compare_with,
+    create,
+    open_qcow2,
+    property_settings,
+    qemu_io,
+    to_raw,
+)
 
 #: before the job, while it copies, in READY, while it completes, after the pivot
 PHASES = 5
@@ -149,11 +154,7 @@ async def run_scenario(tmp: Path, sc: dict[str, Any]) -> bytearray:
     return model
 
 
-@settings(
-    max_examples=MAX_EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@property_settings
 @given(sc=scenarios())
 @example(
     sc={  # every phase writes across cluster boundaries of both images

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from blockd.block.graph import BlockGraph
 from blockd.block.node import Status
 
-from .conftest import assert_clean, compare_with, create, open_qcow2, qemu_io, run, to_raw
-
-MAX_EXAMPLES = int(os.environ.get("BLOCKD_PROPERTY_EXAMPLES", "25"))
+from .conftest import (
+    assert_clean,
+    compare_with,
+    create,
+    open_qcow2,
+    property_settings,
+    qemu_io,
+    run,
+    to_raw,
+)
 
 
 @st.composite
@@ -60,11 +66,7 @@ def discard_model(model: bytearray, below: bytes, sc: dict, off: int, n: int) ->
             model[lo:hi] = bytes(hi - lo)
 
 
-@settings(
-    max_examples=MAX_EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@property_settings
 @given(sc=scenarios())
 @example(
     sc={  # v2 + backing + QEMU data: discard must let the backing show through

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from blockd.export import protocol as p
 
+from .test_nbd_protocol import info_payload, option
+
 DISK = p.ExportInfo("disk", 1 << 30, writable=True)
 SIZES = [0, 1, 4096, 65535, 65536, 65537, 300_000, 1 << 20]
 
@@ -17,10 +19,8 @@ SIZES = [0, 1, 4096, 65535, 65536, 65537, 300_000, 1 << 20]
 def negotiated() -> p.NBDConnection:
     conn = p.NBDConnection(lambda name: DISK if name == "disk" else None, lambda: [DISK])
     conn.greeting()
-    name = b"disk"
-    go = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
-    option = struct.pack(">QII", p.IHAVEOPT, p.Opt.GO, len(go)) + go
-    conn.receive_data(struct.pack(">I", 3) + option)
+    flags = struct.pack(">I", p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES)
+    conn.receive_data(flags + option(p.Opt.GO, info_payload("disk")))
     conn.data_to_send()
     return conn
 

@@ -16,6 +16,7 @@ from blockd.export import protocol as p
 from blockd.export.server import MAX_BIG_INFLIGHT, MAX_INFLIGHT, NBDServer
 
 from .test_nbd_exports import MemoryNode, make_export
+from .test_nbd_protocol import info_payload, option
 
 MiB = 1 << 20
 
@@ -31,13 +32,8 @@ async def receive_exactly(stream: trio.SocketStream, n: int) -> bytes:
 
 async def negotiate(stream: trio.SocketStream) -> None:
     await receive_exactly(stream, 18)  # magic, IHAVEOPT, handshake flags
-    name = b"disk"
-    go = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
-    await stream.send_all(
-        struct.pack(">I", p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES)
-        + struct.pack(">QII", p.IHAVEOPT, p.Opt.GO, len(go))
-        + go
-    )
+    flags = struct.pack(">I", p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES)
+    await stream.send_all(flags + option(p.Opt.GO, info_payload("disk")))
     while True:  # option replies, up to the ACK
         _magic, _option, kind, length = struct.unpack(">QIII", await receive_exactly(stream, 20))
         await receive_exactly(stream, length)
