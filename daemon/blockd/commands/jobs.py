@@ -128,9 +128,7 @@ async def block_commit(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str
                     f"Cannot commit '{node.node_name}' while it is exported writable: "
                     "writes to it during the commit would be lost"
                 )
-        job = CommitJob(
-            job_id, ctx.events, ctx.graph, plan, ctx.exports.switch_node, **options
-        )
+        job = CommitJob(job_id, ctx.events, ctx.graph, plan, ctx.exports.switch_node, **options)
     ctx.jobs.add(job)
     # QEMU checks these once the job exists: a client sees it created and gone.
     try:
