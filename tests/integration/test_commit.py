@@ -673,3 +673,26 @@ def test_commit_of_a_writably_exported_intermediate_is_refused(
     assert digests[top] != digest(top)  # re-pointed by the second commit
     assert backing_of(top) == str(base)
     check(base)
+
+
+def test_commit_of_an_image_another_node_uses_as_file_is_refused(
+    blockd: DaemonProcess, tmp_path: Path
+) -> None:
+    """QSD re-points such a node's file onto base; blockd refuses (README lists it)."""
+    base, mid, top = chain(tmp_path)
+    digests = {i: digest(i) for i in (base, mid, top)}
+    with RawQMP(blockd.socket_path) as client:
+        client.negotiate()
+        add_explicit_chain(client, tmp_path)
+        raw = {"driver": "raw", "node-name": "r", "read-only": True, "file": "mid"}
+        assert client.execute("blockdev-add", raw) == {"return": {}}
+        reply = commit(client, **{"top-node": "mid"})
+        assert reply["error"] == {
+            "class": "GenericError",
+            "desc": "Cannot commit 'mid': node 'r' uses it as 'file', "
+            "and blockd re-points only overlays and exports onto the base",
+        }
+        assert client.execute("query-jobs") == {"return": []}
+        assert node(client, "base")["ro"] is True
+        finish(client, blockd)
+    assert {i: digest(i) for i in (base, mid, top)} == digests
