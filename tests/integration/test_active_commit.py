@@ -456,18 +456,21 @@ def test_sigkill_during_active_commit_loses_nothing(disk: Disk) -> None:
     assert disk.matches(d / "top.qcow2")
 
 
-def test_exported_intermediate_outlives_an_intermediate_commit(
-    tmp_path: Path, sock_dir: Path
-) -> None:
-    """mid, opened along with top's chain, is also exported: the commit drops it
-    from the chain, but the export keeps it open until the export goes."""
+def test_export_of_an_intermediate_follows_it_onto_base(tmp_path: Path, sock_dir: Path) -> None:
+    """mid, opened along with top's chain, is also exported: as in QEMU, which
+    replaces mid by base in the graph, the export serves base afterwards (the
+    same data) and mid, used by nothing any more, is closed."""
     with serving(tmp_path, sock_dir, explicit=False) as disk:
         nodes = disk.execute("query-named-block-nodes", flat=True)["return"]
-        mid = next(
-            n["node-name"]
-            for n in nodes
-            if n["drv"] == "qcow2" and n["image"]["filename"].endswith("mid.qcow2")
-        )
+
+        def named(image: str) -> str:
+            return next(
+                n["node-name"]
+                for n in nodes
+                if n["drv"] == "qcow2" and n["image"]["filename"].endswith(image)
+            )
+
+        mid, base = named("mid.qcow2"), named("base.qcow2")
         export = {"type": "nbd", "id": "m", "node-name": mid, "name": "mid"}
         assert disk.execute("block-export-add", **export) == {"return": {}}
         mid_uri = f"nbd+unix:///mid?socket={disk.nbd_sock}"
@@ -475,13 +478,15 @@ def test_exported_intermediate_outlives_an_intermediate_commit(
         disk.commit(**{"top-node": mid})
         disk.qmp.wait_event("BLOCK_JOB_COMPLETED", device="j")
         assert backing_of(tmp_path / "top.qcow2") == str(tmp_path / "base.qcow2")
+        exports = disk.execute("query-block-exports")["return"]
+        assert sorted((e["id"], e["node-name"]) for e in exports) == [("e", "top"), ("m", base)]
         names = [n["node-name"] for n in disk.execute("query-named-block-nodes")["return"]]
-        assert mid in names
+        assert mid not in names and base in names
         assert io(mid_uri, "read -P 0x21 4M 2M", read_only=True).splitlines()[0] == before
         assert disk.execute("block-export-del", id="m", mode="hard") == {"return": {}}
         disk.qmp.wait_event("BLOCK_EXPORT_DELETED", id="m")
         names = [n["node-name"] for n in disk.execute("query-named-block-nodes")["return"]]
-        assert mid not in names and "top" in names
+        assert base in names and "top" in names
         disk.stop()
     for image in ("base", "mid", "top"):
         check(tmp_path / f"{image}.qcow2")

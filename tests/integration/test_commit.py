@@ -566,3 +566,133 @@ def test_commit_into_a_raw_base(blockd: DaemonProcess, tmp_path: Path) -> None:
     assert info["backing-filename-format"] == "raw"
     assert same_data(before, top)
     check(top)
+
+
+def second_overlay(d: Path, options: str = "") -> Path:
+    """top2.qcow2, also backed by mid.qcow2, with data of its own."""
+    top2 = create(d / "top2.qcow2", backing="mid.qcow2", options=options)
+    qemu_io(top2, "write -P 0x41 1M 64k")
+    return top2
+
+
+def add_second_overlay(client: RawQMP, top2: Path, *, read_only: bool = False) -> None:
+    """Open top2 onto the client's mid node."""
+    args = {
+        "driver": "qcow2",
+        "node-name": "top2",
+        "read-only": read_only,
+        "backing": "mid",
+        "file": {"driver": "file", "filename": str(top2)},
+    }
+    assert client.execute("blockdev-add", args) == {"return": {}}
+
+
+def test_every_overlay_of_top_is_moved_onto_base(blockd: DaemonProcess, tmp_path: Path) -> None:
+    """Issue 11 defect 2: not only the device's overlay; a read-only one stays read-only."""
+    base, mid, top = chain(tmp_path)
+    top2 = second_overlay(tmp_path)
+    views = {i: guest_view(i, tmp_path / f"{i.stem}.raw") for i in (top, top2)}
+    with RawQMP(blockd.socket_path) as client:
+        client.negotiate()
+        add_explicit_chain(client, tmp_path)
+        add_second_overlay(client, top2, read_only=True)
+        assert commit(client, **{"top-node": "mid", "backing-file": "base.qcow2"}) == {"return": {}}
+        assert "error" not in client.wait_event("BLOCK_JOB_COMPLETED", device="job0")["data"]
+        client.wait_event("JOB_STATUS_CHANGE", id="job0", status="null")
+        assert node(client, "top2")["backing_file"] == str(base)
+        assert node(client, "top2")["ro"] is True
+        # Nothing reads through mid any more: the client may close it.
+        assert client.execute("blockdev-del", {"node-name": "mid"}) == {"return": {}}
+        finish(client, blockd)
+    mid.unlink()
+    for image, view in views.items():
+        assert backing_of(image) == "base.qcow2"
+        assert same_data(view, image)
+        check(image)
+    check(base)
+
+
+def test_an_overlay_whose_header_cannot_take_the_name_stops_the_commit_first(
+    blockd: DaemonProcess, tmp_path: Path
+) -> None:
+    """All headers are checked before any is written: top's would fit, top2's not."""
+    base, mid, top = chain(tmp_path)
+    top2 = second_overlay(tmp_path, options="cluster_size=512")
+    digests = {i: digest(i) for i in (base, mid, top, top2)}
+    with RawQMP(blockd.socket_path) as client:
+        client.negotiate()
+        add_explicit_chain(client, tmp_path)
+        add_second_overlay(client, top2)
+        reply = commit(client, **{"top-node": "mid", "backing-file": "b" * 600})
+        assert reply["error"]["desc"] == (
+            "Backing file name too long for the header of 'top2' "
+            "(it must fit in one 512-byte cluster)"
+        )
+        assert client.execute("query-jobs") == {"return": []}
+        finish(client, blockd)
+    assert {i: digest(i) for i in (base, mid, top, top2)} == digests
+
+
+def test_commit_of_a_writably_exported_intermediate_is_refused(
+    blockd: DaemonProcess, tmp_path: Path
+) -> None:
+    """QEMU switches to an active commit here; blockd refuses rather than lose writes."""
+    base, mid, top = chain(tmp_path)
+    digests = {i: digest(i) for i in (base, mid, top)}
+    with RawQMP(blockd.socket_path) as client:
+        client.negotiate()
+        for name, backing in (("base", None), ("mid", "base"), ("top", "mid")):
+            args = {
+                "driver": "qcow2",
+                "node-name": name,
+                "backing": backing,
+                "file": {"driver": "file", "filename": str(tmp_path / f"{name}.qcow2")},
+            }
+            assert client.execute("blockdev-add", args) == {"return": {}}
+        addr = {"type": "unix", "data": {"path": str(tmp_path / "nbd.sock")}}
+        assert client.execute("nbd-server-start", {"addr": addr}) == {"return": {}}
+        export = {"type": "nbd", "id": "e0", "node-name": "mid", "writable": True}
+        assert client.execute("block-export-add", export) == {"return": {}}
+        reply = commit(client, **{"top-node": "mid"})
+        assert reply["error"] == {
+            "class": "GenericError",
+            "desc": "Cannot commit 'mid' while it is exported writable: "
+            "writes to it during the commit would be lost",
+        }
+        assert client.execute("query-jobs") == {"return": []}
+        # A read-only export of it is fine, and follows mid onto base.
+        assert client.execute("block-export-del", {"id": "e0"}) == {"return": {}}
+        client.wait_event("BLOCK_EXPORT_DELETED", id="e0")
+        export = {"type": "nbd", "id": "e1", "node-name": "mid"}
+        assert client.execute("block-export-add", export) == {"return": {}}
+        assert commit(client, **{"top-node": "mid"}) == {"return": {}}
+        client.wait_event("JOB_STATUS_CHANGE", id="job0", status="null")
+        exports = client.execute("query-block-exports")["return"]
+        assert [(e["id"], e["node-name"]) for e in exports] == [("e1", "base")]
+        finish(client, blockd)
+    assert digests[top] != digest(top)  # re-pointed by the second commit
+    assert backing_of(top) == str(base)
+    check(base)
+
+
+def test_commit_of_an_image_another_node_uses_as_file_is_refused(
+    blockd: DaemonProcess, tmp_path: Path
+) -> None:
+    """QSD re-points such a node's file onto base; blockd refuses (README lists it)."""
+    base, mid, top = chain(tmp_path)
+    digests = {i: digest(i) for i in (base, mid, top)}
+    with RawQMP(blockd.socket_path) as client:
+        client.negotiate()
+        add_explicit_chain(client, tmp_path)
+        raw = {"driver": "raw", "node-name": "r", "read-only": True, "file": "mid"}
+        assert client.execute("blockdev-add", raw) == {"return": {}}
+        reply = commit(client, **{"top-node": "mid"})
+        assert reply["error"] == {
+            "class": "GenericError",
+            "desc": "Cannot commit 'mid': node 'r' uses it as 'file', "
+            "and blockd re-points only overlays and exports onto the base",
+        }
+        assert client.execute("query-jobs") == {"return": []}
+        assert node(client, "base")["ro"] is True
+        finish(client, blockd)
+    assert {i: digest(i) for i in (base, mid, top)} == digests

@@ -219,3 +219,103 @@ def test_same_commit_conversation(tmp_path: Path, sock_dir: Path, name: str) -> 
         if image == "top" or name != "cancel":
             assert qemu_img("compare", "-f", "qcow2", "-F", "qcow2", str(theirs), str(mine))
         check(mine)
+
+
+def make_shared_mid(d: Path) -> None:
+    """base <- mid <- top, and top2 also backed by mid (each image with its own data)."""
+    make_chain(d)
+    top2 = create(d / "top2.qcow2", backing="mid.qcow2")
+    qemu_io(top2, "write -P 0x41 1M 64k", "write -P 0x42 40M 1M")
+
+
+def shared_mid_steps(
+    d: Path, *, backing_file: str | None, top2_read_only: bool, export_mid: bool
+) -> list[tuple[str, dict[str, Any], Any]]:
+    steps = chain_nodes(d)
+    top2 = {"driver": "file", "filename": str(d / "top2.qcow2"), "node-name": "f-top2"}
+    steps.append(
+        (
+            "blockdev-add",
+            {
+                "driver": "qcow2",
+                "node-name": "top2",
+                "read-only": top2_read_only,
+                "backing": "mid",
+                "file": top2,
+            },
+            None,
+        )
+    )
+    if export_mid:
+        addr = {"type": "unix", "data": {"path": str(d / "nbd.sock")}}
+        steps.append(("nbd-server-start", {"addr": addr}, None))
+        steps.append(("block-export-add", {"type": "nbd", "id": "e0", "node-name": "mid"}, None))
+    args = commit(**{"top-node": "mid", "base-node": "base"})
+    if backing_file is not None:
+        args["backing-file"] = backing_file
+    steps.append(("block-commit", args, ("JOB_STATUS_CHANGE", {"id": "job0", "status": "null"})))
+    steps.append(("query-block-jobs", {}, None))
+    if export_mid:
+        steps.append(("query-block-exports", {}, None))
+        steps.append(("block-export-del", {"id": "e0"}, ("BLOCK_EXPORT_DELETED", {"id": "e0"})))
+    # With every parent of mid gone to base, the client may close mid now.
+    steps.append(("blockdev-del", {"node-name": "mid"}, None))
+    steps.append(("blockdev-del", {"node-name": "top2"}, None))
+    return steps
+
+
+@pytest.mark.parametrize(
+    ("backing_file", "top2_read_only", "export_mid"),
+    [(None, False, False), ("base.qcow2", True, False), (None, True, True)],
+)
+def test_commit_moves_every_parent_of_top_onto_base(
+    tmp_path: Path,
+    sock_dir: Path,
+    backing_file: str | None,
+    top2_read_only: bool,
+    export_mid: bool,
+) -> None:
+    """Issue 11 defect 2: the other overlay of mid, and mid's export, follow as in QEMU."""
+    make_shared_mid(tmp_path / "chain")
+    views = {}
+    for image in ("top", "top2"):
+        views[image] = tmp_path / f"{image}.raw"
+        qemu_img(
+            "convert", "-O", "raw", str(tmp_path / "chain" / f"{image}.qcow2"), str(views[image])
+        )
+    transcripts = []
+    for which, start in (("qsd", start_qsd), ("blockd", start_blockd)):
+        d = tmp_path / which
+        shutil.copytree(tmp_path / "chain", d)
+        steps = shared_mid_steps(
+            d, backing_file=backing_file, top2_read_only=top2_read_only, export_mid=export_mid
+        )
+        daemon = start(sock_dir / f"{which}.sock")
+        try:
+            transcripts.append(converse(daemon, steps))
+        finally:
+            daemon.stop()
+    qsd, ours = transcripts
+    for want, got in zip(qsd, ours, strict=True):
+        assert got == want
+    for image in ("base", "mid", "top", "top2"):
+        theirs, mine = tmp_path / "qsd" / f"{image}.qcow2", tmp_path / "blockd" / f"{image}.qcow2"
+        qsd_backing = backing_of(theirs)
+        assert backing_of(mine) == (
+            None
+            if qsd_backing is None
+            else qsd_backing.replace(str(tmp_path / "qsd"), str(tmp_path / "blockd"))
+        )
+        assert qemu_img("compare", "-f", "qcow2", "-F", "qcow2", str(theirs), str(mine))
+        check(mine)
+    # The backing-file argument went into both overlays, as with QSD.
+    expected = backing_file or str(tmp_path / "blockd" / "base.qcow2")
+    for image in ("top", "top2"):
+        mine = tmp_path / "blockd" / f"{image}.qcow2"
+        assert backing_of(mine) == expected
+        # What each overlay shows is what it showed before, mid deleted or not.
+        (tmp_path / "blockd" / "mid.qcow2").rename(tmp_path / "blockd" / "mid.gone")
+        try:
+            qemu_img("compare", "-f", "raw", "-F", "qcow2", str(views[image]), str(mine))
+        finally:
+            (tmp_path / "blockd" / "mid.gone").rename(tmp_path / "blockd" / "mid.qcow2")

@@ -345,6 +345,24 @@ async def test_set_speed_wakes_a_throttled_job(
     assert trio.current_time() < 120
 
 
+async def test_raising_the_speed_mid_sleep_wakes_the_job_and_it_goes_on(
+    registry: JobRegistry, autojump_clock: trio.testing.MockClock
+) -> None:
+    rec = Recorder()
+    job = new_job(rec, registry, speed=64 * 1024)  # one chunk, then 8 s of debt
+    await trio.sleep(1.5)
+    assert job.offset == UNIT
+    # 2 MiB/s: the first chunk's debt is already paid; the job must not fail
+    # (a negative sleep once did) and must not sleep out the old 8 s.
+    job.set_speed(2 * 1024 * 1024)
+    await job.concluded.wait()
+    assert job.error is None
+    assert rec.events[-3][0] == "BLOCK_JOB_COMPLETED"
+    assert "error" not in (rec.events[-3][1] or {})
+    # 7 more chunks at 2 MiB/s: 1.75 s; not 8 s for the first.
+    assert 1.5 + 1.5 <= trio.current_time() < 1.5 + 2.5
+
+
 async def test_registry_ids_and_lookups(registry: JobRegistry) -> None:
     rec = Recorder()
     for bad in ("", "1abc", "a b", "a/b"):

@@ -59,3 +59,26 @@ def test_new_speed_applies_to_the_next_computation() -> None:
     limiter.set_speed(0)
     assert limiter.delay() == 0
     assert limiter.speed == 0
+
+
+def test_a_raised_speed_that_has_paid_the_debt_waits_no_longer() -> None:
+    clock = Clock()
+    limiter = RateLimiter(clock, 64 * 1024)
+    # A 512 KiB chunk at 64 KiB/s is 8 s of debt ...
+    assert limiter.delay(512 * 1024) == pytest.approx(8.0)
+    clock.now += 1.5
+    # ... of which 1.5 s are paid: at 2 MiB/s the chunk costs 0.25 s, long paid.
+    limiter.set_speed(2 * 1024 * 1024)
+    assert limiter.delay() == 0.0
+    # A fresh slice starts: the new speed's quota is available at once.
+    assert limiter.delay(200 * 1024) == 0.0
+    assert limiter.delay(10 * 1024) == pytest.approx(0.1 * (210 / 204.8), rel=1e-6)
+
+
+def test_a_raised_speed_with_debt_left_waits_for_the_rest_only() -> None:
+    clock = Clock()
+    limiter = RateLimiter(clock, 64 * 1024)
+    assert limiter.delay(512 * 1024) == pytest.approx(8.0)
+    clock.now += 1.0
+    limiter.set_speed(128 * 1024)  # the chunk now costs 4 s, 3 of them still owed
+    assert limiter.delay() == pytest.approx(3.0)

@@ -120,7 +120,15 @@ async def block_commit(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str
             job_id, ctx.events, ctx.graph, plan, ctx.exports.switch_node, **options
         )
     else:
-        job = CommitJob(job_id, ctx.events, ctx.graph, plan, **options)
+        for node in plan.intermediates:
+            if any(export.writable for export in ctx.exports.exports_of(node)):
+                # QEMU turns this into an active commit; blockd would lose the
+                # writes that land behind the copy, so it refuses.
+                raise BlockdError(
+                    f"Cannot commit '{node.node_name}' while it is exported writable: "
+                    "writes to it during the commit would be lost"
+                )
+        job = CommitJob(job_id, ctx.events, ctx.graph, plan, ctx.exports.switch_node, **options)
     ctx.jobs.add(job)
     # QEMU checks these once the job exists: a client sees it created and gone.
     try:

@@ -7,6 +7,14 @@ copied clusters; only readers of base alone could see them, as with QEMU).
 The chain is stitched only in :meth:`CommitJob.prepare`, after base has been
 flushed: first the overlay's header is rewritten to name base (the commit
 point, flushed before the graph follows), then the intermediates leave.
+
+As in QEMU, which replaces ``top`` by ``base`` in the graph, every parent of
+``top`` follows, not only the device's overlay: each other open overlay
+backed by ``top`` gets base (and the same backing string) in its header,
+and every export of ``top`` serves base.  All their headers are checked
+before any is written, and base is flushed before the first, so a power cut
+between two header writes leaves each overlay naming either ``top`` (whose
+data is intact) or base (which holds it): every view stays the same.
 """
 
 from __future__ import annotations
@@ -21,9 +29,9 @@ from blockd.block.drivers.qcow2.node import Qcow2Node
 from blockd.block.graph import BlockGraph
 from blockd.block.info import display_filename
 from blockd.block.node import BlockNode
-from blockd.errors import BlockError, BlockIOError, DeviceNotFound
+from blockd.errors import BlockError, BlockIOError, DeviceNotFound, ImageError
 from blockd.events import EventSink
-from blockd.jobs.active_commit import ActiveCommitPlan
+from blockd.jobs.active_commit import ActiveCommitPlan, Pivot
 from blockd.jobs.copy import BLOCKER, CHUNK, ChainCopy, CopyFailed, step_size
 from blockd.jobs.job import Job, JobOptions
 
@@ -55,15 +63,16 @@ class CommitJob(Job):
         events: EventSink,
         graph: BlockGraph,
         plan: CommitPlan,
+        pivot: Pivot | None = None,
         **options: Unpack[JobOptions],
     ) -> None:
         super().__init__(job_id, events, **options)
         self.graph = graph
         self.plan = plan
+        self._pivot = pivot
         self._held: list[BlockNode] = []
         self._used: list[BlockNode] = []
         self._base_was_read_only = plan.base.read_only
-        self._overlay_was_read_only = plan.overlay.read_only
         self._copy = ChainCopy(graph, plan.top, plan.base)
 
     def _nodes(self) -> list[BlockNode]:
@@ -134,19 +143,52 @@ class CommitJob(Job):
                 continue
             start += n
 
+    def _overlays(self) -> list[BlockNode]:
+        """Every open image backed by top now, the device's overlay first."""
+        plan = self.plan
+        others = [p for p, edge in self.graph.parents(plan.top) if edge == "backing"]
+        return [plan.overlay, *(p for p in others if p is not plan.overlay)]
+
     async def prepare(self) -> None:
         plan = self.plan
-        await plan.base.flush()
-        overlay = plan.overlay
-        if overlay.read_only:
+        overlays = self._overlays()
+        # Nothing is written until every header is known to take the new name.
+        for overlay in overlays:
+            _check_backing_string(overlay, plan.backing_string, plan.base.driver)
+        # No other command may close an overlay while its header is rewritten.
+        held = [o for o in overlays if o not in self._held]
+        for overlay in held:
+            self.graph.add_blocker(overlay, BLOCKER)
+        try:
+            await plan.base.flush()
+            for overlay in overlays:
+                await self._repoint(overlay)
+        finally:
+            for overlay in held:
+                self.graph.remove_blocker(overlay, BLOCKER)
+        if self._pivot is not None:
+            # Exports of top serve base from now on (its view is top's).
+            await self._pivot(plan.top, plan.base, _nothing)
+        # Base belongs with the overlay now; intermediates opened along with
+        # the chain (not by a client) are closed, their files untouched.
+        self.graph.adopt(plan.base, plan.overlay)
+        for node in plan.intermediates:
+            self._release_hold(node)
+            await self.graph.release(node)
+
+    async def _repoint(self, overlay: BlockNode) -> None:
+        """Make ``overlay`` name base in its header (flushed), then in the graph."""
+        plan = self.plan
+        was_read_only = overlay.read_only
+        if was_read_only:
             await overlay.reopen(read_only=False)
         try:
-            # The commit point: once this header write is flushed, the overlay
-            # names base and the intermediates are out of the chain.
+            # The commit point for this overlay: once this header write is
+            # flushed, it names base and the intermediates are out of its chain.
             await overlay.change_backing(plan.base, plan.backing_string, plan.base.driver)
             self.graph.relink(overlay, plan.top, plan.base)
         finally:
-            if self._overlay_was_read_only and not overlay.read_only:
+            if was_read_only and not overlay.read_only:
                 await overlay.reopen(read_only=True)
         log.info(
             "job %s: %s now backs onto %s (%s)",
@@ -155,12 +197,6 @@ class CommitJob(Job):
             plan.base.node_name,
             plan.backing_string,
         )
-        # Base belongs with the overlay now; intermediates opened along with
-        # the chain (not by a client) are closed, their files untouched.
-        self.graph.adopt(plan.base, overlay)
-        for node in plan.intermediates:
-            self._release_hold(node)
-            await self.graph.release(node)
 
     def _release_hold(self, node: BlockNode) -> None:
         if node in self._held:
@@ -176,6 +212,10 @@ class CommitJob(Job):
         base = self.plan.base
         if self._base_was_read_only and not base.read_only and not base.closed:
             await base.reopen(read_only=True)
+
+
+async def _nothing() -> None:
+    """What an export pivot has to do while the exports are held: nothing here."""
 
 
 def _is_root(graph: BlockGraph, node: BlockNode) -> bool:
@@ -220,12 +260,13 @@ def _check_backing_string(overlay: BlockNode, backing: str, backing_format: str)
             f"(qcow2 allows at most {hdr.MAX_BACKING_NAME})"
         )
     if isinstance(overlay, Qcow2Node):
-        raw = hdr.serialize(hdr.with_backing(overlay.header, backing, backing_format))
-        if len(raw) > overlay.cluster_size:
+        try:
+            hdr.serialize(hdr.with_backing(overlay.header, backing, backing_format))
+        except ImageError as err:
             raise BlockError(
                 f"Backing file name too long for the header of '{overlay.node_name}' "
                 f"(it must fit in one {overlay.cluster_size}-byte cluster)"
-            )
+            ) from err
 
 
 def plan_commit(
@@ -284,10 +325,19 @@ def plan_commit(
     if active and backing_file is not None:
         raise BlockError("'backing-file' specified, but 'top' is the active layer")
     overlay = None if active else chain[chain.index(top_bs) - 1]
-    if overlay is not None:
-        reason = graph.blocker(overlay)
+    # Every parent of top will be moved onto base (QEMU replaces the node).
+    overlays = [p for p, edge in graph.parents(top_bs) if edge == "backing"] if overlay else []
+    for parent in overlays:
+        reason = graph.blocker(parent)
         if reason is not None:
-            raise BlockError(f"Node '{overlay.node_name}' is busy: {reason}")
+            raise BlockError(f"Node '{parent.node_name}' is busy: {reason}")
+    if overlay is not None:
+        for parent, edge in graph.parents(top_bs):
+            if edge != "backing":
+                raise BlockError(
+                    f"Cannot commit '{top_bs.node_name}': node '{parent.node_name}' uses it "
+                    f"as '{edge}', and blockd re-points only overlays and exports onto the base"
+                )
     for parent, edge in graph.parents(base_bs):
         if edge == "backing" and parent not in intermediates:
             raise BlockError(
@@ -298,7 +348,8 @@ def plan_commit(
     if overlay is None:
         return ActiveCommitPlan(top=top_bs, base=base_bs, intermediates=intermediates)
     backing_string = backing_file if backing_file is not None else base_bs.filename
-    _check_backing_string(overlay, backing_string, base_bs.driver)
+    for parent in overlays:
+        _check_backing_string(parent, backing_string, base_bs.driver)
     return CommitPlan(
         device=device_bs,
         top=top_bs,

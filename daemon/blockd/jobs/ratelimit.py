@@ -3,8 +3,11 @@
 Time is divided into 100 ms slices with a byte quota each.  Copying more than
 the quota extends the current slice by the excess, and the job sleeps until
 that extended slice ends; so a burst is paid back in full however the job
-was woken in between (by ``set-speed``, pause or resume).  The clock is a
-parameter so tests can drive time themselves.
+was woken in between (by ``set-speed``, pause or resume).  A raised speed
+shortens the extended slice, possibly to an end already past: the debt is
+then paid and the delay is zero, never negative (QEMU returns the negative
+difference and its timer fires at once; trio refuses a negative sleep).  The
+clock is a parameter so tests can drive time themselves.
 """
 
 from __future__ import annotations
@@ -43,4 +46,4 @@ class RateLimiter:
             return 0.0
         slices = self._dispatched / self._quota
         self._slice_end = self._slice_start + slices * SLICE_SECONDS
-        return self._slice_end - now
+        return max(0.0, self._slice_end - now)
