@@ -156,7 +156,7 @@ class BlkdebugNode(BlockNode):
         if raised:
             self._active = raised
         # every set-state rule of the event sees the old state; the first given wins
-        for t in reversed(self.transitions):
+        for t in self.transitions:
             if t.event == event and t.state in (0, self.state):
                 new_state = t.new_state
                 break
