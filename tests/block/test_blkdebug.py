@@ -72,10 +72,10 @@ async def test_open_raises_no_data_events(tmp_path: Path, graph: BlockGraph) -> 
 
 async def test_open_events(tmp_path: Path, graph: BlockGraph) -> None:
     img = create(tmp_path / "d.qcow2", MiB)
-    with pytest.raises(BlockIOError, match="^Could not read qcow2 header: Input/output error$"):
+    with pytest.raises(BlockIOError, match=r"^Could not read qcow2 header: Input/output error$"):
         await open_over_blkdebug(graph, img, [{"event": "none"}])
     with pytest.raises(
-        BlockIOError, match="^Could not initialize refcount handling: No space left on device$"
+        BlockIOError, match=r"^Could not initialize refcount handling: No space left on device$"
     ):
         await open_over_blkdebug(graph, img, [{"event": "reftable_load", "errno": errno.ENOSPC}])
     assert graph.get("q") is None and graph.get("dbg") is None
@@ -128,13 +128,13 @@ def test_rule_options() -> None:
     assert not rule.matches("flush", 0, 0)  # a flush covers no sector
     assert Rule.from_options({"event": "none", "iotype": "flush"}).matches("flush", 0, 0)
     assert Rule.from_options({"event": "pwritev", "errno": 28}).errno == errno.ENOSPC
-    with pytest.raises(BlockError, match="^Parameter 'iotype' does not accept value 'bogus'$"):
+    with pytest.raises(BlockError, match=r"^Parameter 'iotype' does not accept value 'bogus'$"):
         Rule.from_options({"event": "read_aio", "iotype": "bogus"})
-    with pytest.raises(BlockError, match="^Parameter 'event' does not accept value 'x'$"):
+    with pytest.raises(BlockError, match=r"^Parameter 'event' does not accept value 'x'$"):
         Rule.from_options({"event": "x"})
-    with pytest.raises(BlockError, match="^Parameter 'event' is missing$"):
+    with pytest.raises(BlockError, match=r"^Parameter 'event' is missing$"):
         Rule.from_options({"iotype": "read"})
-    with pytest.raises(BlockError, match="^Parameter 'new_state' is missing$"):
+    with pytest.raises(BlockError, match=r"^Parameter 'new_state' is missing$"):
         Transition.from_options({"event": "read_aio"})
     rules, transitions = rules_from_options({
         "inject-error": [{"event": "l2_load"}],
