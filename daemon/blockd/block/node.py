@@ -59,6 +59,9 @@ class BlockNode:
     driver: ClassVar[str] = ""
     #: Protocol nodes may be written (and read) past their end; the file grows.
     growable: ClassVar[bool] = False
+    #: Whether :meth:`debug_event` does anything (blkdebug): a driver may skip
+    #: work it does only to tell which event to raise.
+    hears_debug_events: ClassVar[bool] = False
 
     def __init__(
         self,

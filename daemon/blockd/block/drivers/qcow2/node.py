@@ -1084,6 +1084,8 @@ class Qcow2Node(BlockNode):
         """Raise the blkdebug event of QEMU's copy-on-write for a partial cluster:
         ``cluster_alloc_space`` where the rest reads as zeros (QEMU zeroes the
         cluster first), else ``cow_read``.  True in the second case."""
+        if not self._file.hears_debug_events:
+            return False  # spare the backing's block status
         kind = classify(entry)
         zero = kind in (ClusterKind.ZERO_PLAIN, ClusterKind.ZERO_ALLOC)
         backing = self.backing
