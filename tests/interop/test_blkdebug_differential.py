@@ -184,6 +184,13 @@ VARIANTS: list[tuple[Rules, dict[str, Any]]] = [
     ([{"event": "write_aio", "sector": 640}], {}),
     ([{"event": "l2_load", "sector": 512}], {}),
     ([{"event": "read_aio", "sector": 640, "iotype": "read"}], {}),
+    # from the start, on a sector of the L1 table (0x30000), the refcount table
+    # (0x10000) or its block (0x20000): the open fails naming what it read, or
+    # the first request reading or writing that sector does
+    ([{"event": "none", "sector": 384}], {}),
+    ([{"event": "none", "sector": 128}], {}),
+    ([{"event": "none", "sector": 256, "once": True}], {}),
+    ([{"event": "none", "sector": 512}], {}),
     ([{"event": "read_aio", "iotype": "write", "once": True}], {}),
     ([{"event": "read_aio", "iotype": "flush", "once": True}], {}),
     ([{"event": "read_aio", "iotype": "block-status"}], {}),
@@ -328,8 +335,25 @@ def nbd_case(qmp: RawQMP, d: Path, n: int, fmt: str, ops: tuple[Op, ...], rules:
     return {"open": "ok", "ops": errors}
 
 
-def commit_case(qmp: RawQMP, d: Path, n: int, where: str, rules: Rules) -> list[Any]:
-    """Commit mid into base with the rule below ``where``: the job's errors and end."""
+def first_status(qmp: RawQMP, job: str, statuses: tuple[str, ...]) -> str:
+    """Wait for the job to reach one of ``statuses``; which one it reached."""
+    checked = 0
+    while True:
+        for event in qmp.events[checked:]:
+            data = event.get("data", {})
+            if event["event"] != "JOB_STATUS_CHANGE" or data.get("id") != job:
+                continue
+            if data["status"] in statuses:
+                return str(data["status"])
+        checked = len(qmp.events)
+        qmp.events.append(qmp.read())
+
+
+def commit_case(
+    qmp: RawQMP, d: Path, n: int, where: str, rules: Rules, active: bool
+) -> list[Any]:
+    """Commit mid (or, ``active``, top) into base with the rule below ``where``:
+    the job's errors, READY, and its end."""
     for name, backing in (("base", None), ("mid", "base"), ("top", "mid")):
         file: dict[str, Any] = {"driver": "file", "filename": str(d / f"{name}.qcow2")}
         if name == where:
@@ -340,19 +364,20 @@ def commit_case(qmp: RawQMP, d: Path, n: int, where: str, rules: Rules) -> list[
         })  # fmt: skip
         if "error" in reply:
             return ["open", name, reply["error"]["desc"]]
+    job = f"j{n}"
     reply = qmp.execute("block-commit", {
-        "job-id": f"j{n}", "device": f"top{n}", "top-node": f"mid{n}", "base-node": f"base{n}",
-        "on-error": "report",
+        "job-id": job, "device": f"top{n}", "top-node": f"{'top' if active else 'mid'}{n}",
+        "base-node": f"base{n}", "on-error": "report",
     })  # fmt: skip
     assert reply == {"return": {}}, reply
-    done = qmp.wait_event("BLOCK_JOB_COMPLETED", device=f"j{n}")
-    out: list[Any] = [
-        e["data"]["operation"]
-        for e in qmp.events
-        if e["event"] == "BLOCK_JOB_ERROR" and e["data"]["device"] == f"j{n}"
-    ]
-    out.append(done["data"].get("error", "completed"))
-    return out
+    out: list[Any] = []
+    if active and first_status(qmp, job, ("ready", "concluded")) == "ready":
+        out.append("ready")
+        assert qmp.execute("block-job-complete", {"device": job}) == {"return": {}}
+    done = qmp.wait_event("BLOCK_JOB_COMPLETED", device=job)
+    errors = [e["data"]["operation"] for e in qmp.events
+              if e["event"] == "BLOCK_JOB_ERROR" and e["data"]["device"] == job]  # fmt: skip
+    return errors + out + [done["data"].get("error", "completed")]
 
 
 def run_scenario(root: Path, kind: str, scenario: str, cases: list[Any]) -> dict[str, Any]:
@@ -374,9 +399,10 @@ def run_scenario(root: Path, kind: str, scenario: str, cases: list[Any]) -> dict
             for n, case in enumerate(cases):
                 shutil.copytree(template, d / f"c{n}")
                 if scenario == "commit":
-                    where, rules = case
-                    out[key(rules, {"where": where})] = commit_case(qmp, d / f"c{n}", n, where,
-                                                                    rules)  # fmt: skip
+                    where, rules, active = case
+                    out[key(rules, {"where": where, "active": active})] = commit_case(
+                        qmp, d / f"c{n}", n, where, rules, active
+                    )
                 else:
                     rules, extra = case
                     out[key(rules, extra)] = nbd_case(qmp, d / f"c{n}", n, fmt, ops, rules, extra)
@@ -400,8 +426,9 @@ def all_cases() -> dict[str, list[Any]]:
         cases[scenario].append((known_rule(event), {}))
     cases["overlay"] += [(rules, {}) for rules, _q, _b in KNOWN_SECTOR_DIFFERENCES]
     cases["raw"] += BAD_RULES
-    cases["commit"] = [(where, once(event)) for where, event, _x in COMMIT_CASES]
-    cases["commit"] += [("base", once(event)) for event in COMMIT_FLUSH]
+    cases["commit"] = [(where, once(event), False) for where, event, _x in COMMIT_CASES]
+    cases["commit"] += [("base", once(event), False) for event in COMMIT_FLUSH]
+    cases["commit"] += [(where, rules, True) for where, rules, _x in ACTIVE_COMMIT_CASES]
     return cases
 
 
@@ -531,7 +558,7 @@ COMMIT_FLUSH = ["flush_to_os", "flush_to_disk"]
 def test_commit_fails_alike(
     outcomes: Outcomes, where: str, event: str, expected: list[Any]
 ) -> None:
-    qsd, blockd = outcomes("commit", once(event), {"where": where})
+    qsd, blockd = outcomes("commit", once(event), {"where": where, "active": False})
     assert qsd == expected
     assert blockd == qsd
 
@@ -541,7 +568,36 @@ def test_commit_flush_of_base(outcomes: Outcomes, event: str) -> None:
     """Known difference: QSD's commit never flushes base itself (its flush when base
     goes back to read-only fails unreported), blockd's fails the job when base
     cannot be made durable."""
-    assert outcomes("commit", once(event), {"where": "base"}) == (
+    assert outcomes("commit", once(event), {"where": "base", "active": False}) == (
         ["completed"],
         ["Input/output error"],
     )
+
+
+ACTIVE_COMMIT_CASES: list[tuple[str, Rules, list[Any]]] = [
+    ("base", once("write_aio"), ["write", "Input/output error"]),
+    ("base", [{"event": "write_aio", "errno": 28, "once": True}],
+     ["write", "No space left on device"]),
+    ("base", once("l2_update"), ["write", "Input/output error"]),
+    ("base", once("read_aio"), ["ready", "completed"]),
+    ("mid", once("read_aio"), ["read", "Input/output error"]),
+    # unlike commit, an active commit flushes base (before READY) in QSD as well
+    ("base", once("flush_to_disk"), ["write", "Input/output error"]),
+    # top holds no data and has no L2 table: the job reads nothing from its file
+    ("top", once("read_aio"), ["ready", "completed"]),
+    ("top", once("l2_load"), ["ready", "completed"]),
+    ("top", once("read_backing_aio"), ["ready", "completed"]),
+    ("top", once("write_aio"), ["ready", "completed"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("where", "rules", "expected"), ACTIVE_COMMIT_CASES,
+    ids=[f"{w}-{r[0]['event']}-{r[0].get('errno', 5)}" for w, r, _x in ACTIVE_COMMIT_CASES],
+)  # fmt: skip
+def test_active_commit_fails_alike(
+    outcomes: Outcomes, where: str, rules: Rules, expected: list[Any]
+) -> None:
+    qsd, blockd = outcomes("commit", rules, {"where": where, "active": True})
+    assert qsd == expected
+    assert blockd == qsd
