@@ -601,3 +601,15 @@ def test_active_commit_fails_alike(
     qsd, blockd = outcomes("commit", rules, {"where": where, "active": True})
     assert qsd == expected
     assert blockd == qsd
+
+
+def test_every_event_has_a_case() -> None:
+    """Each BlkdebugEvent the schema accepts is compared somewhere above."""
+    from tests.helpers import SCHEMA_DIR
+
+    schema = json.loads((SCHEMA_DIR / "types" / "BlockdevOptions-blkdebug.json").read_text())
+    accepted = set(schema["properties"]["inject-error"]["items"]["properties"]["event"]["enum"])
+    covered = {event for _s, event in FIRING} | set(SILENT)
+    covered |= {event.removeprefix("sticky ") for _s, event in KNOWN_DIFFERENCES}
+    covered |= {event for _w, event, _x in COMMIT_CASES} | set(COMMIT_FLUSH)
+    assert covered == accepted
