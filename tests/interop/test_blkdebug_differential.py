@@ -56,9 +56,9 @@ def small_clusters(d: Path) -> None:
 
 
 def cow(d: Path) -> None:
-    """An empty d.qcow2 over a base with data at 1M (64k) and 2M (4k)."""
+    """An empty d.qcow2 over a base with data at 1M (64k), 2M (4k) and 2560k (4k)."""
     qemu_img("create", "-q", "-f", "qcow2", str(d / "base.qcow2"), "4M")
-    qemu_io(d / "base.qcow2", "write -P 1 1M 64k", "write -P 3 2M 4k")
+    qemu_io(d / "base.qcow2", "write -P 1 1M 64k", "write -P 3 2M 4k", "write -P 4 2560k 4k")
     qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
              str(d / "d.qcow2"), "4M")  # fmt: skip
 
@@ -109,6 +109,8 @@ SCENARIOS: dict[str, tuple[Callable[[Path], None], str, tuple[Op, ...]]] = {
         ("write", 3 * MiB, 4 * KiB),  # 2: nothing below: the rest reads as zeros
         ("read", 1 * MiB, 4 * KiB),  # 3
         ("flush",),  # 4
+        ("write", 2560 * KiB, 4 * KiB),  # 5: over all the data below: zeros around it
+        ("flush",),  # 6
     )),
     "commit": (commit_chain, "qcow2", ()),  # block-commit, not NBD requests: see below
     "raw": (raw, "raw", (
@@ -236,8 +238,8 @@ KNOWN_DIFFERENCES: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Any]]] 
         {**OK, "ops": [0] * 11},
     ),
     ("cow", "pwritev_zero"): (
-        {**OK, "ops": [0, 0, 5, 0, 0]},
-        {**OK, "ops": [0] * 5},
+        {**OK, "ops": [0, 0, 5, 0, 0, 0, 0]},
+        {**OK, "ops": [0] * 7},
     ),
     # a sticky rule: QEMU's zero write (8) touches only cached metadata
     ("overlay", "sticky read_aio"): (
@@ -421,6 +423,8 @@ def all_cases() -> dict[str, list[Any]]:
         cases[scenario].append((once(event), {}))
     cases["overlay"] += [(once(event), {}) for event in SILENT]
     cases["overlay"] += VARIANTS
+    cases["cow"] += [([{"event": e, "state": 2, "once": True}], AFTER_FLUSH)
+                     for e, _ops in COW_AFTER_FLUSH]  # fmt: skip
     cases["small-clusters"].append(([{"event": "l2_alloc_write"}], {}))
     for scenario, event in KNOWN_DIFFERENCES:
         cases[scenario].append((known_rule(event), {}))
@@ -486,6 +490,23 @@ def test_event_without_a_path_fires_in_neither(outcomes: Outcomes, event: str) -
 @pytest.mark.parametrize(("rules", "extra"), VARIANTS, ids=[str(i) for i in range(len(VARIANTS))])
 def test_rule_options_agree(outcomes: Outcomes, rules: Rules, extra: dict[str, Any]) -> None:
     qsd, blockd = outcomes("overlay", rules, extra)
+    assert blockd == qsd
+
+
+#: State 2 from the first flush on: the rules see only the last write (5), which
+#: copies the rest of its cluster from the backing's allocated cluster.
+AFTER_FLUSH = {"set-state": [{"event": "flush_to_os", "new_state": 2}]}
+COW_AFTER_FLUSH = [
+    ("cow_read", [0, 0, 0, 0, 0, 5, 0]),
+    ("write_aio", [0, 0, 0, 0, 0, 5, 0]),
+    ("cluster_alloc_space", [0] * 7),
+]
+
+
+@pytest.mark.parametrize(("event", "ops"), COW_AFTER_FLUSH)
+def test_copy_on_write_in_a_later_state(outcomes: Outcomes, event: str, ops: list[int]) -> None:
+    qsd, blockd = outcomes("cow", [{"event": event, "state": 2, "once": True}], AFTER_FLUSH)
+    assert qsd == {**OK, "ops": ops}
     assert blockd == qsd
 
 

@@ -1066,7 +1066,7 @@ class Qcow2Node(BlockNode):
                 continue
             # partial cluster: copy the rest from what the guest sees now
             lo, hi = max(offset, c * cs), min(end, (c + 1) * cs)
-            cow = await self._copy_on_write_event(c, entry) or cow
+            cow = await self._copy_on_write_event(c, entry, lo, hi) or cow
             content = await self._cluster_content(c, entry)
             content[lo - c * cs : hi - c * cs] = await payload.get(lo, hi - lo)
             if buffered:
@@ -1080,25 +1080,34 @@ class Qcow2Node(BlockNode):
                 self._file.debug_event("cow_write")
             await self._file.write(run_off, pending[0] if len(pending) == 1 else b"".join(pending))
 
-    async def _copy_on_write_event(self, cluster: int, entry: int) -> bool:
-        """Raise the blkdebug event of QEMU's copy-on-write for a partial cluster:
-        ``cluster_alloc_space`` where the rest reads as zeros (QEMU zeroes the
-        cluster first), else ``cow_read``.  True in the second case."""
+    async def _copy_on_write_event(self, cluster: int, entry: int, lo: int, hi: int) -> bool:
+        """Raise the blkdebug event of QEMU's copy-on-write for a partial cluster
+        written at [lo, hi): ``cluster_alloc_space`` where the rest reads as
+        zeros (QEMU zeroes the cluster first), else ``cow_read``.  True in the
+        second case."""
         if not self._file.hears_debug_events:
-            return False  # spare the backing's block status
+            return False  # spare the backing chain's block status
         kind = classify(entry)
         zero = kind in (ClusterKind.ZERO_PLAIN, ClusterKind.ZERO_ALLOC)
-        backing = self.backing
         if kind is ClusterKind.UNALLOCATED:
-            start = cluster * self.cluster_size
-            if backing is None or start >= backing.size:
-                zero = True
-            elif backing.backing is None:
-                want = min(self.cluster_size, backing.size - start)
-                status, n = await backing.block_status(start, want)
-                zero = status is not Status.DATA and n >= want
+            start, end = cluster * self.cluster_size, (cluster + 1) * self.cluster_size
+            zero = all([await self._zeros_below(a, b) for a, b in ((start, lo), (hi, end))])
         self._file.debug_event("cluster_alloc_space" if zero else "cow_read")
         return not zero
+
+    async def _zeros_below(self, start: int, end: int) -> bool:
+        """Whether the backing chain shows only zeros in [start, end) (as far as
+        block status tells at once; a mixed answer counts as data)."""
+        layer = self.backing
+        while layer is not None and start < min(end, layer.size):
+            want = min(end, layer.size) - start
+            status, n = await layer.block_status(start, want)
+            if status is Status.DATA or n < want:
+                return False
+            if status is Status.ZERO:
+                return True
+            layer = layer.backing
+        return True
 
     def _full_clusters(self, offset: int, length: int) -> tuple[int, int]:
         """Guest clusters wholly inside the range (the image's end counts as a boundary)."""
