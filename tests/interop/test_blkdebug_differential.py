@@ -604,6 +604,7 @@ ACTIVE_COMMIT_CASES: list[tuple[str, Rules, list[Any]]] = [
     ("mid", once("read_aio"), ["read", "Input/output error"]),
     # unlike commit, an active commit flushes base (before READY) in QSD as well
     ("base", once("flush_to_disk"), ["write", "Input/output error"]),
+    ("base", once("flush_to_os"), ["write", "Input/output error"]),
     # top holds no data and has no L2 table: the job reads nothing from its file
     ("top", once("read_aio"), ["ready", "completed"]),
     ("top", once("l2_load"), ["ready", "completed"]),
