@@ -59,6 +59,9 @@ class BlockNode:
     driver: ClassVar[str] = ""
     #: Protocol nodes may be written (and read) past their end; the file grows.
     growable: ClassVar[bool] = False
+    #: Whether :meth:`debug_event` does anything (blkdebug): a driver may skip
+    #: work it does only to tell which event to raise.
+    hears_debug_events: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -80,6 +83,11 @@ class BlockNode:
         #: QEMU's default for a node a client opens, ignored ("ignore").
         self.unmap = True
         self._write_observers: list[Callable[[int, int], None]] = []
+        #: requests that changed the node, and that count when the last flush
+        #: began (QEMU's write_gen / flushed_gen): a flush with nothing new to
+        #: make durable raises no ``flush_to_disk`` event
+        self._write_gen = 0
+        self._flushed_gen = 0
 
     def __repr__(self) -> str:
         mode = "ro" if self.read_only else "rw"
@@ -145,6 +153,7 @@ class BlockNode:
         self._write_observers.remove(observer)
 
     def _written(self, offset: int, length: int) -> None:
+        self._write_gen += 1
         for observer in self._write_observers:
             observer(offset, length)
 
@@ -285,7 +294,23 @@ class BlockNode:
     async def flush(self) -> None:
         self._check_open()
         if not self.read_only:
+            gen = self._write_gen
+            if self.file is not None:
+                self.file.debug_event("flush_to_os")
             await self._do_flush()
+            self._flushed_gen = gen
+
+    # -- blkdebug events ------------------------------------------------------------
+
+    def debug_event(self, event: str) -> None:
+        """QEMU's ``BLKDBG_EVENT``: a driver above says what its next I/O to this
+        node is for (a ``BlkdebugEvent`` name).  Only blkdebug nodes listen."""
+
+    def _flush_to_disk_event(self) -> None:
+        """Raised by a flush between making metadata durable and flushing the file,
+        and only when something was written since the last flush, as QEMU does."""
+        if self.file is not None and self._write_gen != self._flushed_gen:
+            self.file.debug_event("flush_to_disk")
 
     async def truncate(self, size: int) -> None:
         """Grow the node to ``size`` bytes; shrinking is refused (commit never needs it)."""
@@ -369,6 +394,7 @@ class BlockNode:
 
     async def _do_flush(self) -> None:
         if self.file is not None:
+            self._flush_to_disk_event()
             await self.file.flush()
 
     async def _do_truncate(self, size: int) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from blockd.block.blkdebug import BlkdebugNode, Rule
+from blockd.block.blkdebug import BlkdebugNode, rules_from_options
 from blockd.block.drivers.file import FileNode
 from blockd.block.drivers.qcow2.node import Qcow2Node
 from blockd.block.drivers.raw import RawNode
@@ -99,9 +99,9 @@ async def _open_blkdebug(ctx: _Opening, options: dict[str, Any], read_only: bool
     name = _name(ctx, options)
     if "image" not in options:
         raise BlockError(f"Parameter '{ctx.param('image')}' is missing")
-    rules = [Rule.from_options(r) for r in options.get("inject-error", [])]
+    rules, transitions = rules_from_options(options)
     image, implicit = await _child_ref(ctx, options["image"], read_only=read_only, what="image")
-    node = BlkdebugNode(name, image, read_only=read_only, rules=rules)
+    node = BlkdebugNode(name, image, read_only=read_only, rules=rules, transitions=transitions)
     ctx.created.append(node)
     ctx.graph.add(node, [image] if implicit else [])
     return node

@@ -39,9 +39,11 @@ class RawNode(BlockNode):
         return max(0, self._file.size - self._offset)
 
     async def _do_read(self, offset: int, length: int) -> bytes:
+        self._file.debug_event("read_aio")
         return await self._file.read(self._offset + offset, length)
 
     async def _do_write(self, offset: int, data: bytes) -> None:
+        self._file.debug_event("write_aio")
         await self._file.write(self._offset + offset, data)
 
     async def _do_write_zeroes(self, offset: int, length: int) -> None:

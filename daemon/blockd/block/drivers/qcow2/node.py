@@ -115,7 +115,10 @@ class Qcow2Node(BlockNode):
     ) -> Qcow2Node:
         """Parse and validate the image; nothing is written unless opened read-write."""
         file_size = file.size
-        head = await file.read(0, min(file_size, hdr.V3_HEADER_LENGTH))
+        try:
+            head = await file.read(0, min(file_size, hdr.V3_HEADER_LENGTH))
+        except BlockIOError as exc:
+            raise BlockIOError(exc.errno, f"Could not read qcow2 header: {exc}") from exc
         fixed = hdr.parse_fixed(head)
         if not hdr.MIN_CLUSTER_BITS <= fixed.cluster_bits <= hdr.MAX_CLUSTER_BITS:
             raise ImageError(f"Unsupported cluster size: 2^{fixed.cluster_bits}")
@@ -132,9 +135,17 @@ class Qcow2Node(BlockNode):
 
     async def _load(self) -> None:
         h = self.header
-        if h.l1_size:
-            self._l1 = decode_table(await self._file.read(h.l1_table_offset, h.l1_size * 8))
-        await self._refs.load()
+        try:
+            if h.l1_size:
+                self._l1 = decode_table(await self._file.read(h.l1_table_offset, h.l1_size * 8))
+        except BlockIOError as exc:
+            raise BlockIOError(exc.errno, f"Could not read L1 table: {exc}") from exc
+        try:
+            await self._refs.load()
+        except BlockIOError as exc:
+            raise BlockIOError(
+                exc.errno, f"Could not initialize refcount handling: {exc}"
+            ) from exc
         self._meta.add(0, self.cluster_size, MetaKind.HEADER)
         if h.l1_size:
             self._meta.add(h.l1_table_offset, h.l1_size * 8, MetaKind.L1)
@@ -237,6 +248,7 @@ class Qcow2Node(BlockNode):
             )
         table = self._l2.get(off)
         if table is None:
+            self._file.debug_event("l2_load")
             table = self._l2.put(off, decode_table(await self._file.read(off, self.cluster_size)))
         return off, table
 
@@ -306,13 +318,17 @@ class Qcow2Node(BlockNode):
 
     async def _read_backing(self, offset: int, length: int) -> bytes:
         backing = self.backing
-        if backing is None or offset >= backing.size:
+        if backing is None:
+            return bytes(length)
+        self._file.debug_event("read_backing_aio")
+        if offset >= backing.size:
             return bytes(length)
         n = min(length, backing.size - offset)
         data = await backing.read(offset, n)
         return data if n == length else data + bytes(length - n)
 
     async def _read_compressed(self, entry: int) -> bytes:
+        self._file.debug_event("read_compressed")
         # sequential small reads hit the same cluster many times: keep the last one
         if self._inflated is not None and self._inflated[0] == entry:
             return self._inflated[1]
@@ -326,6 +342,7 @@ class Qcow2Node(BlockNode):
         kind, goff, n, entry = ext
         if kind is ClusterKind.NORMAL:
             host = (entry & OFFSET_MASK) + goff % self.cluster_size
+            self._file.debug_event("read_aio")
             return await self._file.read(host, n)
         if kind is ClusterKind.UNALLOCATED:
             return await self._read_backing(goff, n)
@@ -399,9 +416,12 @@ class Qcow2Node(BlockNode):
                 part = view[goff - offset : goff - offset + n]
                 if kind is ClusterKind.NORMAL:
                     host = (entry & OFFSET_MASK) + goff % self.cluster_size
+                    self._file.debug_event("read_aio")
                     await self._file.readinto(host, part)
                 elif kind is ClusterKind.UNALLOCATED:
                     backing = self.backing
+                    if backing is not None:
+                        self._file.debug_event("read_backing_aio")
                     m = 0 if backing is None else max(0, min(n, backing.size - goff))
                     if backing is not None and m:
                         await backing.readinto(goff, part[:m])
@@ -554,6 +574,8 @@ class Qcow2Node(BlockNode):
             )
         new = await self._refs.allocate(1)
         self._meta.check(new, self.cluster_size, None)
+        self._file.debug_event("l2_alloc_write")
+        self._file.debug_event("l2_update")
         await self._file.write(new, bytes(self.cluster_size))
         await self._file.flush()  # table content and its refcount before the L1 pointer
         self._meta.add(new, self.cluster_size, MetaKind.L2)
@@ -564,6 +586,7 @@ class Qcow2Node(BlockNode):
     async def _write_l1_entry(self, l1_index: int, entry: int) -> None:
         pos = self.header.l1_table_offset + l1_index * 8
         self._meta.check(pos, 8, MetaKind.L1)
+        self._file.debug_event("l1_update")
         await self._file.write(pos, struct.pack(">Q", entry))
         self._l1[l1_index] = entry
 
@@ -599,6 +622,7 @@ class Qcow2Node(BlockNode):
                 j += 1
             lo, hi = indices[i], indices[j - 1] + 1
             self._meta.check(off + lo * 8, (hi - lo) * 8, MetaKind.L2)
+            self._file.debug_event("l2_update")
             await self._file.write(off + lo * 8, encode_entries(table[lo:hi]))
             i = j
 
@@ -676,6 +700,7 @@ class Qcow2Node(BlockNode):
                 clusters.append((entry & OFFSET_MASK) >> self.cluster_bits)
         if clusters:
             await self._wait_unpinned(clusters)
+            self._file.debug_event("cluster_free")
             await self._refs.change(clusters, -1)
 
     async def _cluster_content(self, cluster: int, entry: int) -> bytearray:
@@ -810,6 +835,7 @@ class Qcow2Node(BlockNode):
                     for c in host_clusters_of_range(host, n, self.cluster_bits)]
         try:
             for goff, host, n in plan:
+                self._file.debug_event("write_aio")
                 await payload.put(self._file, host, goff, n)
         finally:
             self._unpin(clusters)
@@ -978,6 +1004,7 @@ class Qcow2Node(BlockNode):
 
     async def _fill_allocation(self, payload: _Payload, alloc: _Allocation) -> None:
         for lo, host, n in alloc.in_place:
+            self._file.debug_event("write_aio")
             await payload.put(self._file, host, lo, n)
         for run_off, batch in alloc.runs:
             await self._fill_run(payload, run_off, batch)
@@ -1018,6 +1045,7 @@ class Qcow2Node(BlockNode):
         offset, end = payload.offset, payload.offset + payload.length
         buffered = isinstance(payload, _BytesPayload)
         pending: list[bytes] = []  # buffered: the whole run, written at once
+        cow = False
 
         def whole(c: int) -> bool:
             return min(end, (c + 1) * cs) - max(offset, c * cs) == cs
@@ -1038,6 +1066,7 @@ class Qcow2Node(BlockNode):
                 continue
             # partial cluster: copy the rest from what the guest sees now
             lo, hi = max(offset, c * cs), min(end, (c + 1) * cs)
+            cow = await self._copy_on_write_event(c, entry, lo, hi) or cow
             content = await self._cluster_content(c, entry)
             content[lo - c * cs : hi - c * cs] = await payload.get(lo, hi - lo)
             if buffered:
@@ -1046,7 +1075,39 @@ class Qcow2Node(BlockNode):
                 await self._file.write(host, bytes(content))
             i += 1
         if pending:
+            self._file.debug_event("write_aio")
+            if cow:
+                self._file.debug_event("cow_write")
             await self._file.write(run_off, pending[0] if len(pending) == 1 else b"".join(pending))
+
+    async def _copy_on_write_event(self, cluster: int, entry: int, lo: int, hi: int) -> bool:
+        """Raise the blkdebug event of QEMU's copy-on-write for a partial cluster
+        written at [lo, hi): ``cluster_alloc_space`` where the rest reads as
+        zeros (QEMU zeroes the cluster first), else ``cow_read``.  True in the
+        second case."""
+        if not self._file.hears_debug_events:
+            return False  # spare the backing chain's block status
+        kind = classify(entry)
+        zero = kind in (ClusterKind.ZERO_PLAIN, ClusterKind.ZERO_ALLOC)
+        if kind is ClusterKind.UNALLOCATED:
+            start, end = cluster * self.cluster_size, (cluster + 1) * self.cluster_size
+            zero = all([await self._zeros_below(a, b) for a, b in ((start, lo), (hi, end))])
+        self._file.debug_event("cluster_alloc_space" if zero else "cow_read")
+        return not zero
+
+    async def _zeros_below(self, start: int, end: int) -> bool:
+        """Whether the backing chain shows only zeros in [start, end) (as far as
+        block status tells at once; a mixed answer counts as data)."""
+        layer = self.backing
+        while layer is not None and start < min(end, layer.size):
+            want = min(end, layer.size) - start
+            status, n = await layer.block_status(start, want)
+            if status is Status.DATA or n < want:
+                return False
+            if status is Status.ZERO:
+                return True
+            layer = layer.backing
+        return True
 
     def _full_clusters(self, offset: int, length: int) -> tuple[int, int]:
         """Guest clusters wholly inside the range (the image's end counts as a boundary)."""
@@ -1122,6 +1183,7 @@ class Qcow2Node(BlockNode):
 
     async def _do_flush(self) -> None:
         await self._commit()
+        self._flush_to_disk_event()
         await self._file.flush()
 
     # -- resizing -------------------------------------------------------------------
@@ -1148,14 +1210,17 @@ class Qcow2Node(BlockNode):
                              f"{hdr.MAX_L1_BYTES} bytes; use bigger clusters")
         if need > h.l1_size:
             nclusters = -(-need * 8 // cs)
+            self._file.debug_event("l1_grow_alloc_table")
             new = await self._refs.allocate(nclusters)
             self._meta.check(new, nclusters * cs, None)
             table = array("Q", self._l1)
             table.extend(zero_table(need - len(self._l1)))
             raw = encode_entries(table)
+            self._file.debug_event("l1_grow_write_table")
             await self._file.write(new, raw + bytes(nclusters * cs - len(raw)))
             await self._file.flush()
             self._meta.check(hdr.OFF_L1, 12, MetaKind.HEADER)
+            self._file.debug_event("l1_grow_activate_table")
             await self._file.write(hdr.OFF_L1, struct.pack(">IQ", need, new))
             await self._file.flush()
             old_off, old_n = h.l1_table_offset, h.l1_size

@@ -77,6 +77,7 @@ class Refcounts:
     async def load(self) -> None:
         h = self.header
         nbytes = h.refcount_table_clusters << self.cluster_bits
+        self.file.debug_event("reftable_load")
         raw = await self.file.read(h.refcount_table_offset, nbytes)
         self.table = decode_table(raw)
 
@@ -102,6 +103,7 @@ class Refcounts:
             return None
         if off & (self.cluster_size - 1):
             raise BlockIOError(errno.EIO, f"qcow2: refcount block offset {off:#x} unaligned")
+        self.file.debug_event("refblock_load")  # cached or not, as in QEMU
         buf = self._cache.get(off)
         if buf is None:
             loaded = bytearray(await self.file.read(off, self.cluster_size))
@@ -131,6 +133,7 @@ class Refcounts:
         for c in clusters:
             by_block.setdefault(c // self.block_entries, []).append(c)
         for rt_index, members in sorted(by_block.items()):
+            self.file.debug_event("refblock_alloc")
             blk = await self._block(rt_index)
             if blk is None:
                 raise BlockIOError(
@@ -156,6 +159,7 @@ class Refcounts:
                     self.free_hint = min(self.free_hint, rt_index * self.block_entries + i)
             try:
                 self.meta.check(off + lo, hi - lo, MetaKind.REFBLOCK)
+                self.file.debug_event("refblock_update_part")
                 await self.file.write(off + lo, bytes(buf[lo:hi]))
             except BaseException:
                 self._cache.pop(off, None)  # the cache must never be ahead of the disk
@@ -209,6 +213,7 @@ class Refcounts:
         return await self._allocate(n, partial=True)
 
     async def _allocate(self, n: int, *, partial: bool) -> tuple[int, int]:
+        self.file.debug_event("cluster_alloc")
         while True:
             start, count = await self._find_free_run(n, partial=partial)
             ready = True
@@ -255,10 +260,12 @@ class Refcounts:
         else:
             await self.change([cluster], +1)
         self.meta.check(off, self.cluster_size, None)
+        self.file.debug_event("refblock_alloc_write")
         await self.file.write(off, bytes(buf))
         await self.file.flush()
         entry_off = self.header.refcount_table_offset + rt_index * 8
         self.meta.check(entry_off, 8, MetaKind.REFTABLE)
+        self.file.debug_event("refblock_alloc_hookup")
         await self.file.write(entry_off, struct.pack(">Q", off))
         await self.file.flush()
         self.table[rt_index] = off
@@ -266,6 +273,7 @@ class Refcounts:
         self._remember(off, buf)
 
     async def _grow_table(self, rt_index: int) -> None:
+        self.file.debug_event("reftable_grow")
         cs, be = self.cluster_size, self.block_entries
         old_entries = len(self.table)
         area = old_entries * be  # first cluster no counter exists for
@@ -290,6 +298,7 @@ class Refcounts:
             for c in range(max(lo, area), min(hi, area_end)):
                 set_refcount(buf, c - lo, self.bits, 1)
             blocks.append(((area + i) << self.cluster_bits, buf))
+        self.file.debug_event("refblock_alloc_write_blocks")
         for off, buf in blocks:
             self.meta.check(off, cs, None)
             await self.file.write(off, bytes(buf))
@@ -299,10 +308,12 @@ class Refcounts:
         new_table.extend(off for off, _ in blocks)
         new_table.extend(zero_table(new_entries - len(new_table)))
         self.meta.check(table_off, table_clusters * cs, None)
+        self.file.debug_event("refblock_alloc_write_table")
         await self.file.write(table_off, encode_entries(new_table))
         await self.file.flush()
         # 3. switch the header over in one 12-byte write
         self.meta.check(OFF_REFTABLE, 12, MetaKind.HEADER)
+        self.file.debug_event("refblock_alloc_switch_table")
         await self.file.write(OFF_REFTABLE, struct.pack(">QI", table_off, table_clusters))
         await self.file.flush()
         old_off = self.header.refcount_table_offset
