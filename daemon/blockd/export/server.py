@@ -335,12 +335,16 @@ class NBDServer:
                     task_status.started()
                     await trio.sleep_forever()
         finally:
-            with trio.CancelScope(shield=True):
-                for listener in self._listeners:
-                    await listener.aclose()
-            if self._cleanup is not None:
-                self._cleanup()
-            self._stopped.set()
+            # Whatever fails here, :meth:`stop` must not wait forever for the end.
+            try:
+                with trio.CancelScope(shield=True):
+                    for listener in self._listeners:
+                        with contextlib.suppress(OSError):
+                            await listener.aclose()
+                if self._cleanup is not None:
+                    self._cleanup()
+            finally:
+                self._stopped.set()
 
     async def stop(self) -> None:
         """Stop listening and drop every client (their running requests finish first)."""
