@@ -451,3 +451,80 @@ def test_nbd_wire_matches_qsd(both: tuple[Path, Path]) -> None:
     for index, (want, have) in enumerate(zip(expected, got, strict=False)):
         assert have == want, f"exchange {index} differs"
     assert len(got) == len(expected)
+
+
+# -- issue 12, defect 7: FLUSH ranges and sizes that are not whole sectors ------------------
+
+
+def odd_sized_qcow2(path: Path, size: int) -> Path:
+    """A qcow2 whose header says ``size`` bytes (qemu-img itself rounds sizes up)."""
+    create(path, "1024")
+    with open(path, "r+b") as f:
+        f.seek(24)  # the header's size field
+        f.write(struct.pack(">Q", size))
+    return path
+
+
+def sizes_and_flushes(start: Any, directory: Path) -> list[Any]:
+    d = str(directory)
+    odd_sized_qcow2(directory / "odd.qcow2", 1000)
+    odd_sized_qcow2(directory / "odd2.qcow2", 1537)
+    log: list[Any] = []
+    daemon: DaemonProcess = start(directory / "qmp.sock")
+    try:
+        with RawQMP(directory / "qmp.sock") as qmp:
+            qmp.negotiate()
+            for command, arguments in [
+                ("blockdev-add", node("o", f"{d}/odd.qcow2")),
+                ("blockdev-add", node("o2", f"{d}/odd2.qcow2")),
+                ("nbd-server-start", unix(f"{d}/nbd.sock")),
+                ("block-export-add", export("e", "o", name="odd", writable=True)),
+                ("block-export-add", export("f", "o2", name="odd2")),
+            ]:
+                assert qmp.execute(command, arguments) == {"return": {}}
+            for name in (b"odd", b"odd2"):
+                for structured in (False, True):
+                    c = WireClient(f"{d}/nbd.sock")
+                    c.take(18)
+                    c.sock.sendall(struct.pack(">I", 3))
+                    if structured:
+                        log.append(c.option(opt(8)))
+                    log.append(c.option(opt(6, info(name, 3))))
+                    log.append(c.option(opt(7, info(name))))
+                    for message, length in [
+                        (req(3), 0),
+                        (req(3, 1), 0),
+                        (req(3, 0, 1), 0),
+                        (req(3, 511, 1), 0),
+                        (req(3, 512, 0), 0),
+                        (req(3, 512, 1), 0),
+                        (req(3, 513), 0),
+                        (req(3, 1000), 0),
+                        (req(3, 0, 2**32 - 1), 0),
+                        (req(3, 2**63, 0), 0),
+                        (req(3, 2**64 - 1, 1), 0),
+                        (req(3, 2**64 - 2**31, 2**31 + 5), 0),
+                        (req(3, flags=1), 0),
+                        (req(3, flags=2), 0),
+                        (req(0, 0, 512), 512),
+                        (req(0, 0, 1000), 1000),
+                        (req(0, 512, 1), 1),
+                        (req(5, 0, 1000), 0),
+                    ]:
+                        log.append(c.request(message, length))
+                    c.sock.sendall(req(2))
+                    log.append(c.closed())
+    finally:
+        daemon.stop()
+    return log
+
+
+def test_flush_ranges_and_odd_sizes_match_qsd(both: tuple[Path, Path]) -> None:
+    """QEMU checks a FLUSH's range like any other (past the end: EINVAL, else
+    ignored) and exports whole sectors only."""
+    qsd_dir, blockd_dir = both
+    expected = sizes_and_flushes(start_qsd, qsd_dir)
+    got = sizes_and_flushes(start_blockd, blockd_dir)
+    for index, (want, have) in enumerate(zip(expected, got, strict=False)):
+        assert have == want, f"exchange {index} differs"
+    assert len(got) == len(expected)

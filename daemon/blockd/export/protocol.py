@@ -609,7 +609,8 @@ def check_request(
     if kind in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES) and not writable:
         # QEMU answers every request it refuses before running it with EINVAL.
         return Refusal(EINVAL, "Export is read-only")
-    if kind != Cmd.FLUSH and request.offset + request.length > size:
+    # (FLUSH too: QEMU checks every request's range, though a flush ignores it)
+    if request.offset + request.length > size:
         return Refusal(
             EINVAL,
             f"operation past EOF; From: {request.offset}, Len: {request.length}, Size: {size}",
