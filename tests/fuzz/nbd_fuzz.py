@@ -1,9 +1,10 @@
 """Seeded NBD trials: hostile byte streams for one daemon, lockstep conversations for two.
 
-*Chaos* trials (on an export of their own, "chaos") send a stream built for the stage they attack (greeting,
-client flags, options, requests), with mutations: wrong magic, lengths that
-lie, payloads cut short, unknown codes, overflowing ranges, and an abrupt
-disconnect at a random byte.  Only the daemon's survival is judged there.
+*Chaos* trials (on an export of their own, "chaos") send a stream built for
+the stage they attack (greeting, client flags, options, requests), with
+mutations: wrong magic, lengths that lie, payloads cut short, unknown codes,
+overflowing ranges, and an abrupt disconnect at a random byte.  Only the
+daemon's survival is judged there.
 
 *Lockstep* trials are well framed, one message at a time, so two daemons
 (blockd and qemu-storage-daemon) can be asked the same and their answers
@@ -23,7 +24,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from tests.fuzz.nbd_clients import IHAVEOPT, REQUEST_MAGIC, connect, option, request
+from tests.fuzz.nbd_clients import IHAVEOPT, connect, option, request
 
 SIZE = 4 << 20
 MAX_BUFFER = 32 << 20
@@ -58,18 +59,18 @@ def well_formed_option(rng: random.Random) -> tuple[int, bytes]:
         data = _meta_payload(rng)
     else:
         data = b""
-    if rng.random() < 0.2:
-        data += rng.randbytes(rng.randrange(1, 8))  # junk inside the stated length
+    if rng.random() < 0.2 and code not in (9, 10):
+        # junk inside the stated length (not after meta-context queries: QEMU 7.2
+        # leaves it in the stream, where it ends the connection as a bad magic)
+        data += rng.randbytes(rng.randrange(1, 8))
     elif data and rng.random() < 0.1:
         data = data[: rng.randrange(len(data))]  # content shorter than its fields say
     return code, data
 
 
 def _interesting_offset(rng: random.Random) -> int:
-    return rng.choice(
-        [0, 512, 4096, SIZE - 512, SIZE - 1, SIZE, SIZE + 512, 2**63, 2**64 - 1, 2**64 - 512]
-        + [rng.randrange(0, SIZE)]
-    )
+    edges = [0, 512, 4096, SIZE - 512, SIZE - 1, SIZE, SIZE + 512, 2**63, 2**64 - 1, 2**64 - 512]
+    return rng.choice([*edges, rng.randrange(0, SIZE)])
 
 
 def _interesting_length(rng: random.Random, small: bool) -> int:
@@ -273,6 +274,13 @@ def run_lockstep(path: Path, seed: int) -> list[Any]:
             return log
         for handle in range(rng.randrange(1, 10)):
             message, kind, length = random_request(rng, handle, small=True)
+            (flags,) = struct.unpack_from(">H", message, 4)
+            (offset,) = struct.unpack_from(">Q", message, 16)
+            if kind == 6 and flags & 0x10 and (offset | length) % 65536:
+                # FAST_ZERO on part of a cluster: QEMU's qcow2 driver refuses it
+                # unless the rest of the cluster reads as zeros, blockd's does not
+                # check (a known difference, in README): keep it to whole clusters
+                message = message[:4] + struct.pack(">H", flags & ~0x10) + message[6:]
             log.append((message[:28], c.request(message, kind, length)))
             if log[-1][1] == "EOF":
                 return log

@@ -46,8 +46,8 @@ from tests.images import create, qemu_img, qemu_io
 pytestmark = pytest.mark.qsd
 
 EXAMPLES = int(os.environ.get("BLOCKD_FUZZ_EXAMPLES", "0"))
-CHAOS = EXAMPLES or 300
-LOCKSTEP = EXAMPLES // 4 or 60
+CHAOS = EXAMPLES or 600
+LOCKSTEP = EXAMPLES // 4 or 150
 SEED = int(os.environ.get("BLOCKD_FUZZ_SEED", "20261202"))
 SENTINEL_EVERY = 50
 STUCK_EVERY = 500
@@ -89,10 +89,18 @@ def setup(start: Any, d: Path) -> Daemon:
             for name in ("disk", "ro", "chaos")
         ],
         *[
-            ("block-export-add", {"type": "nbd", "id": name, "node-name": name,
-                                  "writable": name != "ro", "allocation-depth": True})
+            (
+                "block-export-add",
+                {
+                    "type": "nbd",
+                    "id": name,
+                    "node-name": name,
+                    "writable": name != "ro",
+                    "allocation-depth": True,
+                },
+            )
             for name in ("disk", "ro", "chaos")
-        ],  # fmt: skip
+        ],
     ]:
         assert qmp.execute(command, arguments) == {"return": {}}, command
     return Daemon(process, qmp, nbd, images)

@@ -528,3 +528,73 @@ def test_flush_ranges_and_odd_sizes_match_qsd(both: tuple[Path, Path]) -> None:
     for index, (want, have) in enumerate(zip(expected, got, strict=False)):
         assert have == want, f"exchange {index} differs"
     assert len(got) == len(expected)
+
+
+# -- options read field by field, and request flags, as QEMU does (found by tests/fuzz) -------
+
+ODD_OPTIONS = [
+    (9, meta(b"disk", b"base:allocation")),  # LIST_META_CONTEXT needs no structured replies
+    (9, meta(b"nope", b"base:allocation")),
+    (10, meta(b"disk", b"base:allocation")),  # ...SET does
+    (5, b"x"),
+    (8, b""),
+    (6, info(b"disk\x00", 1)),
+    (6, info(b"disk") + b"x"),
+    (6, info(b"disk")[:-1]),
+    (6, b"\x00\x00\x10\x01"),
+    (6, b"\x00\x00\x00\x04di"),
+    (6, struct.pack(">I", 5000) + b"x" * 5000 + b"\x00\x00"),
+    (6, info(b"y" * 100)),
+    (9, meta(b"disk", b"base:allocation")[:-3]),
+    (9, meta(b"nope", b"base:allocation")[:-3]),
+    (9, meta(b"disk", b"base:alloc\x00ation")),
+    (9, struct.pack(">I", 4) + b"disk" + struct.pack(">II", 1, 5000) + b"x" * 5000),
+    (9, struct.pack(">I", 4) + b"disk" + struct.pack(">II", 1, 5000) + b"x" * 10),
+    (9, meta(b"x" * 100)),
+    (9, b""),
+    (9, meta(b"disk")[:-2]),
+    (9, meta(b"\xff\xfe")),
+    (7, info(b"disk")),
+]
+
+
+def odd_conversation(sock: str) -> list[Any]:
+    c = WireClient(sock)
+    log: list[Any] = [c.take(18)]
+    c.sock.sendall(struct.pack(">I", 3))
+    for code, data in ODD_OPTIONS:
+        log.append(c.option(opt(code, data)))
+    for flags in (0x20, 0x2345, 0x8000):
+        for kind in (0, 1, 3, 6):
+            data = b"abcd" if kind == 1 else b""
+            log.append(c.request(req(kind, 4096, len(data) or 512, flags, data), 0))
+    log.append(c.request(req(0, (4 << 20) - 1, 0, flags=4), 0))  # DF, nothing to read
+    c.sock.sendall(req(2))
+    log.append(c.closed())
+    return log
+
+
+def odd_run(start: Any, directory: Path) -> list[Any]:
+    d = str(directory)
+    daemon: DaemonProcess = start(directory / "qmp.sock")
+    try:
+        with RawQMP(directory / "qmp.sock") as qmp:
+            qmp.negotiate()
+            for command, arguments in [
+                ("blockdev-add", node("d", f"{d}/d.qcow2")),
+                ("nbd-server-start", unix(f"{d}/nbd.sock")),
+                ("block-export-add", export("e", "d", name="disk", writable=True)),
+            ]:
+                assert qmp.execute(command, arguments) == {"return": {}}
+            return odd_conversation(f"{d}/nbd.sock")
+    finally:
+        daemon.stop()
+
+
+def test_option_fields_and_request_flags_match_qsd(both: tuple[Path, Path]) -> None:
+    qsd_dir, blockd_dir = both
+    expected = odd_run(start_qsd, qsd_dir)
+    got = odd_run(start_blockd, blockd_dir)
+    for index, (want, have) in enumerate(zip(expected, got, strict=False)):
+        assert have == want, f"exchange {index} differs"
+    assert len(got) == len(expected)

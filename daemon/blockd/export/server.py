@@ -729,7 +729,7 @@ class NBDServer:
         if kind == p.Cmd.READ:
             if not client.structured:
                 return p.simple_reply(handle, 0, await node.read(offset, length))
-            if flags & p.CmdFlag.DF:
+            if flags & p.CmdFlag.DF and length:  # (nothing to read: a NONE chunk, below)
                 data = await node.read(offset, length)
                 return b"".join(p.read_chunks(handle, offset, [(length, data)], df=True))
             return b"".join(p.read_chunks(handle, offset, await sparse_read(node, offset, length)))
