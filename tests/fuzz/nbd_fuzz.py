@@ -8,7 +8,8 @@ daemon's survival is judged there.
 
 *Lockstep* trials are well framed, one message at a time, so two daemons
 (blockd and qemu-storage-daemon) can be asked the same and their answers
-compared after :func:`normalise`.
+compared once each reply is reduced to what it means (reply types and
+error codes, data digests, block status payloads).
 
 Every trial is a function of its seed: a failure names the seed, and
 ``trial(seed)`` gives the same bytes again.
