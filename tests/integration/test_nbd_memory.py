@@ -83,3 +83,20 @@ def test_stuck_clients_stay_within_their_bounds(served: Served) -> None:
     assert served.qmp.execute("quit") == {"return": {}}
     assert served.daemon.wait() == 0
     check_image(served.image)
+
+
+def test_stuck_clients_with_the_biggest_requests(served: Served) -> None:
+    """32 MiB READs (NBD's maximum; QSD holds 16 of them per client): beyond the
+    server's 256 MiB share, a client gets no request of over 2 MiB started."""
+    pid = served.daemon.proc.pid
+    good_client_works(served)
+    base = settled_rss(pid)
+    socks = [stuck_reader(served.nbd_sock, SPAN, length=32 * MiB) for _ in range(24)]
+    try:
+        total = settled_rss(pid)
+        assert total - base < 400 * MiB, (base, total)
+        good_client_works(served)  # 4 KiB and 1 MiB requests still go through
+    finally:
+        close_all(socks)
+    assert served.qmp.execute("quit") == {"return": {}}
+    assert served.daemon.wait() == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from blockd.export.budget import ClientBudget, ServerBudget
+from blockd.export.budget import ALONE_BYTES, ClientBudget, ServerBudget
 
 MiB = 1 << 20
 
@@ -39,13 +39,29 @@ async def test_the_server_share_bounds_all_clients_but_never_starves_one() -> No
             await budget.acquire(MiB)
     assert server.held == 16 * MiB
     late = ClientBudget(server, 8 * MiB)
-    # holding nothing, it may still start one request, even a big one...
-    assert late.fits(32 * MiB)
+    # holding nothing, it may still start one request of up to 2 MiB...
+    assert late.fits(ALONE_BYTES) and not late.fits(ALONE_BYTES + 1)
     await late.acquire(MiB)
     # ...but no second while the server's share is taken
     assert not late.fits(MiB)
     stuck[0].close()  # a stuck client goes away: its bytes are free again
     assert server.held == 9 * MiB and late.fits(MiB)
+
+
+async def test_a_request_over_the_client_limit_runs_alone_if_the_server_has_room() -> None:
+    server = ServerBudget(64 * MiB)
+    client = ClientBudget(server, 8 * MiB)
+    assert client.fits(32 * MiB)
+    await client.acquire(32 * MiB)
+    assert not client.fits(1)
+    other = ClientBudget(server, 8 * MiB)
+    await other.acquire(8 * MiB)
+    client.give(32 * MiB)
+    # 56 MiB held elsewhere: no room for another 32 MiB, but a small one goes
+    filler = ClientBudget(server, 64 * MiB)
+    await filler.acquire(ALONE_BYTES)
+    await filler.acquire(46 * MiB)
+    assert not client.fits(32 * MiB) and client.fits(MiB)
 
 
 async def test_requests_without_data_always_fit() -> None:

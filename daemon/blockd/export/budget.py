@@ -8,9 +8,12 @@ until some of its replies have gone out (or another client's have, for the
 server's limit): TCP then slows it down, and a client that never reads its
 replies costs at most its own limit, never more daemon memory.
 
-A client holding nothing may always take one request, however big: that
-keeps every client served (slowly) while stuck clients hold the server's
-whole share, and lets a request bigger than the client limit run alone.
+A client holding nothing may always take one request of up to
+:data:`ALONE_BYTES`: that keeps every client served (slowly) while stuck
+clients hold the server's whole share, and bounds what N stuck clients can
+hold at the server's share plus N x 2 MiB, whatever the size of their
+requests.  A bigger request (up to NBD's 32 MiB) may run alone, beyond the
+client's limit, when the server's share has room for it.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ MiB = 1 << 20
 #: What one client may hold: 8 x 1 MiB READs in flight or waiting to be sent.
 CLIENT_BYTES = 8 * MiB
 #: What all clients together may hold (beyond the one request each client may
-#: always have): 32 stuck clients' worth, so 64 stuck clients cost about
-#: this plus one request each.
+#: always have): 32 stuck clients' worth, so 64 stuck clients cost at most
+#: this plus 2 MiB each.
 SERVER_BYTES = 256 * MiB
+#: The request a client holding nothing may always start.
+ALONE_BYTES = 2 * MiB
 
 
 class ServerBudget:
@@ -51,9 +56,11 @@ class ClientBudget:
         self.held = 0
 
     def fits(self, n: int) -> bool:
-        if self.held == 0 or n == 0:
+        if n == 0 or (self.held == 0 and n <= ALONE_BYTES):
             return True
-        return self.held + n <= self.limit and self.server.held + n <= self.server.limit
+        if self.held and self.held + n > self.limit:
+            return False
+        return self.server.held + n <= self.server.limit
 
     def take(self, n: int) -> None:
         """Hold ``n`` more bytes; only after :meth:`fits` said yes."""
