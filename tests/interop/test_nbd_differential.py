@@ -451,3 +451,150 @@ def test_nbd_wire_matches_qsd(both: tuple[Path, Path]) -> None:
     for index, (want, have) in enumerate(zip(expected, got, strict=False)):
         assert have == want, f"exchange {index} differs"
     assert len(got) == len(expected)
+
+
+# -- issue 12, defect 7: FLUSH ranges and sizes that are not whole sectors ------------------
+
+
+def odd_sized_qcow2(path: Path, size: int) -> Path:
+    """A qcow2 whose header says ``size`` bytes (qemu-img itself rounds sizes up)."""
+    create(path, "1024")
+    with open(path, "r+b") as f:
+        f.seek(24)  # the header's size field
+        f.write(struct.pack(">Q", size))
+    return path
+
+
+def sizes_and_flushes(start: Any, directory: Path) -> list[Any]:
+    d = str(directory)
+    odd_sized_qcow2(directory / "odd.qcow2", 1000)
+    odd_sized_qcow2(directory / "odd2.qcow2", 1537)
+    log: list[Any] = []
+    daemon: DaemonProcess = start(directory / "qmp.sock")
+    try:
+        with RawQMP(directory / "qmp.sock") as qmp:
+            qmp.negotiate()
+            for command, arguments in [
+                ("blockdev-add", node("o", f"{d}/odd.qcow2")),
+                ("blockdev-add", node("o2", f"{d}/odd2.qcow2")),
+                ("nbd-server-start", unix(f"{d}/nbd.sock")),
+                ("block-export-add", export("e", "o", name="odd", writable=True)),
+                ("block-export-add", export("f", "o2", name="odd2")),
+            ]:
+                assert qmp.execute(command, arguments) == {"return": {}}
+            for name in (b"odd", b"odd2"):
+                for structured in (False, True):
+                    c = WireClient(f"{d}/nbd.sock")
+                    c.take(18)
+                    c.sock.sendall(struct.pack(">I", 3))
+                    if structured:
+                        log.append(c.option(opt(8)))
+                    log.append(c.option(opt(6, info(name, 3))))
+                    log.append(c.option(opt(7, info(name))))
+                    for message, length in [
+                        (req(3), 0),
+                        (req(3, 1), 0),
+                        (req(3, 0, 1), 0),
+                        (req(3, 511, 1), 0),
+                        (req(3, 512, 0), 0),
+                        (req(3, 512, 1), 0),
+                        (req(3, 513), 0),
+                        (req(3, 1000), 0),
+                        (req(3, 0, 2**32 - 1), 0),
+                        (req(3, 2**63, 0), 0),
+                        (req(3, 2**64 - 1, 1), 0),
+                        (req(3, 2**64 - 2**31, 2**31 + 5), 0),
+                        (req(3, flags=1), 0),
+                        (req(3, flags=2), 0),
+                        (req(0, 0, 512), 512),
+                        (req(0, 0, 1000), 1000),
+                        (req(0, 512, 1), 1),
+                        (req(5, 0, 1000), 0),
+                    ]:
+                        log.append(c.request(message, length))
+                    c.sock.sendall(req(2))
+                    log.append(c.closed())
+    finally:
+        daemon.stop()
+    return log
+
+
+def test_flush_ranges_and_odd_sizes_match_qsd(both: tuple[Path, Path]) -> None:
+    """QEMU checks a FLUSH's range like any other (past the end: EINVAL, else
+    ignored) and exports whole sectors only."""
+    qsd_dir, blockd_dir = both
+    expected = sizes_and_flushes(start_qsd, qsd_dir)
+    got = sizes_and_flushes(start_blockd, blockd_dir)
+    for index, (want, have) in enumerate(zip(expected, got, strict=False)):
+        assert have == want, f"exchange {index} differs"
+    assert len(got) == len(expected)
+
+
+# -- options read field by field, and request flags, as QEMU does (found by tests/fuzz) -------
+
+ODD_OPTIONS = [
+    (9, meta(b"disk", b"base:allocation")),  # LIST_META_CONTEXT needs no structured replies
+    (9, meta(b"nope", b"base:allocation")),
+    (10, meta(b"disk", b"base:allocation")),  # ...SET does
+    (5, b"x"),
+    (8, b""),
+    (6, info(b"disk\x00", 1)),
+    (6, info(b"disk") + b"x"),
+    (6, info(b"disk")[:-1]),
+    (6, b"\x00\x00\x10\x01"),
+    (6, b"\x00\x00\x00\x04di"),
+    (6, struct.pack(">I", 5000) + b"x" * 5000 + b"\x00\x00"),
+    (6, info(b"y" * 100)),
+    (9, meta(b"disk", b"base:allocation")[:-3]),
+    (9, meta(b"nope", b"base:allocation")[:-3]),
+    (9, meta(b"disk", b"base:alloc\x00ation")),
+    (9, struct.pack(">I", 4) + b"disk" + struct.pack(">II", 1, 5000) + b"x" * 5000),
+    (9, struct.pack(">I", 4) + b"disk" + struct.pack(">II", 1, 5000) + b"x" * 10),
+    (9, meta(b"x" * 100)),
+    (9, b""),
+    (9, meta(b"disk")[:-2]),
+    (9, meta(b"\xff\xfe")),
+    (7, info(b"disk")),
+]
+
+
+def odd_conversation(sock: str) -> list[Any]:
+    c = WireClient(sock)
+    log: list[Any] = [c.take(18)]
+    c.sock.sendall(struct.pack(">I", 3))
+    for code, data in ODD_OPTIONS:
+        log.append(c.option(opt(code, data)))
+    for flags in (0x20, 0x2345, 0x8000):
+        for kind in (0, 1, 3, 6):
+            data = b"abcd" if kind == 1 else b""
+            log.append(c.request(req(kind, 4096, len(data) or 512, flags, data), 0))
+    log.append(c.request(req(0, (4 << 20) - 1, 0, flags=4), 0))  # DF, nothing to read
+    c.sock.sendall(req(2))
+    log.append(c.closed())
+    return log
+
+
+def odd_run(start: Any, directory: Path) -> list[Any]:
+    d = str(directory)
+    daemon: DaemonProcess = start(directory / "qmp.sock")
+    try:
+        with RawQMP(directory / "qmp.sock") as qmp:
+            qmp.negotiate()
+            for command, arguments in [
+                ("blockdev-add", node("d", f"{d}/d.qcow2")),
+                ("nbd-server-start", unix(f"{d}/nbd.sock")),
+                ("block-export-add", export("e", "d", name="disk", writable=True)),
+            ]:
+                assert qmp.execute(command, arguments) == {"return": {}}
+            return odd_conversation(f"{d}/nbd.sock")
+    finally:
+        daemon.stop()
+
+
+def test_option_fields_and_request_flags_match_qsd(both: tuple[Path, Path]) -> None:
+    qsd_dir, blockd_dir = both
+    expected = odd_run(start_qsd, qsd_dir)
+    got = odd_run(start_blockd, blockd_dir)
+    for index, (want, have) in enumerate(zip(expected, got, strict=False)):
+        assert have == want, f"exchange {index} differs"
+    assert len(got) == len(expected)

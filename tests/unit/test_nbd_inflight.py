@@ -1,4 +1,4 @@
-"""How much one NBD client may have in progress: 32 requests, of which 16 big ones.
+"""How much one NBD client may have in progress: 32 requests, holding at most its byte budget.
 
 A real server on a Unix socket in this process, serving a node whose writes
 wait on a gate, so the requests that reached the node can be counted while
@@ -13,7 +13,8 @@ from pathlib import Path
 import trio
 
 from blockd.export import protocol as p
-from blockd.export.server import MAX_BIG_INFLIGHT, MAX_INFLIGHT, NBDServer
+from blockd.export.budget import CLIENT_BYTES
+from blockd.export.server import MAX_INFLIGHT, NBDServer
 
 from .test_nbd_exports import MemoryNode, make_export
 from .test_nbd_protocol import info_payload, option
@@ -96,6 +97,11 @@ async def test_small_requests_up_to_max_inflight(tmp_path: Path) -> None:
     assert await count_admitted(tmp_path, MAX_INFLIGHT + 8, 4096) == MAX_INFLIGHT
 
 
-async def test_big_requests_up_to_max_big_inflight(tmp_path: Path) -> None:
-    assert MAX_BIG_INFLIGHT < MAX_INFLIGHT
-    assert await count_admitted(tmp_path, MAX_BIG_INFLIGHT + 8, 2 * MiB) == MAX_BIG_INFLIGHT
+async def test_big_requests_up_to_the_client_budget(tmp_path: Path) -> None:
+    assert CLIENT_BYTES // (2 * MiB) < MAX_INFLIGHT
+    assert await count_admitted(tmp_path, 8, 2 * MiB) == CLIENT_BYTES // (2 * MiB)
+
+
+async def test_a_request_bigger_than_the_budget_runs_alone(tmp_path: Path) -> None:
+    length = CLIENT_BYTES + MiB
+    assert await count_admitted(tmp_path, 3, length) == 1

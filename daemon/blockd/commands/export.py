@@ -18,9 +18,27 @@ from blockd.errors import BlockdError
 from blockd.export.server import unix_listener_cleanup
 
 _UINT32_MAX = (1 << 32) - 1
+#: getaddrinfo's texts for EAI_NONAME and EAI_SERVICE (glibc).
+_EAI_NONAME = "Name or service not known"
+_EAI_SERVICE = "Servname not supported for ai_socktype"
+
+
+#: Bytes in ``sun_path``; QEMU takes a path that fills it without a terminating NUL.
+_SUN_PATH = 108
 
 
 def _bind_unix(path: str) -> trio.SocketListener:
+    """A listening Unix socket at ``path``, checked first as QEMU checks it.
+
+    A NUL would end the name the kernel sees (a socket named after the part
+    before it would appear, which the server could then not remove), so such
+    a path is refused as the kernel refuses a bad address, before anything
+    is created or replaced.
+    """
+    if "\0" in path:
+        raise BlockdError(f"Failed to bind socket to {path}: {os.strerror(errno.EINVAL)}")
+    if len(os.fsencode(path)) > _SUN_PATH:
+        raise BlockdError(f"UNIX socket path '{path}' is too long")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         # QEMU replaces a stale socket file.
@@ -41,6 +59,12 @@ def _bind_unix(path: str) -> trio.SocketListener:
 
 async def _bind_inet(data: Mapping[str, Any]) -> list[trio.SocketListener]:
     host, port = data["host"], data["port"]
+    # The resolver would read a name only up to a NUL: refuse it as it refuses
+    # a name it does not know, in the words QEMU passes on from it.
+    if "\0" in host:
+        raise BlockdError(f"address resolution failed for {host}:{port}: {_EAI_NONAME}")
+    if "\0" in port:
+        raise BlockdError(f"address resolution failed for {host}:{port}: {_EAI_SERVICE}")
     try:
         number = int(port)
     except ValueError:

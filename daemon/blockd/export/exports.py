@@ -30,6 +30,7 @@ from blockd.export.protocol import MAX_STRING, ExportInfo
 log = logging.getLogger(__name__)
 
 _ID = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
+SECTOR = 512
 
 
 class ClientHandle(Protocol):
@@ -73,9 +74,9 @@ class Export:
         return self._node
 
     def info(self) -> ExportInfo:
-        return ExportInfo(
-            self.name, self._node.size, self.writable, self.description, self.allocation_depth
-        )
+        # QEMU exports whole 512-byte sectors: a partial last one is left out.
+        size = self._node.size // SECTOR * SECTOR
+        return ExportInfo(self.name, size, self.writable, self.description, self.allocation_depth)
 
     @asynccontextmanager
     async def use(self) -> AsyncIterator[BlockNode]:

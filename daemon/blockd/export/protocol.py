@@ -249,6 +249,45 @@ _VIEW_COPY = 64 * 1024
 _OPTION = struct.Struct(">QII")
 
 
+class _BadOption(Exception):
+    """An option's payload is malformed; the text is QEMU's ERR_INVALID message."""
+
+
+class _OptionReader:
+    """An option's payload read field by field, refusing as QEMU's reads refuse."""
+
+    def __init__(self, payload: bytes, option_name: str) -> None:
+        self._payload = payload
+        self._pos = 0
+        self._option = option_name
+
+    @property
+    def left(self) -> int:
+        return len(self._payload) - self._pos
+
+    def take(self, n: int, no_nul: bool = False) -> bytes:
+        if n > self.left:
+            raise _BadOption(f"Inconsistent lengths in option {self._option}")
+        data = self._payload[self._pos : self._pos + n]
+        self._pos += n
+        if no_nul and b"\0" in data:
+            raise _BadOption(f"Unexpected embedded NUL in option {self._option}")
+        return data
+
+    def name(self) -> bytes:
+        """A u32 length, then that many bytes of name."""
+        (length,) = struct.unpack(">I", self.take(4))
+        if length > MAX_STRING:
+            raise _BadOption(f"Invalid name length: {length}")
+        return self.take(length, no_nul=True)
+
+
+def _not_present(raw_name: bytes) -> str:
+    """QEMU's message for an unknown export, the name cut to 80 bytes."""
+    shown = raw_name if len(raw_name) < 80 else raw_name[:80] + b"..."
+    return f"export '{shown.decode('utf-8', 'surrogateescape')}' not present"
+
+
 class NBDConnection:
     """Per-connection protocol state: handshake answers and request framing."""
 
@@ -283,7 +322,7 @@ class NBDConnection:
         self._out += struct.pack(">I", len(data)) + data
 
     def _error(self, option: int, reply: Rep, message: str) -> None:
-        self._reply(option, reply, message.encode())
+        self._reply(option, reply, message.encode("utf-8", "surrogateescape"))
 
     # -- input ----------------------------------------------------------------------
 
@@ -357,7 +396,7 @@ class NBDConnection:
             self._reply(option, Rep.ACK)
             self.phase = Phase.CLOSED
             return Closed("client aborted")
-        if option in (Opt.LIST, Opt.STRUCTURED_REPLY) and payload:
+        if option in (Opt.LIST, Opt.STRUCTURED_REPLY, Opt.STARTTLS) and payload:
             self._error(option, Rep.ERR_INVALID, f"option '{name}' has unexpected length")
             return True
         if option == Opt.LIST:
@@ -389,21 +428,20 @@ class NBDConnection:
 
     def _info(self, option: int, payload: bytes) -> Event | bool:
         name = _OPTION_NAMES[Opt(option)]
+        reader = _OptionReader(payload, name)
         try:
-            (nlen,) = struct.unpack_from(">I", payload)
-            if nlen > MAX_STRING or 4 + nlen + 2 > len(payload):
-                raise ValueError
-            export_name = payload[4 : 4 + nlen].decode("utf-8")
-            (count,) = struct.unpack_from(">H", payload, 4 + nlen)
-            if len(payload) != 4 + nlen + 2 + 2 * count:
-                raise ValueError
-            requests = struct.unpack_from(f">{count}H", payload, 4 + nlen + 2)
-        except (struct.error, ValueError, UnicodeDecodeError):
-            self._error(option, Rep.ERR_INVALID, f"option '{name}' has invalid length")
+            raw_name = reader.name()
+            (count,) = struct.unpack(">H", reader.take(2))
+            requests = struct.unpack(f">{count}H", reader.take(2 * count))
+            if reader.left:
+                raise _BadOption(f"option '{name}' has unexpected length")
+        except _BadOption as err:
+            self._error(option, Rep.ERR_INVALID, str(err))
             return True
+        export_name = raw_name.decode("utf-8", "surrogateescape")
         export = self._lookup(export_name)
         if export is None:
-            self._error(option, Rep.ERR_UNKNOWN, f"export '{export_name}' not present")
+            self._error(option, Rep.ERR_UNKNOWN, _not_present(raw_name))
             return True
         if Info.NAME in requests:
             self._reply(option, Rep.INFO, struct.pack(">H", Info.NAME) + export.name.encode())
@@ -439,40 +477,43 @@ class NBDConnection:
         return Negotiated(export, self.structured, contexts)
 
     def _meta_context(self, option: int, payload: bytes) -> None:
+        """LIST/SET_META_CONTEXT, read field by field as QEMU reads them.
+
+        The export is looked up as soon as its name is read, so an unknown
+        export is reported before anything wrong further on; a query longer
+        than :data:`MAX_STRING` is skipped.  Bytes left after the last query
+        are refused (QEMU 7.2 leaves them in the stream, where they end the
+        connection as a bad option magic).
+        """
         name = _OPTION_NAMES[Opt(option)]
-        if not self.structured:
+        listing = option == Opt.LIST_META_CONTEXT
+        if not listing and not self.structured:
             self._error(
                 option,
                 Rep.ERR_INVALID,
                 f"request option '{name}' when structured reply is not negotiated",
             )
             return
+        reader = _OptionReader(payload, name)
         try:
-            (nlen,) = struct.unpack_from(">I", payload)
-            if nlen > MAX_STRING:
-                raise ValueError
-            export_name = payload[4 : 4 + nlen].decode("utf-8")
-            pos = 4 + nlen
-            (count,) = struct.unpack_from(">I", payload, pos)
-            pos += 4
+            raw_name = reader.name()
+            export = self._lookup(raw_name.decode("utf-8", "surrogateescape"))
+            if export is None:
+                self._error(option, Rep.ERR_UNKNOWN, _not_present(raw_name))
+                return
+            (count,) = struct.unpack(">I", reader.take(4))
             queries = []
             for _ in range(count):
-                (qlen,) = struct.unpack_from(">I", payload, pos)
-                pos += 4
-                if qlen > MAX_STRING or pos + qlen > len(payload):
-                    raise ValueError
-                queries.append(payload[pos : pos + qlen].decode("utf-8"))
-                pos += qlen
-            if pos != len(payload):
-                raise ValueError
-        except (struct.error, ValueError, UnicodeDecodeError):
-            self._error(option, Rep.ERR_INVALID, f"option '{name}' has invalid length")
+                (qlen,) = struct.unpack(">I", reader.take(4))
+                if qlen > MAX_STRING:
+                    reader.take(qlen)
+                    continue
+                queries.append(reader.take(qlen, no_nul=True).decode("utf-8", "surrogateescape"))
+            if reader.left:
+                raise _BadOption(f"option '{name}' has unexpected length")
+        except _BadOption as err:
+            self._error(option, Rep.ERR_INVALID, str(err))
             return
-        export = self._lookup(export_name)
-        if export is None:
-            self._error(option, Rep.ERR_UNKNOWN, f"export '{export_name}' not present")
-            return
-        listing = option == Opt.LIST_META_CONTEXT
         # (id, name, namespace) of what this export offers, in QEMU's reply order
         offered = [(BASE_ALLOCATION_ID, BASE_ALLOCATION, "base:")]
         if export.allocation_depth:
@@ -480,7 +521,7 @@ class NBDConnection:
         chosen: dict[int, str] = {}
         for context_id, context, namespace in offered:
             if listing:
-                wanted = not queries or any(q in (namespace, context) for q in queries)
+                wanted = not count or any(q in (namespace, context) for q in queries)
             else:
                 wanted = context in queries
             if wanted:
@@ -600,7 +641,7 @@ def check_request(
         allowed |= CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO
     if kind == Cmd.BLOCK_STATUS:
         allowed |= CmdFlag.REQ_ONE
-    if request.flags & ~allowed:
+    if request.flags & ~int(allowed):  # (~ of a flag enum keeps only its known bits)
         name = _COMMAND_NAMES[Cmd(kind)]
         return Refusal(EINVAL, f"unsupported flags for command {name} (got 0x{request.flags:x})")
     if kind in (Cmd.READ, Cmd.CACHE) and request.length > MAX_BUFFER:
@@ -609,7 +650,8 @@ def check_request(
     if kind in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES) and not writable:
         # QEMU answers every request it refuses before running it with EINVAL.
         return Refusal(EINVAL, "Export is read-only")
-    if kind != Cmd.FLUSH and request.offset + request.length > size:
+    # (FLUSH too: QEMU checks every request's range, though a flush ignores it)
+    if request.offset + request.length > size:
         return Refusal(
             EINVAL,
             f"operation past EOF; From: {request.offset}, Len: {request.length}, Size: {size}",

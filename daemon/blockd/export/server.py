@@ -2,8 +2,10 @@
 
 One task per client runs the handshake through the sans-I/O
 :class:`~blockd.export.protocol.NBDConnection`, then reads requests (at most
-:data:`MAX_INFLIGHT` in progress per client, so a client that floods us is
-slowed down by TCP, not by our memory).  Plain READs and WRITEs take a fast
+:data:`MAX_INFLIGHT` in progress per client, and the bytes its requests and
+unsent replies hold within :mod:`blockd.export.budget`'s limits, so a client
+that floods us, or stops reading its replies, is slowed down by TCP, not by
+our memory).  Plain READs and WRITEs take a fast
 path, because a thread round trip and a task each cost more than a 4 KiB copy
 in the page cache: the node resolves them to host-file positions from cached
 metadata (:meth:`BlockNode.direct_io`); reads of cached data are answered at
@@ -14,7 +16,8 @@ through a loop callback, not a waiting task.  Every other request (and any
 the node cannot resolve) gets a task of its own and the node's ordinary async
 path.
 Replies may finish out of order; each is queued whole on the client's outbox
-and one writer task sends them, so frames never interleave mid-way.
+and one writer task sends them, so frames never interleave mid-way; a
+request's slot and bytes are given back once its reply has been sent.
 
 Failure containment: garbage, a broken pipe or a vanished client ends only
 that client.  A request that reached the block layer runs to completion even
@@ -28,6 +31,7 @@ import collections
 import contextlib
 import errno as errno_module
 import logging
+import math
 import os
 from collections.abc import Callable
 
@@ -38,17 +42,14 @@ from blockd.block.drivers.file import DirectJob, DirectResult, read_cached, star
 from blockd.block.node import BlockNode, Status
 from blockd.errors import BlockdError, BlockIOError
 from blockd.export import protocol as p
+from blockd.export.budget import ClientBudget, ServerBudget
 from blockd.export.exports import Export, ExportRegistry
 
 log = logging.getLogger(__name__)
 
-#: Requests one client may have running at once...
+#: Requests one client may have running or waiting for their replies to be sent
+#: (their bytes are bounded by :mod:`blockd.export.budget`).
 MAX_INFLIGHT = 32
-#: ...of which at most this many READs or WRITEs over :data:`_BIG_REQUEST` bytes,
-#: so a client's requests hold at most about 16 x 32 MiB, as in QEMU, while small
-#: ones can still fill the bigger batches that 32 in flight give.
-MAX_BIG_INFLIGHT = 16
-_BIG_REQUEST = 1024 * 1024
 #: Extents one BLOCK_STATUS reply may carry.
 MAX_EXTENTS = 1024
 _RECEIVE_SIZE = 256 * 1024
@@ -75,6 +76,9 @@ _FUA = int(p.CmdFlag.FUA)
 
 #: Replies queued together: whole frames, sent in order.
 Frames = list[bytes | bytearray]
+#: An outbox entry: the frames, the requests they answer (whose slots are
+#: given back once sent) and the budget bytes given back then.
+Outgoing = tuple[Frames, list[p.Request], int]
 
 _ERRNO_TO_NBD = {
     errno_module.EPERM: p.EPERM,
@@ -180,9 +184,9 @@ async def sparse_read(node: BlockNode, offset: int, length: int) -> list[tuple[i
     return out
 
 
-def _big(request: p.Request) -> bool:
-    """Whether a request holds a big buffer (a WRITE's payload, a READ's reply)."""
-    return request.length > _BIG_REQUEST and (request.type == _READ or request.type == _WRITE)
+def _cost(request: p.Request) -> int:
+    """The budget bytes a request holds: a WRITE's payload or a READ's reply data."""
+    return request.length if request.type == _READ or request.type == _WRITE else 0
 
 
 def _read_reply(client: _Client, request: p.Request) -> tuple[bytearray, memoryview]:
@@ -192,25 +196,23 @@ def _read_reply(client: _Client, request: p.Request) -> tuple[bytearray, memoryv
 
 
 def _try_admit(client: _Client, request: p.Request) -> bool:
-    """Take the request's slots (and big slot) if they are free now; False if not."""
-    big = _big(request)
-    if not client.slots.value or (big and not client.big_slots.value):
+    """Take the request's slot and bytes if they are free now; False if not."""
+    cost = _cost(request)
+    if not client.slots.value or not client.budget.fits(cost):
         return False
     client.slots.acquire_nowait()
-    if big:
-        client.big_slots.acquire_nowait()
+    client.budget.take(cost)
     return True
 
 
 async def _admit(client: _Client, request: p.Request) -> None:
-    """Wait for the request's slots; given back by :meth:`NBDServer._release`."""
+    """Wait for the request's slot and bytes; given back by :meth:`NBDServer._write`."""
     await client.slots.acquire()
-    if _big(request):
-        try:
-            await client.big_slots.acquire()
-        except BaseException:
-            client.slots.release()
-            raise
+    try:
+        await client.budget.acquire(_cost(request))
+    except BaseException:
+        client.slots.release()
+        raise
 
 
 def _queue(client: _Client, request: p.Request) -> None:
@@ -276,9 +278,10 @@ class _Client:
         self.stream = stream
         self.scope = trio.CancelScope()
         self.closed = trio.Event()
-        self.outbox, self.outbox_reader = trio.open_memory_channel[Frames](MAX_INFLIGHT * 2)
+        # Unbounded as a channel: what goes in is bounded by the slots and the budget.
+        self.outbox, self.outbox_reader = trio.open_memory_channel[Outgoing](math.inf)
         self.slots = trio.Semaphore(MAX_INFLIGHT)
-        self.big_slots = trio.Semaphore(MAX_BIG_INFLIGHT)
+        self.budget = ClientBudget(server.budget)
         self.reads = _Lane(_READ_CALLS)
         self.writes = _Lane(_WRITE_CALLS)
         #: set whenever no request waits for or runs in a worker-thread call
@@ -325,6 +328,7 @@ class NBDServer:
         self._scope = trio.CancelScope()
         self._clients: set[_Client] = set()
         self._stopped = trio.Event()
+        self.budget = ServerBudget()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -335,12 +339,16 @@ class NBDServer:
                     task_status.started()
                     await trio.sleep_forever()
         finally:
-            with trio.CancelScope(shield=True):
-                for listener in self._listeners:
-                    await listener.aclose()
-            if self._cleanup is not None:
-                self._cleanup()
-            self._stopped.set()
+            # Whatever fails here, :meth:`stop` must not wait forever for the end.
+            try:
+                with trio.CancelScope(shield=True):
+                    for listener in self._listeners:
+                        with contextlib.suppress(OSError):
+                            await listener.aclose()
+                if self._cleanup is not None:
+                    self._cleanup()
+            finally:
+                self._stopped.set()
 
     async def stop(self) -> None:
         """Stop listening and drop every client (their running requests finish first)."""
@@ -382,6 +390,7 @@ class NBDServer:
                 client.export.clients.discard(client)
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
+            client.budget.close()
             if self._connections is not None:
                 self._connections.release()
             client.closed.set()
@@ -430,7 +439,9 @@ class NBDServer:
                 events = conn.receive_data(data)
                 reply = conn.data_to_send()
                 if reply:
-                    await client.outbox.send([reply])
+                    # handshake replies count too: a client may ask and never read
+                    await client.budget.acquire(len(reply))
+                    client.outbox.send_nowait(([reply], [], len(reply)))
                 for event in events:
                     if isinstance(event, p.Closed):
                         return
@@ -468,30 +479,35 @@ class NBDServer:
                 self._start_batches(client)
 
     async def _write(self, client: _Client) -> None:
+        """Send the replies, then give back what they held (until then, a client
+        that does not read them holds its slots and bytes, and is not read from)."""
         try:
             async for group in client.outbox_reader:
                 # Coalesce the replies that are already waiting into one send.
-                frames = list(group)
+                sent = [group]
+                frames = list(group[0])
                 size = sum(map(len, frames))
                 while size < _COALESCE_BYTES:
                     try:
                         more = client.outbox_reader.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                    frames.extend(more)
-                    size += sum(map(len, more))
+                    sent.append(more)
+                    frames.extend(more[0])
+                    size += sum(map(len, more[0]))
                 await _send_frames(client.stream, frames)
+                for _frames, answered, held in sent:
+                    self._release(client, answered, held)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             client.scope.cancel()
 
     async def _request(self, client: _Client, request: p.Request) -> None:
         try:
             frames = await self._run(client, request)
-            await client.outbox.send([frames])
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            self._release(client, [request])
+        except BaseException:
+            self._release(client, [request], _cost(request))
+            raise
+        self._reply(client, [frames], [request])
 
     def _start_request(self, client: _Client, request: p.Request) -> None:
         """Run one request (holding a slot) on the node's ordinary async path, in a task."""
@@ -558,40 +574,22 @@ class NBDServer:
         self._start_batches(client)
 
     def _reply(self, client: _Client, frames: Frames, answered: list[p.Request]) -> None:
-        """Queue replies, then give back the slots of the ``answered`` requests.
-
-        The slots are kept until the replies are queued, so a client that
-        does not read its replies stops being read from too.
-        """
+        """Queue the replies to the ``answered`` requests; the writer gives back
+        their slots and bytes once it has sent them."""
+        held = sum(map(_cost, answered))
         if not frames:
-            self._release(client, answered)
+            self._release(client, answered, held)
             return
         try:
-            client.outbox.send_nowait(frames)
-        except trio.WouldBlock:
-            assert client.nursery is not None
-            client.nursery.start_soon(self._reply_later, client, frames, answered)
-            return
+            client.outbox.send_nowait((frames, answered, held))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        self._release(client, answered)
-
-    async def _reply_later(
-        self, client: _Client, frames: Frames, answered: list[p.Request]
-    ) -> None:
-        try:
-            await client.outbox.send(frames)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            self._release(client, answered)
+            self._release(client, answered, held)
 
     @staticmethod
-    def _release(client: _Client, answered: list[p.Request]) -> None:
-        for request in answered:
+    def _release(client: _Client, answered: list[p.Request], held: int) -> None:
+        for _request in answered:
             client.slots.release()
-            if _big(request):
-                client.big_slots.release()
+        client.budget.give(held)
 
     def _start_batches(self, client: _Client) -> None:
         """Start worker-thread calls for queued requests, as many as the lanes allow."""
@@ -731,7 +729,7 @@ class NBDServer:
         if kind == p.Cmd.READ:
             if not client.structured:
                 return p.simple_reply(handle, 0, await node.read(offset, length))
-            if flags & p.CmdFlag.DF:
+            if flags & p.CmdFlag.DF and length:  # (nothing to read: a NONE chunk, below)
                 data = await node.read(offset, length)
                 return b"".join(p.read_chunks(handle, offset, [(length, data)], df=True))
             return b"".join(p.read_chunks(handle, offset, await sparse_read(node, offset, length)))
