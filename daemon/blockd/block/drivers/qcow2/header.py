@@ -220,7 +220,8 @@ def parse(buf: bytes, file_size: int) -> Header:
         if len(buf) < h.backing_file_offset + h.backing_file_size:
             raise ImageError("qcow2 header too short (truncated file)")
         raw = bytes(buf[h.backing_file_offset : h.backing_file_offset + h.backing_file_size])
-        h.backing_file = raw.decode("utf-8", "surrogateescape")
+        # QEMU keeps the name as a C string: it ends at the first NUL, if any
+        h.backing_file = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape") or None
 
     _validate_tables(h, file_size)
     return h

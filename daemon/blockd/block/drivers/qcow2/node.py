@@ -22,11 +22,12 @@ import contextlib
 import dataclasses
 import errno
 import itertools
+import logging
 import os
 import struct
 from array import array
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
@@ -52,6 +53,8 @@ from blockd.block.drivers.qcow2.tables import (
 )
 from blockd.block.node import BlockNode, HostExtents, Status
 from blockd.errors import BlockError, BlockIOError, ImageError
+
+log = logging.getLogger(__name__)
 
 #: one mapped piece of a guest range: (kind, guest offset, length, L2 entry)
 Extent = tuple[ClusterKind, int, int, int]
@@ -97,6 +100,7 @@ class Qcow2Node(BlockNode):
         self._refs = Refcounts(file, header, self._meta)
         self._lock = trio.Lock()
         self._corrupt = False
+        self._corruption_logged = False
         self._inflated: tuple[int, bytes] | None = None
         self._pinned: dict[int, int] = {}  # host cluster -> in-flight data I/Os
         self._allocating: list[tuple[int, int]] = []  # guest cluster spans being allocated
@@ -268,7 +272,23 @@ class Qcow2Node(BlockNode):
             c += n
         return out
 
-    def _check_entry(self, entry: int, kind: ClusterKind) -> None:
+    def _check_entry(
+        self, entry: int, kind: ClusterKind, cluster: int, *, read: bool = True
+    ) -> None:
+        """Refuse an entry QEMU treats as corruption (``read``: its contents are needed).
+
+        Bit 0 is the zero flag only from version 3 on; a version 2 image
+        with it set is corrupt once something reads that cluster (QEMU fails
+        the I/O and marks the node; overwriting the whole cluster is fine).
+        """
+        zero = kind in (ClusterKind.ZERO_PLAIN, ClusterKind.ZERO_ALLOC)
+        if read and zero and self.header.version < 3:
+            l1_index, l2_index = divmod(cluster, self.l2_entries)
+            l2_offset = self._l1[l1_index] & OFFSET_MASK
+            self._signal_corruption(
+                f"Zero cluster entry found in pre-v3 image (L2 offset: {l2_offset:#x}, "
+                f"L2 index: {_c_hex(l2_index)})"
+            )
         if kind in (ClusterKind.NORMAL, ClusterKind.ZERO_ALLOC) and (
             entry & OFFSET_MASK & (self.cluster_size - 1)
         ):
@@ -289,7 +309,7 @@ class Qcow2Node(BlockNode):
         while i < count:
             entry = entries[i]
             kind = classify(entry)
-            self._check_entry(entry, kind)
+            self._check_entry(entry, kind, first + i)
             # Extend the extent over the entries that continue it, comparing
             # raw entries only: clusters contiguous on the host (same flags,
             # next offset), or the same unallocated / plain-zero entry.
@@ -541,7 +561,7 @@ class Qcow2Node(BlockNode):
                         table[first - skip : (chunk_end - 1) // cs - skip + 1], first
                     ):
                         kind = classify(entry)
-                        self._check_entry(entry, kind)
+                        self._check_entry(entry, kind, i)
                         st = _STATUS[kind]
                         if status is None:
                             status = st
@@ -840,6 +860,25 @@ class Qcow2Node(BlockNode):
         finally:
             self._unpin(clusters)
 
+    def _signal_corruption(self, reason: str) -> NoReturn:
+        """Fail an I/O on corruption that has no on-disk flag to set (version 2).
+
+        A read-write node stops taking writes, as QEMU's does.  The reason
+        goes to the log once per node, worded as QEMU words it; the I/O
+        fails with plain EIO, which is all QEMU tells a client or a job.
+        """
+        if not self._corruption_logged:
+            self._corruption_logged = True
+            if self.read_only:
+                log.error("qcow2: Image is corrupt: %s; further non-fatal corruption "
+                          "events will be suppressed", reason)
+            else:
+                log.error("qcow2: Marking image as corrupt: %s; further corruption "
+                          "events will be suppressed", reason)
+        if not self.read_only:
+            self._corrupt = True
+        raise BlockIOError(errno.EIO)
+
     async def _mark_corrupt(self, reason: str) -> None:
         self._corrupt = True
         h = self.header
@@ -979,9 +1018,10 @@ class Qcow2Node(BlockNode):
         for i, entry in enumerate(entries):
             c = first + i
             kind = classify(entry)
-            self._check_entry(entry, kind)
+            lo, hi = max(offset, c * cs), min(end, (c + 1) * cs)
+            # a partial write copies the rest of the cluster, so it reads the entry
+            self._check_entry(entry, kind, c, read=hi - lo < cs)
             if kind is ClusterKind.NORMAL and entry & OFLAG_COPIED:
-                lo, hi = max(offset, c * cs), min(end, (c + 1) * cs)
                 host = (entry & OFFSET_MASK) + lo - c * cs
                 self._meta.check(host, hi - lo, None)
                 if in_place and in_place[-1][0] + in_place[-1][2] == lo and (
@@ -1422,6 +1462,11 @@ class _HostPayload(_Payload):
     async def get(self, guest: int, n: int) -> bytes:
         parts = [await self.file.read(h, m) for _p, h, m in self._parts(guest, n)]
         return b"".join(parts)
+
+
+def _c_hex(n: int) -> str:
+    """``n`` as C's ``%#x`` prints it (no prefix for zero), as in QEMU's messages."""
+    return f"{n:#x}" if n else "0"
 
 
 def _header_extent(h: hdr.Header) -> int:
