@@ -247,8 +247,8 @@ class Qcow2Node(BlockNode):
         if not off:
             return None
         if off & (self.cluster_size - 1):
-            raise BlockIOError(
-                errno.EIO, f"qcow2: L2 table offset {off:#x} unaligned (L1 index {l1_index})"
+            await self._mark_corrupt(
+                f"L2 table offset {off:#x} unaligned (L1 index: {_c_hex(l1_index)})"
             )
         table = self._l2.get(off)
         if table is None:
@@ -272,32 +272,30 @@ class Qcow2Node(BlockNode):
             c += n
         return out
 
-    def _check_entry(
+    def _entry_fault(
         self, entry: int, kind: ClusterKind, cluster: int, *, read: bool = True
-    ) -> None:
-        """Refuse an entry QEMU treats as corruption (``read``: its contents are needed).
+    ) -> str | None:
+        """What makes an L2 entry corrupt, in QEMU's words (``read``: its contents are needed).
 
         Bit 0 is the zero flag only from version 3 on; a version 2 image
         with it set is corrupt once something reads that cluster (QEMU fails
-        the I/O and marks the node; overwriting the whole cluster is fine).
+        the I/O; overwriting the whole cluster is fine).
         """
         zero = kind in (ClusterKind.ZERO_PLAIN, ClusterKind.ZERO_ALLOC)
-        if read and zero and self.header.version < 3:
+        if kind is ClusterKind.NORMAL or zero:
+            unaligned = entry & OFFSET_MASK & (self.cluster_size - 1)
+            if not unaligned and not (read and zero and self.header.version < 3):
+                return None
             l1_index, l2_index = divmod(cluster, self.l2_entries)
             l2_offset = self._l1[l1_index] & OFFSET_MASK
-            self._signal_corruption(
-                f"Zero cluster entry found in pre-v3 image (L2 offset: {l2_offset:#x}, "
-                f"L2 index: {_c_hex(l2_index)})"
-            )
-        if kind in (ClusterKind.NORMAL, ClusterKind.ZERO_ALLOC) and (
-            entry & OFFSET_MASK & (self.cluster_size - 1)
-        ):
-            raise BlockIOError(
-                errno.EIO,
-                f"qcow2: Cluster allocation offset {entry & OFFSET_MASK:#x} unaligned",
-            )
+            where = f"(L2 offset: {l2_offset:#x}, L2 index: {_c_hex(l2_index)})"
+            if unaligned:
+                return f"Cluster allocation offset {entry & OFFSET_MASK:#x} unaligned {where}"
+            return f"Zero cluster entry found in pre-v3 image {where}"
+        return None
 
-    async def _map(self, offset: int, length: int) -> list[Extent]:
+    async def _map(self, offset: int, length: int, *, read: bool = True) -> list[Extent]:
+        """The range's extents; ``read=False`` for a caller that only overwrites them."""
         cs = self.cluster_size
         first = offset // cs
         last = (offset + length - 1) // cs
@@ -309,7 +307,9 @@ class Qcow2Node(BlockNode):
         while i < count:
             entry = entries[i]
             kind = classify(entry)
-            self._check_entry(entry, kind, first + i)
+            fault = self._entry_fault(entry, kind, first + i, read=read)
+            if fault:
+                await self._mark_corrupt(fault)
             # Extend the extent over the entries that continue it, comparing
             # raw entries only: clusters contiguous on the host (same flags,
             # next offset), or the same unallocated / plain-zero entry.
@@ -561,7 +561,9 @@ class Qcow2Node(BlockNode):
                         table[first - skip : (chunk_end - 1) // cs - skip + 1], first
                     ):
                         kind = classify(entry)
-                        self._check_entry(entry, kind, i)
+                        fault = self._entry_fault(entry, kind, i)
+                        if fault:
+                            await self._mark_corrupt(fault)
                         st = _STATUS[kind]
                         if status is None:
                             status = st
@@ -839,7 +841,7 @@ class Qcow2Node(BlockNode):
         The clusters are pinned before the lock is released; the caller writes
         them outside the lock and unpins.
         """
-        extents = await self._map(offset, length)
+        extents = await self._map(offset, length, read=False)
         plan: list[tuple[int, int, int]] = []
         for kind, goff, n, entry in extents:
             if kind is not ClusterKind.NORMAL or not entry & OFLAG_COPIED:
@@ -860,12 +862,14 @@ class Qcow2Node(BlockNode):
         finally:
             self._unpin(clusters)
 
-    def _signal_corruption(self, reason: str) -> NoReturn:
-        """Fail an I/O on corruption that has no on-disk flag to set (version 2).
+    async def _mark_corrupt(self, reason: str) -> NoReturn:
+        """Fail the I/O that met corruption, and stop the image from being written.
 
-        A read-write node stops taking writes, as QEMU's does.  The reason
-        goes to the log once per node, worded as QEMU words it; the I/O
-        fails with plain EIO, which is all QEMU tells a client or a job.
+        As QEMU: a read-write node is marked corrupt (version 3 also on disk,
+        incompatible bit 1, so no later open writes to it either) and takes
+        no more writes; a read-only node only reports it.  The reason goes
+        to the log once per node in QEMU's words; the request fails with
+        plain EIO, which is all QEMU tells a client or a job.
         """
         if not self._corruption_logged:
             self._corruption_logged = True
@@ -877,20 +881,15 @@ class Qcow2Node(BlockNode):
                           "events will be suppressed", reason)
         if not self.read_only:
             self._corrupt = True
+            h = self.header
+            if h.version == 3 and not h.incompatible_features & hdr.INCOMPAT_CORRUPT:
+                h.incompatible_features |= hdr.INCOMPAT_CORRUPT
+                with trio.CancelScope(shield=True):
+                    await self._file.write(
+                        hdr.OFF_INCOMPAT, struct.pack(">Q", h.incompatible_features)
+                    )
+                    await self._file.flush()
         raise BlockIOError(errno.EIO)
-
-    async def _mark_corrupt(self, reason: str) -> None:
-        self._corrupt = True
-        h = self.header
-        if h.version == 3:
-            h.incompatible_features |= hdr.INCOMPAT_CORRUPT
-            await self._file.write(hdr.OFF_INCOMPAT, struct.pack(">Q", h.incompatible_features))
-            await self._file.flush()
-        raise BlockIOError(
-            errno.EIO,
-            f"qcow2: Marking image as corrupt: {reason}; further corruption events "
-            "will be suppressed",
-        )
 
     # -- writing --------------------------------------------------------------------
 
@@ -1020,7 +1019,9 @@ class Qcow2Node(BlockNode):
             kind = classify(entry)
             lo, hi = max(offset, c * cs), min(end, (c + 1) * cs)
             # a partial write copies the rest of the cluster, so it reads the entry
-            self._check_entry(entry, kind, c, read=hi - lo < cs)
+            fault = self._entry_fault(entry, kind, c, read=hi - lo < cs)
+            if fault:
+                await self._mark_corrupt(fault)
             if kind is ClusterKind.NORMAL and entry & OFLAG_COPIED:
                 host = (entry & OFFSET_MASK) + lo - c * cs
                 self._meta.check(host, hi - lo, None)
