@@ -34,6 +34,7 @@ import trio
 from blockd.block.direct import DirectIO
 from blockd.block.drivers.file import FileNode
 from blockd.block.drivers.qcow2 import header as hdr
+from blockd.block.drivers.qcow2 import snapshots as snap
 from blockd.block.drivers.qcow2.compress import decompress_cluster
 from blockd.block.drivers.qcow2.overlap import MetadataMap, MetaKind, OverlapError
 from blockd.block.drivers.qcow2.refcount import Refcounts
@@ -101,6 +102,8 @@ class Qcow2Node(BlockNode):
         self._lock = trio.Lock()
         self._corrupt = False
         self._corruption_logged = False
+        #: the internal snapshots (read at open; images with any are read-only)
+        self.snapshots: list[snap.Snapshot] = []
         self._inflated: tuple[int, bytes] | None = None
         self._pinned: dict[int, int] = {}  # host cluster -> in-flight data I/Os
         self._allocating: list[tuple[int, int]] = []  # guest cluster spans being allocated
@@ -150,6 +153,9 @@ class Qcow2Node(BlockNode):
             raise BlockIOError(
                 exc.errno, f"Could not initialize refcount handling: {exc}"
             ) from exc
+        if h.nb_snapshots:
+            self.snapshots, length = await self._read_snapshot_table()
+            self._meta.add(h.snapshots_offset, length, MetaKind.SNAPSHOTS)
         self._meta.add(0, self.cluster_size, MetaKind.HEADER)
         if h.l1_size:
             self._meta.add(h.l1_table_offset, h.l1_size * 8, MetaKind.L1)
@@ -158,8 +164,29 @@ class Qcow2Node(BlockNode):
             off = entry & OFFSET_MASK
             if off:
                 self._meta.add(off, self.cluster_size, MetaKind.L2)
-        if h.nb_snapshots:
-            self._meta.add(h.snapshots_offset, 1, MetaKind.SNAPSHOTS)
+
+    async def _read_snapshot_table(self) -> tuple[list[snap.Snapshot], int]:
+        """Walk the snapshot table, reading it in windows (bytes past EOF read as zeros)."""
+        base = self.header.snapshots_offset
+        file_size = self._file.size
+        window_start, window = 0, b""
+
+        async def take(offset: int, n: int) -> bytes:
+            nonlocal window_start, window
+            if not window_start <= offset or offset + n > window_start + len(window):
+                want = max(n, 64 << 10)
+                have = max(0, min(want, file_size - offset))
+                data = await self._file.read(offset, have) if have else b""
+                window_start, window = offset, data + bytes(want - have)
+            return window[offset - window_start : offset - window_start + n]
+
+        walker = snap.walk(self.header.nb_snapshots, self.header.size)
+        try:
+            pos, n = next(walker)
+            while True:
+                pos, n = walker.send(await take(base + pos, n))
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
 
     def _read_write_refusal(self) -> str | None:
         h = self.header
@@ -231,6 +258,8 @@ class Qcow2Node(BlockNode):
             "dirty-flag": bool(h.incompatible_features & hdr.INCOMPAT_DIRTY),
             "format-specific": {"type": "qcow2", "data": data},
         }
+        if self.snapshots:
+            info["snapshots"] = [s.info() for s in self.snapshots]
         if h.backing_file:
             info["backing-filename"] = h.backing_file
             info["full-backing-filename"] = self.full_backing_filename
