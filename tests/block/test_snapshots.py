@@ -56,13 +56,13 @@ def _observe(daemon: DaemonProcess, image: Path) -> tuple[dict[str, Any], list[s
     images = []
     pos = 0
     while (start := raw.find('"image": {', pos)) >= 0:
-        depth, i = 0, start + len('"image": ')
-        for i in range(i, len(raw)):
-            depth += {"{": 1, "}": -1}.get(raw[i], 0)
+        depth, end = 0, start + len('"image": ')
+        for end in range(end, len(raw)):  # noqa: B020 (the scan continues from there)
+            depth += {"{": 1, "}": -1}.get(raw[end], 0)
             if depth == 0:
                 break
-        images.append(raw[start : i + 1])
-        pos = i + 1
+        images.append(raw[start : end + 1])
+        pos = end + 1
     return reply, sorted(images)
 
 
