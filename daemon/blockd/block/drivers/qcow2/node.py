@@ -213,7 +213,7 @@ class Qcow2Node(BlockNode):
             # we keep no bitmaps (or anything else autoclear protects) up to date
             self._meta.check(hdr.OFF_AUTOCLEAR, 8, MetaKind.HEADER)
             await self._file.write(hdr.OFF_AUTOCLEAR, bytes(8))
-            await self._file.flush()
+            await self._refs.flush()
             h.autoclear_features = 0
 
     @property
@@ -628,7 +628,7 @@ class Qcow2Node(BlockNode):
         self._file.debug_event("l2_alloc_write")
         self._file.debug_event("l2_update")
         await self._file.write(new, bytes(self.cluster_size))
-        await self._file.flush()  # table content and its refcount before the L1 pointer
+        await self._refs.flush()  # table content and its refcount before the L1 pointer
         self._meta.add(new, self.cluster_size, MetaKind.L2)
         self._l2.drop(new)
         self._l2.put(new, zero_table(self.l2_entries))
@@ -717,13 +717,23 @@ class Qcow2Node(BlockNode):
             or self._l2.kept_tables() > self._l2.capacity // 2
         )
 
-    async def _commit(self) -> None:
-        """Flush, then write the entries uncommitted when called (not yet durable)."""
-        batch = dict(self._uncommitted)
-        if not batch:
-            return
+    async def _commit(self) -> bool:
+        """Flush, then write the uncommitted entries (not flushed again); any written?
+
+        The entries written are exactly those recorded when the refcounts
+        to write back are chosen: their counters go out in that write-back
+        and nobody else's do, so a crash at any point leaves no counted
+        cluster unreferenced for longer than the flush before the entries.
+        """
+        batch: dict[int, tuple[int, int, int]] = {}
+
+        def take() -> None:
+            batch.update(self._uncommitted)
+
         with trio.CancelScope(shield=True):
-            await self._file.flush()  # their data and refcounts before the entries
+            await self._refs.flush(take)  # their data and refcounts before the entries
+            if not batch:
+                return False
             async with self._lock:
                 by_table: dict[int, list[int]] = {}
                 for c, record in batch.items():
@@ -737,6 +747,7 @@ class Qcow2Node(BlockNode):
                     )
                     for c in clusters:
                         self._forget_uncommitted(c)
+        return True
 
     async def _release(self, entries: list[int]) -> None:
         """Drop the references the (already durable) old entries held."""
@@ -842,18 +853,23 @@ class Qcow2Node(BlockNode):
         first, so that write flushes and writes L2 itself.
         """
         updates, old = self._allocation_result(alloc)
+        claimed = self._allocated_clusters(alloc)
         try:
             await self._fill_allocation(payload, alloc)
             if old:
-                await self._file.flush()  # data and refcounts durable before the L2 entries
+                self._refs.release(claimed)
+                await self._refs.flush()  # data and refcounts durable before the L2 entries
         except BaseException:
             # nothing points at the new clusters yet: give them back (or leak them)
             async with self._lock:
+                self._refs.release(claimed)
                 with contextlib.suppress(BlockIOError, OverlapError):
-                    await self._refs.change(self._allocated_clusters(alloc), -1)
+                    await self._refs.change(claimed, -1)
             raise
         if not old:
             async with self._lock:
+                # counted from now on by the commit that writes their entries
+                self._refs.release(claimed)
                 backlog = self._defer_entries(updates) if updates else False
             if backlog:
                 await self._commit()
@@ -917,7 +933,7 @@ class Qcow2Node(BlockNode):
                     await self._file.write(
                         hdr.OFF_INCOMPAT, struct.pack(">Q", h.incompatible_features)
                     )
-                    await self._file.flush()
+                    await self._refs.flush()
         raise BlockIOError(errno.EIO)
 
     # -- writing --------------------------------------------------------------------
@@ -1067,6 +1083,9 @@ class Qcow2Node(BlockNode):
         done = 0
         while done < len(fresh):
             run_off, count = await self._refs.allocate_run(len(fresh) - done)
+            # counters written back only once the data is in (_finish_allocation, _defer)
+            self._refs.hold(range(run_off >> self.cluster_bits,
+                                  (run_off >> self.cluster_bits) + count))
             alloc.runs.append((run_off, fresh[done : done + count]))
             self._meta.check(run_off, count * cs, None)
             done += count
@@ -1096,11 +1115,12 @@ class Qcow2Node(BlockNode):
         """Second half: make the new clusters reachable, then free what they replace."""
         if not updates:
             return
+        self._refs.release((e & OFFSET_MASK) >> self.cluster_bits for e in updates.values())
         if not flushed:
-            await self._file.flush()  # data and refcounts durable before the L2 entries
+            await self._refs.flush()  # data and refcounts durable before the L2 entries
         await self._set_entries(updates)
         if old:
-            await self._file.flush()  # the unreference is durable before the decrement
+            await self._refs.flush()  # the unreference is durable before the decrement
             await self._release(old)
 
     async def _fill_run(
@@ -1213,7 +1233,7 @@ class Qcow2Node(BlockNode):
             await self._ensure_l2(l1_index)
         await self._set_entries(updates)
         if old:
-            await self._file.flush()
+            await self._refs.flush()
             await self._release(old)
 
     async def _reads_as_zero_here(self, cluster: int) -> bool:
@@ -1254,7 +1274,7 @@ class Qcow2Node(BlockNode):
     async def _do_flush(self) -> None:
         await self._commit()
         self._flush_to_disk_event()
-        await self._file.flush()
+        await self._file.flush()  # the entries it wrote
 
     # -- resizing -------------------------------------------------------------------
 
@@ -1288,11 +1308,11 @@ class Qcow2Node(BlockNode):
             raw = encode_entries(table)
             self._file.debug_event("l1_grow_write_table")
             await self._file.write(new, raw + bytes(nclusters * cs - len(raw)))
-            await self._file.flush()
+            await self._refs.flush()
             self._meta.check(hdr.OFF_L1, 12, MetaKind.HEADER)
             self._file.debug_event("l1_grow_activate_table")
             await self._file.write(hdr.OFF_L1, struct.pack(">IQ", need, new))
-            await self._file.flush()
+            await self._refs.flush()
             old_off, old_n = h.l1_table_offset, h.l1_size
             h.l1_size, h.l1_table_offset = need, new
             self._l1 = table
@@ -1305,7 +1325,7 @@ class Qcow2Node(BlockNode):
                 )
         self._meta.check(hdr.OFF_SIZE, 8, MetaKind.HEADER)
         await self._file.write(hdr.OFF_SIZE, struct.pack(">Q", size))
-        await self._file.flush()
+        await self._refs.flush()
         h.size = size
         # the new area must read as zeros: neither stale bytes in the old last
         # cluster nor a longer backing file may show through
@@ -1340,7 +1360,7 @@ class Qcow2Node(BlockNode):
                 self._meta.check(0, extent, MetaKind.HEADER)
                 # one write covering the whole old extent, so no stale name bytes remain
                 await self._file.write(0, raw + bytes(extent - len(raw)))
-                await self._file.flush()
+                await self._refs.flush()
                 parsed = hdr.parse_fixed(raw)
                 new.backing_file_offset = parsed.backing_file_offset
                 new.backing_file_size = parsed.backing_file_size
@@ -1383,9 +1403,9 @@ class Qcow2Node(BlockNode):
             return False  # no end-of-extensions marker: name bytes could pass for one
         self._meta.check(0, max(ext_end, start + len(raw)), MetaKind.HEADER)
         await self._file.write(start, raw)
-        await self._file.flush()
+        await self._refs.flush()
         await self._file.write(8, struct.pack(">QI", start, len(raw)))
-        await self._file.flush()
+        await self._refs.flush()
         self.header.backing_file = name
         self.header.backing_file_offset = start
         self.header.backing_file_size = len(raw)
