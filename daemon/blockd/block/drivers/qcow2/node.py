@@ -696,6 +696,9 @@ class Qcow2Node(BlockNode):
         record = self._uncommitted.pop(cluster, None)
         if record is not None:
             self._l2.unkeep(record[2])
+            # Its host cluster stays held (since _plan_allocation): nothing on
+            # disk will point at it, so its counter never needs writing, and
+            # the decrement that frees it cancels the increment in memory.
 
     def _defer_entries(self, updates: dict[int, int]) -> bool:
         """Set new entries in the cached tables, to be committed later.
@@ -729,6 +732,8 @@ class Qcow2Node(BlockNode):
 
         def take() -> None:
             batch.update(self._uncommitted)
+            bits = self.cluster_bits
+            self._refs.release((e & OFFSET_MASK) >> bits for e, _t, _o in batch.values())
 
         with trio.CancelScope(shield=True):
             await self._refs.flush(take)  # their data and refcounts before the entries
@@ -764,6 +769,8 @@ class Qcow2Node(BlockNode):
             await self._wait_unpinned(clusters)
             self._file.debug_event("cluster_free")
             await self._refs.change(clusters, -1)
+            # at once, not at the next flush: until then a crash would leak them
+            await self._refs.write_back()
 
     async def _cluster_content(self, cluster: int, entry: int) -> bytearray:
         """Current guest view of a whole cluster (for copy-on-write)."""
@@ -868,8 +875,7 @@ class Qcow2Node(BlockNode):
             raise
         if not old:
             async with self._lock:
-                # counted from now on by the commit that writes their entries
-                self._refs.release(claimed)
+                # still held: the commit that writes their entries writes their counters
                 backlog = self._defer_entries(updates) if updates else False
             if backlog:
                 await self._commit()
@@ -1048,7 +1054,8 @@ class Qcow2Node(BlockNode):
         return self._allocation_result(alloc)
 
     async def _plan_allocation(self, payload: _Payload) -> _Allocation:
-        """Claim (refcounts written) the new clusters a write needs; nothing else written."""
+        """Claim the new clusters a write needs (counted, held back from write-backs
+        until the write's pointers are on their way); nothing is written."""
         cs = self.cluster_size
         offset = payload.offset
         end = offset + payload.length
@@ -1323,6 +1330,7 @@ class Qcow2Node(BlockNode):
                 await self._refs.change(
                     host_clusters_of_range(old_off, old_n * 8, self.cluster_bits), -1
                 )
+                await self._refs.write_back()
         self._meta.check(hdr.OFF_SIZE, 8, MetaKind.HEADER)
         await self._file.write(hdr.OFF_SIZE, struct.pack(">Q", size))
         await self._refs.flush()

@@ -156,14 +156,17 @@ class Refcounts:
     async def write_back(self, on_snapshot: Callable[[], None] | None = None) -> None:
         """Write the changed counters (but held ones) to the file, not flushed.
 
-        ``on_snapshot`` is called at the instant the counters to write are
-        chosen, so a caller can note which pointers those counters cover.
+        ``on_snapshot`` is called right before the counters to write are
+        chosen (nothing changes in between), so a caller can note which
+        pointers it will write and release their clusters' counters.
         One write-back at a time, holding the lock until its writes are
         done: a later one then neither overtakes it with older values nor
         returns (to a caller about to flush) before those writes are issued.
         """
         with trio.CancelScope(shield=True):
             async with self._writeback:
+                if on_snapshot is not None:
+                    on_snapshot()
                 pending: list[tuple[int, int, bytes]] = []
                 written: list[tuple[int, int, set[int]]] = []
                 for off, (first, indices) in sorted(self._dirty.items()):
@@ -176,8 +179,6 @@ class Refcounts:
                     for lo, hi in self._byte_runs(sorted(ready)):
                         pending.append((off + lo, lo, bytes(buf[lo:hi])))
                 self._dirty = {off: v for off, v in self._dirty.items() if v[1]}
-                if on_snapshot is not None:
-                    on_snapshot()
                 try:
                     block = None
                     for pos, lo, data in pending:
@@ -327,6 +328,9 @@ class Refcounts:
                     break
             if ready:
                 await self.change(range(start, start + count), +1)
+                # a hold left by the clusters' previous life (freed without
+                # ever being pointed at) must not hide their new counters
+                self._held.difference_update(range(start, start + count))
                 if self.free_hint == start:
                     self.free_hint = start + count
                 return start << self.cluster_bits, count
@@ -351,6 +355,7 @@ class Refcounts:
         off = cluster << self.cluster_bits
         if self.free_hint == cluster:
             self.free_hint = cluster + 1
+        self._held.discard(cluster)  # as in _allocate
         buf = bytearray(self.cluster_size)
         if home == rt_index:
             set_refcount(buf, cluster % self.block_entries, self.bits, 1)  # counts itself
@@ -426,3 +431,4 @@ class Refcounts:
         # 4. only now give the old table back (a crash before this merely leaks it)
         first = old_off >> self.cluster_bits
         await self.change(range(first, first + old_clusters), -1)
+        await self.write_back()
