@@ -2,10 +2,12 @@
 
 Metadata policy (see DESIGN.md "crash safety"):
 
-* All metadata writes are write-through and ordered: data and new refcounts,
-  then a flush, then L2/L1 entries; a removed reference is flushed before the
-  counter it held is decremented.  A crash therefore leaves at most leaked
-  clusters.
+* L2/L1 writes are write-through; refcount changes are written back at the
+  next flush (refcount.py), each with the entries it counts: data, flush,
+  counters, flush, L2/L1 entries.  A removed reference is flushed before the
+  counter it held is decremented (and that decrement is written at once).
+  A crash therefore leaves at most leaked clusters, and a kill leaks only if
+  it lands in one of those flushes.
 * Every change of metadata for one image happens under ``_lock`` and inside a
   shielded cancel scope, so cancellation never leaves a half-made update.
 * Lazy refcounts are never used: counters are always kept exact, so the dirty
