@@ -260,7 +260,9 @@ class Refcounts:
             for i, value in values.items():
                 set_refcount(buf, i, self.bits, value)
                 if value == 0:
-                    self.free_hint = min(self.free_hint, rt_index * self.block_entries + i)
+                    cluster = rt_index * self.block_entries + i
+                    self.free_hint = min(self.free_hint, cluster)
+                    self._held.discard(cluster)  # free again: a 0 may be written any time
             self._mark_dirty(off, rt_index * self.block_entries, values)
 
     # -- allocation -----------------------------------------------------------------
