@@ -453,3 +453,59 @@ def test_backing_name_like_qsd(
         replies.append(json.loads(json.dumps([reply, chain]).replace(str(d), "D")))
     assert "Internal error" not in str(replies[1])
     assert replies[1] == replies[0]
+
+
+# -- reserved bits and a broken refcount table entry, met on I/O -------------------
+
+RESERVED_BITS: dict[str, Patch] = {
+    "l1-entry": set_bits(_l1_entry, 0x1FF | (0x7F << 56)),
+    "l2-entry": set_bits(_l2_entry, 0x1FE | (0x3F << 56)),
+    "reftable-entry": set_bits(_reftable_entry, 0x1FF),
+}
+
+
+@pytest.mark.parametrize("where", sorted(RESERVED_BITS))
+async def test_reserved_bits_ignored_like_qemu_io(tmp_path: Path, where: str) -> None:
+    """Reserved bits are masked off, as QEMU masks them: reads and writes work."""
+    buf = _damaged(tmp_path, V3, RESERVED_BITS[where])
+    theirs, ours = tmp_path / "theirs.qcow2", tmp_path / "ours.qcow2"
+    theirs.write_bytes(buf)
+    ours.write_bytes(buf)
+    qemu_io(theirs, "read -P 0x42 0 128k", "write -P 0x77 4k 4k", "write -P 0x78 512k 64k")
+    graph = BlockGraph()
+    try:
+        node = await open_qcow2(graph, ours)
+        assert await node.read(0, 131072) == b"\x42" * 131072
+        await node.write(4096, b"\x77" * 4096)
+        await node.write(512 << 10, b"\x78" * 65536)
+    finally:
+        await graph.close_all()
+    for img in (theirs, ours):
+        qemu_io(img, "read -P 0x77 4k 4k", "read -P 0x78 512k 64k")
+
+
+async def test_unaligned_refcount_block_marks_corrupt_like_qemu_io(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Reading needs no refcounts; the first allocation finds the entry broken."""
+    buf = _damaged(tmp_path, V3, set_bits(_reftable_entry, 0x200))
+    theirs, ours = tmp_path / "theirs.qcow2", tmp_path / "ours.qcow2"
+    theirs.write_bytes(buf)
+    ours.write_bytes(buf)
+    line = ("qcow2: Marking image as corrupt: Refblock offset 0x20200 unaligned (reftable "
+            "index: 0); further corruption events will be suppressed")
+    proc = run("qemu-io", "-f", "qcow2", "-c", "read -P 0x42 0 128k",
+               "-c", "write -P 1 128k 64k", str(theirs), check=False)
+    assert "write failed: Input/output error" in proc.stdout + proc.stderr
+    assert line in proc.stderr
+    graph = BlockGraph()
+    try:
+        node = await open_qcow2(graph, ours)
+        assert await node.read(0, 131072) == b"\x42" * 131072
+        with caplog.at_level(logging.ERROR), pytest.raises(BlockIOError) as info:
+            await node.write(128 << 10, b"\x01" * 65536)
+        assert str(info.value) == "Input/output error"
+        assert line in caplog.text
+    finally:
+        await graph.close_all()
+    assert ours.read_bytes() == theirs.read_bytes()  # the corrupt bit, nothing else

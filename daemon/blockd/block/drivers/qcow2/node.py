@@ -738,7 +738,10 @@ class Qcow2Node(BlockNode):
             self._refs.release((e & OFFSET_MASK) >> bits for e, _t, _o in batch.values())
 
         with trio.CancelScope(shield=True):
-            await self._refs.flush(take)  # their data and refcounts before the entries
+            try:
+                await self._refs.flush(take)  # their data and refcounts before the entries
+            except OverlapError as exc:
+                await self._mark_corrupt(str(exc))
             if not batch:
                 return False
             async with self._lock:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 import trio
 
 from blockd.block.drivers.qcow2.header import OFF_REFTABLE, Header
-from blockd.block.drivers.qcow2.overlap import MetadataMap, MetaKind
+from blockd.block.drivers.qcow2.overlap import CorruptMetadata, MetadataMap, MetaKind
 from blockd.block.drivers.qcow2.tables import (
     decode_table,
     encode_entries,
@@ -115,7 +115,8 @@ class Refcounts:
         if not off:
             return None
         if off & (self.cluster_size - 1):
-            raise BlockIOError(errno.EIO, f"qcow2: refcount block offset {off:#x} unaligned")
+            index = f"{rt_index:#x}" if rt_index else "0"  # C's %#x
+            raise CorruptMetadata(f"Refblock offset {off:#x} unaligned (reftable index: {index})")
         self.file.debug_event("refblock_load")  # cached or not, as in QEMU
         buf = self._cache.get(off)
         if buf is None:
