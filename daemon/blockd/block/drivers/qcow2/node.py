@@ -730,6 +730,8 @@ class Qcow2Node(BlockNode):
         and nobody else's do, so a crash at any point leaves no counted
         cluster unreferenced for longer than the flush before the entries.
         """
+        if not self._uncommitted and not self._refs.unwritten():
+            return False  # no flush either (QEMU flushes only to order metadata it writes)
         batch: dict[int, tuple[int, int, int]] = {}
 
         def take() -> None:

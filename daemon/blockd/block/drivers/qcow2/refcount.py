@@ -218,6 +218,11 @@ class Refcounts:
         await self.write_back(on_snapshot)
         await self.file.flush()
 
+    def unwritten(self) -> bool:
+        """Whether a write-back would write anything (changed counters not held)."""
+        return any(first + i not in self._held
+                   for first, indices in self._dirty.values() for i in indices)
+
     def _mark_dirty(self, off: int, first: int, indices: Iterable[int]) -> None:
         entry = self._dirty.get(off)
         if entry is None:
