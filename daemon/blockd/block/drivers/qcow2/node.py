@@ -946,7 +946,7 @@ class Qcow2Node(BlockNode):
                     await self._file.write(
                         hdr.OFF_INCOMPAT, struct.pack(">Q", h.incompatible_features)
                     )
-                    await self._refs.flush()
+                    await self._file.flush()
         raise BlockIOError(errno.EIO)
 
     # -- writing --------------------------------------------------------------------
