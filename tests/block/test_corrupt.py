@@ -48,12 +48,12 @@ CASES: list[tuple[str, Patch, str]] = [
     ("cluster-bits-22", put(">I", 20, 22), "Unsupported cluster size: 2^22"),
     ("crypt-aes", put(">I", 32, 1), "encrypted"),
     ("crypt-luks", put(">I", 32, 2), "encrypted"),
-    ("l1-unaligned", put(">Q", 40, 0x30200), "Invalid L1 table offset"),
+    ("l1-unaligned", put(">Q", 40, 0x30200), "Active L1 table offset invalid"),
     ("l1-past-eof", put(">Q", 40, 0x7770000), "Invalid L1 table offset"),
     ("l1-over-header", put(">Q", 40, 0), "Invalid L1 table offset"),
     ("l1-too-small", put(">I", 36, 0), "L1 table is too small"),
     ("l1-over-reftable", put(">Q", 40, 0x10000), "overlaps the reference count table"),
-    ("reftable-unaligned", put(">Q", 48, 0x10008), "Invalid reference count table offset"),
+    ("reftable-unaligned", put(">Q", 48, 0x10008), "Reference count table offset invalid"),
     ("reftable-past-eof", put(">Q", 48, 0x9990000), "Invalid reference count table offset"),
     ("reftable-over-header", put(">Q", 48, 0), "Invalid reference count table offset"),
     ("no-reftable", put(">I", 56, 0), "reference count table"),
@@ -67,7 +67,7 @@ CASES: list[tuple[str, Patch, str]] = [
     ("header-length-short", put(">I", 100, 96), "header too short"),
     ("refcount-order-7", put(">I", 96, 7), "Reference count entry width too large"),
     ("backing-offset-huge", put(">QI", 8, 0x20000, 5), "Invalid backing file offset"),
-    ("zstd-without-bit", put(">B", 104, 1), "compression type"),
+    ("zstd-without-bit", put(">B", 104, 1), "Compression type incompatible feature bit"),
 ]
 
 
@@ -159,14 +159,17 @@ async def test_unknown_autoclear_bits_cleared(tmp_path: Path, graph: BlockGraph)
     assert_clean(img)
 
 
-async def test_write_onto_metadata_marks_corrupt(tmp_path: Path, graph: BlockGraph) -> None:
+async def test_write_onto_metadata_marks_corrupt(
+    tmp_path: Path, graph: BlockGraph, caplog: pytest.LogCaptureFixture
+) -> None:
     img = tmp_path / "m.qcow2"
     refblock = data_on_refcount_block(img)
     node = await open_qcow2(graph, img)
     with pytest.raises(BlockIOError) as info:
         await node.write(0, b"\xff" * 512)
     assert info.value.errno == errno.EIO
-    assert "corrupt" in str(info.value)
+    assert str(info.value) == "Input/output error"  # what QEMU tells a client or job
+    assert "qcow2: Marking image as corrupt: Preventing invalid write on metadata" in caplog.text
     with pytest.raises(BlockIOError):
         await node.write(4096, b"\xff")
     await graph.close_all()

@@ -7,6 +7,7 @@ as raw bytes and ``serialize`` puts them back unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import struct
 
@@ -21,6 +22,8 @@ MIN_CLUSTER_BITS = 9
 MAX_CLUSTER_BITS = 21
 MAX_L1_BYTES = 32 << 20
 MAX_REFTABLE_BYTES = 8 << 20
+MAX_SNAPSHOTS = 65536
+SNAPSHOT_HEADER_SIZE = 40  # the fixed part of a snapshot table entry
 
 EXT_END = 0x00000000
 EXT_BACKING_FORMAT = 0xE2792ACA
@@ -125,19 +128,26 @@ class Header:
         return _FEATURE_NAMES.get((kind, bit))
 
 
-def _unsupported_incompat_text(header: Header, mask: int) -> str:
+def _unsupported_incompat_text(table: bytes | None, mask: int) -> str:
+    """QEMU's refusal of incompatible bits: names from the image's own table, in
+    its order, then whatever bits no entry names."""
     names = []
-    unknown = 0
-    for bit in range(64):
-        if not mask & (1 << bit):
-            continue
-        known = _FEATURE_NAMES.get((0, bit)) if (1 << bit) & INCOMPAT_KNOWN else None
-        if known is None:
-            unknown |= 1 << bit
-        else:
-            names.append(known)
-    if unknown:
-        names.append(f"Unknown incompatible feature: {unknown:x}")
+    if table is not None:
+        for i in range(0, len(table) - 47, 48):
+            name = table[i + 2 : i + 48].split(b"\0", 1)[0]
+            if not name:
+                break  # QEMU's table walk ends at an unnamed entry
+            bit = table[i + 1]
+            if table[i] == 0 and bit < 64 and mask & (1 << bit):
+                names.append(name.decode("utf-8", "replace"))
+                mask &= ~(1 << bit)
+    if mask:
+        names.append(f"Unknown incompatible feature: {mask:x}")
+    return "Unsupported qcow2 feature(s): " + ", ".join(names)
+
+
+def _known_unsupported_text(mask: int) -> str:
+    names = [_FEATURE_NAMES[(0, bit)] for bit in range(64) if mask & (1 << bit)]
     return "Unsupported qcow2 feature(s): " + ", ".join(names)
 
 
@@ -167,15 +177,17 @@ def parse_fixed(buf: bytes) -> Header:
         ) = _V3.unpack_from(buf, V2_HEADER_LENGTH)
         if h.header_length < V3_MIN_HEADER_LENGTH:
             raise ImageError("qcow2 header too short")
-        if h.header_length % 8:
-            raise ImageError("qcow2 header length is not a multiple of 8")
     else:
         h.header_length = V2_HEADER_LENGTH
     return h
 
 
 def parse(buf: bytes, file_size: int) -> Header:
-    """Decode and validate cluster 0; anything impossible becomes an ImageError."""
+    """Decode and validate cluster 0; anything impossible becomes an ImageError.
+
+    The checks run in the order QEMU runs them when it opens an image, so an
+    image with several faults is refused for the same one, in QEMU's words.
+    """
     h = parse_fixed(buf)
     if not MIN_CLUSTER_BITS <= h.cluster_bits <= MAX_CLUSTER_BITS:
         raise ImageError(f"Unsupported cluster size: 2^{h.cluster_bits}")
@@ -188,91 +200,159 @@ def parse(buf: bytes, file_size: int) -> Header:
         h.tail = bytes(buf[V3_MIN_HEADER_LENGTH : h.header_length])
         if h.header_length > V3_MIN_HEADER_LENGTH:
             h.compression_type = buf[V3_MIN_HEADER_LENGTH]
+    if h.backing_file_offset > cs:
+        raise ImageError("Invalid backing file offset")
+
+    if h.compression_type not in (COMPRESSION_DEFLATE, COMPRESSION_ZSTD):
+        raise ImageError(f"qcow2: unknown compression type: {h.compression_type}")
+    has_bit = bool(h.incompatible_features & INCOMPAT_COMPRESSION)
+    if has_bit != (h.compression_type != COMPRESSION_DEFLATE):
+        raise ImageError(
+            "qcow2: Compression type incompatible feature bit must "
+            + ("not be set" if has_bit else "be set")
+        )
+    unknown = h.incompatible_features & ~INCOMPAT_KNOWN
+    if unknown:
+        # only for the feature names: a broken extension area changes nothing here
+        with contextlib.suppress(ImageError):
+            _parse_extensions(h, buf)
+        table = h.extension(EXT_FEATURE_TABLE)
+        raise ImageError(
+            _unsupported_incompat_text(table.data if table else None, unknown)
+        )
+    unsupported = h.incompatible_features & (INCOMPAT_DATA_FILE | INCOMPAT_EXTL2)
+    if unsupported:  # known to QEMU, not implemented here (README lists it)
+        raise ImageError(_known_unsupported_text(unsupported))
     if h.refcount_order > 6:
         raise ImageError("Reference count entry width too large; may not exceed 64 bits")
     if h.version == 2 and h.refcount_order != 4:
         h.refcount_order = 4
-
-    unsupported = h.incompatible_features & ~INCOMPAT_KNOWN
-    unsupported |= h.incompatible_features & (INCOMPAT_DATA_FILE | INCOMPAT_EXTL2)
-    if unsupported:
-        raise ImageError(_unsupported_incompat_text(h, unsupported))
-    if h.incompatible_features & INCOMPAT_COMPRESSION:
-        if h.compression_type not in (COMPRESSION_DEFLATE, COMPRESSION_ZSTD):
-            raise ImageError(f"Unknown compression type {h.compression_type}")
-    elif h.compression_type != COMPRESSION_DEFLATE:
-        raise ImageError(
-            "Invalid compression type: the compression type bit must be set "
-            "for a non-deflate compression type"
-        )
+    if h.crypt_method not in (0, 1, 2):
+        raise ImageError(f"Unsupported encryption method {h.crypt_method}")
     if h.crypt_method != 0:
         raise ImageError(
             f"qcow2: encrypted images are not supported (crypt_method={h.crypt_method})"
         )
 
+    _validate_tables(h, file_size)
     _parse_extensions(h, buf)
-
+    _check_extensions(h)
     if h.backing_file_offset:
-        if h.backing_file_offset > cs or h.backing_file_offset + h.backing_file_size > cs:
-            raise ImageError("Invalid backing file offset")
-        if h.backing_file_size > MAX_BACKING_NAME:
+        if h.backing_file_size > min(MAX_BACKING_NAME, cs - h.backing_file_offset):
             raise ImageError("Backing file name too long")
         if len(buf) < h.backing_file_offset + h.backing_file_size:
             raise ImageError("qcow2 header too short (truncated file)")
         raw = bytes(buf[h.backing_file_offset : h.backing_file_offset + h.backing_file_size])
-        h.backing_file = raw.decode("utf-8", "surrogateescape")
-
-    _validate_tables(h, file_size)
+        # QEMU keeps the name as a C string: it ends at the first NUL, if any
+        h.backing_file = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape") or None
+    _validate_placement(h, file_size)
     return h
 
 
 def _parse_extensions(h: Header, buf: bytes) -> None:
-    cs = h.cluster_size
-    end = h.backing_file_offset if h.backing_file_offset else cs
+    """The extension list from ``header_length`` up to the backing name (or cluster end).
+
+    Bytes past the end of a short file read as zeros, as QEMU reads them.
+    """
+    limit = h.backing_file_offset if h.backing_file_offset else h.cluster_size
     pos = h.header_length
-    seen: set[int] = set()
-    while True:
-        if pos + 8 > min(end, len(buf)):
-            # old images have no extension area at all (the name follows the
-            # header directly): no room for an entry means the list is over
-            return
+    h.extensions = []
+    while pos < limit:
+        if pos + 8 > len(buf):
+            return  # zeros: the end marker
         ext_type, length = struct.unpack_from(">II", buf, pos)
         pos += 8
+        if pos > limit or length > limit - pos:
+            raise ImageError("Header extension too large")
         if ext_type == EXT_END:
             return
-        if pos + length > min(end, len(buf)):
-            raise ImageError("qcow2: Header extension too large")
-        if ext_type in seen:
-            raise ImageError(f"qcow2: Duplicate header extension 0x{ext_type:08x}")
-        seen.add(ext_type)
-        h.extensions.append(Extension(ext_type, bytes(buf[pos : pos + length])))
+        data = bytes(buf[pos : pos + length])
+        h.extensions.append(Extension(ext_type, data + bytes(length - len(data))))
         pos += (length + 7) & ~7
 
 
-def _validate_table(what: str, offset: int, nbytes: int, cluster_size: int, file_size: int) -> None:
+#: what QEMU accepts in the extensions it understands
+MAX_BACKING_FORMAT = 15
+MAX_BITMAPS = 65535
+MAX_BITMAP_DIRECTORY = 64 << 20
+
+
+def _check_extensions(h: Header) -> None:
+    for ext in h.extensions:
+        n = len(ext.data)
+        if ext.type == EXT_BACKING_FORMAT and n > MAX_BACKING_FORMAT:
+            raise ImageError(
+                f"ERROR: ext_backing_format: len={n} too large (>={MAX_BACKING_FORMAT + 1})"
+            )
+        if ext.type == EXT_CRYPTO and h.crypt_method != 2:
+            raise ImageError("CRYPTO header extension only expected with LUKS encryption method")
+        if ext.type == EXT_BITMAPS:
+            if n != 24:
+                raise ImageError("bitmaps_ext: Invalid extension length")
+            if not h.autoclear_features & AUTOCLEAR_BITMAPS:
+                continue  # stale: QEMU ignores the bitmaps (and drops them on a write)
+            nb, reserved, _size, directory = struct.unpack(">IIQQ", ext.data)
+            if reserved:
+                raise ImageError("bitmaps_ext: Reserved field is not zero")
+            if nb > MAX_BITMAPS:
+                raise ImageError(
+                    f"bitmaps_ext: Image has {nb} bitmaps, exceeding the QEMU "
+                    f"supported maximum of {MAX_BITMAPS}"
+                )
+            if nb == 0:
+                raise ImageError("found bitmaps extension with zero bitmaps")
+            if directory % h.cluster_size:
+                raise ImageError("bitmaps_ext: invalid bitmap directory offset")
+            if _size > MAX_BITMAP_DIRECTORY:
+                raise ImageError(
+                    f"bitmaps_ext: bitmap directory size ({_size}) exceeds the maximum "
+                    f"supported size ({MAX_BITMAP_DIRECTORY})"
+                )
+    if h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW and not (
+        h.incompatible_features & INCOMPAT_DATA_FILE
+    ):
+        raise ImageError("data-file-raw requires a data file")
+
+
+def _qemu_table(name: str, offset: int, entries: int, entry_len: int, max_bytes: int,
+                cluster_size: int) -> None:
+    """The two checks QEMU makes of every table it is about to load."""
+    if entries > max_bytes // entry_len:
+        raise ImageError(f"{name} too large")
     if offset % cluster_size:
-        raise ImageError(f"Invalid {what} offset: {offset:#x} is not cluster aligned")
+        raise ImageError(f"{name} offset invalid")
+
+
+def _validate_tables(h: Header, file_size: int) -> None:
+    cs = h.cluster_size
+    if h.refcount_table_clusters == 0:
+        raise ImageError("Image does not contain a reference count table")
+    _qemu_table("Reference count table", h.refcount_table_offset, h.refcount_table_clusters,
+                cs, MAX_REFTABLE_BYTES, cs)
+    _qemu_table("Snapshot table", h.snapshots_offset, h.nb_snapshots, SNAPSHOT_HEADER_SIZE,
+                SNAPSHOT_HEADER_SIZE * MAX_SNAPSHOTS, cs)
+    _qemu_table("Active L1 table", h.l1_table_offset, h.l1_size, 8, MAX_L1_BYTES, cs)
+    l2_entries = cs // 8
+    need = -(-h.size // (cs * l2_entries))
+    if need > 0x7FFFFFFF:
+        raise ImageError("Image is too big")
+    if h.l1_size < need:
+        raise ImageError("L1 table is too small")
+
+
+def _validate_table(what: str, offset: int, nbytes: int, cluster_size: int, file_size: int) -> None:
     if offset < cluster_size:
         raise ImageError(f"Invalid {what} offset: {offset:#x} overlaps the image header")
     if offset + nbytes > file_size:
         raise ImageError(f"Invalid {what} offset: {offset:#x} lies beyond the end of the file")
 
 
-def _validate_tables(h: Header, file_size: int) -> None:
+def _validate_placement(h: Header, file_size: int) -> None:
+    """Refusals QEMU does not make at open (it fails or corrupts later): README lists them."""
     cs = h.cluster_size
-    if h.l1_size * 8 > MAX_L1_BYTES:
-        raise ImageError("Active L1 table too large")
-    l2_entries = cs // 8
-    need = -(-h.size // (cs * l2_entries))
-    if h.l1_size < need:
-        raise ImageError("L1 table is too small")
     if h.l1_size:
         _validate_table("L1 table", h.l1_table_offset, h.l1_size * 8, cs, file_size)
     rt_bytes = h.refcount_table_clusters * cs
-    if h.refcount_table_clusters == 0:
-        raise ImageError("Image does not contain a reference count table")
-    if rt_bytes > MAX_REFTABLE_BYTES:
-        raise ImageError("Reference count table too large")
     # QEMU fills the table's clusters completely, but tolerate a short last cluster
     _validate_table("reference count table", h.refcount_table_offset, 8, cs, file_size)
     if h.refcount_table_offset + rt_bytes > file_size + cs:
@@ -280,8 +360,6 @@ def _validate_tables(h: Header, file_size: int) -> None:
             f"Invalid reference count table offset: {h.refcount_table_offset:#x} "
             "lies beyond the end of the file"
         )
-    if h.nb_snapshots:
-        _validate_table("snapshot table", h.snapshots_offset, 8, cs, file_size)
     if h.l1_size:
         l1 = (h.l1_table_offset, h.l1_table_offset + h.l1_size * 8)
         rt = (h.refcount_table_offset, h.refcount_table_offset + rt_bytes)

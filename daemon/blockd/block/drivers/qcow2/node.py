@@ -2,10 +2,12 @@
 
 Metadata policy (see DESIGN.md "crash safety"):
 
-* All metadata writes are write-through and ordered: data and new refcounts,
-  then a flush, then L2/L1 entries; a removed reference is flushed before the
-  counter it held is decremented.  A crash therefore leaves at most leaked
-  clusters.
+* L2/L1 writes are write-through; refcount changes are written back at the
+  next flush (refcount.py), each with the entries it counts: data, flush,
+  counters, flush, L2/L1 entries.  A removed reference is flushed before the
+  counter it held is decremented (and that decrement is written at once).
+  A crash therefore leaves at most leaked clusters, and a kill leaks only if
+  it lands in one of those flushes.
 * Every change of metadata for one image happens under ``_lock`` and inside a
   shielded cancel scope, so cancellation never leaves a half-made update.
 * Lazy refcounts are never used: counters are always kept exact, so the dirty
@@ -22,17 +24,19 @@ import contextlib
 import dataclasses
 import errno
 import itertools
+import logging
 import os
 import struct
 from array import array
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
 from blockd.block.direct import DirectIO
 from blockd.block.drivers.file import FileNode
 from blockd.block.drivers.qcow2 import header as hdr
+from blockd.block.drivers.qcow2 import snapshots as snap
 from blockd.block.drivers.qcow2.compress import decompress_cluster
 from blockd.block.drivers.qcow2.overlap import MetadataMap, MetaKind, OverlapError
 from blockd.block.drivers.qcow2.refcount import Refcounts
@@ -52,6 +56,8 @@ from blockd.block.drivers.qcow2.tables import (
 )
 from blockd.block.node import BlockNode, HostExtents, Status
 from blockd.errors import BlockError, BlockIOError, ImageError
+
+log = logging.getLogger(__name__)
 
 #: one mapped piece of a guest range: (kind, guest offset, length, L2 entry)
 Extent = tuple[ClusterKind, int, int, int]
@@ -97,6 +103,9 @@ class Qcow2Node(BlockNode):
         self._refs = Refcounts(file, header, self._meta)
         self._lock = trio.Lock()
         self._corrupt = False
+        self._corruption_logged = False
+        #: the internal snapshots (read at open; images with any are read-only)
+        self.snapshots: list[snap.Snapshot] = []
         self._inflated: tuple[int, bytes] | None = None
         self._pinned: dict[int, int] = {}  # host cluster -> in-flight data I/Os
         self._allocating: list[tuple[int, int]] = []  # guest cluster spans being allocated
@@ -146,6 +155,9 @@ class Qcow2Node(BlockNode):
             raise BlockIOError(
                 exc.errno, f"Could not initialize refcount handling: {exc}"
             ) from exc
+        if h.nb_snapshots:
+            self.snapshots, length = await self._read_snapshot_table()
+            self._meta.add(h.snapshots_offset, length, MetaKind.SNAPSHOTS)
         self._meta.add(0, self.cluster_size, MetaKind.HEADER)
         if h.l1_size:
             self._meta.add(h.l1_table_offset, h.l1_size * 8, MetaKind.L1)
@@ -154,8 +166,29 @@ class Qcow2Node(BlockNode):
             off = entry & OFFSET_MASK
             if off:
                 self._meta.add(off, self.cluster_size, MetaKind.L2)
-        if h.nb_snapshots:
-            self._meta.add(h.snapshots_offset, 1, MetaKind.SNAPSHOTS)
+
+    async def _read_snapshot_table(self) -> tuple[list[snap.Snapshot], int]:
+        """Walk the snapshot table, reading it in windows (bytes past EOF read as zeros)."""
+        base = self.header.snapshots_offset
+        file_size = self._file.size
+        window_start, window = 0, b""
+
+        async def take(offset: int, n: int) -> bytes:
+            nonlocal window_start, window
+            if not window_start <= offset or offset + n > window_start + len(window):
+                want = max(n, 64 << 10)
+                have = max(0, min(want, file_size - offset))
+                data = await self._file.read(offset, have) if have else b""
+                window_start, window = offset, data + bytes(want - have)
+            return window[offset - window_start : offset - window_start + n]
+
+        walker = snap.walk(self.header.nb_snapshots, self.header.size)
+        try:
+            pos, n = next(walker)
+            while True:
+                pos, n = walker.send(await take(base + pos, n))
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
 
     def _read_write_refusal(self) -> str | None:
         h = self.header
@@ -182,7 +215,7 @@ class Qcow2Node(BlockNode):
             # we keep no bitmaps (or anything else autoclear protects) up to date
             self._meta.check(hdr.OFF_AUTOCLEAR, 8, MetaKind.HEADER)
             await self._file.write(hdr.OFF_AUTOCLEAR, bytes(8))
-            await self._file.flush()
+            await self._refs.flush()
             h.autoclear_features = 0
 
     @property
@@ -227,6 +260,8 @@ class Qcow2Node(BlockNode):
             "dirty-flag": bool(h.incompatible_features & hdr.INCOMPAT_DIRTY),
             "format-specific": {"type": "qcow2", "data": data},
         }
+        if self.snapshots:
+            info["snapshots"] = [s.info() for s in self.snapshots]
         if h.backing_file:
             info["backing-filename"] = h.backing_file
             info["full-backing-filename"] = self.full_backing_filename
@@ -243,8 +278,8 @@ class Qcow2Node(BlockNode):
         if not off:
             return None
         if off & (self.cluster_size - 1):
-            raise BlockIOError(
-                errno.EIO, f"qcow2: L2 table offset {off:#x} unaligned (L1 index {l1_index})"
+            await self._mark_corrupt(
+                f"L2 table offset {off:#x} unaligned (L1 index: {_c_hex(l1_index)})"
             )
         table = self._l2.get(off)
         if table is None:
@@ -268,16 +303,30 @@ class Qcow2Node(BlockNode):
             c += n
         return out
 
-    def _check_entry(self, entry: int, kind: ClusterKind) -> None:
-        if kind in (ClusterKind.NORMAL, ClusterKind.ZERO_ALLOC) and (
-            entry & OFFSET_MASK & (self.cluster_size - 1)
-        ):
-            raise BlockIOError(
-                errno.EIO,
-                f"qcow2: Cluster allocation offset {entry & OFFSET_MASK:#x} unaligned",
-            )
+    def _entry_fault(
+        self, entry: int, kind: ClusterKind, cluster: int, *, read: bool = True
+    ) -> str | None:
+        """What makes an L2 entry corrupt, in QEMU's words (``read``: its contents are needed).
 
-    async def _map(self, offset: int, length: int) -> list[Extent]:
+        Bit 0 is the zero flag only from version 3 on; a version 2 image
+        with it set is corrupt once something reads that cluster (QEMU fails
+        the I/O; overwriting the whole cluster is fine).
+        """
+        zero = kind in (ClusterKind.ZERO_PLAIN, ClusterKind.ZERO_ALLOC)
+        if kind is ClusterKind.NORMAL or zero:
+            unaligned = entry & OFFSET_MASK & (self.cluster_size - 1)
+            if not unaligned and not (read and zero and self.header.version < 3):
+                return None
+            l1_index, l2_index = divmod(cluster, self.l2_entries)
+            l2_offset = self._l1[l1_index] & OFFSET_MASK
+            where = f"(L2 offset: {l2_offset:#x}, L2 index: {_c_hex(l2_index)})"
+            if unaligned:
+                return f"Cluster allocation offset {entry & OFFSET_MASK:#x} unaligned {where}"
+            return f"Zero cluster entry found in pre-v3 image {where}"
+        return None
+
+    async def _map(self, offset: int, length: int, *, read: bool = True) -> list[Extent]:
+        """The range's extents; ``read=False`` for a caller that only overwrites them."""
         cs = self.cluster_size
         first = offset // cs
         last = (offset + length - 1) // cs
@@ -289,7 +338,9 @@ class Qcow2Node(BlockNode):
         while i < count:
             entry = entries[i]
             kind = classify(entry)
-            self._check_entry(entry, kind)
+            fault = self._entry_fault(entry, kind, first + i, read=read)
+            if fault:
+                await self._mark_corrupt(fault)
             # Extend the extent over the entries that continue it, comparing
             # raw entries only: clusters contiguous on the host (same flags,
             # next offset), or the same unallocated / plain-zero entry.
@@ -541,7 +592,9 @@ class Qcow2Node(BlockNode):
                         table[first - skip : (chunk_end - 1) // cs - skip + 1], first
                     ):
                         kind = classify(entry)
-                        self._check_entry(entry, kind)
+                        fault = self._entry_fault(entry, kind, i)
+                        if fault:
+                            await self._mark_corrupt(fault)
                         st = _STATUS[kind]
                         if status is None:
                             status = st
@@ -577,7 +630,7 @@ class Qcow2Node(BlockNode):
         self._file.debug_event("l2_alloc_write")
         self._file.debug_event("l2_update")
         await self._file.write(new, bytes(self.cluster_size))
-        await self._file.flush()  # table content and its refcount before the L1 pointer
+        await self._refs.flush()  # table content and its refcount before the L1 pointer
         self._meta.add(new, self.cluster_size, MetaKind.L2)
         self._l2.drop(new)
         self._l2.put(new, zero_table(self.l2_entries))
@@ -645,6 +698,9 @@ class Qcow2Node(BlockNode):
         record = self._uncommitted.pop(cluster, None)
         if record is not None:
             self._l2.unkeep(record[2])
+            # Its host cluster stays held (since _plan_allocation): nothing on
+            # disk will point at it, so its counter never needs writing, and
+            # the decrement that frees it cancels the increment in memory.
 
     def _defer_entries(self, updates: dict[int, int]) -> bool:
         """Set new entries in the cached tables, to be committed later.
@@ -666,13 +722,30 @@ class Qcow2Node(BlockNode):
             or self._l2.kept_tables() > self._l2.capacity // 2
         )
 
-    async def _commit(self) -> None:
-        """Flush, then write the entries uncommitted when called (not yet durable)."""
-        batch = dict(self._uncommitted)
-        if not batch:
-            return
+    async def _commit(self) -> bool:
+        """Flush, then write the uncommitted entries (not flushed again); any written?
+
+        The entries written are exactly those recorded when the refcounts
+        to write back are chosen: their counters go out in that write-back
+        and nobody else's do, so a crash at any point leaves no counted
+        cluster unreferenced for longer than the flush before the entries.
+        """
+        if not self._uncommitted and not self._refs.unwritten():
+            return False  # no flush either (QEMU flushes only to order metadata it writes)
+        batch: dict[int, tuple[int, int, int]] = {}
+
+        def take() -> None:
+            batch.update(self._uncommitted)
+            bits = self.cluster_bits
+            self._refs.release((e & OFFSET_MASK) >> bits for e, _t, _o in batch.values())
+
         with trio.CancelScope(shield=True):
-            await self._file.flush()  # their data and refcounts before the entries
+            try:
+                await self._refs.flush(take)  # their data and refcounts before the entries
+            except OverlapError as exc:
+                await self._mark_corrupt(str(exc))
+            if not batch:
+                return False
             async with self._lock:
                 by_table: dict[int, list[int]] = {}
                 for c, record in batch.items():
@@ -686,6 +759,7 @@ class Qcow2Node(BlockNode):
                     )
                     for c in clusters:
                         self._forget_uncommitted(c)
+        return True
 
     async def _release(self, entries: list[int]) -> None:
         """Drop the references the (already durable) old entries held."""
@@ -702,6 +776,8 @@ class Qcow2Node(BlockNode):
             await self._wait_unpinned(clusters)
             self._file.debug_event("cluster_free")
             await self._refs.change(clusters, -1)
+            # at once, not at the next flush: until then a crash would leak them
+            await self._refs.write_back()
 
     async def _cluster_content(self, cluster: int, entry: int) -> bytearray:
         """Current guest view of a whole cluster (for copy-on-write)."""
@@ -791,18 +867,22 @@ class Qcow2Node(BlockNode):
         first, so that write flushes and writes L2 itself.
         """
         updates, old = self._allocation_result(alloc)
+        claimed = self._allocated_clusters(alloc)
         try:
             await self._fill_allocation(payload, alloc)
             if old:
-                await self._file.flush()  # data and refcounts durable before the L2 entries
+                self._refs.release(claimed)
+                await self._refs.flush()  # data and refcounts durable before the L2 entries
         except BaseException:
             # nothing points at the new clusters yet: give them back (or leak them)
             async with self._lock:
+                self._refs.release(claimed)
                 with contextlib.suppress(BlockIOError, OverlapError):
-                    await self._refs.change(self._allocated_clusters(alloc), -1)
+                    await self._refs.change(claimed, -1)
             raise
         if not old:
             async with self._lock:
+                # still held: the commit that writes their entries writes their counters
                 backlog = self._defer_entries(updates) if updates else False
             if backlog:
                 await self._commit()
@@ -819,7 +899,7 @@ class Qcow2Node(BlockNode):
         The clusters are pinned before the lock is released; the caller writes
         them outside the lock and unpins.
         """
-        extents = await self._map(offset, length)
+        extents = await self._map(offset, length, read=False)
         plan: list[tuple[int, int, int]] = []
         for kind, goff, n, entry in extents:
             if kind is not ClusterKind.NORMAL or not entry & OFLAG_COPIED:
@@ -840,18 +920,34 @@ class Qcow2Node(BlockNode):
         finally:
             self._unpin(clusters)
 
-    async def _mark_corrupt(self, reason: str) -> None:
-        self._corrupt = True
-        h = self.header
-        if h.version == 3:
-            h.incompatible_features |= hdr.INCOMPAT_CORRUPT
-            await self._file.write(hdr.OFF_INCOMPAT, struct.pack(">Q", h.incompatible_features))
-            await self._file.flush()
-        raise BlockIOError(
-            errno.EIO,
-            f"qcow2: Marking image as corrupt: {reason}; further corruption events "
-            "will be suppressed",
-        )
+    async def _mark_corrupt(self, reason: str) -> NoReturn:
+        """Fail the I/O that met corruption, and stop the image from being written.
+
+        As QEMU: a read-write node is marked corrupt (version 3 also on disk,
+        incompatible bit 1, so no later open writes to it either) and takes
+        no more writes; a read-only node only reports it.  The reason goes
+        to the log once per node in QEMU's words; the request fails with
+        plain EIO, which is all QEMU tells a client or a job.
+        """
+        if not self._corruption_logged:
+            self._corruption_logged = True
+            if self.read_only:
+                log.error("qcow2: Image is corrupt: %s; further non-fatal corruption "
+                          "events will be suppressed", reason)
+            else:
+                log.error("qcow2: Marking image as corrupt: %s; further corruption "
+                          "events will be suppressed", reason)
+        if not self.read_only:
+            self._corrupt = True
+            h = self.header
+            if h.version == 3 and not h.incompatible_features & hdr.INCOMPAT_CORRUPT:
+                h.incompatible_features |= hdr.INCOMPAT_CORRUPT
+                with trio.CancelScope(shield=True):
+                    await self._file.write(
+                        hdr.OFF_INCOMPAT, struct.pack(">Q", h.incompatible_features)
+                    )
+                    await self._file.flush()
+        raise BlockIOError(errno.EIO)
 
     # -- writing --------------------------------------------------------------------
 
@@ -965,7 +1061,8 @@ class Qcow2Node(BlockNode):
         return self._allocation_result(alloc)
 
     async def _plan_allocation(self, payload: _Payload) -> _Allocation:
-        """Claim (refcounts written) the new clusters a write needs; nothing else written."""
+        """Claim the new clusters a write needs (counted, held back from write-backs
+        until the write's pointers are on their way); nothing is written."""
         cs = self.cluster_size
         offset = payload.offset
         end = offset + payload.length
@@ -979,9 +1076,12 @@ class Qcow2Node(BlockNode):
         for i, entry in enumerate(entries):
             c = first + i
             kind = classify(entry)
-            self._check_entry(entry, kind)
+            lo, hi = max(offset, c * cs), min(end, (c + 1) * cs)
+            # a partial write copies the rest of the cluster, so it reads the entry
+            fault = self._entry_fault(entry, kind, c, read=hi - lo < cs)
+            if fault:
+                await self._mark_corrupt(fault)
             if kind is ClusterKind.NORMAL and entry & OFLAG_COPIED:
-                lo, hi = max(offset, c * cs), min(end, (c + 1) * cs)
                 host = (entry & OFFSET_MASK) + lo - c * cs
                 self._meta.check(host, hi - lo, None)
                 if in_place and in_place[-1][0] + in_place[-1][2] == lo and (
@@ -997,6 +1097,9 @@ class Qcow2Node(BlockNode):
         done = 0
         while done < len(fresh):
             run_off, count = await self._refs.allocate_run(len(fresh) - done)
+            # counters written back only once the data is in (_finish_allocation, _defer)
+            self._refs.hold(range(run_off >> self.cluster_bits,
+                                  (run_off >> self.cluster_bits) + count))
             alloc.runs.append((run_off, fresh[done : done + count]))
             self._meta.check(run_off, count * cs, None)
             done += count
@@ -1026,11 +1129,12 @@ class Qcow2Node(BlockNode):
         """Second half: make the new clusters reachable, then free what they replace."""
         if not updates:
             return
+        self._refs.release((e & OFFSET_MASK) >> self.cluster_bits for e in updates.values())
         if not flushed:
-            await self._file.flush()  # data and refcounts durable before the L2 entries
+            await self._refs.flush()  # data and refcounts durable before the L2 entries
         await self._set_entries(updates)
         if old:
-            await self._file.flush()  # the unreference is durable before the decrement
+            await self._refs.flush()  # the unreference is durable before the decrement
             await self._release(old)
 
     async def _fill_run(
@@ -1143,7 +1247,7 @@ class Qcow2Node(BlockNode):
             await self._ensure_l2(l1_index)
         await self._set_entries(updates)
         if old:
-            await self._file.flush()
+            await self._refs.flush()
             await self._release(old)
 
     async def _reads_as_zero_here(self, cluster: int) -> bool:
@@ -1184,7 +1288,7 @@ class Qcow2Node(BlockNode):
     async def _do_flush(self) -> None:
         await self._commit()
         self._flush_to_disk_event()
-        await self._file.flush()
+        await self._file.flush()  # the entries it wrote
 
     # -- resizing -------------------------------------------------------------------
 
@@ -1218,11 +1322,11 @@ class Qcow2Node(BlockNode):
             raw = encode_entries(table)
             self._file.debug_event("l1_grow_write_table")
             await self._file.write(new, raw + bytes(nclusters * cs - len(raw)))
-            await self._file.flush()
+            await self._refs.flush()
             self._meta.check(hdr.OFF_L1, 12, MetaKind.HEADER)
             self._file.debug_event("l1_grow_activate_table")
             await self._file.write(hdr.OFF_L1, struct.pack(">IQ", need, new))
-            await self._file.flush()
+            await self._refs.flush()
             old_off, old_n = h.l1_table_offset, h.l1_size
             h.l1_size, h.l1_table_offset = need, new
             self._l1 = table
@@ -1233,9 +1337,10 @@ class Qcow2Node(BlockNode):
                 await self._refs.change(
                     host_clusters_of_range(old_off, old_n * 8, self.cluster_bits), -1
                 )
+                await self._refs.write_back()
         self._meta.check(hdr.OFF_SIZE, 8, MetaKind.HEADER)
         await self._file.write(hdr.OFF_SIZE, struct.pack(">Q", size))
-        await self._file.flush()
+        await self._refs.flush()
         h.size = size
         # the new area must read as zeros: neither stale bytes in the old last
         # cluster nor a longer backing file may show through
@@ -1270,7 +1375,7 @@ class Qcow2Node(BlockNode):
                 self._meta.check(0, extent, MetaKind.HEADER)
                 # one write covering the whole old extent, so no stale name bytes remain
                 await self._file.write(0, raw + bytes(extent - len(raw)))
-                await self._file.flush()
+                await self._refs.flush()
                 parsed = hdr.parse_fixed(raw)
                 new.backing_file_offset = parsed.backing_file_offset
                 new.backing_file_size = parsed.backing_file_size
@@ -1313,9 +1418,9 @@ class Qcow2Node(BlockNode):
             return False  # no end-of-extensions marker: name bytes could pass for one
         self._meta.check(0, max(ext_end, start + len(raw)), MetaKind.HEADER)
         await self._file.write(start, raw)
-        await self._file.flush()
+        await self._refs.flush()
         await self._file.write(8, struct.pack(">QI", start, len(raw)))
-        await self._file.flush()
+        await self._refs.flush()
         self.header.backing_file = name
         self.header.backing_file_offset = start
         self.header.backing_file_size = len(raw)
@@ -1422,6 +1527,11 @@ class _HostPayload(_Payload):
     async def get(self, guest: int, n: int) -> bytes:
         parts = [await self.file.read(h, m) for _p, h, m in self._parts(guest, n)]
         return b"".join(parts)
+
+
+def _c_hex(n: int) -> str:
+    """``n`` as C's ``%#x`` prints it (no prefix for zero), as in QEMU's messages."""
+    return f"{n:#x}" if n else "0"
 
 
 def _header_extent(h: hdr.Header) -> int:

@@ -24,6 +24,11 @@ class OverlapError(Exception):
     """A write would overwrite metadata it must not touch."""
 
 
+class CorruptMetadata(OverlapError):
+    """Metadata found inconsistent on the way to a write (not an overlap, but
+    handled alike: the image is marked corrupt and the write fails)."""
+
+
 class MetadataMap:
     def __init__(self, cluster_bits: int) -> None:
         self.cluster_bits = cluster_bits

@@ -1,9 +1,15 @@
 """Refcount table and blocks (any width 1..64 bits) and cluster allocation.
 
-Allocation follows the crash-safe rule "refcount before reference": the new
-counters are written here before the caller may write anything pointing at
-the clusters, and every new refcount block / refcount table is written and
-flushed before the entry or header field that points at it.
+Allocation follows the crash-safe rule "refcount before reference", with
+counter changes written back at the next flush, as QEMU's refcount cache
+does: :meth:`Refcounts.change` only updates the cached block, and
+:meth:`Refcounts.flush` (which every flush of the image goes through) writes
+the changed counters, then flushes.  Whoever points at a new cluster flushes
+first, so its counter is durable before the pointer is written; a crash
+before that flush leaves the cluster unreferenced *and* uncounted (no leak).
+A decrement is only made after the unreference is durable, so a late one
+costs at most a leak.  Every new refcount block / refcount table is written
+and flushed before the entry or header field that points at it.
 
 Placement policy: a missing refcount block goes to the first free cluster;
 if that cluster lies in the range the block itself covers, the block counts
@@ -19,10 +25,12 @@ import errno
 import struct
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+
+import trio
 
 from blockd.block.drivers.qcow2.header import OFF_REFTABLE, Header
-from blockd.block.drivers.qcow2.overlap import MetadataMap, MetaKind
+from blockd.block.drivers.qcow2.overlap import CorruptMetadata, MetadataMap, MetaKind
 from blockd.block.drivers.qcow2.tables import (
     decode_table,
     encode_entries,
@@ -73,6 +81,11 @@ class Refcounts:
         self._cache: OrderedDict[int, bytearray] = OrderedDict()
         self._cache_blocks = max(2, cache_bytes // self.cluster_size)
         self.free_hint = 0
+        #: cached blocks with counters not yet written:
+        #: block offset -> (its first cluster, indices of the changed counters)
+        self._dirty: dict[int, tuple[int, set[int]]] = {}
+        self._held: set[int] = set()  # see hold()
+        self._writeback = trio.Lock()
 
     async def load(self) -> None:
         h = self.header
@@ -102,7 +115,8 @@ class Refcounts:
         if not off:
             return None
         if off & (self.cluster_size - 1):
-            raise BlockIOError(errno.EIO, f"qcow2: refcount block offset {off:#x} unaligned")
+            index = f"{rt_index:#x}" if rt_index else "0"  # C's %#x
+            raise CorruptMetadata(f"Refblock offset {off:#x} unaligned (reftable index: {index})")
         self.file.debug_event("refblock_load")  # cached or not, as in QEMU
         buf = self._cache.get(off)
         if buf is None:
@@ -117,9 +131,104 @@ class Refcounts:
     def _remember(self, off: int, buf: bytearray) -> bytearray:
         self._cache[off] = buf
         self._cache.move_to_end(off)
+        # a block with unwritten counters stays until written back (the cache
+        # may run over its budget until the next flush)
         while len(self._cache) > self._cache_blocks:
-            self._cache.popitem(last=False)
+            victim = next((o for o in self._cache if o not in self._dirty), None)
+            if victim is None:
+                break
+            del self._cache[victim]
         return buf
+
+    def hold(self, clusters: Iterable[int]) -> None:
+        """Keep these clusters' new counters out of write-backs for now.
+
+        For clusters whose data is still being written by a request that
+        will make its own pointers (later, after a flush): written back by
+        somebody else's flush meanwhile, they would be counted on disk long
+        before anything points at them, which a crash turns into leaks.
+        """
+        self._held.update(clusters)
+
+    def release(self, clusters: Iterable[int]) -> None:
+        """End :meth:`hold`: the next write-back writes their counters."""
+        self._held.difference_update(clusters)
+
+    async def write_back(self, on_snapshot: Callable[[], None] | None = None) -> None:
+        """Write the changed counters (but held ones) to the file, not flushed.
+
+        ``on_snapshot`` is called right before the counters to write are
+        chosen (nothing changes in between), so a caller can note which
+        pointers it will write and release their clusters' counters.
+        One write-back at a time, holding the lock until its writes are
+        done: a later one then neither overtakes it with older values nor
+        returns (to a caller about to flush) before those writes are issued.
+        """
+        with trio.CancelScope(shield=True):
+            async with self._writeback:
+                if on_snapshot is not None:
+                    on_snapshot()
+                pending: list[tuple[int, int, bytes]] = []
+                written: list[tuple[int, int, set[int]]] = []
+                for off, (first, indices) in sorted(self._dirty.items()):
+                    ready = {i for i in indices if first + i not in self._held}
+                    if not ready:
+                        continue
+                    indices -= ready
+                    written.append((off, first, ready))
+                    buf = self._cache[off]
+                    for lo, hi in self._byte_runs(sorted(ready)):
+                        pending.append((off + lo, lo, bytes(buf[lo:hi])))
+                self._dirty = {off: v for off, v in self._dirty.items() if v[1]}
+                try:
+                    block = None
+                    for pos, lo, data in pending:
+                        self.meta.check(pos, len(data), MetaKind.REFBLOCK)
+                        if pos - lo != block:  # once per block written, as QEMU's cache
+                            block = pos - lo
+                            self.file.debug_event("refblock_update_part")
+                        await self.file.write(pos, data)
+                except BaseException:
+                    for off, first, ready in written:  # still to be written
+                        self._mark_dirty(off, first, ready)
+                    raise
+
+    def _byte_runs(self, indices: list[int]) -> list[tuple[int, int]]:
+        """Byte spans of the block holding these counters, adjacent ones merged."""
+        runs: list[tuple[int, int]] = []
+        for i in indices:
+            lo = i * self.bits // 8
+            hi = ((i + 1) * self.bits + 7) // 8
+            if runs and lo <= runs[-1][1]:
+                runs[-1] = (runs[-1][0], max(hi, runs[-1][1]))
+            else:
+                runs.append((lo, hi))
+        return runs
+
+    async def flush(self, on_snapshot: Callable[[], None] | None = None) -> None:
+        """Changed counters to the file, then everything to stable storage.
+
+        With counters to write, the file is flushed first as well: the data
+        then goes out while no counter claims it, and the counters' own flush
+        (the time a crash leaves them counting clusters nothing points at
+        yet) has little left to write.  ``on_snapshot`` as for :meth:`write_back`.
+        """
+        if self._dirty:
+            await self.file.flush()
+        await self.write_back(on_snapshot)
+        await self.file.flush()
+
+    def unwritten(self) -> bool:
+        """Whether a write-back would write anything (changed counters not held)."""
+        return any(first + i not in self._held
+                   for first, indices in self._dirty.values() for i in indices)
+
+    def _mark_dirty(self, off: int, first: int, indices: Iterable[int]) -> None:
+        entry = self._dirty.get(off)
+        if entry is None:
+            self._dirty[off] = (first, set(indices))
+        else:
+            entry[1].update(indices)
 
     async def get(self, cluster: int) -> int:
         blk = await self._block(cluster // self.block_entries)
@@ -128,7 +237,10 @@ class Refcounts:
         return get_refcount(blk[1], cluster % self.block_entries, self.bits)
 
     async def change(self, clusters: Iterable[int], delta: int) -> None:
-        """Add ``delta`` to each cluster's counter (a cluster may appear repeatedly)."""
+        """Add ``delta`` to each cluster's counter (a cluster may appear repeatedly).
+
+        Only the cache changes; :meth:`flush` writes the counters.
+        """
         by_block: dict[int, list[int]] = {}
         for c in clusters:
             by_block.setdefault(c // self.block_entries, []).append(c)
@@ -151,19 +263,13 @@ class Refcounts:
                         f"qcow2: refcount of cluster {c} would become {value}",
                     )
                 values[i] = value
-            lo, hi = len(buf), 0
             for i, value in values.items():
-                a, b = set_refcount(buf, i, self.bits, value)
-                lo, hi = min(lo, a), max(hi, b)
+                set_refcount(buf, i, self.bits, value)
                 if value == 0:
-                    self.free_hint = min(self.free_hint, rt_index * self.block_entries + i)
-            try:
-                self.meta.check(off + lo, hi - lo, MetaKind.REFBLOCK)
-                self.file.debug_event("refblock_update_part")
-                await self.file.write(off + lo, bytes(buf[lo:hi]))
-            except BaseException:
-                self._cache.pop(off, None)  # the cache must never be ahead of the disk
-                raise
+                    cluster = rt_index * self.block_entries + i
+                    self.free_hint = min(self.free_hint, cluster)
+                    self._held.discard(cluster)  # free again: a 0 may be written any time
+            self._mark_dirty(off, rt_index * self.block_entries, values)
 
     # -- allocation -----------------------------------------------------------------
 
@@ -201,7 +307,7 @@ class Refcounts:
         return start, min(found, n)
 
     async def allocate(self, n: int) -> int:
-        """Claim ``n`` contiguous free clusters (refcount 1, written, not yet flushed)."""
+        """Claim ``n`` contiguous free clusters (refcount 1, written back at the next flush)."""
         return (await self._allocate(n, partial=False))[0]
 
     async def allocate_run(self, n: int) -> tuple[int, int]:
@@ -230,6 +336,9 @@ class Refcounts:
                     break
             if ready:
                 await self.change(range(start, start + count), +1)
+                # a hold left by the clusters' previous life (freed without
+                # ever being pointed at) must not hide their new counters
+                self._held.difference_update(range(start, start + count))
                 if self.free_hint == start:
                     self.free_hint = start + count
                 return start << self.cluster_bits, count
@@ -254,6 +363,7 @@ class Refcounts:
         off = cluster << self.cluster_bits
         if self.free_hint == cluster:
             self.free_hint = cluster + 1
+        self._held.discard(cluster)  # as in _allocate
         buf = bytearray(self.cluster_size)
         if home == rt_index:
             set_refcount(buf, cluster % self.block_entries, self.bits, 1)  # counts itself
@@ -262,12 +372,12 @@ class Refcounts:
         self.meta.check(off, self.cluster_size, None)
         self.file.debug_event("refblock_alloc_write")
         await self.file.write(off, bytes(buf))
-        await self.file.flush()
+        await self.flush()
         entry_off = self.header.refcount_table_offset + rt_index * 8
         self.meta.check(entry_off, 8, MetaKind.REFTABLE)
         self.file.debug_event("refblock_alloc_hookup")
         await self.file.write(entry_off, struct.pack(">Q", off))
-        await self.file.flush()
+        await self.flush()
         self.table[rt_index] = off
         self.meta.add(off, self.cluster_size, MetaKind.REFBLOCK)
         self._remember(off, buf)
@@ -302,7 +412,7 @@ class Refcounts:
         for off, buf in blocks:
             self.meta.check(off, cs, None)
             await self.file.write(off, bytes(buf))
-        await self.file.flush()
+        await self.flush()
         # 2. the new table: old entries, the new blocks, zeros
         new_table = array("Q", self.table)
         new_table.extend(off for off, _ in blocks)
@@ -310,12 +420,12 @@ class Refcounts:
         self.meta.check(table_off, table_clusters * cs, None)
         self.file.debug_event("refblock_alloc_write_table")
         await self.file.write(table_off, encode_entries(new_table))
-        await self.file.flush()
+        await self.flush()
         # 3. switch the header over in one 12-byte write
         self.meta.check(OFF_REFTABLE, 12, MetaKind.HEADER)
         self.file.debug_event("refblock_alloc_switch_table")
         await self.file.write(OFF_REFTABLE, struct.pack(">QI", table_off, table_clusters))
-        await self.file.flush()
+        await self.flush()
         old_off = self.header.refcount_table_offset
         old_clusters = self.header.refcount_table_clusters
         self.header.refcount_table_offset = table_off
@@ -329,3 +439,4 @@ class Refcounts:
         # 4. only now give the old table back (a crash before this merely leaks it)
         first = old_off >> self.cluster_bits
         await self.change(range(first, first + old_clusters), -1)
+        await self.write_back()
