@@ -68,7 +68,9 @@ def export_del(qmp: RawQMP, name: str) -> None:
     qmp.wait_event("BLOCK_EXPORT_DELETED", id=name)
 
 
-def run_case(qmp: RawQMP, d: Path, n: int, event: str, once: bool, separate: bool) -> dict[str, Any]:
+def run_case(
+    qmp: RawQMP, d: Path, n: int, event: str, once: bool, separate: bool
+) -> dict[str, Any]:
     rule: dict[str, Any] = {"event": event, **({"once": True} if once else {})}
     image = {"driver": "file", "filename": str(d / "d.qcow2")}
     dbg: dict[str, Any] = {"driver": "blkdebug", "image": image, "inject-error": [rule]}
@@ -185,8 +187,11 @@ def test_retry_ends_where_qsd_ends(outcomes: dict[str, list[dict[str, Any]]], ca
         assert ours["after"][1] == ours["before"]
     if separate:
         # the blkdebug node is still the monitor's: it goes once nothing uses it
-        expected = {"return": {}} if once else {
-            "error": {"class": "GenericError", "desc": f"Block device dbg{case} is in use"}}
+        expected = (
+            {"return": {}}
+            if once
+            else {"error": {"class": "GenericError", "desc": f"Block device dbg{case} is in use"}}
+        )
         assert ours["dbg"] == expected
 
 
