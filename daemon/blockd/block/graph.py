@@ -11,6 +11,8 @@ import itertools
 import os
 from collections.abc import Iterator
 
+import trio
+
 from blockd import logs
 from blockd.block.node import BlockNode, Status
 from blockd.errors import BlockdError, BlockError, BlockIOError
@@ -302,8 +304,10 @@ class BlockGraph:
         close that fails (logged, like QEMU's) can leave no half-removed graph
         behind: no child without the parent that named it, none unreachable.
         """
-        for doomed in self._detach(node):
-            await _close_logged(doomed)
+        doomed = self._detach(node)
+        with trio.CancelScope(shield=True):  # detached ones must all be closed
+            for each in doomed:
+                await _close_logged(each)
 
     def _detach(self, node: BlockNode) -> list[BlockNode]:
         """Drop ``node`` and, recursively, its now unused implicit children from
