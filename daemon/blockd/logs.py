@@ -116,6 +116,10 @@ def node_closed(node_name: str) -> None:
     log.info("closed node %s", node_name)
 
 
+def node_close_failed(node_name: str, error: str) -> None:
+    log.error("closing node %s failed: %s", node_name, error)
+
+
 def job_started(job_id: str, job_type: str, device: str) -> None:
     log.info("job %s (%s on %s) started", job_id, job_type, device)
 

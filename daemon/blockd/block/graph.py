@@ -11,8 +11,11 @@ import itertools
 import os
 from collections.abc import Iterator
 
+import trio
+
+from blockd import logs
 from blockd.block.node import BlockNode, Status
-from blockd.errors import BlockError
+from blockd.errors import BlockdError, BlockError, BlockIOError
 
 _NODE_NAME_MAX = 31
 
@@ -282,21 +285,54 @@ class BlockGraph:
     def implicit_children(self, node: BlockNode) -> list[BlockNode]:
         return list(self._implicit.get(node.node_name, []))
 
+    async def flush_for_close(self, node: BlockNode) -> None:
+        """Make what ``node`` holds durable before it is closed.
+
+        Run first so that a failure leaves everything open as it was: the
+        unwritten data stays in memory and a later attempt may still write it.
+        """
+        try:
+            await node.flush()
+        except BlockIOError as exc:
+            reason = os.strerror(exc.errno)
+            raise BlockIOError(exc.errno, f"Error flushing drive: {reason}") from exc
+
     async def close_node(self, node: BlockNode) -> None:
-        """Close ``node`` and the children opened with it that nobody else uses."""
+        """Close ``node`` and the children opened with it that nobody else uses.
+
+        Every one of them leaves the registry before the first is closed, so a
+        close that fails (logged, like QEMU's) can leave no half-removed graph
+        behind: no child without the parent that named it, none unreachable.
+        """
+        doomed = self._detach(node)
+        with trio.CancelScope(shield=True):  # detached ones must all be closed
+            for each in doomed:
+                await _close_logged(each)
+
+    def _detach(self, node: BlockNode) -> list[BlockNode]:
+        """Drop ``node`` and, recursively, its now unused implicit children from
+        the registry; the ones to close, parents before their children."""
         self._nodes.pop(node.node_name, None)
         self._monitor_owned.discard(node.node_name)
         self._orphans.discard(node.node_name)
         if node.backing is not None:
             self._forget_backing(node, node.backing)
-        children = self._implicit.pop(node.node_name, [])
-        await node.close()
-        for child in children:
-            if child.node_name in self._nodes and not self.parents(child):
-                await self._close_unless_used(child)
+        out = [node]
+        for child in self._implicit.pop(node.node_name, []):
+            if self._nodes.get(child.node_name) is not child or self.parents(child):
+                continue
+            if self.in_use(child):
+                self._orphans.add(child.node_name)
+            else:
+                out.extend(self._detach(child))
+        return out
 
     async def close_all(self) -> None:
-        """Close every node, parents before children so flushes go top-down."""
+        """Close every node, parents before children so flushes go top-down.
+
+        One that fails to close is logged and the rest still closed: each
+        other image deserves its own flush.
+        """
         while self._nodes:
             roots = [n for n in self._nodes.values() if not self.parents(n)]
             if not roots:  # a cycle should be impossible; close whatever is left
@@ -305,7 +341,17 @@ class BlockGraph:
                 if node.node_name in self._nodes:
                     self._nodes.pop(node.node_name, None)
                     self._implicit.pop(node.node_name, None)
-                    await node.close()
+                    await _close_logged(node)
+
+
+async def _close_logged(node: BlockNode) -> None:
+    """Close ``node``; a failure is logged, not raised, as QEMU reports a failed
+    flush on close: the node is gone either way and the caller has nothing
+    left to undo."""
+    try:
+        await node.close()
+    except (BlockdError, OSError) as exc:
+        logs.node_close_failed(node.node_name, str(exc))
 
 
 def _remove_reason(table: dict[str, list[tuple[int, str]]], name: str, reason: str) -> None:

@@ -26,6 +26,19 @@ async def blockdev_add(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str
 async def blockdev_del(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str, Any]:
     name = args["node-name"]
     graph = ctx.graph
+    node = _deletable(graph, name)
+    # Made durable first, so a failure changes nothing and can be retried;
+    # QSD closes regardless and drops what it could not write (README).
+    await graph.flush_for_close(node)
+    # the flush awaited: check again, so what is closed is what was checked
+    node = _deletable(graph, name)
+    await graph.close_node(node)
+    logs.node_closed(name)
+    return {}
+
+
+def _deletable(graph: BlockGraph, name: str) -> BlockNode:
+    """The node ``blockdev-del`` may close, or the error QEMU gives for it."""
     node = graph.get(name)
     if node is None:
         raise BlockdError(f"Failed to find node with node-name='{name}'")
@@ -40,9 +53,7 @@ async def blockdev_del(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str
         raise BlockdError(f"Node {name} is not owned by the monitor")
     if graph.parents(node):
         raise BlockdError(f"Block device {name} is in use")
-    await graph.close_node(node)
-    logs.node_closed(name)
-    return {}
+    return node
 
 
 def _device_info(

@@ -33,6 +33,7 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
 _ZERO_CHUNK = 1 << 20
+SECTOR_SIZE = 512
 
 # QEMU's image locking (file-posix.c): OFD read locks on byte 100+p for each
 # permission p held and on byte 200+p for each permission not shared with others.
@@ -378,7 +379,10 @@ class FileNode(BlockNode):
 
     @property
     def size(self) -> int:
-        return self._size
+        """The file's length rounded up to whole 512-byte sectors, as QEMU
+        counts every node: the tail past the end reads as zeros, and a write
+        there grows the file only as far as the write goes."""
+        return -(-self._size // SECTOR_SIZE) * SECTOR_SIZE
 
     @property
     def filename(self) -> str:
@@ -619,4 +623,4 @@ class FileNode(BlockNode):
         """Re-read the file length (someone else may have changed the file)."""
         fd = self._fd
         self._size = await run_io(lambda: os.fstat(fd).st_size)
-        return self._size
+        return self.size
