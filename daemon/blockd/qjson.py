@@ -9,7 +9,6 @@ libvirt's parsing of ``json:`` filenames), so blockd writes them identically.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -64,8 +63,8 @@ def encode(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"{value!r} has no JSON form")
+        # Infinity (a client's 1e999, or an integer past DBL_MAX) comes out as
+        # QEMU writes it, "inf": not JSON, but what qemu-storage-daemon echoes.
         return "%.17g" % value
     if isinstance(value, Mapping):
         members = (f"{encode(k)}: {encode(value[k])}" for k in qdict_order(value))
