@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import DaemonProcess, start_blockd, start_qsd
+from tests.helpers import STARTED, DaemonProcess, start_blockd, start_qsd
 
 
 def require_tool(name: str) -> str:
@@ -21,6 +21,22 @@ def require_tool(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _no_internal_errors() -> Iterator[None]:
+    """Fail a test whose blockd logged an uncaught exception (``Internal error``).
+
+    Torn down after every other fixture, so daemons have been stopped and
+    their last words are in the log.
+    """
+    STARTED.clear()
+    yield
+    daemons = list(STARTED)
+    STARTED.clear()
+    found = [line for daemon in daemons for line in daemon.internal_errors()]
+    if found:
+        pytest.fail("blockd logged an internal error:\n" + "\n".join(found[:20]), pytrace=False)
 
 
 @pytest.fixture
