@@ -42,6 +42,16 @@ def _kinds() -> list[str]:
     return ["blockd", "qsd"]
 
 
+#: What blockd says, in a reply where QSD succeeds, because of a deliberate
+#: block-layer difference: a ``file`` node takes its image lock when opened,
+#: where QEMU takes it only once a parent (a format node) uses the node.
+_KNOWN = (b'Failed to get \\"write\\" lock', b'Failed to get \\"consistent read\\" lock')
+
+
+def _known_difference(replies: dict[str, list[bytes]]) -> bool:
+    return any(known in line for line in replies.get("blockd", []) for known in _KNOWN)
+
+
 def test_qmp_stream_fuzz(sock_dir: Path, tmp_path: Path) -> None:
     count, first_seed = examples(SHORT_PROFILE), seed()
     print(f"\nQMP stream fuzz: {count} inputs, BLOCKD_FUZZ_SEED={first_seed}")
@@ -70,6 +80,7 @@ def test_qmp_stream_fuzz(sock_dir: Path, tmp_path: Path) -> None:
             sent += 1
             marker = f"sentinel-{index}".encode()
             seen: dict[str, list[str]] = {}
+            replies: dict[str, list[bytes]] = {}
             for kind, daemon in daemons.items():
                 conn = open_session(daemon.socket_path, negotiate)
                 try:
@@ -84,8 +95,9 @@ def test_qmp_stream_fuzz(sock_dir: Path, tmp_path: Path) -> None:
                     conn.close()
                 internal = [line for line in lines if b"Internal error" in line]
                 assert not internal, f"input {index} (seed {first_seed}): {data!r} -> {internal}"
+                replies[kind] = lines
                 seen[kind] = collapse([reply_class(line) for line in lines if not is_event(line)])
-            if len(set(map(tuple, seen.values()))) > 1:
+            if len(set(map(tuple, seen.values()))) > 1 and not _known_difference(replies):
                 differences.append((index, data, seen))
         elapsed = time.monotonic() - started
         print(
