@@ -67,7 +67,12 @@ CORPUS: list[dict[str, Any]] = [
     },
     {
         "execute": "blockdev-add",
-        "arguments": {"driver": "file", "node-name": "f0", "filename": "raw.img", "read-only": True},
+        "arguments": {
+            "driver": "file",
+            "node-name": "f0",
+            "filename": "raw.img",
+            "read-only": True,
+        },
     },
     {"execute": "blockdev-del", "arguments": {"node-name": "top"}},
     {"execute": "blockdev-del", "arguments": {"node-name": "raw0"}},
@@ -105,10 +110,40 @@ class Raw:
 
 
 _INTERESTING_BYTES = [
-    b"\x00", b"\xff", b"\xfe", b"\xc0\x80", b"\xc3", b"\xed\xa0\x80", b"\xf4\x90\x80\x80",
-    b'"', b"'", b"\\", b"{", b"}", b"[", b"]", b",", b":", b" ", b"\n", b"\r", b"\t",
-    b"\x01", b"\x1f", b"\x7f", b"0", b"-", b"e", b".", b"true", b"nul", b"\\u0000",
-    b"\\ud800", b"\\udc00", b"\\u", b"\\'",
+    b"\x00",
+    b"\xff",
+    b"\xfe",
+    b"\xc0\x80",
+    b"\xc3",
+    b"\xed\xa0\x80",
+    b"\xf4\x90\x80\x80",
+    b'"',
+    b"'",
+    b"\\",
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b",",
+    b":",
+    b" ",
+    b"\n",
+    b"\r",
+    b"\t",
+    b"\x01",
+    b"\x1f",
+    b"\x7f",
+    b"0",
+    b"-",
+    b"e",
+    b".",
+    b"true",
+    b"nul",
+    b"\\u0000",
+    b"\\ud800",
+    b"\\udc00",
+    b"\\u",
+    b"\\'",
 ]
 
 
@@ -154,7 +189,9 @@ class Mutator:
         if choice == 2:
             return r.choice(["", " ", "1a", "a b", "a\u00e9", "\U0001f600", "-", "#block1"])
         if choice == 3:
-            return Raw(b'"' + r.choice([b"\\ud800", b"\\udc00x", b"\\ud83d\\ude00", b"\\u00"]) + b'"')
+            return Raw(
+                b'"' + r.choice([b"\\ud800", b"\\udc00x", b"\\ud83d\\ude00", b"\\u00"]) + b'"'
+            )
         if choice == 4:
             return Raw(b'"' + r.choice([b"\xc3(", b"\xff", b"\xc0\x80", b"\xed\xa0\x80"]) + b'"')
         if choice == 5:
@@ -186,9 +223,26 @@ class Mutator:
 
     def _key(self) -> str:
         return self.rng.choice(
-            ["driver", "node-name", "filename", "file", "backing", "read-only", "id",
-             "device", "job-id", "speed", "force", "enable", "arguments", "execute",
-             "exec-oob", "x", "", "a\u0000"]
+            [
+                "driver",
+                "node-name",
+                "filename",
+                "file",
+                "backing",
+                "read-only",
+                "id",
+                "device",
+                "job-id",
+                "speed",
+                "force",
+                "enable",
+                "arguments",
+                "execute",
+                "exec-oob",
+                "x",
+                "",
+                "a\u0000",
+            ]
         )
 
     # --- tree mutations -------------------------------------------------
@@ -321,5 +375,7 @@ class Mutator:
         """Split writes: the daemon must not care where reads end."""
         if len(data) < 2 or self.rng.random() < 0.6:
             return [data]
-        cuts = sorted(self.rng.sample(range(1, len(data)), min(len(data) - 1, self.rng.randrange(1, 6))))
+        cuts = sorted(
+            self.rng.sample(range(1, len(data)), min(len(data) - 1, self.rng.randrange(1, 6)))
+        )
         return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]

@@ -38,8 +38,10 @@ def start(kind: str, sock_dir: Path, cwd: Path) -> DaemonProcess:
         return spawn(blockd_command(path), path, cwd=cwd)
     argv = [
         require_tool("qemu-storage-daemon"),
-        "--chardev", f"socket,path={path},server=on,wait=off,id=m0",
-        "--monitor", "chardev=m0",
+        "--chardev",
+        f"socket,path={path},server=on,wait=off,id=m0",
+        "--monitor",
+        "chardev=m0",
     ]
     return spawn(argv, path, cwd=cwd)
 

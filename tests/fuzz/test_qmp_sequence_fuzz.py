@@ -36,7 +36,9 @@ def make_chain(directory: Path) -> list[Path]:
     images = []
     backing = None
     for i, name in enumerate(CHAIN):
-        image = create(directory / f"{name}.qcow2", size="8M" if backing is None else "", backing=backing)
+        image = create(
+            directory / f"{name}.qcow2", size="8M" if backing is None else "", backing=backing
+        )
         qemu_io(image, f"write -P {i + 1} {i}M 1M", f"write -z {i + 4}M 64k")
         images.append(image)
         backing = image.name
@@ -102,12 +104,28 @@ class Commands:
             message = self._commit()
         elif kind < 15:
             verb = r.choice(
-                ["block-job-cancel", "block-job-pause", "block-job-resume", "block-job-complete",
-                 "block-job-set-speed", "block-job-dismiss", "block-job-finalize", "job-cancel",
-                 "job-pause", "job-resume", "job-complete", "job-dismiss", "job-finalize"]
+                [
+                    "block-job-cancel",
+                    "block-job-pause",
+                    "block-job-resume",
+                    "block-job-complete",
+                    "block-job-set-speed",
+                    "block-job-dismiss",
+                    "block-job-finalize",
+                    "job-cancel",
+                    "job-pause",
+                    "job-resume",
+                    "job-complete",
+                    "job-dismiss",
+                    "job-finalize",
+                ]
             )
-            key = "device" if verb.startswith("block-job-") and verb not in (
-                "block-job-dismiss", "block-job-finalize") else "id"
+            key = (
+                "device"
+                if verb.startswith("block-job-")
+                and verb not in ("block-job-dismiss", "block-job-finalize")
+                else "id"
+            )
             args: dict[str, Any] = {key: self._job()}
             if verb == "block-job-set-speed":
                 args["speed"] = r.choice([0, 1, 1 << 20])
@@ -115,9 +133,18 @@ class Commands:
                 args["force"] = r.random() < 0.5
             message = {"execute": verb, "arguments": args}
         else:
-            message = {"execute": r.choice(
-                ["query-named-block-nodes", "query-jobs", "query-block-jobs", "query-block",
-                 "query-block-exports", "query-version"])}
+            message = {
+                "execute": r.choice(
+                    [
+                        "query-named-block-nodes",
+                        "query-jobs",
+                        "query-block-jobs",
+                        "query-block",
+                        "query-block-exports",
+                        "query-version",
+                    ]
+                )
+            }
         return message
 
     def broken(self, message: dict[str, Any]) -> bytes:
@@ -126,8 +153,9 @@ class Commands:
         return data.replace(b"quit", b"quip").replace(b"nbd-server-start", b"nbd-server-st")
 
 
-def _client(path: Path, index: int, count: int, client_seed: int, errors: list[str],
-            counts: dict[str, int]) -> None:
+def _client(
+    path: Path, index: int, count: int, client_seed: int, errors: list[str], counts: dict[str, int]
+) -> None:
     rng = random.Random(client_seed)
     commands = Commands(rng)
     conn = open_session(path, negotiate=True)
@@ -173,7 +201,10 @@ def _wind_down(conn: Line) -> None:
             return
         for job in ("j0", "j1", "j2"):
             for verb in (b"job-cancel", b"job-dismiss", b"job-finalize"):
-                conn.send(b'{"execute": "%s", "arguments": {"id": "%s"}, "id": "w"}' % (verb, job.encode()))
+                conn.send(
+                    b'{"execute": "%s", "arguments": {"id": "%s"}, "id": "w"}'
+                    % (verb, job.encode())
+                )
                 conn.until_id(b"w")
         time.sleep(0.05)
     raise AssertionError("jobs did not end after cancel")
@@ -182,7 +213,10 @@ def _wind_down(conn: Line) -> None:
 def test_qmp_sequence_fuzz(sock_dir: Path, tmp_path: Path) -> None:
     require_tool("qemu-img")
     total, first_seed = examples(SHORT_PROFILE), seed()
-    print(f"\nQMP sequence fuzz: {total} commands from {CLIENTS} clients, BLOCKD_FUZZ_SEED={first_seed}")
+    print(
+        f"\nQMP sequence fuzz: {total} commands from {CLIENTS} clients,"
+        f" BLOCKD_FUZZ_SEED={first_seed}"
+    )
     images = make_chain(tmp_path)
     daemon = start_blockd(sock_dir / "qmp.sock", cwd=tmp_path)
     errors: list[str] = []
@@ -214,4 +248,6 @@ def test_qmp_sequence_fuzz(sock_dir: Path, tmp_path: Path) -> None:
         check = subprocess.run(
             [require_tool("qemu-img"), "check", str(image)], capture_output=True, text=True
         )
-        assert check.returncode == 0, f"seed {first_seed}: {image.name}: {check.stdout}{check.stderr}"
+        assert check.returncode == 0, (
+            f"seed {first_seed}: {image.name}: {check.stdout}{check.stderr}"
+        )

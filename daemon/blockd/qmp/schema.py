@@ -128,21 +128,23 @@ class CommandSchema:
 
     def check_arguments(self, arguments: Mapping[str, Any]) -> str | None:
         """QEMU's text for the first problem in ``arguments``, or None if valid."""
-        deep = _too_deep(arguments)
-        if deep is not None:
-            return f"Parameter '{_full_name(deep)}' is nested too deeply"
         validator = Validator(self.schema, registry=self.registry)
-        return first_error(self, validator.iter_errors(arguments))
+        try:
+            return first_error(self, validator.iter_errors(arguments))
+        except RecursionError:
+            # Only values the schema describes that deep (inline backing
+            # chains) are walked that far; a wrong type is found at its top.
+            return f"Parameter '{_full_name(_too_deep(arguments) or [])}' is nested too deeply"
 
     def return_validator(self) -> Any:
         """A validator for this command's return value (``$defs.returns``)."""
         return Validator({"$ref": self.uri + "#/$defs/returns"}, registry=self.registry)
 
 
-#: Deepest nesting of arguments that is validated (QEMU has no limit of its own
-#: below JSON's 1024).  jsonschema recurses about a dozen Python frames per
-#: level and would hit the interpreter's recursion limit near 80; an inline
-#: backing chain takes one level per image.
+#: Where an argument too deep to validate is reported (QEMU has no limit of
+#: its own below JSON's 1024).  jsonschema recurses about a dozen Python
+#: frames per level it walks, and meets the interpreter's recursion limit
+#: near 80 levels of inline backing nodes (one level per image).
 MAX_ARGUMENT_DEPTH = 64
 
 
