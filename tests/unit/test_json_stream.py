@@ -58,6 +58,17 @@ def err(text: str) -> tuple[str, str]:
         (b'{"a":"\\ud83d\\ude00\\u00e9"}', [{"a": "\U0001f600\u00e9"}]),
         (b'{"a":"\xc3("}', [err("invalid UTF-8 sequence in string")]),
         (b'{"a":"\xc3\xa9"}', [{"a": "\u00e9"}]),
+        # QEMU's modified UTF-8: C0 80 is U+0000; noncharacters and lone
+        # surrogates are refused, raw or escaped (the escape quoted as written).
+        (b'["a\xc0\x80b", "\\u0000"]', [["a\x00b", "\x00"]]),
+        (b'["\xef\xb7\x90"]', [err("invalid UTF-8 sequence in string")]),
+        (b'["\xf4\x8f\xbf\xbf"]', [err("invalid UTF-8 sequence in string")]),
+        (b'["\xc0\x81"]', [err("invalid UTF-8 sequence in string")]),
+        (b'["\\ufdd0"]', [err("\\ufdd0 is not a valid Unicode character")]),
+        (b'["\\uDBFF\\uDFFF"]', [err("\\uDBFF\\uDFFF is not a valid Unicode character")]),
+        (b'["\\ud800"]', [err("\\ud800 is not a valid Unicode character")]),
+        (b'["\\ud800\\u0041"]', [err("\\ud800 is not a valid Unicode character")]),
+        (b'["\\ud800\\uzzzz"]', [err("\\ud800 is not a valid Unicode character")]),
         (b"[1.5e3, -0.5, 12345678901234567890, -0]", [[1500.0, -0.5, 12345678901234567890, 0]]),
         (b"[123456789012345678901234567890]", [[1.2345678901234568e29]]),
         (b"[1e999, -1e999, 1e-999, 1e99999999999999999999]", [[_INF, -_INF, 0.0, _INF]]),
