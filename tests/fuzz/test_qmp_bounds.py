@@ -109,3 +109,29 @@ def test_stop_is_bounded_whatever_clients_do(sock_dir: Path, how: str) -> None:
     assert not path.exists()
     for conn in (stuck, silent, half, unread_greeting):
         conn.close()
+
+
+async def test_stop_cancels_a_command_that_hangs(tmp_path: Path) -> None:
+    """In-process, with a planted command that never finishes on its own."""
+    import trio
+
+    from blockd.qmp.server import QMPServer
+    from blockd.version import version_info
+    from tests.integration.test_server_inprocess import Harness, connect
+
+    harness = Harness(tmp_path)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.bind(str(harness.path))
+    sock.listen(4)
+    server = QMPServer(harness.dispatcher, harness.bus, version_info(), abort_seconds=0.2)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, [trio.SocketListener(sock)])
+            client = await connect(harness)
+            await client.negotiate()
+            await client.send({"execute": "slow", "id": 1})  # waits for harness.release
+            await trio.sleep(0.1)
+            server.close()
+        # serve() returned although the command was never released.
+    assert not harness.finished.is_set()
+    await client.stream.aclose()

@@ -25,7 +25,9 @@ Failure containment: a command, once started, runs to completion even if its
 client vanishes (its effects must not be cut in half); nothing a client does
 reaches other clients.  Stopping is bounded whatever a client is doing: the
 reader is cancelled at once, and the writer gets ``DRAIN_SECONDS`` to hand
-over what is owed, whether the client reads, stalls or never negotiated.
+over what is owed, whether the client reads, stalls or never negotiated; a
+command still running ``ABORT_SECONDS`` after the stop began is cancelled
+(a hung command must not keep the daemon from stopping).
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ OUTBOX_MAX_BYTES = 4 << 20
 MAX_CLIENTS = 64
 #: How long a closing connection may take to flush what it still owes.
 DRAIN_SECONDS = 2.0
+#: How long, once the server closes, a running command may still take before
+#: it is cancelled: the one case where a command does not run to completion.
+ABORT_SECONDS = 8.0
 _RECEIVE_SIZE = 65536
 
 
@@ -106,6 +111,8 @@ class _Client:
         self.scope = trio.CancelScope()
         self.receive_scope = trio.CancelScope()
         self.writer_scope = trio.CancelScope()
+        #: Shields the running command from its client going away.
+        self.command_scope = trio.CancelScope(shield=True)
         self.closing = False
 
     def on_event(self, event: EmittedEvent) -> None:
@@ -127,6 +134,12 @@ class _Client:
         self.receive_scope.cancel()
         self.scope.deadline = min(self.scope.deadline, trio.current_time() + DRAIN_SECONDS)
 
+    def abort(self) -> None:
+        """Cancel even a running command: the daemon is stopping and it hangs."""
+        self.command_scope.shield = False
+        self.command_scope.cancel()
+        self.scope.cancel()
+
 
 class QMPServer:
     def __init__(
@@ -138,6 +151,7 @@ class QMPServer:
         outbox_bytes: int = OUTBOX_BYTES,
         outbox_max_bytes: int = OUTBOX_MAX_BYTES,
         max_clients: int = MAX_CLIENTS,
+        abort_seconds: float = ABORT_SECONDS,
     ) -> None:
         self._dispatcher = dispatcher
         self._bus = bus
@@ -146,6 +160,8 @@ class QMPServer:
         self._outbox_max_bytes = outbox_max_bytes
         self._slots = trio.Semaphore(max_clients)
         self._clients: set[_Client] = set()
+        self._client_left = trio.Event()
+        self._abort_seconds = abort_seconds
         self._closed = trio.Event()
 
     async def serve(
@@ -164,10 +180,24 @@ class QMPServer:
                 acceptors.cancel_scope.cancel()
             for client in list(self._clients):
                 client.close()
+            nursery.start_soon(self._abort_stragglers)
 
     def close(self) -> None:
         """Stop accepting, and let each client flush its replies and go."""
         self._closed.set()
+
+    async def _abort_stragglers(self) -> None:
+        """Bound the stop: a command still running after ``abort_seconds`` is cancelled.
+
+        Shielded, so that the caller's own deadline does not end the wait
+        before the commands it is waiting for.
+        """
+        with trio.CancelScope(shield=True), trio.move_on_after(self._abort_seconds):
+            while self._clients:
+                await self._client_left.wait()
+        for client in list(self._clients):
+            log.error("stopping: cancelling a command that did not finish")
+            client.abort()
 
     async def _accept_loop(
         self, listener: trio.abc.Listener[trio.abc.Stream], nursery: trio.Nursery
@@ -204,6 +234,8 @@ class QMPServer:
         finally:
             unsubscribe()
             self._clients.discard(client)
+            self._client_left.set()
+            self._client_left = trio.Event()
             self._slots.release()
             await trio.aclose_forcefully(stream)
 
@@ -225,8 +257,11 @@ class QMPServer:
                 if isinstance(request, BadRequest):
                     reply = client.conn.reply_error(request.id, ErrorClass.GENERIC, request.desc)
                 else:
-                    with trio.CancelScope(shield=True):
+                    client.command_scope = trio.CancelScope(shield=True)
+                    with client.command_scope:
                         reply = await self._dispatcher.execute(client.conn, request)
+                    if client.command_scope.cancelled_caught:
+                        return
                 client.outbox.put(reply)
                 if client.closing:
                     return
