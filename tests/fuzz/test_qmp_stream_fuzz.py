@@ -42,10 +42,12 @@ def _kinds() -> list[str]:
     return ["blockd", "qsd"]
 
 
-#: Replies of blockd's that mark a deliberate difference (README): a ``file``
-#: node takes its image lock when opened, where QEMU waits for a parent to use
-#: it; and after a message over the nesting limit blockd skips the rest of it,
-#: where QEMU lexes the leftovers as new input (and may run commands in them).
+#: Replies of blockd's that mark a known difference: a ``file`` node takes its
+#: image lock when opened, where QEMU waits for a parent to use it (a block
+#: layer difference, block/drivers/file.py, not yet in README's list); and
+#: after a message over the nesting limit blockd skips the rest of it, where
+#: QEMU lexes the leftovers as new input and may run commands found in them
+#: (deliberate, README).
 _KNOWN = (
     b'Failed to get \\"write\\" lock',
     b'Failed to get \\"consistent read\\" lock',
@@ -57,6 +59,21 @@ def _known_difference(replies: dict[str, list[bytes]]) -> bool:
     return any(known in line for line in replies.get("blockd", []) for known in _KNOWN)
 
 
+def _start_all(sock_dir: Path, images: Path) -> dict[str, DaemonProcess]:
+    """Fresh daemons on fresh copies of the images, each with an NBD server."""
+    daemons: dict[str, DaemonProcess] = {}
+    for kind in _kinds():
+        daemons[kind] = start(kind, sock_dir, make_images(images / kind))
+        conn = open_session(daemons[kind].socket_path, negotiate=True)
+        conn.send(
+            b'{"execute": "nbd-server-start", "id": "nbd", "arguments":'
+            b' {"addr": {"type": "unix", "data": {"path": "nbd.sock"}}}}'
+        )
+        assert reply_class(conn.until_id(b"nbd")[-1]) == "return"
+        conn.close()
+    return daemons
+
+
 def test_qmp_stream_fuzz(sock_dir: Path, tmp_path: Path) -> None:
     count, first_seed = examples(SHORT_PROFILE), seed()
     print(f"\nQMP stream fuzz: {count} inputs, BLOCKD_FUZZ_SEED={first_seed}")
@@ -64,18 +81,10 @@ def test_qmp_stream_fuzz(sock_dir: Path, tmp_path: Path) -> None:
     mutator = Mutator(rng)
     daemons: dict[str, DaemonProcess] = {}
     try:
-        for kind in _kinds():
-            daemons[kind] = start(kind, sock_dir, make_images(tmp_path / kind))
-            conn = open_session(daemons[kind].socket_path, negotiate=True)
-            conn.send(
-                b'{"execute": "nbd-server-start", "id": "nbd", "arguments":'
-                b' {"addr": {"type": "unix", "data": {"path": "nbd.sock"}}}}'
-            )
-            assert reply_class(conn.until_id(b"nbd")[-1]) == "return"
-            conn.close()
+        daemons = _start_all(sock_dir, tmp_path / "0")
         differences = []
         started = time.monotonic()
-        sent = 0
+        sent = known = 0
         for index in range(count):
             data = mutator.message()
             chunks = mutator.chunks(data)
@@ -102,14 +111,21 @@ def test_qmp_stream_fuzz(sock_dir: Path, tmp_path: Path) -> None:
                 assert not internal, f"input {index} (seed {first_seed}): {data!r} -> {internal}"
                 replies[kind] = lines
                 seen[kind] = collapse([reply_class(line) for line in lines if not is_event(line)])
-            if len(set(map(tuple, seen.values()))) > 1 and not _known_difference(replies):
-                differences.append(
-                    (index, data, {k: [x[:200] for x in v] for k, v in replies.items()})
-                )
+            if len(set(map(tuple, seen.values()))) == 1:
+                continue
+            if _known_difference(replies):
+                # The two daemons' states may now differ (a node or an export
+                # one has and the other not): start again from the same state.
+                known += 1
+                for daemon in daemons.values():
+                    daemon.stop()
+                daemons = _start_all(sock_dir, tmp_path / str(index))
+                continue
+            differences.append((index, data, {k: [x[:200] for x in v] for k, v in replies.items()}))
         elapsed = time.monotonic() - started
         print(
             f"QMP stream fuzz: {sent} inputs sent to {', '.join(daemons)} in {elapsed:.1f} s; "
-            f"{len(differences)} differences in error classes"
+            f"{len(differences)} differences in error classes, {known} known ones"
         )
         for daemon in daemons.values():
             assert daemon.proc.poll() is None
