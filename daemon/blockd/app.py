@@ -25,6 +25,7 @@ from blockd import __version__, logs
 from blockd.block.graph import BlockGraph
 from blockd.commands import HANDLERS, CommandContext
 from blockd.control_socket import BoundSocket, bind_control_socket
+from blockd.errors import BlockdError
 from blockd.events import EventBus
 from blockd.export.exports import ExportRegistry
 from blockd.jobs.registry import JobRegistry
@@ -202,6 +203,10 @@ async def run(settings: Settings) -> None:
             with trio.CancelScope(shield=True):
                 try:
                     await graph.close_all()
+                except BlockdError as err:
+                    # An image that cannot be flushed (EIO, ENOSPC): worth an
+                    # error line, not a traceback; it is not a bug in blockd.
+                    log.error("closing the block nodes failed: %s", err.desc)
                 except Exception:
                     log.exception("closing the block nodes failed")
             for listener in listeners:
