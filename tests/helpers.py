@@ -11,9 +11,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 TIMEOUT = 10.0
+
+#: The blockd processes started through :func:`spawn` during the current test;
+#: conftest fails the test if one of them logged a traceback.
+STARTED: list[DaemonProcess] = []
+
+#: What an uncaught exception leaves in the log (``Internal error`` is what the
+#: client was told; the log has the traceback).
+INTERNAL_ERROR_MARKS = ("Traceback (most recent call last)", "Internal error")
 
 
 def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = TIMEOUT) -> None:
@@ -34,9 +42,28 @@ class DaemonProcess:
     socket_path: Path
     stderr_path: Path
     _stopped: bool = field(default=False)
+    #: Kept open so the log can be read after the test's directory is gone.
+    _log: IO[bytes] | None = field(default=None)
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
+
+    def internal_errors(self) -> list[str]:
+        """Log lines that show an uncaught exception (and close the kept log)."""
+        if self._log is None:
+            return []
+        with self._log:
+            self._log.seek(0)
+            text = self._log.read().decode(errors="replace")
+        self._log = None
+        lines = text.splitlines()
+        found: list[str] = []
+        for i, line in enumerate(lines):
+            if any(mark in line for mark in INTERNAL_ERROR_MARKS):
+                # The log line before (what failed) and the exception's last line.
+                end = next((j for j in range(i + 1, len(lines)) if not lines[j][:1].isspace()), i)
+                found += [*lines[max(i - 1, 0) : i + 1], lines[end]]
+        return found
 
     def signal(self, signum: int) -> None:
         self.proc.send_signal(signum)
@@ -67,7 +94,8 @@ def spawn(
         proc = subprocess.Popen(  # type: ignore[call-overload]
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, **popen
         )
-    daemon = DaemonProcess(proc, socket_path, stderr_path)
+    daemon = DaemonProcess(proc, socket_path, stderr_path, _log=open(stderr_path, "rb"))  # noqa: SIM115
+    STARTED.append(daemon)
     if wait:
         try:
             wait_for_socket(socket_path, proc)

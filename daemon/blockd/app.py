@@ -25,6 +25,7 @@ from blockd import __version__, logs
 from blockd.block.graph import BlockGraph
 from blockd.commands import HANDLERS, CommandContext
 from blockd.control_socket import BoundSocket, bind_control_socket
+from blockd.errors import BlockdError
 from blockd.events import EventBus
 from blockd.export.exports import ExportRegistry
 from blockd.jobs.registry import JobRegistry
@@ -40,6 +41,8 @@ log = logging.getLogger("blockd")
 
 #: How long stopping waits for cancelled jobs to finish their clean-up.
 JOB_GRACE_SECONDS = 5.0
+#: How long stopping waits for the exports to close (NBD clients' requests).
+EXPORT_GRACE_SECONDS = 5.0
 #: How long clients get, once the daemon stops, to take their last replies.
 STOP_SECONDS = 10
 #: How often the ``STATUS=`` line is recomputed (sent only when it changed).
@@ -184,10 +187,13 @@ async def run(settings: Settings) -> None:
                     await jobs.shutdown(grace=JOB_GRACE_SECONDS)
                     # Then the exports (NBD clients' running requests finish first),
                     # so no request is still using a node when the nodes close.
-                    try:
-                        await exports.shutdown()
-                    except Exception:
-                        log.exception("stopping the NBD server failed")
+                    with trio.move_on_after(EXPORT_GRACE_SECONDS) as waited:
+                        try:
+                            await exports.shutdown()
+                        except Exception:
+                            log.exception("stopping the NBD server failed")
+                    if waited.cancelled_caught:
+                        log.error("the NBD server did not stop within %s s", EXPORT_GRACE_SECONDS)
                     server.close()
                     # Clients get a bounded time to take their last replies.
                     nursery.cancel_scope.deadline = trio.current_time() + STOP_SECONDS
@@ -197,6 +203,10 @@ async def run(settings: Settings) -> None:
             with trio.CancelScope(shield=True):
                 try:
                     await graph.close_all()
+                except BlockdError as err:
+                    # An image that cannot be flushed (EIO, ENOSPC): worth an
+                    # error line, not a traceback; it is not a bug in blockd.
+                    log.error("closing the block nodes failed: %s", err.desc)
                 except Exception:
                     log.exception("closing the block nodes failed")
             for listener in listeners:

@@ -9,7 +9,6 @@ libvirt's parsing of ``json:`` filenames), so blockd writes them identically.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -44,15 +43,11 @@ def _upper_escape(match: re.Match[str]) -> str:
     return match.group(1) or "\\u" + match.group(2).upper()
 
 
-def encode(value: Any) -> str:
-    """Serialise like QEMU: compact one-line JSON, ASCII only.
+class _Text(str):
+    """Output already in its final form (punctuation), as opposed to a value."""
 
-    Floats use C's ``%.17g`` (QEMU echoes ``1.5e3`` as ``1500``); escapes use
-    upper-case hex; object members come in QDict iteration order, which is the
-    order every QEMU reply and event shows (``return`` before ``id``, ``id``
-    before ``error``, ``device, len, offset, speed, type`` in job events), so
-    callers need not arrange members themselves.
-    """
+
+def _scalar(value: Any) -> str:
     if value is None:
         return "null"
     if value is True:
@@ -64,12 +59,45 @@ def encode(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"{value!r} has no JSON form")
+        # Infinity (a client's 1e999, or an integer past DBL_MAX) comes out as
+        # QEMU writes it, "inf": not JSON, but what qemu-storage-daemon echoes.
         return "%.17g" % value
-    if isinstance(value, Mapping):
-        members = (f"{encode(k)}: {encode(value[k])}" for k in qdict_order(value))
-        return "{" + ", ".join(members) + "}"
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(encode(v) for v in value) + "]"
     raise TypeError(f"cannot encode {type(value).__name__} as JSON")
+
+
+def encode(value: Any) -> str:
+    """Serialise like QEMU: compact one-line JSON, ASCII only.
+
+    Floats use C's ``%.17g`` (QEMU echoes ``1.5e3`` as ``1500``); escapes use
+    upper-case hex; object members come in QDict iteration order, which is the
+    order every QEMU reply and event shows (``return`` before ``id``, ``id``
+    before ``error``, ``device, len, offset, speed, type`` in job events), so
+    callers need not arrange members themselves.
+
+    Iterative, not recursive: a client's ``id`` may nest 1024 levels deep and
+    is echoed, and Python's recursion limit would be hit long before that.
+    """
+    out: list[str] = []
+    # Work left, last item first: values still to encode, or _Text to emit.
+    todo: list[Any] = [value]
+    while todo:
+        item = todo.pop()
+        if type(item) is _Text:
+            out.append(item)
+        elif isinstance(item, Mapping):
+            parts: list[Any] = [_Text("{")]
+            for i, key in enumerate(qdict_order(item)):
+                parts += [_Text((", " if i else "") + _scalar(key) + ": "), item[key]]
+            parts.append(_Text("}"))
+            todo.extend(reversed(parts))
+        elif isinstance(item, list | tuple):
+            parts = [_Text("[")]
+            for i, element in enumerate(item):
+                if i:
+                    parts.append(_Text(", "))
+                parts.append(element)
+            parts.append(_Text("]"))
+            todo.extend(reversed(parts))
+        else:
+            out.append(_scalar(item))
+    return "".join(out)

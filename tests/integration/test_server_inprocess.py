@@ -112,7 +112,9 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     await sock.bind(str(h.path))
     sock.listen(16)
-    server = QMPServer(h.dispatcher, h.bus, version_info(), outbox_limit=16)
+    server = QMPServer(
+        h.dispatcher, h.bus, version_info(), outbox_bytes=2048, outbox_max_bytes=4096
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve, [trio.SocketListener(sock)])
         yield h

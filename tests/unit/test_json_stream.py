@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blockd.qmp.json_stream import JSONStreamParser, Message, MessageError
+from blockd.qmp.json_stream import MAX_TOKENS, JSONStreamParser, Message, MessageError
 
 
 def feed(*chunks: bytes, limit: int = 1 << 20) -> list[object]:
@@ -18,6 +18,9 @@ def feed(*chunks: bytes, limit: int = 1 << 20) -> list[object]:
         for item in parser.feed(chunk):
             out.append(item.value if isinstance(item, Message) else ("error", item.desc))
     return out
+
+
+_INF = float("inf")
 
 
 def err(text: str) -> tuple[str, str]:
@@ -55,9 +58,29 @@ def err(text: str) -> tuple[str, str]:
         (b'{"a":"\\ud83d\\ude00\\u00e9"}', [{"a": "\U0001f600\u00e9"}]),
         (b'{"a":"\xc3("}', [err("invalid UTF-8 sequence in string")]),
         (b'{"a":"\xc3\xa9"}', [{"a": "\u00e9"}]),
+        # QEMU's modified UTF-8: C0 80 is U+0000; noncharacters and lone
+        # surrogates are refused, raw or escaped (the escape quoted as written).
+        (b'["a\xc0\x80b", "\\u0000"]', [["a\x00b", "\x00"]]),
+        (b'["\xef\xb7\x90"]', [err("invalid UTF-8 sequence in string")]),
+        (b'["\xf4\x8f\xbf\xbf"]', [err("invalid UTF-8 sequence in string")]),
+        (b'["\xc0\x81"]', [err("invalid UTF-8 sequence in string")]),
+        (b'["\\ufdd0"]', [err("\\ufdd0 is not a valid Unicode character")]),
+        (b'["\\uDBFF\\uDFFF"]', [err("\\uDBFF\\uDFFF is not a valid Unicode character")]),
+        (b'["\\ud800"]', [err("\\ud800 is not a valid Unicode character")]),
+        (b'["\\ud800\\u0041"]', [err("\\ud800 is not a valid Unicode character")]),
+        (b'["\\ud800\\uzzzz"]', [err("\\ud800 is not a valid Unicode character")]),
         (b"[1.5e3, -0.5, 12345678901234567890, -0]", [[1500.0, -0.5, 12345678901234567890, 0]]),
         (b"[123456789012345678901234567890]", [[1.2345678901234568e29]]),
-        (b"[1e999]", [err("number out of range")]),
+        (b"[1e999, -1e999, 1e-999, 1e99999999999999999999]", [[_INF, -_INF, 0.0, _INF]]),
+        # Past int64/uint64 an integer becomes a double, also far past the
+        # 4300 digits Python's int() accepts.
+        (b"[18446744073709551615, 18446744073709551616]", [[(1 << 64) - 1, 2.0**64]]),
+        (b"[-9223372036854775808, -9223372036854775809]", [[-(1 << 63), -(2.0**63)]]),
+        (b"[" + b"9" * 4301 + b"]", [[_INF]]),
+        (b"[-" + b"9" * 100000 + b"]", [[-_INF]]),
+        (b"[1" + b"0" * 308 + b", 1" + b"0" * 309 + b"]", [[1e308, _INF]]),
+        (b"[0." + b"1" * 5000 + b"e-5000]", [[0.0]]),
+        (b"[-0, -0.0]", [[0, -0.0]]),
         # An invalid byte is a lexical error; recovery skips to the next
         # structural character, whose leftovers produce a second error.
         (
@@ -117,6 +140,18 @@ def test_huge_message_refused_without_buffering_it() -> None:
 def test_huge_message_of_many_small_tokens() -> None:
     body = b"[" + b"1," * 5000 + b"1]"
     assert feed(body + b"[2]", limit=1024) == [("error", "JSON token size limit exceeded"), [2]]
+
+
+def test_token_count_limit_refused_once_and_skipped() -> None:
+    # Within the size limit but past the token cap: one error, then the next message.
+    def tokens(count: int) -> bytes:  # "[1,1,...,1]" of ``count`` (odd) tokens
+        return b"[" + b"1," * ((count - 3) // 2) + b"1]"
+
+    assert feed(tokens(MAX_TOKENS - 1)) == [[1] * (MAX_TOKENS // 2 - 1)]
+    assert feed(tokens(MAX_TOKENS + 1) + b'{"ok": 1}') == [
+        ("error", "JSON token count limit exceeded"),
+        {"ok": 1},
+    ]
 
 
 def test_huge_top_level_string() -> None:

@@ -110,6 +110,8 @@ def test_reply_member_order_and_id_presence() -> None:
         (0.1, "0.10000000000000001"),
         (-0.0, "-0"),
         (1e300, "1.0000000000000001e+300"),
+        (float("inf"), "inf"),
+        (float("-inf"), "-inf"),
         (12345678901234567890, "12345678901234567890"),
         ({"a": [True, False, None]}, '{"a": [true, false, null]}'),
     ],

@@ -6,6 +6,7 @@ refused ``blockdev-add`` leaves the graph exactly as it was.
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any
 
@@ -87,6 +88,11 @@ async def _open_file(ctx: _Opening, options: dict[str, Any], read_only: bool) ->
     filename = options.get("filename")
     if not isinstance(filename, str):
         raise BlockError(f"Parameter '{ctx.param('filename')}' is missing")
+    if "\0" in filename:
+        # QEMU carries a NUL inside a string as the bytes C0 80 (modified
+        # UTF-8), so its open() looks for a file nobody has; the OS cannot
+        # even be asked about a name with a NUL.
+        raise ImageError(f"Could not open '{filename}': {os.strerror(errno.ENOENT)}")
     locking = options.get("locking", "auto") != "off"
     node = await FileNode.open(name, filename, read_only=read_only, locking=locking,
                                force_share=bool(options.get("force-share", False)))

@@ -13,7 +13,6 @@ its end instead of being buffered.
 from __future__ import annotations
 
 import enum
-import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,8 +24,15 @@ MAX_NESTING = 1024
 #: Default cap on the bytes of one message; larger ones are refused unbuffered.
 DEFAULT_MAX_MESSAGE_SIZE = 1 << 20
 
+#: Cap on the tokens of one message (QEMU allows 2 Mi).  Each token buffered,
+#: and each value it becomes, costs ~100 bytes of Python objects, so without
+#: this a 1 MiB message of ``[1,1,...`` would hold ~100 MiB per client.
+MAX_TOKENS = 1 << 16
+
 _INT64_MIN = -(1 << 63)
 _UINT64_MAX = (1 << 64) - 1
+#: The longest integer literal that may fit int64/uint64: a sign and 20 digits.
+_MAX_INT_LITERAL = 21
 
 
 class Tok(enum.Enum):
@@ -338,6 +344,8 @@ class JSONStreamParser:
             return None
         if self._braces + self._brackets > MAX_NESTING:
             return self._start_skipping("JSON nesting depth limit exceeded")
+        if len(self._tokens) >= MAX_TOKENS:
+            return self._start_skipping("JSON token count limit exceeded")
         self._tokens.append((tok, text))
         self._size += len(text)
         if self._size > self._max_size:
@@ -371,8 +379,20 @@ _ESCAPES = {
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 
 
+# Code points QEMU refuses in strings, raw or escaped: surrogates (a pair is
+# one escape) and the 66 noncharacters.
+_NONCHARACTERS = "\ufdd0-\ufdef" + "".join(
+    chr(plane | low) for plane in range(0, 0x110000, 0x10000) for low in (0xFFFE, 0xFFFF)
+)
+_REFUSED = re.compile("[\ud800-\udfff" + _NONCHARACTERS + "]")
+
+
 def _decode_string(raw: bytes) -> str:
-    """Unquote a string token (either quote style), with QEMU's error texts."""
+    """Unquote a string token (either quote style), with QEMU's rules and texts.
+
+    Raw bytes are modified UTF-8 as QEMU reads it: the overlong pair C0 80
+    stands for U+0000, and noncharacters are invalid like any bad sequence.
+    """
     body = raw[1:-1]
     out: list[str] = []
     i, n = 0, len(body)
@@ -380,9 +400,12 @@ def _decode_string(raw: bytes) -> str:
         j = body.find(b"\\", i)
         chunk = body[i:] if j < 0 else body[i:j]
         try:
-            out.append(chunk.decode("utf-8"))
+            text = chunk.replace(b"\xc0\x80", b"\x00").decode("utf-8")
         except UnicodeDecodeError:
             raise ParseError("JSON parse error, invalid UTF-8 sequence in string") from None
+        if _REFUSED.search(text):
+            raise ParseError("JSON parse error, invalid UTF-8 sequence in string")
+        out.append(text)
         if j < 0:
             break
         i = j + 1
@@ -395,36 +418,43 @@ def _decode_string(raw: bytes) -> str:
             raise ParseError("JSON parse error, invalid escape sequence in string")
         cp, i = _hex4(body, i + 1)
         if 0xD800 <= cp <= 0xDBFF and body[i : i + 2] == b"\\u":
-            low, after = _hex4(body, i + 2)
-            if not 0xDC00 <= low <= 0xDFFF:
-                raise ParseError("JSON parse error, invalid surrogate pair")
-            cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00)
-            i = after
-        elif 0xD800 <= cp <= 0xDFFF:
-            raise ParseError(
-                "JSON parse error, \\u%04X is not a valid Unicode character escape" % cp
-            )
-        out.append(chr(cp))
+            low = _hex4_or_none(body, i + 2)
+            if low is not None and 0xDC00 <= low <= 0xDFFF:
+                cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00)
+                i += 6
+        char = chr(cp)
+        if _REFUSED.match(char):
+            escape = body[j:i].decode("ascii")
+            raise ParseError(f"JSON parse error, {escape} is not a valid Unicode character")
+        out.append(char)
     return "".join(out)
 
 
 def _hex4(body: bytes, start: int) -> tuple[int, int]:
+    value = _hex4_or_none(body, start)
+    if value is None:
+        raise ParseError("JSON parse error, invalid hex escape sequence in string")
+    return value, start + 4
+
+
+def _hex4_or_none(body: bytes, start: int) -> int | None:
     digits = body[start : start + 4]
     if len(digits) != 4 or not all(d in _HEX for d in digits):
-        raise ParseError("JSON parse error, invalid hex escape sequence in string")
-    return int(digits, 16), start + 4
+        return None
+    return int(digits, 16)
 
 
 def _number(tok: Tok, text: bytes) -> int | float:
-    if tok is Tok.INTEGER:
+    """A number as QEMU reads it: an integer while it fits int64 or uint64,
+    otherwise the nearest double, which is infinite past DBL_MAX (QEMU echoes
+    that as ``inf``).  No length or exponent makes this raise: Python's
+    limit on converting long digit strings to int is never reached, because
+    a literal too long for uint64 goes straight to ``float``."""
+    if tok is Tok.INTEGER and len(text) <= _MAX_INT_LITERAL:
         value = int(text)
         if _INT64_MIN <= value <= _UINT64_MAX:
             return value
-    result = float(text)
-    if not math.isfinite(result):
-        # QEMU would echo this as "inf", which is not JSON; refuse it instead.
-        raise ParseError("JSON parse error, number out of range")
-    return result
+    return float(text)
 
 
 _KEYWORDS: dict[bytes, Any] = {b"true": True, b"false": False, b"null": None}

@@ -57,8 +57,58 @@ def _is_number(_checker: Any, instance: Any) -> bool:
 _TYPE_CHECKER = Draft202012Validator.TYPE_CHECKER.redefine_many(
     {"integer": _is_integer, "number": _is_number}
 )
+
+
+# The keywords below replace jsonschema's own for two reasons.  Its messages
+# quote the instance with repr(), which is slow for a large value and fails
+# outright for one nested a thousand levels (QEMU's JSON allows 1024); the
+# dispatcher words every error itself and never reads those messages.  And its
+# unevaluatedProperties re-validates every allOf branch, and through it the
+# whole nested value, to learn which members were looked at: for
+# BlockdevOptions, whose ``file`` and ``backing`` nest BlockdevOptions again,
+# that is exponential in the nesting (twelve levels blocked the event loop for
+# half a minute).  Here the evaluated members are those the schema declares,
+# in its properties and in the branches whose ``if`` holds, found without
+# validating anything twice.
+
+
+def _type(validator: Any, types: Any, instance: Any, schema: Any) -> Iterator[ValidationError]:
+    kinds = types if isinstance(types, list) else [types]
+    if not any(validator.is_type(instance, kind) for kind in kinds):
+        yield ValidationError("wrong type")
+
+
+def _enum(validator: Any, enums: Any, instance: Any, schema: Any) -> Iterator[ValidationError]:
+    if not any(type(instance) is type(e) and instance == e for e in enums):
+        yield ValidationError("not one of the values")
+
+
+def _const(validator: Any, const: Any, instance: Any, schema: Any) -> Iterator[ValidationError]:
+    if not (type(instance) is type(const) and instance == const):
+        yield ValidationError("not the value")
+
+
+def _unevaluated_properties(
+    validator: Any, unevaluated: Any, instance: Any, schema: Any
+) -> Iterator[ValidationError]:
+    if unevaluated is not False:
+        raise SchemaError("unevaluatedProperties must be false")
+    if not validator.is_type(instance, "object"):
+        return
+    known = _known_members(validator._resolver._registry, schema, validator._resolver, instance)
+    if any(key not in known for key in instance):
+        yield ValidationError("unexpected member")
+
+
 Validator: Any = validators.extend(  # type: ignore[no-untyped-call]
-    Draft202012Validator, type_checker=_TYPE_CHECKER
+    Draft202012Validator,
+    validators={
+        "type": _type,
+        "enum": _enum,
+        "const": _const,
+        "unevaluatedProperties": _unevaluated_properties,
+    },
+    type_checker=_TYPE_CHECKER,
 )
 
 
@@ -79,11 +129,37 @@ class CommandSchema:
     def check_arguments(self, arguments: Mapping[str, Any]) -> str | None:
         """QEMU's text for the first problem in ``arguments``, or None if valid."""
         validator = Validator(self.schema, registry=self.registry)
-        return first_error(self, validator.iter_errors(arguments))
+        try:
+            return first_error(self, validator.iter_errors(arguments))
+        except RecursionError:
+            # Only values the schema describes that deep (inline backing
+            # chains) are walked that far; a wrong type is found at its top.
+            return f"Parameter '{_full_name(_too_deep(arguments) or [])}' is nested too deeply"
 
     def return_validator(self) -> Any:
         """A validator for this command's return value (``$defs.returns``)."""
         return Validator({"$ref": self.uri + "#/$defs/returns"}, registry=self.registry)
+
+
+#: Where an argument too deep to validate is reported (QEMU has no limit of
+#: its own below JSON's 1024).  jsonschema recurses about a dozen Python
+#: frames per level it walks, and meets the interpreter's recursion limit
+#: near 80 levels of inline backing nodes (one level per image).
+MAX_ARGUMENT_DEPTH = 64
+
+
+def _too_deep(arguments: Any) -> list[Any] | None:
+    """The path of the first value nested deeper than MAX_ARGUMENT_DEPTH, if any."""
+    todo: list[tuple[Any, list[Any]]] = [(arguments, [])]
+    while todo:
+        value, path = todo.pop()
+        if len(path) > MAX_ARGUMENT_DEPTH:
+            return path
+        if isinstance(value, dict):
+            todo += [(v, [*path, k]) for k, v in value.items()]
+        elif isinstance(value, list):
+            todo += [(v, [*path, i]) for i, v in enumerate(value)]
+    return None
 
 
 def schema_root() -> Traversable:
@@ -145,6 +221,10 @@ def load_command_schemas(root: Traversable | None = None) -> dict[str, CommandSc
         except Exception as err:
             raise SchemaError(f"schema/{relative}: {err}") from None
         _check_keywords(contents, f"schema/{relative}")
+        # Without "$schema", a file reached through "$ref" is checked by this
+        # module's Validator too, not by the stock one that jsonschema would
+        # pick for the dialect (with its integer rule and slow keywords).
+        contents.pop("$schema", None)
         resources_.append(
             (
                 contents["$id"],
@@ -241,19 +321,21 @@ def _locate(command: CommandSchema, error: ValidationError) -> _Located:
     return _Located(tuple(positions), node, resolver, command.registry)
 
 
-def _known_members(where: _Located, node: Any, resolver: Any, instance: Any) -> set[str]:
+def _known_members(
+    registry: referencing.Registry[Any], node: Any, resolver: Any, instance: Any
+) -> set[str]:
     """Members an object schema declares for this instance, its variants included."""
     node, resolver = _deref(node, resolver)
     if not isinstance(node, dict):
         return set()
     names = set(node.get("properties", {}))
     for sub in node.get("allOf", []):
-        names |= _known_members(where, sub, resolver, instance)
+        names |= _known_members(registry, sub, resolver, instance)
     if "if" in node:
-        condition = Validator(node["if"], registry=where.registry)
+        condition = Validator(node["if"], registry=registry)
         branch = "then" if condition.is_valid(instance) else "else"
         if branch in node:
-            names |= _known_members(where, node[branch], resolver, instance)
+            names |= _known_members(registry, node[branch], resolver, instance)
     return names
 
 
@@ -275,7 +357,7 @@ def _word(error: ValidationError, where: _Located) -> str:
     if keyword == "required":
         return f"Parameter '{_member(parent, _missing(error))}' is missing"
     if keyword in _OBJECT_CLOSERS:
-        known = _known_members(where, where.node, where.resolver, instance)
+        known = _known_members(where.registry, where.node, where.resolver, instance)
         extra = next(str(k) for k in instance if k not in known)
         return f"Parameter '{_member(parent, extra)}' is unexpected"
     if keyword in ("type", "minimum", "maximum"):
