@@ -23,17 +23,6 @@ def require_tool(name: str) -> str:
     return path
 
 
-#: Tests whose blockd may log a traceback, each with the reason; an entry goes
-#: once the logging is fixed.  Keyed by test function, parameters left out.
-TRACEBACKS_ALLOWED = {
-    "tests/interop/test_blkdebug_differential.py::test_commit_fails_alike": (
-        "jobs/job.py logs an injected EIO while a commit applies its result with"
-        " log.exception ('could not apply its result'): an expected I/O error,"
-        " reported to the lead for jobs/ to log as an error line"
-    ),
-}
-
-
 @pytest.fixture(autouse=True)
 def _no_internal_errors(request: pytest.FixtureRequest) -> Iterator[None]:
     """Fail a test whose blockd logged an uncaught exception (``Internal error``).
@@ -46,7 +35,7 @@ def _no_internal_errors(request: pytest.FixtureRequest) -> Iterator[None]:
     daemons = list(STARTED)
     STARTED.clear()
     found = [line for daemon in daemons for line in daemon.internal_errors()]
-    if found and request.node.nodeid.split("[")[0] not in TRACEBACKS_ALLOWED:
+    if found:
         pytest.fail("blockd logged an internal error:\n" + "\n".join(found[:20]), pytrace=False)
 
 

@@ -313,6 +313,37 @@ def test_too_long_backing_string_is_refused_before_anything(
     assert backing_of(top) == "mid.qcow2"
 
 
+@pytest.mark.parametrize(
+    ("args", "desc"),
+    [
+        (
+            {"top-node": "mid", "backing-file": "base\0.qcow2"},
+            "Backing file name must not contain a NUL character",
+        ),
+        ({"top": "mid\0.qcow2"}, "Top image file mid\0.qcow2 not found"),
+        (
+            {"top-node": "mid", "base": "base\0.qcow2"},
+            "Can't find 'base\0.qcow2' in the backing chain",
+        ),
+    ],
+)
+def test_names_with_nul_are_refused_before_anything(
+    blockd: DaemonProcess, tmp_path: Path, args: dict[str, str], desc: str
+) -> None:
+    """A NUL ends a name in the image header and on the host: such a name
+    could only ever mean another file (QSD writes C0 80 into the header)."""
+    base, _, top = chain(tmp_path)
+    base_digest = digest(base)
+    with RawQMP(blockd.socket_path) as client:
+        client.negotiate()
+        add_explicit_chain(client, tmp_path)
+        reply = commit(client, **args)
+        assert reply["error"] == {"class": "GenericError", "desc": desc}
+        assert client.execute("query-jobs") == {"return": []}
+    assert digest(base) == base_digest
+    assert backing_of(top) == "mid.qcow2"
+
+
 def test_base_that_cannot_be_written_fails_cleanly(blockd: DaemonProcess, tmp_path: Path) -> None:
     """A base marked corrupt opens read-only but cannot be reopened read-write."""
     base, _, top = chain(tmp_path)

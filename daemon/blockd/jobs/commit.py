@@ -227,8 +227,8 @@ def _matches(graph: BlockGraph, node: BlockNode, name: str, relative_to: BlockNo
     shown = display_filename(graph, node)
     if shown == name:
         return True
-    if shown.startswith("json:"):
-        return False
+    if shown.startswith("json:") or "\0" in name:
+        return False  # a name with NUL names no file on the host
     if not os.path.isabs(name) and relative_to is not None:
         name = os.path.join(os.path.dirname(relative_to.filename), name)
     return os.path.realpath(name) == os.path.realpath(node.filename)
@@ -254,6 +254,9 @@ def _node_in_chain(graph: BlockGraph, name: str, chain: list[BlockNode]) -> Bloc
 
 def _check_backing_string(overlay: BlockNode, backing: str, backing_format: str) -> None:
     """Refuse, before anything changes, a backing name the overlay cannot record."""
+    if "\0" in backing:
+        # the header's name ends at a NUL: the overlay would name another file
+        raise BlockError("Backing file name must not contain a NUL character")
     if len(backing.encode("utf-8", "surrogateescape")) > hdr.MAX_BACKING_NAME:
         raise BlockError(
             f"Backing file name too long: {len(backing.encode())} bytes "

@@ -294,9 +294,13 @@ class Job:
             if not self.is_cancelled:
                 try:
                     await self.prepare()
+                except BlockdError as err:
+                    # an I/O error or a refusal the client is told of: not a bug
+                    log.error("job %s could not apply its result: %s", self.id, err.desc)
+                    error = err.desc
                 except Exception as err:
                     log.exception("job %s could not apply its result", self.id)
-                    error = err.desc if isinstance(err, BlockdError) else str(err)
+                    error = str(err)
         if error is not None or self.is_cancelled:
             self.error = error if error is not None else "Operation canceled"
             self._transition(S.ABORTING)
