@@ -82,3 +82,29 @@ def test_a_raised_speed_with_debt_left_waits_for_the_rest_only() -> None:
     clock.now += 1.0
     limiter.set_speed(128 * 1024)  # the chunk now costs 4 s, 3 of them still owed
     assert limiter.delay() == pytest.approx(3.0)
+
+
+QUOTA = 65536  # bytes per 100 ms slice at 640 KiB/s
+
+
+def test_a_slice_that_has_ended_gives_way_to_a_fresh_one() -> None:
+    clock = Clock()
+    limiter = RateLimiter(clock, QUOTA * 10)
+    assert limiter.delay(QUOTA // 2) == 0
+    clock.now += 0.15  # the first slice is over: its half quota is forgotten
+    assert limiter.delay(QUOTA * 3 // 4) == 0
+    clock.now += 0.01  # still in the second slice, now 1.25 quotas into it
+    assert limiter.delay(QUOTA // 2) == pytest.approx(0.15 + 0.125 - 0.16)
+
+
+def test_the_slice_goes_on_up_to_and_including_its_end() -> None:
+    clock = Clock()
+    limiter = RateLimiter(clock, QUOTA * 10)
+    assert limiter.delay(QUOTA // 2) == 0
+    clock.now = 1000.0 + 0.1  # exactly the slice's end: QEMU starts a new one only after it
+    assert limiter.delay(QUOTA) == pytest.approx(0.05)
+
+
+def test_a_whole_quota_already_waits() -> None:
+    limiter = RateLimiter(Clock(), QUOTA * 10)
+    assert limiter.delay(QUOTA) == pytest.approx(0.1)

@@ -12,29 +12,31 @@ clock is a parameter so tests can drive time themselves.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 SLICE_SECONDS = 0.1
 
 
 class RateLimiter:
-    def __init__(self, clock: Callable[[], float], speed: int = 0) -> None:
+    def __init__(self, clock: Callable[[], float], speed: int) -> None:
         self._clock = clock
-        self._slice_start = 0.0
-        self._slice_end = 0.0
-        self._dispatched = 0.0
-        self.speed = 0
-        self._quota = 0.0
+        # No slice yet: the first delay() starts one, whatever the clock reads.
+        self._slice_end = -math.inf
+        self._slice_start: float
+        self._dispatched: float
+        self.speed: int
+        self._quota: float
         self.set_speed(speed)
 
     def set_speed(self, speed: int) -> None:
         """Bytes per second; 0 means unlimited."""
         self.speed = speed
-        self._quota = max(speed * SLICE_SECONDS, 1.0) if speed else 0.0
+        self._quota = max(speed * SLICE_SECONDS, 1.0)
 
     def delay(self, nbytes: int = 0) -> float:
         """Account ``nbytes`` just copied; seconds to wait before copying more."""
-        if not self._quota:
+        if not self.speed:
             return 0.0
         now = self._clock()
         if self._slice_end < now:
