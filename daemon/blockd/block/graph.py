@@ -10,11 +10,24 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import trio
 
 from blockd import logs
 from blockd.block.node import BlockNode, Status
+from blockd.block.permissions import (
+    ALL,
+    CONSISTENT_READ,
+    RESIZE,
+    UNNAMED_DEVICE,
+    WRITE,
+    Role,
+    Use,
+    child_use,
+    conflict,
+    totals,
+)
 from blockd.errors import BlockdError, BlockError, BlockIOError
 
 _NODE_NAME_MAX = 31
@@ -48,6 +61,12 @@ class BlockGraph:
         # Nodes whose users reach them through a job's filter for now (QEMU
         # inserts one above an actively committed node): not "in use" directly.
         self._covered: set[str] = set()
+        # Permissions: when each node joined (its edges date from then), the
+        # users that are not nodes (exports) as [sequence, key, needed,
+        # shared], and a would-be user being tried out by a check.
+        self._joined: dict[str, int] = {}
+        self._roots: dict[str, list[list[Any]]] = {}
+        self._trial: dict[str, Use] = {}
 
     # -- naming ---------------------------------------------------------------------
 
@@ -73,6 +92,14 @@ class BlockGraph:
         if node.node_name in self._nodes:
             raise BlockError(f"Duplicate nodes with node-name='{node.node_name}'")
         self._nodes[node.node_name] = node
+        self._joined[node.node_name] = next(self._sequence)
+        try:
+            for child in (node.file, node.backing):
+                if child is not None:
+                    self._check_permissions(child)
+        except BlockError:
+            del self._nodes[node.node_name]
+            raise
         self._implicit[node.node_name] = list(implicit_children or [])
         if node.backing is not None:
             self._note_backing(node, node.backing)
@@ -119,6 +146,94 @@ class BlockGraph:
             if n.backing is node:
                 out.append((n, "backing"))
         return out
+
+    # -- permissions ------------------------------------------------------------------
+
+    def check_new_parent(self, name: str, child: BlockNode, role: Role, writable: bool) -> None:
+        """Refuse, before it opens anything, a parent that ``child``'s users cannot live with.
+
+        A qcow2 node opened read-write writes its header while opening, so the
+        conflict must be found before, as QEMU finds it when attaching.
+        """
+        need, lets = child_use(role, 0, ALL, writable)
+        self._trial[child.node_name] = Use(f"node '{name}'", "file", need, lets, -1)
+        try:
+            self._check_permissions(child)
+        finally:
+            del self._trial[child.node_name]
+
+    def attach_user(self, node: BlockNode, key: object, *, writable: bool) -> None:
+        """Let an export (``key``) read, and maybe write, ``node``; refused on a conflict.
+
+        It shares everything at first, as QEMU's export does when attaching;
+        :meth:`forbid_resize` then takes resizing away.
+        """
+        need = CONSISTENT_READ | (WRITE if writable else 0)
+        entry: list[Any] = [next(self._sequence), key, need, ALL]
+        self._roots.setdefault(node.node_name, []).append(entry)
+        try:
+            self._check_permissions(node)
+        except BlockError:
+            self.detach_user(node, key)
+            raise
+
+    def forbid_resize(self, node: BlockNode, key: object) -> None:
+        """The NBD export's second step: nobody may resize the node under its clients."""
+        for entry in self._roots.get(node.node_name, []):
+            if entry[1] == key:
+                entry[3] = ALL & ~RESIZE
+                try:
+                    self._check_permissions(node)
+                except BlockError:
+                    entry[3] = ALL
+                    raise
+
+    def detach_user(self, node: BlockNode, key: object) -> None:
+        entries = self._roots.get(node.node_name, [])
+        entries[:] = [e for e in entries if e[1] != key]
+        if not entries:
+            self._roots.pop(node.node_name, None)
+
+    def move_user(self, old: BlockNode, new: BlockNode, key: object) -> None:
+        """A pivot: the export's needs go with it to the node it now serves."""
+        for entry in self._roots.get(old.node_name, []):
+            if entry[1] == key:
+                self.detach_user(old, key)
+                self._roots.setdefault(new.node_name, []).append(entry)
+                return
+
+    def _uses(self, node: BlockNode, memo: dict[str, tuple[int, int]]) -> list[Use]:
+        """Everyone using ``node`` and what each needs and shares, newest first."""
+        uses = [
+            Use(UNNAMED_DEVICE, "root", need, lets, seq)
+            for seq, _key, need, lets in self._roots.get(node.node_name, [])
+        ]
+        for parent, edge in self.parents(node):
+            if parent.node_name not in memo:
+                memo[parent.node_name] = totals(self._uses(parent, memo))
+            perm, shared = memo[parent.node_name]
+            role, child = (parent.file_role, parent.file_edge) if edge == "file" else (
+                Role.COW, "backing")
+            need, lets = child_use(role, perm, shared, not parent.read_only)
+            seq = self._joined.get(parent.node_name, 0)
+            uses.append(Use(f"node '{parent.node_name}'", child, need, lets, seq))
+        uses.sort(key=lambda use: use.sequence, reverse=True)
+        trial = self._trial.get(node.node_name)
+        return uses if trial is None else [trial, *uses]
+
+    def _check_permissions(self, top: BlockNode) -> None:
+        """Check ``top`` and everything below it, parents first, as QEMU does."""
+        memo: dict[str, tuple[int, int]] = {}
+        queue, seen = [top], set()
+        while queue:
+            node = queue.pop(0)
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            trouble = conflict(node.node_name, self._uses(node, memo))
+            if trouble is not None:
+                raise BlockError(trouble)
+            queue.extend(c for c in (node.file, node.backing) if c is not None)
 
     # -- chains ---------------------------------------------------------------------
 
@@ -313,6 +428,7 @@ class BlockGraph:
         """Drop ``node`` and, recursively, its now unused implicit children from
         the registry; the ones to close, parents before their children."""
         self._nodes.pop(node.node_name, None)
+        self._joined.pop(node.node_name, None)
         self._monitor_owned.discard(node.node_name)
         self._orphans.discard(node.node_name)
         if node.backing is not None:

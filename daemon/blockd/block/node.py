@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import trio
 
+from blockd.block.permissions import Role
 from blockd.errors import BlockError, BlockIOError
 
 if TYPE_CHECKING:
@@ -62,6 +63,9 @@ class BlockNode:
     #: Whether :meth:`debug_event` does anything (blkdebug): a driver may skip
     #: work it does only to tell which event to raise.
     hears_debug_events: ClassVar[bool] = False
+    #: The ``file`` edge as QEMU names it, and what the node needs of that child.
+    file_edge: ClassVar[str] = "file"
+    file_role: Role = Role.FILTERED
 
     def __init__(
         self,

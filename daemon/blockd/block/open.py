@@ -148,6 +148,8 @@ async def _open_format(
                                            what="file")
     if not read_only and file.read_only:
         raise BlockError(f"Block node '{file.node_name}' is read-only")
+    if driver == "qcow2":
+        ctx.graph.check_new_parent(name, file, Qcow2Node.file_role, not read_only)
     implicit = [file] if file_implicit else []
     node: BlockNode
     if driver == "raw":

@@ -55,6 +55,7 @@ from blockd.block.drivers.qcow2.tables import (
     zero_table,
 )
 from blockd.block.node import BlockNode, HostExtents, Status
+from blockd.block.permissions import Role
 from blockd.errors import BlockError, BlockIOError, ImageError
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ _COMMIT_ENTRIES = 65536
 
 class Qcow2Node(BlockNode):
     driver = "qcow2"
+    file_role = Role.STORAGE
 
     def __init__(
         self,
