@@ -67,6 +67,11 @@ class BlockGraph:
         self._joined: dict[str, int] = {}
         self._roots: dict[str, list[list[Any]]] = {}
         self._trial: dict[str, Use] = {}
+        # Node names in the order QEMU would have created the nodes.
+        self._order: list[str] = []
+        # Nodes whose backing was opened from options the client gave, not
+        # from the name in the image header.
+        self._backing_given: set[str] = set()
 
     # -- naming ---------------------------------------------------------------------
 
@@ -101,6 +106,7 @@ class BlockGraph:
             del self._nodes[node.node_name]
             raise
         self._implicit[node.node_name] = list(implicit_children or [])
+        self._list(node)
         if node.backing is not None:
             self._note_backing(node, node.backing)
 
@@ -108,7 +114,24 @@ class BlockGraph:
         return name in self._nodes
 
     def __iter__(self) -> Iterator[BlockNode]:
-        return iter(list(self._nodes.values()))
+        """Newest first, as QEMU lists named nodes (query-named-block-nodes)."""
+        listed = [self._nodes.get(name) for name in reversed(self._order)]
+        return iter([node for node in listed if node is not None])
+
+    def _list(self, node: BlockNode) -> None:
+        """Place ``node`` where QEMU lists it: after its file, before the backing
+        chain opened along with it (QEMU names a node before opening its backing)."""
+        if node.node_name in self._order:
+            self._order.remove(node.node_name)
+        position = len(self._order)
+        if node.backing is not None and node.backing in self._implicit[node.node_name]:
+            family, todo = set(), [node.backing]
+            while todo:
+                each = todo.pop()
+                family.add(each.node_name)
+                todo.extend(self._implicit.get(each.node_name, []))
+            position = min(i for i, name in enumerate(self._order) if name in family)
+        self._order.insert(position, node.node_name)
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -397,6 +420,13 @@ class BlockGraph:
 
     # -- teardown -------------------------------------------------------------------
 
+    def note_backing_given(self, node: BlockNode) -> None:
+        """Record that the client described ``node``'s backing itself (inline options)."""
+        self._backing_given.add(node.node_name)
+
+    def backing_given(self, node: BlockNode) -> bool:
+        return node.node_name in self._backing_given
+
     def implicit_children(self, node: BlockNode) -> list[BlockNode]:
         return list(self._implicit.get(node.node_name, []))
 
@@ -429,6 +459,8 @@ class BlockGraph:
         the registry; the ones to close, parents before their children."""
         self._nodes.pop(node.node_name, None)
         self._joined.pop(node.node_name, None)
+        if node.node_name in self._order:
+            self._order.remove(node.node_name)
         self._monitor_owned.discard(node.node_name)
         self._orphans.discard(node.node_name)
         if node.backing is not None:

@@ -170,6 +170,8 @@ async def _open_format(
         if backing is not None and backing_implicit:
             implicit.append(backing)
     ctx.graph.add(node, implicit)
+    if isinstance(options.get("backing"), dict):
+        ctx.graph.note_backing_given(node)
     return node
 
 
