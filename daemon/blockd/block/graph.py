@@ -29,6 +29,7 @@ from blockd.block.permissions import (
     totals,
 )
 from blockd.errors import BlockdError, BlockError, BlockIOError
+from blockd.events import EventSink
 
 _NODE_NAME_MAX = 31
 
@@ -42,7 +43,8 @@ def _valid_node_name(name: str) -> bool:
 class BlockGraph:
     """All open nodes of one daemon, by node name."""
 
-    def __init__(self, first_auto_index: int = 100) -> None:
+    def __init__(self, first_auto_index: int = 100, events: EventSink | None = None) -> None:
+        self._events = events
         self._nodes: dict[str, BlockNode] = {}
         # children opened implicitly together with a parent (inline file, header backing)
         self._implicit: dict[str, list[BlockNode]] = {}
@@ -107,6 +109,8 @@ class BlockGraph:
             raise
         self._implicit[node.node_name] = list(implicit_children or [])
         self._list(node)
+        if self._events is not None:
+            node.events = self._events
         if node.backing is not None:
             self._note_backing(node, node.backing)
 
