@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import require_tool
 from tests.helpers import RawQMP, start_blockd, start_qsd
-from tests.images import qemu_img
+from tests.images import qemu_img, qemu_io
 
 pytestmark = pytest.mark.qsd
 
@@ -154,8 +154,63 @@ def over_blkdebug(d: Path) -> Generator[Step, Any, None]:
     yield ("query-block-exports", None)
 
 
+def commit_chain(d: Path) -> None:
+    """base <- mid <- top with data in base and mid, so a slowed commit stays running."""
+    qemu_img("create", "-q", "-f", "qcow2", str(d / "j0.qcow2"), "4M")
+    for i in (1, 2):
+        qemu_img("create", "-q", "-f", "qcow2", "-b", str(d / f"j{i - 1}.qcow2"), "-F", "qcow2",
+                 str(d / f"j{i}.qcow2"))  # fmt: skip
+    for i in (0, 1):
+        qemu_io(d / f"j{i}.qcow2", "write -P 0x1 0 4M")
+
+
+def commit_nodes(d: Path) -> Generator[Step, Any, None]:
+    for i, name in enumerate(("base", "mid", "top")):
+        args: dict[str, Any] = {"driver": "qcow2", "node-name": name,
+                                "file": {"driver": "file", "filename": str(d / f"j{i}.qcow2")}}
+        if i:
+            args["backing"] = ("base", "mid")[i - 1]
+        yield ("blockdev-add", args)
+
+
+def during_commit(d: Path) -> Generator[Step, Any, None]:
+    """A commit of mid into base: base gets a writer, mid is read by nobody new."""
+    yield nbd(d)
+    yield from commit_nodes(d)
+    commit = {"job-id": "j1", "device": "top", "top-node": "mid", "base-node": "base",
+              "speed": 1024}  # fmt: skip
+    yield export("eb", "base", True)
+    yield ("block-commit", commit)
+    yield ("block-export-del", {"id": "eb"})
+    yield export("em", "mid", False)  # there before the job: behind its filter
+    yield ("block-commit", commit)
+    yield export("eb2", "base", True)
+    yield export("eb3", "base", False)
+    yield export("em2", "mid", True)
+    yield export("et", "top", True)
+    yield ("block-job-cancel", {"device": "j1"})
+
+
+def during_active_commit(d: Path) -> Generator[Step, Any, None]:
+    """An active commit: the nodes between top and base are read by nobody new,
+    and a user of top needing consistent reads meets the job through top's backing."""
+    yield nbd(d)
+    yield from commit_nodes(d)
+    commit = {"job-id": "j1", "device": "top", "base-node": "base", "speed": 1024}
+    yield export("em", "mid", False)
+    yield ("block-commit", commit)
+    yield ("block-export-del", {"id": "em"})
+    yield ("block-commit", commit)
+    yield export("eb", "base", True)
+    yield export("em2", "mid", False)
+    yield export("et", "top", True)
+    yield ("block-job-cancel", {"device": "j1"})
+
+
 @pytest.mark.parametrize(
-    "scenario", [implicit_children, named_file, exported_first, over_blkdebug],
+    "scenario",
+    [implicit_children, named_file, exported_first, over_blkdebug, during_commit,
+     during_active_commit],
     ids=lambda s: s.__name__,
 )  # fmt: skip
 def test_same_conflicts_as_qsd(sock_dir: Path, scenario: Scenario) -> None:
@@ -166,6 +221,7 @@ def test_same_conflicts_as_qsd(sock_dir: Path, scenario: Scenario) -> None:
         d.mkdir()
         for name in ("a", "b", "c"):
             chain(d, name)
+        commit_chain(d)
         results[daemon] = run(daemon, d, scenario)
         for name in ("a", "b", "c"):
             check = subprocess.run(["qemu-img", "check", str(d / f"{name}.qcow2")],

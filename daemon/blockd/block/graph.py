@@ -19,9 +19,11 @@ from blockd.block.node import BlockNode, Status
 from blockd.block.permissions import (
     ALL,
     CONSISTENT_READ,
+    GRAPH_MOD,
     RESIZE,
     UNNAMED_DEVICE,
     WRITE,
+    WRITE_UNCHANGED,
     Role,
     Use,
     child_use,
@@ -69,6 +71,9 @@ class BlockGraph:
         self._joined: dict[str, int] = {}
         self._roots: dict[str, list[list[Any]]] = {}
         self._trial: dict[str, Use] = {}
+        # Users a job's filter stands in front of (QEMU's commit filter): by
+        # job, the node and who used it when the job began.
+        self._hidden: dict[object, tuple[str, set[object]]] = {}
         # Node names in the order QEMU would have created the nodes.
         self._order: list[str] = []
         # Nodes whose backing was opened from options the client gave, not
@@ -196,7 +201,7 @@ class BlockGraph:
         :meth:`forbid_resize` then takes resizing away.
         """
         need = CONSISTENT_READ | (WRITE if writable else 0)
-        entry: list[Any] = [next(self._sequence), key, need, ALL]
+        entry: list[Any] = [next(self._sequence), key, need, ALL, UNNAMED_DEVICE, "root"]
         self._roots.setdefault(node.node_name, []).append(entry)
         try:
             self._check_permissions(node)
@@ -216,10 +221,13 @@ class BlockGraph:
                     raise
 
     def detach_user(self, node: BlockNode, key: object) -> None:
-        entries = self._roots.get(node.node_name, [])
+        self._drop_user(node.node_name, key)
+
+    def _drop_user(self, name: str, key: object) -> None:
+        entries = self._roots.get(name, [])
         entries[:] = [e for e in entries if e[1] != key]
         if not entries:
-            self._roots.pop(node.node_name, None)
+            self._roots.pop(name, None)
 
     def move_user(self, old: BlockNode, new: BlockNode, key: object) -> None:
         """A pivot: the export's needs go with it to the node it now serves."""
@@ -229,13 +237,70 @@ class BlockGraph:
                 self._roots.setdefault(new.node_name, []).append(entry)
                 return
 
+    def claim_for_commit(
+        self, job_id: str, top: BlockNode, base: BlockNode, *, active: bool
+    ) -> None:
+        """What a commit job holds while it runs, as QEMU's job takes it; refused
+        (nothing taken) when a user of these nodes cannot live with it.
+
+        The nodes between top and base are read by nobody else (their data is
+        moving); base gets a writer.  QEMU puts a filter above the top it
+        commits, so whoever used that top before reaches it through the filter
+        and needs nothing of it; only users that come later meet the job.
+        """
+        user = f"commit job '{job_id}'"
+        key = ("commit", job_id)
+        try:
+            for node in self.chain(top):
+                if node is base:
+                    break
+                if node is top and active:
+                    continue
+                if node is top:
+                    self._hidden[key] = (node.node_name, self._user_ids(node))
+                self._claim(node, key, user, "intermediate node", 0, WRITE | WRITE_UNCHANGED)
+            if active:  # the mirror's target, written while the chain is read
+                need = WRITE | (RESIZE if base.size < top.size else 0)
+                lets = ALL & ~RESIZE
+            else:
+                need, lets = CONSISTENT_READ | WRITE, CONSISTENT_READ | WRITE_UNCHANGED | GRAPH_MOD
+            self._claim(base, key, UNNAMED_DEVICE, "root", need, lets)
+        except BlockError:
+            self.release_claims(job_id)
+            raise
+
+    def release_claims(self, job_id: str) -> None:
+        key = ("commit", job_id)
+        self._hidden.pop(key, None)
+        for name in list(self._roots):
+            self._drop_user(name, key)
+
+    def _claim(
+        self, node: BlockNode, key: object, user: str, child: str, need: int, lets: int
+    ) -> None:
+        entry: list[Any] = [next(self._sequence), key, need, lets, user, child]
+        self._roots.setdefault(node.node_name, []).append(entry)
+        self._check_permissions(node)
+
+    def _user_ids(self, node: BlockNode) -> set[object]:
+        ids: set[object] = {entry[1] for entry in self._roots.get(node.node_name, [])}
+        ids.update((parent.node_name, edge) for parent, edge in self.parents(node))
+        return ids
+
     def _uses(self, node: BlockNode, memo: dict[str, tuple[int, int]]) -> list[Use]:
         """Everyone using ``node`` and what each needs and shares, newest first."""
+        hidden: set[object] = set()
+        for name, ids in self._hidden.values():
+            if name == node.node_name:
+                hidden |= ids
         uses = [
-            Use(UNNAMED_DEVICE, "root", need, lets, seq)
-            for seq, _key, need, lets in self._roots.get(node.node_name, [])
+            Use(user, child, need, lets, seq)
+            for seq, key, need, lets, user, child in self._roots.get(node.node_name, [])
+            if key not in hidden
         ]
         for parent, edge in self.parents(node):
+            if (parent.node_name, edge) in hidden:
+                continue
             if parent.node_name not in memo:
                 memo[parent.node_name] = totals(self._uses(parent, memo))
             perm, shared = memo[parent.node_name]
