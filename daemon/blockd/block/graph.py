@@ -245,19 +245,19 @@ class BlockGraph:
 
         The nodes between top and base are read by nobody else (their data is
         moving); base gets a writer.  QEMU puts a filter above the top it
-        commits, so whoever used that top before reaches it through the filter
-        and needs nothing of it; only users that come later meet the job.
+        commits, so whoever used that top before reaches it through the filter,
+        which asks nothing of it (an active commit's: at most to write, never
+        to read consistently); only users that come later meet the job.
         """
         user = f"commit job '{job_id}'"
         key = ("commit", job_id)
         try:
+            self._hidden[key] = (top.node_name, self._user_ids(top))
             for node in self.chain(top):
                 if node is base:
                     break
                 if node is top and active:
-                    continue
-                if node is top:
-                    self._hidden[key] = (node.node_name, self._user_ids(node))
+                    continue  # the mirror's filter only passes writes down to it
                 self._claim(node, key, user, "intermediate node", 0, WRITE | WRITE_UNCHANGED)
             if active:  # the mirror's target, written while the chain is read
                 need = WRITE | (RESIZE if base.size < top.size else 0)
