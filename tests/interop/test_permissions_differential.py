@@ -207,10 +207,28 @@ def during_active_commit(d: Path) -> Generator[Step, Any, None]:
     yield ("block-job-cancel", {"device": "j1"})
 
 
+def commit_into_exported_file(d: Path) -> Generator[Step, Any, None]:
+    """A commit opens base read-write: then its qcow2 node needs its file to
+    itself, which a read-only export of that file (fine until then) refuses."""
+    yield nbd(d)
+    file_options = {"driver": "file", "filename": str(d / "j2.qcow2")}
+    yield ("blockdev-add", {"driver": "qcow2", "node-name": "top", "file": file_options})
+    nodes = yield ("query-named-block-nodes", {"flat": True})
+    base_file = auto(nodes, d, "j0.qcow2", "file")
+    yield ("block-export-add", {"type": "nbd", "id": "e1", "node-name": base_file, "name": "x"})
+    yield ("block-commit", {"job-id": "j1", "device": "top", "top": str(d / "j1.qcow2"),
+                            "speed": 1024})  # fmt: skip
+    yield ("block-export-del", {"id": "e1"})
+    yield ("block-commit", {"job-id": "j1", "device": "top", "top": str(d / "j1.qcow2"),
+                            "speed": 1024})  # fmt: skip
+    yield ("block-export-add", {"type": "nbd", "id": "e2", "node-name": base_file, "name": "y"})
+    yield ("block-job-cancel", {"device": "j1"})
+
+
 @pytest.mark.parametrize(
     "scenario",
     [implicit_children, named_file, exported_first, over_blkdebug, during_commit,
-     during_active_commit],
+     during_active_commit, commit_into_exported_file],
     ids=lambda s: s.__name__,
 )  # fmt: skip
 def test_same_conflicts_as_qsd(sock_dir: Path, scenario: Scenario) -> None:
