@@ -4,7 +4,8 @@ An image header's backing file name is raw bytes.  blockd keeps such bytes as
 lone surrogates internally (so a commit writes the same name back), but a
 strict JSON client rejects a ``\\udcff`` escape; QEMU replaces each invalid
 run with U+FFFD.  The images are made by qemu-img and patched in place: the
-backing name's byte 'X' becomes 0xff (and a name with a truncated sequence).
+backing name's placeholder bytes become 0xff, truncated, overlong,
+surrogate, noncharacter and out-of-range sequences (and two that QEMU passes).
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ from tests.images import qemu_img
 
 pytestmark = pytest.mark.qsd
 
-BAD_NAMES = (b"\xff", b"\xe2\x82-", b"\xed\xa0\x80")
+BAD_NAMES = (
+    b"\xff", b"\xe2\x82-", b"\xed\xa0\x80", b"\xc1\x81", b"\xef\xbf\xbe", b"\xf8\x88\x80\x80\x80",
+    b"\xc0\x80", b"\x80\x80", b"\xf0\x9f\x98\x80",
+)
 
 
 def patch_backing_name(image: Path, marker: bytes, replacement: bytes) -> None:
