@@ -74,6 +74,8 @@ class BlockGraph:
         # Users a job's filter stands in front of (QEMU's commit filter): by
         # job, the node and who used it when the job began.
         self._hidden: dict[object, tuple[str, set[object]]] = {}
+        # Nodes a job has made (or is making) read-write, by job.
+        self._reopened: dict[object, str] = {}
         # Node names in the order QEMU would have created the nodes.
         self._order: list[str] = []
         # Nodes whose backing was opened from options the client gave, not
@@ -251,6 +253,7 @@ class BlockGraph:
         """
         user = f"commit job '{job_id}'"
         key = ("commit", job_id)
+        self._reopened[key] = base.node_name
         try:
             self._hidden[key] = (top.node_name, self._user_ids(top))
             for node in self.chain(top):
@@ -272,6 +275,7 @@ class BlockGraph:
     def release_claims(self, job_id: str) -> None:
         key = ("commit", job_id)
         self._hidden.pop(key, None)
+        self._reopened.pop(key, None)
         for name in list(self._roots):
             self._drop_user(name, key)
 
@@ -281,6 +285,20 @@ class BlockGraph:
         entry: list[Any] = [next(self._sequence), key, need, lets, user, child]
         self._roots.setdefault(node.node_name, []).append(entry)
         self._check_permissions(node)
+
+    def _writable(self, node: BlockNode) -> bool:
+        """Read-write, or about to be: a commit opens base (and the file opened
+        with it) read-write once it holds it (QEMU reopens first; the outcome
+        of the check is the same)."""
+        if not node.read_only:
+            return True
+        for name in self._reopened.values():
+            reopened = self._nodes.get(name)
+            if reopened is not None and (
+                reopened is node or (node in self._implicit.get(name, []) and reopened.file is node)
+            ):
+                return True
+        return False
 
     def _user_ids(self, node: BlockNode) -> set[object]:
         ids: set[object] = {entry[1] for entry in self._roots.get(node.node_name, [])}
@@ -306,7 +324,7 @@ class BlockGraph:
             perm, shared = memo[parent.node_name]
             role, child = (parent.file_role, parent.file_edge) if edge == "file" else (
                 Role.COW, "backing")
-            need, lets = child_use(role, perm, shared, not parent.read_only)
+            need, lets = child_use(role, perm, shared, self._writable(parent))
             seq = self._joined.get(parent.node_name, 0)
             uses.append(Use(f"node '{parent.node_name}'", child, need, lets, seq))
         uses.sort(key=lambda use: use.sequence, reverse=True)
@@ -322,9 +340,12 @@ class BlockGraph:
             if id(node) in seen:
                 continue
             seen.add(id(node))
-            trouble = conflict(node.node_name, self._uses(node, memo))
+            uses = self._uses(node, memo)
+            trouble = conflict(node.node_name, uses)
             if trouble is not None:
                 raise BlockError(trouble)
+            if not self._writable(node) and totals(uses)[0] & (WRITE | WRITE_UNCHANGED):
+                raise BlockError("Block node is read-only")
             queue.extend(c for c in (node.file, node.backing) if c is not None)
 
     # -- chains ---------------------------------------------------------------------
