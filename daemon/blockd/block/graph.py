@@ -287,17 +287,17 @@ class BlockGraph:
         self._check_permissions(node)
 
     def _writable(self, node: BlockNode) -> bool:
-        """Read-write, or about to be: a commit opens base (and the file opened
-        with it) read-write once it holds it (QEMU reopens first; the outcome
-        of the check is the same)."""
+        """Read-write, or about to be: a commit opens base and the files below
+        it read-write once it holds it (QEMU reopens first; the outcome of the
+        check is the same)."""
         if not node.read_only:
             return True
         for name in self._reopened.values():
-            reopened = self._nodes.get(name)
-            if reopened is not None and (
-                reopened is node or (node in self._implicit.get(name, []) and reopened.file is node)
-            ):
-                return True
+            below = self._nodes.get(name)
+            while below is not None:
+                if below is node:
+                    return True
+                below = below.file
         return False
 
     def _user_ids(self, node: BlockNode) -> set[object]:
