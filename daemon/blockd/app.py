@@ -134,7 +134,7 @@ async def run(settings: Settings) -> None:
     """Serve QMP on the control socket(s) until ``quit``, SIGTERM or SIGINT."""
     stop = _Stop()
     bus = EventBus()
-    graph = BlockGraph()
+    graph = BlockGraph(events=bus)
     jobs = JobRegistry()
     exports = ExportRegistry(bus, graph)
     context = CommandContext(

@@ -164,3 +164,37 @@ class BlockExportDeleted:
 
     def data(self) -> Mapping[str, Any]:
         return {"id": self.id}
+
+
+@dataclass(frozen=True)
+class BlockImageCorrupted:
+    """A format driver found its image's metadata corrupt (``BLOCK_IMAGE_CORRUPTED``).
+
+    ``device`` is always empty: a storage daemon's nodes have no guest device.
+    ``offset``/``size`` locate the offending access when the driver knows it;
+    ``fatal`` says whether the image was marked corrupt and takes no more I/O
+    that writes (a read-only node only reports).
+    """
+
+    node_name: str
+    msg: str
+    fatal: bool
+    offset: int | None = None
+    size: int | None = None
+    name: ClassVar[str] = "BLOCK_IMAGE_CORRUPTED"
+
+    def data(self) -> Mapping[str, Any]:
+        data: dict[str, Any] = {"device": "", "node-name": self.node_name, "msg": self.msg}
+        if self.offset is not None:
+            data["offset"] = self.offset
+        if self.size is not None:
+            data["size"] = self.size
+        data["fatal"] = self.fatal
+        return data
+
+
+class NoEvents:
+    """A sink for nodes nobody listens to (opened outside a daemon, in tools and tests)."""
+
+    def emit(self, event: Event) -> None:
+        pass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 
@@ -43,6 +43,65 @@ def _upper_escape(match: re.Match[str]) -> str:
     return match.group(1) or "\\u" + match.group(2).upper()
 
 
+_REPLACEMENT = "\ufffd"
+
+
+def _valid_code_point(cp: int) -> bool:
+    """Whether QEMU passes a decoded code point through: no surrogates, none
+    beyond Unicode, no noncharacters (U+FDD0..U+FDEF, U+xxFFFE/F)."""
+    if cp > 0x10FFFF or 0xD800 <= cp <= 0xDFFF:
+        return False
+    return not (0xFDD0 <= cp <= 0xFDEF or cp & 0xFFFE == 0xFFFE)
+
+
+def _code_points(raw: bytes) -> Iterator[int | None]:
+    """Decode as QEMU's modified UTF-8 reader does; None for each invalid run.
+
+    An invalid run is a stray byte, or a sequence up to the byte that broke
+    it, or a whole well-formed sequence whose value QEMU does not accept
+    (overlong, surrogate, noncharacter); ``C0 80`` is U+0000.
+    """
+    i, n = 0, len(raw)
+    while i < n:
+        lead = raw[i]
+        i += 1
+        if lead < 0x80:
+            yield lead
+            continue
+        if lead >= 0xFE or not lead & 0x40:
+            yield None
+            continue
+        length = 8 - (lead ^ 0xFF).bit_length()  # the lead's count of leading ones
+        cp = lead & (0x7F >> length)
+        complete = True
+        for _ in range(length - 1):
+            if i >= n or raw[i] & 0xC0 != 0x80:
+                complete = False
+                break
+            cp = cp << 6 | raw[i] & 0x3F
+            i += 1
+        overlong = cp < (0x80, 0x800, 0x10000, 0x200000, 0x4000000)[length - 2]
+        if not complete or not _valid_code_point(cp) or (overlong and (cp, length) != (0, 2)):
+            yield None
+        else:
+            yield cp
+
+
+def as_qemu_text(value: str) -> str:
+    """The text QEMU sends for a string that came from raw bytes.
+
+    blockd keeps bytes that are not UTF-8 (a backing file name in an image
+    header, a file name) as lone surrogates so they survive a round trip to
+    the disk; on the wire QEMU sends U+FFFD for each invalid run instead, and
+    a strict JSON client would reject a lone surrogate escape.
+    """
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = value.encode("utf-8", "surrogatepass")
+    return "".join(_REPLACEMENT if cp is None else chr(cp) for cp in _code_points(raw))
+
+
 class _Text(str):
     """Output already in its final form (punctuation), as opposed to a value."""
 
@@ -55,6 +114,8 @@ def _scalar(value: Any) -> str:
     if value is False:
         return "false"
     if isinstance(value, str):
+        if not value.isascii():
+            value = as_qemu_text(value)
         return _ESCAPE.sub(_upper_escape, json.dumps(value, ensure_ascii=True))
     if isinstance(value, int):
         return str(value)

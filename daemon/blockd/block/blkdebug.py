@@ -127,6 +127,7 @@ class BlkdebugNode(BlockNode):
     """Passes everything to ``file`` (QEMU's ``image`` child) unless a rule fires."""
 
     driver = "blkdebug"
+    file_edge = "image"
     hears_debug_events = True
 
     def __init__(

@@ -10,12 +10,28 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import trio
 
 from blockd import logs
 from blockd.block.node import BlockNode, Status
+from blockd.block.permissions import (
+    ALL,
+    CONSISTENT_READ,
+    GRAPH_MOD,
+    RESIZE,
+    UNNAMED_DEVICE,
+    WRITE,
+    WRITE_UNCHANGED,
+    Role,
+    Use,
+    child_use,
+    conflict,
+    totals,
+)
 from blockd.errors import BlockdError, BlockError, BlockIOError
+from blockd.events import EventSink
 
 _NODE_NAME_MAX = 31
 
@@ -29,7 +45,8 @@ def _valid_node_name(name: str) -> bool:
 class BlockGraph:
     """All open nodes of one daemon, by node name."""
 
-    def __init__(self, first_auto_index: int = 100) -> None:
+    def __init__(self, first_auto_index: int = 100, events: EventSink | None = None) -> None:
+        self._events = events
         self._nodes: dict[str, BlockNode] = {}
         # children opened implicitly together with a parent (inline file, header backing)
         self._implicit: dict[str, list[BlockNode]] = {}
@@ -48,6 +65,22 @@ class BlockGraph:
         # Nodes whose users reach them through a job's filter for now (QEMU
         # inserts one above an actively committed node): not "in use" directly.
         self._covered: set[str] = set()
+        # Permissions: when each node joined (its edges date from then), the
+        # users that are not nodes (exports) as [sequence, key, needed,
+        # shared], and a would-be user being tried out by a check.
+        self._joined: dict[str, int] = {}
+        self._roots: dict[str, list[list[Any]]] = {}
+        self._trial: dict[str, Use] = {}
+        # Users a job's filter stands in front of (QEMU's commit filter): by
+        # job, the node and who used it when the job began.
+        self._hidden: dict[object, tuple[str, set[object]]] = {}
+        # Nodes a job has made (or is making) read-write, by job.
+        self._reopened: dict[object, str] = {}
+        # Node names in the order QEMU would have created the nodes.
+        self._order: list[str] = []
+        # Nodes whose backing was opened from options the client gave, not
+        # from the name in the image header.
+        self._backing_given: set[str] = set()
 
     # -- naming ---------------------------------------------------------------------
 
@@ -73,7 +106,18 @@ class BlockGraph:
         if node.node_name in self._nodes:
             raise BlockError(f"Duplicate nodes with node-name='{node.node_name}'")
         self._nodes[node.node_name] = node
+        self._joined[node.node_name] = next(self._sequence)
+        try:
+            for child in (node.file, node.backing):
+                if child is not None:
+                    self._check_permissions(child)
+        except BlockError:
+            del self._nodes[node.node_name]
+            raise
         self._implicit[node.node_name] = list(implicit_children or [])
+        self._list(node)
+        if self._events is not None:
+            node.events = self._events
         if node.backing is not None:
             self._note_backing(node, node.backing)
 
@@ -81,7 +125,24 @@ class BlockGraph:
         return name in self._nodes
 
     def __iter__(self) -> Iterator[BlockNode]:
-        return iter(list(self._nodes.values()))
+        """Newest first, as QEMU lists named nodes (query-named-block-nodes)."""
+        listed = [self._nodes.get(name) for name in reversed(self._order)]
+        return iter([node for node in listed if node is not None])
+
+    def _list(self, node: BlockNode) -> None:
+        """Place ``node`` where QEMU lists it: after its file, before the backing
+        chain opened along with it (QEMU names a node before opening its backing)."""
+        if node.node_name in self._order:
+            self._order.remove(node.node_name)
+        position = len(self._order)
+        if node.backing is not None and node.backing in self._implicit[node.node_name]:
+            family, todo = set(), [node.backing]
+            while todo:
+                each = todo.pop()
+                family.add(each.node_name)
+                todo.extend(self._implicit.get(each.node_name, []))
+            position = min(i for i, name in enumerate(self._order) if name in family)
+        self._order.insert(position, node.node_name)
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -119,6 +180,173 @@ class BlockGraph:
             if n.backing is node:
                 out.append((n, "backing"))
         return out
+
+    # -- permissions ------------------------------------------------------------------
+
+    def check_new_parent(self, name: str, child: BlockNode, role: Role, writable: bool) -> None:
+        """Refuse, before it opens anything, a parent that ``child``'s users cannot live with.
+
+        A qcow2 node opened read-write writes its header while opening, so the
+        conflict must be found before, as QEMU finds it when attaching.
+        """
+        need, lets = child_use(role, 0, ALL, writable)
+        self._trial[child.node_name] = Use(f"node '{name}'", "file", need, lets, -1)
+        try:
+            self._check_permissions(child)
+        finally:
+            del self._trial[child.node_name]
+
+    def attach_user(self, node: BlockNode, key: object, *, writable: bool) -> None:
+        """Let an export (``key``) read, and maybe write, ``node``; refused on a conflict.
+
+        It shares everything at first, as QEMU's export does when attaching;
+        :meth:`forbid_resize` then takes resizing away.
+        """
+        need = CONSISTENT_READ | (WRITE if writable else 0)
+        entry: list[Any] = [next(self._sequence), key, need, ALL, UNNAMED_DEVICE, "root"]
+        self._roots.setdefault(node.node_name, []).append(entry)
+        try:
+            self._check_permissions(node)
+        except BlockError:
+            self.detach_user(node, key)
+            raise
+
+    def forbid_resize(self, node: BlockNode, key: object) -> None:
+        """The NBD export's second step: nobody may resize the node under its clients."""
+        for entry in self._roots.get(node.node_name, []):
+            if entry[1] == key:
+                entry[3] = ALL & ~RESIZE
+                try:
+                    self._check_permissions(node)
+                except BlockError:
+                    entry[3] = ALL
+                    raise
+
+    def detach_user(self, node: BlockNode, key: object) -> None:
+        self._drop_user(node.node_name, key)
+
+    def _drop_user(self, name: str, key: object) -> None:
+        entries = self._roots.get(name, [])
+        entries[:] = [e for e in entries if e[1] != key]
+        if not entries:
+            self._roots.pop(name, None)
+
+    def move_user(self, old: BlockNode, new: BlockNode, key: object) -> None:
+        """A pivot: the export's needs go with it to the node it now serves."""
+        for entry in self._roots.get(old.node_name, []):
+            if entry[1] == key:
+                self.detach_user(old, key)
+                self._roots.setdefault(new.node_name, []).append(entry)
+                return
+
+    def claim_for_commit(
+        self, job_id: str, top: BlockNode, base: BlockNode, *, active: bool
+    ) -> None:
+        """What a commit job holds while it runs, as QEMU's job takes it; refused
+        (nothing taken) when a user of these nodes cannot live with it.
+
+        The nodes between top and base are read by nobody else (their data is
+        moving); base gets a writer.  QEMU puts a filter above the top it
+        commits, so whoever used that top before reaches it through the filter,
+        which asks nothing of it (an active commit's: at most to write, never
+        to read consistently); only users that come later meet the job.
+        """
+        user = f"commit job '{job_id}'"
+        key = ("commit", job_id)
+        self._reopened[key] = base.node_name
+        try:
+            self._hidden[key] = (top.node_name, self._user_ids(top))
+            for node in self.chain(top):
+                if node is base:
+                    break
+                if node is top and active:
+                    continue  # the mirror's filter only passes writes down to it
+                self._claim(node, key, user, "intermediate node", 0, WRITE | WRITE_UNCHANGED)
+            if active:  # the mirror's target, written while the chain is read
+                need = WRITE | (RESIZE if base.size < top.size else 0)
+                lets = ALL & ~RESIZE
+            else:
+                need, lets = CONSISTENT_READ | WRITE, CONSISTENT_READ | WRITE_UNCHANGED | GRAPH_MOD
+            self._claim(base, key, UNNAMED_DEVICE, "root", need, lets)
+        except BlockError:
+            self.release_claims(job_id)
+            raise
+
+    def release_claims(self, job_id: str) -> None:
+        key = ("commit", job_id)
+        self._hidden.pop(key, None)
+        self._reopened.pop(key, None)
+        for name in list(self._roots):
+            self._drop_user(name, key)
+
+    def _claim(
+        self, node: BlockNode, key: object, user: str, child: str, need: int, lets: int
+    ) -> None:
+        entry: list[Any] = [next(self._sequence), key, need, lets, user, child]
+        self._roots.setdefault(node.node_name, []).append(entry)
+        self._check_permissions(node)
+
+    def _writable(self, node: BlockNode) -> bool:
+        """Read-write, or about to be: a commit opens base and the files below
+        it read-write once it holds it (QEMU reopens first; the outcome of the
+        check is the same)."""
+        if not node.read_only:
+            return True
+        for name in self._reopened.values():
+            below = self._nodes.get(name)
+            while below is not None:
+                if below is node:
+                    return True
+                below = below.file
+        return False
+
+    def _user_ids(self, node: BlockNode) -> set[object]:
+        ids: set[object] = {entry[1] for entry in self._roots.get(node.node_name, [])}
+        ids.update((parent.node_name, edge) for parent, edge in self.parents(node))
+        return ids
+
+    def _uses(self, node: BlockNode, memo: dict[str, tuple[int, int]]) -> list[Use]:
+        """Everyone using ``node`` and what each needs and shares, newest first."""
+        hidden: set[object] = set()
+        for name, ids in self._hidden.values():
+            if name == node.node_name:
+                hidden |= ids
+        uses = [
+            Use(user, child, need, lets, seq)
+            for seq, key, need, lets, user, child in self._roots.get(node.node_name, [])
+            if key not in hidden
+        ]
+        for parent, edge in self.parents(node):
+            if (parent.node_name, edge) in hidden:
+                continue
+            if parent.node_name not in memo:
+                memo[parent.node_name] = totals(self._uses(parent, memo))
+            perm, shared = memo[parent.node_name]
+            role, child = (parent.file_role, parent.file_edge) if edge == "file" else (
+                Role.COW, "backing")
+            need, lets = child_use(role, perm, shared, self._writable(parent))
+            seq = self._joined.get(parent.node_name, 0)
+            uses.append(Use(f"node '{parent.node_name}'", child, need, lets, seq))
+        uses.sort(key=lambda use: use.sequence, reverse=True)
+        trial = self._trial.get(node.node_name)
+        return uses if trial is None else [trial, *uses]
+
+    def _check_permissions(self, top: BlockNode) -> None:
+        """Check ``top`` and everything below it, parents first, as QEMU does."""
+        memo: dict[str, tuple[int, int]] = {}
+        queue, seen = [top], set()
+        while queue:
+            node = queue.pop(0)
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            uses = self._uses(node, memo)
+            trouble = conflict(node.node_name, uses)
+            if trouble is not None:
+                raise BlockError(trouble)
+            if not self._writable(node) and totals(uses)[0] & (WRITE | WRITE_UNCHANGED):
+                raise BlockError("Block node is read-only")
+            queue.extend(c for c in (node.file, node.backing) if c is not None)
 
     # -- chains ---------------------------------------------------------------------
 
@@ -282,6 +510,13 @@ class BlockGraph:
 
     # -- teardown -------------------------------------------------------------------
 
+    def note_backing_given(self, node: BlockNode) -> None:
+        """Record that the client described ``node``'s backing itself (inline options)."""
+        self._backing_given.add(node.node_name)
+
+    def backing_given(self, node: BlockNode) -> bool:
+        return node.node_name in self._backing_given
+
     def implicit_children(self, node: BlockNode) -> list[BlockNode]:
         return list(self._implicit.get(node.node_name, []))
 
@@ -313,6 +548,9 @@ class BlockGraph:
         """Drop ``node`` and, recursively, its now unused implicit children from
         the registry; the ones to close, parents before their children."""
         self._nodes.pop(node.node_name, None)
+        self._joined.pop(node.node_name, None)
+        if node.node_name in self._order:
+            self._order.remove(node.node_name)
         self._monitor_owned.discard(node.node_name)
         self._orphans.discard(node.node_name)
         if node.backing is not None:

@@ -24,7 +24,9 @@ def _backing_overridden(graph: BlockGraph, node: BlockNode) -> bool:
         return False
     if node.backing is None:
         return bool(node.backing_file)
-    if node.backing in graph.implicit_children(node):
+    if node.backing in graph.implicit_children(node) and not graph.backing_given(node):
+        # opened from the header's name: QEMU takes that node's name as the
+        # header's, so this one is never overridden
         return False
     return node.backing_file != display_filename(graph, node.backing)
 

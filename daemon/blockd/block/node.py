@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import trio
 
+from blockd.block.permissions import Role
 from blockd.errors import BlockError, BlockIOError
+from blockd.events import EventSink, NoEvents
 
 if TYPE_CHECKING:
     from blockd.block.direct import DirectIO
@@ -62,6 +64,9 @@ class BlockNode:
     #: Whether :meth:`debug_event` does anything (blkdebug): a driver may skip
     #: work it does only to tell which event to raise.
     hears_debug_events: ClassVar[bool] = False
+    #: The ``file`` edge as QEMU names it, and what the node needs of that child.
+    file_edge: ClassVar[str] = "file"
+    file_role: Role = Role.FILTERED
 
     def __init__(
         self,
@@ -82,6 +87,9 @@ class BlockNode:
         #: ``discard``: whether discard requests are carried out ("unmap") or,
         #: QEMU's default for a node a client opens, ignored ("ignore").
         self.unmap = True
+        #: Where the node reports what clients must hear of (a corrupt image);
+        #: the graph connects it to the daemon's event sink.
+        self.events: EventSink = NoEvents()
         self._write_observers: list[Callable[[int, int], None]] = []
         #: requests that changed the node, and that count when the last flush
         #: began (QEMU's write_gen / flushed_gen): a flush with nothing new to

@@ -146,8 +146,10 @@ async def _open_format(
         raise BlockError(f"Parameter '{ctx.param('file')}' is missing")
     file, file_implicit = await _child_ref(ctx, options["file"], read_only=read_only,
                                            what="file")
-    if not read_only and file.read_only:
-        raise BlockError(f"Block node '{file.node_name}' is read-only")
+    # A read-write qcow2 node needs to write its file; a raw one only when its
+    # own users write (the permission check refuses a read-only file then).
+    if driver == "qcow2":
+        ctx.graph.check_new_parent(name, file, Qcow2Node.file_role, not read_only)
     implicit = [file] if file_implicit else []
     node: BlockNode
     if driver == "raw":
@@ -168,6 +170,8 @@ async def _open_format(
         if backing is not None and backing_implicit:
             implicit.append(backing)
     ctx.graph.add(node, implicit)
+    if isinstance(options.get("backing"), dict):
+        ctx.graph.note_backing_given(node)
     return node
 
 

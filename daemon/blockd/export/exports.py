@@ -193,6 +193,7 @@ class ExportRegistry:
             await _call(prepare)
             for export in exports:
                 export._node = new
+                self._graph.move_user(old, new, export.id)
                 self._graph.add_user(new)
                 await self._graph.remove_user(old)
         finally:
@@ -222,15 +223,17 @@ class ExportRegistry:
         """Create an NBD export, checking as QEMU's ``nbd_export_create`` does."""
         if self.server is None:
             raise BlockdError("NBD server not running")
-        name = node.node_name if name is None else name
-        if len(name.encode()) > MAX_STRING:
-            raise BlockdError(f"export name '{name}' too long")
-        if description is not None and len(description.encode()) > MAX_STRING:
-            raise BlockdError(f"description '{description}' too long")
-        if self.by_name(name) is not None:
-            raise BlockdError(f"NBD server already has export named '{name}'")
         if writable and node.read_only:
             raise BlockdError("Cannot export read-only node as writable")
+        # QEMU attaches first (refusing what the node's users cannot share),
+        # then checks names, then forbids resizing under its clients.
+        self._graph.attach_user(node, export_id, writable=writable)
+        try:
+            name = self._check_name(node, name, description)
+            self._graph.forbid_resize(node, export_id)
+        except BlockdError:
+            self._graph.detach_user(node, export_id)
+            raise
         export = Export(
             export_id,
             name,
@@ -244,6 +247,16 @@ class ExportRegistry:
         self._graph.add_user(node)
         log.info("export %s: node %s as NBD export %r", export_id, node.node_name, name)
         return export
+
+    def _check_name(self, node: BlockNode, name: str | None, description: str | None) -> str:
+        name = node.node_name if name is None else name
+        if len(name.encode()) > MAX_STRING:
+            raise BlockdError(f"export name '{name}' too long")
+        if description is not None and len(description.encode()) > MAX_STRING:
+            raise BlockdError(f"description '{description}' too long")
+        if self.by_name(name) is not None:
+            raise BlockdError(f"NBD server already has export named '{name}'")
+        return name
 
     async def delete(self, export_id: str, mode: str = "safe") -> None:
         export = self._exports.get(export_id)
@@ -276,6 +289,7 @@ class ExportRegistry:
                     await client.wait_closed()
                 await export.drain()
                 self._exports.pop(export.id, None)
+                self._graph.detach_user(export.node, export.id)
                 await self._graph.remove_user(export.node)
             log.info("export %s deleted", export.id)
             self._events.emit(BlockExportDeleted(export.id))

@@ -130,6 +130,7 @@ class ActiveCommitJob(Job):
     async def setup(self) -> None:
         """Hold the nodes, open base read-write, start watching writes; undone by clean."""
         plan = self.plan
+        self.graph.claim_for_commit(self.id, plan.top, plan.base, active=True)
         for node in {id(n): n for n in (plan.top, *plan.intermediates, plan.base)}.values():
             self.graph.add_blocker(node, BLOCKER)
             self._held.append(node)
@@ -247,6 +248,7 @@ class ActiveCommitJob(Job):
         log.info("job %s: the users of %s now use %s", self.id, top.node_name, base.node_name)
 
     async def clean(self) -> None:
+        self.graph.release_claims(self.id)
         if self._watching:
             self.plan.top.remove_write_observer(self._on_write)
             self._watching = False

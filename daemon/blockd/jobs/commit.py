@@ -86,6 +86,7 @@ class CommitJob(Job):
         Raises if base cannot be written; the caller then drops the job
         before it starts (the command fails, nothing changed).
         """
+        self.graph.claim_for_commit(self.id, self.plan.top, self.plan.base, active=False)
         for node in self._nodes():
             self.graph.add_blocker(node, BLOCKER)
             self._held.append(node)
@@ -204,6 +205,7 @@ class CommitJob(Job):
             self.graph.remove_blocker(node, BLOCKER)
 
     async def clean(self) -> None:
+        self.graph.release_claims(self.id)
         for node in list(self._held):
             self._release_hold(node)
         while self._used:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 
 from blockd.block.node import BlockNode, Status
+from blockd.block.permissions import Role
 from blockd.errors import BlockError, BlockIOError, ImageError
 
 SECTOR_SIZE = 512
@@ -42,6 +43,8 @@ class RawNode(BlockNode):
         if size is not None and size % SECTOR_SIZE:
             raise ImageError(f"Specified size is not multiple of {SECTOR_SIZE}")
         self._offset = offset
+        if offset or size is not None:
+            self.file_role = Role.DATA  # a window: not the file's data as a whole
         self._fixed_size = size
 
     @property

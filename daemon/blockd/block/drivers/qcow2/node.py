@@ -55,7 +55,9 @@ from blockd.block.drivers.qcow2.tables import (
     zero_table,
 )
 from blockd.block.node import BlockNode, HostExtents, Status
+from blockd.block.permissions import Role
 from blockd.errors import BlockError, BlockIOError, ImageError
+from blockd.events import BlockImageCorrupted
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,7 @@ _COMMIT_ENTRIES = 65536
 
 class Qcow2Node(BlockNode):
     driver = "qcow2"
+    file_role = Role.STORAGE
 
     def __init__(
         self,
@@ -743,7 +746,7 @@ class Qcow2Node(BlockNode):
             try:
                 await self._refs.flush(take)  # their data and refcounts before the entries
             except OverlapError as exc:
-                await self._mark_corrupt(str(exc))
+                await self._mark_corrupt(str(exc), exc.offset, exc.size)
             if not batch:
                 return False
             async with self._lock:
@@ -844,7 +847,7 @@ class Qcow2Node(BlockNode):
                         assert isinstance(arg, int)
                         await self._discard_locked(offset, arg)
                 except OverlapError as exc:
-                    await self._mark_corrupt(str(exc))
+                    await self._mark_corrupt(str(exc), exc.offset, exc.size)
         finally:
             self._lock.release()
         if in_place is not None:
@@ -891,7 +894,7 @@ class Qcow2Node(BlockNode):
             try:
                 await self._finish_allocation(updates, old, flushed=True)
             except OverlapError as exc:
-                await self._mark_corrupt(str(exc))
+                await self._mark_corrupt(str(exc), exc.offset, exc.size)
 
     async def _in_place_plan(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
         """(guest, host, length) pieces if every cluster can be overwritten in place.
@@ -920,7 +923,9 @@ class Qcow2Node(BlockNode):
         finally:
             self._unpin(clusters)
 
-    async def _mark_corrupt(self, reason: str) -> NoReturn:
+    async def _mark_corrupt(
+        self, reason: str, offset: int | None = None, size: int | None = None
+    ) -> NoReturn:
         """Fail the I/O that met corruption, and stop the image from being written.
 
         As QEMU: a read-write node is marked corrupt (version 3 also on disk,
@@ -931,6 +936,9 @@ class Qcow2Node(BlockNode):
         """
         if not self._corruption_logged:
             self._corruption_logged = True
+            self.events.emit(
+                BlockImageCorrupted(self.node_name, reason, not self.read_only, offset, size)
+            )
             if self.read_only:
                 log.error("qcow2: Image is corrupt: %s; further non-fatal corruption "
                           "events will be suppressed", reason)
@@ -1017,7 +1025,7 @@ class Qcow2Node(BlockNode):
                 except OverlapError as exc:
                     self._unpin(pinned)
                     pinned = []
-                    await self._mark_corrupt(str(exc))
+                    await self._mark_corrupt(str(exc), exc.offset, exc.size)
                 except BaseException:
                     self._unpin(pinned)
                     raise
@@ -1302,7 +1310,7 @@ class Qcow2Node(BlockNode):
                 try:
                     await self._grow_locked(size)
                 except OverlapError as exc:
-                    await self._mark_corrupt(str(exc))
+                    await self._mark_corrupt(str(exc), exc.offset, exc.size)
 
     async def _grow_locked(self, size: int) -> None:
         cs = self.cluster_size

@@ -21,7 +21,18 @@ class MetaKind(enum.Enum):
 
 
 class OverlapError(Exception):
-    """A write would overwrite metadata it must not touch."""
+    """A write would overwrite metadata it must not touch.
+
+    ``offset``/``size``: the host range of the refused write, when known
+    (QEMU reports them with the corruption event).
+    """
+
+    def __init__(
+        self, message: str, offset: int | None = None, size: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.offset = offset
+        self.size = size
 
 
 class CorruptMetadata(OverlapError):
@@ -57,6 +68,7 @@ class MetadataMap:
             if have is not kind:
                 what = have.value if have is not None else "data"
                 raise OverlapError(
-                    f"Preventing invalid write on metadata (overlaps with {what}) at "
-                    f"host offset {c << self.cluster_bits:#x}"
+                    f"Preventing invalid write on metadata (overlaps with {what})",
+                    host_offset,
+                    length,
                 )
