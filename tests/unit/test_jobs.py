@@ -390,3 +390,50 @@ async def test_shutdown_cancels_everything(
     assert all(j.concluded.is_set() for j in jobs)
     assert [n for n, _ in rec.events].count("BLOCK_JOB_CANCELLED") == 3
     assert registry.jobs() == []
+
+
+class SlowAbortJob(CopyJob):
+    """A job whose clean-up after a cancel takes until ``gate`` opens."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.gate = trio.Event()
+
+    async def abort(self) -> None:
+        await self.gate.wait()
+        await super().abort()
+
+
+async def test_shutdown_waits_for_a_job_already_aborting(
+    registry: JobRegistry, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    rec = Recorder()
+    job = SlowAbortJob("j0", rec, speed=1)
+    registry.add(job)
+    registry.start(job)
+    await trio.sleep(1)
+    job.user_cancel(force=True)
+    await settle()
+    assert job.status == "aborting"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(registry.shutdown, 5)
+        await trio.sleep(2)
+        assert not job.concluded.is_set()
+        job.gate.set()
+    # shutdown returned only once the aborting job had concluded, in time
+    assert job.concluded.is_set()
+    assert "still running" not in caplog.text
+
+
+async def test_shutdown_names_the_jobs_that_outlive_the_grace(
+    registry: JobRegistry, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    rec = Recorder()
+    job = SlowAbortJob("j0", rec, speed=1)
+    registry.add(job)
+    registry.start(job)
+    await trio.sleep(1)
+    await registry.shutdown(grace=5)
+    assert not job.concluded.is_set()
+    assert "jobs still running after 5 s: ['j0']" in caplog.text
+    job.gate.set()
