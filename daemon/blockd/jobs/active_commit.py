@@ -16,6 +16,10 @@ base in sync until the client decides:
 * a forced cancel: nothing changes for the guest; base keeps what was copied,
   which nothing reads through the chain differently from before.
 
+The speed limit applies only before READY (as in QEMU 7.2): afterwards the
+job keeps up with the guest at full speed, and neither a lowered speed nor
+what was charged to the limit before delays the completion.
+
 Before the pivot the guest only ever reads base where nothing above holds the
 range, and the job only writes base where something above does, so the copy
 is invisible to the guest at every moment.
@@ -152,7 +156,13 @@ class ActiveCommitJob(Job):
             await base.truncate(top.size)
         await self._scan()
         while True:
-            await self.throttle()
+            if self.status is S.RUNNING:
+                await self.throttle()
+            else:
+                # QEMU 7.2's mirror ignores the speed limit once READY: what
+                # the guest writes is copied at once, and neither a lowered
+                # speed nor the bytes already charged delay completion.
+                await self.pause_point()
             if await self._copy_next():
                 continue
             if self.status is S.RUNNING:
