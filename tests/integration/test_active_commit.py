@@ -651,3 +651,38 @@ def test_a_lowered_speed_does_not_throttle_a_ready_commit(
     check(d / "base.qcow2")
     # Nothing was written after the last copy: base holds what top's chain shows.
     assert same_data(guest_view(d / "top.qcow2", d / "top.raw"), d / "base.qcow2")
+
+
+@pytest.mark.parametrize("force", [True, False])
+@pytest.mark.parametrize("user", ["base", "raw"])
+def test_a_writable_export_added_during_the_commit_keeps_working(
+    either: DaemonProcess, tmp_path: Path, sock_dir: Path, force: bool, user: str
+) -> None:
+    """Found by the differential harness: blockd made base read-only again after
+    the cancel and the export's next write failed; QSD keeps serving it.
+
+    ``user`` is what the export serves: base itself, or a writable raw node
+    added on top of base (a writer the graph knows of, not the exports).
+    """
+    d = tmp_path
+    with RawQMP(either.socket_path) as qmp:
+        nbd_sock = chain_with_server(d, qmp, sock_dir)
+        assert qmp.execute("block-commit", {"job-id": "j", "device": "top"}) == {"return": {}}
+        qmp.wait_event("BLOCK_JOB_READY", device="j")
+        # base is read-write while the job holds it
+        if user == "raw":
+            raw = {"driver": "raw", "node-name": "raw", "file": "base", "read-only": False}
+            assert qmp.execute("blockdev-add", raw) == {"return": {}}
+        export(qmp, user)
+        uri = f"nbd+unix:///{user}?socket={nbd_sock}"
+        io(uri, "write -P 0x71 60M 1M")
+        assert qmp.execute("block-job-cancel", {"device": "j", "force": force}) == {"return": {}}
+        qmp.wait_event("BLOCK_JOB_CANCELLED" if force else "BLOCK_JOB_COMPLETED", device="j")
+        io(uri, "write -P 0x72 61M 1M", "read -P 0x71 60M 1M", "read -P 0x72 61M 1M")
+        nodes = qmp.execute("query-named-block-nodes", {"flat": True})["return"]
+        assert next(n["ro"] for n in nodes if n["node-name"] == "base") is False
+        assert qmp.execute("quit") == {"return": {}}
+    either.wait()
+    check(d / "base.qcow2")
+    out = qemu_io(d / "base.qcow2", "read -P 0x71 60M 1M", "read -P 0x72 61M 1M")
+    assert "failed" not in out, out
