@@ -21,8 +21,17 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import DaemonProcess, RawQMP, check_event, start_blockd
-from tests.images import backing_of, check, check_consistent, create, guest_view, qemu_io
+from tests.conftest import require_tool
+from tests.helpers import DaemonProcess, RawQMP, check_event, start_blockd, start_qsd
+from tests.images import (
+    backing_of,
+    check,
+    check_consistent,
+    create,
+    guest_view,
+    qemu_io,
+    same_data,
+)
 from tests.integration.test_nbd import io, nbdsh
 
 MiB = 1 << 20
@@ -558,3 +567,122 @@ def test_empty_top_is_ready_at_once(tmp_path: Path, sock_dir: Path) -> None:
     daemon.stop()
     check(base)
     check(top)
+
+
+# -- blockd and qemu-storage-daemon 7.2 side by side ----------------------------------
+#
+# The same chain and the same conversation on each daemon, with the same
+# expectations.  Bounds are far apart: 4 KiB/s owes minutes for what the job
+# copied, a loaded machine costs seconds.
+
+#: Patience for what must happen in seconds; far below what 4 KiB/s would owe.
+SOON = 60.0
+CRAWL = 4096
+
+
+@pytest.fixture(params=["blockd", pytest.param("qsd", marks=pytest.mark.qsd)])
+def either(request: pytest.FixtureRequest, sock_dir: Path) -> Iterator[DaemonProcess]:
+    if request.param == "qsd":
+        require_tool("qemu-storage-daemon")
+        started = start_qsd(sock_dir / "qsd.sock")
+    else:
+        started = start_blockd(sock_dir / "qmp.sock")
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def chain_with_server(d: Path, qmp: RawQMP, sock_dir: Path) -> Path:
+    """base (read-only) <- mid <- top added, an NBD server started; returns its socket."""
+    make_chain(d)
+    qmp.negotiate()
+    add_chain(qmp, d)
+    nbd_sock = sock_dir / "nbd.sock"
+    addr = {"type": "unix", "data": {"path": str(nbd_sock)}}
+    assert qmp.execute("nbd-server-start", {"addr": addr}) == {"return": {}}
+    return nbd_sock
+
+
+def export(qmp: RawQMP, node: str) -> None:
+    args = {"type": "nbd", "id": node, "node-name": node, "name": node, "writable": True}
+    assert qmp.execute("block-export-add", args) == {"return": {}}
+
+
+def settled(qmp: RawQMP, length: int) -> dict[str, Any]:
+    """The job once ``len`` has reached ``length`` and everything is copied.
+
+    (A write shows in len only once the job looks at its dirty bitmap again.)
+    """
+    deadline = time.monotonic() + SOON
+    while True:
+        [info] = qmp.execute("query-block-jobs")["return"]
+        if info["len"] >= length and info["offset"] == info["len"]:
+            return dict(info)
+        assert time.monotonic() < deadline, info
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("command", ["block-job-complete", "block-job-cancel"])
+def test_a_lowered_speed_does_not_throttle_a_ready_commit(
+    either: DaemonProcess, tmp_path: Path, sock_dir: Path, command: str
+) -> None:
+    """Found by the differential harness: blockd waited on the limiter for bytes
+    copied before READY (minutes at 4 KiB/s); QEMU 7.2 ignores the limit in READY."""
+    d = tmp_path
+    with RawQMP(either.socket_path) as qmp:
+        nbd_sock = chain_with_server(d, qmp, sock_dir)
+        export(qmp, "top")
+        uri = f"nbd+unix:///top?socket={nbd_sock}"
+        commit = {"job-id": "j", "device": "top", "speed": 1 << 30}
+        assert qmp.execute("block-commit", commit) == {"return": {}}
+        ready = qmp.wait_event("BLOCK_JOB_READY", device="j")["data"]
+        reply = qmp.execute("block-job-set-speed", {"device": "j", "speed": CRAWL})
+        assert reply == {"return": {}}
+        # 8 MiB written in READY: 2048 s at the lowered speed, copied at once.
+        io(uri, "write -P 0x5e 16M 8M")
+        info = settled(qmp, ready["len"] + 8 * MiB)
+        assert info["speed"] == CRAWL and info["ready"] is True
+        assert qmp.execute(command, {"device": "j"}) == {"return": {}}
+        done = qmp.wait_event("BLOCK_JOB_COMPLETED", timeout=SOON, device="j")["data"]
+        assert "error" not in done and done["offset"] == done["len"] == info["len"]
+        assert qmp.execute("quit") == {"return": {}}
+    either.wait()
+    check(d / "base.qcow2")
+    # Nothing was written after the last copy: base holds what top's chain shows.
+    assert same_data(guest_view(d / "top.qcow2", d / "top.raw"), d / "base.qcow2")
+
+
+@pytest.mark.parametrize("force", [True, False])
+@pytest.mark.parametrize("user", ["base", "raw"])
+def test_a_writable_export_added_during_the_commit_keeps_working(
+    either: DaemonProcess, tmp_path: Path, sock_dir: Path, force: bool, user: str
+) -> None:
+    """Found by the differential harness: blockd made base read-only again after
+    the cancel and the export's next write failed; QSD keeps serving it.
+
+    ``user`` is what the export serves: base itself, or a writable raw node
+    added on top of base (a writer the graph knows of, not the exports).
+    """
+    d = tmp_path
+    with RawQMP(either.socket_path) as qmp:
+        nbd_sock = chain_with_server(d, qmp, sock_dir)
+        assert qmp.execute("block-commit", {"job-id": "j", "device": "top"}) == {"return": {}}
+        qmp.wait_event("BLOCK_JOB_READY", device="j")
+        # base is read-write while the job holds it
+        if user == "raw":
+            raw = {"driver": "raw", "node-name": "raw", "file": "base", "read-only": False}
+            assert qmp.execute("blockdev-add", raw) == {"return": {}}
+        export(qmp, user)
+        uri = f"nbd+unix:///{user}?socket={nbd_sock}"
+        io(uri, "write -P 0x71 60M 1M")
+        assert qmp.execute("block-job-cancel", {"device": "j", "force": force}) == {"return": {}}
+        qmp.wait_event("BLOCK_JOB_CANCELLED" if force else "BLOCK_JOB_COMPLETED", device="j")
+        io(uri, "write -P 0x72 61M 1M", "read -P 0x71 60M 1M", "read -P 0x72 61M 1M")
+        nodes = qmp.execute("query-named-block-nodes", {"flat": True})["return"]
+        assert next(n["ro"] for n in nodes if n["node-name"] == "base") is False
+        assert qmp.execute("quit") == {"return": {}}
+    either.wait()
+    check(d / "base.qcow2")
+    out = qemu_io(d / "base.qcow2", "read -P 0x71 60M 1M", "read -P 0x72 61M 1M")
+    assert "failed" not in out, out

@@ -18,7 +18,8 @@ Masks (each one is what legitimately differs, nothing else):
   compared: it is the amount allocated above base plus what clients wrote, which
   does not depend on timing.  In READY and later offset == len is compared exactly.
 * ``ro`` of base (and its file node) after a cancel: QSD 7.2 leaves base read-write
-  after any cancel of an active commit, blockd restores read-only (deliberate).
+  after any cancel of an active commit, blockd restores read-only (deliberate;
+  not when a writer of base was added meanwhile: see test_active_commit.py).
   After a completion base is read-write in both (it is the active image now).
 
 Not compared because QSD's answer shows its internals: query-block-exports and

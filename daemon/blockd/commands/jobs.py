@@ -117,7 +117,13 @@ async def block_commit(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str
     job: CommitJob | ActiveCommitJob
     if isinstance(plan, ActiveCommitPlan):
         job = ActiveCommitJob(
-            job_id, ctx.events, ctx.graph, plan, ctx.exports.switch_node, **options
+            job_id,
+            ctx.events,
+            ctx.graph,
+            plan,
+            ctx.exports.switch_node,
+            lambda node: any(e.writable for e in ctx.exports.exports_of(node)),
+            **options,
         )
     else:
         for node in plan.intermediates:

@@ -16,6 +16,15 @@ base in sync until the client decides:
 * a forced cancel: nothing changes for the guest; base keeps what was copied,
   which nothing reads through the chain differently from before.
 
+The speed limit applies only before READY (as in QEMU 7.2): afterwards the
+job keeps up with the guest at full speed, and neither a lowered speed nor
+what was charged to the limit before delays the completion.
+
+A base the client had opened read-only is made read-only again when the job
+ends without a pivot, unless something that writes to it was added while the
+job held it read-write (a writable export, a writable node on top of it):
+those keep working, as they do in QEMU, which never restores the mode.
+
 Before the pivot the guest only ever reads base where nothing above holds the
 range, and the job only writes base where something above does, so the copy
 is invisible to the guest at every moment.
@@ -55,6 +64,13 @@ _SCAN_BATCH = 256
 #: new = old it only holds the users while ``prepare`` runs.
 Pivot = Callable[[BlockNode, BlockNode, Callable[[], Awaitable[None]]], Awaitable[object]]
 
+#: Whether a user outside the graph (a writable export) writes to a node.
+Writers = Callable[[BlockNode], bool]
+
+
+def _no_writers(node: BlockNode) -> bool:
+    return False
+
 
 @dataclass(frozen=True)
 class ActiveCommitPlan:
@@ -82,12 +98,14 @@ class ActiveCommitJob(Job):
         graph: BlockGraph,
         plan: ActiveCommitPlan,
         pivot: Pivot,
+        writers: Writers = _no_writers,
         **options: Unpack[JobOptions],
     ) -> None:
         super().__init__(job_id, events, **options)
         self.graph = graph
         self.plan = plan
         self._pivot = pivot
+        self._writers = writers
         self._copy = ChainCopy(graph, plan.top, plan.base)
         self._dirty = DirtyBitmap(plan.top.size, granularity(plan.base))
         self._held: list[BlockNode] = []
@@ -153,7 +171,13 @@ class ActiveCommitJob(Job):
             await base.truncate(top.size)
         await self._scan()
         while True:
-            await self.throttle()
+            if self.status is S.RUNNING:
+                await self.throttle()
+            else:
+                # QEMU 7.2's mirror ignores the speed limit once READY: what
+                # the guest writes is copied at once, and neither a lowered
+                # speed nor the bytes already charged delay completion.
+                await self.pause_point()
             if await self._copy_next():
                 continue
             if self.status is S.RUNNING:
@@ -261,5 +285,23 @@ class ActiveCommitJob(Job):
             self.graph.uncover(self.plan.top)
             await self.graph.remove_user(base)
         # After the pivot base is the active image and stays writable, as in QEMU.
-        if self._base_was_read_only and not self._pivoted and not base.closed:
+        if (
+            self._base_was_read_only
+            and not self._pivoted
+            and not base.closed
+            and not self._written_elsewhere()
+        ):
             await base.reopen(read_only=True)
+
+    def _written_elsewhere(self) -> bool:
+        """Whether a user added while base was read-write writes to base or its file."""
+        base = self.plan.base
+        for node in (base, base.file):
+            if node is None:
+                continue
+            if self._writers(node):
+                return True
+            for parent, edge in self.graph.parents(node):
+                if edge == "file" and parent is not base and not parent.read_only:
+                    return True
+        return False
