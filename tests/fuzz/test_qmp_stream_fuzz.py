@@ -42,17 +42,14 @@ def _kinds() -> list[str]:
     return ["blockd", "qsd"]
 
 
-#: Replies of blockd's that mark a known difference.  Two are the block
-#: layer's, not yet in README's list: a ``file`` node takes its image lock when
-#: opened, where QEMU waits for a parent to use it; and a read-write ``raw``
-#: node over a read-only ``file`` is refused, where QEMU opens it.  One is
-#: deliberate (README): after a message over the nesting limit blockd skips the
-#: rest of it, where QEMU lexes the leftovers as new input and may run commands
-#: found in them.
+#: Replies of blockd's that mark a deliberate difference (README lists both):
+#: a ``file`` node takes its image lock when it is opened, where QEMU waits
+#: for a parent to use it; and after a message over the nesting limit blockd
+#: skips the rest of it, where QEMU lexes the leftovers as new input and may
+#: run commands found in them.
 _KNOWN = (
     b'Failed to get \\"write\\" lock',
     b'Failed to get \\"consistent read\\" lock',
-    b"' is read-only\"}}",
     b"JSON nesting depth limit exceeded",
 )
 
