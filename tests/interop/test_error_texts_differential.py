@@ -24,6 +24,8 @@ from tests.images import create, qemu_io
 pytestmark = pytest.mark.qsd
 
 Step = tuple[str, dict[str, Any]]
+#: (images in the chain, the steps after the prologue)
+Case = tuple[int, Callable[[Path], list[Step]]]
 
 
 def file_child(d: Path, image: str, name: str) -> dict[str, Any]:
@@ -70,8 +72,45 @@ def duplicates(d: Path) -> list[Step]:
     ]
 
 
-CASES: dict[str, tuple[int, Callable[[Path], list[Step]]]] = {
+def deletes(count: int) -> list[Step]:
+    names = [f"n{i}" for i in range(count)] + ["f-n1"]
+    return [("blockdev-del", {"node-name": name}) for name in names]
+
+
+def wait_status(job: str, status: str) -> Step:
+    return ("wait", {"event": "JOB_STATUS_CHANGE", "data": {"id": job, "status": status}})
+
+
+def commit_steps(count: int, top: str | None, *, cancel: bool, **more: Any) -> list[Step]:
+    """blockdev-del of every node while a commit runs, once it concluded
+    (cancelled or done, not dismissed: the job still holds its nodes), and
+    once it is dismissed."""
+    args = {"job-id": "j", "device": f"n{count - 1}", "base-node": "n0", "auto-dismiss": False,
+            **({"top-node": top} if top else {}), **more}  # fmt: skip
+    steps: list[Step] = [("block-commit", args)]
+    if cancel:
+        steps += [*deletes(count), ("block-job-cancel", {"device": "j", "force": True})]
+    elif top is None:
+        steps += [("wait", {"event": "BLOCK_JOB_READY"}), *deletes(count),
+                  ("job-complete", {"id": "j"})]  # fmt: skip
+    steps += [wait_status("j", "concluded"), *deletes(count), ("job-dismiss", {"id": "j"})]
+    return [*steps, *deletes(count)]
+
+
+def commit_case(count: int, top: str | None, *, cancel: bool, **more: Any) -> Case:
+    return count, lambda d: commit_steps(count, top, cancel=cancel, **more)
+
+
+CASES: dict[str, Case] = {
     "duplicate-node-names": (3, duplicates),
+    # top n1 under the device n2; then top n2 with the overlay n3 under the device n4
+    "del-while-commit-runs-3": commit_case(3, "n1", cancel=True, speed=1024),
+    "del-while-commit-runs-5": commit_case(5, "n2", cancel=True, speed=1024),
+    "del-while-active-commit-runs": commit_case(4, None, cancel=True, speed=1024),
+    "del-after-commit-3": commit_case(3, "n1", cancel=False),
+    "del-after-commit-4": commit_case(4, "n2", cancel=False),
+    "del-after-commit-5": commit_case(5, "n2", cancel=False),
+    "del-after-active-commit": commit_case(4, None, cancel=False),
 }
 
 
@@ -91,7 +130,7 @@ def converse(kind: str, d: Path, count: int, steps: Callable[[Path], list[Step]]
             qmp.negotiate()
             for command, args in [*prologue(d, count), *steps(d)]:
                 if command == "wait":
-                    qmp.wait_event(args["event"], **args.get("data", {}))
+                    qmp.wait_event(args["event"], timeout=60, **args.get("data", {}))
                     continue
                 reply = qmp.execute(command, args)
                 replies.append(f"{command} {json.dumps(reply)}".replace(str(d), "D"))
