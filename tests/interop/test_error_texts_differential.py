@@ -26,6 +26,7 @@ pytestmark = pytest.mark.qsd
 Step = tuple[str, dict[str, Any]]
 #: (images in the chain, the steps after the prologue)
 Case = tuple[int, Callable[[Path], list[Step]]]
+SLOW = 1024  # bytes a second: a commit that runs for the whole conversation
 
 
 def file_child(d: Path, image: str, name: str) -> dict[str, Any]:
@@ -101,16 +102,81 @@ def commit_case(count: int, top: str | None, *, cancel: bool, **more: Any) -> Ca
     return count, lambda d: commit_steps(count, top, cancel=cancel, **more)
 
 
+def commit(job: str, device: str, **more: Any) -> Step:
+    return ("block-commit", {"job-id": job, "device": device, **more})
+
+
+def busy_base(d: Path) -> list[Step]:
+    """A second commit whose chain reaches the nodes a running commit holds:
+    QEMU asks each node from top down to base whether a job holds it, before
+    anything else about the pair (and before the write conflict on base)."""
+    create(d / "x1.qcow2", "16M", backing="n0.qcow2")
+    create(d / "x2.qcow2", "16M", backing="x1.qcow2")
+    create(d / "y1.qcow2", "16M", backing="n1.qcow2")
+    return [
+        commit("j1", "n2", **{"top-node": "n1", "base-node": "n0", "speed": SLOW}),
+        qcow2("x1", file_child(d, "x1.qcow2", "f-x1"), backing="n0"),
+        qcow2("x2", file_child(d, "x2.qcow2", "f-x2"), backing="x1"),
+        qcow2("y1", file_child(d, "y1.qcow2", "f-y1"), backing="n1"),
+        commit("j2", "x2", **{"top-node": "x1", "base-node": "n0"}),
+        commit("j2", "x2", **{"top-node": "x1"}),
+        commit("j2", "x2", **{"base-node": "n0"}),
+        commit("j2", "x2", **{"base-node": "n0", "backing-file": "x"}),
+        commit("j2", "x2", **{"top-node": "n0", "base-node": "n0"}),
+        commit("j2", "y1", **{"base-node": "n0"}),
+        commit("j2", "y1", **{"base-node": "n1"}),
+        commit("j2", "y1", **{"top-node": "n1", "base-node": "n1"}),
+        commit("j2", "y1", **{"top-node": "n0"}),
+        commit("j2", "x1"),
+        ("block-job-cancel", {"device": "j1", "force": True}),
+        wait_status("j1", "null"),
+    ]
+
+
+def device_held(d: Path) -> list[Step]:
+    """A commit that concluded but is not dismissed still holds its device
+    ("Need a root block node" comes first); a cancelled one, or a finished
+    active commit, does not."""
+    held = [
+        commit("j2", "n2"),
+        commit("j2", "n2", **{"top-node": "n1"}),
+        commit("j2", "n2", **{"top-node": "nosuch"}),
+        commit("j2", "n2", **{"top-node": "n0", "base-node": "n0"}),
+        commit("j2", "n2", **{"base-node": "n1", "backing-file": "x"}),
+        commit("j2", "n0"),
+    ]
+    free = [
+        commit("j2", "n2", **{"speed": SLOW}),
+        commit("j3", "n2", **{"top-node": "nosuch"}),
+        ("block-job-cancel", {"device": "j2", "force": True}),
+        wait_status("j2", "null"),
+        commit("j3", "n2", **{"top-node": "nosuch"}),
+        commit("j3", "n2", **{"top-node": "n2", "base-node": "n2"}),
+    ]
+    return [
+        commit("k", "n2", **{"top-node": "n1", "base-node": "n0", "auto-dismiss": False}),
+        wait_status("k", "concluded"), *held, ("job-dismiss", {"id": "k"}),
+        ("blockdev-del", {"node-name": "n1"}),  # dropped from the chain: n2 reads n0
+        commit("c", "n2", **{"speed": SLOW, "auto-dismiss": False}),
+        ("block-job-cancel", {"device": "c", "force": True}), wait_status("c", "concluded"),
+        *free, ("job-dismiss", {"id": "c"}),
+        commit("a", "n2", **{"auto-dismiss": False}), ("wait", {"event": "BLOCK_JOB_READY"}),
+        ("job-complete", {"id": "a"}), wait_status("a", "concluded"), *free,
+    ]
+
+
 CASES: dict[str, Case] = {
     "duplicate-node-names": (3, duplicates),
     # top n1 under the device n2; then top n2 with the overlay n3 under the device n4
-    "del-while-commit-runs-3": commit_case(3, "n1", cancel=True, speed=1024),
-    "del-while-commit-runs-5": commit_case(5, "n2", cancel=True, speed=1024),
-    "del-while-active-commit-runs": commit_case(4, None, cancel=True, speed=1024),
+    "del-while-commit-runs-3": commit_case(3, "n1", cancel=True, speed=SLOW),
+    "del-while-commit-runs-5": commit_case(5, "n2", cancel=True, speed=SLOW),
+    "del-while-active-commit-runs": commit_case(4, None, cancel=True, speed=SLOW),
     "del-after-commit-3": commit_case(3, "n1", cancel=False),
     "del-after-commit-4": commit_case(4, "n2", cancel=False),
     "del-after-commit-5": commit_case(5, "n2", cancel=False),
     "del-after-active-commit": commit_case(4, None, cancel=False),
+    "commit-into-busy-base": (3, busy_base),
+    "commit-on-held-device": (3, device_held),
 }
 
 

@@ -330,7 +330,9 @@ def plan_commit(
         base_bs = below_top[-1]
 
     intermediates = tuple(below_top[: below_top.index(base_bs)])
-    for node in intermediates:
+    # QEMU asks every node from top down to base itself (a job may hold base)
+    # before anything else about the pair
+    for node in (*intermediates, base_bs):
         reason = graph.blocker(node)
         if reason is not None:
             raise BlockError(f"Node '{node.node_name}' is busy: {reason}")
