@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from blockd.block.blkdebug import BlkdebugNode, rules_from_options
-from blockd.block.drivers.file import FileNode
+from blockd.block.drivers.file import FileNode, lock_image, run_io
 from blockd.block.drivers.qcow2.node import Qcow2Node
 from blockd.block.drivers.raw import RawNode
 from blockd.block.graph import BlockGraph
@@ -30,6 +30,8 @@ class _Opening:
         self.chain_files: list[str] = []
         self.path: list[str] = []  # where in the nested options we are, for messages
         self.force_share = False  # inherited by implicitly opened children
+        #: Child files opened but not locked yet: their parent locks them.
+        self.unlocked: list[FileNode] = []
 
     def param(self, name: str) -> str:
         return ".".join([*self.path, name])
@@ -94,11 +96,25 @@ async def _open_file(ctx: _Opening, options: dict[str, Any], read_only: bool) ->
         # even be asked about a name with a NUL.
         raise ImageError(f"Could not open '{filename}': {os.strerror(errno.ENOENT)}")
     locking = options.get("locking", "auto") != "off"
-    node = await FileNode.open(name, filename, read_only=read_only, locking=locking,
+    # As in QEMU, a child's file is locked only once its parent takes it, so
+    # the parent's own name is checked before a lock conflict is reported.
+    deferred = locking and bool(ctx.path)
+    node = await FileNode.open(name, filename, read_only=read_only,
+                               locking=locking and not deferred,
                                force_share=bool(options.get("force-share", False)))
     ctx.created.append(node)
     ctx.graph.add(node)
+    if deferred:
+        ctx.unlocked.append(node)
     return node
+
+
+async def _take(ctx: _Opening, child: BlockNode) -> None:
+    """Lock a child file opened for this parent, as QEMU does when it attaches it."""
+    if isinstance(child, FileNode) and child in ctx.unlocked:
+        ctx.unlocked.remove(child)
+        await run_io(lambda: lock_image(child.fd, child.read_only, child.force_share))
+        child.locking = True
 
 
 async def _open_blkdebug(ctx: _Opening, options: dict[str, Any], read_only: bool) -> BlockNode:
@@ -107,6 +123,7 @@ async def _open_blkdebug(ctx: _Opening, options: dict[str, Any], read_only: bool
         raise BlockError(f"Parameter '{ctx.param('image')}' is missing")
     rules, transitions = rules_from_options(options)
     image, implicit = await _child_ref(ctx, options["image"], read_only=read_only, what="image")
+    await _take(ctx, image)
     node = BlkdebugNode(name, image, read_only=read_only, rules=rules, transitions=transitions)
     ctx.created.append(node)
     ctx.graph.add(node, [image] if implicit else [])
@@ -141,15 +158,18 @@ async def _child_ref(
 async def _open_format(
     ctx: _Opening, driver: str, options: dict[str, Any], read_only: bool
 ) -> BlockNode:
-    name = _name(ctx, options)
     if "file" not in options:
+        _name(ctx, options)
         raise BlockError(f"Parameter '{ctx.param('file')}' is missing")
+    # QEMU opens the file child before it names the parent.
     file, file_implicit = await _child_ref(ctx, options["file"], read_only=read_only,
                                            what="file")
+    name = _name(ctx, options)
     # A read-write qcow2 node needs to write its file; a raw one only when its
     # own users write (the permission check refuses a read-only file then).
     if driver == "qcow2":
         ctx.graph.check_new_parent(name, file, Qcow2Node.file_role, not read_only)
+    await _take(ctx, file)
     implicit = [file] if file_implicit else []
     node: BlockNode
     if driver == "raw":

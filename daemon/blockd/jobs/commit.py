@@ -71,14 +71,16 @@ class CommitJob(Job):
         self.plan = plan
         self._pivot = pivot
         self._held: list[BlockNode] = []
+        self._committed = False
         self._used: list[BlockNode] = []
         self._base_was_read_only = plan.base.read_only
         self._copy = ChainCopy(graph, plan.top, plan.base)
 
     def _nodes(self) -> list[BlockNode]:
+        """What QEMU's commit job holds: the device, top down to base, and base
+        (an overlay between the device and top is held only while it is rewritten)."""
         plan = self.plan
-        nodes = [plan.device, plan.overlay, *plan.intermediates, plan.base]
-        return list({id(n): n for n in nodes}.values())
+        return [plan.device, *plan.intermediates, plan.base]
 
     async def setup(self) -> None:
         """Take the nodes and open base read-write; undone by :meth:`clean`.
@@ -173,9 +175,12 @@ class CommitJob(Job):
         # Base belongs with the overlay now; intermediates opened along with
         # the chain (not by a client) are closed, their files untouched.
         self.graph.adopt(plan.base, plan.overlay)
+        self._committed = True
         for node in plan.intermediates:
-            self._release_hold(node)
-            await self.graph.release(node)
+            # as in QEMU, the job keeps the ones a client added until it is dismissed
+            if not self.graph.is_monitor_owned(node):
+                self._release_hold(node)
+                await self.graph.release(node)
 
     async def _repoint(self, overlay: BlockNode) -> None:
         """Make ``overlay`` name base in its header (flushed), then in the graph."""
@@ -206,14 +211,19 @@ class CommitJob(Job):
 
     async def clean(self) -> None:
         self.graph.release_claims(self.id)
-        for node in list(self._held):
-            self._release_hold(node)
+        if not self._committed:
+            # QEMU's commit drops its hold when it aborts, not when dismissed
+            self.dismissed()
         while self._used:
             # an intermediate the commit dropped from the chain is closed here
             await self.graph.remove_user(self._used.pop())
         base = self.plan.base
         if self._base_was_read_only and not base.read_only and not base.closed:
             await base.reopen(read_only=True)
+
+    def dismissed(self) -> None:
+        for node in list(self._held):
+            self._release_hold(node)
 
 
 async def _nothing() -> None:
@@ -320,7 +330,9 @@ def plan_commit(
         base_bs = below_top[-1]
 
     intermediates = tuple(below_top[: below_top.index(base_bs)])
-    for node in intermediates:
+    # QEMU asks every node from top down to base itself (a job may hold base)
+    # before anything else about the pair
+    for node in (*intermediates, base_bs):
         reason = graph.blocker(node)
         if reason is not None:
             raise BlockError(f"Node '{node.node_name}' is busy: {reason}")

@@ -132,6 +132,10 @@ class Job:
     async def clean(self) -> None:
         """Release what the job held, whatever the outcome."""
 
+    def dismissed(self) -> None:
+        """Release what a job keeps until it is dismissed (QEMU's block job
+        keeps its hold on its nodes until the job itself is freed)."""
+
     def cancel_is_forced(self, force: bool) -> bool:
         """Whether a cancel request is a real cancel; only READY jobs differ."""
         return True
@@ -330,6 +334,7 @@ class Job:
 
     def _dismiss(self) -> None:
         self._transition(S.NULL)
+        self.dismissed()
         self._on_dismiss(self)
 
     # -- verbs (command handlers call these) --------------------------------
