@@ -1,0 +1,1130 @@
+"""Randomized differential runs: blockd and qemu-storage-daemon 7.2 side by side.
+
+A *scenario* is made from a seed alone (so a seed always means the same
+scenario): a random chain ``n0 <- n1 <- ...`` and spare overlays ``oK`` (made
+with qemu-img, filled with random patterns by qemu-io), a prologue that adds
+the chain and starts an NBD server, and a body of random steps: QMP commands
+(block-commit intermediate and active, the job verbs, blockdev-add/del,
+exports), qemu-io clients reading and writing through exports, and pauses of
+the test itself (so that commands land while a rate-limited job sleeps).
+
+Each daemon gets an identical copy of the images in its own directory and the
+same steps in lock step.  After every step both are *settled* (see
+:class:`JobTrack`), then compared: the reply (error class and text), the
+events of the step per job in order, query-block-jobs and query-jobs, and,
+whenever no job is alive, query-named-block-nodes and query-block-exports.
+At the end every job is cancelled and dismissed (compared too), both daemons
+quit, and every image's backing string, guest view (qemu-img compare between
+the two copies) and qemu-img check are compared.
+
+What is normalised, and why (timing, not behaviour):
+
+* event ``timestamp``; the daemon's directory and NBD socket in strings;
+  ``#blockNNN`` node names (QEMU's are random); ``actual-size`` (host
+  allocation of the image file, not what a client sees).
+* ``offset`` / ``current-progress``: shown only as whether they have reached
+  ``len`` / ``total-progress``.  How far a job got when it was paused,
+  cancelled or hit an error depends on chunk sizes and the clock.
+* repeats of the same BLOCK_JOB_ERROR in a row: one per request in flight
+  when the fault hit (QSD 7.2 alone gives 3 or 4 in the same scenario).
+* ``busy`` of a running or ready job (asleep in the rate limiter or copying).
+* ``len`` of an active commit before READY (QSD fills in the amount to copy
+  while the job runs: 0 or all of it, depending on when one asks), and while
+  it runs or is READY once a client has written to its top (the daemon counts
+  the write when its job loop next looks).
+* guest view of a commit's base when the job did not end with everything
+  copied (cancel before the end, error): which chunks arrived is timing.
+
+Deliberate differences are in :data:`ALLOWED`, each with its reason; nothing
+else is tolerated.  Known QSD 7.2 bugs the scenario must not step into are in
+:func:`skip_reason`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import random
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.helpers import DaemonProcess, RawQMP, start_blockd, start_qsd
+from tests.images import backing_of, create, nbd_io, qemu_img, qemu_io
+
+MiB = 1 << 20
+KiB = 1 << 10
+SIZE = 32 * MiB
+#: Rate limits under which a job copies one chunk and then sleeps for longer
+#: than any scenario lasts: such a job is *running* and stays running.
+SLOW_SPEEDS = (1, 4096, 65536)
+#: 0 is no limit; a limit this high finishes our few MiB within milliseconds.
+FAST_SPEEDS = (0, 1 << 30)
+FAST_MIN = 64 * MiB
+SETTLE_TIMEOUT = 20.0
+#: Statuses a job can stay in without a client's command (see Side.settle).
+RESTING = ("null", "concluded", "pending", "paused", "standby", "ready", "running")
+QUIET = 3.0
+BLKDEBUG_EVENTS = (
+    "read_aio",
+    "write_aio",
+    "none",
+    "pwritev",
+    "cow_read",
+    "cow_write",
+    "l2_load",
+    "l2_update",
+    "refblock_load",
+    "flush_to_disk",
+)
+
+Step = dict[str, Any]
+
+
+# --------------------------------------------------------------------------- scenario
+
+
+@dataclass
+class ImageSpec:
+    name: str
+    backing: str | None  # image name in the same directory
+    commands: list[str]
+    snapshot: bool = False
+
+
+@dataclass
+class Scenario:
+    seed: int
+    images: list[ImageSpec]
+    prologue: list[Step]
+    body: list[Step]
+    #: image name -> blkdebug rules on its file
+    blkdebug: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def with_body(self, body: list[Step]) -> Scenario:
+        return Scenario(self.seed, self.images, self.prologue, body, self.blkdebug)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Scenario:
+        raw = json.loads(text)
+        images = [ImageSpec(**i) for i in raw.pop("images")]
+        return cls(images=images, **raw)
+
+
+def is_fast(speed: int | None) -> bool:
+    return speed is None or speed == 0 or speed >= FAST_MIN
+
+
+def _extents(rng: random.Random, count: int, sizes: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Non-adjacent extents in the first 20 MiB (the rest is for client writes)."""
+    slots = sorted(rng.sample(range(0, 20, 3), count))
+    return [(s * MiB, rng.choice(sizes)) for s in slots]
+
+
+def file_options(name: str, rules: list[dict[str, Any]] | None) -> dict[str, Any]:
+    plain = {"driver": "file", "filename": f"{{d}}/{name}.qcow2", "node-name": f"f-{name}"}
+    if rules is None:
+        return plain
+    return {"driver": "blkdebug", "node-name": f"dbg-{name}", "inject-error": rules, "image": plain}
+
+
+def add_image(scn: Scenario, name: str, backing: str | None, read_only: bool) -> Step:
+    arguments = {
+        "driver": "qcow2",
+        "node-name": name,
+        "read-only": read_only,
+        "backing": backing,
+        "file": file_options(name, scn.blkdebug.get(name)),
+    }
+    return {"qmp": "blockdev-add", "args": arguments}
+
+
+#: What BLOCKD_FUZZ_AVOID can leave out of scenarios (comma-separated), so that a
+#: long run can look past a difference that is known and being fixed: each name
+#: is a feature that currently makes most sequences stop at their first steps.
+#: Off by default; a run that uses it must say so in its report.
+AVOIDABLE = {
+    "snapshots": "internal snapshots in images (blockd opens them read-only only)",
+    "blkdebug": "blkdebug under a chain member (events and query output differ)",
+    "duplicate-add": "blockdev-add of a node name that exists (error names another node)",
+}
+
+
+def generate(seed: int, steps: int, avoid: frozenset[str] = frozenset()) -> Scenario:
+    """The scenario of ``seed``: images, prologue and ``steps`` random body steps."""
+    unknown = avoid - set(AVOIDABLE)
+    if unknown:
+        raise ValueError(f"cannot avoid {sorted(unknown)}; choose from {sorted(AVOIDABLE)}")
+    rng = random.Random(seed)
+    k = rng.randint(2, 4)
+    chain = [f"n{i}" for i in range(k)]
+    images: list[ImageSpec] = []
+    extents: dict[str, list[tuple[int, int]]] = {}
+    for i, name in enumerate(chain):
+        # Every image above base holds >= 3 MiB in separate extents: more than a
+        # rate-limited job copies before its first sleep (see SLOW_SPEEDS).
+        ext = _extents(rng, 2 if i == 0 else rng.randint(3, 4), (MiB, 2 * MiB))
+        extents[name] = ext
+        commands = [f"write -P {rng.randint(1, 255):#x} {off} {n}" for off, n in ext]
+        if i and rng.random() < 0.2:
+            off = rng.randrange(0, 20) * MiB + 512 * KiB
+            commands.append(f"write -z {off} 256k")
+        snapshot = rng.random() < 0.06 and "snapshots" not in avoid
+        images.append(ImageSpec(name, chain[i - 1] if i else None, commands, snapshot))
+    for j in range(rng.randint(0, 2)):
+        under = rng.choice(chain)
+        ext = _extents(rng, 1, (MiB,))
+        extents[f"o{j}"] = ext
+        commands = [f"write -P {rng.randint(1, 255):#x} {off} {n}" for off, n in ext]
+        images.append(ImageSpec(f"o{j}", under, commands))
+    scn = Scenario(seed, images, [], [])
+    if rng.random() < 0.25 and "blkdebug" not in avoid:
+        target = rng.choice(chain)
+        rules = []
+        for _ in range(rng.randint(1, 2)):
+            rule: dict[str, Any] = {
+                "event": rng.choice(BLKDEBUG_EVENTS),
+                "errno": rng.choice((errno.EIO, errno.ENOSPC)),
+                "once": rng.random() < 0.6,
+            }
+            iotype = rng.choice((None, "read", "write", "flush"))
+            if iotype is not None:
+                rule["iotype"] = iotype
+            if iotype != "flush" and rng.random() < 0.7:
+                off, n = rng.choice(extents[target])
+                rule["sector"] = (off + rng.randrange(0, n, 64 * KiB)) // 512
+            rules.append(rule)
+        scn.blkdebug[target] = rules
+    for i, name in enumerate(chain):
+        ro = i < k - 1 and rng.random() < 0.85
+        scn.prologue.append(add_image(scn, name, chain[i - 1] if i else None, ro))
+    scn.prologue.append(
+        {"qmp": "nbd-server-start", "args": {"addr": {"type": "unix", "data": {"path": "{nbd}"}}}}
+    )
+    scn.body = _Generator(rng, scn, chain, avoid).body(steps)
+    return scn
+
+
+class _Generator:
+    """Picks plausible steps from a rough model of what should exist by then.
+
+    The model only steers the choice: whatever the daemons really answer is
+    compared, errors included, so a wrong guess is a test of an error path."""
+
+    def __init__(
+        self, rng: random.Random, scn: Scenario, chain: list[str], avoid: frozenset[str]
+    ) -> None:
+        self.avoid = avoid
+        self.rng = rng
+        self.scn = scn
+        self.chain = chain
+        self.backing: dict[str, str | None] = {
+            s.name: s.backing for s in scn.images if s.name in chain
+        }
+        self.header = {s.name: s.backing for s in scn.images}
+        self.jobs: list[str] = []
+        self.exports: dict[str, str] = {}
+        self.fresh = [20 * MiB + i * 256 * KiB for i in range(48)]
+        rng.shuffle(self.fresh)
+        self.n_exports = 0
+        rules = [r for rs in scn.blkdebug.values() for r in rs]
+        self.faulty = bool(rules)
+        self.all_once = all(r["once"] for r in rules)
+
+    def chain_of(self, node: str) -> list[str]:
+        out = []
+        while node is not None and node in self.backing and node not in out:
+            out.append(node)
+            node = self.backing[node]  # type: ignore[assignment]
+        return out
+
+    def roots(self) -> list[str]:
+        below = {b for b in self.backing.values() if b is not None}
+        return [n for n in self.backing if n not in below] or list(self.backing) or ["n0"]
+
+    def job(self) -> str:
+        if not self.jobs or self.rng.random() < 0.04:
+            return "nosuch"
+        return self.rng.choice(self.jobs[-3:])
+
+    def speed(self) -> int | None:
+        r = self.rng
+        if self.faulty:  # where a throttled job meets the bad sector depends on chunk sizes
+            return r.choice((None, None, *FAST_SPEEDS))
+        return r.choice((None, None, *FAST_SPEEDS, *SLOW_SPEEDS, *SLOW_SPEEDS))
+
+    def commit(self) -> Step:
+        r = self.rng
+        device = r.choice(self.roots())
+        chain = self.chain_of(device) or [device]
+        job = f"j{len(self.jobs)}"
+        self.jobs.append(job)
+        args: dict[str, Any] = {"job-id": job, "device": device}
+        if r.random() < 0.35 or len(chain) < 3:
+            if r.random() < 0.5:
+                args["top-node"] = device
+            below = chain[1:]
+        else:
+            i = r.randrange(1, len(chain) - 1)
+            args["top-node"] = chain[i]
+            below = chain[i + 1 :]
+            if r.random() < 0.1:
+                base = below[-1] if below else "n0"
+                args["backing-file"] = f"{base}.qcow2"
+        if below and r.random() < 0.5:
+            args["base-node"] = r.choice(below)
+        speed = self.speed()
+        if speed is not None:
+            args["speed"] = speed
+        if r.random() < 0.25:
+            args["auto-finalize"] = False
+        if r.random() < 0.3:
+            args["auto-dismiss"] = False
+        if self.faulty and r.random() < 0.8:
+            choices = ["report", "stop", "enospc"] + (["ignore"] if self.all_once else [])
+            args["on-error"] = r.choice(choices)
+        return {"qmp": "block-commit", "args": args}
+
+    def step(self) -> Step:
+        r = self.rng
+        kinds: list[tuple[float, Callable[[], Step]]] = [
+            (3.0, self.commit),
+            (2.0, self.set_speed),
+            (1.5, lambda: self.verb("pause")),
+            (1.5, lambda: self.verb("resume")),
+            (1.5, self.cancel),
+            (1.0, lambda: self.verb("complete")),
+            (1.0, lambda: self.verb("finalize")),
+            (1.0, lambda: self.verb("dismiss")),
+            (1.0, self.delete),
+            (1.0, self.add),
+            (1.0, self.export_add),
+            (0.4, self.export_del),
+            (1.5 if self.exports else 0.0, self.write),
+            (0.5 if self.exports else 0.0, self.read),
+            (1.0, self.sleep),
+        ]
+        total = sum(w for w, _ in kinds)
+        x = r.random() * total
+        for weight, make in kinds:
+            x -= weight
+            if x < 0:
+                return make()
+        return self.sleep()
+
+    def body(self, n: int) -> list[Step]:
+        return [self.step() for _ in range(n)]
+
+    def set_speed(self) -> Step:
+        speed = self.speed()
+        if self.rng.random() < 0.03:
+            speed = -1
+        return {"qmp": "block-job-set-speed", "args": {"device": self.job(), "speed": speed or 0}}
+
+    def verb(self, verb: str) -> Step:
+        job = self.job()
+        if verb in ("finalize", "dismiss"):
+            prefix = "job" if self.rng.random() < 0.7 else "block-job"
+            return {"qmp": f"{prefix}-{verb}", "args": {"id": job}}
+        if self.rng.random() < 0.5:
+            return {"qmp": f"job-{verb}", "args": {"id": job}}
+        return {"qmp": f"block-job-{verb}", "args": {"device": job}}
+
+    def cancel(self) -> Step:
+        job = self.job()
+        if self.rng.random() < 0.25:
+            return {"qmp": "job-cancel", "args": {"id": job}}
+        args: dict[str, Any] = {"device": job}
+        if self.rng.random() < 0.5:
+            args["force"] = self.rng.random() < 0.7
+        return {"qmp": "block-job-cancel", "args": args}
+
+    def delete(self) -> Step:
+        r = self.rng
+        names = list(self.backing) + [f"f-{n}" for n in self.backing] + ["nosuch"]
+        name = r.choice(names)
+        below = {b for b in self.backing.values() if b is not None}
+        if (
+            name in self.backing
+            and name not in below
+            and name not in self.exports.values()
+            and not self.jobs
+        ):
+            del self.backing[name]
+        return {"qmp": "blockdev-del", "args": {"node-name": name}}
+
+    def add(self) -> Step:
+        r = self.rng
+        missing = [s.name for s in self.scn.images if s.name not in self.backing]
+        if not missing and "duplicate-add" in self.avoid:
+            return self.sleep()
+        name = r.choice(missing) if missing else r.choice([s.name for s in self.scn.images])
+        backing = self.header[name]
+        if backing not in self.backing or r.random() < 0.15:
+            backing = r.choice([*self.backing, None]) if self.backing else None
+        self.backing[name] = backing
+        read_only = name in self.chain and name != self.chain[-1] and r.random() < 0.7
+        return add_image(self.scn, name, backing, read_only)
+
+    def export_add(self) -> Step:
+        r = self.rng
+        node = r.choice([*self.backing, "nosuch"])
+        eid = f"e{self.n_exports}"
+        self.n_exports += 1
+        self.exports[eid] = node
+        args = {"type": "nbd", "id": eid, "node-name": node, "writable": r.random() < 0.75}
+        return {"qmp": "block-export-add", "args": args}
+
+    def export_del(self) -> Step:
+        eid = self.rng.choice([*self.exports, "nosuch"])
+        node = self.exports.pop(eid, None)
+        args: dict[str, Any] = {"id": eid}
+        if node is not None and self.rng.random() < 0.3:
+            args["mode"] = "hard"
+        return {"qmp": "block-export-del", "args": args}
+
+    def write(self) -> Step:
+        node = self.rng.choice(list(self.exports.values()))
+        offset = self.fresh.pop() if self.fresh else self.rng.randrange(0, SIZE, 64 * KiB)
+        pattern = self.rng.randint(1, 255)
+        return {"io": node, "cmds": [f"write -P {pattern:#x} {offset} 64k"]}
+
+    def read(self) -> Step:
+        node = self.rng.choice(list(self.exports.values()))
+        offset = self.rng.randrange(0, 24 * MiB, 64 * KiB)
+        return {"io": node, "cmds": [f"read -v {offset} 512"]}
+
+    def sleep(self) -> Step:
+        return {"sleep": self.rng.choice((0.05, 0.3, 1.0))}
+
+
+def build_images(scn: Scenario, d: Path) -> None:
+    d.mkdir(parents=True)
+    for spec in scn.images:
+        image = create(d / f"{spec.name}.qcow2", size=f"{SIZE}", backing=(
+            f"{spec.backing}.qcow2" if spec.backing else None))
+        if spec.commands:
+            qemu_io(image, *spec.commands)
+        if spec.snapshot:
+            qemu_img("snapshot", "-c", "snap1", str(image))
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass
+class JobTrack:
+    """What a client knows about one job: its status (from events) and what it
+    asked for (from successful replies).  ``stable`` says whether the job can
+    stay in its status until the client does something: that is the point at
+    which both daemons are compared."""
+
+    kind: str  # "active" or "commit"
+    base: str | None
+    fast: bool
+    auto_finalize: bool
+    auto_dismiss: bool
+    status: str = "created"
+    want_pause: bool = False
+    error_pause: bool = False
+    cancelling: bool = False
+    completing: bool = False
+    finalizing: bool = False
+    written: bool = False  # a client wrote to the active layer while it ran
+    errors: bool = False
+    completed_ok: bool = False
+
+    def fold(self, event: dict[str, Any]) -> None:
+        data = event.get("data", {})
+        name = event["event"]
+        if name == "JOB_STATUS_CHANGE":
+            self.status = data["status"]
+        elif name == "BLOCK_JOB_ERROR":
+            self.errors = True
+            if data.get("action") == "stop":
+                self.error_pause = True
+        elif name == "BLOCK_JOB_COMPLETED":
+            self.completed_ok = "error" not in data
+
+    def stable(self) -> bool:
+        s = self.status
+        if s == "null":
+            return True
+        if s == "concluded":
+            return not self.auto_dismiss
+        if s in ("created", "waiting", "aborting"):
+            return False
+        if s in ("paused", "standby"):
+            return (self.want_pause or self.error_pause) and not self.cancelling
+        if s == "pending":
+            return not self.auto_finalize and not self.finalizing and not self.cancelling
+        if s == "ready":
+            return not (self.completing or self.cancelling or self.want_pause)
+        # running
+        return not (self.fast or self.want_pause or self.cancelling or self.error_pause)
+
+
+def diff_paths(a: Any, b: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+    """Where two JSON values differ (for readable reports)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b), key=str):
+            out += diff_paths(a.get(key, "<absent>"), b.get(key, "<absent>"), f"{path}.{key}")
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        out = []
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            name = x.get("node-name", i) if isinstance(x, dict) else i
+            out += diff_paths(x, y, f"{path}[{name}]")
+        return out
+    return [] if a == b else [(path or "<root>", a, b)]
+
+
+class Difference(AssertionError):
+    def __init__(self, where: str, kind: str, qsd: Any, ours: Any) -> None:
+        self.where, self.kind, self.qsd, self.ours = where, kind, qsd, ours
+        detail = "\n".join(f"  at {path}: qsd {a!r}, blockd {b!r}" for path, a, b in
+                           diff_paths(qsd, ours)[:12])
+        super().__init__(f"{where}: {kind} differs\n{detail}")
+
+    def signature(self) -> str:
+        """What kind of difference, at what kind of step (for shrinking and tallies)."""
+        command = re.search(r'"qmp": "([^"]+)"', self.where)
+        if command is not None:
+            at = command.group(1)
+        elif '"io"' in self.where:
+            at = "io"
+        else:
+            at = self.where.split(" ")[0]
+        return f"{self.kind}@{at}"
+
+
+class Inconclusive(Exception):
+    """qemu-storage-daemon itself did not reach a state to compare at."""
+
+
+class Side:
+    def __init__(self, name: str, daemon: DaemonProcess, d: Path, nbd: Path) -> None:
+        self.name, self.daemon, self.dir, self.nbd = name, daemon, d, nbd
+        self.client = RawQMP(daemon.socket_path, timeout=30.0)
+        self.client.negotiate()
+        self.cursor = 0
+        self.jobs: dict[str, JobTrack] = {}
+        self.early: dict[str, list[Any]] = {}
+        self._folded = 0
+        #: image node -> its backing node, for nodes this side added successfully
+        self.graph: dict[str, str | None] = {}
+        self.exports: dict[str, str] = {}
+
+    def sub(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return value.replace("{d}", str(self.dir)).replace("{nbd}", str(self.nbd))
+        if isinstance(value, dict):
+            return {k: self.sub(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.sub(v) for v in value]
+        return value
+
+    def unsub(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return value.replace(str(self.nbd), "{nbd}").replace(str(self.dir), "{d}")
+        if isinstance(value, dict):
+            return {k: self.unsub(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.unsub(v) for v in value]
+        return value
+
+    def execute(self, command: str, args: dict[str, Any] | None) -> dict[str, Any]:
+        reply = self.client.execute(command, self.sub(args) if args is not None else None)
+        self.absorb()
+        if "return" in reply:
+            self.track(command, args or {})
+        return reply
+
+    def track(self, command: str, args: dict[str, Any]) -> None:
+        job = self.jobs.get(str(args.get("id", args.get("device", ""))))
+        if command == "block-commit":
+            active = args.get("top-node", args["device"]) == args["device"]
+            track = JobTrack(
+                kind="active" if active else "commit",
+                base=args.get("base-node"),
+                fast=is_fast(args.get("speed")),
+                auto_finalize=args.get("auto-finalize", True),
+                auto_dismiss=args.get("auto-dismiss", True),
+            )
+            for event in self.early.pop(args["job-id"], []):
+                track.fold(event)
+            self.jobs[args["job-id"]] = track
+        elif command == "blockdev-add":
+            self.graph[args["node-name"]] = args.get("backing")
+        elif command == "blockdev-del":
+            self.graph.pop(args["node-name"], None)
+        elif command == "block-export-add":
+            self.exports[args["id"]] = args["node-name"]
+        elif job is None:
+            return
+        elif command == "block-job-set-speed":
+            job.fast = is_fast(args["speed"])
+        elif command.endswith("-pause"):
+            job.want_pause = True
+        elif command.endswith("-resume"):
+            job.want_pause = job.error_pause = False
+        elif command.endswith("-cancel"):
+            job.cancelling = True
+        elif command.endswith("-complete"):
+            job.completing = True
+        elif command.endswith("-finalize"):
+            job.finalizing = True
+
+    def absorb(self) -> None:
+        """Fold new events into the job tracks (events of a job whose start
+        has not been answered yet wait for the answer)."""
+        while self._folded < len(self.client.events):
+            event = self.client.events[self._folded]
+            self._folded += 1
+            data = event.get("data", {})
+            name = event["event"]
+            if name == "BLOCK_EXPORT_DELETED":
+                self.exports.pop(data.get("id"), None)
+            if name in ("JOB_STATUS_CHANGE", "BLOCK_JOB_PENDING"):
+                jid = data.get("id")
+            elif name.startswith("BLOCK_JOB"):
+                jid = data.get("device")
+            else:
+                continue
+            job = self.jobs.get(jid)
+            if job is None:
+                self.early.setdefault(jid, []).append(event)
+            else:
+                job.fold(event)
+
+    def poll(self, timeout: float) -> None:
+        self.client.sock.settimeout(timeout)
+        try:
+            self.client.events.append(self.client.read())
+        except TimeoutError:
+            pass
+        finally:
+            self.client.sock.settimeout(30.0)
+        self.absorb()
+
+    def statuses(self) -> dict[str, str]:
+        return {j: t.status for j, t in self.jobs.items() if t.status != "null"}
+
+    def settle(self, target: dict[str, str] | None = None) -> bool:
+        """Wait until every job is stable (and, with ``target``, in those statuses).
+
+        A job that stays QUIET seconds without an event in a status a job can
+        rest in counts as stable too: QSD 7.2 sometimes leaves a job paused
+        after a resume (a pause count left over from a drain), and a client
+        sees exactly that."""
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        seen, since = len(self.client.events), time.monotonic()
+        while True:
+            self.absorb()
+            if len(self.client.events) != seen:
+                seen, since = len(self.client.events), time.monotonic()
+            quiet = time.monotonic() - since > QUIET and all(
+                t.status in RESTING for t in self.jobs.values()
+            )
+            stable = quiet or all(t.stable() for t in self.jobs.values())
+            if target is None and stable:
+                return True
+            if target is not None and self.statuses() == target:
+                return True
+            if target is not None and stable:
+                # Stable but not where QSD is: give late events a moment, then compare.
+                self.poll(0.3)
+                return self.statuses() == target
+            if time.monotonic() > deadline:
+                return False
+            self.poll(0.1)
+
+    def take_events(self) -> list[Any]:
+        self.absorb()
+        out = self.client.events[self.cursor :]
+        self.cursor = len(self.client.events)
+        return out
+
+    def alive(self) -> bool:
+        return any(t.status not in ("null", "concluded") for t in self.jobs.values())
+
+    def close(self) -> None:
+        self.client.close()
+
+
+JOB_EVENT_KEYS = ("offset", "current-progress")
+
+
+def normalise(side: Side, value: Any) -> Any:
+    """The parts of a reply or event that do not depend on timing (module doc)."""
+    value = side.unsub(value)
+
+    def walk(v: Any) -> Any:
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        if not isinstance(v, dict):
+            return v
+        out: dict[str, Any] = {}
+        job_id = v.get("device", v.get("id"))
+        track = side.jobs.get(job_id) if isinstance(job_id, str) else None
+        status = v.get("status", "running")
+        amount_timing = (
+            track is not None
+            and track.kind == "active"
+            and (
+                v.get("status") == "running"
+                or (track.written and status in ("running", "ready"))
+            )
+        )
+        for key, item in v.items():
+            if key in ("timestamp", "actual-size"):
+                continue
+            if key == "node-name" and str(item).startswith("#block"):
+                item = "<auto>"
+            if key == "offset" and "len" in v:
+                item = "=len" if item == v["len"] else "<len"
+            if key == "current-progress" and "total-progress" in v:
+                item = "=total" if item == v["total-progress"] else "<total"
+            if key == "busy" and status in ("running", "ready"):
+                item = "<timing>"
+            if amount_timing and key in ("len", "total-progress", "offset", "current-progress"):
+                item = "<timing>"
+            out[key] = walk(item)
+        return out
+
+    return walk(value)
+
+
+def group_events(side: Side, events: list[Any]) -> dict[str, list[Any]]:
+    groups: dict[str, list[Any]] = {}
+    for event in events:
+        data = event.get("data", {})
+        key = str(data.get("id", data.get("device", "-")))
+        entry = [event["event"], normalise(side, data)]
+        group = groups.setdefault(key, [])
+        if entry[0] == "BLOCK_JOB_ERROR" and group and group[-1] == entry:
+            # As many identical errors as requests were in flight when the
+            # first failed: QSD 7.2 itself reports 3 or 4 in the same run.
+            continue
+        group.append(entry)
+    return groups
+
+
+def sort_nodes(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(nodes, key=lambda n: json.dumps([n.get(k) for k in ("node-name", "drv", "file")]))
+
+
+# --------------------------------------------------------------------------- allow-list
+#
+# Each entry is a difference README.md lists as deliberate: what blockd
+# refuses where qemu-storage-daemon 7.2 goes ahead and damages data, or where
+# blockd restores a state QSD leaves changed.  Nothing else is tolerated.
+
+#: A1. Committing into a base that another open chain reads from: QSD 7.2
+#: starts the job and changes what that other chain reads; blockd refuses.
+#: The two daemons' states part here, so the run stops comparing (and checks
+#: that blockd's images are sound).
+COMMIT_INTO_SHARED_BASE = re.compile(
+    r"^Conflicts with use by node '(?P<parent>[^']+)' as 'backing', which does not allow "
+    r"'write' on (?P<base>\S+): committing into '(?P=base)' would change what "
+    r"'(?P=parent)' reads$"
+)
+
+
+def allowed_divergence(side: Side, step: Step, qsd_reply: Any, our_reply: Any) -> str | None:
+    """The allow-list entry that explains differing replies, if any."""
+    if step.get("qmp") != "block-commit" or "return" not in qsd_reply:
+        return None
+    desc = our_reply.get("error", {}).get("desc", "")
+    match = COMMIT_INTO_SHARED_BASE.match(desc)
+    if match is None:
+        return None
+    # It must be true: the parent is open, backed by the base, outside the commit.
+    parent, base = match["parent"], match["base"]
+    if side.graph.get(parent) != base:
+        return None
+    return f"A1: blockd refuses to commit into {base}, which {parent} also reads from"
+
+
+def restored_read_only(side: Side, read_only_at_add: dict[str, bool]) -> set[str]:
+    """A2. Nodes whose ``ro`` may differ: the base of an active commit that ended
+    without the pivot, opened read-only (QSD 7.2 leaves it read-write; blockd puts
+    it back, README "Merging the active layer"), and the file nodes under it."""
+    out: set[str] = set()
+    for job in side.jobs.values():
+        base = job.base
+        if job.kind != "active" or base is None or not read_only_at_add.get(base, False):
+            continue
+        if job.status in ("concluded", "null") and not (job.completed_ok and job.completing):
+            out |= {base, f"f-{base}", f"dbg-{base}"}
+    return out
+
+
+def skip_reason(qsd: Side, step: Step) -> str | None:
+    """Steps not run at all, because QSD 7.2 has a bug there (not a difference to judge)."""
+    if "io" in step and "write" in step["cmds"][0]:
+        for job in qsd.jobs.values():
+            if job.kind == "active" and job.status == "pending":
+                # ACTIVE_COMMIT_NOTES.md §5: QSD 7.2 loses a write made while an
+                # active commit is PENDING.
+                return "QSD 7.2 loses writes while an active commit is pending"
+    return None
+
+
+# --------------------------------------------------------------------------- the run
+
+
+IO_NOISE = re.compile(r"^(wrote|read) \d+/\d+ bytes at offset \d+$|ops/sec|^\d+ ops;")
+
+
+@dataclass
+class Outcome:
+    steps_run: int = 0
+    skipped: list[str] = field(default_factory=list)
+    allowed: list[str] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def _daemons(
+    sock_dir: Path, work: Path, start_b: Callable[[Path], DaemonProcess]
+) -> Iterator[tuple[Side, Side]]:
+    sides: list[Side] = []
+    procs: list[DaemonProcess] = []
+    try:
+        for name, start in (("qsd", start_qsd), ("blockd", start_b)):
+            proc = start(sock_dir / f"{name}.sock")
+            procs.append(proc)
+            sides.append(Side(name, proc, work / name, sock_dir / f"{name}-nbd.sock"))
+        yield sides[0], sides[1]
+    finally:
+        for side in sides:
+            side.close()
+        for proc in procs:
+            proc.stop()
+
+
+def run_io(side: Side, step: Step) -> Any:
+    result = nbd_io(side.nbd, step["io"], *step["cmds"])
+    lines = [ln for ln in result.stdout.splitlines() if not IO_NOISE.search(ln)]
+    return {"rc": result.returncode, "out": lines, "err": side.unsub(result.stderr.strip())}
+
+
+def run_scenario(
+    scn: Scenario,
+    work: Path,
+    start_b: Callable[[Path], DaemonProcess] = start_blockd,
+    tamper: Callable[[Path], None] | None = None,
+) -> Outcome:
+    """Run ``scn`` on QSD and on the daemon ``start_b`` starts; raise
+    :class:`Difference` at the first observable difference.  ``tamper`` changes
+    the second daemon's copy of the images first (to prove a test can fail)."""
+    outcome = Outcome()
+    pristine = work / "images"
+    build_images(scn, pristine)
+    for name in ("qsd", "blockd"):
+        shutil.copytree(pristine, work / name)
+    if tamper is not None:
+        tamper(work / "blockd")
+    sock_dir = Path(tempfile.mkdtemp(prefix="fz-"))
+    diverged = False
+    try:
+        with _daemons(sock_dir, work, start_b) as (qsd, ours):
+            ro_at_add: dict[str, bool] = {}
+            steps = scn.prologue + scn.body
+            for index, step in enumerate(steps):
+                where = f"step {index} {json.dumps(step)}"
+                if "sleep" in step:
+                    time.sleep(step["sleep"])
+                    continue
+                reason = skip_reason(qsd, step)
+                if reason is not None:
+                    outcome.skipped.append(f"{where}: {reason}")
+                    continue
+                outcome.steps_run += 1
+                if "io" in step:
+                    theirs, mine = run_io(qsd, step), run_io(ours, step)
+                    for job in (*qsd.jobs.values(), *ours.jobs.values()):
+                        if job.kind == "active" and job.status not in ("null", "concluded"):
+                            job.written = True
+                else:
+                    args = step.get("args")
+                    theirs = normalise(qsd, qsd.execute(step["qmp"], args))
+                    mine = normalise(ours, ours.execute(step["qmp"], args))
+                    if step["qmp"] == "blockdev-add" and "return" in theirs:
+                        ro_at_add[args["node-name"]] = bool(args.get("read-only", False))
+                if theirs != mine:
+                    allowed = allowed_divergence(ours, step, theirs, mine)
+                    if allowed is None:
+                        raise Difference(where, "reply", theirs, mine)
+                    outcome.allowed.append(f"{where}: {allowed}")
+                    diverged = True
+                    break
+                compare_state(qsd, ours, where, ro_at_add)
+            if not diverged:
+                cleanup(qsd, ours, ro_at_add, outcome)
+            for side in (qsd, ours):
+                reply = side.execute("quit", None)
+                if reply != {"return": {}}:
+                    raise Difference("quit", "reply", reply, side.name)
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)
+    compare_disks(scn, work, qsd, ours, diverged)
+    return outcome
+
+
+def compare_state(qsd: Side, ours: Side, where: str, ro_at_add: dict[str, bool]) -> None:
+    if not qsd.settle():
+        raise Inconclusive(f"{where}: QSD did not settle: {qsd.statuses()}")
+    target = qsd.statuses()
+    if not ours.settle(target):
+        raise Difference(where, "job statuses", target, ours.statuses())
+    for command in ("query-block-jobs", "query-jobs"):
+        theirs = normalise(qsd, qsd.execute(command, None))
+        mine = normalise(ours, ours.execute(command, None))
+        if theirs != mine:
+            raise Difference(where, command, theirs, mine)
+    theirs_ev = group_events(qsd, qsd.take_events())
+    mine_ev = group_events(ours, ours.take_events())
+    if theirs_ev != mine_ev:
+        raise Difference(where, "events", theirs_ev, mine_ev)
+    if not qsd.alive() and not ours.alive():
+        compare_graph(qsd, ours, where, ro_at_add)
+
+
+def compare_graph(qsd: Side, ours: Side, where: str, ro_at_add: dict[str, bool]) -> None:
+    loose = restored_read_only(ours, ro_at_add)
+    views = []
+    for side in (qsd, ours):
+        nodes = normalise(side, side.execute("query-named-block-nodes", {"flat": True}))
+        nodes = sort_nodes(nodes.get("return", nodes))
+        views.append(nodes)
+    theirs, mine = views
+    for a, b in zip(theirs, mine, strict=False):
+        name = a.get("node-name")
+        if name in loose and name == b.get("node-name") and a.get("ro") is False and b.get("ro"):
+            # A2 (see restored_read_only)
+            a["ro"] = b["ro"] = "<A2: read-only restored>"
+    if theirs != mine:
+        raise Difference(where, "query-named-block-nodes", theirs, mine)
+    theirs_x = normalise(qsd, qsd.execute("query-block-exports", None))
+    mine_x = normalise(ours, ours.execute("query-block-exports", None))
+    if theirs_x != mine_x:
+        raise Difference(where, "query-block-exports", theirs_x, mine_x)
+
+
+def cleanup(qsd: Side, ours: Side, ro_at_add: dict[str, bool], outcome: Outcome) -> None:
+    """Cancel whatever still runs, dismiss what is left: compared like any step."""
+    for phase in ("cancel", "dismiss"):
+        for jid, job in sorted(qsd.jobs.items()):
+            if phase == "cancel" and job.status not in ("null", "concluded"):
+                step: Step = {"qmp": "block-job-cancel", "args": {"device": jid, "force": True}}
+            elif phase == "dismiss" and job.status == "concluded":
+                step = {"qmp": "job-dismiss", "args": {"id": jid}}
+            else:
+                continue
+            where = f"cleanup {json.dumps(step)}"
+            theirs = normalise(qsd, qsd.execute(step["qmp"], step["args"]))
+            mine = normalise(ours, ours.execute(step["qmp"], step["args"]))
+            if theirs != mine:
+                raise Difference(where, "reply", theirs, mine)
+            compare_state(qsd, ours, where, ro_at_add)
+    for side in (qsd, ours):
+        if side.jobs and side.alive():
+            raise Inconclusive(f"{side.name} still has jobs after cleanup: {side.statuses()}")
+    compare_graph(qsd, ours, "final", ro_at_add)
+
+
+def _check(image: Path) -> dict[str, Any]:
+    result = subprocess.run(
+        ["qemu-img", "check", "--output=json", str(image)], capture_output=True, text=True
+    )
+    try:
+        report: dict[str, Any] = json.loads(result.stdout)
+    except json.JSONDecodeError:
+        report = {"error": result.stderr.strip()}
+    return {
+        "rc": result.returncode,
+        "corruptions": report.get("corruptions", 0),
+        "leaks": report.get("leaks", 0),
+        "error": report.get("error"),
+    }
+
+
+def compare_disks(scn: Scenario, work: Path, qsd: Side, ours: Side, diverged: bool) -> None:
+    """Backing strings, guest views and qemu-img check of every image."""
+    partial_bases = {
+        j.base or "<bottom>"
+        for side in (qsd, ours)
+        for j in side.jobs.values()
+        if not j.completed_ok or j.errors
+    }
+    # A job started without base-node commits into its chain's bottom: which one that
+    # is depends on the graph at the time, so any bottom-less partial job taints all.
+    any_bottom = "<bottom>" in partial_bases
+    write_faults = any(
+        r.get("iotype") in ("write", "flush") or r["event"] in ("write_aio", "pwritev", "cow_write",
+                                                                "l2_update", "flush_to_disk")
+        for rules in scn.blkdebug.values()
+        for r in rules
+    )
+    for spec in scn.images:
+        theirs, mine = work / "qsd" / f"{spec.name}.qcow2", work / "blockd" / f"{spec.name}.qcow2"
+        where = f"image {spec.name}"
+        mine_check = _check(mine)
+        if mine_check["corruptions"] or mine_check["error"]:
+            raise Difference(where, "qemu-img check", _check(theirs), mine_check)
+        if diverged:
+            continue
+        theirs_check = _check(theirs)
+        if mine_check["leaks"] and not theirs_check["leaks"] and not (
+            write_faults and spec.name in scn.blkdebug
+        ):
+            raise Difference(where, "qemu-img check", theirs_check, mine_check)
+        qsd_backing = backing_of(theirs)
+        want = None if qsd_backing is None else qsd_backing.replace(str(qsd.dir), str(ours.dir))
+        got = backing_of(mine)
+        if got != want:
+            raise Difference(where, "backing string", qsd_backing, got)
+        if spec.name in partial_bases or (any_bottom and spec.backing is None):
+            continue
+        result = subprocess.run(
+            ["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(theirs), str(mine)],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise Difference(where, "guest view (qemu-img compare)", "", result.stdout.strip())
+
+
+# --------------------------------------------------------------------------- shrinking
+
+
+def shrink(
+    scn: Scenario,
+    failure: Difference,
+    attempt: Callable[[Scenario], Difference | None],
+    budget: int = 40,
+) -> tuple[Scenario, Difference]:
+    """ddmin over the body: the shortest body that still fails the same way."""
+    body, best = list(scn.body), failure
+    signature = failure.signature()
+    runs = 0
+    chunk = max(1, len(body) // 2)
+    # First cut everything after the failing step: it never ran.
+    m = re.match(r"step (\d+) ", failure.where)
+    if m:
+        body = body[: max(0, int(m.group(1)) - len(scn.prologue)) + 1]
+    while chunk >= 1 and runs < budget:
+        i, changed = 0, False
+        while i < len(body) and runs < budget:
+            candidate = body[:i] + body[i + chunk :]
+            runs += 1
+            got = attempt(scn.with_body(candidate))
+            if got is not None and got.signature() == signature:
+                body, best, changed = candidate, got, True
+            else:
+                i += chunk
+        if not changed:
+            chunk //= 2
+    return scn.with_body(body), best
+
+
+def try_scenario(
+    scn: Scenario,
+    start_b: Callable[[Path], DaemonProcess] = start_blockd,
+    inconclusive: Callable[[str], object] = lambda why: None,
+) -> Difference | None:
+    """The first difference of one run of ``scn``, if any."""
+    with tempfile.TemporaryDirectory(prefix="fuzz-") as name:
+        try:
+            run_scenario(scn, Path(name), start_b)
+        except Difference as diff:
+            return diff
+        except Inconclusive as why:
+            inconclusive(str(why))
+    return None
+
+
+def describe(scn: Scenario) -> str:
+    lines = [f"seed {scn.seed}"]
+    for spec in scn.images:
+        lines.append(f"  image {spec.name} <- {spec.backing}: {spec.commands}"
+                     + (" +snapshot" if spec.snapshot else ""))
+    for name, rules in scn.blkdebug.items():
+        lines.append(f"  blkdebug under {name}: {rules}")
+    for i, step in enumerate(scn.prologue + scn.body):
+        lines.append(f"  {i}: {json.dumps(step)}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- campaigns
+
+
+def avoid_from_env(value: str | None) -> frozenset[str]:
+    return frozenset(x.strip() for x in (value or "").split(",") if x.strip())
+
+
+def campaign(
+    seeds: range,
+    steps: int,
+    out: Path,
+    avoid: frozenset[str] = frozenset(),
+    shrink_budget: int = 30,
+) -> dict[str, Any]:
+    """Run many seeds, tally differences by signature, shrink the first of each kind.
+
+    ``python -m tests.interop.random_driver FIRST COUNT STEPS OUTDIR [AVOID]``
+    writes ``summary.json`` (kept up to date while it runs), ``diff-SEED.txt``
+    for every failing seed and ``scenario-SEED.json`` (the shrunk scenario, for
+    BLOCKD_FUZZ_REPLAY) for the first seed of each signature."""
+    out.mkdir(parents=True, exist_ok=True)
+    tally: dict[str, list[int]] = {}
+    inconclusive: list[int] = []
+    started = time.monotonic()
+    summary: dict[str, Any] = {}
+    for ran, seed in enumerate(seeds, start=1):
+        scn = generate(seed, steps, avoid)
+        diff = try_scenario(scn, inconclusive=lambda why, s=seed: inconclusive.append(s))
+        if diff is not None:
+            sig = diff.signature()
+            first = sig not in tally
+            tally.setdefault(sig, []).append(seed)
+            text = f"{diff}\n\n{describe(scn)}\n"
+            if first:
+                small, small_diff = shrink(scn, diff, try_scenario, shrink_budget)
+                text += f"\n--- shrunk ---\n{small_diff}\n\n{describe(small)}\n"
+                (out / f"scenario-{seed}.json").write_text(small.to_json())
+            (out / f"diff-{seed}.txt").write_text(text)
+        summary = {
+            "ran": ran,
+            "seconds": round(time.monotonic() - started),
+            "seeds": [seeds.start, seed],
+            "steps": steps,
+            "avoid": sorted(avoid),
+            "passed": ran - sum(len(v) for v in tally.values()) - len(inconclusive),
+            "differences": {k: v for k, v in sorted(tally.items())},
+            "inconclusive": inconclusive,
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    import sys
+
+    first, count, n_steps = (int(a) for a in sys.argv[1:4])
+    avoid = avoid_from_env(sys.argv[5] if len(sys.argv) > 5 else None)
+    result = campaign(range(first, first + count), n_steps, Path(sys.argv[4]), avoid)
+    print(json.dumps(result, indent=1))
