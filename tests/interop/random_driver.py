@@ -25,6 +25,12 @@ What is normalised, and why (timing, not behaviour):
 * ``offset`` / ``current-progress``: shown only as whether they have reached
   ``len`` / ``total-progress``.  How far a job got when it was paused,
   cancelled or hit an error depends on chunk sizes and the clock.
+* ``virtual-size`` of a protocol node (file, blkdebug): the host file's
+  length, which grows with the clusters a daemon has allocated (timing, for a
+  cancelled copy; allocation order otherwise), like ``actual-size``.
+* a ``paused`` then ``running`` (``standby`` then ``ready``) status change of
+  a job within one step: no single command pauses and resumes a job; QSD 7.2
+  emits the pair when it drains the graph around a change elsewhere.
 * repeats of the same BLOCK_JOB_ERROR in a row: one per request in flight
   when the fault hit (QSD 7.2 alone gives 3 or 4 in the same scenario).
 * ``busy`` of a running or ready job (asleep in the rate limiter or copying).
@@ -696,6 +702,8 @@ def normalise(side: Side, value: Any) -> Any:
                 item = "=len" if item == v["len"] else "<len"
             if key == "current-progress" and "total-progress" in v:
                 item = "=total" if item == v["total-progress"] else "<total"
+            if key == "virtual-size" and v.get("format") in ("file", "blkdebug"):
+                item = "<host file length>"
             if key == "busy" and status in ("running", "ready"):
                 item = "<timing>"
             if amount_timing and key in ("len", "total-progress", "offset", "current-progress"):
@@ -706,6 +714,9 @@ def normalise(side: Side, value: Any) -> Any:
     return walk(value)
 
 
+DRAIN_PAIRS = {("paused", "running"), ("standby", "ready")}
+
+
 def group_events(side: Side, events: list[Any]) -> dict[str, list[Any]]:
     groups: dict[str, list[Any]] = {}
     for event in events:
@@ -713,6 +724,16 @@ def group_events(side: Side, events: list[Any]) -> dict[str, list[Any]]:
         key = str(data.get("id", data.get("device", "-")))
         entry = [event["event"], normalise(side, data)]
         group = groups.setdefault(key, [])
+        if (
+            entry[0] == "JOB_STATUS_CHANGE"
+            and group
+            and group[-1][0] == "JOB_STATUS_CHANGE"
+            and (group[-1][1]["status"], data["status"]) in DRAIN_PAIRS
+        ):
+            # One command never both pauses and resumes a job: this is QSD
+            # draining the graph around a change (export, node, other job).
+            group.pop()
+            continue
         if entry[0] == "BLOCK_JOB_ERROR" and group and group[-1] == entry:
             # As many identical errors as requests were in flight when the
             # first failed: QSD 7.2 itself reports 3 or 4 in the same run.
