@@ -417,8 +417,11 @@ class _Generator:
 def build_images(scn: Scenario, d: Path) -> None:
     d.mkdir(parents=True)
     for spec in scn.images:
-        image = create(d / f"{spec.name}.qcow2", size=f"{SIZE}", backing=(
-            f"{spec.backing}.qcow2" if spec.backing else None))
+        image = create(
+            d / f"{spec.name}.qcow2",
+            size=f"{SIZE}",
+            backing=(f"{spec.backing}.qcow2" if spec.backing else None),
+        )
         if spec.commands:
             qemu_io(image, *spec.commands)
         if spec.snapshot:
@@ -500,8 +503,9 @@ def diff_paths(a: Any, b: Any, path: str = "") -> list[tuple[str, Any, Any]]:
 class Difference(AssertionError):
     def __init__(self, where: str, kind: str, qsd: Any, ours: Any) -> None:
         self.where, self.kind, self.qsd, self.ours = where, kind, qsd, ours
-        detail = "\n".join(f"  at {path}: qsd {a!r}, blockd {b!r}" for path, a, b in
-                           diff_paths(qsd, ours)[:12])
+        detail = "\n".join(
+            f"  at {path}: qsd {a!r}, blockd {b!r}" for path, a, b in diff_paths(qsd, ours)[:12]
+        )
         super().__init__(f"{where}: {kind} differs\n{detail}")
 
     def signature(self) -> str:
@@ -700,10 +704,7 @@ def normalise(side: Side, value: Any) -> Any:
         amount_timing = (
             track is not None
             and track.kind == "active"
-            and (
-                v.get("status") == "running"
-                or (track.written and status in ("running", "ready"))
-            )
+            and (v.get("status") == "running" or (track.written and status in ("running", "ready")))
         )
         for key, item in v.items():
             if key in ("timestamp", "actual-size"):
@@ -1022,12 +1023,11 @@ def compare_disks(scn: Scenario, work: Path, qsd: Side, ours: Side, diverged: bo
 
     def timing_view(name: str) -> bool:
         chain = header_chain(name)
-        return any(base in chain and top not in chain[: chain.index(base)]
-                   for top, base in partial)
+        return any(base in chain and top not in chain[: chain.index(base)] for top, base in partial)
 
     write_faults = any(
-        r.get("iotype") in ("write", "flush") or r["event"] in ("write_aio", "pwritev", "cow_write",
-                                                                "l2_update", "flush_to_disk")
+        r.get("iotype") in ("write", "flush")
+        or r["event"] in ("write_aio", "pwritev", "cow_write", "l2_update", "flush_to_disk")
         for rules in scn.blkdebug.values()
         for r in rules
     )
@@ -1040,8 +1040,10 @@ def compare_disks(scn: Scenario, work: Path, qsd: Side, ours: Side, diverged: bo
         if diverged:
             continue
         theirs_check = _check(theirs)
-        if mine_check["leaks"] and not theirs_check["leaks"] and not (
-            write_faults and spec.name in scn.blkdebug
+        if (
+            mine_check["leaks"]
+            and not theirs_check["leaks"]
+            and not (write_faults and spec.name in scn.blkdebug)
         ):
             raise Difference(where, "qemu-img check", theirs_check, mine_check)
         qsd_backing = backing_of(theirs)
@@ -1112,8 +1114,10 @@ def try_scenario(
 def describe(scn: Scenario) -> str:
     lines = [f"seed {scn.seed}"]
     for spec in scn.images:
-        lines.append(f"  image {spec.name} <- {spec.backing}: {spec.commands}"
-                     + (" +snapshot" if spec.snapshot else ""))
+        lines.append(
+            f"  image {spec.name} <- {spec.backing}: {spec.commands}"
+            + (" +snapshot" if spec.snapshot else "")
+        )
     for name, rules in scn.blkdebug.items():
         lines.append(f"  blkdebug under {name}: {rules}")
     for i, step in enumerate(scn.prologue + scn.body):

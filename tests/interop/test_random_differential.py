@@ -20,12 +20,13 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import require_tool
-from tests.helpers import start_qsd
+from tests.helpers import DaemonProcess, start_blockd, start_qsd
 from tests.images import qemu_io
 from tests.interop import random_driver as rd
 
@@ -42,18 +43,15 @@ def tools() -> None:
         require_tool(tool)
 
 
-def run_seeds(start_b=None) -> list[str]:  # type: ignore[no-untyped-def]
+def run_seeds(start_b: Callable[[Path], DaemonProcess] = start_blockd) -> list[str]:
     """Run the profile; the first difference fails with its seed and shrunk sequence."""
-    kwargs = {} if start_b is None else {"start_b": start_b}
     inconclusive: list[str] = []
     for seed in range(FIRST_SEED, FIRST_SEED + EXAMPLES):
         scn = rd.generate(seed, STEPS, AVOID)
-        diff = rd.try_scenario(scn, inconclusive=inconclusive.append, **kwargs)
+        diff = rd.try_scenario(scn, start_b, inconclusive.append)
         if diff is None:
             continue
-        small, small_diff = rd.shrink(
-            scn, diff, lambda s: rd.try_scenario(s, **kwargs), budget=25
-        )
+        small, small_diff = rd.shrink(scn, diff, lambda s: rd.try_scenario(s, start_b), budget=25)
         pytest.fail(
             f"seed {seed} (BLOCKD_FUZZ_SEED={seed} BLOCKD_FUZZ_EXAMPLES=1"
             f"{' BLOCKD_FUZZ_AVOID=' + ','.join(sorted(AVOID)) if AVOID else ''}):\n"
