@@ -536,6 +536,8 @@ class Side:
         #: image node -> its backing node, for nodes this side added successfully
         self.graph: dict[str, str | None] = {}
         self.exports: dict[str, str] = {}
+        #: allow-list entries this run needed
+        self.allowed: set[str] = set()
 
     def chain(self, node: str) -> list[str]:
         """``node`` and the nodes below it, as this side added them."""
@@ -902,12 +904,13 @@ def run_scenario(
                     allowed = allowed_divergence(ours, step, theirs, mine)
                     if allowed is None:
                         raise Difference(where, "reply", theirs, mine)
-                    outcome.allowed.append(f"{where}: {allowed}")
+                    ours.allowed.add(f"{where}: {allowed}")
                     diverged = True
                     break
                 compare_state(qsd, ours, where, ro_at_add)
             if not diverged:
                 cleanup(qsd, ours, ro_at_add, outcome)
+            outcome.allowed = sorted(ours.allowed)
             for side in (qsd, ours):
                 reply = side.execute("quit", None)
                 if reply != {"return": {}}:
@@ -949,6 +952,7 @@ def compare_graph(qsd: Side, ours: Side, where: str, ro_at_add: dict[str, bool])
         name = a.get("node-name")
         if name in loose and name == b.get("node-name") and a.get("ro") is False and b.get("ro"):
             # A2 (see restored_read_only)
+            ours.allowed.add(f"A2: blockd restored read-only on {name}")
             a["ro"] = b["ro"] = "<A2: read-only restored>"
     if theirs != mine:
         raise Difference(where, "query-named-block-nodes", theirs, mine)
@@ -1099,11 +1103,12 @@ def try_scenario(
     scn: Scenario,
     start_b: Callable[[Path], DaemonProcess] = start_blockd,
     inconclusive: Callable[[str], object] = lambda why: None,
+    allowed: Callable[[list[str]], object] = lambda entries: None,
 ) -> Difference | None:
     """The first difference of one run of ``scn``, if any."""
     with tempfile.TemporaryDirectory(prefix="fuzz-") as name:
         try:
-            run_scenario(scn, Path(name), start_b)
+            allowed(run_scenario(scn, Path(name), start_b).allowed)
         except Difference as diff:
             return diff
         except Inconclusive as why:
@@ -1148,11 +1153,18 @@ def campaign(
     out.mkdir(parents=True, exist_ok=True)
     tally: dict[str, list[int]] = {}
     inconclusive: list[int] = []
+    allowed: dict[str, int] = {}  # allow-list entry -> last seed that needed it
     started = time.monotonic()
     summary: dict[str, Any] = {}
     for ran, seed in enumerate(seeds, start=1):
         scn = generate(seed, steps, avoid)
-        diff = try_scenario(scn, inconclusive=lambda why, s=seed: inconclusive.append(s))
+        diff = try_scenario(
+            scn,
+            inconclusive=lambda why, s=seed: inconclusive.append(s),
+            allowed=lambda entries, s=seed: allowed.update(
+                {m: s for e in entries for m in re.findall(r"\bA\d\b", e)}
+            ),
+        )
         if diff is not None:
             sig = diff.signature()
             first = sig not in tally
@@ -1172,6 +1184,7 @@ def campaign(
             "passed": ran - sum(len(v) for v in tally.values()) - len(inconclusive),
             "differences": {k: v for k, v in sorted(tally.items())},
             "inconclusive": inconclusive,
+            "allowed": allowed,
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
