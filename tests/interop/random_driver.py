@@ -73,7 +73,9 @@ SIZE = 32 * MiB
 SLOW_SPEEDS = (1, 4096, 65536)
 #: 0 is no limit; a limit this high finishes our few MiB within milliseconds.
 FAST_SPEEDS = (0, 1 << 30)
-FAST_MIN = 64 * MiB
+#: A limit a job feels (a few MiB take seconds) and still finishes while we wait.
+MEDIUM_SPEED = 2 * MiB
+FAST_MIN = MEDIUM_SPEED
 SETTLE_TIMEOUT = 20.0
 #: Statuses a job can stay in without a client's command (see Side.settle).
 RESTING = ("null", "concluded", "pending", "paused", "standby", "ready", "running")
@@ -267,7 +269,7 @@ class _Generator:
         r = self.rng
         if self.faulty:  # where a throttled job meets the bad sector depends on chunk sizes
             return r.choice((None, None, *FAST_SPEEDS))
-        return r.choice((None, None, *FAST_SPEEDS, *SLOW_SPEEDS, *SLOW_SPEEDS))
+        return r.choice((None, None, MEDIUM_SPEED, *FAST_SPEEDS, *SLOW_SPEEDS, *SLOW_SPEEDS))
 
     def commit(self) -> Step:
         r = self.rng
@@ -942,15 +944,22 @@ def compare_state(qsd: Side, ours: Side, where: str, ro_at_add: dict[str, bool])
     target = qsd.statuses()
     if not ours.settle(target):
         raise Difference(where, "job statuses", target, ours.statuses())
-    for command in ("query-block-jobs", "query-jobs"):
-        theirs = normalise(qsd, qsd.execute(command, None))
-        mine = normalise(ours, ours.execute(command, None))
-        if theirs != mine:
-            raise Difference(where, command, theirs, mine)
+    # The queries first: their replies come after every event emitted before them.
+    replies = [
+        (
+            command,
+            normalise(qsd, qsd.execute(command, None)),
+            normalise(ours, ours.execute(command, None)),
+        )
+        for command in ("query-block-jobs", "query-jobs")
+    ]
     theirs_ev = group_events(qsd, qsd.take_events())
     mine_ev = group_events(ours, ours.take_events())
     if theirs_ev != mine_ev:
         raise Difference(where, "events", theirs_ev, mine_ev)
+    for command, theirs, mine in replies:
+        if theirs != mine:
+            raise Difference(where, command, theirs, mine)
     if not qsd.alive() and not ours.alive():
         compare_graph(qsd, ours, where, ro_at_add)
 
