@@ -88,7 +88,14 @@ def test_the_harness_can_fail(tmp_path: Path) -> None:
     does not need: one cluster of the second daemon's copy of the bottom image
     is changed before the run (QSD on both sides otherwise)."""
     tools()
-    scn = rd.generate(FIRST_SEED, 6, frozenset(rd.AVOIDABLE))
+    scn = rd.generate(FIRST_SEED, 0, frozenset(rd.AVOIDABLE)).with_body(
+        [
+            {"qmp": "query-jobs", "args": {}},
+            {"qmp": "job-pause", "args": {"id": "nosuch"}},
+            {"sleep": 0.05},
+            {"qmp": "blockdev-del", "args": {"node-name": "nosuch"}},
+        ]
+    )
 
     def tamper(d: Path) -> None:
         qemu_io(d / "n0.qcow2", "write -P 0xee 30M 64k")
@@ -102,6 +109,7 @@ def test_the_harness_can_fail(tmp_path: Path) -> None:
         return None
 
     diff = attempt(scn)
-    assert diff is not None and diff.kind.startswith("guest view"), diff
+    assert diff is not None and diff.where == "image n0", diff
+    assert diff.kind.startswith("guest view"), diff
     small, _ = rd.shrink(scn, diff, attempt, budget=12)
     assert small.body == []
