@@ -35,9 +35,9 @@ What is normalised, and why (timing, not behaviour):
   when the fault hit (QSD 7.2 alone gives 3 or 4 in the same scenario).
 * ``busy`` of a running or ready job (asleep in the rate limiter or copying).
 * ``len`` of an active commit before READY (QSD fills in the amount to copy
-  while the job runs: 0 or all of it, depending on when one asks), and while
-  it runs or is READY once a client has written to its top (the daemon counts
-  the write when its job loop next looks).
+  while the job runs: 0 or all of it, depending on when one asks), and until
+  it ends once a client has written to its top (QSD counts a write when its
+  job loop next looks, which for a paused or sleeping job is much later).
 * guest view of a commit's base when the job did not end with everything
   copied (cancel before the end, error): which chunks arrived is timing.
 
@@ -721,7 +721,7 @@ def normalise(side: Side, value: Any) -> Any:
         amount_timing = (
             track is not None
             and track.kind == "active"
-            and (v.get("status") == "running" or (track.written and status in ("running", "ready")))
+            and (v.get("status") == "running" or (track.written and status in LIVE))
         )
         for key, item in v.items():
             if key in ("timestamp", "actual-size"):
@@ -744,6 +744,7 @@ def normalise(side: Side, value: Any) -> Any:
     return walk(value)
 
 
+LIVE = ("running", "ready", "paused", "standby")
 DRAIN_PAIRS = {("paused", "running"), ("standby", "ready")}
 
 
@@ -769,7 +770,7 @@ def group_events(side: Side, events: list[Any]) -> dict[str, list[Any]]:
             # first failed: QSD 7.2 itself reports 3 or 4 in the same run.
             continue
         group.append(entry)
-    return groups
+    return {key: group for key, group in groups.items() if group}
 
 
 def sort_nodes(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
