@@ -529,8 +529,18 @@ class Inconclusive(Exception):
 class Side:
     def __init__(self, name: str, daemon: DaemonProcess, d: Path, nbd: Path) -> None:
         self.name, self.daemon, self.dir, self.nbd = name, daemon, d, nbd
-        self.client = RawQMP(daemon.socket_path, timeout=30.0)
-        self.client.negotiate()
+        for attempt in range(3):
+            # QSD's monitor serves one connection at a time: the start-up probe's
+            # may still hold it, and then ours is closed before the greeting.
+            self.client = RawQMP(daemon.socket_path, timeout=30.0)
+            try:
+                self.client.negotiate()
+                break
+            except (EOFError, ConnectionError):
+                self.client.close()
+                if attempt == 2 or daemon.proc.poll() is not None:
+                    raise
+                time.sleep(0.2)
         self.cursor = 0
         self.jobs: dict[str, JobTrack] = {}
         self.early: dict[str, list[Any]] = {}
@@ -1114,7 +1124,10 @@ def shrink(
         while i < len(body) and runs < budget:
             candidate = body[:i] + body[i + chunk :]
             runs += 1
-            got = attempt(scn.with_body(candidate))
+            try:
+                got = attempt(scn.with_body(candidate))
+            except Exception:  # a candidate that breaks the harness is no smaller repro
+                got = None
             if got is not None and got.signature() == signature:
                 body, best, changed = candidate, got, True
             else:
@@ -1179,17 +1192,23 @@ def campaign(
     tally: dict[str, list[int]] = {}
     inconclusive: list[int] = []
     allowed: dict[str, int] = {}  # allow-list entry -> last seed that needed it
+    harness: list[int] = []
     started = time.monotonic()
     summary: dict[str, Any] = {}
     for ran, seed in enumerate(seeds, start=1):
         scn = generate(seed, steps, avoid)
-        diff = try_scenario(
-            scn,
-            inconclusive=lambda why, s=seed: inconclusive.append(s),
-            allowed=lambda entries, s=seed: allowed.update(
-                {m: s for e in entries for m in re.findall(r"\bA\d\b", e)}
-            ),
-        )
+        try:
+            diff = try_scenario(
+                scn,
+                inconclusive=lambda why, s=seed: inconclusive.append(s),
+                allowed=lambda entries, s=seed: allowed.update(
+                    {m: s for e in entries for m in re.findall(r"\bA\d\b", e)}
+                ),
+            )
+        except Exception as error:  # a harness failure must not end a long run
+            harness.append(seed)
+            (out / f"harness-{seed}.txt").write_text(f"{error!r}\n{describe(scn)}\n")
+            continue
         if diff is not None:
             sig = diff.signature()
             first = sig not in tally
@@ -1206,10 +1225,11 @@ def campaign(
             "seeds": [seeds.start, seed],
             "steps": steps,
             "avoid": sorted(avoid),
-            "passed": ran - sum(len(v) for v in tally.values()) - len(inconclusive),
+            "passed": ran - sum(len(v) for v in tally.values()) - len(inconclusive) - len(harness),
             "differences": {k: v for k, v in sorted(tally.items())},
             "inconclusive": inconclusive,
             "allowed": allowed,
+            "harness_errors": harness,
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
