@@ -953,8 +953,7 @@ def compare_state(qsd: Side, ours: Side, where: str, ro_at_add: dict[str, bool])
     if not qsd.settle():
         raise Inconclusive(f"{where}: QSD did not settle: {qsd.statuses()}")
     target = qsd.statuses()
-    if not ours.settle(target):
-        raise Difference(where, "job statuses", target, ours.statuses())
+    settled = ours.settle(target)
     # The queries first: their replies come after every event emitted before them.
     replies = [
         (
@@ -968,6 +967,8 @@ def compare_state(qsd: Side, ours: Side, where: str, ro_at_add: dict[str, bool])
     mine_ev = group_events(ours, ours.take_events())
     if theirs_ev != mine_ev:
         raise Difference(where, "events", theirs_ev, mine_ev)
+    if not settled:
+        raise Difference(where, "job statuses", target, ours.statuses())
     for command, theirs, mine in replies:
         if theirs != mine:
             raise Difference(where, command, theirs, mine)
