@@ -34,8 +34,9 @@ What is normalised, and why (timing, not behaviour):
 * repeats of the same BLOCK_JOB_ERROR in a row: one per request in flight
   when the fault hit (QSD 7.2 alone gives 3 or 4 in the same scenario).
 * ``busy`` of a running or ready job (asleep in the rate limiter or copying).
-* ``len`` of an active commit before READY (QSD fills in the amount to copy
-  while the job runs: 0 or all of it, depending on when one asks), and until
+* ``len`` (and so ``offset``) of an active commit that has not been READY,
+  in queries and events: QSD fills in the amount to copy while the job runs
+  (a cancel right after the start reports 0 or all of it), and until
   it ends once a client has written to its top (QSD counts a write when its
   job loop next looks, which for a paused or sleeping job is much later).
 * guest view of a commit's base when the job did not end with everything
@@ -453,6 +454,7 @@ class JobTrack:
     completing: bool = False
     finalizing: bool = False
     written: bool = False  # a client wrote to the active layer while it ran
+    was_ready: bool = False
     errors: bool = False
     completed_ok: bool = False
 
@@ -461,6 +463,7 @@ class JobTrack:
         name = event["event"]
         if name == "JOB_STATUS_CHANGE":
             self.status = data["status"]
+            self.was_ready = self.was_ready or self.status == "ready"
         elif name == "BLOCK_JOB_ERROR":
             self.errors = True
             if data.get("action") == "stop":
@@ -534,7 +537,10 @@ class Side:
             # may still hold it, and then ours is closed before the greeting.
             self.client = RawQMP(daemon.socket_path, timeout=30.0)
             try:
-                self.client.negotiate()
+                greeting = self.client.read()
+                reply = self.client.execute("qmp_capabilities")
+                if reply != {"return": {}}:
+                    raise ConnectionError(f"negotiation failed: {greeting} {reply}")
                 break
             except (EOFError, ConnectionError):
                 self.client.close()
@@ -731,7 +737,7 @@ def normalise(side: Side, value: Any) -> Any:
         amount_timing = (
             track is not None
             and track.kind == "active"
-            and (v.get("status") == "running" or (track.written and status in LIVE))
+            and (not track.was_ready or (track.written and status in LIVE))
         )
         for key, item in v.items():
             if key in ("timestamp", "actual-size"):
