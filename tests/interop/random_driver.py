@@ -78,7 +78,8 @@ FAST_SPEEDS = (0, 1 << 30)
 MEDIUM_SPEED = 2 * MiB
 FAST_MIN = MEDIUM_SPEED
 SETTLE_TIMEOUT = 20.0
-#: Statuses a job can stay in without a client's command (see Side.settle).
+#: Statuses a job can stay in without a client's command (see Side.settle); a
+#: running job only if it is rate-limited to a crawl.
 RESTING = ("null", "concluded", "pending", "paused", "standby", "ready", "running")
 QUIET = 3.0
 BLKDEBUG_EVENTS = (
@@ -529,6 +530,14 @@ class Inconclusive(Exception):
     """qemu-storage-daemon itself did not reach a state to compare at."""
 
 
+class NoReply(Exception):
+    """A daemon did not answer a command within the client's timeout."""
+
+    def __init__(self, side: str, command: str) -> None:
+        super().__init__(f"{side}: no reply to {command}")
+        self.side = side
+
+
 class Side:
     def __init__(self, name: str, daemon: DaemonProcess, d: Path, nbd: Path) -> None:
         self.name, self.daemon, self.dir, self.nbd = name, daemon, d, nbd
@@ -598,7 +607,10 @@ class Side:
         return value
 
     def execute(self, command: str, args: dict[str, Any] | None) -> dict[str, Any]:
-        reply = self.client.execute(command, self.sub(args) if args is not None else None)
+        try:
+            reply = self.client.execute(command, self.sub(args) if args is not None else None)
+        except TimeoutError as error:
+            raise NoReply(self.name, command) from error
         self.absorb()
         if "return" in reply:
             self.track(command, args or {})
@@ -690,7 +702,8 @@ class Side:
             if len(self.client.events) != seen:
                 seen, since = len(self.client.events), time.monotonic()
             quiet = time.monotonic() - since > QUIET and all(
-                t.status in RESTING for t in self.jobs.values()
+                t.status in RESTING and not (t.status == "running" and t.fast)
+                for t in self.jobs.values()
             )
             stable = quiet or all(t.stable() for t in self.jobs.values())
             if target is None and stable:
@@ -889,6 +902,59 @@ def run_io(side: Side, step: Step) -> Any:
     return {"rc": result.returncode, "out": lines, "err": side.unsub(result.stderr.strip())}
 
 
+def _died(qsd: Side, ours: Side, where: str, error: BaseException) -> Exception:
+    """What to raise when a connection broke: a daemon died (blockd: a difference)."""
+    if isinstance(error, NoReply):
+        if error.side == ours.name:
+            return Difference(where, "no reply (hang)", "a reply", str(error))
+        return Inconclusive(f"{where}: {error}")
+    time.sleep(0.5)
+    for side in (ours, qsd):
+        code = side.daemon.proc.poll()
+        if code is not None:
+            tail = side.daemon.stderr()[-1500:]
+            if side is ours:
+                return Difference(where, "daemon exited", "running", f"exit {code}: {tail}")
+            return Inconclusive(f"{where}: QSD exited {code}: {tail}")
+    return Inconclusive(f"{where}: connection broke ({error!r}), both daemons alive")
+
+
+def _step(
+    qsd: Side, ours: Side, step: Step, where: str, ro_at_add: dict[str, bool], outcome: Outcome
+) -> bool:
+    """Run one step on both daemons and compare; True when an allow-listed
+    difference makes their states part (the run stops comparing there)."""
+    if "sleep" in step:
+        time.sleep(step["sleep"])
+        return False
+    reason = skip_reason(qsd, step)
+    if reason is not None:
+        outcome.skipped.append(f"{where}: {reason}")
+        return False
+    outcome.steps_run += 1
+    if "io" in step:
+        theirs, mine = run_io(qsd, step), run_io(ours, step)
+        if step["cmds"][0].startswith("read") and qsd.view_is_timing(step["io"]):
+            theirs["out"] = mine["out"] = "<timing: partly committed into>"
+        for job in (*qsd.jobs.values(), *ours.jobs.values()):
+            if job.kind == "active" and job.status not in ("null", "concluded"):
+                job.written = True
+    else:
+        args = step.get("args")
+        theirs = normalise(qsd, qsd.execute(step["qmp"], args))
+        mine = normalise(ours, ours.execute(step["qmp"], args))
+        if step["qmp"] == "blockdev-add" and "return" in theirs:
+            ro_at_add[args["node-name"]] = bool(args.get("read-only", False))
+    if theirs != mine:
+        allowed = allowed_divergence(ours, step, theirs, mine)
+        if allowed is None:
+            raise Difference(where, "reply", theirs, mine)
+        ours.allowed.add(f"{where}: {allowed}")
+        return True
+    compare_state(qsd, ours, where, ro_at_add)
+    return False
+
+
 def run_scenario(
     scn: Scenario,
     work: Path,
@@ -913,37 +979,17 @@ def run_scenario(
             steps = scn.prologue + scn.body
             for index, step in enumerate(steps):
                 where = f"step {index} {json.dumps(step)}"
-                if "sleep" in step:
-                    time.sleep(step["sleep"])
-                    continue
-                reason = skip_reason(qsd, step)
-                if reason is not None:
-                    outcome.skipped.append(f"{where}: {reason}")
-                    continue
-                outcome.steps_run += 1
-                if "io" in step:
-                    theirs, mine = run_io(qsd, step), run_io(ours, step)
-                    if step["cmds"][0].startswith("read") and qsd.view_is_timing(step["io"]):
-                        theirs["out"] = mine["out"] = "<timing: partly committed into>"
-                    for job in (*qsd.jobs.values(), *ours.jobs.values()):
-                        if job.kind == "active" and job.status not in ("null", "concluded"):
-                            job.written = True
-                else:
-                    args = step.get("args")
-                    theirs = normalise(qsd, qsd.execute(step["qmp"], args))
-                    mine = normalise(ours, ours.execute(step["qmp"], args))
-                    if step["qmp"] == "blockdev-add" and "return" in theirs:
-                        ro_at_add[args["node-name"]] = bool(args.get("read-only", False))
-                if theirs != mine:
-                    allowed = allowed_divergence(ours, step, theirs, mine)
-                    if allowed is None:
-                        raise Difference(where, "reply", theirs, mine)
-                    ours.allowed.add(f"{where}: {allowed}")
-                    diverged = True
+                try:
+                    diverged = _step(qsd, ours, step, where, ro_at_add, outcome)
+                except (OSError, EOFError, NoReply) as error:
+                    raise _died(qsd, ours, where, error) from error
+                if diverged:
                     break
-                compare_state(qsd, ours, where, ro_at_add)
             if not diverged:
-                cleanup(qsd, ours, ro_at_add, outcome)
+                try:
+                    cleanup(qsd, ours, ro_at_add, outcome)
+                except (OSError, EOFError, NoReply) as error:
+                    raise _died(qsd, ours, "cleanup", error) from error
             outcome.allowed = sorted(ours.allowed)
             for side in (qsd, ours):
                 reply = side.execute("quit", None)
