@@ -42,9 +42,11 @@ What is normalised, and why (timing, not behaviour):
 * guest view of a commit's base when the job did not end with everything
   copied (cancel before the end, error): which chunks arrived is timing.
 
-Deliberate differences are in :data:`ALLOWED`, each with its reason; nothing
-else is tolerated.  Known QSD 7.2 bugs the scenario must not step into are in
-:func:`skip_reason`.
+Deliberate differences (README.md lists them) are in the allow-list section
+below (A1-A3), each with its reason and checked against what the client
+knows; nothing else is tolerated.  When one makes the daemons' states part,
+the run stops comparing there and only checks blockd's images.  Known QSD 7.2
+bugs the scenario must not step into are in :func:`skip_reason`.
 """
 
 from __future__ import annotations
@@ -563,6 +565,7 @@ class Side:
         #: image node -> its backing node, for nodes this side added successfully
         self.graph: dict[str, str | None] = {}
         self.exports: dict[str, str] = {}
+        self.writable_exports: dict[str, str] = {}
         #: allow-list entries this run needed
         self.allowed: set[str] = set()
 
@@ -638,6 +641,8 @@ class Side:
             self.graph.pop(args["node-name"], None)
         elif command == "block-export-add":
             self.exports[args["id"]] = args["node-name"]
+            if args.get("writable"):
+                self.writable_exports[args["id"]] = args["node-name"]
         elif job is None:
             return
         elif command == "block-job-set-speed":
@@ -663,6 +668,7 @@ class Side:
             name = event["event"]
             if name == "BLOCK_EXPORT_DELETED":
                 self.exports.pop(data.get("id"), None)
+                self.writable_exports.pop(data.get("id"), None)
             if name in ("JOB_STATUS_CHANGE", "BLOCK_JOB_PENDING"):
                 jid = data.get("id")
             elif name.startswith("BLOCK_JOB"):
@@ -823,19 +829,48 @@ COMMIT_INTO_SHARED_BASE = re.compile(
 )
 
 
-def allowed_divergence(side: Side, step: Step, qsd_reply: Any, our_reply: Any) -> str | None:
-    """The allow-list entry that explains differing replies, if any."""
-    if step.get("qmp") != "block-commit" or "return" not in qsd_reply:
+#: A3. Committing an intermediate image that is exported writable: QSD 7.2
+#: turns the job into an active commit; blockd refuses (README: it would lose
+#: the writes landing behind the copy).  States part here too.
+COMMIT_OF_WRITABLE_EXPORT = re.compile(
+    r"^Cannot commit '(?P<node>[^']+)' while it is exported writable: "
+    r"writes to it during the commit would be lost$"
+)
+
+#: A2 consequence: blockd refuses a writable export of a base it put back to
+#: read-only after a cancelled active commit, which QSD left read-write.
+READ_ONLY_EXPORT = "Cannot export read-only node as writable"
+
+
+def allowed_divergence(
+    side: Side, step: Step, qsd_reply: Any, our_reply: Any, ro_at_add: dict[str, bool]
+) -> str | None:
+    """The allow-list entry that explains differing replies, if any (each one is
+    checked against what this side knows, not taken on the error's word)."""
+    if "return" not in qsd_reply:
         return None
     desc = our_reply.get("error", {}).get("desc", "")
+    args = step.get("args", {})
+    if step.get("qmp") == "block-export-add":
+        node = args.get("node-name")
+        if desc == READ_ONLY_EXPORT and node in restored_read_only(side, ro_at_add):
+            return f"A2: blockd keeps {node} read-only after the cancel: no writable export"
+        return None
+    if step.get("qmp") != "block-commit":
+        return None
     match = COMMIT_INTO_SHARED_BASE.match(desc)
-    if match is None:
-        return None
-    # It must be true: the parent is open, backed by the base, outside the commit.
-    parent, base = match["parent"], match["base"]
-    if side.graph.get(parent) != base:
-        return None
-    return f"A1: blockd refuses to commit into {base}, which {parent} also reads from"
+    if match is not None:
+        # The parent is open, backed by the base, outside the commit.
+        parent, base = match["parent"], match["base"]
+        if side.graph.get(parent) == base:
+            return f"A1: blockd refuses to commit into {base}, which {parent} also reads from"
+    match = COMMIT_OF_WRITABLE_EXPORT.match(desc)
+    if match is not None:
+        node = match["node"]
+        chain = side.chain(args.get("device", ""))
+        if node in chain[1:] and node in side.writable_exports.values():
+            return f"A3: blockd refuses to commit {node}, which is exported writable"
+    return None
 
 
 def restored_read_only(side: Side, read_only_at_add: dict[str, bool]) -> set[str]:
@@ -946,7 +981,7 @@ def _step(
         if step["qmp"] == "blockdev-add" and "return" in theirs:
             ro_at_add[args["node-name"]] = bool(args.get("read-only", False))
     if theirs != mine:
-        allowed = allowed_divergence(ours, step, theirs, mine)
+        allowed = allowed_divergence(ours, step, theirs, mine, ro_at_add)
         if allowed is None:
             raise Difference(where, "reply", theirs, mine)
         ours.allowed.add(f"{where}: {allowed}")
