@@ -450,6 +450,8 @@ class JobTrack:
     fast: bool
     auto_finalize: bool
     auto_dismiss: bool
+    #: the images whose data the job copies (top down to above base)
+    range: tuple[str, ...] = ()
     status: str = "created"
     want_pause: bool = False
     error_pause: bool = False
@@ -579,17 +581,9 @@ class Side:
         return out
 
     def view_is_timing(self, node: str) -> bool:
-        """Whether what ``node`` shows depends on how far a job got: it reads a
-        commit's base (other than through the job's top) while the job runs, or
-        after it stopped before copying everything."""
-        chain = self.chain(node)
-        for job in self.jobs.values():
-            done = job.status in ("null", "concluded")
-            if job.base is None or (done and job.completed_ok and not job.errors):
-                continue
-            if job.base in chain and job.top not in chain[: chain.index(job.base)]:
-                return True
-        return False
+        """Whether what ``node`` shows depends on how far a job got (see
+        :func:`timing_images`), by the graph as this side built it."""
+        return reads_timing(self.chain(node), timing_images([self]))
 
     def sub(self, value: Any) -> Any:
         if isinstance(value, str):
@@ -624,10 +618,14 @@ class Side:
         if command == "block-commit":
             active = args.get("top-node", args["device"]) == args["device"]
             chain = self.chain(args["device"])
+            top = args.get("top-node", args["device"])
+            base = args.get("base-node", chain[-1] if chain else None)
+            below_top = chain[chain.index(top) :] if top in chain else [top]
             track = JobTrack(
                 kind="active" if active else "commit",
-                top=args.get("top-node", args["device"]),
-                base=args.get("base-node", chain[-1] if chain else None),
+                top=top,
+                base=base,
+                range=tuple(below_top[: below_top.index(base)] if base in below_top else below_top),
                 fast=is_fast(args.get("speed")),
                 auto_finalize=args.get("auto-finalize", True),
                 auto_dismiss=args.get("auto-dismiss", True),
@@ -1107,6 +1105,44 @@ def cleanup(qsd: Side, ours: Side, ro_at_add: dict[str, bool], outcome: Outcome)
     compare_graph(qsd, ours, "final", ro_at_add)
 
 
+def timing_images(sides: list[Side]) -> dict[str, str | None]:
+    """Images whose data depends on how far a job got, each with the top through
+    which its readers still see exactly what they saw (None: no such top).
+
+    A job that did not copy everything (still running, cancelled, failed, hit
+    errors) leaves its base with whatever chunks had arrived; readers of the base
+    through the job's top see the whole range above it, so nothing changed for
+    them.  A later job that copies from a range holding such an image passes the
+    timing on to its own base, for every reader."""
+    tainted: dict[str, str | None] = {}
+    changed = True
+    while changed:
+        changed = False
+        for side in sides:
+            for job in side.jobs.values():
+                if job.base is None:
+                    continue
+                done = job.status in ("null", "concluded")
+                if not done or not job.completed_ok or job.errors:
+                    old = tainted.get(job.base, "<none>")
+                    new = job.top if old in ("<none>", job.top) else None
+                    if old != new:
+                        tainted[job.base] = new
+                        changed = True
+                elif any(n in tainted for n in job.range) and tainted.get(job.base, "") is not None:
+                    tainted[job.base] = None
+                    changed = True
+    return tainted
+
+
+def reads_timing(chain: list[str], tainted: dict[str, str | None]) -> bool:
+    """Whether an image with this backing chain reads data that is timing."""
+    for image, exempt in tainted.items():
+        if image in chain and (exempt is None or exempt not in chain[: chain.index(image)]):
+            return True
+    return False
+
+
 def _check(image: Path) -> dict[str, Any]:
     result = subprocess.run(
         ["qemu-img", "check", "--output=json", str(image)], capture_output=True, text=True
@@ -1125,15 +1161,7 @@ def _check(image: Path) -> dict[str, Any]:
 
 def compare_disks(scn: Scenario, work: Path, qsd: Side, ours: Side, diverged: bool) -> None:
     """Backing strings, guest views and qemu-img check of every image."""
-    # A job that did not copy everything leaves its base with whatever chunks
-    # arrived: the base's data, and that of every image reading the base other
-    # than through the job's top (which shows all the range above base) is timing.
-    partial = {
-        (j.top, j.base)
-        for side in (qsd, ours)
-        for j in side.jobs.values()
-        if j.base is not None and (not j.completed_ok or j.errors)
-    }
+    tainted = timing_images([qsd, ours])
 
     def header_chain(name: str) -> list[str]:
         out = [name]
@@ -1147,10 +1175,6 @@ def compare_disks(scn: Scenario, work: Path, qsd: Side, ours: Side, diverged: bo
                 break
             out.append(Path(backing).name.removesuffix(".qcow2"))
         return out
-
-    def timing_view(name: str) -> bool:
-        chain = header_chain(name)
-        return any(base in chain and top not in chain[: chain.index(base)] for top, base in partial)
 
     write_faults = any(
         r.get("iotype") in ("write", "flush")
@@ -1178,7 +1202,7 @@ def compare_disks(scn: Scenario, work: Path, qsd: Side, ours: Side, diverged: bo
         got = backing_of(mine)
         if got != want:
             raise Difference(where, "backing string", qsd_backing, got)
-        if timing_view(spec.name):
+        if reads_timing(header_chain(spec.name), tainted):
             continue
         result = subprocess.run(
             ["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(theirs), str(mine)],
