@@ -678,6 +678,11 @@ class Side:
                 self.early.setdefault(jid, []).append(event)
             else:
                 job.fold(event)
+                if name == "BLOCK_JOB_COMPLETED" and job.completed_ok and job.kind == "commit":
+                    # The top's parents now read the base (QEMU replaces the node).
+                    for node, backing in list(self.graph.items()):
+                        if backing == job.top:
+                            self.graph[node] = job.base
 
     def poll(self, timeout: float) -> None:
         self.client.sock.settimeout(timeout)
