@@ -36,9 +36,10 @@ What is normalised, and why (timing, not behaviour):
 * ``busy`` of a running or ready job (asleep in the rate limiter or copying).
 * ``len`` (and so ``offset``) of an active commit that has not been READY,
   in queries and events: QSD fills in the amount to copy while the job runs
-  (a cancel right after the start reports 0 or all of it), and until
-  it ends once a client has written to its top (QSD counts a write when its
-  job loop next looks, which for a paused or sleeping job is much later).
+  (a cancel right after the start reports 0 or all of it), and once a
+  client has written to its top (QSD counts a write when its job loop next
+  looks, which for a paused or sleeping job is much later, or never when the
+  job is cancelled first).  The data itself is still compared at the end.
 * guest view of a commit's base when the job did not end with everything
   copied (cancel before the end, error): which chunks arrived is timing.
 
@@ -757,9 +758,7 @@ def normalise(side: Side, value: Any) -> Any:
         track = side.jobs.get(job_id) if isinstance(job_id, str) else None
         status = v.get("status", "running")
         amount_timing = (
-            track is not None
-            and track.kind == "active"
-            and (not track.was_ready or (track.written and status in LIVE))
+            track is not None and track.kind == "active" and (not track.was_ready or track.written)
         )
         for key, item in v.items():
             if key in ("timestamp", "actual-size"):
@@ -782,7 +781,6 @@ def normalise(side: Side, value: Any) -> Any:
     return walk(value)
 
 
-LIVE = ("running", "ready", "paused", "standby")
 DRAIN_PAIRS = {("paused", "running"), ("standby", "ready")}
 
 
