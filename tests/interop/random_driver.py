@@ -44,7 +44,7 @@ What is normalised, and why (timing, not behaviour):
   copied (cancel before the end, error): which chunks arrived is timing.
 
 Deliberate differences (README.md lists them) are in the allow-list section
-below (A1-A3), each with its reason and checked against what the client
+below (A1-A6), each with its reason and checked against what the client
 knows; nothing else is tolerated.  When one makes the daemons' states part,
 the run stops comparing there and only checks blockd's images.  Known QSD 7.2
 bugs the scenario must not step into are in :func:`skip_reason`.
@@ -827,8 +827,10 @@ def sort_nodes(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- allow-list
 #
 # Each entry is a difference README.md lists as deliberate: what blockd
-# refuses where qemu-storage-daemon 7.2 goes ahead and damages data, or where
-# blockd restores a state QSD leaves changed.  Nothing else is tolerated.
+# refuses where qemu-storage-daemon 7.2 goes ahead and damages data, where
+# blockd restores a state QSD leaves changed, what blockd writes differently
+# into an image, or a QSD timing side effect blockd does not have.  Nothing
+# else is tolerated.
 
 #: A1. Committing into a base that another open chain reads from: QSD 7.2
 #: starts the job and changes what that other chain reads; blockd refuses.
