@@ -899,11 +899,12 @@ def plain_file_of(pseudo: str) -> str | None:
 
 def json_backing_written(side: Side, node: str, theirs: str, mine: str) -> bool:
     """A5. The backing string a completed commit wrote into an overlay whose new
-    backing node has no plain filename (it was opened with its own backing
-    given by node name, or over blkdebug): QSD 7.2 writes a ``json:{...}``
+    backing node has no plain filename (for instance, it was added with its
+    own backing given by node name): QSD 7.2 writes a ``json:{...}``
     pseudo-filename, pinning the driver options of that moment into the image
-    (it breaks when they change: another blkdebug rule, a moved file); blockd
-    writes the base's plain path (README).  Checked: the node's backing was
+    (later changes to the base's own header are ignored, and ``qemu-img info
+    --backing-chain`` cannot open it); blockd writes the base's plain path
+    (README).  Checked: the node's backing was
     changed by a commit this side saw complete, blockd's string is the plain
     path QSD's pseudo-filename opens."""
     return node in side.repointed and plain_file_of(theirs) == mine
