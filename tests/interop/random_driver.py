@@ -858,7 +858,8 @@ READ_ONLY_EXPORT = "Cannot export read-only node as writable"
 #: A4. A read-write open of a qcow2 image with internal snapshots: blockd does
 #: not yet keep the refcounts of clusters shared with a snapshot when it
 #: writes, so it refuses (README, images blockdev-add treats differently) where
-#: QSD opens it.  Nothing is lost by refusing; the states part here.
+#: QSD opens it: a blockdev-add, or a commit that must reopen such a node of
+#: the chain read-write.  Nothing is lost by refusing; the states part here.
 SNAPSHOTS_READ_ONLY = re.compile(
     r"^qcow2: Images with internal snapshots \((?P<count>\d+)\) can only be opened read-only$"
 )
@@ -951,6 +952,12 @@ def allowed_divergence(
         return None
     if step.get("qmp") != "block-commit":
         return None
+    match = SNAPSHOTS_READ_ONLY.match(desc)
+    if match is not None:
+        for node in side.chain(args.get("device", "")):
+            file = {"filename": f"{{d}}/{node}.qcow2"}
+            if snapshot_count(side, file) == int(match["count"]):
+                return f"A4: blockd cannot reopen {node} (internal snapshots) read-write"
     match = COMMIT_INTO_SHARED_BASE.match(desc)
     if match is not None:
         # The parent is open, backed by the base, outside the commit.
