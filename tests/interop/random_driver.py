@@ -1224,7 +1224,7 @@ def mask_json_backing(ours: Side, theirs: list[dict[str, Any]], mine: list[dict[
             ia[key] = ib[key] = "<A5: backing string>"
         if not files and name not in above:
             continue
-        for holder, key in ((a, "file"), (ia, "filename")):
+        for holder, key in ((a, "file"), (a, "backing_file"), (ia, "filename")):
             other = b if holder is a else ib
             x, y = str(holder.get(key)), str(other.get(key))
             if x != y and (x.startswith("json:") or y.startswith("json:")):
