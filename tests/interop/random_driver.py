@@ -1310,6 +1310,10 @@ def _check(image: Path) -> dict[str, Any]:
     }
 
 
+def is_qsd(daemon: DaemonProcess) -> bool:
+    return "qemu-storage-daemon" in str(daemon.proc.args)
+
+
 def compare_disks(scn: Scenario, work: Path, qsd: Side, ours: Side, diverged: bool) -> None:
     """Backing strings, guest views and qemu-img check of every image."""
     tainted = timing_images([qsd, ours])
@@ -1338,7 +1342,13 @@ def compare_disks(scn: Scenario, work: Path, qsd: Side, ours: Side, diverged: bo
         where = f"image {spec.name}"
         mine_check = _check(mine)
         if mine_check["corruptions"] or mine_check["error"]:
-            raise Difference(where, "qemu-img check", _check(theirs), mine_check)
+            # blockd never leaves an image corrupt.  QSD 7.2 does, when flushes
+            # of the image fail (its refcounts stay in a cache it cannot write
+            # back): the harness's QSD-against-QSD test then sees the same
+            # report on both sides, and that is no difference.
+            theirs_check = _check(theirs)
+            if not (is_qsd(ours.daemon) and mine_check == theirs_check):
+                raise Difference(where, "qemu-img check", theirs_check, mine_check)
         if diverged:
             continue
         theirs_check = _check(theirs)
