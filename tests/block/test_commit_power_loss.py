@@ -1,8 +1,7 @@
 """Power loss during a commit, intermediate and active: every image stays valid,
 and every overlay still shows what it showed before.
 
-All images sit on file nodes that share one power supply and keep an undo
-log of the writes since their file's last flush (as in ``test_crash.py``).
+All images sit on ``tests/power.py`` file nodes that share one power supply.
 At the k-th write or flush of any of them the power goes: that operation and
 every later one fail, the job ends as it ends on a dead disk, then each
 file's unflushed writes are undone and a random subset replayed (a disk may
@@ -15,7 +14,6 @@ point, so the header rewrites of the commit point are all covered.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import random
 import shutil
@@ -29,97 +27,18 @@ from blockd.block.drivers.file import FileNode
 from blockd.block.drivers.qcow2.node import Qcow2Node
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
-from blockd.errors import BlockIOError
 from blockd.events import EventBus
 from blockd.jobs.active_commit import ActiveCommitJob, ActiveCommitPlan
 from blockd.jobs.commit import CommitJob, CommitPlan, plan_commit
 from blockd.jobs.job import Job
 from blockd.jobs.status import JobStatus
 from tests.images import backing_of
+from tests.power import Power, PowerLoss, VolatileFile
 
 from .conftest import check, create, qemu_io, run
 
 KiB = 1024
 SIZE = 1024 * KiB
-
-
-class PowerLoss(BlockIOError):
-    """What a dead disk answers: an I/O error, as the job's error policy sees it."""
-
-    def __init__(self) -> None:
-        super().__init__(errno.EIO)
-
-
-class Power:
-    """The one supply of every file: off at the ``crash_at``-th operation, for good."""
-
-    def __init__(self, crash_at: int) -> None:
-        self.crash_at = crash_at
-        self.ops = 0
-        self.lost = False
-
-    def tick(self) -> None:
-        if self.lost:
-            raise PowerLoss
-        self.ops += 1
-        if self.ops == self.crash_at:
-            self.lost = True
-            raise PowerLoss
-
-
-class VolatileFile(BlockNode):
-    """A file node whose writes only persist once flushed (see the module docstring)."""
-
-    driver = "file"
-    growable = True
-
-    def __init__(self, inner: FileNode, power: Power) -> None:
-        super().__init__(inner.node_name, read_only=inner.read_only)
-        self.inner = inner
-        self.power = power
-        self.undo: list[tuple[int, bytes, bytes]] = []
-
-    @property
-    def size(self) -> int:
-        return self.inner.size
-
-    @property
-    def filename(self) -> str:
-        return self.inner.filename
-
-    async def _do_read(self, offset: int, length: int) -> bytes:
-        return await self.inner.read(offset, length)
-
-    async def _do_write(self, offset: int, data: bytes) -> None:
-        self.power.tick()
-        old = await self.inner.read(offset, len(data))
-        self.undo.append((offset, old, data))
-        await self.inner.write(offset, data)
-
-    async def _do_write_zeroes(self, offset: int, length: int) -> None:
-        await self._do_write(offset, bytes(length))
-
-    async def _do_flush(self) -> None:
-        self.power.tick()
-        await self.inner.flush()
-        self.undo.clear()
-
-    async def _do_truncate(self, size: int) -> None:
-        self.power.tick()
-        await self.inner.truncate(size)
-
-    async def _do_reopen(self, read_only: bool) -> None:
-        await self.inner.reopen(read_only=read_only)
-
-    async def reboot(self, rng: random.Random) -> None:
-        """Forget the unflushed writes, keep a random subset of them, release the file."""
-        pending = list(self.undo)
-        for offset, old, _new in reversed(pending):
-            await self.inner.write(offset, old)
-        for offset, _old, new in pending:
-            if rng.random() < 0.5:
-                await self.inner.write(offset, new)
-        await self.inner.close()
 
 
 def make_chain(d: Path) -> None:
@@ -200,7 +119,7 @@ async def commit_once(d: Path, crash_at: int, *, active: bool, seed: int) -> tup
     succeeded = job.concluded.is_set() and job.error is None
     rng = random.Random(seed * 1009 + crash_at)
     for file in files:
-        await file.reboot(rng)
+        await file.lose_power(rng)
     return power.ops, succeeded
 
 

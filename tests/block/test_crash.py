@@ -1,14 +1,12 @@
 """Power-loss simulation: a crash at any point leaves at most leaked clusters.
 
-The image sits on a file node that keeps an undo log of writes since the last
-flush.  At the k-th write/flush it "loses power": every unflushed write is
-undone, then a random subset is replayed (a disk may persist any subset of
-unflushed writes).  ``qemu-img check`` must then find no corruption.
+The image sits on a file node of ``tests/power.py``: at the k-th write, flush
+or truncate the power goes, every unflushed write is undone and a random
+subset replayed.  ``qemu-img check`` must then find no corruption.
 """
 
 from __future__ import annotations
 
-import errno
 import random
 from pathlib import Path
 
@@ -16,66 +14,12 @@ import pytest
 
 from blockd.block.drivers.file import FileNode
 from blockd.block.drivers.qcow2.node import Qcow2Node
-from blockd.block.node import BlockNode
 from blockd.errors import BlockIOError
+from tests.power import Power, VolatileFile
 
 from .conftest import check, create, qemu_io
 
 KiB = 1024
-
-
-class PowerLoss(Exception):
-    pass
-
-
-class CrashingFile(BlockNode):
-    driver = "file"
-    growable = True
-
-    def __init__(self, inner: FileNode, crash_at: int) -> None:
-        super().__init__(inner.node_name + "-crash", read_only=False)
-        self.inner = inner
-        self.crash_at = crash_at
-        self.ops = 0
-        self.undo: list[tuple[int, bytes, bytes]] = []
-
-    @property
-    def size(self) -> int:
-        return self.inner.size
-
-    @property
-    def filename(self) -> str:
-        return self.inner.filename
-
-    def _tick(self) -> None:
-        self.ops += 1
-        if self.ops == self.crash_at:
-            raise PowerLoss
-
-    async def _do_read(self, offset: int, length: int) -> bytes:
-        return await self.inner.read(offset, length)
-
-    async def _do_write(self, offset: int, data: bytes) -> None:
-        self._tick()
-        old = await self.inner.read(offset, len(data))
-        self.undo.append((offset, old, data))
-        await self.inner.write(offset, data)
-
-    async def _do_write_zeroes(self, offset: int, length: int) -> None:
-        await self._do_write(offset, bytes(length))
-
-    async def _do_flush(self) -> None:
-        self._tick()
-        self.undo.clear()
-
-    async def lose_power(self, rng: random.Random) -> None:
-        pending = list(self.undo)
-        for offset, old, _new in reversed(pending):
-            await self.inner.write(offset, old)
-        for offset, _old, new in pending:
-            if rng.random() < 0.5:
-                await self.inner.write(offset, new)
-        await self.inner.close()
 
 
 async def workload(node: Qcow2Node, rng: random.Random, tail: int) -> None:
@@ -124,21 +68,22 @@ async def test_power_loss_leaves_only_leaks(
             backing=base,
         )
         inner = await FileNode.open("f", str(img), read_only=False)
-        file = CrashingFile(inner, crash_at)
+        power = Power(crash_at)
+        file = VolatileFile(inner, power)
         node = await Qcow2Node.open("q", file, read_only=False)
         rng = random.Random(seed)
         try:
             await workload(node, rng, 1900 * KiB if cluster_size == 512 else 200 * KiB)
             await node.flush()
-        except PowerLoss:
-            pass
+        except BlockIOError:
+            assert power.lost
         await file.lose_power(random.Random(seed * 7 + crash_at))
         result = check(img)
         last_end[0] = result.get("image-end-offset", 0)
         assert result.get("corruptions", 0) == 0, (crash_at, result)
         assert result.get("check-errors", 0) == 0, (crash_at, result)
         img.unlink()
-        return file.ops
+        return power.ops
 
     total = await run_once(-1, 1)  # no crash: count the I/O points
     assert total > 50
@@ -148,15 +93,6 @@ async def test_power_loss_leaves_only_leaks(
     points = sorted(rng.sample(range(1, total + 1), 15))
     for k in points:
         await run_once(k, 1)
-
-
-class FailingFile(CrashingFile):
-    """Fails the k-th write or flush with EIO, then keeps working."""
-
-    def _tick(self) -> None:
-        self.ops += 1
-        if self.ops == self.crash_at:
-            raise BlockIOError(errno.EIO)
 
 
 @pytest.mark.parametrize(("compat", "cluster_size", "refcount_bits", "backing"), CONFIGS[:2])
@@ -173,7 +109,7 @@ async def test_io_error_then_carry_on(
         img = create(tmp_path / f"e-{k}.qcow2", 600 * KiB, compat=compat,
                      cluster_size=cluster_size, refcount_bits=refcount_bits, backing=base)
         inner = await FileNode.open("f", str(img), read_only=False)
-        file = FailingFile(inner, k)
+        file = VolatileFile(inner, Power(k, flaky=True))
         node = await Qcow2Node.open("q", file, read_only=False)
         ops = random.Random(k)
         failed = 0
@@ -188,7 +124,7 @@ async def test_io_error_then_carry_on(
             except BlockIOError:
                 failed += 1
         # after the failure the node still works and reads what it last wrote
-        file.crash_at = -1
+        file.power.crash_at = -1  # (the failure may not have come yet)
         await node.write(1000, b"after" * 100)
         assert await node.read(1000, 500) == b"after" * 100
         await node.flush()

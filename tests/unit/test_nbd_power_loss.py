@@ -3,10 +3,10 @@
 A kill cannot tell a flushed write from one still in the page cache (the
 cache survives the process), so this simulates the power going instead: the
 qcow2 node of a real NBD server (in this process, on a Unix socket) sits on a
-file node that remembers every write not yet covered by a *completed* flush.
-At a random write or flush the power goes: that operation and every later one
-fail, the server is stopped, and every remembered write is undone (or, in
-half the runs, a random subset of them is kept, as a disk may persist any).
+``tests/power.py`` file node that remembers every write not yet covered by a
+*completed* flush.  At a random write or flush the power goes: that operation
+and every later one fail, the server is stopped, and every remembered write is
+undone (or, in half the runs, a random subset of them is kept).
 
 Then each promise the server made must hold: every acknowledged FUA write or
 WRITE_ZEROES, every acknowledged write in a ``writethrough`` export, and every
@@ -21,7 +21,6 @@ take that path, and a FLUSH covers the fast path's writes the same way.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
@@ -33,19 +32,17 @@ from pathlib import Path
 
 import pytest
 import trio
-import trio.lowlevel
 
 from blockd.block.drivers.file import FileNode
 from blockd.block.drivers.qcow2.node import Qcow2Node
 from blockd.block.graph import BlockGraph
-from blockd.block.node import BlockNode
-from blockd.errors import BlockIOError
 from blockd.events import EventBus
 from blockd.export import protocol as p
 from blockd.export.exports import ExportRegistry
 from blockd.export.server import NBDServer
 from tests.conftest import require_tool
 from tests.images import create, qemu_img, qemu_io
+from tests.power import Power, VolatileFile
 
 from .test_nbd_inflight import negotiate, receive_exactly
 
@@ -54,73 +51,6 @@ SIZE = 4 << 20
 SLOT = 64 * KiB  # every write has a 64 KiB slot of its own, never reused
 #: client sessions per mode, each cut at 5 random points (more: BLOCKD_FUZZ_EXAMPLES)
 RUNS = max(3, int(os.environ.get("BLOCKD_FUZZ_EXAMPLES", "0")) // 50)
-
-
-class PowerCut(BlockNode):
-    """A file node that loses every write no completed flush covers, when told."""
-
-    driver = "file"
-    growable = True
-
-    def __init__(self, inner: FileNode, cut_at: int) -> None:
-        super().__init__(inner.node_name + "-power", read_only=False)
-        self.inner = inner
-        self.cut_at = cut_at
-        self.ops = 0
-        self.dead = False
-        #: (offset, old bytes, new bytes, write finished) of writes since their flush
-        self.unflushed: list[list[object]] = []
-
-    @property
-    def size(self) -> int:
-        return self.inner.size
-
-    @property
-    def filename(self) -> str:
-        return self.inner.filename
-
-    def _tick(self) -> None:
-        self.ops += 1
-        if self.ops == self.cut_at:
-            self.dead = True
-        if self.dead:
-            raise BlockIOError(errno.EIO)
-
-    async def _do_read(self, offset: int, length: int) -> bytes:
-        return await self.inner.read(offset, length)
-
-    async def _do_write(self, offset: int, data: bytes) -> None:
-        self._tick()
-        old = await self.inner.read(offset, len(data))
-        if self.dead:
-            raise BlockIOError(errno.EIO)
-        entry: list[object] = [offset, old, bytes(data), False]
-        self.unflushed.append(entry)
-        await self.inner.write(offset, data)
-        entry[3] = True
-
-    async def _do_write_zeroes(self, offset: int, length: int) -> None:
-        await self._do_write(offset, bytes(length))
-
-    async def _do_flush(self) -> None:
-        self._tick()
-        covered = [e for e in self.unflushed if e[3]]  # only writes already done
-        await trio.lowlevel.checkpoint()  # a flush takes time: others may run meanwhile
-        if self.dead:
-            raise BlockIOError(errno.EIO)
-        self.unflushed = [e for e in self.unflushed if not any(e is c for c in covered)]
-
-    async def lose_power(self, keep_some: random.Random | None) -> None:
-        """Undo what no completed flush covers (the server has stopped)."""
-        for offset, old, _new, _done in reversed(self.unflushed):
-            assert isinstance(offset, int) and isinstance(old, bytes)
-            await self.inner.write(offset, old)
-        if keep_some is not None:
-            for offset, _old, new, _done in self.unflushed:
-                assert isinstance(offset, int) and isinstance(new, bytes)
-                if keep_some.random() < 0.5:
-                    await self.inner.write(offset, new)
-        await self.inner.close()
 
 
 @dataclass
@@ -196,7 +126,8 @@ async def one_run(
     image = tmp_path / f"img-{seed}-{cut_at}.qcow2"
     shutil.copyfile(template, image)
     inner = await FileNode.open("f", str(image), read_only=False)
-    file = PowerCut(inner, cut_at)
+    power = Power(cut_at)
+    file = VolatileFile(inner, power)
     node = await Qcow2Node.open("q", file, read_only=False)
     registry = ExportRegistry(EventBus(), BlockGraph())
     registry.server = object()  # pretend it runs: the server below serves the registry
@@ -220,7 +151,7 @@ async def one_run(
         await node.close()
         await inner.close()
     else:
-        file.dead = True  # from here on, nothing reaches the disk
+        power.lost = True  # from here on, nothing reaches the disk
         await file.lose_power(random.Random(seed) if seed % 2 else None)
     argv = [require_tool("qemu-img"), "check", "--output=json", str(image)]
     checked = subprocess.run(argv, capture_output=True, text=True)
@@ -234,7 +165,7 @@ async def one_run(
         assert guest[offset : offset + len(data)] == data, (seed, cut_at, offset, len(data))
     image.unlink()
     raw.unlink()
-    return file.ops, len(promises.durable)
+    return power.ops, len(promises.durable)
 
 
 @pytest.mark.parametrize("writethrough", [False, True])
