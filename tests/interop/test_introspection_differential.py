@@ -63,6 +63,7 @@ def test_arguments_match_qemu(qsd: DaemonProcess, blockd: DaemonProcess) -> None
     assert len(commands) > 20
     for name in commands:
         assert name in theirs, f"{name} is not a qemu-storage-daemon 7.2 command"
+        assert ours[name].get("features") == theirs[name].get("features"), name
         if name != "blockdev-add":  # its driver list is smaller: see the next test
             assert shape(ours, ours[name]["arg-type"]) == shape(theirs, theirs[name]["arg-type"]), (
                 name

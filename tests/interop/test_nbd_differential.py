@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,40 @@ def script(d: str) -> list[Step]:
     ]
 
 
+def legacy_script(d: str) -> list[Step]:
+    """nbd-server-add/remove, the deprecated forms QSD 7.2 still answers."""
+    add, remove = "nbd-server-add", "nbd-server-remove"
+    return [
+        ("blockdev-add", node("d", f"{d}/d.qcow2")),
+        ("blockdev-add", node("ro", f"{d}/ro.qcow2", read_only=True)),
+        (add, {"device": "d"}),  # no server yet
+        (add, {"device": "nosuch"}),  # the device is looked up first
+        ("nbd-server-start", unix(f"{d}/nbd.sock")),
+        (add, {}),
+        (add, {"device": "d", "extra": 1}),
+        (add, {"device": "d", "writable": "yes"}),
+        (add, {"device": "nosuch"}),
+        (add, {"device": "ro", "writable": True}),  # exported read-only, no error
+        (add, {"device": "ro"}),
+        (add, {"device": "d", "name": ""}),
+        (add, {"device": "d", "name": "x", "bitmap": "bm"}),
+        (add, {"device": "d", "name": "w", "description": "disk", "writable": True}),
+        ("query-block-exports", None),
+        ("client", "w"),
+        (remove, {}),
+        (remove, {"name": "nosuch"}),
+        (remove, {"name": "w", "mode": "bogus"}),
+        (remove, {"name": "w"}),  # a client is connected
+        (remove, {"name": "w", "mode": "hard"}),
+        ("wait", None),
+        (remove, {"name": "ro", "mode": "safe"}),
+        ("query-block-exports", None),
+        ("block-export-add", export("e", "d")),
+        (remove, {"name": "e"}),
+        ("quit", None),
+    ]
+
+
 def nbd_client(path: str, name: str) -> socket.socket:
     """Connect and choose an export with NBD_OPT_GO, then stay connected."""
     sock = socket.socket(socket.AF_UNIX)
@@ -142,11 +177,11 @@ def mask(message: dict[str, Any], d: str) -> dict[str, Any]:
     return {"masked": text}
 
 
-def run(daemon_dir: Path, qmp: RawQMP) -> list[dict[str, Any]]:
+def run(daemon_dir: Path, qmp: RawQMP, steps: Callable[[str], list[Step]]) -> list[dict[str, Any]]:
     d = str(daemon_dir)
     out: list[dict[str, Any]] = []
     clients: list[socket.socket] = []
-    for command, arguments in script(d):
+    for command, arguments in steps(d):
         if command == "client":
             clients.append(nbd_client(f"{d}/nbd.sock", arguments))
             continue
@@ -186,12 +221,14 @@ def both(tmp_path: Path) -> tuple[Path, Path]:
     return qsd_dir, blockd_dir
 
 
-def converse(start: Any, directory: Path) -> list[dict[str, Any]]:
+def converse(
+    start: Any, directory: Path, steps: Callable[[str], list[Step]] = script
+) -> list[dict[str, Any]]:
     daemon: DaemonProcess = start(directory / "qmp.sock")
     try:
         with RawQMP(directory / "qmp.sock") as qmp:
             qmp.negotiate()
-            out = run(directory, qmp)
+            out = run(directory, qmp, steps)
         daemon.wait()
     finally:
         daemon.stop()
@@ -202,6 +239,15 @@ def test_export_commands_match_qsd(both: tuple[Path, Path]) -> None:
     qsd_dir, blockd_dir = both
     expected = converse(start_qsd, qsd_dir)
     got = converse(start_blockd, blockd_dir)
+    for index, (want, have) in enumerate(zip(expected, got, strict=False)):
+        assert have == want, f"message {index} differs"
+    assert len(got) == len(expected)
+
+
+def test_deprecated_export_commands_match_qsd(both: tuple[Path, Path]) -> None:
+    qsd_dir, blockd_dir = both
+    expected = converse(start_qsd, qsd_dir, legacy_script)
+    got = converse(start_blockd, blockd_dir, legacy_script)
     for index, (want, have) in enumerate(zip(expected, got, strict=False)):
         assert have == want, f"message {index} differs"
     assert len(got) == len(expected)

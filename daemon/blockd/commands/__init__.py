@@ -37,6 +37,8 @@ HANDLERS: Mapping[str, Handler] = {
     "job-dismiss": jobs.job_dismiss,
     "nbd-server-start": export.nbd_server_start,
     "nbd-server-stop": export.nbd_server_stop,
+    "nbd-server-add": export.nbd_server_add,
+    "nbd-server-remove": export.nbd_server_remove,
     "block-export-add": export.block_export_add,
     "block-export-del": export.block_export_del,
     "query-block-exports": export.query_block_exports,

@@ -1,4 +1,4 @@
-"""Export commands: nbd-server-start/stop, block-export-add/del, query-block-exports.
+"""Export commands: nbd-server-start/stop/add/remove, block-export-add/del, query-block-exports.
 
 Checks run in the order qemu-storage-daemon 7.2 runs them, with its texts.
 """
@@ -182,6 +182,28 @@ async def block_export_add(ctx: CommandContext, args: Mapping[str, Any]) -> dict
 async def block_export_del(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str, Any]:
     await ctx.exports.delete(args["id"], args.get("mode", "safe"))
     return {}
+
+
+async def nbd_server_add(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str, Any]:
+    # QSD 7.2 looks the device up first, then goes on as block-export-add.
+    device = args["device"]
+    node = ctx.graph.get(device)
+    if node is None:
+        raise BlockdError(f"Cannot find device='{device}' nor node-name='{device}'")
+    name = args.get("name", device)
+    export: dict[str, Any] = {"type": "nbd", "id": name, "node-name": node.node_name, "name": name}
+    if "description" in args:
+        export["description"] = args["description"]
+    # This older command exports a read-only node read-only instead of refusing.
+    export["writable"] = args.get("writable", False) and not node.read_only
+    if "bitmap" in args:
+        export["bitmaps"] = [args["bitmap"]]
+    return await block_export_add(ctx, export)
+
+
+async def nbd_server_remove(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str, Any]:
+    # Every export blockd has is an NBD export: this is block-export-del.
+    return await block_export_del(ctx, {"id": args["name"], "mode": args.get("mode", "safe")})
 
 
 async def query_block_exports(ctx: CommandContext, args: Mapping[str, Any]) -> list[Any]:

@@ -141,9 +141,12 @@ def build_schema(commands: Mapping[str, CommandSchema]) -> list[dict[str, Any]]:
         resolver = registry.resolver(base_uri=command.uri)
         arguments = builder.arguments_of(command.schema, resolver)
         returns = builder.type_of(command.schema["$defs"]["returns"], resolver)
-        entries.append(
-            {"name": name, "arg-type": arguments, "ret-type": returns, "meta-type": "command"}
-        )
+        entry: dict[str, Any] = {
+            "name": name, "arg-type": arguments, "ret-type": returns, "meta-type": "command"
+        }  # fmt: skip
+        if command.schema.get("deprecated"):
+            entry["features"] = ["deprecated"]
+        entries.append(entry)
     for uri in sorted(u for u in registry if u.startswith(BASE_URI + "events/")):
         event = registry.contents(uri)
         arguments = builder.type_of(event, registry.resolver(base_uri=uri))
