@@ -24,6 +24,7 @@ import trio
 from blockd import __version__, logs
 from blockd.block.graph import BlockGraph
 from blockd.commands import HANDLERS, CommandContext
+from blockd.commands.misc import wind_down
 from blockd.control_socket import BoundSocket, bind_control_socket
 from blockd.errors import BlockdError
 from blockd.events import EventBus
@@ -39,10 +40,6 @@ from blockd.version import version_info
 
 log = logging.getLogger("blockd")
 
-#: How long stopping waits for cancelled jobs to finish their clean-up.
-JOB_GRACE_SECONDS = 5.0
-#: How long stopping waits for the exports to close (NBD clients' requests).
-EXPORT_GRACE_SECONDS = 5.0
 #: How long clients get, once the daemon stops, to take their last replies.
 STOP_SECONDS = 10
 #: How often the ``STATUS=`` line is recomputed (sent only when it changed).
@@ -183,17 +180,7 @@ async def run(settings: Settings) -> None:
                         waiting.cancel_scope.cancel()
                     logs.stopping(stop.reason)
                     notifier.stopping()
-                    # Jobs end first, so clients still hear how they ended.
-                    await jobs.shutdown(grace=JOB_GRACE_SECONDS)
-                    # Then the exports (NBD clients' running requests finish first),
-                    # so no request is still using a node when the nodes close.
-                    with trio.move_on_after(EXPORT_GRACE_SECONDS) as waited:
-                        try:
-                            await exports.shutdown()
-                        except Exception:
-                            log.exception("stopping the NBD server failed")
-                    if waited.cancelled_caught:
-                        log.error("the NBD server did not stop within %s s", EXPORT_GRACE_SECONDS)
+                    await wind_down(jobs, exports)
                     server.close()
                     # Clients get a bounded time to take their last replies.
                     nursery.cancel_scope.deadline = trio.current_time() + STOP_SECONDS
