@@ -60,8 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--blockdev",
         action="append",
         default=[],
-        metavar="JSON",
-        help="a node to open at start-up, as blockdev-add arguments in JSON; "
+        metavar="OPTIONS",
+        help="a node to open at start-up, as blockdev-add arguments: JSON, or "
+        "key=value pairs as qemu-storage-daemon takes them (driver=qcow2,"
+        "node-name=disk,file.driver=file,file.filename=disk.qcow2); "
         "repeatable, opened in order after the configuration file's nodes",
     )
     return parser

@@ -22,6 +22,7 @@ for a QMP client.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
 import re
@@ -31,7 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from blockd import keyval
 from blockd.logs import LEVELS
+from blockd.qmp.schema import CommandSchema, load_command_schemas
 
 KEYS = ("socket", "socket-mode", "log-level", "blockdev")
 
@@ -62,13 +65,13 @@ def parse_mode(text: str) -> int:
 
 
 def parse_blockdev(text: str) -> dict[str, Any]:
-    """One ``--blockdev`` option: a JSON object of ``blockdev-add`` arguments."""
+    """One ``--blockdev`` option: ``blockdev-add`` arguments, as a JSON object or
+    in QEMU's ``key=value`` form (converted to the same JSON)."""
     if not text.lstrip().startswith("{"):
-        raise ConfigError(
-            f"--blockdev {text!r}: give the node as a JSON object, "
-            'e.g. \'{"driver": "qcow2", "node-name": "disk0", ...}\' '
-            "(the key=value form is not supported)"
-        )
+        try:
+            return keyval.typed(_blockdev_add(), keyval.parse(text, implied_key="driver"))
+        except keyval.KeyvalError as err:
+            raise ConfigError(f"--blockdev {text!r}: {err}") from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
@@ -76,6 +79,11 @@ def parse_blockdev(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"--blockdev {text!r}: must be a JSON object")
     return value
+
+
+@functools.cache
+def _blockdev_add() -> CommandSchema:
+    return load_command_schemas()["blockdev-add"]
 
 
 def load_config(path: Path) -> Config:

@@ -91,10 +91,30 @@ def test_blockdev_option_is_json() -> None:
     }
 
 
+def test_blockdev_option_as_key_value_pairs() -> None:
+    """Typed by the blockdev-add schema of the driver named (see also
+    tests/interop/test_keyval_differential.py, beside qemu-storage-daemon)."""
+    text = (
+        "qcow2,node-name=x,read-only=on,file.driver=file,file.filename=a,,b,"
+        "cache-clean-interval=0x10,discard=unmap"
+    )
+    assert parse_blockdev(text) == {
+        "driver": "qcow2",
+        "node-name": "x",
+        "read-only": True,
+        "file": {"driver": "file", "filename": "a,b"},
+        "cache-clean-interval": 16,
+        "discard": "unmap",
+    }
+    blkdebug = "driver=blkdebug,image=img,inject-error.0.event=read_aio,inject-error.0.errno=010"
+    assert parse_blockdev(blkdebug)["inject-error"] == [{"event": "read_aio", "errno": 8}]
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("driver=qcow2,node-name=x", "give the node as a JSON object"),
+        ("driver=qcow2,read-only=1", "Parameter 'read-only' expects 'on' or 'off'"),
+        ("driver=qcow2,a.0=1,a.b=2", r"Parameters 'a\.\*' used inconsistently"),
         ('{"driver": ', "not valid JSON"),
     ],
 )

@@ -7,6 +7,7 @@ refused ``blockdev-add`` leaves the graph exactly as it was.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from typing import Any
 
@@ -17,6 +18,8 @@ from blockd.block.drivers.raw import RawNode
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
 from blockd.errors import BlockError, BlockIOError, ImageError
+
+log = logging.getLogger(__name__)
 
 _FORMATS = ("raw", "qcow2")
 
@@ -200,6 +203,10 @@ async def _open_backing(
 ) -> tuple[BlockNode | None, bool]:
     if "backing" in options:
         ref = options["backing"]
+        if ref == "":
+            # QEMU still takes the old spelling of "no backing", with a warning.
+            log.warning('Use of "backing": "" is deprecated; use "backing": null instead')
+            ref = None
         if ref is None:
             return None, False
         try:

@@ -1,0 +1,116 @@
+"""``--blockdev`` in QEMU's key=value form, blockd beside qemu-storage-daemon 7.2.
+
+Each option string goes to both daemons' command lines as written: either
+both refuse it with the same message (the words after the program's own
+prefix), or both open the same nodes (names, drivers, read-only, files;
+names QEMU generates masked).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import require_tool
+from tests.helpers import RawQMP, blockd_command, spawn
+from tests.images import create
+
+pytestmark = pytest.mark.qsd
+
+IMAGE = "driver=qcow2,node-name=x,file.driver=file,file.filename=a.qcow2"
+BLKDEBUG = "driver=blkdebug,node-name=x,image.driver=file,image.filename=a.qcow2"
+CASES = [
+    IMAGE,
+    "qcow2,node-name=x,file.driver=file,file.filename=a.qcow2,read-only=yes",  # implied driver
+    f"{IMAGE},read-only=on,backing=",  # "" is the old spelling of null
+    f"{IMAGE},read-only=off,read-only=on",  # the last one wins
+    f"{IMAGE},cache-clean-interval=0x10,",  # C integers; a trailing comma
+    "driver=file,node-name=x,filename=a,,b.qcow2",  # ,, is a comma
+    f"{BLKDEBUG},inject-error.0.event=read_aio,inject-error.0.errno=5,inject-error.0.once=on",
+    # refused
+    f"{IMAGE},read-only=1",
+    f"{IMAGE},l2-cache-size=1M",
+    f"{IMAGE},bogus=1",
+    f"{BLKDEBUG},inject-error.1.event=read_aio",
+    f"{BLKDEBUG},inject-error.0.event=read_aio,inject-error.0.errno=abc",
+    "driver=qcow2,file=x,file.driver=file",
+    "driver=qcow2,a.0=1,a.x=2",
+    "driver=qcow2,a..b=1",
+    "driver=file,foo",
+    ",driver=file",
+    "driver=qcow2,file=",
+]
+
+
+def _nodes(sock: Path) -> list[Any]:
+    with RawQMP(sock) as qmp:
+        qmp.negotiate()
+        nodes = qmp.execute("query-named-block-nodes", {"flat": True})["return"]
+        qmp.execute("quit")
+    # (a blkdebug node's file name is QSD's json: text of its options: another test's)
+    return sorted(
+        (re.sub(r"^#block\d+$", "#block", n["node-name"]), n["drv"], n["ro"],
+         "-" if n["drv"] == "blkdebug" else n["file"])
+        for n in nodes
+    )  # fmt: skip
+
+
+def _qsd(d: Path, option: str) -> tuple[str, Any]:
+    sock = d / "q.sock"
+    proc = subprocess.Popen(
+        ["qemu-storage-daemon", "--blockdev", option, "--chardev",
+         f"socket,path={sock},server=on,wait=off,id=m", "--monitor", "chardev=m"],
+        cwd=d, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        for _ in range(100):
+            if proc.poll() is not None:
+                stderr = proc.stderr.read() if proc.stderr else ""
+                prefix = f"qemu-storage-daemon: --blockdev {option}: "
+                line = next(ln for ln in stderr.splitlines() if ln.startswith(prefix))
+                return "refused", line.removeprefix(prefix)
+            if sock.exists():
+                return "opened", _nodes(sock)
+            subprocess.run(["sleep", "0.05"])
+        raise AssertionError("QSD neither started nor failed")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def _blockd(d: Path, option: str) -> tuple[str, Any]:
+    sock = d / "b.sock"
+    daemon = spawn(blockd_command(sock, "--blockdev", option), sock, wait=False, cwd=d)
+    try:
+        for _ in range(200):
+            if daemon.proc.poll() is not None:
+                last = daemon.stderr().strip().splitlines()[-1]
+                message = re.sub(
+                    r"^blockd: (--blockdev '.*?': |start-up node \d+( \(.*?\))?: )", "", last
+                )
+                return "refused", message
+            if sock.exists():
+                return "opened", _nodes(sock)
+            subprocess.run(["sleep", "0.05"])
+        raise AssertionError("blockd neither started nor failed")
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.parametrize("option", CASES)
+def test_key_value_blockdev_as_qsd(tmp_path: Path, option: str) -> None:
+    require_tool("qemu-storage-daemon")
+    create(tmp_path / "a.qcow2", "1M")
+    create(tmp_path / "a,b.qcow2", "1M")
+    with ThreadPoolExecutor() as pool:  # both start at once: half the wait
+        theirs, ours = pool.submit(_qsd, tmp_path, option), pool.submit(_blockd, tmp_path, option)
+        want, got = theirs.result(), ours.result()
+    assert got == want, json.dumps([want, got])
