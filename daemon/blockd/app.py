@@ -14,10 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -25,6 +24,7 @@ from blockd import __version__, logs
 from blockd.block.graph import BlockGraph
 from blockd.commands import HANDLERS, CommandContext
 from blockd.commands.misc import wind_down
+from blockd.config import StartupCommand
 from blockd.control_socket import BoundSocket, bind_control_socket
 from blockd.errors import BlockdError
 from blockd.events import EventBus
@@ -47,7 +47,7 @@ STATUS_SECONDS = 1.0
 
 
 class StartupError(Exception):
-    """A start-up node could not be opened; the daemon does not start."""
+    """A start-up command failed (a node, the NBD server, an export); the daemon does not start."""
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,8 @@ class Settings:
     socket_mode: int = 0o600
     #: Listening sockets from socket activation, served instead of ``socket_path``.
     inherited: tuple[InheritedSocket, ...] = ()
-    #: ``blockdev-add`` arguments of the nodes to open before ``READY=1``, in order.
-    blockdevs: tuple[Mapping[str, Any], ...] = ()
+    #: Nodes to open, NBD server and exports to start before ``READY=1``, in order.
+    startup: tuple[StartupCommand, ...] = ()
 
 
 class _Stop:
@@ -94,19 +94,15 @@ async def _report_status(notifier: Notifier, status: Callable[[], str]) -> None:
         await trio.sleep(STATUS_SECONDS)
 
 
-async def open_startup_nodes(
-    dispatcher: Dispatcher, blockdevs: tuple[Mapping[str, Any], ...]
-) -> None:
-    """Run ``blockdev-add`` for each node, in order, as a QMP client would."""
+async def run_startup(dispatcher: Dispatcher, steps: tuple[StartupCommand, ...]) -> None:
+    """Run the start-up commands in order, as a QMP client would send them."""
     conn = QMPConnection(version_info())
     conn.enter_command_mode([])
-    for index, arguments in enumerate(blockdevs, 1):
-        request = Request(command="blockdev-add", arguments=dict(arguments))
+    for step in steps:
+        request = Request(command=step.command, arguments=dict(step.arguments))
         reply = json.loads(await dispatcher.execute(conn, request))
         if "error" in reply:
-            name = arguments.get("node-name")
-            which = f"start-up node {index}" + (f" ({name})" if isinstance(name, str) else "")
-            raise StartupError(f"{which}: {reply['error']['desc']}")
+            raise StartupError(f"{step.origin}: {reply['error']['desc']}")
 
 
 def _listen(settings: Settings) -> tuple[list[trio.SocketListener], BoundSocket | None, list[str]]:
@@ -146,45 +142,50 @@ async def run(settings: Settings) -> None:
     notifier = Notifier.from_environ()
     watchdog = watchdog_interval()
     log.debug(
-        "settings: socket %s (mode %04o), %d inherited socket(s), %d start-up node(s), "
+        "settings: socket %s (mode %04o), %d inherited socket(s), %d start-up command(s), "
         "notify %s, watchdog every %s s",
         settings.socket_path,
         settings.socket_mode,
         len(settings.inherited),
-        len(settings.blockdevs),
+        len(settings.startup),
         "on" if notifier.enabled else "off",
         watchdog,
     )
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         listeners, bound, names = _listen(settings)
         try:
-            try:
-                await open_startup_nodes(dispatcher, settings.blockdevs)
-            except StartupError as err:
-                notifier.status(f"Start-up failed: {err}")
-                raise
+            failed: StartupError | None = None
             async with trio.open_nursery() as service:
                 await service.start(jobs.serve)
                 await service.start(exports.serve)
-                if watchdog is not None:
-                    service.start_soon(keep_watchdog_fed, notifier, watchdog)
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(server.serve, listeners)
-                    logs.started(__version__, names)
-                    notifier.ready(status())
-                    if notifier.enabled:
-                        service.start_soon(_report_status, notifier, status)
-                    async with trio.open_nursery() as waiting:
-                        waiting.start_soon(_stop_on_signal, signals, stop)
-                        await stop.event.wait()
-                        waiting.cancel_scope.cancel()
-                    logs.stopping(stop.reason)
-                    notifier.stopping()
+                try:
+                    await run_startup(dispatcher, settings.startup)
+                except StartupError as err:
+                    failed = err
+                    notifier.status(f"Start-up failed: {err}")
                     await wind_down(jobs, exports)
-                    server.close()
-                    # Clients get a bounded time to take their last replies.
-                    nursery.cancel_scope.deadline = trio.current_time() + STOP_SECONDS
+                else:
+                    if watchdog is not None:
+                        service.start_soon(keep_watchdog_fed, notifier, watchdog)
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(server.serve, listeners)
+                        logs.started(__version__, names)
+                        notifier.ready(status())
+                        if notifier.enabled:
+                            service.start_soon(_report_status, notifier, status)
+                        async with trio.open_nursery() as waiting:
+                            waiting.start_soon(_stop_on_signal, signals, stop)
+                            await stop.event.wait()
+                            waiting.cancel_scope.cancel()
+                        logs.stopping(stop.reason)
+                        notifier.stopping()
+                        await wind_down(jobs, exports)
+                        server.close()
+                        # Clients get a bounded time to take their last replies.
+                        nursery.cancel_scope.deadline = trio.current_time() + STOP_SECONDS
                 service.cancel_scope.cancel()
+            if failed is not None:
+                raise failed
         finally:
             # Every image is flushed and closed, also after a failed start-up.
             with trio.CancelScope(shield=True):

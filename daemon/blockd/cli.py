@@ -5,12 +5,22 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from blockd import __version__, logs
 from blockd.app import Settings, StartupError, run
-from blockd.config import Config, ConfigError, load_config, parse_blockdev, parse_mode
+from blockd.config import (
+    OPTION_COMMANDS,
+    Config,
+    ConfigError,
+    StartupCommand,
+    load_config,
+    node_step,
+    parse_mode,
+    parse_option,
+)
 from blockd.control_socket import ControlSocketError
 from blockd.qmp.schema import SchemaError
 from blockd.systemd.activation import ActivationError, listen_sockets
@@ -21,6 +31,22 @@ def _mode(text: str) -> int:
         return parse_mode(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+class _InOrder(argparse.Action):
+    """Collects ``--blockdev``, ``--nbd-server`` and ``--export`` in one list, in
+    the order given: an export needs its node and the server before it."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        if getattr(namespace, "startup", None) is None:
+            namespace.startup = []
+        namespace.startup.append((option_string, values))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,15 +82,30 @@ def build_parser() -> argparse.ArgumentParser:
         choices=logs.LEVELS,
         help="least severe message to log on stderr (default: info)",
     )
-    parser.add_argument(
+    startup = parser.add_argument_group(
+        "start-up commands",
+        "Run in the order given, after the configuration file's nodes, each as "
+        "a JSON object or as key=value pairs, as qemu-storage-daemon takes them",
+    )
+    startup.add_argument(
         "--blockdev",
-        action="append",
-        default=[],
+        action=_InOrder,
         metavar="OPTIONS",
-        help="a node to open at start-up, as blockdev-add arguments: JSON, or "
-        "key=value pairs as qemu-storage-daemon takes them (driver=qcow2,"
-        "node-name=disk,file.driver=file,file.filename=disk.qcow2); "
-        "repeatable, opened in order after the configuration file's nodes",
+        help="a node to open, as blockdev-add arguments "
+        "(driver=qcow2,node-name=disk,file.driver=file,file.filename=disk.qcow2)",
+    )
+    startup.add_argument(
+        "--nbd-server",
+        action=_InOrder,
+        metavar="OPTIONS",
+        help="start the NBD server (addr.type=unix,addr.path=nbd.sock)",
+    )
+    startup.add_argument(
+        "--export",
+        action=_InOrder,
+        metavar="OPTIONS",
+        help="export a node, as block-export-add arguments "
+        "(type=nbd,id=exp0,node-name=disk,writable=on)",
     )
     return parser
 
@@ -74,7 +115,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config) if args.config is not None else Config()
-        blockdevs = config.blockdevs + tuple(parse_blockdev(text) for text in args.blockdev)
+        given = getattr(args, "startup", None) or []
+        nodes = [*config.blockdevs]
+        startup = [node_step(number, node) for number, node in enumerate(nodes, 1)]
+        for option, text in given:
+            arguments = parse_option(option, text)
+            if option == "--blockdev":
+                nodes.append(arguments)
+                startup.append(node_step(len(nodes), arguments))
+            else:
+                command = OPTION_COMMANDS[option][0]
+                startup.append(StartupCommand(command, arguments, f"{option} {text!r}"))
     except ConfigError as err:
         logs.fatal(str(err))
         return 1
@@ -92,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         socket_path=socket_path,
         socket_mode=mode if mode is not None else 0o600,
         inherited=inherited,
-        blockdevs=blockdevs,
+        startup=tuple(startup),
     )
     try:
         trio.run(run, settings)

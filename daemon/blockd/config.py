@@ -64,26 +64,75 @@ def parse_mode(text: str) -> int:
     return mode
 
 
-def parse_blockdev(text: str) -> dict[str, Any]:
-    """One ``--blockdev`` option: ``blockdev-add`` arguments, as a JSON object or
-    in QEMU's ``key=value`` form (converted to the same JSON)."""
-    if not text.lstrip().startswith("{"):
-        try:
-            return keyval.typed(_blockdev_add(), keyval.parse(text, implied_key="driver"))
-        except keyval.KeyvalError as err:
-            raise ConfigError(f"--blockdev {text!r}: {err}") from None
+@dataclass(frozen=True)
+class StartupCommand:
+    """A QMP command run at start-up, and where it came from (for its error)."""
+
+    command: str
+    arguments: dict[str, Any]
+    origin: str
+
+
+def node_step(number: int, arguments: dict[str, Any]) -> StartupCommand:
+    """The ``blockdev-add`` of the ``number``-th start-up node (file's first)."""
+    name = arguments.get("node-name")
+    origin = f"start-up node {number}" + (f" ({name})" if isinstance(name, str) else "")
+    return StartupCommand("blockdev-add", arguments, origin)
+
+
+#: Command-line option -> (QMP command it runs, the key a first bare value sets)
+OPTION_COMMANDS = {
+    "--blockdev": ("blockdev-add", "driver"),
+    "--nbd-server": ("nbd-server-start", None),
+    "--export": ("block-export-add", "type"),
+}
+
+
+def parse_option(option: str, text: str) -> dict[str, Any]:
+    """The QMP arguments of ``--blockdev``, ``--nbd-server`` or ``--export``,
+    from a JSON object or from QEMU's ``key=value`` form, as QSD takes them."""
+    command, implied = OPTION_COMMANDS[option]
+    is_json = text.lstrip().startswith("{")
+    value: dict[str, Any]
     try:
-        value = json.loads(text)
+        if is_json:
+            parsed = json.loads(text)
+            if not isinstance(parsed, dict):
+                raise ConfigError(f"{option} {text!r}: must be a JSON object")
+            value = parsed
+        else:
+            value = keyval.parse(text, implied_key=implied)
+        if command == "nbd-server-start":
+            value = _legacy_address(value)
+        return value if is_json else keyval.typed(_command_schema(command), value)
     except json.JSONDecodeError as err:
-        raise ConfigError(f"--blockdev {text!r}: not valid JSON: {err}") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"--blockdev {text!r}: must be a JSON object")
-    return value
+        raise ConfigError(f"{option} {text!r}: not valid JSON: {err}") from None
+    except keyval.KeyvalError as err:
+        raise ConfigError(f"{option} {text!r}: {err}") from None
+
+
+def _legacy_address(options: dict[str, Any]) -> dict[str, Any]:
+    """QSD's ``--nbd-server`` names the address flat (``addr.type``,
+    ``addr.path``); ``nbd-server-start`` nests it (``addr.data.path``)."""
+    addr = options.get("addr")
+    if isinstance(addr, dict) and "type" in addr and "data" not in addr:
+        data = {k: v for k, v in addr.items() if k != "type"}
+        options = {**options, "addr": {"type": addr["type"], "data": data}}
+    return options
+
+
+def parse_blockdev(text: str) -> dict[str, Any]:
+    """One ``--blockdev`` option's ``blockdev-add`` arguments."""
+    return parse_option("--blockdev", text)
+
+
+def _command_schema(command: str) -> CommandSchema:
+    return _command_schemas()[command]
 
 
 @functools.cache
-def _blockdev_add() -> CommandSchema:
-    return load_command_schemas()["blockdev-add"]
+def _command_schemas() -> dict[str, CommandSchema]:
+    return load_command_schemas()
 
 
 def load_config(path: Path) -> Config:

@@ -169,9 +169,9 @@ def test_blockdev_option_error_names_the_node(sock_dir: Path) -> None:
 
 
 def test_bad_blockdev_option_is_refused(sock_dir: Path) -> None:
-    result = _run("--socket", str(sock_dir / "bd.sock"), "--blockdev", "driver=file")
+    result = _run("--socket", str(sock_dir / "bd.sock"), "--blockdev", "driver=file,read-only=1")
     assert result.returncode == 1
-    assert "give the node as a JSON object" in result.stderr
+    assert "Parameter 'read-only' expects 'on' or 'off'" in result.stderr
     assert not (sock_dir / "bd.sock").exists()
 
 

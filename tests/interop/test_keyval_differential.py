@@ -1,9 +1,10 @@
-"""``--blockdev`` in QEMU's key=value form, blockd beside qemu-storage-daemon 7.2.
+"""Start-up options (``--blockdev``, ``--nbd-server``, ``--export``) in QEMU's
+key=value and JSON forms, blockd beside qemu-storage-daemon 7.2.
 
-Each option string goes to both daemons' command lines as written: either
-both refuse it with the same message (the words after the program's own
-prefix), or both open the same nodes (names, drivers, read-only, files;
-names QEMU generates masked).
+Each case goes to both daemons' command lines as written: either both refuse
+it with the same message (the words after the program's own prefix, which
+names the option), or both open the same nodes (names, drivers, read-only,
+files; names QEMU generates masked) and the same exports.
 """
 
 from __future__ import annotations
@@ -46,25 +47,41 @@ CASES = [
     ",driver=file",
     "driver=qcow2,file=",
 ]
+NBD = "addr.type=unix,addr.path=nbd.sock"
+SERVED = [
+    # run in the order given, whatever the option
+    ["--blockdev", "file,node-name=f,filename=a.qcow2", "--nbd-server", NBD,
+     "--export", "nbd,id=e,node-name=f,name=disk,writable=on"],
+    ["--nbd-server", '{"addr": {"type": "unix", "path": "nbd.sock"}, "max-connections": 2}',
+     "--blockdev", '{"driver": "file", "node-name": "f", "filename": "a.qcow2"}',
+     "--export", '{"type": "nbd", "id": "e", "node-name": "f"}'],
+    ["--export", "type=nbd,id=e,node-name=f", "--blockdev", "file,node-name=f,filename=a.qcow2"],
+    ["--blockdev", "file,node-name=f,filename=a.qcow2", "--export", "type=nbd,id=e,node-name=f"],
+    ["--nbd-server", f"{NBD},max-connections=x"],
+    ["--nbd-server", NBD, "--nbd-server", "addr.type=unix,addr.path=nbd2.sock"],
+    ["--nbd-server", NBD, "--blockdev", "file,node-name=f,filename=a.qcow2",
+     "--export", "type=nbd,id=e,node-name=f,writable=maybe"],
+]  # fmt: skip
 
 
-def _nodes(sock: Path) -> list[Any]:
+def _state(sock: Path) -> list[Any]:
     with RawQMP(sock) as qmp:
         qmp.negotiate()
         nodes = qmp.execute("query-named-block-nodes", {"flat": True})["return"]
+        exports = qmp.execute("query-block-exports")["return"]
         qmp.execute("quit")
     # (a blkdebug node's file name is QSD's json: text of its options: another test's)
     return sorted(
         (re.sub(r"^#block\d+$", "#block", n["node-name"]), n["drv"], n["ro"],
          "-" if n["drv"] == "blkdebug" else n["file"])
         for n in nodes
-    )  # fmt: skip
+    ) + exports  # fmt: skip
 
 
-def _qsd(d: Path, option: str) -> tuple[str, Any]:
+def _qsd(d: Path, options: list[str]) -> tuple[str, Any]:
     sock = d / "q.sock"
     proc = subprocess.Popen(
-        ["qemu-storage-daemon", "--blockdev", option, "--chardev",
+        ["qemu-storage-daemon", *options, "--chardev",
          f"socket,path={sock},server=on,wait=off,id=m", "--monitor", "chardev=m"],
         cwd=d, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         text=True,
@@ -73,11 +90,10 @@ def _qsd(d: Path, option: str) -> tuple[str, Any]:
         for _ in range(100):
             if proc.poll() is not None:
                 stderr = proc.stderr.read() if proc.stderr else ""
-                prefix = f"qemu-storage-daemon: --blockdev {option}: "
-                line = next(ln for ln in stderr.splitlines() if ln.startswith(prefix))
-                return "refused", line.removeprefix(prefix)
+                last = stderr.strip().splitlines()[-1]
+                return "refused", re.sub(r"^qemu-storage-daemon: (--[a-z-]+ .*?: )", "", last)
             if sock.exists():
-                return "opened", _nodes(sock)
+                return "opened", _state(sock)
             subprocess.run(["sleep", "0.05"])
         raise AssertionError("QSD neither started nor failed")
     finally:
@@ -86,31 +102,49 @@ def _qsd(d: Path, option: str) -> tuple[str, Any]:
         proc.wait()
 
 
-def _blockd(d: Path, option: str) -> tuple[str, Any]:
+def _blockd(d: Path, options: list[str]) -> tuple[str, Any]:
     sock = d / "b.sock"
-    daemon = spawn(blockd_command(sock, "--blockdev", option), sock, wait=False, cwd=d)
+    daemon = spawn(blockd_command(sock, *options), sock, wait=False, cwd=d)
     try:
         for _ in range(200):
             if daemon.proc.poll() is not None:
                 last = daemon.stderr().strip().splitlines()[-1]
                 message = re.sub(
-                    r"^blockd: (--blockdev '.*?': |start-up node \d+( \(.*?\))?: )", "", last
+                    r"^blockd: (--[a-z-]+ '.*?': |start-up node \d+( \(.*?\))?: )", "", last
                 )
                 return "refused", message
             if sock.exists():
-                return "opened", _nodes(sock)
+                try:
+                    return "opened", _state(sock)
+                except (OSError, EOFError):
+                    continue  # bound, then start-up failed: the exit tells why
             subprocess.run(["sleep", "0.05"])
         raise AssertionError("blockd neither started nor failed")
     finally:
         daemon.stop()
 
 
-@pytest.mark.parametrize("option", CASES)
-def test_key_value_blockdev_as_qsd(tmp_path: Path, option: str) -> None:
+def compare(tmp_path: Path, options: list[str]) -> None:
     require_tool("qemu-storage-daemon")
     create(tmp_path / "a.qcow2", "1M")
     create(tmp_path / "a,b.qcow2", "1M")
     with ThreadPoolExecutor() as pool:  # both start at once: half the wait
-        theirs, ours = pool.submit(_qsd, tmp_path, option), pool.submit(_blockd, tmp_path, option)
+        qsd_dir, blockd_dir = tmp_path / "q", tmp_path / "b"
+        for d in (qsd_dir, blockd_dir):
+            d.mkdir()
+            for image in ("a.qcow2", "a,b.qcow2"):
+                (d / image).write_bytes((tmp_path / image).read_bytes())
+        theirs = pool.submit(_qsd, qsd_dir, options)
+        ours = pool.submit(_blockd, blockd_dir, options)
         want, got = theirs.result(), ours.result()
     assert got == want, json.dumps([want, got])
+
+
+@pytest.mark.parametrize("option", CASES)
+def test_key_value_blockdev_as_qsd(tmp_path: Path, option: str) -> None:
+    compare(tmp_path, ["--blockdev", option])
+
+
+@pytest.mark.parametrize("options", SERVED, ids=range(len(SERVED)))
+def test_nbd_server_and_exports_as_qsd(tmp_path: Path, options: list[str]) -> None:
+    compare(tmp_path, options)
