@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config) if args.config is not None else Config()
         given = getattr(args, "startup", None) or []
         nodes = [*config.blockdevs]
-        startup = [node_step(number, node) for number, node in enumerate(nodes, 1)]
+        startup = config.startup()
         for option, text in given:
             arguments = parse_option(option, text)
             if option == "--blockdev":

@@ -36,7 +36,7 @@ from blockd import keyval
 from blockd.logs import LEVELS
 from blockd.qmp.schema import CommandSchema, load_command_schemas
 
-KEYS = ("socket", "socket-mode", "log-level", "blockdev")
+KEYS = ("socket", "socket-mode", "log-level", "blockdev", "nbd-server", "export")
 
 
 class ConfigError(Exception):
@@ -51,6 +51,22 @@ class Config:
     socket_mode: int | None = None
     log_level: str | None = None
     blockdevs: tuple[dict[str, Any], ...] = ()
+    #: ``nbd-server-start`` arguments (the file names the address flat, as QSD's option)
+    nbd_server: dict[str, Any] | None = None
+    #: ``block-export-add`` arguments, in order
+    exports: tuple[dict[str, Any], ...] = ()
+
+    def startup(self) -> list[StartupCommand]:
+        """The file's start-up commands: its nodes, then the NBD server, then the exports."""
+        steps = [node_step(number, node) for number, node in enumerate(self.blockdevs, 1)]
+        if self.nbd_server is not None:
+            origin = "the configuration file's [nbd-server]"
+            steps.append(StartupCommand("nbd-server-start", self.nbd_server, origin))
+        steps += [
+            StartupCommand("block-export-add", export, f"the configuration file's export[{index}]")
+            for index, export in enumerate(self.exports)
+        ]
+        return steps
 
 
 def parse_mode(text: str) -> int:
@@ -176,7 +192,9 @@ class _Checker:
             socket=self._socket(data.get("socket")),
             socket_mode=self._mode(data.get("socket-mode")),
             log_level=self._level(data.get("log-level")),
-            blockdevs=self._blockdevs(data.get("blockdev")),
+            blockdevs=self._tables("blockdev", data.get("blockdev"), "blockdev-add"),
+            nbd_server=self._nbd_server(data.get("nbd-server")),
+            exports=self._tables("export", data.get("export"), "block-export-add"),
         )
 
     def _string(self, key: str, value: Any, what: str) -> str:
@@ -209,26 +227,38 @@ class _Checker:
             raise self.fail("log-level", f"{text!r} is not one of {', '.join(LEVELS)}")
         return text
 
-    def _blockdevs(self, value: Any) -> tuple[dict[str, Any], ...]:
+    def _tables(self, key: str, value: Any, command: str) -> tuple[dict[str, Any], ...]:
         if value is None:
             return ()
         if not isinstance(value, list):
             raise self.fail(
-                "blockdev", f"expected an array of tables ([[blockdev]]), got {_type_name(value)}"
+                key, f"expected an array of tables ([[{key}]]), got {_type_name(value)}"
             )
-        nodes = []
-        for index, node in enumerate(value):
-            key = f"blockdev[{index}]"
-            if not isinstance(node, dict):
+        tables = []
+        for index, table in enumerate(value):
+            where = f"{key}[{index}]"
+            if not isinstance(table, dict):
                 raise ConfigError(
-                    f"{self.path}: key '{key}': expected a table of blockdev-add arguments, "
-                    f"got {_type_name(node)}"
+                    f"{self.path}: key '{where}': expected a table of {command} arguments, "
+                    f"got {_type_name(table)}"
                 )
-            problem = _not_json(node, key)
+            problem = _not_json(table, where)
             if problem is not None:
                 raise ConfigError(f"{self.path}: {problem}")
-            nodes.append(node)
-        return tuple(nodes)
+            tables.append(table)
+        return tuple(tables)
+
+    def _nbd_server(self, value: Any) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise self.fail(
+                "nbd-server", f"expected a table ([nbd-server]), got {_type_name(value)}"
+            )
+        problem = _not_json(value, "nbd-server")
+        if problem is not None:
+            raise ConfigError(f"{self.path}: {problem}")
+        return _legacy_address(value)
 
 
 def _not_json(value: Any, key: str) -> str | None:

@@ -179,3 +179,54 @@ def test_no_socket_at_all_is_a_usage_error() -> None:
     result = _run()
     assert result.returncode == 2
     assert "--socket is required" in result.stderr
+
+
+def test_configured_export_serves_before_ready(sock_dir: Path) -> None:
+    """A restart brings the NBD server and the exports back, from the file."""
+    require_tool("qemu-io")
+    base, _ = _chain(sock_dir)
+    subprocess.run(["qemu-io", "-c", "write -P 0x5a 0 64k", str(base)], check=True,
+                   capture_output=True)  # fmt: skip
+    nbd = sock_dir / "nbd.sock"
+    config = _write(
+        sock_dir,
+        'socket = "bd.sock"\n'
+        f'[[blockdev]]\ndriver = "qcow2"\nnode-name = "disk0"\n'
+        f'file = {{ driver = "file", filename = "{base}" }}\n'
+        f'[nbd-server]\naddr = {{ type = "unix", path = "{nbd}" }}\n'
+        '[[export]]\ntype = "nbd"\nid = "exp0"\nnode-name = "disk0"\nwritable = true\n',
+    )
+    path = sock_dir / "bd.sock"
+    daemon = spawn(blockd_argv("--config", str(config)), path)
+    try:
+        with RawQMP(path) as client:
+            client.negotiate()  # the greeting comes once start-up is done
+            read = subprocess.run(
+                ["qemu-io", "-f", "raw", "-c", "read -P 0x5a 0 64k",
+                 f"nbd+unix:///disk0?socket={nbd}"],
+                capture_output=True, text=True, timeout=TIMEOUT,
+            )  # fmt: skip
+            assert read.returncode == 0 and "read 65536/65536" in read.stdout, read.stderr
+            exports = client.execute("query-block-exports")["return"]
+            assert [(e["id"], e["node-name"]) for e in exports] == [("exp0", "disk0")]
+            assert client.execute("quit")["return"] == {}
+        assert daemon.wait() == 0
+    finally:
+        daemon.stop()
+    assert not nbd.exists()
+
+
+def test_configured_export_that_fails_stops_startup(sock_dir: Path) -> None:
+    nbd = sock_dir / "nbd.sock"
+    config = _write(
+        sock_dir,
+        f'[nbd-server]\naddr = {{ type = "unix", path = "{nbd}" }}\n'
+        '[[export]]\ntype = "nbd"\nid = "exp0"\nnode-name = "nosuch"\n',
+    )
+    result = _run("--config", str(config), "--socket", str(sock_dir / "bd.sock"))
+    assert result.returncode == 1
+    assert (
+        "blockd: the configuration file's export[0]: "
+        "Cannot find device='' nor node-name='nosuch'" in result.stderr
+    )
+    assert not nbd.exists()  # the server started, then stopped with the daemon

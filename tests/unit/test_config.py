@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
@@ -123,13 +124,28 @@ def test_bad_blockdev_option(text: str, message: str) -> None:
         parse_blockdev(text)
 
 
-def test_shipped_example_is_valid() -> None:
+def test_shipped_example_is_valid(tmp_path: Path) -> None:
     example = Path(__file__).resolve().parents[2] / "systemd" / "blockd.toml"
     assert load_config(example) == Config(log_level="info")
-    # The commented node is a valid table too, once uncommented.
+    # The commented tables are valid too, once uncommented.
     lines = example.read_text().splitlines()
     start = lines.index("# [[blockdev]]")
-    uncommented = "\n".join(line.removeprefix("# ") for line in lines[start:])
+    uncommented = "\n".join(
+        line.removeprefix("# ")
+        for line in lines[start:]
+        if re.match(r"# (\[|[a-z-]+ = )", line)
+    )
     node = tomllib.loads(uncommented)["blockdev"][0]
     assert node["driver"] == "qcow2"
     assert node["file"]["filename"].startswith("/var/lib/images/")
+    (tmp_path / "full.toml").write_text(uncommented)
+    config = load_config(tmp_path / "full.toml")
+    assert [(step.command, step.arguments.get("node-name")) for step in config.startup()] == [
+        ("blockdev-add", "disk0"),
+        ("nbd-server-start", None),
+        ("block-export-add", "disk0"),
+    ]
+    # the address as nbd-server-start takes it
+    assert config.startup()[1].arguments == {
+        "addr": {"type": "unix", "data": {"path": "/run/blockd/nbd.sock"}}
+    }
