@@ -33,30 +33,36 @@ import pytest
 from blockd.block.drivers.file import FileNode
 from blockd.block.drivers.qcow2.node import Qcow2Node
 from tests.helpers import RawQMP, start_blockd
+from tests.power import Power, PowerLoss, VolatileFile
 
 from .conftest import check, create, qemu_io
-from .test_crash import CrashingFile, PowerLoss
 
 KiB = 1024
 OFFSET = 0x00FFFFFFFFFFFE00
 
 
-class KilledFile(CrashingFile):
-    """Stops at the k-th write or flush; keeps a trace (kind, offset, length) of the I/O."""
+class KilledFile(VolatileFile):
+    """Stops at the k-th write or flush, everything written staying (a kill, not a
+    power cut); keeps a trace (kind, offset, length) of the I/O."""
 
     def __init__(self, inner: FileNode, crash_at: int) -> None:
-        super().__init__(inner, crash_at)
+        super().__init__(inner, Power(crash_at))
         self.trace: list[tuple[str, int, int]] = []
 
     async def _do_write(self, offset: int, data: bytes) -> None:
-        self._tick()
+        self.power.tick()
         self.trace.append(("write", offset, len(data)))
         await self.inner.write(offset, data)
 
     async def _do_flush(self) -> None:
-        self._tick()
+        self.power.tick()
         self.trace.append(("flush", 0, 0))
         await self.inner.flush()
+
+    async def _do_truncate(self, size: int) -> None:
+        self.power.tick()
+        self.trace.append(("truncate", size, 0))
+        await self.inner.truncate(size)
 
 
 def structures(img: Path) -> dict[int, str]:

@@ -16,6 +16,7 @@ from blockd.block.drivers.qcow2.node import Qcow2Node
 from blockd.block.graph import BlockGraph
 from blockd.block.node import Status
 from blockd.errors import BlockError
+from tests.power import Power, VolatileFile
 
 from .conftest import (
     assert_clean,
@@ -28,7 +29,6 @@ from .conftest import (
     run,
     to_raw,
 )
-from .test_crash import CrashingFile
 
 KiB = 1024
 MiB = 1 << 20
@@ -309,7 +309,7 @@ async def test_in_flight_read_pins_its_cluster(tmp_path: Path) -> None:
     gate = trio.Event()
     entered = trio.Event()
 
-    class GatedFile(CrashingFile):
+    class GatedFile(VolatileFile):
         async def _do_read(self, offset: int, length: int) -> bytes:
             if offset == 0x50000:
                 entered.set()
@@ -317,7 +317,7 @@ async def test_in_flight_read_pins_its_cluster(tmp_path: Path) -> None:
             return await self.inner.read(offset, length)
 
     inner = await FileNode.open("f", str(img), read_only=False)
-    node = await Qcow2Node.open("q", GatedFile(inner, -1), read_only=False)
+    node = await Qcow2Node.open("q", GatedFile(inner, Power()), read_only=False)
     result: list[bytes] = []
     discarded = trio.Event()
 
