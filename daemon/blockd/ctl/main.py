@@ -228,7 +228,7 @@ async def cmd_events(daemon: Daemon, args: argparse.Namespace) -> int:
                 get.cancel()
                 raise CtlError("blockd closed the connection")
             event = get.result()
-            line = json.dumps(event) if args.json else event_line(event)
+            line = json.dumps(dict(event)) if args.json else event_line(event)
             print(line, flush=True)
             if not args.follow:
                 return 0

@@ -9,7 +9,9 @@ a second Ctrl-C leaves it running and exits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -89,6 +91,8 @@ class _Interrupts:
 
     def __init__(self) -> None:
         self.count = 0
+        #: Set by the second Ctrl-C, even while the daemon does not answer.
+        self.second = asyncio.Event()
 
     def __enter__(self) -> _Interrupts:
         asyncio.get_running_loop().add_signal_handler(signal.SIGINT, self._hit)
@@ -99,6 +103,8 @@ class _Interrupts:
 
     def _hit(self) -> None:
         self.count += 1
+        if self.count >= 2:
+            self.second.set()
 
 
 class Watcher:
@@ -127,6 +133,9 @@ class Watcher:
         self._bar: Progress | None = None
         self._task: TaskID | None = None
         self._pivot_requested = False
+        self._cancel_sent = False
+        #: The last line, printed below the bar once it stops.
+        self._final = ""
 
     async def run(self) -> Outcome:
         with _Interrupts() as interrupts:
@@ -140,26 +149,48 @@ class Watcher:
                 )
                 self._task = self._bar.add_task(self.job_id, total=None, line="")
                 with self._bar:
-                    return await self._loop(interrupts)
-            return await self._loop(interrupts)
+                    outcome = await self._race(interrupts)
+            else:
+                outcome = await self._race(interrupts)
+        self._say(self._final)
+        return outcome
+
+    async def _race(self, interrupts: _Interrupts) -> Outcome:
+        """The job's outcome, unless a second Ctrl-C comes first (whatever the
+        daemon is doing: a daemon that does not answer must not hold us)."""
+        following = asyncio.ensure_future(self._loop(interrupts))
+        second = asyncio.ensure_future(interrupts.second.wait())
+        await asyncio.wait([following, second], return_when=asyncio.FIRST_COMPLETED)
+        if following.done():
+            second.cancel()
+            return following.result()
+        following.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await following
+        if self._cancel_sent:
+            self._final = (
+                f"stopped waiting for {self.job_id}; the cancel already asked for may still "
+                f"take effect: `blockctl jobs` shows it"
+            )
+        else:
+            self._final = (
+                f"left {self.job_id} running: `blockctl wait {self.job_id}` watches it again, "
+                f"`blockctl cancel {self.job_id}` stops it"
+            )
+        return Outcome.LEFT_RUNNING
 
     async def _loop(self, interrupts: _Interrupts) -> Outcome:
-        cancel_sent = False
         while True:
-            if interrupts.count >= 2:
-                self._say(
-                    f"left {self.job_id} running: `blockctl wait {self.job_id}` watches it again, "
-                    f"`blockctl cancel {self.job_id}` stops it"
-                )
-                return Outcome.LEFT_RUNNING
-            if interrupts.count == 1 and not cancel_sent:
-                cancel_sent = True
+            if interrupts.count == 1 and not self._cancel_sent:
+                self._cancel_sent = True
                 self._say(f"cancelling {self.job_id} (Ctrl-C again to leave it running and exit)")
                 try:
                     await self.daemon.execute("job-cancel", {"id": self.job_id})
                 except DaemonError as err:
-                    self._say(f"blockctl: {err}")
-            await self._poll()
+                    print(f"blockctl: {err}", file=sys.stderr)
+            outcome = await self._poll()
+            if outcome is not None:
+                return outcome
             try:
                 event = await asyncio.wait_for(self.listener.get(), POLL_INTERVAL)
             except TimeoutError:
@@ -176,17 +207,7 @@ class Watcher:
         if name == "BLOCK_JOB_READY":
             self.progress.state = "ready"
             self._show()
-            if self.pivot and not self._pivot_requested:
-                self._pivot_requested = True
-                self._say(f"{self.job_id}: ready, pivoting onto base")
-                await self.daemon.execute("block-job-complete", {"device": self.job_id})
-            elif self.stop_at_ready:
-                self._say(
-                    f"{self.job_id}: ready: base is in sync and kept in sync; "
-                    f"`blockctl complete {self.job_id}` pivots onto base, "
-                    f"`blockctl cancel {self.job_id}` stops keeping it in sync"
-                )
-                return Outcome.DONE
+            return await self._ready()
         elif name == "BLOCK_JOB_ERROR":
             self._say(f"{self.job_id}: I/O error on {data.get('operation')}, "
                       f"action {data.get('action')}")
@@ -196,22 +217,42 @@ class Watcher:
             if "error" in data:
                 self.progress.state = "failed"
                 self._show()
-                self._say(f"{self.job_id}: failed: {data['error']}")
+                self._final = f"{self.job_id}: failed: {data['error']}"
                 return Outcome.FAILED
             self.progress.state = "completed"
             self._show()
             took = human_duration(time.monotonic() - self._started)
-            self._say(f"{self.job_id}: done: {human_size(self.progress.length)} "
-                      f"committed in {took}")
+            moved = ", users moved onto base" if self._pivot_requested else ""
+            self._final = (
+                f"{self.job_id}: done in {took}: {human_size(self.progress.length)} "
+                f"committed{moved}"
+            )
             return Outcome.DONE
         elif name == "BLOCK_JOB_CANCELLED":
             self.progress.state = "cancelled"
             self._show()
-            self._say(f"{self.job_id}: cancelled; the chain is as it was")
+            self._final = f"{self.job_id}: cancelled; the chain is as it was"
             return Outcome.CANCELLED
         return None
 
-    async def _poll(self) -> None:
+    async def _ready(self) -> Outcome | None:
+        """The job is ready (an active commit in sync): pivot, or stop here."""
+        if self.pivot:
+            if not self._pivot_requested:
+                self._pivot_requested = True
+                self._say(f"{self.job_id}: ready, pivoting onto base")
+                await self.daemon.execute("block-job-complete", {"device": self.job_id})
+            return None
+        if self.stop_at_ready:
+            self._final = (
+                f"{self.job_id}: ready: base is in sync and kept in sync; "
+                f"`blockctl complete {self.job_id}` pivots onto base, "
+                f"`blockctl cancel {self.job_id}` stops keeping it in sync"
+            )
+            return Outcome.DONE
+        return None
+
+    async def _poll(self) -> Outcome | None:
         for job in await self.daemon.execute("query-block-jobs"):
             if job.get("device") == self.job_id:
                 self.progress.offset = int(job.get("offset", 0))
@@ -219,7 +260,10 @@ class Watcher:
                 self.progress.state = state_text(job)
                 self.progress.rate = self._rate.add(self.progress.offset)
                 self._show()
-                return
+                # READY was sent before we listened (``blockctl wait`` on a ready job)
+                if job.get("ready") and job.get("status") == "ready":
+                    return await self._ready()
+        return None
 
     def _show(self) -> None:
         if self._bar is not None and self._task is not None:
