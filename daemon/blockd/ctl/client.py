@@ -8,6 +8,7 @@ into a message and an exit status.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Mapping
@@ -57,7 +58,13 @@ class Daemon:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._qmp.disconnect()
+        await self._disconnect()
+
+    async def _disconnect(self) -> None:
+        # qemu.qmp re-raises here what ended a lost connection (EOFError when
+        # blockd quit); that has been reported already, or did not matter.
+        with contextlib.suppress(QMPError, EOFError, OSError):
+            await self._qmp.disconnect()
 
     async def _connect(self) -> None:
         path = Path(self.path)
@@ -70,13 +77,13 @@ class Daemon:
         try:
             await asyncio.wait_for(self._qmp.connect(self.path), CONNECT_TIMEOUT)
         except TimeoutError:
-            await self._qmp.disconnect()
+            await self._disconnect()
             raise CtlError(
                 f"{self.path}: no QMP greeting within {CONNECT_TIMEOUT:.0f} s "
                 "(not a blockd socket?)"
             ) from None
         except ConnectError as err:
-            await self._qmp.disconnect()
+            await self._disconnect()
             raise CtlError(_connect_failure(self.path, err.exc)) from None
 
     async def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:

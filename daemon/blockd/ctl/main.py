@@ -289,8 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"blockctl: {err}", file=sys.stderr)
         return err.status
     except KeyboardInterrupt:
-        # Ctrl-C outside a wait (a stuck connect, events --follow): nothing to undo.
-        return int(Outcome.LEFT_RUNNING)
+        # Ctrl-C outside a wait: the way to end `events --follow`, or a stuck
+        # connect given up; nothing to undo either way.
+        return 0 if args.command == "events" else int(Outcome.LEFT_RUNNING)
     except BrokenPipeError:
         # `blockctl events -f | head`: the reader went away, which is no error.
         return 0
