@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import require_tool
 from tests.helpers import DaemonProcess, RawQMP, start_blockd
 from tests.images import backing_of, check, create, guest_view, qemu_io, same_data
 
@@ -174,6 +175,14 @@ def test_exports(chain: Chain) -> None:
     assert chain.qmp.execute("block-export-add", export) == {"return": {}}
     table = rows(blockctl(chain.sock, "exports").stdout)
     assert table == {"e1": ["e1", "nbd", "mid", "serving"]}
+    # and an NBD client finds it there (libnbd's nbdinfo; the name defaults to the node's)
+    listing = subprocess.run(
+        [require_tool("nbdinfo"), "--list", "--json", f"nbd+unix:///?socket={chain.d}/nbd.sock"],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    [served] = json.loads(listing.stdout)["exports"]
+    assert served["export-name"] == "mid" and served["is_read_only"] is True
+    assert served["export-size"] == 64 << 20
 
 
 def test_job_verbs(chain: Chain) -> None:
