@@ -242,7 +242,7 @@ def test_commit_wait_plain(chain: Chain) -> None:
     assert progress, lines
     percents = [float(re.search(r"(\d+\.\d)%", line).group(1)) for line in progress]  # type: ignore[union-attr]
     assert percents == sorted(percents) and percents[-1] == 100.0
-    assert re.fullmatch(r"commit-top: done in \d+:\d\d:\d\d: .* committed", lines[-1]), lines[-1]
+    assert re.fullmatch(r"commit-top: done in \d+:\d\d:\d\d", lines[-1]), lines[-1]
     assert len(lines) < 40  # plain mode writes a line per tenth, not per poll
     assert chain.jobs() == []
     assert backing_of(chain.image("top")) == str(chain.image("base"))
@@ -263,11 +263,22 @@ def test_active_commit_waits_at_ready_without_pivot(chain: Chain) -> None:
     # `wait --pivot` on the ready job completes it
     result = blockctl(chain.sock, "wait", "commit-top", "--pivot")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-1].endswith("committed, users moved onto base")
+    assert re.fullmatch(r"commit-top: done in \d+:\d\d:\d\d; its users moved onto base",
+                        result.stdout.splitlines()[-1])
     assert chain.jobs() == []
     chain.stop()
     assert same_data(chain.before, chain.image("base"))
     check(chain.image("base"))
+
+
+def test_close_a_merged_snapshot(chain: Chain) -> None:
+    in_use = blockctl(chain.sock, "close", "mid")
+    one_error_line(in_use, 1, "blockdev-del", "mid")
+    assert blockctl(chain.sock, "commit", "top", "--top", "mid", "--wait").returncode == 0
+    assert blockctl(chain.sock, "close", "mid").returncode == 0
+    names = {n["node-name"] for n in chain.qmp.execute("query-named-block-nodes")["return"]}
+    assert "mid" not in names and {"top", "base"} <= names
+    assert "mid" not in rows(blockctl(chain.sock, "nodes").stdout)
 
 
 def test_pivot_moves_the_export_onto_base(chain: Chain) -> None:
@@ -454,7 +465,7 @@ def test_commit_wait_on_a_terminal(chain: Chain) -> None:
     percents: list[float] = []
     while True:
         index = child.expect([r"(\d+\.\d)%  [\d.]+ [KMG]?i?B / 64\.0 MiB  (\S+ \S+|-)  ETA ",
-                              r"commit-top: done in (\S+): "])
+                              r"commit-top: done in (\d+:\d\d:\d\d)\r?\n"])
         if index == 1:
             break
         percents.append(float(child.match.group(1)))

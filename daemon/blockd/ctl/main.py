@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     chain.add_argument("node")
     sub.add_parser("jobs", help="the jobs and their progress")
     sub.add_parser("exports", help="the block exports (NBD)")
+    close = sub.add_parser("close", help="close a node nothing uses any more (blockdev-del), "
+                           "e.g. a snapshot merged into its base")
+    close.add_argument("node")
 
     commit = sub.add_parser(
         "commit",
@@ -157,6 +160,11 @@ async def cmd_exports(daemon: Daemon, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_close(daemon: Daemon, args: argparse.Namespace) -> int:
+    await daemon.execute("blockdev-del", {"node-name": args.node})
+    return 0
+
+
 async def cmd_commit(daemon: Daemon, args: argparse.Namespace) -> int:
     active = args.top is None or args.top == args.device
     if args.pivot and not active:
@@ -241,6 +249,7 @@ HANDLERS: dict[str, Handler] = {
     "chain": cmd_chain,
     "jobs": cmd_jobs,
     "exports": cmd_exports,
+    "close": cmd_close,
     "commit": cmd_commit,
     "wait": cmd_wait,
     "cancel": cmd_cancel,

@@ -54,7 +54,9 @@ class JobProgress:
 
     @property
     def percent(self) -> float:
-        return 100.0 * self.offset / self.length if self.length else 0.0
+        if not self.length:  # nothing to copy: done is all of it
+            return 100.0 if self.state in ("ready", "pending", "completed") else 0.0
+        return 100.0 * self.offset / self.length
 
     def eta(self) -> str:
         if self.state != "running" or not self.rate or self.length <= self.offset:
@@ -222,11 +224,8 @@ class Watcher:
             self.progress.state = "completed"
             self._show()
             took = human_duration(time.monotonic() - self._started)
-            moved = ", users moved onto base" if self._pivot_requested else ""
-            self._final = (
-                f"{self.job_id}: done in {took}: {human_size(self.progress.length)} "
-                f"committed{moved}"
-            )
+            moved = "; its users moved onto base" if self._pivot_requested else ""
+            self._final = f"{self.job_id}: done in {took}{moved}"
             return Outcome.DONE
         elif name == "BLOCK_JOB_CANCELLED":
             self.progress.state = "cancelled"
