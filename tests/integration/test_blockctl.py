@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import require_tool
-from tests.helpers import DaemonProcess, RawQMP, start_blockd
+from tests.helpers import DaemonProcess, RawQMP, start_blockd, start_qsd
 from tests.images import backing_of, check, create, guest_view, qemu_io, same_data
 
 BLOCKCTL = [sys.executable, "-m", "blockd.ctl"]
@@ -294,6 +294,17 @@ def test_pivot_moves_the_export_onto_base(chain: Chain) -> None:
     assert "export e0" in rows(blockctl(chain.sock, "nodes").stdout)["base"][7]
 
 
+def test_wait_on_a_job_that_concluded_earlier(chain: Chain) -> None:
+    """auto-dismiss off: the job ended before blockctl listened; query-jobs tells."""
+    args = {"job-id": "j0", "device": "top", "top-node": "mid", "auto-dismiss": False}
+    assert chain.qmp.execute("block-commit", args) == {"return": {}}
+    chain.qmp.wait_event("JOB_STATUS_CHANGE", id="j0", status="concluded")
+    result = blockctl(chain.sock, "wait", "j0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "j0: concluded (waiting to be dismissed)"
+    assert chain.qmp.execute("job-dismiss", {"id": "j0"}) == {"return": {}}
+
+
 def test_pivot_is_for_an_active_commit(chain: Chain) -> None:
     result = blockctl(chain.sock, "commit", "top", "--top", "mid", "--pivot")
     one_error_line(result, 2, "--pivot")
@@ -317,6 +328,34 @@ def test_failed_commit_exits_1(sock_dir: Path, tmp_path: Path) -> None:
         daemon.stop()
     assert backing_of(tmp_path / "top.qcow2") == "mid.qcow2"
     assert same_data(before, tmp_path / "top.qcow2")
+
+
+@pytest.mark.qsd
+def test_same_commands_against_qemu_storage_daemon(sock_dir: Path, tmp_path: Path) -> None:
+    """blockctl is a plain QMP client: qemu-storage-daemon 7.2 serves it as well."""
+    require_tool("qemu-storage-daemon")
+    make_chain(tmp_path)
+    qsd = start_qsd(sock_dir / "qsd.sock")
+    sock = str(qsd.socket_path)
+    try:
+        # QSD's monitor serves one client at a time: this one leaves before blockctl comes
+        with RawQMP(qsd.socket_path) as qmp:
+            qmp.negotiate()
+            open_chain(qmp, tmp_path)
+        table = rows(blockctl(sock, "nodes").stdout)
+        assert table["top"][3] == "mid" and table["mid"][7] == "backing of top"
+        tree = blockctl(sock, "chain", "top").stdout.splitlines()
+        assert [line.lstrip("└─│ ").split()[0] for line in tree] == ["top", "mid", "base"]
+        result = blockctl(sock, "commit", "top", "--top", "mid", "--wait")
+        assert result.returncode == 0, result.stderr
+        last = result.stdout.splitlines()[-1]
+        assert re.fullmatch(r"commit-top: done in \d+:\d\d:\d\d", last), last
+        result = blockctl(sock, "commit", "top", "--pivot")
+        assert result.returncode == 0, result.stderr
+        assert blockctl(sock, "jobs").stdout == "no jobs\n"
+    finally:
+        qsd.stop()
+    assert backing_of(tmp_path / "top.qcow2") == str(tmp_path / "base.qcow2")
 
 
 # --- events ------------------------------------------------------------------------
@@ -394,7 +433,7 @@ def test_wrong_socket(chain: Chain) -> None:
     nbd = chain.d / "nbd.sock"
     chain.qmp.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(nbd)}}})
     chain.qmp.execute("block-export-add", {"type": "nbd", "id": "e", "node-name": "top"})
-    one_error_line(blockctl(str(nbd), "nodes"), 1, "no QMP greeting", "not a blockd socket")
+    one_error_line(blockctl(str(nbd), "nodes"), 1, "no QMP greeting", "not a QMP socket?")
 
 
 def test_socket_from_the_environment(chain: Chain) -> None:

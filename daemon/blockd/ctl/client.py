@@ -34,11 +34,10 @@ class CtlError(Exception):
 
 
 class DaemonError(CtlError):
-    """The daemon refused a command (a QMP error reply)."""
+    """The daemon refused a command (a QMP error reply): its words, after the command's name."""
 
-    def __init__(self, command: str, error_class: str, desc: str) -> None:
+    def __init__(self, command: str, desc: str) -> None:
         super().__init__(f"{command}: {desc}")
-        self.error_class = error_class
 
 
 def socket_path(option: str | None) -> str:
@@ -80,7 +79,7 @@ class Daemon:
             await self._disconnect()
             raise CtlError(
                 f"{self.path}: no QMP greeting within {CONNECT_TIMEOUT:.0f} s "
-                "(not a blockd socket?)"
+                "(not a QMP socket? a monitor busy with another client?)"
             ) from None
         except ConnectError as err:
             await self._disconnect()
@@ -90,7 +89,7 @@ class Daemon:
         try:
             return await self._qmp.execute(command, arguments)
         except ExecuteError as err:
-            raise DaemonError(command, err.error_class, str(err)) from None
+            raise DaemonError(command, str(err)) from None
         except QMPError as err:
             raise CtlError(f"{command}: lost the connection to blockd ({err})") from None
 

@@ -27,8 +27,6 @@ class Node:
     #: Node name of the backing node when it is open, else its file name; "" if none.
     backing: str = ""
     backing_is_node: bool = False
-    #: The node holding this format node's data (its ``file`` child), if open.
-    file_node: str = ""
     users: list[str] = field(default_factory=list)
     raw: Mapping[str, Any] = field(default_factory=dict)
 
@@ -71,7 +69,6 @@ def build(infos: Sequence[Mapping[str, Any]], exports: Sequence[Mapping[str, Any
         if node.driver != "file":
             children = [c for c in by_file.get(("file", node.file), []) if c.depth == 0]
             if children:
-                node.file_node = children[0].name
                 children[0].users.append(f"file of {node.name}")
     names = {node.name: node for node in nodes}
     for export in exports:

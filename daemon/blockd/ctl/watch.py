@@ -252,6 +252,16 @@ class Watcher:
         return None
 
     async def _poll(self) -> Outcome | None:
+        for job in await self.daemon.execute("query-jobs"):
+            if job.get("id") == self.job_id and job.get("status") == "concluded":
+                # Events come before the reply that shows their effect: an
+                # outcome event, if there was one since we listened, is queued.
+                while not self.listener.empty():
+                    outcome = await self._on_event(await self.listener.get())
+                    if outcome is not None:
+                        return outcome
+                # kept by auto-dismiss=false, ended before we listened
+                return self._concluded(job)
         for job in await self.daemon.execute("query-block-jobs"):
             if job.get("device") == self.job_id:
                 self.progress.offset = int(job.get("offset", 0))
@@ -263,6 +273,15 @@ class Watcher:
                 if job.get("ready") and job.get("status") == "ready":
                     return await self._ready()
         return None
+
+    def _concluded(self, job: Mapping[str, Any]) -> Outcome:
+        self.progress.state = "concluded"
+        self._show()
+        if "error" in job:
+            self._final = f"{self.job_id}: ended with an error: {job['error']}"
+            return Outcome.FAILED
+        self._final = f"{self.job_id}: concluded (waiting to be dismissed)"
+        return Outcome.DONE
 
     def _show(self) -> None:
         if self._bar is not None and self._task is not None:
