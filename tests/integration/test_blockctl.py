@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pexpect
 import pytest
 
-from tests.conftest import require_tool
+from tests.conftest import missing, require_tool
 from tests.helpers import DaemonProcess, RawQMP, start_blockd, start_qsd
 from tests.images import backing_of, check, create, guest_view, qemu_io, same_data
 
@@ -477,7 +478,7 @@ def test_console_script_is_installed() -> None:
     """`blockctl` itself, as the bootstrap installs it next to the venv's python."""
     script = Path(sys.executable).parent / "blockctl"
     if not script.exists():
-        pytest.skip("not running from the bootstrap's virtualenv")
+        missing(f"{script} (run the tests from the bootstrap's virtualenv)")
     result = subprocess.run([str(script), "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("blockctl ")
 
@@ -486,7 +487,6 @@ def test_console_script_is_installed() -> None:
 
 
 def spawn_tty(chain: Chain, *args: str) -> Any:
-    pexpect = pytest.importorskip("pexpect")
     env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "30"}
     env.pop("NO_COLOR", None)
     return pexpect.spawn(
@@ -497,7 +497,6 @@ def spawn_tty(chain: Chain, *args: str) -> Any:
 
 def test_commit_wait_on_a_terminal(chain: Chain) -> None:
     """What a person sees: a bar whose percentage climbs, rate and ETA, then the outcome."""
-    pexpect = pytest.importorskip("pexpect")
     child = spawn_tty(chain, "commit", "top", "--top", "mid", "--speed", CRAWL, "--wait")
     screen = io.StringIO()
     child.logfile_read = screen
@@ -524,7 +523,6 @@ def test_commit_wait_on_a_terminal(chain: Chain) -> None:
 
 
 def test_ctrl_c_cancels_the_job(chain: Chain) -> None:
-    pexpect = pytest.importorskip("pexpect")
     child = spawn_tty(chain, "commit", "top", "--top", "mid", "--speed", CRAWL, "--wait")
     child.expect(r"[1-9]\d?\.\d%")  # running, past the start
     child.sendintr()
@@ -542,7 +540,6 @@ def test_ctrl_c_cancels_the_job(chain: Chain) -> None:
 
 def test_second_ctrl_c_exits_while_blockd_does_not_answer(chain: Chain) -> None:
     """The second Ctrl-C gives up waiting at once, even with the daemon stopped."""
-    pexpect = pytest.importorskip("pexpect")
     child = spawn_tty(chain, "commit", "top", "--top", "mid", "--speed", CRAWL, "--wait")
     child.expect(r"[1-9]\d?\.\d%")
     chain.daemon.signal(signal.SIGSTOP)
