@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(exports) onto base.  With --top, the images from --top down to above --base are "
         "merged into base and DEVICE is re-pointed onto base when the job ends.",
         epilog="As virsh blockcommit --active --wait: without --pivot an active commit's "
-        "--wait returns (status 0) once the job is ready and leaves it running in sync.",
+        "--wait returns (status 0) once the job is ready and leaves it running in sync.  "
+        "The bar's percent, rate and ETA are progress through the job's whole range: parts "
+        "no image above base holds are passed over at once, so the rate may exceed --speed.",
     )
     commit.add_argument("device", help="the top node of the chain (the active layer)")
     commit.add_argument("--top", metavar="NODE", help="the highest image to merge "

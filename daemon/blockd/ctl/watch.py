@@ -21,6 +21,7 @@ from typing import Any
 
 from qemu.qmp import EventListener
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
 from blockd.ctl.client import Daemon, DaemonError
@@ -143,7 +144,7 @@ class Watcher:
         with _Interrupts() as interrupts:
             if self.con.is_terminal:
                 self._bar = Progress(
-                    TextColumn(f"[bold]{self.job_id}[/]"),
+                    TextColumn(f"[bold]{escape(self.job_id)}[/]"),
                     BarColumn(),
                     TextColumn("{task.fields[line]}"),
                     console=self.con,
