@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,16 +12,41 @@ import pytest
 
 from tests.helpers import STARTED, DaemonProcess, start_blockd, start_qsd
 
+#: Debian's interpreter, which has the system's Python bindings (libnbd's) that
+#: the virtualenv does not.
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def in_ci() -> bool:
+    """The one rule for "running in CI" (CI=true, as .ci/run sets it; any case,
+    or 1/yes as other CI systems set it): then a missing tool fails, never skips."""
+    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
+
+
+def missing(message: str) -> None:
+    """A test cannot run for want of something installed: fail in CI, else skip."""
+    message += " (Debian: scripts/bootstrap --system installs it)"
+    if in_ci():
+        pytest.fail(message)
+    pytest.skip(message)
+
 
 def require_tool(name: str) -> str:
     """The path of an external tool; in CI a missing tool fails the test."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is not installed (Debian: see .ci/run)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"{name} is not installed")
+        raise AssertionError("unreachable: missing() fails or skips")
     return path
+
+
+def require_system_module(module: str) -> str:
+    """Debian's python3, checked to import ``module`` (tests/unit/test_bootstrap.py
+    maps the module to its Debian package)."""
+    probe = subprocess.run([SYSTEM_PYTHON, "-c", f"import {module}"], capture_output=True)
+    if probe.returncode != 0:
+        missing(f"{SYSTEM_PYTHON} cannot import {module}")
+    return SYSTEM_PYTHON
 
 
 @pytest.fixture(autouse=True)

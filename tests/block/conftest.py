@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 import subprocess
 from collections.abc import AsyncIterator
@@ -21,22 +20,13 @@ from hypothesis import HealthCheck, settings
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
 from blockd.block.open import open_node
-
-TOOLS = ("qemu-img", "qemu-io")
-
-
-def require_tools() -> None:
-    missing = [t for t in TOOLS if shutil.which(t) is None]
-    if missing:
-        msg = f"missing tools: {', '.join(missing)}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
+from tests.conftest import require_tool
 
 
 @pytest.fixture(autouse=True)
 def _qemu_tools() -> None:
-    require_tools()
+    require_tool("qemu-img")
+    require_tool("qemu-io")
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 import struct
 import subprocess
 from pathlib import Path
@@ -18,6 +17,7 @@ from blockd.block.graph import BlockGraph
 from blockd.block.node import Status
 from blockd.block.open import open_node
 from blockd.errors import BlockError, ImageError
+from tests.conftest import require_tool
 
 from .conftest import assert_clean, create, open_qcow2, qemu_io, run
 
@@ -254,10 +254,7 @@ async def test_image_locking_interop(tmp_path: Path, graph: BlockGraph) -> None:
 
 
 async def test_lock_held_by_qemu_storage_daemon(tmp_path: Path, graph: BlockGraph) -> None:
-    if shutil.which("qemu-storage-daemon") is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("missing tool: qemu-storage-daemon")
-        pytest.skip("no qemu-storage-daemon")
+    require_tool("qemu-storage-daemon")
     img = create(tmp_path / "q.qcow2", MiB)
     proc = subprocess.Popen(
         ["qemu-storage-daemon", "--blockdev",

@@ -13,7 +13,6 @@ Short profile by default; ``BLOCKD_FUZZ_EXAMPLES=10000`` for the long one,
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import in_ci
 from tests.fuzz.qmp_corpus import Mutator, examples, seed
 from tests.fuzz.qmp_harness import (
     collapse,
@@ -37,7 +37,7 @@ SHORT_PROFILE = 300
 
 
 def _kinds() -> list[str]:
-    if shutil.which("qemu-storage-daemon") is None and os.environ.get("CI") != "true":
+    if shutil.which("qemu-storage-daemon") is None and not in_ci():
         return ["blockd"]  # no reference to compare with; still fuzz blockd
     return ["blockd", "qsd"]
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import require_tool
+from tests.conftest import require_system_module, require_tool
 from tests.helpers import DaemonProcess, RawQMP, check_event, start_blockd
 from tests.images import create, qemu_img, qemu_io
 
@@ -97,10 +97,7 @@ def io(uri: str, *commands: str, read_only: bool = False) -> str:
 
 def nbdsh(script: str, timeout: float = 60) -> str:
     """Run a libnbd script with Debian's system python (the venv has no bindings)."""
-    python = "/usr/bin/python3"
-    probe = subprocess.run([python, "-c", "import nbd"], capture_output=True)
-    if probe.returncode != 0:
-        require_tool("nbdsh-python-bindings-missing")
+    python = require_system_module("nbd")
     result = subprocess.run(
         [python, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=timeout
     )
