@@ -13,6 +13,7 @@ in all, ``BLOCKD_FUZZ_SEED`` replays a run (the seed is printed).
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import threading
@@ -199,15 +200,14 @@ def _wind_down(conn: Line) -> None:
         reply = conn.until_id(b"q%d" % n)[-1]
         if reply == b'{"return": [], "id": "q%d"}' % n:
             return
-        for job in ("j0", "j1", "j2"):
-            for verb in (b"job-cancel", b"job-dismiss", b"job-finalize"):
-                conn.send(
-                    b'{"execute": "%s", "arguments": {"id": "%s"}, "id": "w"}'
-                    % (verb, job.encode())
-                )
+        # every job listed: the fuzz's job ids include the ones meant to be unknown
+        for job in json.loads(reply)["return"]:
+            for verb in ("job-cancel", "job-dismiss", "job-finalize"):
+                command = {"execute": verb, "arguments": {"id": job["id"]}, "id": "w"}
+                conn.send(json.dumps(command).encode())
                 conn.until_id(b"w")
         time.sleep(0.05)
-    raise AssertionError("jobs did not end after cancel")
+    raise AssertionError(f"jobs did not end after cancel: {reply!r}")
 
 
 def test_qmp_sequence_fuzz(sock_dir: Path, tmp_path: Path) -> None:
