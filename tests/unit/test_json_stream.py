@@ -202,10 +202,19 @@ def test_conversation_reference_result() -> None:
     ]
 
 
+def _qemu_accepts(char: str) -> bool:
+    """QEMU's parser refuses Unicode's noncharacters (U+FDD0-U+FDEF and the last
+    two of every plane) in strings, as the cases above show: no round trip."""
+    point = ord(char)
+    return not 0xFDD0 <= point <= 0xFDEF and (point & 0xFFFE) != 0xFFFE
+
+
+qemu_text = st.text(st.characters(exclude_categories=("Cs",)).filter(_qemu_accepts))
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(),
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | qemu_text,
     lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+        st.lists(children, max_size=4)
+        | st.dictionaries(qemu_text.filter(lambda t: len(t) <= 8), children, max_size=4)
     ),
     max_leaves=20,
 )
