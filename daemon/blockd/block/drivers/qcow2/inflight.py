@@ -17,8 +17,7 @@ one request's flush overlap with the next request's data.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 
 import trio
 
@@ -87,12 +86,4 @@ class InFlight:
             await self.lock.acquire()
             if not self.allocating(first, last):
                 return
-            self.lock.release()
-
-    @contextlib.asynccontextmanager
-    async def range_locked(self, first: int, last: int) -> AsyncIterator[None]:
-        await self.acquire_range(first, last)
-        try:
-            yield
-        finally:
             self.lock.release()

@@ -78,14 +78,12 @@ class Qcow2Node(BlockNode):
     ) -> None:
         super().__init__(node_name, read_only=read_only, file=file)
         self.header = header
-        self.cluster_bits = header.cluster_bits
         self.cluster_size = header.cluster_size
-        self.l2_entries = self.cluster_size // 8
         self._corrupt = False
         self._corruption_logged = False
         #: the internal snapshots (read at open; images with any are read-only)
         self.snapshots: list[snap.Snapshot] = []
-        self._meta = MetadataMap(self.cluster_bits)
+        self._meta = MetadataMap(header.cluster_bits)
         self._refs = Refcounts(file, header, self._meta)
         self._inflight = InFlight()
         self._mapping = Mapping(
@@ -96,9 +94,13 @@ class Qcow2Node(BlockNode):
         )
         self._reader = Reader(self._mapping, self._inflight, lambda: self.backing)
         allocator = Allocator(
-            self._mapping, self._refs, self._inflight, self._writeback, self._reader,
+            self._mapping,
+            self._refs,
+            self._inflight,
+            self._writeback,
+            self._reader,
             self._mark_corrupt,
-        )  # fmt: skip
+        )
         zeroing = Zeroing(self._mapping, self._refs, self._writeback, allocator, self._has_backing)
         self._writes = Writes(
             self.cluster_size, self._inflight, allocator, zeroing, self._mark_corrupt
@@ -369,8 +371,8 @@ class Qcow2Node(BlockNode):
         if size % 512:
             raise BlockError("The new size must be a multiple of 512")
         self._refuse_if_corrupt()
-        async with self._writes.locked(0, 1 << 63):  # no allocating write in flight
-            await self._resizer.grow(size)
+        # over every cluster: no allocating write may be in flight
+        await self._writes.update(0, 1 << 63, lambda: self._resizer.grow(size))
 
     # -- backing and open mode ------------------------------------------------------
 

@@ -3,7 +3,7 @@
 Each takes the metadata lock once no allocating write is in flight on its
 clusters, and changes metadata inside a shielded cancel scope, so
 cancellation never leaves a half-made update; a write that would land on
-metadata marks the image corrupt (:meth:`Writes.locked`).  Data goes outside
+metadata marks the image corrupt (:meth:`Writes.update`).  Data goes outside
 the lock where it can: an in-place write's bytes, and an allocating write's
 data and flush, with its clusters marked allocating meanwhile
 (``inflight.py``).
@@ -11,9 +11,9 @@ data and flush, with its clusters marked allocating meanwhile
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import trio
 
@@ -24,6 +24,8 @@ from blockd.block.drivers.qcow2.overlap import MarkCorrupt, OverlapError
 from blockd.block.drivers.qcow2.payload import Copy, HostPayload, Payload
 from blockd.block.drivers.qcow2.zeroing import Zeroing
 from blockd.block.node import HostExtents
+
+T = TypeVar("T")
 
 
 class Writes:
@@ -41,29 +43,41 @@ class Writes:
         self.zeroing = zeroing
         self.mark_corrupt = mark_corrupt
 
-    @contextlib.asynccontextmanager
-    async def locked(self, first: int, last: int) -> AsyncIterator[None]:
-        """The lock, with no allocating write on guest clusters first..last, shielded;
-        an overlap with metadata inside marks the image corrupt (and fails with EIO)."""
-        async with self.inflight.range_locked(first, last):
+    async def update(self, first: int, last: int, change: Callable[[], Awaitable[T]]) -> T:
+        """Run ``change`` under the lock, with no allocating write on guest clusters
+        first..last, shielded; an overlap with metadata inside marks the image
+        corrupt (and fails with EIO).
+
+        A callable rather than a context manager: this runs for every write,
+        and a generator-based context manager costs more than the rest of an
+        in-place write's bookkeeping.
+        """
+        await self.inflight.acquire_range(first, last)
+        try:
             with trio.CancelScope(shield=True):
                 try:
-                    yield
+                    result = await change()
                 except OverlapError as exc:
                     await self.mark_corrupt(str(exc), exc.offset, exc.size)
+        finally:
+            self.inflight.lock.release()
+        return result
 
     def _span(self, offset: int, length: int) -> tuple[int, int]:
         return offset // self.cluster_size, (offset + length - 1) // self.cluster_size
 
     async def write(self, payload: Payload) -> None:
         span = self._span(payload.offset, payload.length)
-        in_place: list[Piece] | None = None
-        alloc: Allocation | None = None
-        async with self.locked(*span):
+
+        async def plan() -> tuple[list[Piece] | None, Allocation | None]:
             in_place = await self.allocator.in_place_plan(payload.offset, payload.length)
-            if in_place is None:
-                alloc = await self.allocator.plan(payload)
-                self.inflight.begin_allocating(span)
+            if in_place is not None:
+                return in_place, None
+            alloc = await self.allocator.plan(payload)
+            self.inflight.begin_allocating(span)
+            return None, alloc
+
+        in_place, alloc = await self.update(*span, plan)
         if in_place is not None:
             await self.allocator.write_in_place(payload, in_place)
         elif alloc is not None:
@@ -74,12 +88,12 @@ class Writes:
                     self.inflight.end_allocating(span)
 
     async def write_zeroes(self, offset: int, length: int) -> None:
-        async with self.locked(*self._span(offset, length)):
-            await self.zeroing.zero(offset, length)
+        await self.update(*self._span(offset, length), lambda: self.zeroing.zero(offset, length))
 
     async def discard(self, offset: int, length: int) -> None:
-        async with self.locked(*self._span(offset, length)):
-            await self.zeroing.discard(offset, length)
+        await self.update(
+            *self._span(offset, length), lambda: self.zeroing.discard(offset, length)
+        )
 
     def batchable(self, writes: list[tuple[int, int, HostExtents]]) -> bool:
         """Whether :meth:`write_many_from_host` can take the batch.
@@ -101,7 +115,9 @@ class Writes:
         allocator = self.allocator
         first = self._span(writes[0][0], 1)[0]
         last = self._span(writes[-1][0], writes[-1][1])[1]
-        async with self.locked(first, last):
+
+        async def copy_or_allocate() -> None:
+            nonlocal pinned
             try:
                 plans: list[list[Piece]] = []
                 for p in payloads:
@@ -131,6 +147,8 @@ class Writes:
             except BaseException:
                 self.inflight.unpin(pinned)
                 raise
+
+        await self.update(first, last, copy_or_allocate)
         if pinned:
             # all in place: the data goes outside the lock, in one worker call
             try:
