@@ -48,9 +48,9 @@ class Writes:
         first..last, shielded; an overlap with metadata inside marks the image
         corrupt (and fails with EIO).
 
-        A callable rather than a context manager: this runs for every write,
-        and a generator-based context manager costs more than the rest of an
-        in-place write's bookkeeping.
+        A callable rather than an ``@asynccontextmanager``: this runs for every
+        write, and generator-based context managers cost some microseconds
+        per call (about 8 for the two this replaced).
         """
         await self.inflight.acquire_range(first, last)
         try:
