@@ -4,7 +4,7 @@ A thread round trip costs far more than copying 4 KiB in the page cache, so
 a server with many small requests queued resolves each one to where its bytes
 lie in a host file (:meth:`BlockNode.direct_io`, answered from cached
 metadata only) and then moves all of them in one worker-thread call
-(:func:`blockd.block.drivers.file.run_direct`).  A request that cannot be
+(:func:`blockd.block.drivers.file.start_direct`).  A request that cannot be
 resolved that way (metadata not cached, allocation needed, backing data...)
 takes the node's ordinary async path instead.
 """

@@ -208,7 +208,7 @@ def read_cached(io: DirectIO, buf: memoryview) -> bool:
     ``RWF_NOWAIT`` makes the kernel refuse (EAGAIN, or a short count) instead
     of waiting for the disk, so this may run on the event loop: a small read
     of cached data costs a few microseconds, far less than a thread round
-    trip.  On False the caller reads through :func:`run_direct`.
+    trip.  On False the caller reads through :func:`start_direct`.
     """
     if _RWF_NOWAIT is None:
         return False
@@ -599,7 +599,7 @@ class FileNode(BlockNode):
 
     def hold_fd(self) -> int:
         """The descriptor, kept open until :meth:`release_fd`, for I/O run by
-        :func:`run_direct` rather than through this node's own calls."""
+        :func:`start_direct` rather than through this node's own calls."""
         self._check_open()
         self._inflight += 1
         return self._fd

@@ -9,6 +9,7 @@ making things worse.
 from __future__ import annotations
 
 import enum
+from typing import NoReturn, Protocol
 
 
 class MetaKind(enum.Enum):
@@ -38,6 +39,18 @@ class OverlapError(Exception):
 class CorruptMetadata(OverlapError):
     """Metadata found inconsistent on the way to a write (not an overlap, but
     handled alike: the image is marked corrupt and the write fails)."""
+
+
+class MarkCorrupt(Protocol):
+    """What a part of the driver calls when it meets corrupt metadata.
+
+    The node's answer (:meth:`Qcow2Node._mark_corrupt`): report it once, stop
+    writes to the image, and fail the request that met it with EIO.
+    """
+
+    async def __call__(
+        self, reason: str, offset: int | None = None, size: int | None = None
+    ) -> NoReturn: ...
 
 
 class MetadataMap:

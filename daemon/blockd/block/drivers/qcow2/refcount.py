@@ -64,7 +64,7 @@ def set_refcount(buf: bytearray, index: int, bits: int, value: int) -> tuple[int
 
 
 class Refcounts:
-    """Counters for every host cluster, with a bounded write-through block cache."""
+    """Counters for every host cluster, with a bounded block cache written back at each flush."""
 
     def __init__(
         self, file: BlockNode, header: Header, meta: MetadataMap, cache_bytes: int = 2 << 20

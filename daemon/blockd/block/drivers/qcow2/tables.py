@@ -1,8 +1,9 @@
 """L1/L2 entries (decoding) and a bounded cache of decoded L2 tables.
 
-The cache is write-through: every change is written to the file by the node at
-the point the crash-safe ordering allows, so an evicted table never carries
-unsaved state and eviction is always free.
+A cached table may be ahead of the disk: an allocating write's new entries
+are set in it at once and written at the next flush (``writeback.py``).  Such
+a table is kept (:meth:`L2Cache.keep`) until they are written; every other
+table matches the disk, so evicting it is free.
 """
 
 from __future__ import annotations

@@ -1,0 +1,275 @@
+"""Guest clusters to host clusters: the L1 table, cached L2 tables, the extents
+of a guest range, block status, and the one formula for a host offset.
+
+Callers hold the image's metadata lock while they ask (``inflight.py``),
+so the answers are a consistent view of L2.  New L2 tables and L1 entries
+are written here, at once: an L1 entry is only written after its table is
+durable, so a crash leaves at most a leaked table.  L2 entries themselves go
+out through ``writeback.py``.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from array import array
+
+from blockd.block.drivers.qcow2.header import Header
+from blockd.block.drivers.qcow2.overlap import MarkCorrupt, MetadataMap, MetaKind
+from blockd.block.drivers.qcow2.refcount import Refcounts
+from blockd.block.drivers.qcow2.tables import (
+    OFFSET_MASK,
+    OFLAG_COPIED,
+    ClusterKind,
+    L2Cache,
+    classify,
+    compressed_range,
+    decode_table,
+    host_clusters_of_range,
+    zero_table,
+)
+from blockd.block.node import BlockNode, Status
+from blockd.errors import BlockIOError
+
+#: one mapped piece of a guest range: (kind, guest offset, length, L2 entry)
+Extent = tuple[ClusterKind, int, int, int]
+
+STATUS = {
+    ClusterKind.NORMAL: Status.DATA,
+    ClusterKind.COMPRESSED: Status.DATA,
+    ClusterKind.ZERO_PLAIN: Status.ZERO,
+    ClusterKind.ZERO_ALLOC: Status.ZERO,
+    ClusterKind.UNALLOCATED: Status.UNALLOCATED,
+}
+#: kinds of entry that hold a reference to host clusters
+FREEABLE = (ClusterKind.NORMAL, ClusterKind.ZERO_ALLOC, ClusterKind.COMPRESSED)
+
+
+def host_offset(entry: int, guest: int, cluster_size: int) -> int:
+    """Where guest byte ``guest`` lies in the host file, its cluster's L2 entry being
+    ``entry`` (a normal cluster: the host cluster plus the offset within it)."""
+    return (entry & OFFSET_MASK) + (guest & (cluster_size - 1))
+
+
+def referenced_clusters(entry: int, cluster_bits: int) -> list[int] | range:
+    """The host clusters an L2 entry holds a reference to (none for unallocated
+    or plain zero entries; a compressed stream may span two)."""
+    kind = classify(entry)
+    if kind is ClusterKind.COMPRESSED:
+        host, nbytes = compressed_range(entry, cluster_bits)
+        return host_clusters_of_range(host, nbytes, cluster_bits)
+    if kind in FREEABLE:
+        return [(entry & OFFSET_MASK) >> cluster_bits]
+    return []
+
+
+def c_hex(n: int) -> str:
+    """``n`` as C's ``%#x`` prints it (no prefix for zero), as in QEMU's messages."""
+    return f"{n:#x}" if n else "0"
+
+
+class Mapping:
+    def __init__(
+        self,
+        file: BlockNode,
+        header: Header,
+        meta: MetadataMap,
+        refs: Refcounts,
+        mark_corrupt: MarkCorrupt,
+        l2_cache_bytes: int,
+    ) -> None:
+        self.file = file
+        self.header = header
+        self.meta = meta
+        self.refs = refs
+        self.mark_corrupt = mark_corrupt
+        self.cluster_bits = header.cluster_bits
+        self.cluster_size = header.cluster_size
+        self.l2_entries = self.cluster_size // 8
+        self.l1: array[int] = zero_table(0)
+        self.l2 = L2Cache(l2_cache_bytes, self.cluster_size)
+
+    def host_offset(self, entry: int, guest: int) -> int:
+        return host_offset(entry, guest, self.cluster_size)
+
+    # -- looking up -----------------------------------------------------------------
+
+    async def l2_table(self, l1_index: int) -> tuple[int, array[int]] | None:
+        """(offset, entries) of the L2 table for L1 index ``l1_index``; None if it has none."""
+        if l1_index >= len(self.l1):
+            return None
+        off = self.l1[l1_index] & OFFSET_MASK
+        if not off:
+            return None
+        if off & (self.cluster_size - 1):
+            await self.mark_corrupt(
+                f"L2 table offset {off:#x} unaligned (L1 index: {c_hex(l1_index)})"
+            )
+        table = self.l2.get(off)
+        if table is None:
+            self.file.debug_event("l2_load")
+            table = self.l2.put(off, decode_table(await self.file.read(off, self.cluster_size)))
+        return off, table
+
+    async def entries(self, first: int, count: int) -> list[int]:
+        """L2 entries of ``count`` consecutive guest clusters from cluster ``first``."""
+        out: list[int] = []
+        c = first
+        end = first + count
+        while c < end:
+            l1_index, l2_index = divmod(c, self.l2_entries)
+            n = min(end - c, self.l2_entries - l2_index)
+            loaded = await self.l2_table(l1_index)
+            if loaded is None:
+                out.extend([0] * n)
+            else:
+                out.extend(loaded[1][l2_index : l2_index + n])
+            c += n
+        return out
+
+    def entry_fault(
+        self, entry: int, kind: ClusterKind, cluster: int, *, read: bool = True
+    ) -> str | None:
+        """What makes an L2 entry corrupt, in QEMU's words (``read``: its contents are needed).
+
+        Bit 0 is the zero flag only from version 3 on; a version 2 image
+        with it set is corrupt once something reads that cluster (QEMU fails
+        the I/O; overwriting the whole cluster is fine).
+        """
+        zero = kind in (ClusterKind.ZERO_PLAIN, ClusterKind.ZERO_ALLOC)
+        if kind is ClusterKind.NORMAL or zero:
+            unaligned = entry & OFFSET_MASK & (self.cluster_size - 1)
+            if not unaligned and not (read and zero and self.header.version < 3):
+                return None
+            l1_index, l2_index = divmod(cluster, self.l2_entries)
+            l2_offset = self.l1[l1_index] & OFFSET_MASK
+            where = f"(L2 offset: {l2_offset:#x}, L2 index: {c_hex(l2_index)})"
+            if unaligned:
+                return f"Cluster allocation offset {entry & OFFSET_MASK:#x} unaligned {where}"
+            return f"Zero cluster entry found in pre-v3 image {where}"
+        return None
+
+    async def map(self, offset: int, length: int, *, read: bool = True) -> list[Extent]:
+        """The range's extents; ``read=False`` for a caller that only overwrites them."""
+        cs = self.cluster_size
+        first = offset // cs
+        last = (offset + length - 1) // cs
+        entries = await self.entries(first, last - first + 1)
+        extents: list[Extent] = []
+        end = offset + length
+        count = len(entries)
+        i = 0
+        while i < count:
+            entry = entries[i]
+            kind = classify(entry)
+            fault = self.entry_fault(entry, kind, first + i, read=read)
+            if fault:
+                await self.mark_corrupt(fault)
+            # Extend the extent over the entries that continue it, comparing
+            # raw entries only: clusters contiguous on the host (same flags,
+            # next offset), or the same unallocated / plain-zero entry.
+            j = i + 1
+            if kind is ClusterKind.NORMAL:
+                following = entry + cs
+                while j < count and entries[j] == following:
+                    following += cs
+                    j += 1
+            elif kind in (ClusterKind.UNALLOCATED, ClusterKind.ZERO_PLAIN):
+                while j < count and entries[j] == entry:
+                    j += 1
+            lo = max(offset, (first + i) * cs)
+            hi = min(end, (first + j) * cs)
+            if extents and kind is not ClusterKind.NORMAL:
+                pk, pg, pn, pe = extents[-1]
+                if pk is kind and kind is not ClusterKind.COMPRESSED:
+                    extents[-1] = (pk, pg, pn + hi - lo, pe)
+                    i = j
+                    continue
+            extents.append((kind, lo, hi - lo, entry))
+            i = j
+        return extents
+
+    def host_clusters(self, extents: list[Extent]) -> list[int]:
+        """The host clusters holding the extents' data (what a data I/O pins)."""
+        bits = self.cluster_bits
+        out: list[int] = []
+        for kind, goff, n, entry in extents:
+            if kind is ClusterKind.NORMAL:
+                out.extend(host_clusters_of_range(self.host_offset(entry, goff), n, bits))
+            elif kind is ClusterKind.COMPRESSED:
+                host, nbytes = compressed_range(entry, bits)
+                out.extend(host_clusters_of_range(host, nbytes, bits))
+        return out
+
+    async def block_status(self, offset: int, length: int) -> tuple[Status, int]:
+        """Status of the range's start and how far it goes on.
+
+        Walks the L2 entries from ``offset`` and stops at the first change,
+        so a question about a huge range costs as much as its first extent.
+        """
+        cs = self.cluster_size
+        end = offset + length
+        span = cs * self.l2_entries
+        limit = min(end, offset + 16 * span)  # callers loop; bound the work per question
+        status: Status | None = None
+        pos = offset
+        while pos < limit:
+            chunk_end = min(limit, (pos // span + 1) * span)
+            l1_index = pos // span
+            loaded = await self.l2_table(l1_index)
+            if loaded is None:
+                if status is None:
+                    status = Status.UNALLOCATED
+                elif status is not Status.UNALLOCATED:
+                    return status, pos - offset
+            else:
+                table = loaded[1]
+                skip = l1_index * self.l2_entries
+                first = pos // cs
+                for i, entry in enumerate(
+                    table[first - skip : (chunk_end - 1) // cs - skip + 1], first
+                ):
+                    kind = classify(entry)
+                    fault = self.entry_fault(entry, kind, i)
+                    if fault:
+                        await self.mark_corrupt(fault)
+                    st = STATUS[kind]
+                    if status is None:
+                        status = st
+                    elif st is not status:
+                        return status, max(offset, i * cs) - offset
+            pos = chunk_end
+        assert status is not None
+        return status, limit - offset
+
+    # -- changing the tables (callers hold the lock, shielded) ----------------------
+
+    async def ensure_l2(self, l1_index: int) -> None:
+        """Give L1 index ``l1_index`` a writable L2 table (a new, zeroed one if it has none)."""
+        entry = self.l1[l1_index]
+        off = entry & OFFSET_MASK
+        if off and entry & OFLAG_COPIED:
+            return
+        if off:
+            raise BlockIOError(
+                errno.ENOTSUP,
+                f"qcow2: L2 table at {off:#x} is shared (internal snapshot); "
+                "writing to it is not supported",
+            )
+        new = await self.refs.allocate(1)
+        self.meta.check(new, self.cluster_size, None)
+        self.file.debug_event("l2_alloc_write")
+        self.file.debug_event("l2_update")
+        await self.file.write(new, bytes(self.cluster_size))
+        await self.refs.flush()  # table content and its refcount before the L1 pointer
+        self.meta.add(new, self.cluster_size, MetaKind.L2)
+        self.l2.drop(new)
+        self.l2.put(new, zero_table(self.l2_entries))
+        await self._write_l1_entry(l1_index, new | OFLAG_COPIED)
+
+    async def _write_l1_entry(self, l1_index: int, entry: int) -> None:
+        pos = self.header.l1_table_offset + l1_index * 8
+        self.meta.check(pos, 8, MetaKind.L1)
+        self.file.debug_event("l1_update")
+        await self.file.write(pos, struct.pack(">Q", entry))
+        self.l1[l1_index] = entry
