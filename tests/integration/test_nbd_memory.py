@@ -14,9 +14,12 @@ read error part-way must never pass for data.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import socket
 import struct
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -116,6 +119,52 @@ def test_stuck_clients_with_the_biggest_requests(served: Served) -> None:
         close_all(socks)
     assert served.qmp.execute("quit") == {"return": {}}
     assert served.daemon.wait() == 0
+
+
+def reads_then_a_big_write(path: Path) -> socket.socket:
+    """A client that asks for 7 MiB of READs, reads no reply, then sends a
+    32 MiB WRITE: as much of it as the daemon takes within a second."""
+    sock = connect(path, timeout=30)
+    negotiate(sock)
+    sock.sendall(b"".join(request(0, i * MiB, MiB, handle=i) for i in range(7)))
+    time.sleep(0.3)  # the replies are waiting, and the client is under its 8 MiB
+    message = memoryview(request(1, 0, 32 * MiB, handle=99) + b"\x33" * (32 * MiB))
+    sock.settimeout(1)
+    with contextlib.suppress(TimeoutError):
+        while message:
+            message = message[sock.send(message[: 4 * MiB]) :]
+    return sock
+
+
+def test_a_write_payload_counts_before_it_comes(served: Served) -> None:
+    """The payload of a WRITE is counted from its header on: a client whose
+    unread replies leave no room for it is not read from, so its 32 MiB stay
+    in the socket rather than in the daemon (QSD takes them)."""
+    pid = served.daemon.proc.pid
+    good_client_works(served)
+    base = settled_rss(pid)
+    socks = [reads_then_a_big_write(served.nbd_sock) for _ in range(4)]
+    try:
+        total = settled_rss(pid)
+        assert (total - base) / 4 <= 16 * MiB, (base, total)
+        good_client_works(served)
+    finally:
+        close_all(socks)
+    # a client that reads its replies while it sends gets a 32 MiB WRITE through
+    sock = connect(served.nbd_sock, timeout=30)
+    negotiate(sock)
+    message = request(0, 0, MiB, handle=1) + request(1, 0, 32 * MiB, handle=2)
+    sender = threading.Thread(target=sock.sendall, args=(message + b"\x44" * (32 * MiB),))
+    sender.start()
+    assert receive_exactly(sock, 16)[4:] == b"\0\0\0\0" + (1).to_bytes(8, "big")
+    receive_exactly(sock, MiB)
+    assert receive_exactly(sock, 16)[4:] == b"\0\0\0\0" + (2).to_bytes(8, "big")
+    sender.join()
+    sock.close()
+    assert served.qmp.execute("quit") == {"return": {}}
+    assert served.daemon.wait() == 0
+    check_image(served.image)
+    qemu_io(served.image, f"read -P 0x44 0 {32 * MiB}")
 
 
 # -- big READs, a piece at a time ---------------------------------------------------------

@@ -1,8 +1,9 @@
 """How many bytes of NBD data the server may hold: per client, and for all clients together.
 
 A request's bytes (a WRITE's payload, a READ's reply) are held from the
-moment the request is admitted until its reply has been handed to the
-socket, and so are handshake replies.  A client whose bytes would go over
+moment the request is admitted (a WRITE's payload: from its header on, before
+the payload is received) until its reply has been handed to the socket, and
+so are handshake replies.  A client whose bytes would go over
 its own limit, or over what is left of the server's, is simply not read from
 until some of its replies have gone out (or another client's have, for the
 server's limit): TCP then slows it down, and a client that never reads its

@@ -307,6 +307,12 @@ class NBDConnection:
         self._parts: list[bytes | memoryview] | None = None
         self._parts_size = 0
 
+    @property
+    def payload_due(self) -> int:
+        """The length of the WRITE whose header has come and whose payload has
+        not all come yet; 0 when none."""
+        return self._pending[4] if self._pending is not None else 0
+
     # -- output ---------------------------------------------------------------------
 
     def greeting(self) -> bytes:

@@ -267,9 +267,8 @@ def _read_reply(client: _Client, request: p.Request) -> tuple[bytearray, memoryv
     return reply, memoryview(reply)[len(reply) - request.length :]
 
 
-def _try_admit(client: _Client, request: p.Request) -> bool:
-    """Take the request's slot and bytes if they are free now; False if not."""
-    cost = _cost(request)
+def _try_admit(client: _Client, cost: int) -> bool:
+    """Take a request's slot and ``cost`` bytes if they are free now; False if not."""
     if not client.slots.value or not client.budget.fits(cost):
         return False
     client.slots.acquire_nowait()
@@ -277,11 +276,11 @@ def _try_admit(client: _Client, request: p.Request) -> bool:
     return True
 
 
-async def _admit(client: _Client, request: p.Request) -> None:
-    """Wait for the request's slot and bytes; given back by :meth:`NBDServer._write`."""
+async def _admit(client: _Client, cost: int) -> None:
+    """Wait for a request's slot and ``cost`` bytes; given back by :meth:`NBDServer._write`."""
     await client.slots.acquire()
     try:
-        await client.budget.acquire(_cost(request))
+        await client.budget.acquire(cost)
     except BaseException:
         client.slots.release()
         raise
@@ -502,6 +501,8 @@ class NBDServer:
     async def _read(self, client: _Client, conn: p.NBDConnection) -> None:
         batch: list[p.Request] = []
         batch_bytes = 0
+        #: bytes taken for a WRITE whose payload was still coming (see below)
+        prepaid = 0
         try:
             while True:
                 data = await client.stream.receive_some(_RECEIVE_SIZE)
@@ -527,12 +528,15 @@ class NBDServer:
                         client.size = event.export.size
                         export.clients.add(client)
                         continue
-                    if not _try_admit(client, event):
+                    cost = _cost(event)
+                    if prepaid and event.type == _WRITE:
+                        cost = prepaid = 0  # (the first WRITE to come whole is that one)
+                    if not _try_admit(client, cost):
                         # what is batched holds slots too: start it before waiting
                         if batch:
                             self._dispatch(client, batch)
                             batch, batch_bytes = [], 0
-                        await _admit(client, event)
+                        await _admit(client, cost)
                     if event.type == _READ and event.length > _STREAM_ABOVE:
                         self._start_stream(client, event)
                         continue
@@ -547,6 +551,13 @@ class NBDServer:
                 if batch:
                     self._dispatch(client, batch)
                     batch, batch_bytes = [], 0
+                due = conn.payload_due
+                if due and not prepaid:
+                    # A WRITE's payload is counted before it is received, not once
+                    # it is whole: else a client holding its replies could still
+                    # make us buffer up to 32 MiB more, uncounted.
+                    await client.budget.acquire(due)
+                    prepaid = due
         finally:
             if batch:
                 for request in batch:
