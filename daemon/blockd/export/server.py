@@ -78,6 +78,8 @@ _INLINE_BYTES = 8 * 1024 * 1024
 _STREAM_ABOVE = ALONE_BYTES
 #: The data one piece of such a READ carries.
 _PIECE = _STREAM_ABOVE // 2
+#: Room for the headers a piece starts with (an OFFSET_HOLE chunk's 32 bytes at most).
+_HEAD_ROOM = 32
 
 # plain ints: enum operators cost microseconds on the per-request path
 _READ = int(p.Cmd.READ)
@@ -640,7 +642,7 @@ class NBDServer:
             await self._stream_failed(client, request, err, cut=False)
             return
         pieces = p.read_reply_pieces(request.handle, offset, extents, structured, df, _PIECE)
-        buffers = (bytearray(_PIECE + 32), bytearray(_PIECE + 32))
+        buffers = (bytearray(_PIECE + _HEAD_ROOM), bytearray(_PIECE + _HEAD_ROOM))
         filled: list[memoryview | Exception] = []
 
         async def fill(index: int) -> None:
