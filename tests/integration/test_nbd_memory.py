@@ -40,6 +40,7 @@ from tests.fuzz.nbd_clients import (
 )
 from tests.helpers import RawQMP, start_blockd
 from tests.images import chain, create, guest_view, qemu_img, qemu_io
+from tests.integration.test_active_commit import serving
 from tests.integration.test_nbd import Served, check_image, io, nbdsh, start_served
 
 SPAN = 64 * MiB
@@ -185,6 +186,13 @@ def read_structured(
     """The data a structured READ reply carries (holes as zeros), its chunks as
     (type, offset, length), and its error chunks as (error, message)."""
     sock.sendall(request(0, offset, length, flags=flags, handle=handle))
+    return structured_reply(sock, offset, length, handle)
+
+
+def structured_reply(
+    sock: socket.socket, offset: int, length: int, handle: int
+) -> tuple[bytes, list[tuple[int, int, int]], list[tuple[int, bytes]]]:
+    """The reply to a READ already sent, as :func:`read_structured` returns it."""
     data = bytearray(length)
     chunks: list[tuple[int, int, int]] = []
     errors: list[tuple[int, bytes]] = []
@@ -372,3 +380,28 @@ def test_a_read_error_part_way_is_never_taken_for_data(sock_dir: Path, tmp_path:
         qmp.close()
         daemon.stop()
     assert "Traceback" not in daemon.stderr(), daemon.stderr()[-3000:]
+
+
+def test_a_stuck_big_read_does_not_hold_up_a_pivot(tmp_path: Path, sock_dir: Path) -> None:
+    """Clients stuck in the middle of 32 MiB READ replies (structured and simple)
+    on the exported active layer: an active commit still completes and pivots
+    the export to base, since a reply holds the export only while a piece is
+    read, and the clients' later pieces come from base."""
+    with serving(tmp_path, sock_dir) as disk:
+        simple = stuck_reader(disk.nbd_sock, 64 * MiB, length=BIG)
+        structured = structured_client(disk.nbd_sock)
+        structured.sendall(b"".join(request(0, 0, BIG, handle=h) for h in range(4)))
+        try:
+            disk.commit()
+            disk.qmp.wait_event("BLOCK_JOB_READY", device="j")
+            assert disk.execute("block-job-complete", device="j") == {"return": {}}
+            done = disk.qmp.wait_event("BLOCK_JOB_COMPLETED", device="j")
+            assert "error" not in done["data"]
+            assert disk.export_node() == "base"
+            # the structured client reads its four replies now: the image's bytes
+            for handle in range(4):
+                data, _chunks, errors = structured_reply(structured, 0, BIG, handle)
+                assert not errors and data == bytes(disk.model[:BIG])
+        finally:
+            close_all([simple, structured])
+        disk.stop()
