@@ -15,6 +15,9 @@ same client programs then run against both:
   rand write  4 KiB writes the same way, to distinct offsets (so the result
               does not depend on completion order) of the now allocated
               image; the FLUSH that follows is not timed.
+  32M read    the whole export in 32 MiB READs (NBD's largest), 4 in flight,
+              by libnbd with structured replies; "32M simple" the same with
+              simple replies, where each reply is one frame of 32 MiB.
 
 Both images must pass ``qemu-img check`` and read back identical afterwards.
 The daemons take turns going first (use an even ``--runs`` for balance).
@@ -44,7 +47,7 @@ from qmp_client import QMP
 
 REPO = Path(__file__).resolve().parent.parent
 DAEMONS = ("qsd", "blockd")
-CASES = ("seq write", "seq read", "rand read", "rand write")
+CASES = ("seq write", "seq read", "rand read", "rand write", "32M read", "32M simple")
 EXPORT = "disk"
 
 #: The random-I/O client; it runs under the system python3 that has libnbd's
@@ -79,6 +82,41 @@ while i < count or h.aio_in_flight():
 elapsed = time.perf_counter() - start
 if op == "write":
     h.flush()
+h.shutdown()
+if failed:
+    sys.exit(f"{len(failed)} requests failed, first errno {failed[0]}")
+print(elapsed)
+"""
+
+
+#: The big-read client: the whole export in 32 MiB READs, 4 in flight; the
+#: last argument turns structured replies off.
+BIG_READ_CLIENT = r"""
+import sys, time
+import nbd
+uri, structured = sys.argv[1], sys.argv[2] == "1"
+h = nbd.NBD()
+h.set_request_structured_replies(structured)
+h.connect_uri(uri)
+assert h.get_structured_replies_negotiated() == structured
+size, step, depth = h.get_size(), 32 << 20, 4
+bufs = [nbd.Buffer(step) for _ in range(depth)]
+failed = []
+def retire(err):
+    if err.value:
+        failed.append(err.value)
+    return 1
+offset = 0
+i = 0
+start = time.perf_counter()
+while offset < size or h.aio_in_flight():
+    while offset < size and h.aio_in_flight() < depth:
+        buf = bufs[i % depth] if size - offset >= step else nbd.Buffer(size - offset)
+        h.aio_pread(buf, offset, completion=retire)
+        offset += step
+        i += 1
+    h.poll(-1)
+elapsed = time.perf_counter() - start
 h.shutdown()
 if failed:
     sys.exit(f"{len(failed)} requests failed, first errno {failed[0]}")
@@ -168,6 +206,8 @@ def run_daemon(kind: str, work: Path, raw: Path, args: argparse.Namespace,
             out = tool(py, "-c", RANDOM_CLIENT, daemon.uri, op, str(args.ops),
                        str(args.depth), str(seed)).stdout
             times[f"rand {op}"] = float(out)
+        for case, structured in (("32M read", "1"), ("32M simple", "0")):
+            times[case] = float(tool(py, "-c", BIG_READ_CLIENT, daemon.uri, structured).stdout)
     finally:
         daemon.stop()
     return times, ok and check_image(image)
@@ -223,7 +263,7 @@ def main() -> int:
         ref = statistics.median(results["qsd", case])
         for kind in DAEMONS:
             t = statistics.median(results[kind, case])
-            rate = (f"{args.size / t / 1e6:8.1f} {'':>8}" if case.startswith("seq")
+            rate = (f"{args.size / t / 1e6:8.1f} {'':>8}" if not case.startswith("rand")
                     else f"{'':>8} {args.ops / t:8.0f}")
             ratio = f"{ref / t:10.2f}" if kind == "blockd" else ""
             print(f"{case + ' ' + kind:18} {t:8.3f} {rate} {ratio}")

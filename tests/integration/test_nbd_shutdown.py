@@ -119,12 +119,13 @@ def stuck_clients(served: Served) -> list[socket.socket]:
     go(half_write)
     half_write.sendall(struct.pack(">IHHQQI", REQUEST, 0, 1, 1, 0, 4 * MiB) + b"w" * MiB)
     socks.append(half_write)
-    # pipelining big READs and never reading the replies
-    for _ in range(2):
+    # pipelining big READs and never reading the replies (4 MiB ones are sent
+    # a MiB at a time: stuck mid-reply)
+    for length in (MiB, MiB, 4 * MiB):
         greedy = raw_client(served.nbd_sock)
         go(greedy)
         greedy.setblocking(False)
-        request = struct.pack(">IHHQQI", REQUEST, 0, 0, 2, 0, MiB)
+        request = struct.pack(">IHHQQI", REQUEST, 0, 0, 2, 0, length)
         try:
             for _ in range(400):
                 greedy.send(request)

@@ -59,3 +59,18 @@ def test_any_chunking_of_big_writes_gives_the_same_requests(seed: int, steps: li
     assert [(e.type, e.handle, e.length, e.data) for e in got if isinstance(e, p.Request)] == (
         expected
     )
+
+
+def test_payload_due_names_the_write_still_coming() -> None:
+    """The server counts a WRITE's payload from its header on (budget)."""
+    conn = negotiated()
+    for length in (5, 3 << 20):
+        header = struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0, p.Cmd.WRITE, 1, 0, length)
+        assert conn.receive_data(header[:20]) == [] and conn.payload_due == 0
+        assert conn.receive_data(header[20:] + b"x" * (length - 1)) == []
+        assert conn.payload_due == length
+        events = conn.receive_data(b"x")
+        assert conn.payload_due == 0
+        assert [(e.type, len(e.data)) for e in events if isinstance(e, p.Request)] == [
+            (p.Cmd.WRITE, length)
+        ]

@@ -272,6 +272,40 @@ def test_read_chunks_place_each_extent_and_mark_the_last_done() -> None:
     assert len(df) == 1 and len(df[0]) == 20 + 8 + 4 * 65536 + 10
 
 
+def _joined(pieces: list[p.ReplyPiece], image: bytes) -> bytes:
+    """A reply sent a piece at a time, as the client receives it."""
+    return b"".join(head + image[at : at + n] for head, at, n in pieces)
+
+
+@pytest.mark.parametrize("piece", [1000, 65536, 1 << 20])
+def test_read_reply_pieces_are_the_whole_reply_cut_up(piece: int) -> None:
+    image = bytes(range(256)) * 2048  # 512 KiB
+    offset, length = 1000, 300_000
+    data = image[offset : offset + length]
+    extents = [(length, False)]
+    simple = p.read_reply_pieces(7, offset, extents, structured=False, df=False, piece=piece)
+    assert _joined(simple, image) == p.simple_reply(7, 0, data)
+    assert all(n <= piece for _head, _at, n in simple)
+    df = p.read_reply_pieces(7, offset, extents, structured=True, df=True, piece=piece)
+    assert _joined(df, image) == b"".join(p.read_chunks(7, offset, [(length, data)], df=True))
+    # structured: the same holes, data cut into chunks of at most ``piece`` bytes
+    runs = [(70_000, False), (65536, True), (100_000, False), (64_464, True)]
+    sparse = p.read_reply_pieces(7, offset, runs, structured=True, df=False, piece=piece)
+    assert sum(n for _head, _at, n in sparse) == 170_000
+    if piece >= 100_000:
+        expected, pos = [], offset
+        for n, hole in runs:
+            expected.append((n, None if hole else image[pos : pos + n]))
+            pos += n
+        assert _joined(sparse, image) == b"".join(p.read_chunks(7, offset, expected))
+    else:
+        heads = [struct.unpack_from(">IHHQI", head) for head, _at, _n in sparse]
+        assert [flags for _m, flags, _k, _h, _s in heads] == [0] * (len(heads) - 1) + [1]
+        data_chunks = [(at, n) for (head, at, n) in sparse if n]
+        assert all(n <= piece for _at, n in data_chunks)
+        assert sum(n for _at, n in data_chunks) == 170_000
+
+
 def test_error_replies() -> None:
     assert p.error_reply(3, False, 22, "x") == struct.pack(">IIQ", p.SIMPLE_REPLY_MAGIC, 22, 3)
     assert (

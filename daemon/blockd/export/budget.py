@@ -1,8 +1,9 @@
 """How many bytes of NBD data the server may hold: per client, and for all clients together.
 
 A request's bytes (a WRITE's payload, a READ's reply) are held from the
-moment the request is admitted until its reply has been handed to the
-socket, and so are handshake replies.  A client whose bytes would go over
+moment the request is admitted (a WRITE's payload: from its header on, before
+the payload is received) until its reply has been handed to the socket, and
+so are handshake replies.  A client whose bytes would go over
 its own limit, or over what is left of the server's, is simply not read from
 until some of its replies have gone out (or another client's have, for the
 server's limit): TCP then slows it down, and a client that never reads its
@@ -12,8 +13,10 @@ A client holding nothing may always take one request of up to
 :data:`ALONE_BYTES`: that keeps every client served (slowly) while stuck
 clients hold the server's whole share, and bounds what N stuck clients can
 hold at the server's share plus N x 2 MiB, whatever the size of their
-requests.  A bigger request (up to NBD's 32 MiB) may run alone, beyond the
-client's limit, when the server's share has room for it.
+requests.  A READ never needs more: one of over :data:`ALONE_BYTES` is read
+and sent a piece at a time and holds two pieces (see
+:mod:`blockd.export.server`).  A bigger WRITE (up to NBD's 32 MiB) may run
+alone, beyond the client's limit, when the server's share has room for it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ CLIENT_BYTES = 8 * MiB
 #: always have): 32 stuck clients' worth, so 64 stuck clients cost at most
 #: this plus 2 MiB each.
 SERVER_BYTES = 256 * MiB
-#: The request a client holding nothing may always start.
+#: The request a client holding nothing may always start (and what a READ
+#: sent a piece at a time holds).
 ALONE_BYTES = 2 * MiB
 
 

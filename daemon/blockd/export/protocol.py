@@ -307,6 +307,12 @@ class NBDConnection:
         self._parts: list[bytes | memoryview] | None = None
         self._parts_size = 0
 
+    @property
+    def payload_due(self) -> int:
+        """The length of the WRITE whose header has come and whose payload has
+        not all come yet; 0 when none."""
+        return self._pending[4] if self._pending is not None else 0
+
     # -- output ---------------------------------------------------------------------
 
     def greeting(self) -> bytes:
@@ -693,6 +699,64 @@ def data_reply_buffer(request: Request, structured: bool) -> bytearray:
         8 + request.length, request.offset,
     )
     return buf
+
+
+#: One part of a READ reply sent a piece at a time: the bytes that go first
+#: (headers), then where the data that follows them starts and how long it is.
+ReplyPiece = tuple[bytes, int, int]
+_HOLE_CHUNK = struct.Struct(">IHHQIQI")
+
+
+def read_reply_pieces(
+    handle: int,
+    offset: int,
+    extents: Sequence[tuple[int, bool]],
+    structured: bool,
+    df: bool,
+    piece: int,
+) -> list[ReplyPiece]:
+    """A successful READ reply cut so that no part carries over ``piece`` data bytes.
+
+    ``extents`` cover the request in order, as ``(length, reads as zeros)``.
+    A simple reply, or a structured one with ``DF``, is one frame whatever
+    the extents: its header goes with the first piece and the rest is raw
+    data.  A structured reply otherwise holds one OFFSET_HOLE chunk per hole,
+    as :func:`read_chunks`, and one OFFSET_DATA chunk per piece of data, so
+    a data run longer than ``piece`` takes several chunks where QEMU sends
+    one; an error while reading can then still be told in an error chunk.
+    """
+    end = offset + sum(length for length, _hole in extents)
+    if not structured or df:
+        if structured:
+            first = _DATA_CHUNK.pack(
+                STRUCTURED_REPLY_MAGIC, CHUNK_DONE, Chunk.OFFSET_DATA, handle,
+                8 + end - offset, offset,
+            )
+        else:
+            first = _SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, handle)
+        return [
+            (first if pos == offset else b"", pos, min(piece, end - pos))
+            for pos in range(offset, end, piece)
+        ]
+    runs: list[tuple[int, int, bool]] = []  # (position, length, hole)
+    pos = offset
+    for length, hole in extents:
+        if hole:
+            runs.append((pos, length, True))
+        else:
+            runs += [(at, min(piece, pos + length - at), False)
+                     for at in range(pos, pos + length, piece)]
+        pos += length
+    out: list[ReplyPiece] = []
+    for index, (pos, length, hole) in enumerate(runs):
+        flags = CHUNK_DONE if index == len(runs) - 1 else 0
+        if hole:
+            out.append((_HOLE_CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, Chunk.OFFSET_HOLE,
+                                         handle, 12, pos, length), pos, 0))
+        else:
+            out.append((_DATA_CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, Chunk.OFFSET_DATA,
+                                         handle, 8 + length, pos), pos, length))
+    return out
 
 
 def chunk(handle: int, kind: int, payload: bytes, done: bool) -> bytes:

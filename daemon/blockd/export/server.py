@@ -17,7 +17,10 @@ the node cannot resolve) gets a task of its own and the node's ordinary async
 path.
 Replies may finish out of order; each is queued whole on the client's outbox
 and one writer task sends them, so frames never interleave mid-way; a
-request's slot and bytes are given back once its reply has been sent.
+request's slot and bytes are given back once its reply has been sent.  A READ
+of over :data:`_STREAM_ABOVE` bytes is not read whole: the writer reads and
+sends it :data:`_PIECE` bytes at a time (see :meth:`NBDServer._stream`), so
+a client that stops reading such a reply holds two pieces, not 32 MiB.
 
 Failure containment: garbage, a broken pipe or a vanished client ends only
 that client.  A request that reached the block layer runs to completion even
@@ -38,11 +41,12 @@ from collections.abc import Callable
 import outcome
 import trio
 
+from blockd.block.direct import DirectIO
 from blockd.block.drivers.file import DirectJob, DirectResult, read_cached, start_direct
 from blockd.block.node import BlockNode, Status
 from blockd.errors import BlockdError, BlockIOError
 from blockd.export import protocol as p
-from blockd.export.budget import ClientBudget, ServerBudget
+from blockd.export.budget import ALONE_BYTES, ClientBudget, ServerBudget
 from blockd.export.exports import Export, ExportRegistry
 
 log = logging.getLogger(__name__)
@@ -68,6 +72,14 @@ _WRITE_CALLS = 1
 #: (the rest go to worker threads), so that one client's big reads hold the loop
 #: for a few milliseconds at a time, not for all the replies it may have asked for.
 _INLINE_BYTES = 8 * 1024 * 1024
+#: A READ longer than this is read and sent a piece at a time by the writer,
+#: holding the piece being sent and the next one: at most what any client
+#: may always hold (:data:`blockd.export.budget.ALONE_BYTES`).
+_STREAM_ABOVE = ALONE_BYTES
+#: The data one piece of such a READ carries.
+_PIECE = _STREAM_ABOVE // 2
+#: Room for the headers a piece starts with (an OFFSET_HOLE chunk's 32 bytes at most).
+_HEAD_ROOM = 32
 
 # plain ints: enum operators cost microseconds on the per-request path
 _READ = int(p.Cmd.READ)
@@ -77,8 +89,14 @@ _FUA = int(p.CmdFlag.FUA)
 #: Replies queued together: whole frames, sent in order.
 Frames = list[bytes | bytearray]
 #: An outbox entry: the frames, the requests they answer (whose slots are
-#: given back once sent) and the budget bytes given back then.
+#: given back once sent) and the budget bytes given back then; or a big READ,
+#: which the writer reads and sends itself when its turn comes.
 Outgoing = tuple[Frames, list[p.Request], int]
+Outbox = Outgoing | p.Request
+
+
+class _ReplyCut(Exception):
+    """A reply's header and part of its data went out, and the rest cannot be read."""
 
 _ERRNO_TO_NBD = {
     errno_module.EPERM: p.EPERM,
@@ -159,34 +177,90 @@ async def allocation_extents(
     return extents
 
 
-async def sparse_read(node: BlockNode, offset: int, length: int) -> list[tuple[int, bytes | None]]:
-    """Read a range as QEMU's sparse read does: runs that read as zeros become holes.
+async def sparse_extents(node: BlockNode, offset: int, length: int) -> list[tuple[int, bool]]:
+    """How QEMU's sparse read cuts a range: ``(length, reads as zeros)`` runs.
 
     Adjacent holes are joined only when they come from the same place (one
     layer's zero clusters, or nothing anywhere in the chain), as QEMU's block
-    status walk splits them.
+    status walk splits them; data runs are never joined.
     """
-    out: list[tuple[int, bytes | None]] = []
+    out: list[tuple[int, bool]] = []
     last_hole: int | None = None
     end = offset + length
     while offset < end:
         flags, depth, n = await chain_status(node, offset, end - offset)
         if flags & p.STATE_ZERO:
             if last_hole == depth and out:
-                out[-1] = (out[-1][0] + n, None)
+                out[-1] = (out[-1][0] + n, True)
             else:
-                out.append((n, None))
+                out.append((n, True))
             last_hole = depth
         else:
-            out.append((n, await node.read(offset, n)))
+            out.append((n, False))
             last_hole = None
         offset += n
     return out
 
 
+async def sparse_read(node: BlockNode, offset: int, length: int) -> list[tuple[int, bytes | None]]:
+    """Read a range as QEMU's sparse read does: runs that read as zeros become holes."""
+    out: list[tuple[int, bytes | None]] = []
+    for n, hole in await sparse_extents(node, offset, length):
+        out.append((n, None if hole else await node.read(offset, n)))
+        offset += n
+    return out
+
+
+async def _read_direct(io: DirectIO, into: memoryview) -> BlockIOError | None:
+    """Read a resolved range in a worker thread; its error, if it failed."""
+    finished = trio.Event()
+    results: list[outcome.Outcome[DirectResult]] = []
+
+    def done(result: outcome.Outcome[DirectResult]) -> None:
+        results.append(result)
+        finished.set()
+
+    start_direct([(io, False, into)], done)
+    # the thread fills ``into`` and uses ``io`` until it is done, whatever happens here
+    with trio.CancelScope(shield=True):
+        await finished.wait()
+    return results[0].unwrap()[0]
+
+
+async def _read_piece(export: Export, offset: int, into: memoryview) -> None:
+    """Fill ``into`` with the export's bytes at ``offset``, as the fast paths read:
+    from the page cache on the loop, else in a worker thread; through the
+    node's own read when :meth:`BlockNode.direct_io` cannot resolve the range
+    or a pivot holds the export.  The export is entered for this piece only,
+    never while a piece is being sent, so a stuck client never holds up a pivot.
+    """
+    node = export.enter()
+    if node is not None:
+        try:
+            io = node.direct_io(offset, len(into), False)
+            if io is not None:
+                try:
+                    failure = None if read_cached(io, into) else await _read_direct(io, into)
+                finally:
+                    io.release()
+                if failure is not None:
+                    raise failure
+                return
+        finally:
+            export.leave()
+    async with export.use() as node:
+        # once started, node I/O is never cut short by a disconnect
+        with trio.CancelScope(shield=True):
+            into[:] = await node.read(offset, len(into))
+
+
 def _cost(request: p.Request) -> int:
-    """The budget bytes a request holds: a WRITE's payload or a READ's reply data."""
-    return request.length if request.type == _READ or request.type == _WRITE else 0
+    """The budget bytes a request holds: a WRITE's payload or a READ's reply data
+    (at most two pieces of a READ sent a piece at a time)."""
+    kind = request.type
+    if kind == _READ:
+        return min(request.length, _STREAM_ABOVE)
+    return request.length if kind == _WRITE else 0
 
 
 def _read_reply(client: _Client, request: p.Request) -> tuple[bytearray, memoryview]:
@@ -195,9 +269,8 @@ def _read_reply(client: _Client, request: p.Request) -> tuple[bytearray, memoryv
     return reply, memoryview(reply)[len(reply) - request.length :]
 
 
-def _try_admit(client: _Client, request: p.Request) -> bool:
-    """Take the request's slot and bytes if they are free now; False if not."""
-    cost = _cost(request)
+def _try_admit(client: _Client, cost: int) -> bool:
+    """Take a request's slot and ``cost`` bytes if they are free now; False if not."""
     if not client.slots.value or not client.budget.fits(cost):
         return False
     client.slots.acquire_nowait()
@@ -205,11 +278,11 @@ def _try_admit(client: _Client, request: p.Request) -> bool:
     return True
 
 
-async def _admit(client: _Client, request: p.Request) -> None:
-    """Wait for the request's slot and bytes; given back by :meth:`NBDServer._write`."""
+async def _admit(client: _Client, cost: int) -> None:
+    """Wait for a request's slot and ``cost`` bytes; given back by :meth:`NBDServer._write`."""
     await client.slots.acquire()
     try:
-        await client.budget.acquire(_cost(request))
+        await client.budget.acquire(cost)
     except BaseException:
         client.slots.release()
         raise
@@ -225,7 +298,7 @@ def _batchable(client: _Client, request: p.Request) -> bool:
     writes (a FUA write or a write-through export needs its flush)."""
     kind = request.type
     if kind == _READ:
-        return request.length > 0
+        return 0 < request.length <= _STREAM_ABOVE
     return (
         kind == _WRITE
         and request.length > 0
@@ -279,7 +352,7 @@ class _Client:
         self.scope = trio.CancelScope()
         self.closed = trio.Event()
         # Unbounded as a channel: what goes in is bounded by the slots and the budget.
-        self.outbox, self.outbox_reader = trio.open_memory_channel[Outgoing](math.inf)
+        self.outbox, self.outbox_reader = trio.open_memory_channel[Outbox](math.inf)
         self.slots = trio.Semaphore(MAX_INFLIGHT)
         self.budget = ClientBudget(server.budget)
         self.reads = _Lane(_READ_CALLS)
@@ -430,6 +503,8 @@ class NBDServer:
     async def _read(self, client: _Client, conn: p.NBDConnection) -> None:
         batch: list[p.Request] = []
         batch_bytes = 0
+        #: bytes taken for a WRITE whose payload was still coming (see below)
+        prepaid = 0
         try:
             while True:
                 data = await client.stream.receive_some(_RECEIVE_SIZE)
@@ -455,12 +530,18 @@ class NBDServer:
                         client.size = event.export.size
                         export.clients.add(client)
                         continue
-                    if not _try_admit(client, event):
+                    cost = _cost(event)
+                    if prepaid and event.type == _WRITE:
+                        cost = prepaid = 0  # (the first WRITE to come whole is that one)
+                    if not _try_admit(client, cost):
                         # what is batched holds slots too: start it before waiting
                         if batch:
                             self._dispatch(client, batch)
                             batch, batch_bytes = [], 0
-                        await _admit(client, event)
+                        await _admit(client, cost)
+                    if event.type == _READ and event.length > _STREAM_ABOVE:
+                        self._start_stream(client, event)
+                        continue
                     if not _batchable(client, event):
                         self._start_request(client, event)
                         continue
@@ -472,6 +553,13 @@ class NBDServer:
                 if batch:
                     self._dispatch(client, batch)
                     batch, batch_bytes = [], 0
+                due = conn.payload_due
+                if due and not prepaid:
+                    # A WRITE's payload is counted before it is received, not once
+                    # it is whole: else a client holding its replies could still
+                    # make us buffer up to 32 MiB more, uncounted.
+                    await client.budget.acquire(due)
+                    prepaid = due
         finally:
             if batch:
                 for request in batch:
@@ -481,25 +569,125 @@ class NBDServer:
     async def _write(self, client: _Client) -> None:
         """Send the replies, then give back what they held (until then, a client
         that does not read them holds its slots and bytes, and is not read from)."""
+        reader = client.outbox_reader
         try:
-            async for group in client.outbox_reader:
-                # Coalesce the replies that are already waiting into one send.
-                sent = [group]
-                frames = list(group[0])
-                size = sum(map(len, frames))
-                while size < _COALESCE_BYTES:
-                    try:
-                        more = client.outbox_reader.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                    sent.append(more)
-                    frames.extend(more[0])
-                    size += sum(map(len, more[0]))
-                await _send_frames(client.stream, frames)
-                for _frames, answered, held in sent:
-                    self._release(client, answered, held)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            async for first in reader:
+                entry: Outbox | None = first
+                while entry is not None:
+                    if isinstance(entry, p.Request):
+                        await self._stream(client, entry)
+                        self._release(client, [entry], _cost(entry))
+                        entry = None
+                        continue
+                    # Coalesce the replies that are already waiting into one send.
+                    sent = [entry]
+                    frames = list(entry[0])
+                    size = sum(map(len, frames))
+                    entry = None
+                    while size < _COALESCE_BYTES:
+                        try:
+                            more = reader.receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                        if isinstance(more, p.Request):
+                            entry = more  # (sent after these)
+                            break
+                        sent.append(more)
+                        frames.extend(more[0])
+                        size += sum(map(len, more[0]))
+                    await _send_frames(client.stream, frames)
+                    for _frames, answered, held in sent:
+                        self._release(client, answered, held)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, _ReplyCut):
             client.scope.cancel()
+
+    def _start_stream(self, client: _Client, request: p.Request) -> None:
+        """Queue a big READ (holding its slot and two pieces' bytes) for :meth:`_stream`."""
+        assert client.export is not None
+        refused = _refusal(client, client.export, request)
+        if refused is not None:
+            self._reply(client, [refused], [request])
+            return
+        try:
+            client.outbox.send_nowait(request)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._release(client, [request], _cost(request))
+
+    async def _stream(self, client: _Client, request: p.Request) -> None:
+        """Read and send a big READ's reply a piece at a time, the next piece being
+        read while the last one goes out.
+
+        The writer does this in its turn, so the reply's frames go out whole
+        and in order (other replies of this client wait behind it), and only
+        two pieces are ever held.  A failure before anything was sent gets
+        the error reply a whole READ would get; between two chunks of a
+        structured reply, an error chunk ends the reply.  In the middle of a
+        simple reply (or of a ``DF`` chunk) its header has promised data that
+        cannot be read: the connection ends, as QEMU 7.2 ends it when its
+        sparse read fails, so the client never takes the rest for good data.
+        """
+        export = client.export
+        assert export is not None
+        structured = client.structured
+        df = structured and bool(request.flags & p.CmdFlag.DF)
+        offset, length = request.offset, request.length
+        try:
+            if structured and not df:
+                async with export.use() as node:
+                    with trio.CancelScope(shield=True):
+                        extents = await sparse_extents(node, offset, length)
+            else:
+                extents = [(length, False)]
+        except Exception as err:
+            await self._stream_failed(client, request, err, cut=False)
+            return
+        pieces = p.read_reply_pieces(request.handle, offset, extents, structured, df, _PIECE)
+        buffers = (bytearray(_PIECE + _HEAD_ROOM), bytearray(_PIECE + _HEAD_ROOM))
+        filled: list[memoryview | Exception] = []
+
+        async def fill(index: int) -> None:
+            head, at, n = pieces[index]
+            frame = memoryview(buffers[index % 2])[: len(head) + n]
+            frame[: len(head)] = head
+            try:
+                if n:
+                    await _read_piece(export, at, frame[len(head) :])
+            except Exception as err:
+                filled.append(err)
+            else:
+                filled.append(frame)
+
+        await fill(0)
+        for index in range(len(pieces)):
+            frame = filled[index]
+            if isinstance(frame, Exception):
+                cut = index > 0 and (df or not structured)
+                await self._stream_failed(client, request, frame, cut)
+                return
+            broken: trio.BrokenResourceError | trio.ClosedResourceError | None = None
+            async with trio.open_nursery() as nursery:
+                if index + 1 < len(pieces):
+                    nursery.start_soon(fill, index + 1)
+                try:
+                    await client.stream.send_all(frame)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as err:
+                    broken = err  # (raised out here, not inside the nursery's group)
+                    nursery.cancel_scope.cancel()
+            if broken is not None:
+                raise broken
+
+    @staticmethod
+    async def _stream_failed(
+        client: _Client, request: p.Request, err: Exception, cut: bool
+    ) -> None:
+        """A streamed READ failed; ``cut`` when its frame is already half sent."""
+        if not isinstance(err, BlockdError | OSError):
+            log.error("NBD read failed unexpectedly", exc_info=err)
+        if cut:
+            log.warning("NBD read failed after part of its reply was sent: %s", err)
+            raise _ReplyCut from err
+        reply = p.error_reply(request.handle, client.structured, nbd_error(err), str(err))
+        await client.stream.send_all(reply)
 
     async def _request(self, client: _Client, request: p.Request) -> None:
         try:
