@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,7 @@ def _qsd(d: Path, options: list[str]) -> tuple[str, Any]:
                 return "refused", re.sub(r"^qemu-storage-daemon: (--[a-z-]+ .*?: )", "", last)
             if sock.exists():
                 return "opened", _state(sock)
-            subprocess.run(["sleep", "0.05"])
+            time.sleep(0.05)
         raise AssertionError("QSD neither started nor failed")
     finally:
         if proc.poll() is None:
@@ -118,7 +119,7 @@ def _blockd(d: Path, options: list[str]) -> tuple[str, Any]:
                     return "opened", _state(sock)
                 except (OSError, EOFError):
                     continue  # bound, then start-up failed: the exit tells why
-            subprocess.run(["sleep", "0.05"])
+            time.sleep(0.05)
         raise AssertionError("blockd neither started nor failed")
     finally:
         daemon.stop()

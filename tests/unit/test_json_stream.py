@@ -209,13 +209,15 @@ def _qemu_accepts(char: str) -> bool:
     return not 0xFDD0 <= point <= 0xFDEF and (point & 0xFFFE) != 0xFFFE
 
 
+def _containers(children: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
+    keys = st.text(st.characters(exclude_categories=("Cs",)).filter(_qemu_accepts), max_size=8)
+    return st.lists(children, max_size=4) | st.dictionaries(keys, children, max_size=4)
+
+
 qemu_text = st.text(st.characters(exclude_categories=("Cs",)).filter(_qemu_accepts))
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | qemu_text,
-    lambda children: (
-        st.lists(children, max_size=4)
-        | st.dictionaries(qemu_text.filter(lambda t: len(t) <= 8), children, max_size=4)
-    ),
+    _containers,
     max_leaves=20,
 )
 
