@@ -15,7 +15,7 @@ import trio
 
 from blockd.commands.context import CommandContext
 from blockd.errors import BlockdError
-from blockd.export.server import unix_listener_cleanup
+from blockd.export.listeners import unix_listener_cleanup
 
 _UINT32_MAX = (1 << 32) - 1
 #: getaddrinfo's texts for EAI_NONAME and EAI_SERVICE (glibc).
