@@ -65,6 +65,10 @@ class NBDServer:
             finally:
                 self._stopped.set()
 
+    async def discard(self) -> None:
+        """Close the listening sockets of a server that never served."""
+        await close_listeners(self._listeners, None)
+
     async def stop(self) -> None:
         """Stop listening and drop every client (their running requests finish first)."""
         for client in list(self._clients):
