@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno as errno_module
 
-from blockd.errors import BlockdError, BlockIOError
+from blockd.errors import BlockIOError, ReadOnlyError
 from blockd.export import protocol as p
 
 _ERRNO_TO_NBD = {
@@ -28,11 +28,12 @@ _ERRNO_TO_NBD = {
 
 
 def nbd_error(err: BaseException) -> int:
-    """The NBD error value for a failure (QEMU maps unknown errno to EINVAL)."""
+    """The NBD error value for a failure, by its type and errno: QEMU maps an
+    unknown errno to EINVAL, and a write its permissions refuse to EPERM."""
     if isinstance(err, BlockIOError):
         return _ERRNO_TO_NBD.get(err.errno, p.EINVAL)
     if isinstance(err, OSError) and err.errno is not None:
         return _ERRNO_TO_NBD.get(err.errno, p.EINVAL)
-    if isinstance(err, BlockdError) and "read-only" in str(err):
+    if isinstance(err, ReadOnlyError):
         return p.EPERM
     return p.EIO
