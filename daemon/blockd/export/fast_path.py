@@ -18,7 +18,7 @@ import logging
 import outcome
 import trio
 
-from blockd.block.drivers.file import DirectJob, DirectResult, read_cached, start_direct
+from blockd.block.direct import DirectJob, DirectResult, read_cached, start_direct
 from blockd.block.node import BlockNode
 from blockd.export import protocol as p
 from blockd.export.client import (

@@ -10,8 +10,7 @@ import logging
 import outcome
 import trio
 
-from blockd.block.direct import DirectIO
-from blockd.block.drivers.file import DirectResult, read_cached, start_direct
+from blockd.block.direct import DirectIO, DirectResult, read_cached, start_direct
 from blockd.errors import BlockdError, BlockIOError
 from blockd.export import protocol as p
 from blockd.export.allocation import sparse_extents
