@@ -1,45 +1,23 @@
-"""What a node's backing chain holds where, as NBD's block status and sparse reads report it."""
+"""Block status as NBD reports it: ``base:allocation`` flags and
+``qemu:allocation-depth`` depths, from the block layer's walk down the chain."""
 
 from __future__ import annotations
 
+from blockd.block.chain import layer_above
 from blockd.block.node import BlockNode, Status
 from blockd.export import protocol as p
 
 
-async def chain_status(node: BlockNode, offset: int, length: int) -> tuple[int, int, int]:
-    """What the whole backing chain holds at ``offset``: (flags, depth, run length).
-
-    ``flags`` are ``base:allocation``'s (0 data, HOLE|ZERO reads as zeros);
-    ``depth`` is ``qemu:allocation-depth``'s (0 absent, 1 in ``node``, N
-    found N-1 layers down).  A layer shorter than ``offset`` reads as zeros
-    from that layer on.
-    """
-    run = length
-    layer: BlockNode | None = node
-    depth = 1
-    seen: set[int] = set()
-    while layer is not None and id(layer) not in seen:
-        seen.add(id(layer))
-        if offset >= layer.size:
-            return p.STATE_HOLE | p.STATE_ZERO, depth, run
-        status, n = await layer.block_status(offset, min(run, layer.size - offset))
-        run = min(run, n)
-        if status is Status.DATA:
-            return 0, depth, run
-        if status is Status.ZERO:
-            return p.STATE_HOLE | p.STATE_ZERO, depth, run
-        layer = layer.backing
-        depth += 1
-    return p.STATE_HOLE | p.STATE_ZERO, 0, run
-
-
 async def allocation_flags(node: BlockNode, offset: int, length: int) -> tuple[int, int]:
-    flags, _depth, run = await chain_status(node, offset, length)
-    return flags, run
+    """``base:allocation``'s flags at ``offset`` (0 data, HOLE|ZERO reads as zeros), and the run."""
+    _depth, _layer, status, run = await layer_above(node, None, offset, length)
+    return (0 if status is Status.DATA else p.STATE_HOLE | p.STATE_ZERO), run
 
 
 async def allocation_depth(node: BlockNode, offset: int, length: int) -> tuple[int, int]:
-    _flags, depth, run = await chain_status(node, offset, length)
+    """``qemu:allocation-depth``'s depth at ``offset`` (0 absent, 1 in ``node``,
+    N found N-1 layers down), and the run."""
+    depth, _layer, _status, run = await layer_above(node, None, offset, length)
     return depth, run
 
 
@@ -56,37 +34,3 @@ async def allocation_extents(
         if len(extents) >= max_extents:
             break
     return extents
-
-
-async def sparse_extents(node: BlockNode, offset: int, length: int) -> list[tuple[int, bool]]:
-    """How QEMU's sparse read cuts a range: ``(length, reads as zeros)`` runs.
-
-    Adjacent holes are joined only when they come from the same place (one
-    layer's zero clusters, or nothing anywhere in the chain), as QEMU's block
-    status walk splits them; data runs are never joined.
-    """
-    out: list[tuple[int, bool]] = []
-    last_hole: int | None = None
-    end = offset + length
-    while offset < end:
-        flags, depth, n = await chain_status(node, offset, end - offset)
-        if flags & p.STATE_ZERO:
-            if last_hole == depth and out:
-                out[-1] = (out[-1][0] + n, True)
-            else:
-                out.append((n, True))
-            last_hole = depth
-        else:
-            out.append((n, False))
-            last_hole = None
-        offset += n
-    return out
-
-
-async def sparse_read(node: BlockNode, offset: int, length: int) -> list[tuple[int, bytes | None]]:
-    """Read a range as QEMU's sparse read does: runs that read as zeros become holes."""
-    out: list[tuple[int, bytes | None]] = []
-    for n, hole in await sparse_extents(node, offset, length):
-        out.append((n, None if hole else await node.read(offset, n)))
-        offset += n
-    return out

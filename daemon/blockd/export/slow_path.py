@@ -14,10 +14,11 @@ import logging
 
 import trio
 
+from blockd.block.chain import sparse_read
 from blockd.block.node import BlockNode
 from blockd.errors import BlockdError
 from blockd.export import protocol as p
-from blockd.export.allocation import allocation_extents, sparse_read
+from blockd.export.allocation import allocation_extents
 from blockd.export.client import Client, cost, refusal, release, reply
 from blockd.export.errors import nbd_error
 from blockd.export.exports import Export

@@ -10,10 +10,10 @@ import logging
 import outcome
 import trio
 
+from blockd.block.chain import sparse_extents
 from blockd.block.direct import DirectIO, DirectResult, read_cached, start_direct
 from blockd.errors import BlockdError, BlockIOError
 from blockd.export import protocol as p
-from blockd.export.allocation import sparse_extents
 from blockd.export.client import STREAM_ABOVE, Client, cost, refusal, release, reply
 from blockd.export.errors import nbd_error
 from blockd.export.exports import Export
