@@ -68,6 +68,9 @@ class Lane:
 
 
 class Client:
+    """What the session, the fast path and the slow path share about one
+    client; the export keeps it (as a ClientHandle) to cut it off."""
+
     def __init__(self, budget: ServerBudget, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.scope = trio.CancelScope()
