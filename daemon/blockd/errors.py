@@ -1,8 +1,8 @@
 """The exceptions blockd raises, and the QMP error class each one becomes.
 
-Every layer raises these; only the QMP dispatcher turns them into wire
-responses, so the mapping from a failure to what a client sees lives here
-and nowhere else::
+Every layer raises these; only the QMP dispatcher turns them into QMP
+responses, by the classes below, and the NBD server into NBD errors, by
+type and errno (:mod:`blockd.export.errors`)::
 
     BlockdError                 GenericError, unless a subclass says otherwise
      +-- CommandNotFound        CommandNotFound: unknown command, or the wrong
@@ -16,6 +16,7 @@ and nowhere else::
      +-- BlockError             the block layer (images, nodes, I/O)
           +-- ImageError        an image that cannot be opened as asked:
           |                     corrupt, unsupported, or locked by another process
+          +-- ReadOnlyError     a change asked of a node opened read-only
           +-- BlockIOError      a read or write failed; carries errno so job
                                 ``on-error`` policies can tell ENOSPC from EIO
 
@@ -71,6 +72,10 @@ class BlockError(BlockdError):
 
 
 class ImageError(BlockError):
+    pass
+
+
+class ReadOnlyError(BlockError):
     pass
 
 

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from blockd.block import listio
-from blockd.block.direct import DirectIO
-from blockd.block.drivers.file import _direct_all
+from blockd.block.direct import DirectIO, _direct_all
 
 
 @pytest.fixture

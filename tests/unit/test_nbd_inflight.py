@@ -14,7 +14,8 @@ import trio
 
 from blockd.export import protocol as p
 from blockd.export.budget import CLIENT_BYTES
-from blockd.export.server import MAX_INFLIGHT, NBDServer
+from blockd.export.client import MAX_INFLIGHT
+from blockd.export.server import NBDServer
 
 from .test_nbd_exports import MemoryNode, make_export
 from .test_nbd_protocol import info_payload, option

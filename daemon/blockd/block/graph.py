@@ -15,6 +15,7 @@ from typing import Any
 import trio
 
 from blockd import logs
+from blockd.block.chain import layer_above, layers
 from blockd.block.node import BlockNode, Status
 from blockd.block.permissions import (
     ALL,
@@ -353,12 +354,7 @@ class BlockGraph:
     @staticmethod
     def chain(top: BlockNode) -> Iterator[BlockNode]:
         """``top``, its backing, its backing's backing, ... (loops are cut)."""
-        seen: set[int] = set()
-        node: BlockNode | None = top
-        while node is not None and id(node) not in seen:
-            seen.add(id(node))
-            yield node
-            node = node.backing
+        return layers(top)
 
     async def is_allocated_above(
         self, top: BlockNode, base: BlockNode | None, offset: int, length: int
@@ -385,20 +381,10 @@ class BlockGraph:
             raise BlockError(
                 f"is_allocated_above: range {offset}+{length} outside '{top.node_name}'"
             )
-        run = min(length, top.size - offset)
-        for node in self.chain(top):
-            if node is base:
-                break
-            if offset >= node.size:
-                # a layer shorter than the offset ends the chain here: what is
-                # seen through it are zeros it synthesises, which hide everything
-                # below exactly like a zero cluster would (QEMU treats them so)
-                return node, Status.ZERO, run
-            status, n = await node.block_status(offset, min(run, node.size - offset))
-            if status is not Status.UNALLOCATED:
-                return node, status, min(run, n)
-            run = min(run, n)
-        return None, Status.UNALLOCATED, run
+        _depth, layer, status, run = await layer_above(
+            top, base, offset, min(length, top.size - offset)
+        )
+        return layer, status, run
 
     # -- who may change or drop a node --------------------------------------------
 

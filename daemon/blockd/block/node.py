@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import trio
 
 from blockd.block.permissions import Role
-from blockd.errors import BlockError, BlockIOError
+from blockd.errors import BlockError, BlockIOError, ReadOnlyError
 from blockd.events import EventSink, NoEvents
 
 if TYPE_CHECKING:
@@ -185,7 +185,7 @@ class BlockNode:
 
     def _check_writable(self) -> None:
         if self.read_only:
-            raise BlockError(f"Block node '{self.node_name}' is read-only")
+            raise ReadOnlyError(f"Block node '{self.node_name}' is read-only")
 
     # -- public interface -----------------------------------------------------------
 

@@ -15,7 +15,8 @@ import trio
 
 from blockd.commands.context import CommandContext
 from blockd.errors import BlockdError
-from blockd.export.server import unix_listener_cleanup
+from blockd.export.listeners import unix_listener_cleanup
+from blockd.export.server import NBDServer
 
 _UINT32_MAX = (1 << 32) - 1
 #: getaddrinfo's texts for EAI_NONAME and EAI_SERVICE (glibc).
@@ -138,7 +139,7 @@ async def nbd_server_start(ctx: CommandContext, args: Mapping[str, Any]) -> dict
     else:
         listeners = await _bind_inet(data)
         cleanup = None
-    await ctx.exports.start_server(listeners, max_connections, cleanup)
+    await ctx.exports.start_server(NBDServer(ctx.exports, listeners, max_connections, cleanup))
     return {}
 
 

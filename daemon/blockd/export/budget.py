@@ -15,7 +15,7 @@ clients hold the server's whole share, and bounds what N stuck clients can
 hold at the server's share plus N x 2 MiB, whatever the size of their
 requests.  A READ never needs more: one of over :data:`ALONE_BYTES` is read
 and sent a piece at a time and holds two pieces (see
-:mod:`blockd.export.server`).  A bigger WRITE (up to NBD's 32 MiB) may run
+:mod:`blockd.export.stream`).  A bigger WRITE (up to NBD's 32 MiB) may run
 alone, beyond the client's limit, when the server's share has room for it.
 """
 

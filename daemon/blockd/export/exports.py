@@ -41,6 +41,17 @@ class ClientHandle(Protocol):
     async def wait_closed(self) -> None: ...
 
 
+class ServerHandle(Protocol):
+    """What the registry needs from the NBD server it runs
+    (:class:`blockd.export.server.NBDServer`, which itself looks exports up here)."""
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = ...) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def discard(self) -> None: ...
+
+
 class Export:
     def __init__(
         self,
@@ -137,7 +148,8 @@ class ExportRegistry:
         self._graph = graph
         self._exports: dict[str, Export] = {}
         self._nursery: trio.Nursery | None = None
-        self.server: Any = None  # blockd.export.server.NBDServer, set while running
+        #: the NBD server, while one runs
+        self.server: ServerHandle | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Host the NBD server's tasks until cancelled; :meth:`shutdown` first."""
@@ -311,19 +323,12 @@ class ExportRegistry:
 
     # -- the server -------------------------------------------------------------------
 
-    async def start_server(
-        self,
-        listeners: list[trio.SocketListener],
-        max_connections: int,
-        cleanup: Callable[[], None] | None = None,
-    ) -> None:
-        from blockd.export.server import NBDServer
-
+    async def start_server(self, server: ServerHandle) -> None:
+        """Run ``server`` until :meth:`stop_server`; one already running wins, and
+        ``server`` is discarded (its listening sockets closed)."""
         if self.server is not None:
-            for listener in listeners:
-                await listener.aclose()
+            await server.discard()
             raise BlockdError("NBD server already running")
-        server = NBDServer(self, listeners, max_connections, cleanup)
         self.server = server
         await self.nursery.start(server.serve)
 

@@ -3,8 +3,9 @@
 Every blocking call runs in one of the shared worker threads of
 :mod:`blockd.block.workers`, so a busy copy never stalls the event loop and
 the number of threads stays bounded however many nodes are open.  The one
-exception is :func:`read_cached`, which only copies what the page cache
-already holds and is refused by the kernel rather than wait for the disk.
+exception is :func:`blockd.block.direct.read_cached` of this file's bytes,
+which only copies what the page cache already holds and is refused by the
+kernel rather than wait for the disk.
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ import struct
 from collections.abc import Callable
 from typing import TypeVar
 
-import outcome
 import trio
 
-from blockd.block import listio, workers
-from blockd.block.direct import DirectIO
+from blockd.block import workers
+from blockd.block.direct import preadv_full, pwrite_full
 from blockd.block.node import BlockNode, Status
 from blockd.errors import BlockIOError, ImageError
 
@@ -136,93 +136,6 @@ async def run_io(fn: Callable[[], T]) -> T:
         raise BlockIOError(exc.errno or errno.EIO) from exc
 
 
-#: One request of a :func:`start_direct` batch: where, which way, and the bytes
-#: (the source of a write, the destination of a read).
-DirectJob = tuple[DirectIO, bool, memoryview]
-
-#: Each request's error or None, in order (one failing does not stop the others).
-DirectResult = list[BlockIOError | None]
-
-
-def _direct_all(jobs: list[DirectJob]) -> DirectResult:
-    """Run a batch; plain calls finish what list I/O left (or was refused) and
-    report the errors.
-
-    A batch of writes goes through list I/O, so the worker gives the
-    interpreter lock up once rather than once per request.  glibc runs one
-    descriptor's requests one after the other, which costs writes nothing
-    (buffered writes to a file take its inode lock in turn anyway) but would
-    cost reads the worker threads' parallelism: they keep the plain calls.
-    """
-    done: list[int] | None = None
-    if all(write for _io, write, _buf in jobs):
-        ops: list[listio.Op] = []
-        for io, _write, buf in jobs:
-            pos = 0
-            for host, n in io.pieces:
-                ops.append((io.fd, True, host, buf, pos, n))
-                pos += n
-        if len(ops) > 1:
-            done = listio.transfer(ops)
-    errors: DirectResult = []
-    index = 0
-    for io, write, buf in jobs:
-        pos = 0
-        first = index
-        index += len(io.pieces)
-        try:
-            for k, (host, n) in enumerate(io.pieces, first):
-                got = max(done[k], 0) if done is not None else 0
-                if got < n:
-                    rest = buf[pos + got : pos + n]
-                    if write:
-                        _pwrite_full(io.fd, host + got, rest)
-                    else:
-                        _preadv_full(io.fd, host + got, rest)
-                pos += n
-        except OSError as exc:
-            errors.append(BlockIOError(exc.errno or errno.EIO))
-        else:
-            errors.append(None)
-    return errors
-
-
-def start_direct(
-    jobs: list[DirectJob], done: Callable[[outcome.Outcome[DirectResult]], object]
-) -> None:
-    """Start many resolved requests in one worker-thread call; ``done`` gets the
-    outcome on the event loop (a callback, with :func:`workers.submit`'s rules).
-
-    A callback rather than an awaited call: a server with many small
-    requests in flight then needs no task, and no task switch, per batch.
-    """
-    workers.submit(lambda: _direct_all(jobs), done)
-
-
-_RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
-
-
-def read_cached(io: DirectIO, buf: memoryview) -> bool:
-    """Fill ``buf`` from ``io`` if the page cache holds all of it; False if not.
-
-    ``RWF_NOWAIT`` makes the kernel refuse (EAGAIN, or a short count) instead
-    of waiting for the disk, so this may run on the event loop: a small read
-    of cached data costs a few microseconds, far less than a thread round
-    trip.  On False the caller reads through :func:`start_direct`.
-    """
-    if _RWF_NOWAIT is None:
-        return False
-    pos = 0
-    try:
-        for host, n in io.pieces:
-            if os.preadv(io.fd, [buf[pos : pos + n]], host, _RWF_NOWAIT) != n:
-                return False
-            pos += n
-    except OSError:
-        return False
-    return True
-
-
 def _pread_full(fd: int, offset: int, length: int) -> bytes:
     """pread until ``length`` bytes; past EOF the file reads as zeros."""
     chunks: list[bytes] = []
@@ -236,24 +149,6 @@ def _pread_full(fd: int, offset: int, length: int) -> bytes:
     if got < length:
         chunks.append(bytes(length - got))
     return b"".join(chunks)
-
-
-def _preadv_full(fd: int, offset: int, view: memoryview) -> None:
-    """Fill ``view`` from ``offset``; past EOF the file reads as zeros."""
-    got = 0
-    while got < len(view):
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if not n:
-            view[got:] = bytes(len(view) - got)
-            return
-        got += n
-
-
-def _pwrite_full(fd: int, offset: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
 
 
 _COPY_FALLBACK_ERRNOS = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF)
@@ -283,7 +178,7 @@ def _copy_full(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, lengt
         done += n
     while done < length:
         n = min(_COPY_BUFFER, length - done)
-        _pwrite_full(dst_fd, dst_offset + done, _pread_full(src_fd, src_offset + done, n))
+        pwrite_full(dst_fd, dst_offset + done, _pread_full(src_fd, src_offset + done, n))
         done += n
 
 
@@ -292,7 +187,7 @@ def _zero_fill(fd: int, offset: int, length: int) -> None:
     done = 0
     while done < length:
         n = min(len(zeros), length - done)
-        _pwrite_full(fd, offset + done, zeros[:n])
+        pwrite_full(fd, offset + done, zeros[:n])
         done += n
 
 
@@ -398,11 +293,11 @@ class FileNode(BlockNode):
 
     async def _do_readinto(self, offset: int, view: memoryview) -> None:
         fd = self._fd
-        await self._io(lambda: _preadv_full(fd, offset, view))
+        await self._io(lambda: preadv_full(fd, offset, view))
 
     async def _do_write(self, offset: int, data: bytes) -> None:
         fd = self._fd
-        await self._io(lambda: _pwrite_full(fd, offset, data))
+        await self._io(lambda: pwrite_full(fd, offset, data))
         self._size = max(self._size, offset + len(data))
 
     async def copy_from(self, offset: int, src: FileNode, src_offset: int, length: int) -> None:
@@ -599,7 +494,7 @@ class FileNode(BlockNode):
 
     def hold_fd(self) -> int:
         """The descriptor, kept open until :meth:`release_fd`, for I/O run by
-        :func:`start_direct` rather than through this node's own calls."""
+        :func:`blockd.block.direct.start_direct` rather than through this node's own calls."""
         self._check_open()
         self._inflight += 1
         return self._fd

@@ -1,0 +1,79 @@
+"""What a backing chain holds where: the one walk down the layers, for jobs
+(through :meth:`BlockGraph.allocation_above`) and for the NBD export's block
+status and sparse reads alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from blockd.block.node import BlockNode, Status
+
+
+def layers(top: BlockNode) -> Iterator[BlockNode]:
+    """``top``, its backing, its backing's backing, ... (loops are cut)."""
+    seen: set[int] = set()
+    node: BlockNode | None = top
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        yield node
+        node = node.backing
+
+
+async def layer_above(
+    top: BlockNode, base: BlockNode | None, offset: int, length: int
+) -> tuple[int, BlockNode | None, Status, int]:
+    """The topmost layer from ``top`` down to (excluding) ``base`` that holds
+    the run at ``offset``: (depth, layer, status, run length).
+
+    ``depth`` is 1 for ``top``, N for the layer N-1 below it; a run no layer
+    holds is (0, None, UNALLOCATED, run).  A layer shorter than ``offset``
+    holds zeros there: what is seen through it are zeros it synthesises,
+    which hide everything below exactly like a zero cluster would (QEMU
+    treats them so).
+    """
+    run = length
+    for depth, node in enumerate(layers(top), 1):
+        if node is base:
+            break
+        if offset >= node.size:
+            return depth, node, Status.ZERO, run
+        status, n = await node.block_status(offset, min(run, node.size - offset))
+        run = min(run, n)
+        if status is not Status.UNALLOCATED:
+            return depth, node, status, run
+    return 0, None, Status.UNALLOCATED, run
+
+
+async def sparse_extents(node: BlockNode, offset: int, length: int) -> list[tuple[int, bool]]:
+    """How QEMU's sparse read cuts a range: ``(length, reads as zeros)`` runs.
+
+    Adjacent holes are joined only when they come from the same place (one
+    layer's zero clusters, or nothing anywhere in the chain), as QEMU's block
+    status walk splits them; data runs are never joined.
+    """
+    out: list[tuple[int, bool]] = []
+    last_hole: int | None = None
+    end = offset + length
+    while offset < end:
+        depth, _layer, status, n = await layer_above(node, None, offset, end - offset)
+        if status is not Status.DATA:
+            if last_hole == depth and out:
+                out[-1] = (out[-1][0] + n, True)
+            else:
+                out.append((n, True))
+            last_hole = depth
+        else:
+            out.append((n, False))
+            last_hole = None
+        offset += n
+    return out
+
+
+async def sparse_read(node: BlockNode, offset: int, length: int) -> list[tuple[int, bytes | None]]:
+    """Read a range as QEMU's sparse read does: runs that read as zeros become holes."""
+    out: list[tuple[int, bytes | None]] = []
+    for n, hole in await sparse_extents(node, offset, length):
+        out.append((n, None if hole else await node.read(offset, n)))
+        offset += n
+    return out
