@@ -21,9 +21,7 @@ The node and its parts, lowest first:
   name, the ImageInfo fields;
 * ``direct_path``: the NBD fast path from cached tables;
 * ``node``: :class:`Qcow2Node`, the facade opening the image and handing
-  each block-layer operation to the part above that owns it.
+  each block-layer operation to the part above that owns it (import it from
+  ``blockd.block.drivers.qcow2.node``: this package imports none of its
+  modules, so they can import each other's without a circle through it).
 """
-
-from blockd.block.drivers.qcow2.node import Qcow2Node
-
-__all__ = ["Qcow2Node"]
