@@ -44,7 +44,7 @@ What is normalised, and why (timing, not behaviour):
   copied (cancel before the end, error): which chunks arrived is timing.
 
 Deliberate differences (README.md lists them) are in the allow-list section
-below (A1-A6), each with its reason and checked against what the client
+below (A1-A7), each with its reason and checked against what the client
 knows; nothing else is tolerated.  When one makes the daemons' states part,
 the run stops comparing there and only checks blockd's images.  Known QSD 7.2
 bugs the scenario must not step into are in :func:`skip_reason`.
@@ -460,6 +460,8 @@ class JobTrack:
     completing: bool = False
     finalizing: bool = False
     written: bool = False  # a client wrote to the active layer while it ran
+    #: went from pending to aborting: applying its result failed
+    failed_to_apply: bool = False
     was_ready: bool = False
     errors: bool = False
     completed_ok: bool = False
@@ -468,6 +470,7 @@ class JobTrack:
         data = event.get("data", {})
         name = event["event"]
         if name == "JOB_STATUS_CHANGE":
+            self.failed_to_apply |= self.status == "pending" and data["status"] == "aborting"
             self.status = data["status"]
             self.was_ready = self.was_ready or self.status == "ready"
         elif name == "BLOCK_JOB_ERROR":
@@ -573,6 +576,8 @@ class Side:
         self.allowed: set[str] = set()
         #: nodes whose backing a completed commit changed (their header was written)
         self.repointed: set[str] = set()
+        #: image name -> blkdebug rules on its file (the scenario's)
+        self.blkdebug: dict[str, list[dict[str, Any]]] = {}
         #: active commits that ran under a limit a job feels while an export was added
         #: (or its add was refused)
         self.drained: set[str] = set()
@@ -927,6 +932,26 @@ def drain_ran_ahead(qsd: Side, ours: Side) -> str | None:
     return None
 
 
+def base_flush_refused(qsd: Side, ours: Side) -> str | None:
+    """A7. A commit whose base cannot be flushed when it is to be applied:
+    blockd flushes base before it points any overlay at it and fails the job
+    when that flush fails (README), so the overlays keep their old backing;
+    QSD 7.2 does not flush there, completes, and leaves the overlays backed
+    by a base whose copied data and metadata may never reach the disk (seed
+    40070130 of the QSD-against-QSD test leaves that base corrupt).  Checked:
+    blockd's job went from pending to aborting with no I/O error reported
+    while it ran, QSD's completed, and the base's file has a blkdebug rule
+    that can fail a flush.  The states part here."""
+    for jid in sorted(set(qsd.jobs) & set(ours.jobs)):
+        theirs, mine = qsd.jobs[jid], ours.jobs[jid]
+        if mine.kind != "commit" or mine.errors or not mine.failed_to_apply:
+            continue
+        rules = ours.blkdebug.get(mine.base or "", [])
+        if theirs.completed_ok and any(r.get("iotype", "flush") == "flush" for r in rules):
+            return f"A7: blockd's {jid} failed flushing base {mine.base}; QSD's went ahead"
+    return None
+
+
 def allowed_divergence(
     side: Side, step: Step, qsd_reply: Any, our_reply: Any, ro_at_add: dict[str, bool]
 ) -> str | None:
@@ -1081,8 +1106,10 @@ def _step(
         if step["qmp"] == "blockdev-add" and "return" in theirs:
             ro_at_add[args["node-name"]] = bool(args.get("read-only", False))
     if theirs != mine:
-        allowed = allowed_divergence(ours, step, theirs, mine, ro_at_add) or drain_ran_ahead(
-            qsd, ours
+        allowed = (
+            allowed_divergence(ours, step, theirs, mine, ro_at_add)
+            or drain_ran_ahead(qsd, ours)
+            or base_flush_refused(qsd, ours)
         )
         if allowed is None:
             raise Difference(where, "reply", theirs, mine)
@@ -1111,6 +1138,7 @@ def run_scenario(
     diverged = False
     try:
         with _daemons(sock_dir, work, start_b) as (qsd, ours):
+            qsd.blkdebug = ours.blkdebug = scn.blkdebug
             ro_at_add: dict[str, bool] = {}
             steps = scn.prologue + scn.body
             for index, step in enumerate(steps):
@@ -1163,7 +1191,7 @@ def compare_state(qsd: Side, ours: Side, where: str, ro_at_add: dict[str, bool])
     else:
         differs = next(((c, a, b) for c, a, b in replies if a != b), None)
     if differs is not None:
-        allowed = drain_ran_ahead(qsd, ours)
+        allowed = drain_ran_ahead(qsd, ours) or base_flush_refused(qsd, ours)
         if allowed is None:
             raise Difference(where, *differs)
         ours.allowed.add(f"{where}: {allowed}")
@@ -1187,6 +1215,7 @@ def compare_graph(qsd: Side, ours: Side, where: str, ro_at_add: dict[str, bool])
             # A2 (see restored_read_only)
             ours.allowed.add(f"A2: blockd restored read-only on {name}")
             a["ro"] = b["ro"] = "<A2: read-only restored>"
+    mask_restore_order(ours, loose, theirs, mine)
     mask_json_backing(ours, theirs, mine)
     if theirs != mine:
         raise Difference(where, "query-named-block-nodes", theirs, mine)
@@ -1194,6 +1223,33 @@ def compare_graph(qsd: Side, ours: Side, where: str, ro_at_add: dict[str, bool])
     mine_x = normalise(ours, ours.execute("query-block-exports", None))
     if theirs_x != mine_x:
         raise Difference(where, "query-block-exports", theirs_x, mine_x)
+
+
+def mask_restore_order(
+    ours: Side, loose: set[str], theirs: list[dict[str, Any]], mine: list[dict[str, Any]]
+) -> None:
+    """A2 consequence in ``json:`` file names: QEMU rebuilds a node's options
+    at each reopen, which changes the order of keys sharing a hash bucket
+    (blkdebug rules), so blockd's reopen that restores read-only shows the
+    order QEMU would have shown after its own.  Tolerated: the same options
+    in another order, on a restored node or a node whose chain holds one."""
+    if not loose:
+        return
+    for a, b in zip(theirs, mine, strict=False):
+        name = str(a.get("node-name"))
+        if name != b.get("node-name"):
+            continue
+        base = name.removeprefix("f-").removeprefix("dbg-")
+        if name not in loose and not loose & set(ours.chain(base)):
+            continue
+        ia, ib = a.get("image", {}), b.get("image", {})
+        for holder, other, key in ((a, b, "file"), (a, b, "backing_file"), (ia, ib, "filename")):
+            x, y = holder.get(key), other.get(key)
+            if x == y or not (isinstance(x, str) and isinstance(y, str)):
+                continue
+            if x[:5] == y[:5] == "json:" and json.loads(x[5:]) == json.loads(y[5:]):
+                ours.allowed.add(f"A2: json: key order after blockd's restore, in {name}")
+                holder[key] = other[key] = "<A2: json: key order after the restore>"
 
 
 def mask_json_backing(ours: Side, theirs: list[dict[str, Any]], mine: list[dict[str, Any]]) -> None:

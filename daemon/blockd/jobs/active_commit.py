@@ -45,7 +45,14 @@ from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
 from blockd.errors import BlockIOError
 from blockd.events import BlockJobReady, EventSink
-from blockd.jobs.copy import BLOCKER, WINDOW, ChainCopy, CopyFailed, step_size
+from blockd.jobs.copy import (
+    BLOCKER,
+    WINDOW,
+    ChainCopy,
+    CopyFailed,
+    restore_read_only,
+    step_size,
+)
 from blockd.jobs.job import Job, JobOptions
 from blockd.jobs.status import JobStatus
 
@@ -291,7 +298,7 @@ class ActiveCommitJob(Job):
             and not base.closed
             and not self._written_elsewhere()
         ):
-            await base.reopen(read_only=True)
+            await restore_read_only(self.id, base)
 
     def _written_elsewhere(self) -> bool:
         """Whether a user added while base was read-write writes to base or its file."""

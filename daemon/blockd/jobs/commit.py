@@ -32,7 +32,14 @@ from blockd.block.node import BlockNode
 from blockd.errors import BlockError, BlockIOError, DeviceNotFound, ImageError
 from blockd.events import EventSink
 from blockd.jobs.active_commit import ActiveCommitPlan, Pivot
-from blockd.jobs.copy import BLOCKER, CHUNK, ChainCopy, CopyFailed, step_size
+from blockd.jobs.copy import (
+    BLOCKER,
+    CHUNK,
+    ChainCopy,
+    CopyFailed,
+    restore_read_only,
+    step_size,
+)
 from blockd.jobs.job import Job, JobOptions
 
 log = logging.getLogger(__name__)
@@ -219,7 +226,7 @@ class CommitJob(Job):
             await self.graph.remove_user(self._used.pop())
         base = self.plan.base
         if self._base_was_read_only and not base.read_only and not base.closed:
-            await base.reopen(read_only=True)
+            await restore_read_only(self.id, base)
 
     def dismissed(self) -> None:
         for node in list(self._held):
