@@ -74,6 +74,8 @@ REGRESSION_SEEDS: tuple[int, ...] = (
     920,  # + an image with an internal snapshot, opened read-only
     997,
     1071,
+    40070130,  # json: names of a blkdebug base and its overlays; ends at A7 (base flush fails)
+    600030,  # a snapshot image above a commit's top: refused up front (A4)
 )
 
 

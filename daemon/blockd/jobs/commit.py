@@ -105,10 +105,21 @@ class CommitJob(Job):
             self.graph.add_user(node)
             self._used.append(node)
         try:
+            self._check_overlays_writable()
             await self.plan.base.reopen(read_only=False)
         except BaseException:
             await self.clean()
             raise
+
+    def _check_overlays_writable(self) -> None:
+        """Refuse now what :meth:`prepare` could not do after the whole copy:
+        reopen a read-only overlay read-write to write base's name into it
+        (an image with internal snapshots, for one, opens read-only only)."""
+        for overlay in self._overlays():
+            if overlay.read_only and isinstance(overlay, Qcow2Node):
+                refusal = overlay.read_write_refusal()
+                if refusal is not None:
+                    raise ImageError(refusal)
 
     async def run(self) -> None:
         top, base = self.plan.top, self.plan.base
