@@ -76,6 +76,8 @@ REGRESSION_SEEDS: tuple[int, ...] = (
     1071,
     40070130,  # json: names of a blkdebug base and its overlays; ends at A7 (base flush fails)
     600030,  # a snapshot image above a commit's top: refused up front (A4)
+    500104,  # active commit of a read-only top: base read-only afterwards
+    300486,  # an overlay added on an active commit's top reads base afterwards
 )
 
 

@@ -277,6 +277,19 @@ class ActiveCommitJob(Job):
         await self._pivot(top, base, self._final_sync)
         self._pivoted = True
         log.info("job %s: the users of %s now use %s", self.id, top.node_name, base.node_name)
+        for parent, edge in self.graph.parents(top):
+            if edge == "backing":
+                # An overlay added on top while the job ran reads base from now
+                # on, as QEMU replaces top by base under every parent: base
+                # holds what it read through top.  Its header keeps naming top
+                # (which still holds that data), so its file name shows the
+                # override, as in QEMU.
+                parent.backing = base
+                self.graph.relink(parent, top, base)
+        if top.read_only and not base.read_only and not self._written_elsewhere():
+            # Base takes top's place, and its open mode with it (as in QEMU):
+            # a read-only top leaves a read-only base.
+            await restore_read_only(self.id, base)
 
     async def clean(self) -> None:
         self.graph.release_claims(self.id)
@@ -291,7 +304,7 @@ class ActiveCommitJob(Job):
             self._using = False
             self.graph.uncover(self.plan.top)
             await self.graph.remove_user(base)
-        # After the pivot base is the active image and stays writable, as in QEMU.
+        # After the pivot base has top's open mode (see prepare), as in QEMU.
         if (
             self._base_was_read_only
             and not self._pivoted
