@@ -579,7 +579,7 @@ class Side:
         #: image name -> blkdebug rules on its file (the scenario's)
         self.blkdebug: dict[str, list[dict[str, Any]]] = {}
         #: active commits that ran under a limit a job feels while an export was added
-        #: (or its add was refused)
+        #: (or its add was refused), or that a client paused and resumed
         self.drained: set[str] = set()
 
     def chain(self, node: str) -> list[str]:
@@ -665,6 +665,8 @@ class Side:
             job.want_pause = True
         elif command.endswith("-resume"):
             job.want_pause = job.error_pause = False
+            if job.kind == "active" and not job.fast and not job.was_ready:
+                self.drained.add(str(args.get("id", args.get("device"))))
         elif command.endswith("-cancel"):
             job.cancelling = True
         elif command.endswith("-complete"):
@@ -917,18 +919,22 @@ def json_backing_written(side: Side, node: str, theirs: str, mine: str) -> bool:
 
 
 def drain_ran_ahead(qsd: Side, ours: Side) -> str | None:
-    """A6. QSD 7.2 lets a throttled active commit copy at full speed while the
-    graph is drained around a block-export-add (seen: the job turns READY right
-    after the add, long before its limit would let it); blockd keeps the limit.
-    Checked: an export was added while the job was running under a limit a job
-    feels, on both sides, QSD's job has been READY and blockd's, still limited,
-    never was (it may have been cancelled since).  The states part here."""
+    """A6. QSD 7.2 lets a throttled active commit run past its speed limit
+    after a pause: a drain of the graph around a block-export-add, or a
+    client's pause and resume, wakes the job from the sleep its limit asked
+    for and it does not sleep the rest (seen: the job turns READY right after
+    the add or the resume, long before its limit would let it; later QEMU
+    sleeps the rest).  blockd keeps the limit.  Checked: an export was added
+    while the job was running under a limit a job feels, or the job was
+    resumed under such a limit before it was ready, on both sides; QSD's job
+    has been READY and blockd's, still limited, never was (it may have been
+    cancelled since).  The states part here."""
     for jid in sorted(qsd.drained & ours.drained):
         theirs, mine = qsd.jobs.get(jid), ours.jobs.get(jid)
         if theirs is None or mine is None or mine.fast or mine.was_ready:
             continue
         if theirs.was_ready:
-            return f"A6: QSD's {jid} ran past its speed limit in an export's drain"
+            return f"A6: QSD's {jid} ran past its speed limit after a drain or pause"
     return None
 
 
