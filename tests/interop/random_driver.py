@@ -939,22 +939,27 @@ def drain_ran_ahead(qsd: Side, ours: Side) -> str | None:
 
 
 def base_flush_refused(qsd: Side, ours: Side) -> str | None:
-    """A7. A commit whose base cannot be flushed when it is to be applied:
-    blockd flushes base before it points any overlay at it and fails the job
-    when that flush fails (README), so the overlays keep their old backing;
-    QSD 7.2 does not flush there, completes, and leaves the overlays backed
-    by a base whose copied data and metadata may never reach the disk (seed
-    40070130 of the QSD-against-QSD test leaves that base corrupt).  Checked:
-    blockd's job went from pending to aborting with no I/O error reported
-    while it ran, QSD's completed, and the base's file has a blkdebug rule
-    that can fail a flush.  The states part here."""
+    """A7. A commit whose base, or an overlay whose header it rewrites, cannot
+    be flushed when the commit is applied: blockd makes base's data and each
+    new header durable before the job completes (README) and fails the job
+    when a flush fails; QSD 7.2 does not flush there and completes, so a
+    client that then deletes the intermediate images may be left with an
+    overlay naming them, or backed by a base whose copied data never reached
+    the disk (seed 40070130 of the QSD-against-QSD test leaves that base
+    corrupt).  Checked: blockd's job went from pending to aborting with no
+    I/O error reported while it ran, QSD's completed, and the file of base
+    or of an overlay of top has a blkdebug rule that can fail a flush (no
+    sector: a flush has none).  The states part here."""
     for jid in sorted(set(qsd.jobs) & set(ours.jobs)):
         theirs, mine = qsd.jobs[jid], ours.jobs[jid]
         if mine.kind != "commit" or mine.errors or not mine.failed_to_apply:
             continue
-        rules = ours.blkdebug.get(mine.base or "", [])
-        if theirs.completed_ok and any(r.get("iotype", "flush") == "flush" for r in rules):
-            return f"A7: blockd's {jid} failed flushing base {mine.base}; QSD's went ahead"
+        flushed = [mine.base] + [n for n, b in ours.graph.items() if b == mine.top]
+        rules = [r for image in flushed for r in ours.blkdebug.get(image or "", [])]
+        if theirs.completed_ok and any(
+            r.get("iotype", "flush") == "flush" and "sector" not in r for r in rules
+        ):
+            return f"A7: blockd's {jid} failed a flush applying it; QSD's went ahead"
     return None
 
 

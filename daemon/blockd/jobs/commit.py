@@ -213,7 +213,7 @@ class CommitJob(Job):
             self.graph.relink(overlay, plan.top, plan.base)
         finally:
             if was_read_only and not overlay.read_only:
-                await overlay.reopen(read_only=True)
+                await restore_read_only(self.id, overlay)
         log.info(
             "job %s: %s now backs onto %s (%s)",
             self.id,
