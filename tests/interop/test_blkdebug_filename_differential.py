@@ -105,8 +105,21 @@ def scenarios(d: Path) -> dict[str, list[Step]]:
         args = {"job-id": job, "device": device, "top-node": top, "base-node": base}
         return ("block-commit", args)
 
+    def plain(name: str, dbg: dict[str, Any], backing: str | None = None) -> Step:
+        image = {"driver": "file", "filename": str(d / f"{name}.qcow2")}
+        file = {"driver": "blkdebug", "node-name": f"dbg-{name}", "image": image, **dbg}
+        return ("blockdev-add", {"driver": "qcow2", "node-name": name, "read-only": True,
+                                 "backing": backing, "file": file})  # fmt: skip
+
     return {
         "shapes": shapes(d),
+        # no rules: a plain "blkdebug::" name; an empty list: refused as QEMU does
+        "without rules": [
+            plain("n0", {}),
+            plain("n1", {"inject-error": []}, "n0"),
+            plain("n1", {"set-state": []}, "n0"),
+            plain("n2", {"set-state": [{"event": "write_aio", "new_state": 2}]}, "n0"),
+        ],
         # base reopened read-write and back: twice, then four times
         "two commits into a blkdebug base": [
             *chain(d, 4, 0),
@@ -150,9 +163,11 @@ def observe(start: Callable[[Path], DaemonProcess], d: Path, steps: list[Step]) 
                     qmp.wait_event("JOB_STATUS_CHANGE", status="null")
                 else:
                     command, args = step
-                    assert qmp.execute(command, args) == {"return": {}}, step
+                    reply = qmp.execute(command, args)
                     if not command.startswith("blockdev-"):
+                        assert reply == {"return": {}}, step
                         continue  # a running job shows QEMU's filter nodes
+                    out.append(reply)
                 nodes = qmp.execute("query-named-block-nodes", {"flat": True})["return"]
                 devices = qmp.execute("query-block")["return"]
                 shown = [(n["node-name"], n["file"], n.get("backing_file")) for n in nodes]

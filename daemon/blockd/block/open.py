@@ -123,6 +123,11 @@ async def _open_blkdebug(ctx: _Opening, options: dict[str, Any], read_only: bool
         raise BlockError(f"Parameter '{ctx.param('image')}' is missing")
     rules, transitions = rules_from_options(options)
     image, implicit = await _child_ref(ctx, options["image"], read_only=read_only, what="image")
+    for member in ("inject-error", "set-state"):
+        if options.get(member) == []:
+            # QEMU's option flattening keeps an empty list as it is, where the
+            # driver looks for numbered keys, so the option is left unused.
+            raise BlockError(f"Block protocol 'blkdebug' doesn't support the option '{member}'")
     await _take(ctx, image)
     node = BlkdebugNode(
         name,
