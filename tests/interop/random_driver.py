@@ -949,16 +949,17 @@ def base_flush_refused(qsd: Side, ours: Side) -> str | None:
     corrupt).  Checked: blockd's job went from pending to aborting with no
     I/O error reported while it ran, QSD's completed, and the file of base
     or of an overlay of top has a blkdebug rule that can fail a flush (no
-    sector: a flush has none).  The states part here."""
+    sector: a flush has none) or a write (a flush writes back the metadata
+    the job changed, seed 800140).  The states part here."""
     for jid in sorted(set(qsd.jobs) & set(ours.jobs)):
         theirs, mine = qsd.jobs[jid], ours.jobs[jid]
         if mine.kind != "commit" or mine.errors or not mine.failed_to_apply:
             continue
         flushed = [mine.base] + [n for n, b in ours.graph.items() if b == mine.top]
         rules = [r for image in flushed for r in ours.blkdebug.get(image or "", [])]
-        if theirs.completed_ok and any(
-            r.get("iotype", "flush") == "flush" and "sector" not in r for r in rules
-        ):
+        fails = [r.get("iotype", "flush") for r in rules if r.get("iotype") == "write"]
+        fails += [r.get("iotype", "flush") for r in rules if "sector" not in r]
+        if theirs.completed_ok and {"write", "flush"} & set(fails):
             return f"A7: blockd's {jid} failed a flush applying it; QSD's went ahead"
     return None
 

@@ -79,6 +79,8 @@ REGRESSION_SEEDS: tuple[int, ...] = (
     500104,  # active commit of a read-only top: base read-only afterwards
     300486,  # an overlay added on an active commit's top reads base afterwards
     700130,  # blkdebug fails an overlay's header flush at finalize: ends at A7
+    800140,  # blkdebug fails base's metadata write-back at finalize: ends at A7
+    900025,  # an active commit's scan fails (l2_load): the job fails, no error event
 )
 
 

@@ -202,16 +202,17 @@ class ActiveCommitJob(Job):
             await self.sleep(READY_POLL)
 
     async def _scan(self) -> None:
-        """Mark dirty everything the layers above base hold (zero clusters too)."""
+        """Mark dirty everything the layers above base hold (zero clusters too).
+
+        An I/O error here fails the job at once, whatever ``on-error`` says,
+        as in QEMU's mirror: nothing is copied yet, and the error policy is
+        about the copying (so no BLOCK_JOB_ERROR either).
+        """
         top, base = self.plan.top, self.plan.base
         pos, size, runs = 0, top.size, 0
         while pos < size:
             await self.pause_point()
-            try:
-                holds, n = await self.graph.is_allocated_above(top, base, pos, size - pos)
-            except BlockIOError as err:
-                await self.io_error(err, "read")
-                continue
+            holds, n = await self.graph.is_allocated_above(top, base, pos, size - pos)
             if holds:
                 self._dirty.mark(pos, n)
                 self._update_length()
