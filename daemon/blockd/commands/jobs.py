@@ -100,6 +100,7 @@ async def block_commit(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str
         base_node=args.get("base-node"),
         base=args.get("base"),
         backing_file=args.get("backing-file"),
+        has_writer=lambda node: any(e.writable for e in ctx.exports.exports_of(node)),
     )
     filter_name = args.get("filter-node-name")
     active = isinstance(plan, ActiveCommitPlan)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Unpack
 
@@ -311,11 +312,13 @@ def plan_commit(
     base_node: str | None = None,
     base: str | None = None,
     backing_file: str | None = None,
+    has_writer: Callable[[BlockNode], bool] = lambda node: False,
 ) -> CommitPlan | ActiveCommitPlan:
     """Resolve and check a block-commit request in QEMU's order; change nothing.
 
     Committing the active layer (``top`` is ``device``) gives an
     :class:`ActiveCommitPlan`, for :class:`~blockd.jobs.active_commit.ActiveCommitJob`.
+    ``has_writer`` tells whether a user (an export) writes to a node.
     """
     device_bs = graph.get(device)
     if device_bs is None:
@@ -359,6 +362,9 @@ def plan_commit(
     active = top_bs is device_bs
     if active and backing_file is not None:
         raise BlockError("'backing-file' specified, but 'top' is the active layer")
+    if backing_file is not None and has_writer(top_bs):
+        # QEMU would make this an active commit, which takes no backing-file
+        raise BlockError("'backing-file' specified, but 'top' has a writer on it")
     overlay = None if active else chain[chain.index(top_bs) - 1]
     # Every parent of top will be moved onto base (QEMU replaces the node).
     overlays = [p for p, edge in graph.parents(top_bs) if edge == "backing"] if overlay else []
