@@ -81,6 +81,9 @@ REGRESSION_SEEDS: tuple[int, ...] = (
     700130,  # blkdebug fails an overlay's header flush at finalize: ends at A7
     800140,  # blkdebug fails base's metadata write-back at finalize: ends at A7
     900025,  # an active commit's scan fails (l2_load): the job fails, no error event
+    900048,  # backing-file with a top exported writable: QSD's refusal
+    800202,  # a completed commit (not dismissed) still holds the nodes it merged
+    900101,  # an overlay added on top during a commit stays on top
 )
 
 

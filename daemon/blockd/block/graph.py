@@ -272,12 +272,21 @@ class BlockGraph:
             self.release_claims(job_id)
             raise
 
-    def release_claims(self, job_id: str) -> None:
+    def release_claims(self, job_id: str, *, keep_intermediates: bool = False) -> None:
+        """Drop a commit job's claims; ``keep_intermediates`` keeps those on
+        the nodes between top and base (a QEMU commit that completed keeps
+        them until the job is dismissed; one that failed drops them all)."""
         key = ("commit", job_id)
         self._hidden.pop(key, None)
         self._reopened.pop(key, None)
         for name in list(self._roots):
-            self._drop_user(name, key)
+            if keep_intermediates:
+                entries = self._roots[name]
+                entries[:] = [e for e in entries if e[1] != key or e[5] == "intermediate node"]
+                if not entries:
+                    self._roots.pop(name)
+            else:
+                self._drop_user(name, key)
 
     def _claim(
         self, node: BlockNode, key: object, user: str, child: str, need: int, lets: int

@@ -83,6 +83,8 @@ class CommitJob(Job):
         self._used: list[BlockNode] = []
         self._base_was_read_only = plan.base.read_only
         self._copy = ChainCopy(graph, plan.top, plan.base)
+        #: the overlays of top when the job started (see :meth:`_overlays`)
+        self._overlays_at_start: list[BlockNode] = []
 
     def _nodes(self) -> list[BlockNode]:
         """What QEMU's commit job holds: the device, top down to base, and base
@@ -105,6 +107,7 @@ class CommitJob(Job):
         for node in (self.plan.top, self.plan.base):
             self.graph.add_user(node)
             self._used.append(node)
+        self._overlays_at_start = self._overlays()
         try:
             self._check_overlays_writable()
             await self.plan.base.reopen(read_only=False)
@@ -166,10 +169,18 @@ class CommitJob(Job):
             start += n
 
     def _overlays(self) -> list[BlockNode]:
-        """Every open image backed by top now, the device's overlay first."""
+        """Every open image backed by top, the device's overlay first.
+
+        Once the job runs, only those that were there when it started: QEMU
+        puts its filter above top under those, and moves the filter's
+        parents onto base; an overlay added on top later uses top itself
+        and stays on it."""
         plan = self.plan
         others = [p for p, edge in self.graph.parents(plan.top) if edge == "backing"]
-        return [plan.overlay, *(p for p in others if p is not plan.overlay)]
+        now = [plan.overlay, *(p for p in others if p is not plan.overlay)]
+        if not self._overlays_at_start:
+            return now
+        return [p for p in now if p in self._overlays_at_start]
 
     async def prepare(self) -> None:
         plan = self.plan
@@ -229,9 +240,10 @@ class CommitJob(Job):
             self.graph.remove_blocker(node, BLOCKER)
 
     async def clean(self) -> None:
-        self.graph.release_claims(self.id)
+        # QEMU's commit drops its hold (and the nodes between top and base)
+        # when it aborts; one that completed keeps them until it is dismissed.
+        self.graph.release_claims(self.id, keep_intermediates=self._committed)
         if not self._committed:
-            # QEMU's commit drops its hold when it aborts, not when dismissed
             self.dismissed()
         while self._used:
             # an intermediate the commit dropped from the chain is closed here
@@ -241,6 +253,7 @@ class CommitJob(Job):
             await restore_read_only(self.id, base)
 
     def dismissed(self) -> None:
+        self.graph.release_claims(self.id)
         for node in list(self._held):
             self._release_hold(node)
 
