@@ -84,6 +84,7 @@ REGRESSION_SEEDS: tuple[int, ...] = (
     900048,  # backing-file with a top exported writable: QSD's refusal
     800202,  # a completed commit (not dismissed) still holds the nodes it merged
     900101,  # an overlay added on top during a commit stays on top
+    800228,  # an active commit refused after base was reopened (blkdebug key order)
 )
 
 

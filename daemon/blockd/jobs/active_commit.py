@@ -155,7 +155,15 @@ class ActiveCommitJob(Job):
     async def setup(self) -> None:
         """Hold the nodes, open base read-write, start watching writes; undone by clean."""
         plan = self.plan
-        self.graph.claim_for_commit(self.id, plan.top, plan.base, active=True)
+        # QEMU reopens base before it asks for the nodes, and puts it back
+        # when that fails (which a blkdebug base's file name shows).
+        await plan.base.reopen(read_only=False)
+        try:
+            self.graph.claim_for_commit(self.id, plan.top, plan.base, active=True)
+        except BaseException:
+            if self._base_was_read_only:
+                await restore_read_only(self.id, plan.base)
+            raise
         for node in {id(n): n for n in (plan.top, *plan.intermediates, plan.base)}.values():
             self.graph.add_blocker(node, BLOCKER)
             self._held.append(node)
@@ -164,11 +172,6 @@ class ActiveCommitJob(Job):
         self.graph.add_user(plan.base)
         self.graph.cover(plan.top)
         self._using = True
-        try:
-            await plan.base.reopen(read_only=False)
-        except BaseException:
-            await self.clean()
-            raise
         plan.top.add_write_observer(self._on_write)
         self._watching = True
 
