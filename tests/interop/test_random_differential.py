@@ -85,6 +85,7 @@ REGRESSION_SEEDS: tuple[int, ...] = (
     800202,  # a completed commit (not dismissed) still holds the nodes it merged
     900101,  # an overlay added on top during a commit stays on top
     800228,  # an active commit refused after base was reopened (blkdebug key order)
+    800247,  # cancel of a job paused on ENOSPC clears its io-status
 )
 
 
