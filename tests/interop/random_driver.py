@@ -462,6 +462,8 @@ class JobTrack:
     written: bool = False  # a client wrote to the active layer while it ran
     #: went from pending to aborting: applying its result failed
     failed_to_apply: bool = False
+    #: images backed by top when the job started: a commit moves those onto base
+    overlays: tuple[str, ...] = ()
     was_ready: bool = False
     errors: bool = False
     completed_ok: bool = False
@@ -645,6 +647,7 @@ class Side:
                 fast=is_fast(args.get("speed")),
                 auto_finalize=args.get("auto-finalize", True),
                 auto_dismiss=args.get("auto-dismiss", True),
+                overlays=tuple(n for n, b in self.graph.items() if b == top),
             )
             for event in self.early.pop(args["job-id"], []):
                 track.fold(event)
@@ -697,9 +700,10 @@ class Side:
             else:
                 job.fold(event)
                 if name == "BLOCK_JOB_COMPLETED" and job.completed_ok and job.kind == "commit":
-                    # The top's parents now read the base (QEMU replaces the node).
+                    # The top's parents from before the job now read the base
+                    # (QEMU replaces its filter above top by base).
                     for node, backing in list(self.graph.items()):
-                        if backing == job.top:
+                        if backing == job.top and node in job.overlays:
                             self.graph[node] = job.base
                             self.repointed.add(node)
 
