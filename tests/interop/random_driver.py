@@ -854,7 +854,7 @@ COMMIT_INTO_SHARED_BASE = re.compile(
 )
 
 
-#: A3. Committing an intermediate image that is exported writable: QSD 7.2
+#: A3. Committing an intermediate top that is exported writable: QSD 7.2
 #: turns the job into an active commit; blockd refuses (README: it would lose
 #: the writes landing behind the copy).  States part here too.
 COMMIT_OF_WRITABLE_EXPORT = re.compile(

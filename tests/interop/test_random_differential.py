@@ -86,6 +86,7 @@ REGRESSION_SEEDS: tuple[int, ...] = (
     900101,  # an overlay added on top during a commit stays on top
     800228,  # an active commit refused after base was reopened (blkdebug key order)
     800247,  # cancel of a job paused on ENOSPC clears its io-status
+    900244,  # an exported image below a commit's top: QSD's permission conflict
 )
 
 
