@@ -578,6 +578,9 @@ class Side:
         self.allowed: set[str] = set()
         #: nodes whose backing a completed commit changed (their header was written)
         self.repointed: set[str] = set()
+        #: nodes a client's write failed on: what that range holds is undefined
+        #: (a daemon may have written it before the error; QSD often has)
+        self.failed_writes: set[str] = set()
         #: image name -> blkdebug rules on its file (the scenario's)
         self.blkdebug: dict[str, list[dict[str, Any]]] = {}
         #: active commits that ran under a limit a job feels while an export was added
@@ -595,8 +598,11 @@ class Side:
 
     def view_is_timing(self, node: str) -> bool:
         """Whether what ``node`` shows depends on how far a job got (see
-        :func:`timing_images`), by the graph as this side built it."""
-        return reads_timing(self.chain(node), timing_images([self]))
+        :func:`timing_images`) or on a failed write, by the graph as this
+        side built it."""
+        tainted = timing_images([self])
+        tainted.update((name, None) for name in self.failed_writes)
+        return reads_timing(self.chain(node), tainted)
 
     def sub(self, value: Any) -> Any:
         if isinstance(value, str):
@@ -1115,6 +1121,8 @@ def _step(
         for job in (*qsd.jobs.values(), *ours.jobs.values()):
             if job.kind == "active" and job.status not in ("null", "concluded"):
                 job.written = True
+        if step["cmds"][0].startswith("write") and theirs["rc"] != 0:
+            qsd.failed_writes.add(step["io"])
     else:
         args = step.get("args")
         theirs = normalise(qsd, qsd.execute(step["qmp"], args))
@@ -1389,6 +1397,14 @@ def is_qsd(daemon: DaemonProcess) -> bool:
 def compare_disks(scn: Scenario, work: Path, qsd: Side, ours: Side, diverged: bool) -> None:
     """Backing strings, guest views and qemu-img check of every image."""
     tainted = timing_images([qsd, ours])
+    # A failed client write leaves its range undefined, in its node and in
+    # the base of any commit that copied from it.
+    undefined = set(qsd.failed_writes)
+    for job in qsd.jobs.values():
+        if job.base is not None and undefined & {job.top, *job.range}:
+            undefined.add(job.base)
+    for image in undefined:
+        tainted[image] = None
 
     def header_chain(name: str) -> list[str]:
         out = [name]
