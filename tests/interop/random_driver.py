@@ -1560,17 +1560,25 @@ def campaign(
     summary: dict[str, Any] = {}
     for ran, seed in enumerate(seeds, start=1):
         scn = generate(seed, steps, avoid)
-        try:
-            diff = try_scenario(
-                scn,
-                inconclusive=lambda why, s=seed: inconclusive.append(s),
-                allowed=lambda entries, s=seed: allowed.update(
-                    {m: s for e in entries for m in re.findall(r"\bA\d\b", e)}
-                ),
-            )
-        except Exception as error:  # a harness failure must not end a long run
+        failure: Exception | None = None
+        diff = None
+        # A second try: on a loaded machine a daemon can miss its start-up timeout.
+        for _attempt in range(2):
+            try:
+                diff = try_scenario(
+                    scn,
+                    inconclusive=lambda why, s=seed: inconclusive.append(s),
+                    allowed=lambda entries, s=seed: allowed.update(
+                        {m: s for e in entries for m in re.findall(r"\bA\d\b", e)}
+                    ),
+                )
+                failure = None
+                break
+            except Exception as error:  # a harness failure must not end a long run
+                failure = error
+        if failure is not None:
             harness.append(seed)
-            (out / f"harness-{seed}.txt").write_text(f"{error!r}\n{describe(scn)}\n")
+            (out / f"harness-{seed}.txt").write_text(f"{failure!r}\n{describe(scn)}\n")
             continue
         if diff is not None:
             sig = diff.signature()
