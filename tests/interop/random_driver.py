@@ -876,7 +876,8 @@ READ_ONLY_EXPORT = "Cannot export read-only node as writable"
 #: not yet keep the refcounts of clusters shared with a snapshot when it
 #: writes, so it refuses (README, images blockdev-add treats differently) where
 #: QSD opens it: a blockdev-add, or a commit that must reopen such a node of
-#: the chain read-write.  Nothing is lost by refusing; the states part here.
+#: the chain (or an overlay of top, for its header) read-write.  Nothing is
+#: lost by refusing; the states part here.
 SNAPSHOTS_READ_ONLY = re.compile(
     r"^qcow2: Images with internal snapshots \((?P<count>\d+)\) can only be opened read-only$"
 )
@@ -1001,7 +1002,10 @@ def allowed_divergence(
         return None
     match = SNAPSHOTS_READ_ONLY.match(desc)
     if match is not None:
-        for node in side.chain(args.get("device", "")):
+        # the chain, and the other overlays of top (their headers get base's name)
+        top = args.get("top-node")
+        others = [n for n, b in side.graph.items() if top is not None and b == top]
+        for node in [*side.chain(args.get("device", "")), *others]:
             file = {"filename": f"{{d}}/{node}.qcow2"}
             if snapshot_count(side, file) == int(match["count"]):
                 return f"A4: blockd cannot reopen {node} (internal snapshots) read-write"

@@ -88,6 +88,7 @@ REGRESSION_SEEDS: tuple[int, ...] = (
     800247,  # cancel of a job paused on ENOSPC clears its io-status
     900244,  # an exported image below a commit's top: QSD's permission conflict
     1000138,  # blockdev-del of an active commit's top exported during the job: in use
+    1000337,  # a snapshot image beside the chain on a commit's top: refused up front (A4)
 )
 
 
