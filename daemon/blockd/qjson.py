@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 
-def _qdict_hash(key: str) -> int:
+def qdict_bucket(key: str) -> int:
     """The bucket QEMU's QDict puts a key in (tdb hash, 512 buckets)."""
     raw = key.encode("utf-8", "surrogatepass")
     value = (0x238F13AF * len(raw)) & 0xFFFFFFFF
@@ -30,7 +30,7 @@ def qdict_order(message: Mapping[str, Any]) -> list[str]:
     checking in the same order gives the same answer when there are several.
     """
     indexed = list(enumerate(message))
-    indexed.sort(key=lambda item: (_qdict_hash(item[1]), -item[0]))
+    indexed.sort(key=lambda item: (qdict_bucket(item[1]), -item[0]))
     return [key for _, key in indexed]
 
 

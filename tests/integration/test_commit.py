@@ -727,3 +727,32 @@ def test_commit_of_an_image_another_node_uses_as_file_is_refused(
         assert node(client, "base")["ro"] is True
         finish(client, blockd)
     assert {i: digest(i) for i in (base, mid, top)} == digests
+
+
+def test_commit_refused_up_front_when_an_overlay_cannot_take_base(
+    blockd: DaemonProcess, tmp_path: Path
+) -> None:
+    """The overlay above top gets base's name in its header when the commit
+    completes, so a read-only overlay that cannot be reopened read-write (it
+    has an internal snapshot) is refused before anything is copied, not
+    after the whole copy: no job, base untouched and read-only."""
+    base, _, top = chain(tmp_path)
+    qemu_img("snapshot", "-c", "snap1", str(top))
+    before = digest(base)
+    with RawQMP(blockd.socket_path) as client:
+        client.negotiate()
+        for name, backing in (("base", None), ("mid", "base"), ("top", "mid")):
+            file = {"driver": "file", "filename": str(tmp_path / f"{name}.qcow2")}
+            args = {"driver": "qcow2", "node-name": name, "read-only": True,
+                    "backing": backing, "file": file}  # fmt: skip
+            assert client.execute("blockdev-add", args) == {"return": {}}
+        reply = commit(client, **{"top-node": "mid"})
+        assert reply["error"] == {
+            "class": "GenericError",
+            "desc": "qcow2: Images with internal snapshots (1) can only be opened read-only",
+        }
+        assert client.execute("query-jobs") == {"return": []}
+        assert node(client, "base")["ro"] is True
+        finish(client, blockd)
+    assert digest(base) == before
+    assert backing_of(top) == "mid.qcow2"

@@ -599,6 +599,9 @@ ACTIVE_COMMIT_CASES: list[tuple[str, Rules, list[Any]]] = [
     ("base", once("l2_update"), ["write", "Input/output error"]),
     ("base", once("read_aio"), ["ready", "completed"]),
     ("mid", once("read_aio"), ["read", "Input/output error"]),
+    # the scan for what to copy fails the job at once, on-error aside (no error event)
+    ("mid", once("l2_load"), ["Input/output error"]),
+    ("mid", [{"event": "l2_load", "errno": 28, "once": True}], ["No space left on device"]),
     # unlike commit, an active commit flushes base (before READY) in QSD as well
     ("base", once("flush_to_disk"), ["write", "Input/output error"]),
     ("base", once("flush_to_os"), ["write", "Input/output error"]),

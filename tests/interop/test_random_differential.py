@@ -74,6 +74,21 @@ REGRESSION_SEEDS: tuple[int, ...] = (
     920,  # + an image with an internal snapshot, opened read-only
     997,
     1071,
+    40070130,  # json: names of a blkdebug base and its overlays; ends at A7 (base flush fails)
+    600030,  # a snapshot image above a commit's top: refused up front (A4)
+    500104,  # active commit of a read-only top: base read-only afterwards
+    300486,  # an overlay added on an active commit's top reads base afterwards
+    700130,  # blkdebug fails an overlay's header flush at finalize: ends at A7
+    800140,  # blkdebug fails base's metadata write-back at finalize: ends at A7
+    900025,  # an active commit's scan fails (l2_load): the job fails, no error event
+    900048,  # backing-file with a top exported writable: QSD's refusal
+    800202,  # a completed commit (not dismissed) still holds the nodes it merged
+    900101,  # an overlay added on top during a commit stays on top
+    800228,  # an active commit refused after base was reopened (blkdebug key order)
+    800247,  # cancel of a job paused on ENOSPC clears its io-status
+    900244,  # an exported image below a commit's top: QSD's permission conflict
+    1000138,  # blockdev-del of an active commit's top exported during the job: in use
+    1000337,  # a snapshot image beside the chain on a commit's top: refused up front (A4)
 )
 
 

@@ -31,6 +31,7 @@ import trio
 
 from blockd.block.node import BlockNode, Status
 from blockd.errors import BlockError, BlockIOError
+from blockd.qjson import qdict_bucket, qdict_order
 
 IOTYPES = ("read", "write", "write-zeroes", "discard", "flush", "block-status")
 #: what a rule without ``iotype`` fails (QEMU leaves block-status out)
@@ -123,6 +124,62 @@ def rules_from_options(options: dict[str, Any]) -> tuple[list[Rule], list[Transi
     return rules, transitions
 
 
+#: QAPI member order of BlockdevOptionsBlkdebug and of its list elements:
+#: QEMU builds its option dictionaries in this order, and the order decides
+#: which of two keys in one hash bucket its JSON shows first.
+_MEMBERS = (
+    "image", "config", "align", "max-transfer", "opt-write-zero", "max-write-zero",
+    "opt-discard", "max-discard", "inject-error", "set-state", "take-child-perms",
+    "unshare-child-perms",
+)  # fmt: skip
+_ELEMENT_MEMBERS = {
+    "inject-error": ("event", "state", "iotype", "errno", "sector", "once", "immediately"),
+    "set-state": ("event", "state", "new_state"),
+}
+#: QEMU's "strong" blkdebug options: those that change what the node does, so
+#: that its file name must spell them out (a trailing dot: every key under it).
+STRONG = (
+    "config", "inject-error.", "set-state.", "align", "max-transfer", "opt-write-zero",
+    "max-write-zero", "opt-discard", "max-discard",
+)  # fmt: skip
+
+
+def _in_qapi_order(members: tuple[str, ...], given: dict[str, Any]) -> list[str]:
+    return qdict_order({m: None for m in members if m in given})
+
+
+def strong_options(options: dict[str, Any], path: list[str]) -> list[tuple[str, Any]]:
+    """The strong options of a blkdebug node as QEMU keeps them: flattened keys
+    (``inject-error.0.event``) in the order they went into the node's options.
+
+    ``path`` is where the node's options sat in the ``blockdev-add`` (``file``,
+    ``backing.file``, ...).  QEMU flattens the whole command into one
+    dictionary, then each level hands a copy (``qdict_clone_shallow``) to its
+    driver, which extracts its child's keys from it by iterating it; so the
+    order the child sees is that of repeated stable sorts by the hash bucket
+    each key has at each level.  That order is invisible except between keys
+    that share a bucket in the file name's JSON (the same member of two
+    rules always do), and there it is what QEMU prints.
+    """
+    flat: list[tuple[str, Any]] = []
+    for member in _in_qapi_order(_MEMBERS, options):
+        value = options[member]
+        if member in _ELEMENT_MEMBERS and isinstance(value, list):
+            for i, element in enumerate(value):
+                for key in _in_qapi_order(_ELEMENT_MEMBERS[member], element):
+                    flat.append((f"{member}.{i}.{key}", element[key]))
+        elif member != "image" and not isinstance(value, list | dict):
+            flat.append((member, value))
+    for level in range(len(path)):
+        prefix = "".join(f"{edge}." for edge in path[level:])
+        flat.sort(key=lambda item: qdict_bucket(prefix + item[0]))
+    return [(k, v) for k, v in flat if any(_is_strong(k, s) for s in STRONG)]
+
+
+def _is_strong(key: str, strong: str) -> bool:
+    return key.startswith(strong) if strong.endswith(".") else key == strong
+
+
 class BlkdebugNode(BlockNode):
     """Passes everything to ``file`` (QEMU's ``image`` child) unless a rule fires."""
 
@@ -138,13 +195,43 @@ class BlkdebugNode(BlockNode):
         read_only: bool,
         rules: list[Rule] | None = None,
         transitions: list[Transition] | None = None,
+        strong: list[tuple[str, Any]] | None = None,
     ) -> None:
         super().__init__(node_name, read_only=read_only, file=image)
         self.rules: list[Rule] = list(rules or [])
         self.transitions: list[Transition] = list(transitions or [])
         self.state = 1
         self._active: list[Rule] = []
+        #: see :func:`strong_options`
+        self.strong: list[tuple[str, Any]] = list(strong or [])
+        self._reopens = 0
         self.debug_event("none")
+
+    def filename_options(self) -> dict[str, Any]:
+        """The strong options as QEMU's ``json:`` file name lists them (after
+        ``driver``, before ``image``), in an order :func:`blockd.qjson.encode`
+        turns into QEMU's.
+
+        QEMU copies them out of the node's options by iterating those (newest
+        key first within a bucket).  A reopen rebuilds the node's options from
+        copies: the first keeps their order, and after that every second one
+        turns it around (the explicitly given options, which a reopen merges
+        first, are kept as a copy of the merged result).
+        """
+        indexed = list(enumerate(self.strong))
+        turned = self._reopens >= 2 and self._reopens % 2 == 0
+        indexed.sort(
+            key=lambda item: (qdict_bucket(item[1][0]), item[0] if turned else -item[0])
+        )
+        ordered = [item for _, item in indexed]
+        out: dict[str, Any] = {}
+        for strong in STRONG:
+            out.update((k, v) for k, v in ordered if _is_strong(k, strong))
+        return out
+
+    async def _do_reopen(self, read_only: bool) -> None:
+        await super()._do_reopen(read_only)
+        self._reopens += 1
 
     def inject(self, rule: Rule) -> None:
         self.rules.append(rule)

@@ -65,7 +65,8 @@ class BlockGraph:
         self._orphans: set[str] = set()
         # Nodes whose users reach them through a job's filter for now (QEMU
         # inserts one above an actively committed node): not "in use" directly.
-        self._covered: set[str] = set()
+        # The count of users the node had then: later ones attach to it itself.
+        self._covered: dict[str, int] = {}
         # Permissions: when each node joined (its edges date from then), the
         # users that are not nodes (exports) as [sequence, key, needed,
         # shared], and a would-be user being tried out by a check.
@@ -273,12 +274,21 @@ class BlockGraph:
             self.release_claims(job_id)
             raise
 
-    def release_claims(self, job_id: str) -> None:
+    def release_claims(self, job_id: str, *, keep_intermediates: bool = False) -> None:
+        """Drop a commit job's claims; ``keep_intermediates`` keeps those on
+        the nodes between top and base (a QEMU commit that completed keeps
+        them until the job is dismissed; one that failed drops them all)."""
         key = ("commit", job_id)
         self._hidden.pop(key, None)
         self._reopened.pop(key, None)
         for name in list(self._roots):
-            self._drop_user(name, key)
+            if keep_intermediates:
+                entries = self._roots[name]
+                entries[:] = [e for e in entries if e[1] != key or e[5] == "intermediate node"]
+                if not entries:
+                    self._roots.pop(name)
+            else:
+                self._drop_user(name, key)
 
     def _claim(
         self, node: BlockNode, key: object, user: str, child: str, need: int, lets: int
@@ -453,14 +463,15 @@ class BlockGraph:
 
     def attached(self, node: BlockNode) -> bool:
         """Whether a user works on ``node`` itself: ``blockdev-del`` says "in use"."""
-        return self.in_use(node) and node.node_name not in self._covered
+        name = node.node_name
+        return self._users.get(name, 0) > self._covered.get(name, 0)
 
     def cover(self, node: BlockNode) -> None:
         """Record that a job now stands between ``node`` and its users."""
-        self._covered.add(node.node_name)
+        self._covered[node.node_name] = self._users.get(node.node_name, 0)
 
     def uncover(self, node: BlockNode) -> None:
-        self._covered.discard(node.node_name)
+        self._covered.pop(node.node_name, None)
 
     async def remove_user(self, node: BlockNode) -> None:
         """Undo :meth:`add_user`; an orphan without users left is closed now."""

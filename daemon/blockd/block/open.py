@@ -11,7 +11,7 @@ import logging
 import os
 from typing import Any
 
-from blockd.block.blkdebug import BlkdebugNode, rules_from_options
+from blockd.block.blkdebug import BlkdebugNode, rules_from_options, strong_options
 from blockd.block.drivers.file import FileNode, lock_image, run_io
 from blockd.block.drivers.qcow2.node import Qcow2Node
 from blockd.block.drivers.raw import RawNode
@@ -126,8 +126,20 @@ async def _open_blkdebug(ctx: _Opening, options: dict[str, Any], read_only: bool
         raise BlockError(f"Parameter '{ctx.param('image')}' is missing")
     rules, transitions = rules_from_options(options)
     image, implicit = await _child_ref(ctx, options["image"], read_only=read_only, what="image")
+    for member in ("inject-error", "set-state"):
+        if options.get(member) == []:
+            # QEMU's option flattening keeps an empty list as it is, where the
+            # driver looks for numbered keys, so the option is left unused.
+            raise BlockError(f"Block protocol 'blkdebug' doesn't support the option '{member}'")
     await _take(ctx, image)
-    node = BlkdebugNode(name, image, read_only=read_only, rules=rules, transitions=transitions)
+    node = BlkdebugNode(
+        name,
+        image,
+        read_only=read_only,
+        rules=rules,
+        transitions=transitions,
+        strong=strong_options(options, ctx.path),
+    )
     ctx.created.append(node)
     ctx.graph.add(node, [image] if implicit else [])
     return node

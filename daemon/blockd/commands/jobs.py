@@ -100,6 +100,7 @@ async def block_commit(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str
         base_node=args.get("base-node"),
         base=args.get("base"),
         backing_file=args.get("backing-file"),
+        has_writer=lambda node: any(e.writable for e in ctx.exports.exports_of(node)),
     )
     filter_name = args.get("filter-node-name")
     active = isinstance(plan, ActiveCommitPlan)
@@ -126,10 +127,11 @@ async def block_commit(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str
             **options,
         )
     else:
-        for node in plan.intermediates:
+        for node in plan.intermediates[:1]:
             if any(export.writable for export in ctx.exports.exports_of(node)):
                 # QEMU turns this into an active commit; blockd would lose the
-                # writes that land behind the copy, so it refuses.
+                # writes that land behind the copy, so it refuses.  (An export
+                # of a node below top meets the job's claim, as in QEMU.)
                 raise BlockdError(
                     f"Cannot commit '{node.node_name}' while it is exported writable: "
                     "writes to it during the commit would be lost"

@@ -45,7 +45,14 @@ from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
 from blockd.errors import BlockIOError
 from blockd.events import BlockJobReady, EventSink
-from blockd.jobs.copy import BLOCKER, WINDOW, ChainCopy, CopyFailed, step_size
+from blockd.jobs.copy import (
+    BLOCKER,
+    WINDOW,
+    ChainCopy,
+    CopyFailed,
+    restore_read_only,
+    step_size,
+)
 from blockd.jobs.job import Job, JobOptions
 from blockd.jobs.status import JobStatus
 
@@ -148,7 +155,15 @@ class ActiveCommitJob(Job):
     async def setup(self) -> None:
         """Hold the nodes, open base read-write, start watching writes; undone by clean."""
         plan = self.plan
-        self.graph.claim_for_commit(self.id, plan.top, plan.base, active=True)
+        # QEMU reopens base before it asks for the nodes, and puts it back
+        # when that fails (which a blkdebug base's file name shows).
+        await plan.base.reopen(read_only=False)
+        try:
+            self.graph.claim_for_commit(self.id, plan.top, plan.base, active=True)
+        except BaseException:
+            if self._base_was_read_only:
+                await restore_read_only(self.id, plan.base)
+            raise
         for node in {id(n): n for n in (plan.top, *plan.intermediates, plan.base)}.values():
             self.graph.add_blocker(node, BLOCKER)
             self._held.append(node)
@@ -157,11 +172,6 @@ class ActiveCommitJob(Job):
         self.graph.add_user(plan.base)
         self.graph.cover(plan.top)
         self._using = True
-        try:
-            await plan.base.reopen(read_only=False)
-        except BaseException:
-            await self.clean()
-            raise
         plan.top.add_write_observer(self._on_write)
         self._watching = True
 
@@ -195,16 +205,17 @@ class ActiveCommitJob(Job):
             await self.sleep(READY_POLL)
 
     async def _scan(self) -> None:
-        """Mark dirty everything the layers above base hold (zero clusters too)."""
+        """Mark dirty everything the layers above base hold (zero clusters too).
+
+        An I/O error here fails the job at once, whatever ``on-error`` says,
+        as in QEMU's mirror: nothing is copied yet, and the error policy is
+        about the copying (so no BLOCK_JOB_ERROR either).
+        """
         top, base = self.plan.top, self.plan.base
         pos, size, runs = 0, top.size, 0
         while pos < size:
             await self.pause_point()
-            try:
-                holds, n = await self.graph.is_allocated_above(top, base, pos, size - pos)
-            except BlockIOError as err:
-                await self.io_error(err, "read")
-                continue
+            holds, n = await self.graph.is_allocated_above(top, base, pos, size - pos)
             if holds:
                 self._dirty.mark(pos, n)
                 self._update_length()
@@ -270,6 +281,19 @@ class ActiveCommitJob(Job):
         await self._pivot(top, base, self._final_sync)
         self._pivoted = True
         log.info("job %s: the users of %s now use %s", self.id, top.node_name, base.node_name)
+        for parent, edge in self.graph.parents(top):
+            if edge == "backing":
+                # An overlay added on top while the job ran reads base from now
+                # on, as QEMU replaces top by base under every parent: base
+                # holds what it read through top.  Its header keeps naming top
+                # (which still holds that data), so its file name shows the
+                # override, as in QEMU.
+                parent.backing = base
+                self.graph.relink(parent, top, base)
+        if top.read_only and not base.read_only and not self._written_elsewhere():
+            # Base takes top's place, and its open mode with it (as in QEMU):
+            # a read-only top leaves a read-only base.
+            await restore_read_only(self.id, base)
 
     async def clean(self) -> None:
         self.graph.release_claims(self.id)
@@ -284,14 +308,14 @@ class ActiveCommitJob(Job):
             self._using = False
             self.graph.uncover(self.plan.top)
             await self.graph.remove_user(base)
-        # After the pivot base is the active image and stays writable, as in QEMU.
+        # After the pivot base has top's open mode (see prepare), as in QEMU.
         if (
             self._base_was_read_only
             and not self._pivoted
             and not base.closed
             and not self._written_elsewhere()
         ):
-            await base.reopen(read_only=True)
+            await restore_read_only(self.id, base)
 
     def _written_elsewhere(self) -> bool:
         """Whether a user added while base was read-write writes to base or its file."""

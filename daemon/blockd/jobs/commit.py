@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Unpack
 
@@ -32,7 +33,14 @@ from blockd.block.node import BlockNode
 from blockd.errors import BlockError, BlockIOError, DeviceNotFound, ImageError
 from blockd.events import EventSink
 from blockd.jobs.active_commit import ActiveCommitPlan, Pivot
-from blockd.jobs.copy import BLOCKER, CHUNK, ChainCopy, CopyFailed, step_size
+from blockd.jobs.copy import (
+    BLOCKER,
+    CHUNK,
+    ChainCopy,
+    CopyFailed,
+    restore_read_only,
+    step_size,
+)
 from blockd.jobs.job import Job, JobOptions
 
 log = logging.getLogger(__name__)
@@ -75,6 +83,8 @@ class CommitJob(Job):
         self._used: list[BlockNode] = []
         self._base_was_read_only = plan.base.read_only
         self._copy = ChainCopy(graph, plan.top, plan.base)
+        #: the overlays of top when the job started (see :meth:`_overlays`)
+        self._overlays_at_start: list[BlockNode] = []
 
     def _nodes(self) -> list[BlockNode]:
         """What QEMU's commit job holds: the device, top down to base, and base
@@ -97,11 +107,23 @@ class CommitJob(Job):
         for node in (self.plan.top, self.plan.base):
             self.graph.add_user(node)
             self._used.append(node)
+        self._overlays_at_start = self._overlays()
         try:
+            self._check_overlays_writable()
             await self.plan.base.reopen(read_only=False)
         except BaseException:
             await self.clean()
             raise
+
+    def _check_overlays_writable(self) -> None:
+        """Refuse now what :meth:`prepare` could not do after the whole copy:
+        reopen a read-only overlay read-write to write base's name into it
+        (an image with internal snapshots, for one, opens read-only only)."""
+        for overlay in self._overlays():
+            if overlay.read_only and isinstance(overlay, Qcow2Node):
+                refusal = overlay.read_write_refusal()
+                if refusal is not None:
+                    raise ImageError(refusal)
 
     async def run(self) -> None:
         top, base = self.plan.top, self.plan.base
@@ -147,10 +169,18 @@ class CommitJob(Job):
             start += n
 
     def _overlays(self) -> list[BlockNode]:
-        """Every open image backed by top now, the device's overlay first."""
+        """Every open image backed by top, the device's overlay first.
+
+        Once the job runs, only those that were there when it started: QEMU
+        puts its filter above top under those, and moves the filter's
+        parents onto base; an overlay added on top later uses top itself
+        and stays on it."""
         plan = self.plan
         others = [p for p, edge in self.graph.parents(plan.top) if edge == "backing"]
-        return [plan.overlay, *(p for p in others if p is not plan.overlay)]
+        now = [plan.overlay, *(p for p in others if p is not plan.overlay)]
+        if not self._overlays_at_start:
+            return now
+        return [p for p in now if p in self._overlays_at_start]
 
     async def prepare(self) -> None:
         plan = self.plan
@@ -195,7 +225,7 @@ class CommitJob(Job):
             self.graph.relink(overlay, plan.top, plan.base)
         finally:
             if was_read_only and not overlay.read_only:
-                await overlay.reopen(read_only=True)
+                await restore_read_only(self.id, overlay)
         log.info(
             "job %s: %s now backs onto %s (%s)",
             self.id,
@@ -210,18 +240,20 @@ class CommitJob(Job):
             self.graph.remove_blocker(node, BLOCKER)
 
     async def clean(self) -> None:
-        self.graph.release_claims(self.id)
+        # QEMU's commit drops its hold (and the nodes between top and base)
+        # when it aborts; one that completed keeps them until it is dismissed.
+        self.graph.release_claims(self.id, keep_intermediates=self._committed)
         if not self._committed:
-            # QEMU's commit drops its hold when it aborts, not when dismissed
             self.dismissed()
         while self._used:
             # an intermediate the commit dropped from the chain is closed here
             await self.graph.remove_user(self._used.pop())
         base = self.plan.base
         if self._base_was_read_only and not base.read_only and not base.closed:
-            await base.reopen(read_only=True)
+            await restore_read_only(self.id, base)
 
     def dismissed(self) -> None:
+        self.graph.release_claims(self.id)
         for node in list(self._held):
             self._release_hold(node)
 
@@ -293,11 +325,13 @@ def plan_commit(
     base_node: str | None = None,
     base: str | None = None,
     backing_file: str | None = None,
+    has_writer: Callable[[BlockNode], bool] = lambda node: False,
 ) -> CommitPlan | ActiveCommitPlan:
     """Resolve and check a block-commit request in QEMU's order; change nothing.
 
     Committing the active layer (``top`` is ``device``) gives an
     :class:`ActiveCommitPlan`, for :class:`~blockd.jobs.active_commit.ActiveCommitJob`.
+    ``has_writer`` tells whether a user (an export) writes to a node.
     """
     device_bs = graph.get(device)
     if device_bs is None:
@@ -341,6 +375,9 @@ def plan_commit(
     active = top_bs is device_bs
     if active and backing_file is not None:
         raise BlockError("'backing-file' specified, but 'top' is the active layer")
+    if backing_file is not None and has_writer(top_bs):
+        # QEMU would make this an active commit, which takes no backing-file
+        raise BlockError("'backing-file' specified, but 'top' has a writer on it")
     overlay = None if active else chain[chain.index(top_bs) - 1]
     # Every parent of top will be moved onto base (QEMU replaces the node).
     overlays = [p for p, edge in graph.parents(top_bs) if edge == "backing"] if overlay else []

@@ -9,9 +9,13 @@ nothing above base holds is left alone: base already shows it.
 
 from __future__ import annotations
 
+import logging
+
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode, HostExtents, Status
-from blockd.errors import BlockIOError
+from blockd.errors import BlockError, BlockIOError
+
+log = logging.getLogger(__name__)
 
 #: Largest buffer of the read-and-write path (runs that cannot go file to file).
 BUFFER = 4 * 1024 * 1024
@@ -133,3 +137,17 @@ class ChainCopy:
                     await self.base.write(pos, data)
             except BlockIOError as err:
                 raise CopyFailed(err, "write") from err
+
+
+async def restore_read_only(job_id: str, node: BlockNode) -> None:
+    """Put a base a job opened read-write back to read-only, if it can be.
+
+    The reopen flushes first.  When that flush fails (a failing disk), the
+    node stays read-write and usable, as QEMU leaves it (it ignores the
+    failed reopen): the job's outcome is decided by then, and staying
+    writable loses nothing.
+    """
+    try:
+        await node.reopen(read_only=True)
+    except BlockError as err:
+        log.warning("job %s: %s stays read-write: %s", job_id, node.node_name, err)

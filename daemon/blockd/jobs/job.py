@@ -362,6 +362,9 @@ class Job:
         check_verb(self.id, self.status, Verb.CANCEL)
         force = self.cancel_is_forced(force)
         if self.user_paused:
+            # as QEMU, which resumes a paused job to cancel it: the resume
+            # clears an error status too
+            self.io_status = "ok"
             self.user_paused = False
             self.pause_count -= 1
         # A soft cancel means nothing to a job that has finished its work.

@@ -181,7 +181,8 @@ class Qcow2Node(BlockNode):
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
 
-    def _read_write_refusal(self) -> str | None:
+    def read_write_refusal(self) -> str | None:
+        """Why this image cannot be opened read-write, in QEMU's words (None: it can)."""
         h = self.header
         if h.incompatible_features & hdr.INCOMPAT_CORRUPT:
             return "qcow2: Image is corrupt; cannot be opened read/write"
@@ -198,7 +199,7 @@ class Qcow2Node(BlockNode):
         return None
 
     async def _prepare_read_write(self) -> None:
-        refusal = self._read_write_refusal()
+        refusal = self.read_write_refusal()
         if refusal is not None:
             raise ImageError(refusal)
         h = self.header
@@ -392,7 +393,7 @@ class Qcow2Node(BlockNode):
 
     async def _do_reopen(self, read_only: bool) -> None:
         if not read_only:
-            refusal = self._read_write_refusal()
+            refusal = self.read_write_refusal()
             if refusal is not None or self._corrupt:
                 raise ImageError(refusal or "qcow2: Image is corrupt; cannot be opened read/write")
         await self._file.reopen(read_only=read_only)
