@@ -10,7 +10,6 @@ from typing import Any
 
 from blockd.block.blkdebug import BlkdebugNode
 from blockd.block.drivers.file import FileNode
-from blockd.block.drivers.qcow2.node import Qcow2Node
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
 from blockd.qjson import encode
@@ -22,8 +21,6 @@ def _backing_overridden(graph: BlockGraph, node: BlockNode) -> bool:
     Such a node cannot be described by its file name alone, so QEMU names it
     by a ``json:`` pseudo-filename holding its whole configuration.
     """
-    if not isinstance(node, Qcow2Node):
-        return False
     if node.backing is None:
         return bool(node.backing_file)
     if node.backing in graph.implicit_children(node) and not graph.backing_given(node):

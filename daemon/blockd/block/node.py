@@ -119,6 +119,26 @@ class BlockNode:
         """The host file behind this node, as graph lookups by filename see it."""
         return self.file.filename if self.file is not None else ""
 
+    @property
+    def backing_file(self) -> str | None:
+        """The backing file name the image records (None: none, or no such field)."""
+        return None
+
+    @property
+    def cluster_size(self) -> int | None:
+        """The format's allocation unit, for jobs to size their work by (None: none)."""
+        return None
+
+    def read_write_refusal(self) -> str | None:
+        """Why this image could not be reopened read-write, in QEMU's words
+        (None: it could), so a job refuses up front what it would need later."""
+        return None
+
+    def check_backing_name(self, backing: str, backing_format: str) -> None:
+        """Refuse (BlockError), before anything changes, a backing name this image
+        cannot record; a format that records none refuses every one."""
+        raise BlockError(f"Driver '{self.driver}' does not support backing files")
+
     async def image_info(self) -> dict[str, Any]:
         """QAPI ImageInfo for this node, as ``qemu-img info`` / query-named-block-nodes show it.
 

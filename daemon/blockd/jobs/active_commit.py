@@ -40,7 +40,6 @@ from typing import Any, Unpack
 import trio
 
 from blockd.block.dirty import DirtyBitmap
-from blockd.block.drivers.qcow2.node import Qcow2Node
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
 from blockd.errors import BlockIOError
@@ -91,7 +90,7 @@ class ActiveCommitPlan:
 
 def granularity(base: BlockNode) -> int:
     """Dirty-tracking granularity: base's cluster size within [4 KiB, 64 KiB], as QEMU."""
-    cluster = base.cluster_size if isinstance(base, Qcow2Node) else 65536
+    cluster = base.cluster_size or 65536
     return min(65536, max(4096, cluster))
 
 

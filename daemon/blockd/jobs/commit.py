@@ -25,8 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Unpack
 
-from blockd.block.drivers.qcow2 import header as hdr
-from blockd.block.drivers.qcow2.node import Qcow2Node
 from blockd.block.graph import BlockGraph
 from blockd.block.info import display_filename
 from blockd.block.node import BlockNode
@@ -120,7 +118,7 @@ class CommitJob(Job):
         reopen a read-only overlay read-write to write base's name into it
         (an image with internal snapshots, for one, opens read-only only)."""
         for overlay in self._overlays():
-            if overlay.read_only and isinstance(overlay, Qcow2Node):
+            if overlay.read_only:
                 refusal = overlay.read_write_refusal()
                 if refusal is not None:
                     raise ImageError(refusal)
@@ -187,7 +185,7 @@ class CommitJob(Job):
         overlays = self._overlays()
         # Nothing is written until every header is known to take the new name.
         for overlay in overlays:
-            _check_backing_string(overlay, plan.backing_string, plan.base.driver)
+            overlay.check_backing_name(plan.backing_string, plan.base.driver)
         # No other command may close an overlay while its header is rewritten.
         held = [o for o in overlays if o not in self._held]
         for overlay in held:
@@ -296,26 +294,6 @@ def _node_in_chain(graph: BlockGraph, name: str, chain: list[BlockNode]) -> Bloc
     return node
 
 
-def _check_backing_string(overlay: BlockNode, backing: str, backing_format: str) -> None:
-    """Refuse, before anything changes, a backing name the overlay cannot record."""
-    if "\0" in backing:
-        # the header's name ends at a NUL: the overlay would name another file
-        raise BlockError("Backing file name must not contain a NUL character")
-    if len(backing.encode("utf-8", "surrogateescape")) > hdr.MAX_BACKING_NAME:
-        raise BlockError(
-            f"Backing file name too long: {len(backing.encode())} bytes "
-            f"(qcow2 allows at most {hdr.MAX_BACKING_NAME})"
-        )
-    if isinstance(overlay, Qcow2Node):
-        try:
-            hdr.serialize(hdr.with_backing(overlay.header, backing, backing_format))
-        except ImageError as err:
-            raise BlockError(
-                f"Backing file name too long for the header of '{overlay.node_name}' "
-                f"(it must fit in one {overlay.cluster_size}-byte cluster)"
-            ) from err
-
-
 def plan_commit(
     graph: BlockGraph,
     *,
@@ -403,7 +381,7 @@ def plan_commit(
         return ActiveCommitPlan(top=top_bs, base=base_bs, intermediates=intermediates)
     backing_string = backing_file if backing_file is not None else base_bs.filename
     for parent in overlays:
-        _check_backing_string(parent, backing_string, base_bs.driver)
+        parent.check_backing_name(backing_string, base_bs.driver)
     return CommitPlan(
         device=device_bs,
         top=top_bs,

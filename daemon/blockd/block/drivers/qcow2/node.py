@@ -78,7 +78,6 @@ class Qcow2Node(BlockNode):
     ) -> None:
         super().__init__(node_name, read_only=read_only, file=file)
         self.header = header
-        self.cluster_size = header.cluster_size
         self._corrupt = False
         self._corruption_logged = False
         #: the internal snapshots (read at open; images with any are read-only)
@@ -224,6 +223,27 @@ class Qcow2Node(BlockNode):
     @property
     def backing_format(self) -> str | None:
         return self.header.backing_format
+
+    @property
+    def cluster_size(self) -> int:
+        return self.header.cluster_size
+
+    def check_backing_name(self, backing: str, backing_format: str) -> None:
+        if "\0" in backing:
+            # the header's name ends at a NUL: the overlay would name another file
+            raise BlockError("Backing file name must not contain a NUL character")
+        if len(backing.encode("utf-8", "surrogateescape")) > hdr.MAX_BACKING_NAME:
+            raise BlockError(
+                f"Backing file name too long: {len(backing.encode())} bytes "
+                f"(qcow2 allows at most {hdr.MAX_BACKING_NAME})"
+            )
+        try:
+            hdr.serialize(hdr.with_backing(self.header, backing, backing_format))
+        except ImageError as err:
+            raise BlockError(
+                f"Backing file name too long for the header of '{self.node_name}' "
+                f"(it must fit in one {self.cluster_size}-byte cluster)"
+            ) from err
 
     @property
     def corrupt(self) -> bool:
