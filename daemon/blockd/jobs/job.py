@@ -112,7 +112,6 @@ class Job:
         self.force_cancel = False
         self._limiter = RateLimiter(clock, speed)
         self._wake = trio.Event()
-        self._run_finished = False
         self._finalize_requested = trio.Event()
         self.concluded = trio.Event()
         self._on_dismiss: Callable[[Job], None] = lambda job: None
@@ -162,9 +161,10 @@ class Job:
     def _settle(self) -> None:
         """Apply pause requests to the status at once if the job is idle.
 
-        A busy job applies them itself at its next pause point.
+        A busy job applies them itself at its next pause point; a job whose
+        work is over is in no state that a pause changes.
         """
-        if not self.busy and not self._run_finished:
+        if not self.busy:
             self._apply_pause_requests()
 
     def _apply_pause_requests(self) -> None:
@@ -281,7 +281,6 @@ class Job:
         except Exception as err:
             log.exception("job %s failed unexpectedly", self.id)
             error = f"Internal error: {err}"
-        self._run_finished = True
         self.busy = False
         # Finishing touches the graph and headers: never leave it half done,
         # even when the daemon is shutting down around us.
@@ -364,10 +363,10 @@ class Job:
         if self.user_paused:
             self.user_paused = False
             self.pause_count -= 1
-        # A soft cancel means nothing to a job that has finished its work.
-        if force or not self._run_finished:
-            self.cancelled = True
-            self.force_cancel |= force
+        # Only a READY (or STANDBY) job can be cancelled softly, so a job whose
+        # work is over is always cancelled for real.
+        self.cancelled = True
+        self.force_cancel |= force
         if self.is_cancelled:
             self._finalize_requested.set()
         self._settle()
