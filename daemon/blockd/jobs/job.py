@@ -104,7 +104,8 @@ class Job:
         self.error: str | None = None
         #: False while the job waits at a pause point (sleeping or paused).
         self.busy = False
-        self.pause_count = 0
+        #: Paused by a client or by the stop on-error policy (QEMU counts
+        #: internal pauses too; blockd has none, so one flag is the count).
         self.user_paused = False
         #: A cancel was requested; ``force_cancel`` says whether it is a real
         #: cancel or (for jobs that support it) "finish without completing".
@@ -168,7 +169,7 @@ class Job:
             self._apply_pause_requests()
 
     def _apply_pause_requests(self) -> None:
-        if self.pause_count > 0 and not self.is_cancelled:
+        if self.user_paused and not self.is_cancelled:
             if self.status is S.RUNNING:
                 self._transition(S.PAUSED)
             elif self.status is S.READY:
@@ -194,16 +195,16 @@ class Job:
 
     async def pause_point(self) -> None:
         """Honour pause and cancel requests; raises to unwind a cancelled job."""
-        if self.pause_count > 0 and not self.is_cancelled:
+        if self.user_paused and not self.is_cancelled:
             self._apply_pause_requests()
-            while self.pause_count > 0 and not self.is_cancelled:
+            while self.user_paused and not self.is_cancelled:
                 await self._idle()
             self._apply_pause_requests()
         if self.is_cancelled:
             raise _Cancelled
 
     async def sleep(self, seconds: float) -> None:
-        if self.pause_count == 0 and not self.is_cancelled:
+        if not self.user_paused and not self.is_cancelled:
             await self._idle(seconds)
         await self.pause_point()
 
@@ -246,9 +247,7 @@ class Job:
         if action == "stop":
             if self.io_status == "ok":
                 self.io_status = "nospace" if nospace else "failed"
-            if not self.user_paused:
-                self.user_paused = True
-                self.pause_count += 1
+            self.user_paused = True
         await self.pause_point()
 
     # -- lifecycle ----------------------------------------------------------
@@ -343,7 +342,6 @@ class Job:
         if self.user_paused:
             raise BlockdError("Job is already paused")
         self.user_paused = True
-        self.pause_count += 1
         self._settle()
         self._kick()
 
@@ -353,16 +351,13 @@ class Job:
         check_verb(self.id, self.status, Verb.RESUME)
         self.io_status = "ok"
         self.user_paused = False
-        self.pause_count -= 1
         self._settle()
         self._kick()
 
     def user_cancel(self, force: bool) -> None:
         check_verb(self.id, self.status, Verb.CANCEL)
         force = self.cancel_is_forced(force)
-        if self.user_paused:
-            self.user_paused = False
-            self.pause_count -= 1
+        self.user_paused = False
         # Only a READY (or STANDBY) job can be cancelled softly, so a job whose
         # work is over is always cancelled for real.
         self.cancelled = True
@@ -404,7 +399,7 @@ class Job:
             "len": self.length,
             "offset": self.offset,
             "busy": self.busy,
-            "paused": self.pause_count > 0,
+            "paused": self.user_paused,
             "speed": self.speed,
             "io-status": self.io_status,
             "ready": self.status in (S.READY, S.STANDBY),
