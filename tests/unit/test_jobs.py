@@ -4,6 +4,9 @@ of the test's own and trio's virtual clock (rate-limited waits take no real time
 from __future__ import annotations
 
 import errno
+import logging
+import re
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -437,3 +440,48 @@ async def test_shutdown_names_the_jobs_that_outlive_the_grace(
     assert not job.concluded.is_set()
     assert "jobs still running after 5 s: ['j0']" in caplog.text
     job.gate.set()
+
+
+async def test_paused_in_query_follows_pause_and_resume(
+    registry: JobRegistry, autojump_clock: trio.testing.MockClock
+) -> None:
+    rec = Recorder()
+    job = new_job(rec, registry, speed=UNIT)
+    await trio.sleep(1.5)
+    assert job.block_job_info()["paused"] is False
+    job.user_pause()
+    assert job.block_job_info()["paused"] is True
+    job.user_resume()
+    assert job.block_job_info()["paused"] is False
+    await job.concluded.wait()
+
+
+async def test_the_log_tells_what_was_copied_and_how_long_it_took(
+    registry: JobRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Operators read a job's outcome in the log: the bytes copied, and for
+    a finished job the time it took (real time, not the virtual clock)."""
+    caplog.set_level(logging.INFO, logger="blockd")
+    rec = Recorder()
+    failing = new_job(rec, registry, "failing", faults={3: [errno.EIO]})
+    await failing.concluded.wait()
+    assert (
+        f"job failing (commit) failed after {3 * UNIT} of {8 * UNIT} bytes: Input/output error"
+        in caplog.text
+    )
+    cancelled = new_job(rec, registry, "cancelled", on_error=OnError.STOP, faults={2: [errno.EIO]})
+    await settle()
+    cancelled.user_cancel(force=True)
+    await cancelled.concluded.wait()
+    assert f"job cancelled (commit) cancelled after {2 * UNIT} of {8 * UNIT} bytes" in caplog.text
+    started = time.monotonic()
+    finished = new_job(rec, registry, "finished")
+    await finished.concluded.wait()
+    elapsed = time.monotonic() - started
+    found = re.search(
+        r"job finished \(commit\) finished: 4\.0 MiB of 4194304 bytes copied in ([0-9.]+) s",
+        caplog.text,
+    )
+    assert found is not None, caplog.text
+    # logged to 0.1 s
+    assert 0 <= float(found[1]) <= elapsed + 0.05

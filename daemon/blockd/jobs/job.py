@@ -99,7 +99,7 @@ class Job:
         self.length = 0
         #: Bytes actually copied (progress also counts what needed no copy).
         self.copied = 0
-        self._started_at = 0.0
+        self._started_at: float  # set by start()
         self.io_status = "ok"
         self.error: str | None = None
         #: False while the job waits at a pause point (sleeping or paused).
