@@ -485,3 +485,128 @@ async def test_the_log_tells_what_was_copied_and_how_long_it_took(
     assert found is not None, caplog.text
     # logged to 0.1 s
     assert 0 <= float(found[1]) <= elapsed + 0.05
+
+
+class ReadyJob(CopyJob):
+    """Copies, then stays READY until completed or cancelled softly (a mirror's
+    life: only READY jobs support job-complete and soft cancel)."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.complete_requested = False
+
+    def cancel_is_forced(self, force: bool) -> bool:
+        return force or self.status not in (JobStatus.READY, JobStatus.STANDBY)
+
+    def request_completion(self) -> None:
+        self.complete_requested = True
+        self._kick()
+
+    async def run(self) -> None:
+        await super().run()
+        self._transition(JobStatus.READY)
+        while not (self.complete_requested or self.cancelled):
+            await self.sleep(1)
+
+    async def prepare(self) -> None:
+        self.calls.append("prepare (soft cancel)" if self.cancelled else "prepare")
+
+
+async def test_a_ready_job_paused_is_standby_and_completes_once_resumed(
+    registry: JobRegistry, autojump_clock: trio.testing.MockClock
+) -> None:
+    rec = Recorder()
+    job = ReadyJob("r", rec)
+    registry.add(job)
+    registry.start(job)
+    await trio.sleep(5)
+    assert job.block_job_info()["ready"] is True
+    job.user_pause()
+    assert rec.statuses()[-2:] == ["ready", "standby"]  # at once: the job was idle
+    await trio.sleep(5)  # its poll comes round and finds it paused
+    info = job.block_job_info()
+    assert (info["status"], info["paused"], info["ready"]) == ("standby", True, True)
+    job.complete()  # accepted in standby, acted on after the resume
+    await trio.sleep(5)
+    assert job.status == "standby"
+    job.user_resume()
+    with trio.fail_after(60):  # a job stuck paused fails the test instead of hanging it
+        await job.concluded.wait()
+    assert rec.statuses()[-7:] == [
+        "standby", "ready", "waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null",
+    ]  # fmt: skip
+    assert job.calls == ["prepare", "clean"]
+
+
+async def test_soft_cancel_of_a_ready_job_finishes_it(
+    registry: JobRegistry, autojump_clock: trio.testing.MockClock
+) -> None:
+    rec = Recorder()
+    job = ReadyJob("r", rec)
+    registry.add(job)
+    registry.start(job)
+    await trio.sleep(5)
+    job.user_cancel(force=False)
+    with pytest.raises(BlockdError, match="The active block job 'r' cannot be completed"):
+        job.complete()
+    with trio.fail_after(60):  # a job stuck paused fails the test instead of hanging it
+        await job.concluded.wait()
+    assert rec.statuses()[-6:] == [
+        "ready", "waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null",
+    ]  # fmt: skip
+    assert job.calls == ["prepare (soft cancel)", "clean"]
+
+
+async def test_cancel_of_a_paused_job_clears_paused(registry: JobRegistry) -> None:
+    rec = Recorder()
+    job = new_job(rec, registry, on_error=OnError.STOP, faults={0: [errno.EIO]}, auto_dismiss=False)
+    await settle()
+    assert job.block_job_info()["paused"] is True
+    job.user_cancel(force=True)
+    with trio.fail_after(60):  # a job stuck paused fails the test instead of hanging it
+        await job.concluded.wait()
+    assert job.block_job_info()["paused"] is False
+
+
+class FailingPrepareJob(CopyJob):
+    def __init__(self, *args: Any, failure: Exception, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.failure = failure
+
+    async def prepare(self) -> None:
+        raise self.failure
+
+
+@pytest.mark.parametrize(
+    ("failure", "error", "traceback"),
+    [
+        (BlockIOError(errno.ENOSPC), "No space left on device", False),
+        (RuntimeError("not expected"), "not expected", True),
+    ],
+)
+async def test_a_result_that_cannot_be_applied_fails_the_job(
+    registry: JobRegistry,
+    caplog: pytest.LogCaptureFixture,
+    failure: Exception,
+    error: str,
+    traceback: bool,
+) -> None:
+    """A refusal or I/O error the client is told of is logged as such; anything
+    else is a bug and logged with its traceback."""
+    rec = Recorder()
+    job = FailingPrepareJob("p", rec, failure=failure)
+    registry.add(job)
+    registry.start(job)
+    await job.concluded.wait()
+    assert rec.statuses()[-5:] == [
+        "pending",
+        "aborting",
+        "BLOCK_JOB_COMPLETED",
+        "concluded",
+        "null",
+    ]
+    assert rec.events[-3][1] is not None and rec.events[-3][1]["error"] == error
+    assert job.calls == ["abort", "clean"]
+    [record] = [r for r in caplog.records if "could not apply its result" in r.getMessage()]
+    assert record.levelno == logging.ERROR
+    assert (record.exc_info is not None) is traceback
