@@ -610,3 +610,27 @@ async def test_a_result_that_cannot_be_applied_fails_the_job(
     [record] = [r for r in caplog.records if "could not apply its result" in r.getMessage()]
     assert record.levelno == logging.ERROR
     assert (record.exc_info is not None) is traceback
+
+
+async def test_progress_is_nothing_of_nothing_before_the_job_runs(registry: JobRegistry) -> None:
+    """What query-jobs shows between the command and the job's first step."""
+    rec = Recorder()
+    job = new_job(rec, registry)
+    assert job.job_info() == {
+        "id": "job0",
+        "type": "commit",
+        "status": "running",
+        "current-progress": 0,
+        "total-progress": 0,
+    }
+    await job.concluded.wait()
+
+
+async def test_a_pending_job_is_not_busy(registry: JobRegistry) -> None:
+    rec = Recorder()
+    job = new_job(rec, registry, auto_finalize=False)
+    await settle()
+    info = job.block_job_info()
+    job.finalize()  # first: a job left pending would hold the test's teardown
+    await job.concluded.wait()
+    assert (info["status"], info["busy"], info["paused"]) == ("pending", False, False)
