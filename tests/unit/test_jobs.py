@@ -616,6 +616,7 @@ async def test_progress_is_nothing_of_nothing_before_the_job_runs(registry: JobR
     """What query-jobs shows between the command and the job's first step."""
     rec = Recorder()
     job = new_job(rec, registry)
+    assert job.block_job_info()["busy"] is True  # started: it runs until its first pause point
     assert job.job_info() == {
         "id": "job0",
         "type": "commit",
@@ -634,3 +635,60 @@ async def test_a_pending_job_is_not_busy(registry: JobRegistry) -> None:
     job.finalize()  # first: a job left pending would hold the test's teardown
     await job.concluded.wait()
     assert (info["status"], info["busy"], info["paused"]) == ("pending", False, False)
+
+
+async def test_a_pause_requested_mid_chunk_applies_before_the_rate_limit_wait(
+    registry: JobRegistry,
+) -> None:
+    """Real clock: the chunk just copied costs a second of rate limit, and the
+    pause must not wait that second out before the job shows as paused."""
+    rec = Recorder()
+    job = CopyJob("busy", rec, speed=UNIT)
+    job.progress_gate = trio.Event()
+    registry.add(job)
+    registry.start(job)
+    await settle()
+    job.user_pause()
+    job.progress_gate.set()
+    await settle()
+    assert job.status == "paused"
+    job.user_cancel(force=True)
+    await job.concluded.wait()
+
+
+class FailingCleanupJob(CopyJob):
+    """abort() or clean() raises (a bug): the job must still conclude."""
+
+    def __init__(self, *args: Any, failing: str, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.failing = failing
+
+    async def abort(self) -> None:
+        await super().abort()
+        if self.failing == "abort":
+            raise RuntimeError("abort broke")
+
+    async def clean(self) -> None:
+        await super().clean()
+        if self.failing == "clean":
+            raise RuntimeError("clean broke")
+
+
+@pytest.mark.parametrize(
+    ("failing", "logged"),
+    [("abort", "could not undo its setup"), ("clean", "could not release its resources")],
+)
+async def test_a_failing_abort_or_clean_still_concludes_the_job(
+    registry: JobRegistry, caplog: pytest.LogCaptureFixture, failing: str, logged: str
+) -> None:
+    rec = Recorder()
+    job = FailingCleanupJob("f", rec, failing=failing, faults={1: [errno.EIO]})
+    registry.add(job)
+    registry.start(job)
+    with trio.fail_after(10):
+        await job.concluded.wait()
+    assert job.calls == ["abort", "clean"]
+    assert rec.statuses()[-3:] == ["BLOCK_JOB_COMPLETED", "concluded", "null"]
+    assert rec.events[-3][1] is not None and rec.events[-3][1]["error"] == "Input/output error"
+    [record] = [r for r in caplog.records if logged in r.getMessage()]
+    assert record.exc_info is not None
