@@ -194,12 +194,14 @@ class Job:
     # -- the points where a job body yields -------------------------------
 
     async def pause_point(self) -> None:
-        """Honour pause and cancel requests; raises to unwind a cancelled job."""
-        if self.user_paused and not self.is_cancelled:
-            self._apply_pause_requests()
-            while self.user_paused and not self.is_cancelled:
-                await self._idle()
-            self._apply_pause_requests()
+        """Honour pause and cancel requests; raises to unwind a cancelled job.
+
+        A pause requested while the job was busy takes effect here; the resume
+        or cancel that ends it finds the job idle and settles its status.
+        """
+        self._apply_pause_requests()
+        while self.user_paused and not self.is_cancelled:
+            await self._idle()
         if self.is_cancelled:
             raise _Cancelled
 
@@ -371,10 +373,10 @@ class Job:
         check_verb(self.id, self.status, Verb.SET_SPEED)
         if speed < 0:
             raise BlockdError("Parameter 'speed' expects a non-negative value")
-        old = self.speed
         self._limiter.set_speed(speed)
-        if speed == 0 or speed > old:
-            self._kick()
+        # A sleeping job recomputes its delay when woken: a lower speed puts
+        # it back to sleep for longer, a higher one shortens its wait.
+        self._kick()
 
     def complete(self) -> None:
         check_verb(self.id, self.status, Verb.COMPLETE)
