@@ -613,9 +613,14 @@ async def test_a_result_that_cannot_be_applied_fails_the_job(
 
 
 async def test_progress_is_nothing_of_nothing_before_the_job_runs(registry: JobRegistry) -> None:
-    """What query-jobs shows between the command and the job's first step."""
+    """What queries show while the command sets the job up (other clients can
+    ask then) and between the command and the job's first step."""
     rec = Recorder()
-    job = new_job(rec, registry)
+    job = CopyJob("job0", rec)
+    registry.add(job)
+    info = job.block_job_info()
+    assert (info["status"], info["busy"], info["len"], info["offset"]) == ("created", False, 0, 0)
+    registry.start(job)
     assert job.block_job_info()["busy"] is True  # started: it runs until its first pause point
     assert job.job_info() == {
         "id": "job0",
@@ -692,3 +697,33 @@ async def test_a_failing_abort_or_clean_still_concludes_the_job(
     assert rec.events[-3][1] is not None and rec.events[-3][1]["error"] == "Input/output error"
     [record] = [r for r in caplog.records if logged in r.getMessage()]
     assert record.exc_info is not None
+
+
+class GatedPrepareJob(CopyJob):
+    """A job whose result takes until ``gate`` opens to apply."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.gate = trio.Event()
+
+    async def prepare(self) -> None:
+        await self.gate.wait()
+        await super().prepare()
+
+
+async def test_applying_a_result_is_not_cut_short_by_the_daemon_going_down() -> None:
+    """The graph and the headers are never left half changed."""
+    rec = Recorder()
+    registry = JobRegistry()
+    job = GatedPrepareJob("g", rec)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(registry.serve)
+        registry.add(job)
+        registry.start(job)
+        await settle()
+        assert job.status == "pending"  # in prepare
+        nursery.cancel_scope.cancel()
+        job.gate.set()
+    assert job.concluded.is_set()
+    assert job.calls == ["prepare", "clean"]
+    assert rec.statuses()[-3:] == ["BLOCK_JOB_COMPLETED", "concluded", "null"]
