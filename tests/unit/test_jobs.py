@@ -727,3 +727,20 @@ async def test_applying_a_result_is_not_cut_short_by_the_daemon_going_down() -> 
     assert job.concluded.is_set()
     assert job.calls == ["prepare", "clean"]
     assert rec.statuses()[-3:] == ["BLOCK_JOB_COMPLETED", "concluded", "null"]
+
+
+async def test_a_job_cancelled_while_being_set_up_is_cancelled_once_started(
+    registry: JobRegistry,
+) -> None:
+    """Another client may cancel a job while its command still sets it up."""
+    rec = Recorder()
+    job = CopyJob("job0", rec)
+    registry.add(job)
+    job.user_cancel(force=True)
+    assert job.status == "created"
+    registry.start(job)
+    await job.concluded.wait()
+    assert rec.statuses() == [
+        "created", "running", "aborting", "BLOCK_JOB_CANCELLED", "concluded", "null",
+    ]  # fmt: skip
+    assert job.calls == ["abort", "clean"]
