@@ -199,6 +199,7 @@ async def test_a_file_to_file_write_that_fails_is_a_write_operation(
         (1, 512 * KiB),
         (5 * MiB - 1, 512 * KiB),
         (45 * MiB, 4608 * KiB),
+        (46 * MiB, 4608 * KiB),  # rounded down to whole chunks
         (300 * MiB, 30 * MiB),
         (320 * MiB + 5 * MiB, 32 * MiB),
     ],
