@@ -4,6 +4,9 @@ of the test's own and trio's virtual clock (rate-limited waits take no real time
 from __future__ import annotations
 
 import errno
+import logging
+import re
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -437,3 +440,307 @@ async def test_shutdown_names_the_jobs_that_outlive_the_grace(
     assert not job.concluded.is_set()
     assert "jobs still running after 5 s: ['j0']" in caplog.text
     job.gate.set()
+
+
+async def test_paused_in_query_follows_pause_and_resume(
+    registry: JobRegistry, autojump_clock: trio.testing.MockClock
+) -> None:
+    rec = Recorder()
+    job = new_job(rec, registry, speed=UNIT)
+    await trio.sleep(1.5)
+    assert job.block_job_info()["paused"] is False
+    job.user_pause()
+    assert job.block_job_info()["paused"] is True
+    job.user_resume()
+    assert job.block_job_info()["paused"] is False
+    await job.concluded.wait()
+
+
+async def test_the_log_tells_what_was_copied_and_how_long_it_took(
+    registry: JobRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Operators read a job's outcome in the log: the bytes copied, and for
+    a finished job the time it took (real time, not the virtual clock)."""
+    caplog.set_level(logging.INFO, logger="blockd")
+    rec = Recorder()
+    failing = new_job(rec, registry, "failing", faults={3: [errno.EIO]})
+    await failing.concluded.wait()
+    assert (
+        f"job failing (commit) failed after {3 * UNIT} of {8 * UNIT} bytes: Input/output error"
+        in caplog.text
+    )
+    cancelled = new_job(rec, registry, "cancelled", on_error=OnError.STOP, faults={2: [errno.EIO]})
+    await settle()
+    cancelled.user_cancel(force=True)
+    await cancelled.concluded.wait()
+    assert f"job cancelled (commit) cancelled after {2 * UNIT} of {8 * UNIT} bytes" in caplog.text
+    started = time.monotonic()
+    finished = new_job(rec, registry, "finished")
+    await finished.concluded.wait()
+    elapsed = time.monotonic() - started
+    found = re.search(
+        r"job finished \(commit\) finished: 4\.0 MiB of 4194304 bytes copied in ([0-9.]+) s",
+        caplog.text,
+    )
+    assert found is not None, caplog.text
+    # logged to 0.1 s
+    assert 0 <= float(found[1]) <= elapsed + 0.05
+
+
+class ReadyJob(CopyJob):
+    """Copies, then stays READY until completed or cancelled softly (a mirror's
+    life: only READY jobs support job-complete and soft cancel)."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.complete_requested = False
+
+    def cancel_is_forced(self, force: bool) -> bool:
+        return force or self.status not in (JobStatus.READY, JobStatus.STANDBY)
+
+    def request_completion(self) -> None:
+        self.complete_requested = True
+        self._kick()
+
+    async def run(self) -> None:
+        await super().run()
+        self._transition(JobStatus.READY)
+        while not (self.complete_requested or self.cancelled):
+            await self.sleep(1)
+
+    async def prepare(self) -> None:
+        self.calls.append("prepare (soft cancel)" if self.cancelled else "prepare")
+
+
+async def test_a_ready_job_paused_is_standby_and_completes_once_resumed(
+    registry: JobRegistry, autojump_clock: trio.testing.MockClock
+) -> None:
+    rec = Recorder()
+    job = ReadyJob("r", rec)
+    registry.add(job)
+    registry.start(job)
+    await trio.sleep(5)
+    assert job.block_job_info()["ready"] is True
+    job.user_pause()
+    assert rec.statuses()[-2:] == ["ready", "standby"]  # at once: the job was idle
+    await trio.sleep(5)  # its poll comes round and finds it paused
+    info = job.block_job_info()
+    assert (info["status"], info["paused"], info["ready"]) == ("standby", True, True)
+    job.complete()  # accepted in standby, acted on after the resume
+    await trio.sleep(5)
+    assert job.status == "standby"
+    job.user_resume()
+    with trio.fail_after(60):  # a job stuck paused fails the test instead of hanging it
+        await job.concluded.wait()
+    assert rec.statuses()[-7:] == [
+        "standby", "ready", "waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null",
+    ]  # fmt: skip
+    assert job.calls == ["prepare", "clean"]
+
+
+async def test_soft_cancel_of_a_ready_job_finishes_it(
+    registry: JobRegistry, autojump_clock: trio.testing.MockClock
+) -> None:
+    rec = Recorder()
+    job = ReadyJob("r", rec)
+    registry.add(job)
+    registry.start(job)
+    await trio.sleep(5)
+    job.user_cancel(force=False)
+    with pytest.raises(BlockdError, match="The active block job 'r' cannot be completed"):
+        job.complete()
+    with trio.fail_after(60):  # a job stuck paused fails the test instead of hanging it
+        await job.concluded.wait()
+    assert rec.statuses()[-6:] == [
+        "ready", "waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null",
+    ]  # fmt: skip
+    assert job.calls == ["prepare (soft cancel)", "clean"]
+
+
+async def test_cancel_of_a_paused_job_clears_paused(registry: JobRegistry) -> None:
+    rec = Recorder()
+    job = new_job(rec, registry, on_error=OnError.STOP, faults={0: [errno.EIO]}, auto_dismiss=False)
+    await settle()
+    assert job.block_job_info()["paused"] is True
+    job.user_cancel(force=True)
+    with trio.fail_after(60):  # a job stuck paused fails the test instead of hanging it
+        await job.concluded.wait()
+    assert job.block_job_info()["paused"] is False
+
+
+class FailingPrepareJob(CopyJob):
+    def __init__(self, *args: Any, failure: Exception, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.failure = failure
+
+    async def prepare(self) -> None:
+        raise self.failure
+
+
+@pytest.mark.parametrize(
+    ("failure", "error", "traceback"),
+    [
+        (BlockIOError(errno.ENOSPC), "No space left on device", False),
+        (RuntimeError("not expected"), "not expected", True),
+    ],
+)
+async def test_a_result_that_cannot_be_applied_fails_the_job(
+    registry: JobRegistry,
+    caplog: pytest.LogCaptureFixture,
+    failure: Exception,
+    error: str,
+    traceback: bool,
+) -> None:
+    """A refusal or I/O error the client is told of is logged as such; anything
+    else is a bug and logged with its traceback."""
+    rec = Recorder()
+    job = FailingPrepareJob("p", rec, failure=failure)
+    registry.add(job)
+    registry.start(job)
+    await job.concluded.wait()
+    assert rec.statuses()[-5:] == [
+        "pending",
+        "aborting",
+        "BLOCK_JOB_COMPLETED",
+        "concluded",
+        "null",
+    ]
+    assert rec.events[-3][1] is not None and rec.events[-3][1]["error"] == error
+    assert job.calls == ["abort", "clean"]
+    [record] = [r for r in caplog.records if "could not apply its result" in r.getMessage()]
+    assert record.levelno == logging.ERROR
+    assert (record.exc_info is not None) is traceback
+
+
+async def test_progress_is_nothing_of_nothing_before_the_job_runs(registry: JobRegistry) -> None:
+    """What queries show while the command sets the job up (other clients can
+    ask then) and between the command and the job's first step."""
+    rec = Recorder()
+    job = CopyJob("job0", rec)
+    registry.add(job)
+    info = job.block_job_info()
+    assert (info["status"], info["busy"], info["len"], info["offset"]) == ("created", False, 0, 0)
+    registry.start(job)
+    assert job.block_job_info()["busy"] is True  # started: it runs until its first pause point
+    assert job.job_info() == {
+        "id": "job0",
+        "type": "commit",
+        "status": "running",
+        "current-progress": 0,
+        "total-progress": 0,
+    }
+    await job.concluded.wait()
+
+
+async def test_a_pending_job_is_not_busy(registry: JobRegistry) -> None:
+    rec = Recorder()
+    job = new_job(rec, registry, auto_finalize=False)
+    await settle()
+    info = job.block_job_info()
+    job.finalize()  # first: a job left pending would hold the test's teardown
+    await job.concluded.wait()
+    assert (info["status"], info["busy"], info["paused"]) == ("pending", False, False)
+
+
+async def test_a_pause_requested_mid_chunk_applies_before_the_rate_limit_wait(
+    registry: JobRegistry,
+) -> None:
+    """Real clock: the chunk just copied costs a second of rate limit, and the
+    pause must not wait that second out before the job shows as paused."""
+    rec = Recorder()
+    job = CopyJob("busy", rec, speed=UNIT)
+    job.progress_gate = trio.Event()
+    registry.add(job)
+    registry.start(job)
+    await settle()
+    job.user_pause()
+    job.progress_gate.set()
+    await settle()
+    assert job.status == "paused"
+    job.user_cancel(force=True)
+    await job.concluded.wait()
+
+
+class FailingCleanupJob(CopyJob):
+    """abort() or clean() raises (a bug): the job must still conclude."""
+
+    def __init__(self, *args: Any, failing: str, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.failing = failing
+
+    async def abort(self) -> None:
+        await super().abort()
+        if self.failing == "abort":
+            raise RuntimeError("abort broke")
+
+    async def clean(self) -> None:
+        await super().clean()
+        if self.failing == "clean":
+            raise RuntimeError("clean broke")
+
+
+@pytest.mark.parametrize(
+    ("failing", "logged"),
+    [("abort", "could not undo its setup"), ("clean", "could not release its resources")],
+)
+async def test_a_failing_abort_or_clean_still_concludes_the_job(
+    registry: JobRegistry, caplog: pytest.LogCaptureFixture, failing: str, logged: str
+) -> None:
+    rec = Recorder()
+    job = FailingCleanupJob("f", rec, failing=failing, faults={1: [errno.EIO]})
+    registry.add(job)
+    registry.start(job)
+    with trio.fail_after(10):
+        await job.concluded.wait()
+    assert job.calls == ["abort", "clean"]
+    assert rec.statuses()[-3:] == ["BLOCK_JOB_COMPLETED", "concluded", "null"]
+    assert rec.events[-3][1] is not None and rec.events[-3][1]["error"] == "Input/output error"
+    [record] = [r for r in caplog.records if logged in r.getMessage()]
+    assert record.exc_info is not None
+
+
+class GatedPrepareJob(CopyJob):
+    """A job whose result takes until ``gate`` opens to apply."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.gate = trio.Event()
+
+    async def prepare(self) -> None:
+        await self.gate.wait()
+        await super().prepare()
+
+
+async def test_applying_a_result_is_not_cut_short_by_the_daemon_going_down() -> None:
+    """The graph and the headers are never left half changed."""
+    rec = Recorder()
+    registry = JobRegistry()
+    job = GatedPrepareJob("g", rec)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(registry.serve)
+        registry.add(job)
+        registry.start(job)
+        await settle()
+        assert job.status == "pending"  # in prepare
+        nursery.cancel_scope.cancel()
+        job.gate.set()
+    assert job.concluded.is_set()
+    assert job.calls == ["prepare", "clean"]
+    assert rec.statuses()[-3:] == ["BLOCK_JOB_COMPLETED", "concluded", "null"]
+
+
+async def test_a_job_cancelled_while_being_set_up_is_cancelled_once_started(
+    registry: JobRegistry,
+) -> None:
+    """Another client may cancel a job while its command still sets it up."""
+    rec = Recorder()
+    job = CopyJob("job0", rec)
+    registry.add(job)
+    job.user_cancel(force=True)
+    assert job.status == "created"
+    registry.start(job)
+    await job.concluded.wait()
+    assert rec.statuses() == [
+        "created", "running", "aborting", "BLOCK_JOB_CANCELLED", "concluded", "null",
+    ]  # fmt: skip
+    assert job.calls == ["abort", "clean"]

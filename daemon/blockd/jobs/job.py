@@ -99,12 +99,13 @@ class Job:
         self.length = 0
         #: Bytes actually copied (progress also counts what needed no copy).
         self.copied = 0
-        self._started_at = 0.0
+        self._started_at: float  # set by start()
         self.io_status = "ok"
         self.error: str | None = None
         #: False while the job waits at a pause point (sleeping or paused).
         self.busy = False
-        self.pause_count = 0
+        #: Paused by a client or by the stop on-error policy (QEMU counts
+        #: internal pauses too; blockd has none, so one flag is the count).
         self.user_paused = False
         #: A cancel was requested; ``force_cancel`` says whether it is a real
         #: cancel or (for jobs that support it) "finish without completing".
@@ -112,7 +113,6 @@ class Job:
         self.force_cancel = False
         self._limiter = RateLimiter(clock, speed)
         self._wake = trio.Event()
-        self._run_finished = False
         self._finalize_requested = trio.Event()
         self.concluded = trio.Event()
         self._on_dismiss: Callable[[Job], None] = lambda job: None
@@ -162,13 +162,14 @@ class Job:
     def _settle(self) -> None:
         """Apply pause requests to the status at once if the job is idle.
 
-        A busy job applies them itself at its next pause point.
+        A busy job applies them itself at its next pause point; a job whose
+        work is over is in no state that a pause changes.
         """
-        if not self.busy and not self._run_finished:
+        if not self.busy:
             self._apply_pause_requests()
 
     def _apply_pause_requests(self) -> None:
-        if self.pause_count > 0 and not self.is_cancelled:
+        if self.user_paused and not self.is_cancelled:
             if self.status is S.RUNNING:
                 self._transition(S.PAUSED)
             elif self.status is S.READY:
@@ -193,17 +194,19 @@ class Job:
     # -- the points where a job body yields -------------------------------
 
     async def pause_point(self) -> None:
-        """Honour pause and cancel requests; raises to unwind a cancelled job."""
-        if self.pause_count > 0 and not self.is_cancelled:
-            self._apply_pause_requests()
-            while self.pause_count > 0 and not self.is_cancelled:
-                await self._idle()
-            self._apply_pause_requests()
+        """Honour pause and cancel requests; raises to unwind a cancelled job.
+
+        A pause requested while the job was busy takes effect here; the resume
+        or cancel that ends it finds the job idle and settles its status.
+        """
+        self._apply_pause_requests()
+        while self.user_paused and not self.is_cancelled:
+            await self._idle()
         if self.is_cancelled:
             raise _Cancelled
 
     async def sleep(self, seconds: float) -> None:
-        if self.pause_count == 0 and not self.is_cancelled:
+        if not self.user_paused and not self.is_cancelled:
             await self._idle(seconds)
         await self.pause_point()
 
@@ -246,9 +249,7 @@ class Job:
         if action == "stop":
             if self.io_status == "ok":
                 self.io_status = "nospace" if nospace else "failed"
-            if not self.user_paused:
-                self.user_paused = True
-                self.pause_count += 1
+            self.user_paused = True
         await self.pause_point()
 
     # -- lifecycle ----------------------------------------------------------
@@ -281,7 +282,6 @@ class Job:
         except Exception as err:
             log.exception("job %s failed unexpectedly", self.id)
             error = f"Internal error: {err}"
-        self._run_finished = True
         self.busy = False
         # Finishing touches the graph and headers: never leave it half done,
         # even when the daemon is shutting down around us.
@@ -344,7 +344,6 @@ class Job:
         if self.user_paused:
             raise BlockdError("Job is already paused")
         self.user_paused = True
-        self.pause_count += 1
         self._settle()
         self._kick()
 
@@ -354,7 +353,6 @@ class Job:
         check_verb(self.id, self.status, Verb.RESUME)
         self.io_status = "ok"
         self.user_paused = False
-        self.pause_count -= 1
         self._settle()
         self._kick()
 
@@ -366,11 +364,10 @@ class Job:
             # clears an error status too
             self.io_status = "ok"
             self.user_paused = False
-            self.pause_count -= 1
-        # A soft cancel means nothing to a job that has finished its work.
-        if force or not self._run_finished:
-            self.cancelled = True
-            self.force_cancel |= force
+        # Only a READY (or STANDBY) job can be cancelled softly, so a job whose
+        # work is over is always cancelled for real.
+        self.cancelled = True
+        self.force_cancel |= force
         if self.is_cancelled:
             self._finalize_requested.set()
         self._settle()
@@ -380,10 +377,10 @@ class Job:
         check_verb(self.id, self.status, Verb.SET_SPEED)
         if speed < 0:
             raise BlockdError("Parameter 'speed' expects a non-negative value")
-        old = self.speed
         self._limiter.set_speed(speed)
-        if speed == 0 or speed > old:
-            self._kick()
+        # A sleeping job recomputes its delay when woken: a lower speed puts
+        # it back to sleep for longer, a higher one shortens its wait.
+        self._kick()
 
     def complete(self) -> None:
         check_verb(self.id, self.status, Verb.COMPLETE)
@@ -408,7 +405,7 @@ class Job:
             "len": self.length,
             "offset": self.offset,
             "busy": self.busy,
-            "paused": self.pause_count > 0,
+            "paused": self.user_paused,
             "speed": self.speed,
             "io-status": self.io_status,
             "ready": self.status in (S.READY, S.STANDBY),
