@@ -67,7 +67,10 @@ def file_opts(path: Path, rules: list[dict[str, Any]] | None) -> dict[str, Any]:
     opts: dict[str, Any] = {"driver": "file", "filename": str(path)}
     if rules is None:
         return opts
-    return {"driver": "blkdebug", "image": opts, "inject-error": rules}
+    blkdebug = {"driver": "blkdebug", "image": opts}
+    if rules:  # (QEMU refuses an empty list)
+        blkdebug["inject-error"] = rules
+    return blkdebug
 
 
 async def open_chain(
