@@ -33,14 +33,9 @@ from blockd.block.permissions import (
 )
 from blockd.errors import BlockdError, BlockError, BlockIOError
 from blockd.events import EventSink
+from blockd.ids import well_formed
 
 _NODE_NAME_MAX = 31
-
-
-def _valid_node_name(name: str) -> bool:
-    if not name or not name[0].isascii() or not name[0].isalpha():
-        return False
-    return all(c.isascii() and (c.isalnum() or c in "-._") for c in name)
 
 
 class BlockGraph:
@@ -99,7 +94,7 @@ class BlockGraph:
             raise BlockError(f"Duplicate nodes with node-name='{name}'")
         if len(name) > _NODE_NAME_MAX:
             raise BlockError("Node name too long")
-        if not _valid_node_name(name):
+        if not well_formed(name):
             raise BlockError(f"Invalid node-name: '{name}'")
 
     # -- registry -------------------------------------------------------------------

@@ -11,7 +11,7 @@ from blockd.commands.context import CommandContext
 from blockd.errors import BlockdError
 from blockd.jobs.active_commit import ActiveCommitJob, ActiveCommitPlan
 from blockd.jobs.commit import CommitJob, plan_commit
-from blockd.jobs.job import JobOptions, OnError
+from blockd.jobs.job import JobOptions, OnError, check_speed
 
 
 async def query_jobs(ctx: CommandContext, args: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -140,8 +140,7 @@ async def block_commit(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str
     ctx.jobs.add(job)
     # QEMU checks these once the job exists: a client sees it created and gone.
     try:
-        if args.get("speed", 0) < 0:
-            raise BlockdError("Parameter 'speed' expects a non-negative value")
+        check_speed(args.get("speed", 0))
         if filter_name is not None and not active:
             ctx.graph.check_new_name(filter_name)
         await job.setup()

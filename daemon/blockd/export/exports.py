@@ -14,7 +14,6 @@ the exports by id; the QMP commands are thin wrappers around it.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
@@ -26,10 +25,10 @@ from blockd.block.node import BlockNode
 from blockd.errors import BlockdError
 from blockd.events import BlockExportDeleted, EventSink
 from blockd.export.protocol import MAX_STRING, ExportInfo
+from blockd.ids import well_formed
 
 log = logging.getLogger(__name__)
 
-_ID = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
 SECTOR = 512
 
 
@@ -216,7 +215,7 @@ class ExportRegistry:
     # -- changes ------------------------------------------------------------------------
 
     def check_new_id(self, export_id: str) -> None:
-        if not _ID.match(export_id):
+        if not well_formed(export_id):
             raise BlockdError("Invalid block export id")
         if export_id in self._exports:
             raise BlockdError(f"Block export id '{export_id}' is already in use")

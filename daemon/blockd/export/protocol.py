@@ -9,7 +9,8 @@ server is produced here and can be tested without a socket.
 
 Only the fixed-newstyle handshake exists (QEMU 7.2 speaks nothing else);
 extended headers are newer than 7.2 and answered as an unknown option.  What
-a client can observe follows qemu-storage-daemon 7.2 (see ``nbd.md``).
+a client can observe follows qemu-storage-daemon 7.2 (README.md lists where
+it deliberately does not).
 """
 
 from __future__ import annotations

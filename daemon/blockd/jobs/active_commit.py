@@ -57,7 +57,6 @@ from blockd.jobs.status import JobStatus
 
 log = logging.getLogger(__name__)
 
-S = JobStatus
 
 #: How often a READY job looks for new writes to copy (QEMU's mirror: 100 ms).
 READY_POLL = 0.1
@@ -137,7 +136,7 @@ class ActiveCommitJob(Job):
 
     def cancel_is_forced(self, force: bool) -> bool:
         # Only a READY job can be cancelled softly (finish without pivoting).
-        return force or self.status not in (S.READY, S.STANDBY)
+        return force or self.status not in (JobStatus.READY, JobStatus.STANDBY)
 
     def request_completion(self) -> None:
         self._complete_requested = True
@@ -145,7 +144,7 @@ class ActiveCommitJob(Job):
 
     def block_job_info(self) -> dict[str, Any]:
         info = super().block_job_info()
-        if self.status is S.PENDING:
+        if self.status is JobStatus.PENDING:
             # QEMU's mirror keeps the chain drained from the end of its copying
             # until it is finalized, and a drain counts as a pause there.
             info["paused"] = True
@@ -180,7 +179,7 @@ class ActiveCommitJob(Job):
             await base.truncate(top.size)
         await self._scan()
         while True:
-            if self.status is S.RUNNING:
+            if self.status is JobStatus.RUNNING:
                 await self.throttle()
             else:
                 # QEMU 7.2's mirror ignores the speed limit once READY: what
@@ -189,12 +188,12 @@ class ActiveCommitJob(Job):
                 await self.pause_point()
             if await self._copy_next():
                 continue
-            if self.status is S.RUNNING:
+            if self.status is JobStatus.RUNNING:
                 if not await self._flush_base():
                     continue
                 if self._dirty:
                     continue
-                self._transition(S.READY)
+                self._transition(JobStatus.READY)
                 self.events.emit(
                     BlockJobReady(self.job_type, self.id, self.length, self.offset, self.speed)
                 )

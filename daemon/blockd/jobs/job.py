@@ -42,7 +42,6 @@ from blockd.jobs.status import JobStatus, Verb, check_transition, check_verb
 
 log = logging.getLogger(__name__)
 
-S = JobStatus
 
 
 class OnError(enum.StrEnum):
@@ -72,6 +71,12 @@ class _Cancelled(Exception):
     """Unwinds a force-cancelled job's body from its pause point."""
 
 
+def check_speed(speed: int) -> None:
+    """A job's speed (bytes per second, 0 for none) as QEMU checks it."""
+    if speed < 0:
+        raise BlockdError("Parameter 'speed' expects a non-negative value")
+
+
 class Job:
     """State, verbs and events common to all jobs; subclasses supply the work."""
 
@@ -93,7 +98,7 @@ class Job:
         self.on_error = on_error
         self.auto_finalize = auto_finalize
         self.auto_dismiss = auto_dismiss
-        self.status = S.UNDEFINED
+        self.status = JobStatus.UNDEFINED
         #: Progress, in bytes: how much is done of how much there is to do.
         self.offset = 0
         self.length = 0
@@ -170,14 +175,14 @@ class Job:
 
     def _apply_pause_requests(self) -> None:
         if self.user_paused and not self.is_cancelled:
-            if self.status is S.RUNNING:
-                self._transition(S.PAUSED)
-            elif self.status is S.READY:
-                self._transition(S.STANDBY)
-        elif self.status is S.PAUSED:
-            self._transition(S.RUNNING)
-        elif self.status is S.STANDBY:
-            self._transition(S.READY)
+            if self.status is JobStatus.RUNNING:
+                self._transition(JobStatus.PAUSED)
+            elif self.status is JobStatus.READY:
+                self._transition(JobStatus.STANDBY)
+        elif self.status is JobStatus.PAUSED:
+            self._transition(JobStatus.RUNNING)
+        elif self.status is JobStatus.STANDBY:
+            self._transition(JobStatus.READY)
 
     def _kick(self) -> None:
         self._wake.set()
@@ -256,17 +261,17 @@ class Job:
 
     def create(self, on_dismiss: Callable[[Job], None]) -> None:
         self._on_dismiss = on_dismiss
-        self._transition(S.CREATED)
+        self._transition(JobStatus.CREATED)
 
     def early_fail(self) -> None:
         """Drop a job whose setup failed before it started."""
-        self._transition(S.NULL)
+        self._transition(JobStatus.NULL)
         self._on_dismiss(self)
 
     def start(self, nursery: trio.Nursery) -> None:
         self._started_at = time.monotonic()
         self.busy = True
-        self._transition(S.RUNNING)
+        self._transition(JobStatus.RUNNING)
         nursery.start_soon(self._main, name=f"job {self.id}")
 
     async def _main(self) -> None:
@@ -290,8 +295,8 @@ class Job:
 
     async def _finish(self, error: str | None) -> None:
         if error is None and not self.is_cancelled:
-            self._transition(S.WAITING)
-            self._transition(S.PENDING)
+            self._transition(JobStatus.WAITING)
+            self._transition(JobStatus.PENDING)
             if not self.auto_finalize:
                 self.events.emit(BlockJobPending(type=self.job_type, id=self.id))
                 await self._finalize_requested.wait()
@@ -307,7 +312,7 @@ class Job:
                     error = str(err)
         if error is not None or self.is_cancelled:
             self.error = error if error is not None else "Operation canceled"
-            self._transition(S.ABORTING)
+            self._transition(JobStatus.ABORTING)
             try:
                 await self.abort()
             except Exception:
@@ -327,13 +332,13 @@ class Job:
                 logs.job_finished(self.id, self.job_type, self.copied, self.length, seconds)
             else:
                 logs.job_failed(self.id, self.job_type, error, self.copied, self.length)
-        self._transition(S.CONCLUDED)
+        self._transition(JobStatus.CONCLUDED)
         self.concluded.set()
         if self.auto_dismiss:
             self._dismiss()
 
     def _dismiss(self) -> None:
-        self._transition(S.NULL)
+        self._transition(JobStatus.NULL)
         self.dismissed()
         self._on_dismiss(self)
 
@@ -375,8 +380,7 @@ class Job:
 
     def set_speed(self, speed: int) -> None:
         check_verb(self.id, self.status, Verb.SET_SPEED)
-        if speed < 0:
-            raise BlockdError("Parameter 'speed' expects a non-negative value")
+        check_speed(speed)
         self._limiter.set_speed(speed)
         # A sleeping job recomputes its delay when woken: a lower speed puts
         # it back to sleep for longer, a higher one shortens its wait.
@@ -408,7 +412,7 @@ class Job:
             "paused": self.user_paused,
             "speed": self.speed,
             "io-status": self.io_status,
-            "ready": self.status in (S.READY, S.STANDBY),
+            "ready": self.status in (JobStatus.READY, JobStatus.STANDBY),
             "status": str(self.status),
             "auto-finalize": self.auto_finalize,
             "auto-dismiss": self.auto_dismiss,

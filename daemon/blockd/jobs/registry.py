@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 
 import trio
 
 from blockd.errors import BlockdError, DeviceNotActive
+from blockd.ids import well_formed
 from blockd.jobs.job import Job
 from blockd.jobs.status import JobStatus
 
 log = logging.getLogger(__name__)
 
-_ID = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
 
 
 class JobRegistry:
@@ -35,7 +34,7 @@ class JobRegistry:
             await trio.sleep_forever()
 
     def check_new_id(self, job_id: str) -> None:
-        if not _ID.match(job_id):
+        if not well_formed(job_id):
             raise BlockdError(f"Invalid job ID '{job_id}'")
         if job_id in self._jobs:
             raise BlockdError(f"Job ID '{job_id}' already in use")

@@ -25,20 +25,20 @@ class JobStatus(enum.StrEnum):
     NULL = "null"
 
 
-S = JobStatus
-
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
-    S.UNDEFINED: frozenset({S.CREATED}),
-    S.CREATED: frozenset({S.RUNNING, S.ABORTING, S.NULL}),
-    S.RUNNING: frozenset({S.PAUSED, S.READY, S.WAITING, S.ABORTING}),
-    S.PAUSED: frozenset({S.RUNNING}),
-    S.READY: frozenset({S.STANDBY, S.WAITING, S.ABORTING}),
-    S.STANDBY: frozenset({S.READY}),
-    S.WAITING: frozenset({S.PENDING, S.ABORTING}),
-    S.PENDING: frozenset({S.ABORTING, S.CONCLUDED}),
-    S.ABORTING: frozenset({S.ABORTING, S.CONCLUDED}),
-    S.CONCLUDED: frozenset({S.NULL}),
-    S.NULL: frozenset(),
+    JobStatus.UNDEFINED: frozenset({JobStatus.CREATED}),
+    JobStatus.CREATED: frozenset({JobStatus.RUNNING, JobStatus.ABORTING, JobStatus.NULL}),
+    JobStatus.RUNNING: frozenset(
+        {JobStatus.PAUSED, JobStatus.READY, JobStatus.WAITING, JobStatus.ABORTING}
+    ),
+    JobStatus.PAUSED: frozenset({JobStatus.RUNNING}),
+    JobStatus.READY: frozenset({JobStatus.STANDBY, JobStatus.WAITING, JobStatus.ABORTING}),
+    JobStatus.STANDBY: frozenset({JobStatus.READY}),
+    JobStatus.WAITING: frozenset({JobStatus.PENDING, JobStatus.ABORTING}),
+    JobStatus.PENDING: frozenset({JobStatus.ABORTING, JobStatus.CONCLUDED}),
+    JobStatus.ABORTING: frozenset({JobStatus.ABORTING, JobStatus.CONCLUDED}),
+    JobStatus.CONCLUDED: frozenset({JobStatus.NULL}),
+    JobStatus.NULL: frozenset(),
 }
 
 
@@ -52,17 +52,19 @@ class Verb(enum.StrEnum):
     DISMISS = "dismiss"
 
 
-_LIVE = frozenset({S.CREATED, S.RUNNING, S.PAUSED, S.READY, S.STANDBY})
+_LIVE = frozenset(
+    {JobStatus.CREATED, JobStatus.RUNNING, JobStatus.PAUSED, JobStatus.READY, JobStatus.STANDBY}
+)
 
 VERBS: dict[Verb, frozenset[JobStatus]] = {
-    Verb.CANCEL: _LIVE | {S.WAITING, S.PENDING},
+    Verb.CANCEL: _LIVE | {JobStatus.WAITING, JobStatus.PENDING},
     Verb.PAUSE: _LIVE,
     Verb.RESUME: _LIVE,
     Verb.SET_SPEED: _LIVE,
     # QEMU 7.2 accepts complete in standby too: it takes effect on resume.
-    Verb.COMPLETE: frozenset({S.READY, S.STANDBY}),
-    Verb.FINALIZE: frozenset({S.PENDING}),
-    Verb.DISMISS: frozenset({S.CONCLUDED}),
+    Verb.COMPLETE: frozenset({JobStatus.READY, JobStatus.STANDBY}),
+    Verb.FINALIZE: frozenset({JobStatus.PENDING}),
+    Verb.DISMISS: frozenset({JobStatus.CONCLUDED}),
 }
 
 
