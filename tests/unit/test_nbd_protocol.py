@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blockd.export import protocol as p
+from blockd.export import replies as r
 
 DISK = p.ExportInfo("disk", 4 << 20, writable=True, description="my disk")
 RO = p.ExportInfo("ro", 1 << 20, writable=False)
@@ -263,12 +264,12 @@ def test_check_request(
 
 def test_read_chunks_place_each_extent_and_mark_the_last_done() -> None:
     extents = [(65536, b"x" * 65536), (131072, None), (65536, None), (10, b"y" * 10)]
-    chunks = p.read_chunks(5, 0, extents)
+    chunks = r.read_chunks(5, 0, extents)
     kinds = [struct.unpack_from(">IHHQI", c)[1:3] for c in chunks]
     assert kinds == [(0, 1), (0, 2), (0, 2), (1, 1)]
     assert struct.unpack_from(">QI", chunks[1], 20) == (65536, 131072)
     assert struct.unpack_from(">Q", chunks[3], 20) == (4 * 65536,)
-    df = p.read_chunks(5, 0, extents, df=True)
+    df = r.read_chunks(5, 0, extents, df=True)
     assert len(df) == 1 and len(df[0]) == 20 + 8 + 4 * 65536 + 10
 
 
@@ -283,21 +284,21 @@ def test_read_reply_pieces_are_the_whole_reply_cut_up(piece: int) -> None:
     offset, length = 1000, 300_000
     data = image[offset : offset + length]
     extents = [(length, False)]
-    simple = p.read_reply_pieces(7, offset, extents, structured=False, df=False, piece=piece)
-    assert _joined(simple, image) == p.simple_reply(7, 0, data)
+    simple = r.read_reply_pieces(7, offset, extents, structured=False, df=False, piece=piece)
+    assert _joined(simple, image) == r.simple_reply(7, 0, data)
     assert all(n <= piece for _head, _at, n in simple)
-    df = p.read_reply_pieces(7, offset, extents, structured=True, df=True, piece=piece)
-    assert _joined(df, image) == b"".join(p.read_chunks(7, offset, [(length, data)], df=True))
+    df = r.read_reply_pieces(7, offset, extents, structured=True, df=True, piece=piece)
+    assert _joined(df, image) == b"".join(r.read_chunks(7, offset, [(length, data)], df=True))
     # structured: the same holes, data cut into chunks of at most ``piece`` bytes
     runs = [(70_000, False), (65536, True), (100_000, False), (64_464, True)]
-    sparse = p.read_reply_pieces(7, offset, runs, structured=True, df=False, piece=piece)
+    sparse = r.read_reply_pieces(7, offset, runs, structured=True, df=False, piece=piece)
     assert sum(n for _head, _at, n in sparse) == 170_000
     if piece >= 100_000:
         expected, pos = [], offset
         for n, hole in runs:
             expected.append((n, None if hole else image[pos : pos + n]))
             pos += n
-        assert _joined(sparse, image) == b"".join(p.read_chunks(7, offset, expected))
+        assert _joined(sparse, image) == b"".join(r.read_chunks(7, offset, expected))
     else:
         heads = [struct.unpack_from(">IHHQI", head) for head, _at, _n in sparse]
         assert [flags for _m, flags, _k, _h, _s in heads] == [0] * (len(heads) - 1) + [1]
@@ -307,15 +308,15 @@ def test_read_reply_pieces_are_the_whole_reply_cut_up(piece: int) -> None:
 
 
 def test_error_replies() -> None:
-    assert p.error_reply(3, False, 22, "x") == struct.pack(">IIQ", p.SIMPLE_REPLY_MAGIC, 22, 3)
+    assert r.error_reply(3, False, 22, "x") == struct.pack(">IIQ", p.SIMPLE_REPLY_MAGIC, 22, 3)
     assert (
-        p.error_reply(3, True, 22, "bad")
+        r.error_reply(3, True, 22, "bad")
         == struct.pack(">IHHQIIH", p.STRUCTURED_REPLY_MAGIC, 1, 0x8001, 3, 9, 22, 3) + b"bad"
     )
 
 
 def test_merge_extents() -> None:
-    assert p.merge_extents([(1, 0), (2, 0), (3, 3), (4, 3), (1, 0)]) == [(3, 0), (7, 3), (1, 0)]
+    assert r.merge_extents([(1, 0), (2, 0), (3, 3), (4, 3), (1, 0)]) == [(3, 0), (7, 3), (1, 0)]
 
 
 HANDSHAKE = (

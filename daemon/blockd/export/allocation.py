@@ -6,12 +6,13 @@ from __future__ import annotations
 from blockd.block.chain import layer_above
 from blockd.block.node import BlockNode, Status
 from blockd.export import protocol as p
+from blockd.export import replies as r
 
 
 async def allocation_flags(node: BlockNode, offset: int, length: int) -> tuple[int, int]:
     """``base:allocation``'s flags at ``offset`` (0 data, HOLE|ZERO reads as zeros), and the run."""
     _depth, _layer, status, run = await layer_above(node, None, offset, length)
-    return (0 if status is Status.DATA else p.STATE_HOLE | p.STATE_ZERO), run
+    return (0 if status is Status.DATA else r.STATE_HOLE | r.STATE_ZERO), run
 
 
 async def allocation_depth(node: BlockNode, offset: int, length: int) -> tuple[int, int]:
@@ -29,7 +30,7 @@ async def allocation_extents(
     end = offset + length
     while offset < end:
         flags, n = await probe(node, offset, min(end - offset, 0xFFFFFFFF))
-        extents = p.merge_extents([*extents, (n, flags)])
+        extents = r.merge_extents([*extents, (n, flags)])
         offset += n
         if len(extents) >= max_extents:
             break

@@ -16,6 +16,7 @@ import math
 import trio
 
 from blockd.export import protocol as p
+from blockd.export import replies as r
 from blockd.export.budget import ALONE_BYTES, ClientBudget, ServerBudget
 from blockd.export.exports import Export
 
@@ -155,4 +156,4 @@ def refusal(client: Client, export: Export, request: p.Request) -> bytes | None:
     )
     if refused is None:
         return None
-    return p.error_reply(request.handle, client.structured, refused.error, refused.message)
+    return r.error_reply(request.handle, client.structured, refused.error, refused.message)

@@ -21,6 +21,7 @@ import trio
 from blockd.block.direct import DirectJob, DirectResult, read_cached, start_direct
 from blockd.block.node import BlockNode
 from blockd.export import protocol as p
+from blockd.export import replies as r
 from blockd.export.client import (
     READ,
     STREAM_ABOVE,
@@ -65,7 +66,7 @@ def queue(client: Client, request: p.Request) -> None:
 
 def read_reply(client: Client, request: p.Request) -> tuple[bytearray, memoryview]:
     """A READ's whole reply, and the part of it the data is to be read into."""
-    answer = p.data_reply_buffer(request, client.structured)
+    answer = r.data_reply_buffer(request, client.structured)
     return answer, memoryview(answer)[len(answer) - request.length :]
 
 
@@ -225,12 +226,12 @@ def _finish(
         for (request, buf), err in zip(replies, errors, strict=True):
             if err is not None:
                 frames.append(
-                    p.error_reply(request.handle, client.structured, nbd_error(err), str(err))
+                    r.error_reply(request.handle, client.structured, nbd_error(err), str(err))
                 )
             elif buf is not None:
                 frames.append(buf)
             else:
-                frames.append(p.simple_reply(request.handle))
+                frames.append(r.simple_reply(request.handle))
     except Exception:
         log.exception("finishing an NBD batch failed")
     finally:

@@ -18,6 +18,7 @@ from blockd.block.chain import sparse_read
 from blockd.block.node import BlockNode
 from blockd.errors import BlockdError
 from blockd.export import protocol as p
+from blockd.export import replies as r
 from blockd.export.allocation import allocation_extents
 from blockd.export.client import Client, cost, refusal, release, reply
 from blockd.export.errors import nbd_error
@@ -58,7 +59,7 @@ async def _run(client: Client, request: p.Request) -> bytes:
     except Exception as err:
         if not isinstance(err, BlockdError | OSError):
             log.exception("NBD request %d failed unexpectedly", request.type)
-        return p.error_reply(request.handle, client.structured, nbd_error(err), str(err))
+        return r.error_reply(request.handle, client.structured, nbd_error(err), str(err))
     return answer
 
 
@@ -72,11 +73,11 @@ async def _execute(client: Client, export: Export, node: BlockNode, request: p.R
     fua = bool(flags & p.CmdFlag.FUA) or export.writethrough
     if kind == p.Cmd.READ:
         if not client.structured:
-            return p.simple_reply(handle, 0, await node.read(offset, length))
+            return r.simple_reply(handle, 0, await node.read(offset, length))
         if flags & p.CmdFlag.DF and length:  # (nothing to read: a NONE chunk, below)
             data = await node.read(offset, length)
-            return b"".join(p.read_chunks(handle, offset, [(length, data)], df=True))
-        return b"".join(p.read_chunks(handle, offset, await sparse_read(node, offset, length)))
+            return b"".join(r.read_chunks(handle, offset, [(length, data)], df=True))
+        return b"".join(r.read_chunks(handle, offset, await sparse_read(node, offset, length)))
     if kind == p.Cmd.WRITE:
         await node.write(offset, request.data)
         if fua:
@@ -89,7 +90,7 @@ async def _execute(client: Client, export: Export, node: BlockNode, request: p.R
             await node.flush()
     elif kind == p.Cmd.WRITE_ZEROES:
         if flags & p.CmdFlag.FAST_ZERO and not _has_fast_zeroes(node):
-            return p.error_reply(
+            return r.error_reply(
                 handle, client.structured, p.ENOTSUP, "fast zeroing is not supported"
             )
         await node.write_zeroes(offset, length)
@@ -105,7 +106,7 @@ async def _execute(client: Client, export: Export, node: BlockNode, request: p.R
             context = client.contexts[context_id]
             extents = await allocation_extents(node, offset, length, limit, context)
             out.append(
-                p.block_status_chunk(handle, context_id, extents, done=index == len(ids) - 1)
+                r.block_status_chunk(handle, context_id, extents, done=index == len(ids) - 1)
             )
         return b"".join(out)
-    return p.simple_reply(handle)
+    return r.simple_reply(handle)

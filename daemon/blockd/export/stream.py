@@ -14,6 +14,7 @@ from blockd.block.chain import sparse_extents
 from blockd.block.direct import DirectIO, DirectResult, read_cached, start_direct
 from blockd.errors import BlockdError, BlockIOError
 from blockd.export import protocol as p
+from blockd.export import replies as r
 from blockd.export.client import STREAM_ABOVE, Client, cost, refusal, release, reply
 from blockd.export.errors import nbd_error
 from blockd.export.exports import Export
@@ -114,7 +115,7 @@ async def stream(client: Client, request: p.Request) -> None:
     except Exception as err:
         await _stream_failed(client, request, err, cut=False)
         return
-    pieces = p.read_reply_pieces(request.handle, offset, extents, structured, df, PIECE)
+    pieces = r.read_reply_pieces(request.handle, offset, extents, structured, df, PIECE)
     buffers = (bytearray(PIECE + _HEAD_ROOM), bytearray(PIECE + _HEAD_ROOM))
     filled: list[memoryview | Exception] = []
 
@@ -157,5 +158,5 @@ async def _stream_failed(client: Client, request: p.Request, err: Exception, cut
     if cut:
         log.warning("NBD read failed after part of its reply was sent: %s", err)
         raise ReplyCut from err
-    reply = p.error_reply(request.handle, client.structured, nbd_error(err), str(err))
+    reply = r.error_reply(request.handle, client.structured, nbd_error(err), str(err))
     await client.stream.send_all(reply)
