@@ -548,10 +548,15 @@ class NoReply(Exception):
         self.side = side
 
 
+#: Tries at QSD's monitor (0.2 s, 0.4 s, ... apart: about 20 s in all, for a
+#: machine under load); it serves one connection at a time.
+ATTEMPTS = 14
+
+
 class Side:
     def __init__(self, name: str, daemon: DaemonProcess, d: Path, nbd: Path) -> None:
         self.name, self.daemon, self.dir, self.nbd = name, daemon, d, nbd
-        for attempt in range(3):
+        for attempt in range(ATTEMPTS):
             # QSD's monitor serves one connection at a time: the start-up probe's
             # may still hold it, and then ours is closed before the greeting.
             self.client = RawQMP(daemon.socket_path, timeout=30.0)
@@ -563,9 +568,9 @@ class Side:
                 break
             except (EOFError, ConnectionError):
                 self.client.close()
-                if attempt == 2 or daemon.proc.poll() is not None:
+                if attempt == ATTEMPTS - 1 or daemon.proc.poll() is not None:
                     raise
-                time.sleep(0.2)
+                time.sleep(0.2 * (attempt + 1))
         self.cursor = 0
         self.jobs: dict[str, JobTrack] = {}
         self.early: dict[str, list[Any]] = {}
