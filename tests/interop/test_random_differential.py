@@ -144,11 +144,8 @@ def test_random_sequences_match_qsd() -> None:
 QSD_SEEDS: tuple[int, ...] = (
     40070130,  # QSD corrupts a base whose flushes fail: the same on both sides
     3,
-    17,
     61,
-    1000,
     2024,
-    31337,
     500104,
 )
 
