@@ -116,13 +116,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config) if args.config is not None else Config()
         given = getattr(args, "startup", None) or []
-        nodes = [*config.blockdevs]
         startup = config.startup()
         for option, text in given:
             arguments = parse_option(option, text)
             if option == "--blockdev":
-                nodes.append(arguments)
-                startup.append(node_step(len(nodes), arguments))
+                number = 1 + sum(step.command == "blockdev-add" for step in startup)
+                startup.append(node_step(number, arguments))
             else:
                 command = OPTION_COMMANDS[option][0]
                 startup.append(StartupCommand(command, arguments, f"{option} {text!r}"))

@@ -137,11 +137,6 @@ def _legacy_address(options: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-def parse_blockdev(text: str) -> dict[str, Any]:
-    """One ``--blockdev`` option's ``blockdev-add`` arguments."""
-    return parse_option("--blockdev", text)
-
-
 def _command_schema(command: str) -> CommandSchema:
     return _command_schemas()[command]
 

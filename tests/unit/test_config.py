@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from blockd.config import Config, ConfigError, load_config, parse_blockdev
+from blockd.config import Config, ConfigError, load_config, parse_option
 
 
 def _load(tmp_path: Path, text: str) -> Config:
@@ -86,7 +86,7 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_blockdev_option_is_json() -> None:
-    assert parse_blockdev('{"driver": "null-co", "node-name": "n"}') == {
+    assert parse_option("--blockdev", '{"driver": "null-co", "node-name": "n"}') == {
         "driver": "null-co",
         "node-name": "n",
     }
@@ -99,7 +99,7 @@ def test_blockdev_option_as_key_value_pairs() -> None:
         "qcow2,node-name=x,read-only=on,file.driver=file,file.filename=a,,b,"
         "cache-clean-interval=0x10,discard=unmap"
     )
-    assert parse_blockdev(text) == {
+    assert parse_option("--blockdev", text) == {
         "driver": "qcow2",
         "node-name": "x",
         "read-only": True,
@@ -108,7 +108,8 @@ def test_blockdev_option_as_key_value_pairs() -> None:
         "discard": "unmap",
     }
     blkdebug = "driver=blkdebug,image=img,inject-error.0.event=read_aio,inject-error.0.errno=010"
-    assert parse_blockdev(blkdebug)["inject-error"] == [{"event": "read_aio", "errno": 8}]
+    rules = parse_option("--blockdev", blkdebug)["inject-error"]
+    assert rules == [{"event": "read_aio", "errno": 8}]
 
 
 @pytest.mark.parametrize(
@@ -121,7 +122,7 @@ def test_blockdev_option_as_key_value_pairs() -> None:
 )
 def test_bad_blockdev_option(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        parse_blockdev(text)
+        parse_option("--blockdev", text)
 
 
 def test_shipped_example_is_valid(tmp_path: Path) -> None:
