@@ -78,6 +78,7 @@ REGRESSION_SEEDS: tuple[int, ...] = (
     600030,  # a snapshot image above a commit's top: refused up front (A4)
     500104,  # active commit of a read-only top: base read-only afterwards
     300486,  # an overlay added on an active commit's top reads base afterwards
+    3100076,  # a read rule made active by an earlier job, on an overlay a commit re-points
     700130,  # blkdebug fails an overlay's header flush at finalize: ends at A7
     800140,  # blkdebug fails base's metadata write-back at finalize: ends at A7
     900025,  # an active commit's scan fails (l2_load): the job fails, no error event

@@ -49,6 +49,7 @@ class BackingName:
         await self.file.write(0, raw + bytes(extent - len(raw)))
         await self.refs.flush()
         parsed = hdr.parse_fixed(raw)
+        new.end_marker_stored = True  # serialize ends the extensions with one
         new.backing_file_offset = parsed.backing_file_offset
         new.backing_file_size = parsed.backing_file_size
         for field in dataclasses.fields(hdr.Header):
@@ -60,7 +61,9 @@ class BackingName:
 
         The new name goes to free bytes of cluster 0 first (flushed); then the
         12 bytes that locate it (offset and length, in the first sector) are
-        rewritten at once.  A crash before that write leaves the old name in
+        rewritten at once.  Nothing is read: the header as parsed at open (and
+        as we wrote it since) says where free bytes are, as QEMU's in-memory
+        header does for its rewrite.  A crash before that write leaves the old name in
         force, after it the new one: never a torn header, even on power loss.
         Returns False when the layout does not allow it (the extensions change,
         or there is no end marker or no room), for the caller's full rewrite.
@@ -85,9 +88,8 @@ class BackingName:
             start = ext_end
         else:
             return False
-        cluster0 = await self.file.read(0, min(cs, self.file.size))
-        if cluster0[ext_end - 8 : ext_end] != bytes(8):
-            return False  # no end-of-extensions marker: name bytes could pass for one
+        if not h.end_marker_stored:
+            return False  # name bytes after the extensions could pass for more of them
         self.meta.check(0, max(ext_end, start + len(raw)), MetaKind.HEADER)
         await self.file.write(start, raw)
         await self.refs.flush()

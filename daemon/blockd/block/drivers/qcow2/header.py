@@ -98,6 +98,10 @@ class Header:
     tail: bytes = b""
     extensions: list[Extension] = dataclasses.field(default_factory=list)
     backing_file: str | None = None
+    #: the extension list ends in an end marker stored in the file (not implied
+    #: by the backing name or the end of the cluster or file): free bytes after it
+    #: can take a new backing name without rereading cluster 0
+    end_marker_stored: bool = False
 
     @property
     def cluster_size(self) -> int:
@@ -257,6 +261,7 @@ def _parse_extensions(h: Header, buf: bytes) -> None:
     limit = h.backing_file_offset if h.backing_file_offset else h.cluster_size
     pos = h.header_length
     h.extensions = []
+    h.end_marker_stored = False
     while pos < limit:
         if pos + 8 > len(buf):
             return  # zeros: the end marker
@@ -265,6 +270,7 @@ def _parse_extensions(h: Header, buf: bytes) -> None:
         if pos > limit or length > limit - pos:
             raise ImageError("Header extension too large")
         if ext_type == EXT_END:
+            h.end_marker_stored = True
             return
         data = bytes(buf[pos : pos + length])
         h.extensions.append(Extension(ext_type, data + bytes(length - len(data))))

@@ -108,7 +108,15 @@ class Refcounts:
 
     # -- blocks ---------------------------------------------------------------------
 
-    async def _block(self, rt_index: int) -> tuple[int, bytearray] | None:
+    async def _block(
+        self, rt_index: int, *, for_update: bool = False
+    ) -> tuple[int, bytearray] | None:
+        """The refcount block of a table entry (None: no block), cached.
+
+        ``for_update``: QEMU raises blkdebug's ``refblock_load`` only on the way
+        to changing counters; looking counters up (allocation's search for free
+        clusters, a refcount query) reads the block under no event.
+        """
         if rt_index >= len(self.table):
             return None
         off = self.table[rt_index] & REFTABLE_OFFSET_MASK
@@ -117,7 +125,8 @@ class Refcounts:
         if off & (self.cluster_size - 1):
             index = f"{rt_index:#x}" if rt_index else "0"  # C's %#x
             raise CorruptMetadata(f"Refblock offset {off:#x} unaligned (reftable index: {index})")
-        self.file.debug_event("refblock_load")  # cached or not, as in QEMU
+        if for_update:
+            self.file.debug_event("refblock_load")  # cached or not, as in QEMU
         buf = self._cache.get(off)
         if buf is None:
             loaded = bytearray(await self.file.read(off, self.cluster_size))
@@ -246,7 +255,7 @@ class Refcounts:
             by_block.setdefault(c // self.block_entries, []).append(c)
         for rt_index, members in sorted(by_block.items()):
             self.file.debug_event("refblock_alloc")
-            blk = await self._block(rt_index)
+            blk = await self._block(rt_index, for_update=True)
             if blk is None:
                 raise BlockIOError(
                     errno.EIO, f"qcow2: no refcount block covers cluster {members[0]}"
