@@ -3,7 +3,8 @@
 The job copies everything the layers above base hold, and learns of the
 guest's writes from a write observer on the active node (a dirty bitmap at
 about base's cluster granularity), copying those ranges again until nothing
-is left; then base is flushed and the job is READY.  From then on it keeps
+is left; then base is flushed and the job is READY (what the guest writes
+during that flush is copied in READY, as in QEMU).  From then on it keeps
 base in sync until the client decides:
 
 * ``block-job-complete``: the pivot.  Every export of the active node is held
@@ -189,13 +190,19 @@ class ActiveCommitJob(Job):
             if await self._copy_next():
                 continue
             if self.status is JobStatus.RUNNING:
+                # Everything known is copied: flush base and go READY, as QEMU's
+                # mirror does, whatever the guest writes during the flush (READY
+                # does not promise an empty dirty set, the final sync of the
+                # pivot empties it).  Waiting for a flush that no write overlaps
+                # would never end under a steady writer.
+                synced = self.offset
                 if not await self._flush_base():
                     continue
-                if self._dirty:
-                    continue
                 self._transition(JobStatus.READY)
+                # the event reports the moment nothing was left, as QEMU's does
+                # (its progress moves only between the job's steps)
                 self.events.emit(
-                    BlockJobReady(self.job_type, self.id, self.length, self.offset, self.speed)
+                    BlockJobReady(self.job_type, self.id, synced, synced, self.speed)
                 )
                 log.info("job %s: %s and %s in sync", self.id, top.node_name, base.node_name)
             if self._complete_requested or self.cancelled:
