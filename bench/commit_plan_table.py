@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.plan_chains import CASES, Row, run_case  # noqa: E402
+from tests.plan_chains import CASES, Row, run_case
 
 
 def mib(n: int) -> str:

@@ -116,12 +116,12 @@ def run_case(case: Case, d: Path, sock: Path) -> Row:
         with RawQMP(daemon.socket_path) as qmp:
             qmp.negotiate()
             for name, backing in (("base", None), ("mid", "base"), ("top", "mid")):
+                file = {"driver": "file", "filename": str(d / f"{name}.qcow2")}
                 args = {"driver": "qcow2", "node-name": name, "read-only": name != "top",
-                        "backing": backing,
-                        "file": {"driver": "file", "filename": str(d / f"{name}.qcow2")}}  # fmt: skip
+                        "backing": backing, "file": file}  # fmt: skip
                 assert qmp.execute("blockdev-add", args) == {"return": {}}
-            reply = qmp.execute("__org.blockd_commit-plan",
-                                {"device": "top", "top-node": "mid", "base-node": "base"})  # fmt: skip
+            selection = {"device": "top", "top-node": "mid", "base-node": "base"}
+            reply = qmp.execute("__org.blockd_commit-plan", selection)
             assert "return" in reply, reply
             plan = reply["return"]
             commit = {"job-id": "c", "device": "top", "top-node": "mid", "base-node": "base"}

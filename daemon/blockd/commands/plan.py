@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from blockd.block.info import display_filename
 from blockd.commands.context import CommandContext
 from blockd.commands.jobs import refuse_writable_top, resolve_commit
 from blockd.jobs.commit import CommitPlan
@@ -29,7 +28,7 @@ async def commit_plan(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str,
         "layers": [
             {
                 "node-name": share.node.node_name,
-                "filename": display_filename(ctx.graph, share.node),
+                "filename": share.node.filename,
                 "data": share.data,
                 "zero": share.zero,
                 "runs": share.runs,
