@@ -11,6 +11,7 @@ block-commit refuses it, and asking changes nothing.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +140,38 @@ def test_plan_of_an_active_commit_and_of_a_deeper_chain(
         assert members == {"device", "top", "top-node", "base", "base-node"}
         returned = {m["name"] for m in schema[entry["ret-type"]]["members"]}
         assert {"layers", "clusters", "growth", "free", "fits", "virtual-growth"} <= returned
+
+
+def test_raw_base_gets_an_upper_bound(blockd: DaemonProcess, tmp_path: Path) -> None:
+    """A raw base keeps no allocation map: every data byte is counted, and the
+    commit takes no more than that."""
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"")
+    os.truncate(base, 64 * M)
+    qemu_io(base, "write -P 1 0 4M", fmt="raw")
+    backing = "backing_file=base.raw,backing_fmt=raw"
+    mid = create(tmp_path / "mid.qcow2", size="64M", options=backing)
+    qemu_io(mid, "write -P 2 2M 6M", "write -z 20M 1M")
+    with RawQMP(blockd.socket_path) as qmp:
+        qmp.negotiate()
+        nodes = [
+            {"driver": "raw", "node-name": "base", "read-only": True,
+             "file": {"driver": "file", "filename": str(base)}},
+            {"driver": "qcow2", "node-name": "mid", "backing": "base",
+             "file": {"driver": "file", "filename": str(mid)}},
+        ]  # fmt: skip
+        for args in nodes:
+            assert qmp.execute("blockdev-add", args) == {"return": {}}
+        plan = qmp.execute("__org.blockd_commit-plan", {"device": "mid"})["return"]
+        assert plan["upper-bound"] is True and plan["cluster-size"] == 0
+        assert plan["growth"]["total"] == plan["growth"]["data"] == 6 * M
+        assert plan["layers"] == [{"node-name": "mid", "filename": str(mid), "data": 6 * M,
+                                   "zero": 1 * M, "runs": 2}]  # fmt: skip
+        before = os.stat(base).st_blocks * 512
+        commit = {"job-id": "c", "device": "mid", "base-node": "base"}
+        assert qmp.execute("block-commit", commit) == {"return": {}}
+        qmp.wait_event("BLOCK_JOB_READY", device="c")
+        assert qmp.execute("block-job-complete", {"device": "c"}) == {"return": {}}
+        qmp.wait_event("BLOCK_JOB_COMPLETED", device="c")
+    blockd.stop()
+    assert 0 < os.stat(base).st_blocks * 512 - before <= plan["growth"]["total"]
