@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import AsyncIterator
 
+import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -58,8 +59,10 @@ async def _planned(ops: list[PlannedWrite]) -> AsyncIterator[PlannedWrite]:
              "grow": 0, "prefill": [("write -P 7", 0, 65536 * 8)],
              "ops": [(0, 65536 * 8, True), (65536 * 20, 65536 * 4, False)],
              "backing": False})  # zeros free data, the next write reuses it  # fmt: skip
-async def test_forecast_is_what_the_writes_take(tmp_path_factory: object, sc: dict) -> None:
-    tmp = tmp_path_factory.mktemp("forecast")  # type: ignore[attr-defined]
+async def test_forecast_is_what_the_writes_take(
+    tmp_path_factory: pytest.TempPathFactory, sc: dict
+) -> None:
+    tmp = tmp_path_factory.mktemp("forecast")
     cs = sc["cluster_size"]
     backing = None
     if sc["backing"]:
