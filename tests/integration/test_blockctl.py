@@ -26,9 +26,18 @@ from typing import Any
 import pexpect
 import pytest
 
-from tests.conftest import missing, require_tool
+from tests.conftest import in_ci, missing, require_tool
 from tests.helpers import DaemonProcess, RawQMP, start_blockd, start_qsd
-from tests.images import backing_of, check, create, guest_view, qemu_io, same_data
+from tests.images import (
+    backing_of,
+    check,
+    check_consistent,
+    create,
+    digest,
+    guest_view,
+    qemu_io,
+    same_data,
+)
 
 BLOCKCTL = [sys.executable, "-m", "blockd.ctl"]
 ESCAPE = "\x1b"
@@ -347,6 +356,9 @@ def test_same_commands_against_qemu_storage_daemon(sock_dir: Path, tmp_path: Pat
         assert table["top"][3] == "mid" and table["mid"][7] == "backing of top"
         tree = blockctl(sock, "chain", "top").stdout.splitlines()
         assert [line.lstrip("└─│ ").split()[0] for line in tree] == ["top", "mid", "base"]
+        # QSD computes no plan: --dry-run says so; a commit goes ahead unchecked
+        dry = blockctl(sock, "commit", "top", "--top", "mid", "--dry-run")
+        one_error_line(dry, 1, "computes no commit plan", "__org.blockd_commit-plan")
         result = blockctl(sock, "commit", "top", "--top", "mid", "--wait")
         assert result.returncode == 0, result.stderr
         last = result.stdout.splitlines()[-1]
@@ -470,8 +482,142 @@ def test_help_says_what_is_not_there_yet() -> None:
     result = blockctl(None, "--help")
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
-    assert "Not yet available: commit --dry-run and the free-space check" in text
+    assert "Not yet available: stream" in text and "dry-run" in text
+    assert "refuses when base's file system lacks room" in text
     assert "130 left running after a second Ctrl-C" in text
+    commit = " ".join(blockctl(None, "commit", "--help").stdout.split())
+    assert "--dry-run print the commit plan" in commit and "--force commit even" in commit
+
+
+# --- the commit plan: --dry-run, the free-space check, --force --------------------
+
+
+def plan_of(chain: Chain, **selection: str) -> dict[str, Any]:
+    reply = chain.qmp.execute("__org.blockd_commit-plan", {"device": "top", **selection})
+    plan: dict[str, Any] = reply["return"]
+    return plan
+
+
+def test_dry_run_prints_the_plan(chain: Chain) -> None:
+    """mid's 16 MiB lie over base's 32 MiB (in place: base does not grow); an
+    active commit of top also brings top's 1 MiB, in place as well."""
+    files = {p: digest(p) for p in chain.d.glob("*.qcow2")}
+    result = blockctl(chain.sock, "commit", "top", "--top", "mid", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    plan = plan_of(chain, **{"top-node": "mid"})
+    assert re.fullmatch(
+        rf"commit mid into base \({re.escape(str(chain.image('base')))}\): grows by about "
+        r"0 B, [\d.]+ [KMGT]iB free: fits", lines[0]), lines[0]  # fmt: skip
+    assert lines[1].split() == ["layer", "file", "data", "zeros", "runs"]
+    assert lines[2].split() == ["mid", str(chain.image("mid")), "16.0", "MiB", "0", "B", "1"]
+    items = {cells[0]: cells for cells in (line.split() for line in lines[4:])}
+    assert lines[3].split() == ["base", "bytes", "size"]
+    assert items["growth"][1] == str(plan["growth"]["total"]) == "0"
+    assert items["data"][1] == "0" and items["free"][1].isdigit()
+    assert items["margin"][1] == str(plan["margin"])
+    assert chain.jobs() == []  # nothing started
+
+    # mid into base with top too: top's own MiB at 1M lies over base's data
+    active = blockctl(chain.sock, "commit", "top", "--dry-run")
+    assert active.returncode == 0, active.stderr
+    layers = rows("\n".join(active.stdout.splitlines()[1:4]))
+    assert layers["top"][2:] == ["1.0 MiB", "0 B", "1"]
+    assert layers["mid"][2:] == ["15.0 MiB", "0 B", "2"]  # less what top hides
+    assert chain.jobs() == []
+    chain.stop()
+    assert {p: digest(p) for p in chain.d.glob("*.qcow2")} == files
+
+
+def test_dry_run_on_a_terminal(chain: Chain) -> None:
+    child = spawn_tty(chain, "commit", "top", "--top", "mid", "--dry-run")
+    screen = io.StringIO()
+    child.logfile_read = screen
+    child.expect("fits")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    shown = screen.getvalue()
+    assert ESCAPE in shown and "─" in shown  # colour, and the tables' rules
+    assert "refcount-blocks" in shown and "16.0 MiB" in shown
+    assert chain.jobs() == []
+
+
+def test_dry_run_of_a_refused_selection(sock_dir: Path) -> None:
+    """The selection refused: the daemon's words, once."""
+    daemon = start_blockd(sock_dir / "qmp.sock")
+    try:
+        result = blockctl(str(daemon.socket_path), "commit", "nosuch", "--dry-run")
+        one_error_line(result, 1, "commit: ", "nosuch")
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 12 MiB tmpfs: a base whose file system cannot take the commit."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12M,mode=0700", "tmpfs",
+                           str(mount)], capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        message = f"cannot mount a tmpfs (needs root): {done.stderr.strip()}"
+        if in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_no_room_refused_then_forced(small_fs: Path, sock_dir: Path, tmp_path: Path) -> None:
+    base = create(small_fs / "base.qcow2", size="64M")
+    qemu_io(base, "write -P 0x11 0 1M")
+    mid = create(tmp_path / "mid.qcow2", size="64M", backing=str(base))
+    qemu_io(mid, "write -P 0x22 0 24M")
+    top = create(tmp_path / "top.qcow2", size="64M", backing="mid.qcow2")
+    before = guest_view(top, tmp_path / "before.raw")
+    base_digest = digest(base)
+    daemon = start_blockd(sock_dir / "qmp.sock")
+    sock = str(daemon.socket_path)
+    try:
+        with RawQMP(daemon.socket_path) as qmp:
+            qmp.negotiate()
+            for name, backing, path in (("base", None, base), ("mid", "base", mid),
+                                        ("top", "mid", top)):  # fmt: skip
+                args = {"driver": "qcow2", "node-name": name, "read-only": name != "top",
+                        "backing": backing, "file": {"driver": "file", "filename": str(path)}}
+                assert qmp.execute("blockdev-add", args) == {"return": {}}
+            plan = qmp.execute("__org.blockd_commit-plan",
+                               {"device": "top", "top-node": "mid"})["return"]  # fmt: skip
+            assert plan["fits"] is False and plan["free"] < 12 << 20
+            assert plan["growth"]["total"] >= 23 << 20
+
+            refused = blockctl(sock, "commit", "top", "--top", "mid", "--wait")
+            line = one_error_line(refused, 1, "not enough room to commit mid into base",
+                                  str(base), "--force commits anyway")  # fmt: skip
+            assert re.search(r"grow by about 2[34]\.\d MiB .* has \d+\.\d MiB free", line), line
+            assert refused.stdout == ""
+            assert qmp.execute("query-block-jobs") == {"return": []}
+
+            dry = blockctl(sock, "commit", "top", "--top", "mid", "--dry-run")
+            assert dry.returncode == 1 and dry.stderr == ""
+            assert dry.stdout.splitlines()[0].endswith("free: does NOT fit")
+
+            # --force: the job runs, and the file system fills up under it
+            forced = blockctl(sock, "commit", "top", "--top", "mid", "--force", "--wait")
+            assert forced.returncode == 1, (forced.stdout, forced.stderr)
+            assert forced.stderr.startswith("blockctl: warning: not enough room")
+            assert "committing anyway (--force)" in forced.stderr
+            assert forced.stdout.splitlines()[-1] == "commit-top: failed: No space left on device"
+    finally:
+        daemon.stop()
+    assert daemon.proc.returncode == 0
+    assert digest(base) != base_digest  # the forced commit did write
+    check_consistent(base)
+    assert backing_of(top) == "mid.qcow2"
+    assert same_data(before, top)
 
 
 def test_console_script_is_installed() -> None:

@@ -45,6 +45,8 @@ NOT_PACKAGES = {
     "python3": "the interpreter itself: the bootstrap builds .venv from it (python3-venv)",
     "dpkg": "essential on every Debian system",
     "cp": "coreutils, essential on every Debian system",
+    "mount": "package mount, of required priority: on every Debian system",
+    "umount": "package mount, of required priority: on every Debian system",
 }
 #: Calls whose first argument (or the first item of a list given first) is a command.
 RUNNERS = {"run", "Popen", "check_output", "check_call", "call", "tool", "spawn", "which",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -49,6 +49,34 @@ class HostExtents:
         release, self._release = self._release, None
         if release is not None:
             release()
+
+
+#: A write a job will make, as :meth:`BlockNode.forecast_writes` takes them:
+#: (offset, length, whether it is a zero write).
+PlannedWrite = tuple[int, int, bool]
+
+
+@dataclass(frozen=True)
+class WriteForecast:
+    """What a sequence of writes would add to a node's host file, in bytes.
+
+    ``growth`` is what the file system must find: the new clusters (data and
+    each kind of metadata) less the free clusters inside the file that the
+    allocator fills first (``reused``).  ``upper_bound``: the format gives no
+    way to tell (a raw image), so every data byte is counted as new.
+    """
+
+    cluster_size: int
+    #: guest clusters that get a new host cluster
+    clusters: int
+    data: int
+    l2_tables: int
+    refcount_blocks: int
+    refcount_table: int
+    l1_table: int
+    reused: int
+    growth: int
+    upper_bound: bool
 
 
 class BlockNode:
@@ -164,6 +192,32 @@ class BlockNode:
 
     def _format_info(self) -> dict[str, Any]:
         return {}
+
+    # -- what a job will cost ------------------------------------------------------
+
+    async def forecast_writes(
+        self, size: int, writes: AsyncIterator[PlannedWrite]
+    ) -> WriteForecast:
+        """What growing the node to ``size`` bytes (if bigger) and then making
+        ``writes``, in that order, would add to its host file; changes nothing.
+
+        A format that keeps an allocation map answers from it (qcow2); the
+        rest count every data byte, an upper bound (a byte already there
+        costs nothing).
+        """
+        data = 0
+        async for _offset, length, zero in writes:
+            if not zero:
+                data += length
+        return WriteForecast(
+            cluster_size=0, clusters=0, data=data, l2_tables=0, refcount_blocks=0,
+            refcount_table=0, l1_table=0, reused=0, growth=data, upper_bound=True,
+        )  # fmt: skip
+
+    async def free_space(self) -> int | None:
+        """Bytes the file system holding this node's host file can still give
+        (to an unprivileged writer, as ``df`` shows them); None: no host file."""
+        return await self.file.free_space() if self.file is not None else None
 
     # -- who watches writes ------------------------------------------------------
 

@@ -10,7 +10,7 @@ from blockd import logs
 from blockd.commands.context import CommandContext
 from blockd.errors import BlockdError
 from blockd.jobs.active_commit import ActiveCommitJob, ActiveCommitPlan
-from blockd.jobs.commit import CommitJob, plan_commit
+from blockd.jobs.commit import CommitJob, CommitPlan, plan_commit
 from blockd.jobs.job import JobOptions, OnError, check_speed
 
 
@@ -91,7 +91,10 @@ async def job_dismiss(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str,
     return {}
 
 
-async def block_commit(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str, Any]:
+def resolve_commit(ctx: CommandContext, args: Mapping[str, Any]) -> CommitPlan | ActiveCommitPlan:
+    """block-commit's selection (device, top, base) resolved and checked, in
+    its order and words; shared with the commit plan, which must agree (the
+    plan also calls :func:`refuse_writable_top`)."""
     plan = plan_commit(
         ctx.graph,
         device=args["device"],
@@ -102,6 +105,23 @@ async def block_commit(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str
         backing_file=args.get("backing-file"),
         has_writer=lambda node: any(e.writable for e in ctx.exports.exports_of(node)),
     )
+    return plan
+
+
+def refuse_writable_top(ctx: CommandContext, plan: CommitPlan) -> None:
+    for node in plan.intermediates[:1]:
+        if any(export.writable for export in ctx.exports.exports_of(node)):
+            # QEMU turns this into an active commit; blockd would lose the
+            # writes that land behind the copy, so it refuses.  (An export
+            # of a node below top meets the job's claim, as in QEMU.)
+            raise BlockdError(
+                f"Cannot commit '{node.node_name}' while it is exported writable: "
+                "writes to it during the commit would be lost"
+            )
+
+
+async def block_commit(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str, Any]:
+    plan = resolve_commit(ctx, args)
     filter_name = args.get("filter-node-name")
     active = isinstance(plan, ActiveCommitPlan)
     if active and filter_name is not None:
@@ -127,15 +147,7 @@ async def block_commit(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str
             **options,
         )
     else:
-        for node in plan.intermediates[:1]:
-            if any(export.writable for export in ctx.exports.exports_of(node)):
-                # QEMU turns this into an active commit; blockd would lose the
-                # writes that land behind the copy, so it refuses.  (An export
-                # of a node below top meets the job's claim, as in QEMU.)
-                raise BlockdError(
-                    f"Cannot commit '{node.node_name}' while it is exported writable: "
-                    "writes to it during the commit would be lost"
-                )
+        refuse_writable_top(ctx, plan)
         job = CommitJob(job_id, ctx.events, ctx.graph, plan, ctx.exports.switch_node, **options)
     ctx.jobs.add(job)
     # QEMU checks these once the job exists: a client sees it created and gone.

@@ -36,8 +36,11 @@ class CtlError(Exception):
 class DaemonError(CtlError):
     """The daemon refused a command (a QMP error reply): its words, after the command's name."""
 
-    def __init__(self, command: str, desc: str) -> None:
+    def __init__(self, command: str, desc: str, error_class: str = "GenericError") -> None:
         super().__init__(f"{command}: {desc}")
+        self.desc = desc
+        #: QMP's error class: ``CommandNotFound`` tells a daemon without the command
+        self.error_class = error_class
 
 
 def socket_path(option: str | None) -> str:
@@ -89,7 +92,7 @@ class Daemon:
         try:
             return await self._qmp.execute(command, arguments)
         except ExecuteError as err:
-            raise DaemonError(command, str(err)) from None
+            raise DaemonError(command, str(err), err.error_class) from None
         except QMPError as err:
             raise CtlError(f"{command}: lost the connection to blockd ({err})") from None
 

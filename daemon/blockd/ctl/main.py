@@ -12,8 +12,15 @@ from typing import Any
 
 from blockd import __version__
 from blockd.ctl import graph
-from blockd.ctl.client import DEFAULT_SOCKET, CtlError, Daemon, quiet_library_logs, socket_path
-from blockd.ctl.units import human_rate, parse_rate
+from blockd.ctl.client import (
+    DEFAULT_SOCKET,
+    CtlError,
+    Daemon,
+    DaemonError,
+    quiet_library_logs,
+    socket_path,
+)
+from blockd.ctl.units import human_rate, human_size, parse_rate
 from blockd.ctl.views import (
     chain_tree,
     console,
@@ -21,22 +28,28 @@ from blockd.ctl.views import (
     exports_table,
     jobs_table,
     nodes_table,
+    plan_view,
 )
 from blockd.ctl.watch import Outcome, Watcher
 
 #: Exit status of a command line blockctl does not understand (argparse's).
 USAGE = 2
 
+#: blockd's commit plan, a downstream extension (qemu-storage-daemon has none).
+PLAN = "__org.blockd_commit-plan"
+
 EPILOG = f"""\
 The socket is --socket, else $BLOCKD_SOCKET, else {DEFAULT_SOCKET} (the systemd units').
 Rates take binary suffixes: 100M is 100 MiB/s, 0 is no limit.
 
 Exit status: 0 done (or, for an active commit without --pivot, ready),
-1 failed (or the daemon refused, or cannot be reached), 2 usage error,
-3 cancelled, 130 left running after a second Ctrl-C.
+1 failed (or the daemon refused, or base's file system lacks room, or cannot
+be reached), 2 usage error, 3 cancelled, 130 left running after a second Ctrl-C.
 
-Not yet available: commit --dry-run and the free-space check before a commit
-(they need a commit plan from the daemon), and stream (blockd has no
+Before every commit blockctl asks blockd for the commit plan
+(__org.blockd_commit-plan) and refuses when base's file system lacks room
+for base's predicted growth; --force commits anyway, --dry-run prints the
+plan and starts nothing.  Not yet available: stream (blockd has no
 block-stream).
 """
 
@@ -76,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
         "layer DEVICE itself is committed: the job then keeps base in sync with new writes "
         "until it is completed (--pivot, or `blockctl complete`), which moves DEVICE's users "
         "(exports) onto base.  With --top, the images from --top down to above --base are "
-        "merged into base and DEVICE is re-pointed onto base when the job ends.",
+        "merged into base and DEVICE is re-pointed onto base when the job ends.  "
+        "The daemon's commit plan is checked first: blockctl refuses (status 1) when base's "
+        "file system has less free space than base's predicted growth plus a margin "
+        "(1%% and one cluster), unless --force.",
         epilog="As virsh blockcommit --active --wait: without --pivot an active commit's "
         "--wait returns (status 0) once the job is ready and leaves it running in sync.  "
         "The bar's percent, rate and ETA are progress through the job's whole range: parts "
@@ -92,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     commit.add_argument("--wait", action="store_true", help="show progress until the job ends")
     commit.add_argument("--pivot", action="store_true", help="active commit: once ready, "
                         "move DEVICE's users onto base and end the job (implies --wait)")
+    commit.add_argument("--dry-run", action="store_true", help="print the commit plan (what "
+                        "each layer gives, how much base grows, the free space) and start "
+                        "nothing; exit status 1 if the commit would be refused for room")
+    commit.add_argument("--force", action="store_true", help="commit even though base's "
+                        "file system seems to lack room for it")
 
     wait = sub.add_parser("wait", help="show a running job's progress until it ends")
     wait.add_argument("job")
@@ -171,18 +192,30 @@ async def cmd_commit(daemon: Daemon, args: argparse.Namespace) -> int:
     active = args.top is None or args.top == args.device
     if args.pivot and not active:
         raise CtlError("--pivot is for an active commit (DEVICE itself, no other --top)", USAGE)
+    selection: dict[str, Any] = {"device": args.device}
+    if args.top is not None:
+        selection["top-node"] = args.top
+    if args.base is not None:
+        selection["base-node"] = args.base
+    into = args.base or await _bottom(daemon, args.device)
+    plan = await _commit_plan(daemon, selection, args.dry_run)
+    con = console()
+    if args.dry_run:
+        assert plan is not None
+        for part in plan_view(con, plan, await _file_of(daemon, plan["base-node"])):
+            con.print(part)
+        return 0 if plan["fits"] else 1
+    if plan is not None and not plan["fits"]:
+        lacking = await _no_room(daemon, plan)
+        if not args.force:
+            raise CtlError(f"{lacking}; --force commits anyway")
+        print(f"blockctl: warning: {lacking}; committing anyway (--force)", file=sys.stderr)
     listener = daemon.listener()
     job_id = args.job_id or await _free_job_id(daemon, f"commit-{args.device}")
-    arguments: dict[str, Any] = {"job-id": job_id, "device": args.device}
-    if args.top is not None:
-        arguments["top-node"] = args.top
-    if args.base is not None:
-        arguments["base-node"] = args.base
+    arguments: dict[str, Any] = {"job-id": job_id, **selection}
     if args.speed is not None:
         arguments["speed"] = args.speed
-    into = args.base or await _bottom(daemon, args.device)
     await daemon.execute("block-commit", arguments)
-    con = console()
     what = args.top or args.device
     limit = f" at up to {human_rate(args.speed)}" if args.speed else ""
     con.print(f"{job_id}: committing {what} into {into}{limit}", markup=False)
@@ -275,6 +308,44 @@ async def _bottom(daemon: Daemon, device: str) -> str:
     if device not in {node.name for node in nodes}:
         return "base"  # block-commit names the problem in its own words
     return graph.chain(nodes, device)[-1].name
+
+
+async def _commit_plan(
+    daemon: Daemon, selection: dict[str, Any], required: bool
+) -> dict[str, Any] | None:
+    """The daemon's plan for the commit; None when it has none to give
+    (qemu-storage-daemon) or refuses the selection, which block-commit then
+    refuses in its own words (the daemon checks both alike)."""
+    try:
+        plan: dict[str, Any] = await daemon.execute(PLAN, selection)
+    except DaemonError as err:
+        if err.error_class == "CommandNotFound":
+            if required:
+                raise CtlError("this daemon computes no commit plan (it has no "
+                               f"{PLAN}: is it blockd?)") from None  # fmt: skip
+            return None
+        if required:
+            raise CtlError(f"commit: {err.desc}") from None
+        return None
+    return plan
+
+
+async def _file_of(daemon: Daemon, node: str) -> str:
+    for found in await _graph(daemon):
+        if found.name == node:
+            return found.file
+    return node
+
+
+async def _no_room(daemon: Daemon, plan: dict[str, Any]) -> str:
+    """The one line that says why a commit does not fit."""
+    free = plan.get("free", 0)
+    return (
+        f"not enough room to commit {plan['top-node']} into {plan['base-node']}: "
+        f"{await _file_of(daemon, plan['base-node'])} would grow by about "
+        f"{human_size(plan['growth']['total'])} (+{human_size(plan['margin'])} margin), "
+        f"its file system has {human_size(free)} free"
+    )
 
 
 async def _free_job_id(daemon: Daemon, wanted: str) -> str:

@@ -148,3 +148,41 @@ def event_line(event: Mapping[str, Any]) -> str:
     data = event.get("data", {})
     fields = " ".join(f"{key}={value}" for key, value in data.items())
     return f"{when} {event.get('event')} {fields}".rstrip()
+
+
+def plan_view(con: Console, plan: Mapping[str, Any], base_file: str) -> list[Any]:
+    """A commit plan: a summary line, what each layer gives, and what base's file
+    grows by, item by item (plain rows through a pipe, for grep and awk)."""
+    growth = plan["growth"]
+    free = plan.get("free")
+    verdict = "fits" if plan["fits"] else "does NOT fit"
+    where = f"{human_size(free)} free" if free is not None else "free space unknown"
+    bound = " at most" if plan["upper-bound"] else " about"
+    summary = Text(
+        f"commit {plan['top-node']} into {plan['base-node']} ({base_file}): grows by{bound} "
+        f"{human_size(growth['total'])}, {where}: {verdict}"
+    )
+    if con.is_terminal:
+        summary.stylize("bold green" if plan["fits"] else "bold red")
+    layers = _table(con, "layer", "file", "data", "zeros", "runs")
+    for layer in plan["layers"]:
+        _row(layers, layer["node-name"], layer["filename"], human_size(layer["data"]),
+             human_size(layer["zero"]), str(layer["runs"]))  # fmt: skip
+    cluster = plan["cluster-size"]
+    items = _table(con, "base", "bytes", "size")
+    clusters = f" ({plan['clusters']} clusters of {human_size(cluster)})" if cluster else ""
+    for label, value, note in (
+        ("data", growth["data"], clusters),
+        ("l2-tables", growth["l2-tables"], ""),
+        ("refcount-blocks", growth["refcount-blocks"], ""),
+        ("refcount-table", growth["refcount-table"], ""),
+        ("l1-table", growth["l1-table"], ""),
+        ("reused", -growth["reused"], " (free clusters inside the file)"),
+        ("growth", growth["total"], ""),
+        ("margin", plan["margin"], " (1% + one cluster)"),
+        ("virtual-growth", plan["virtual-growth"], ""),
+        ("free", free, ""),
+    ):
+        if value is not None:
+            _row(items, label, str(value), human_size(value) + note)
+    return [summary, layers, items]

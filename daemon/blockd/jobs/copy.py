@@ -63,18 +63,10 @@ class ChainCopy:
 
         Raises :class:`CopyFailed`; copying the window again is harmless.
         """
-        runs: list[tuple[BlockNode, Status, int, int]] = []
-        pos = offset
-        while pos < end:
-            try:
-                layer, status, n = await self.graph.allocation_above(
-                    self.top, self.base, pos, end - pos
-                )
-            except BlockIOError as err:
-                raise CopyFailed(err, "read") from err
-            if layer is not None:
-                runs.append((layer, status, pos, n))
-            pos += n
+        try:
+            runs = await self.runs(offset, end)
+        except BlockIOError as err:
+            raise CopyFailed(err, "read") from err
         data: list[tuple[BlockNode, int, int]] = []
         for layer, status, pos, n in runs:
             if status is Status.ZERO:
@@ -87,6 +79,21 @@ class ChainCopy:
         if data:
             await self._data_runs(data)
         return sum(n for _l, _s, _p, n in runs)
+
+    async def runs(self, offset: int, end: int) -> list[tuple[BlockNode, Status, int, int]]:
+        """What :meth:`window` copies: (layer, data or zeros, offset, length) for
+        each run in ``[offset, end)`` some layer above base holds; in that
+        order the zero runs are written first, then the data runs."""
+        runs: list[tuple[BlockNode, Status, int, int]] = []
+        pos = offset
+        while pos < end:
+            layer, status, n = await self.graph.allocation_above(
+                self.top, self.base, pos, end - pos
+            )
+            if layer is not None:
+                runs.append((layer, status, pos, n))
+            pos += n
+        return runs
 
     async def _data_runs(self, runs: list[tuple[BlockNode, int, int]]) -> None:
         base = self.base

@@ -287,6 +287,13 @@ class FileNode(BlockNode):
     def fd(self) -> int:
         return self._fd
 
+    async def free_space(self) -> int | None:
+        try:
+            st = await run_io(lambda: os.statvfs(self._filename))
+        except BlockIOError:
+            return None
+        return st.f_bavail * st.f_frsize
+
     async def _do_read(self, offset: int, length: int) -> bytes:
         fd = self._fd
         return await self._io(lambda: _pread_full(fd, offset, length))

@@ -32,6 +32,7 @@ import errno
 import logging
 import os
 import struct
+from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
 import trio
@@ -43,6 +44,7 @@ from blockd.block.drivers.qcow2 import snapshots as snap
 from blockd.block.drivers.qcow2.allocation import Allocator
 from blockd.block.drivers.qcow2.backing import BackingName
 from blockd.block.drivers.qcow2.direct_path import DirectPath
+from blockd.block.drivers.qcow2.forecast import Forecast
 from blockd.block.drivers.qcow2.image_info import format_info
 from blockd.block.drivers.qcow2.inflight import InFlight
 from blockd.block.drivers.qcow2.mapping import Mapping
@@ -55,7 +57,7 @@ from blockd.block.drivers.qcow2.tables import OFFSET_MASK, ClusterKind, decode_t
 from blockd.block.drivers.qcow2.writeback import L2Writeback
 from blockd.block.drivers.qcow2.writes import Writes
 from blockd.block.drivers.qcow2.zeroing import Zeroing
-from blockd.block.node import BlockNode, HostExtents, Status
+from blockd.block.node import BlockNode, HostExtents, PlannedWrite, Status, WriteForecast
 from blockd.block.permissions import Role
 from blockd.errors import BlockError, BlockIOError, ImageError
 from blockd.events import BlockImageCorrupted
@@ -345,6 +347,21 @@ class Qcow2Node(BlockNode):
         ):
             return None
         return self._direct.resolve(file, offset, length, write)
+
+    # -- what writes would cost -----------------------------------------------------
+
+    async def forecast_writes(
+        self, size: int, writes: AsyncIterator[PlannedWrite]
+    ) -> WriteForecast:
+        self._check_open()
+        forecast = await Forecast.start(
+            self._mapping,
+            self._refs,
+            self._has_backing,
+            lambda: self.backing.size if self.backing is not None else None,
+            self._inflight.lock,
+        )
+        return await forecast.run(size, writes, self._inflight.lock)
 
     # -- writing --------------------------------------------------------------------
 

@@ -63,6 +63,29 @@ def set_refcount(buf: bytearray, index: int, bits: int, value: int) -> tuple[int
     return byte, byte + 1
 
 
+def table_growth(old_entries: int, rt_index: int, block_entries: int, cluster_size: int
+                 ) -> tuple[int, int]:
+    """How a full refcount table grows to cover ``rt_index``: (new refcount
+    blocks, clusters of the new table), both placed at the start of the first
+    range the old table could not cover, and counted by those new blocks.
+
+    The one formula for growing (:meth:`Refcounts._grow_table`) and for
+    predicting the growth (``forecast.py``).
+    """
+    be, cs = block_entries, cluster_size
+    want = max(rt_index + 1, (old_entries * 3 + 1) // 2)
+    nblocks = 1
+    while True:
+        table_clusters = -(-want * 8 // cs)
+        span = nblocks + table_clusters
+        need_blocks = -(-span // be)
+        need_entries = old_entries + (span - 1) // be + 1
+        if need_blocks <= nblocks and need_entries <= want:
+            return nblocks, table_clusters
+        nblocks = max(nblocks, need_blocks)
+        want = max(want, need_entries)
+
+
 class Refcounts:
     """Counters for every host cluster, with a bounded block cache written back at each flush."""
 
@@ -280,6 +303,29 @@ class Refcounts:
                     self._held.discard(cluster)  # free again: a 0 may be written any time
             self._mark_dirty(off, rt_index * self.block_entries, values)
 
+    async def free_below(self, end: int) -> int:
+        """How many clusters in ``[1, end)`` have no reference: the holes the
+        allocator fills before the file grows.  Ranges without a refcount
+        block are not counted (using them takes a new block first).
+        """
+        free = 0
+        be = self.block_entries
+        typecode = {8: "B", 16: "H", 32: "I", 64: "Q"}.get(self.bits)
+        for rt_index in range(min(len(self.table), -(-end // be))):
+            blk = await self._block(rt_index)
+            if blk is None:
+                continue
+            lo = max(1, rt_index * be) - rt_index * be
+            hi = min(end, (rt_index + 1) * be) - rt_index * be
+            if typecode is not None:
+                # a zero counter reads as zero whatever the byte order
+                width = self.bits // 8
+                free += array(typecode, blk[1][lo * width : hi * width]).count(0)
+            else:
+                free += sum(1 for i in range(lo, hi) if not get_refcount(blk[1], i, self.bits))
+            await trio.lowlevel.checkpoint()  # a big image has many blocks to look at
+        return free
+
     # -- allocation -----------------------------------------------------------------
 
     async def _find_free_run(self, n: int, *, partial: bool = False) -> tuple[int, int]:
@@ -396,17 +442,8 @@ class Refcounts:
         cs, be = self.cluster_size, self.block_entries
         old_entries = len(self.table)
         area = old_entries * be  # first cluster no counter exists for
-        want = max(rt_index + 1, (old_entries * 3 + 1) // 2)
-        nblocks = 1
-        while True:
-            table_clusters = -(-want * 8 // cs)
-            area_end = area + nblocks + table_clusters
-            need_blocks = -(-(area_end - area) // be)
-            need_entries = (area_end - 1) // be + 1
-            if need_blocks <= nblocks and need_entries <= want:
-                break
-            nblocks = max(nblocks, need_blocks)
-            want = max(want, need_entries)
+        nblocks, table_clusters = table_growth(old_entries, rt_index, be, cs)
+        area_end = area + nblocks + table_clusters
         new_entries = table_clusters * cs // 8
         table_off = (area + nblocks) << self.cluster_bits
         # 1. the new refcount blocks, counting the whole new area (themselves + table)
