@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import IO, Any
 
 TIMEOUT = 10.0
+#: How long a daemon may take to listen: on a loaded machine (two cores shared
+#: by parallel test runs) Python's start-up alone has taken over 10 s.
+STARTUP_TIMEOUT = 30.0
 
 #: The blockd processes started through :func:`spawn` during the current test;
 #: conftest fails the test if one of them logged a traceback.
@@ -24,7 +27,9 @@ STARTED: list[DaemonProcess] = []
 INTERNAL_ERROR_MARKS = ("Traceback (most recent call last)", "Internal error")
 
 
-def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = TIMEOUT) -> None:
+def wait_for_socket(
+    path: Path, proc: subprocess.Popen[bytes], timeout: float = STARTUP_TIMEOUT
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
