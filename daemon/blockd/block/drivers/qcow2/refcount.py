@@ -106,6 +106,15 @@ class Refcounts:
             if off:
                 self.meta.add(off, self.cluster_size, MetaKind.REFBLOCK)
 
+    def replace_table(self, table: array[int]) -> None:
+        """Start over from a new refcount table whose blocks are on disk already
+        (a rebuild): nothing cached or pending from the old one survives."""
+        self.table = table
+        self._cache.clear()
+        self._dirty.clear()
+        self._held.clear()
+        self.free_hint = 0
+
     # -- blocks ---------------------------------------------------------------------
 
     async def _block(self, rt_index: int) -> tuple[int, bytearray] | None:
