@@ -240,10 +240,12 @@ async def rebuild_refcounts(
     await file.write(hdr.OFF_REFTABLE, struct.pack(">QI", new.offset + len(new.blocks) * cs,
                                                    new.table_clusters))
     await file.flush()
-    for off in refs.table:
-        if off & REFTABLE_OFFSET_MASK:
-            meta.remove(off & REFTABLE_OFFSET_MASK, cs)
-    meta.remove(header.refcount_table_offset, header.refcount_table_clusters << bits)
+    old_structure = [(off & REFTABLE_OFFSET_MASK) >> bits for off in refs.table
+                     if off & REFTABLE_OFFSET_MASK]
+    first = header.refcount_table_offset >> bits
+    old_structure += range(first, first + header.refcount_table_clusters)
+    for c in old_structure:
+        meta.remove(c << bits, cs)
     header.refcount_table_offset = new.offset + len(new.blocks) * cs
     header.refcount_table_clusters = new.table_clusters
     refs.replace_table(new.table)
@@ -255,6 +257,8 @@ async def rebuild_refcounts(
     await file.write(hdr.OFF_INCOMPAT, struct.pack(">Q", incompat))
     await file.flush()
     header.incompatible_features = incompat
+    refs.freed_elsewhere(c for c in old_structure if not counts[c])
+    await refs.punch_freed()
 
 
 async def _fix_copied_flags(
