@@ -9,9 +9,12 @@ of the repair.
 
 from __future__ import annotations
 
+import json
 import random
+import signal
 import struct
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,7 @@ from blockd.block.drivers.qcow2.repair import count_references, rebuild_refcount
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
 from blockd.errors import BlockIOError, ImageError
+from tests.helpers import RawQMP, start_blockd
 from tests.power import Power, VolatileFile
 
 from .conftest import assert_clean, check, create, open_qcow2, qemu_io, run, to_raw
@@ -260,3 +264,43 @@ async def test_power_loss_during_repair(
     assert total >= 6
     for k in range(1, total + 1):
         await run_once(k, k)
+
+
+def test_sigkill_daemon_during_repair(tmp_path: Path) -> None:
+    """A real daemon killed at moments spread over a blockdev-add that repairs
+    (every I/O point of the repair is covered by the power-loss test above)."""
+    src = tmp_path / "src.qcow2"
+    create(src, 16 * MiB, cluster_size=512, extra="lazy_refcounts=on")
+    crash_writing(src, "write -P 0x5a 0 6M", "write -P 0x5b 10M 1M")
+    view = to_raw(src, tmp_path / "src.raw")
+
+    def attempt(name: str, kill_after: float | None) -> float:
+        img = tmp_path / f"{name}.qcow2"
+        img.write_bytes(src.read_bytes())
+        daemon = start_blockd(tmp_path / f"{name}.sock")
+        try:
+            with RawQMP(daemon.socket_path) as qmp:
+                qmp.negotiate()
+                t0 = time.monotonic()
+                qmp.send(json.dumps({"execute": "blockdev-add", "arguments": {
+                    "driver": "qcow2", "node-name": "n",
+                    "file": {"driver": "file", "filename": str(img)}}}))  # fmt: skip
+                if kill_after is None:
+                    assert qmp.read_reply() == {"return": {}}
+                    return time.monotonic() - t0
+                time.sleep(kill_after)
+                daemon.signal(signal.SIGKILL)
+                daemon.wait()
+        finally:
+            daemon.stop()
+        assert to_raw(img, tmp_path / "after.raw") == view, kill_after
+        if not is_dirty(img):
+            result = check(img)
+            assert not result.get("corruptions") and not result.get("check-errors"), result
+        return 0.0
+
+    took = attempt("whole", None)
+    assert not is_dirty(tmp_path / "whole.qcow2")
+    assert_clean(tmp_path / "whole.qcow2")
+    for k in range(1, 13):  # up to half again as long: some kills come after the end
+        attempt(f"k{k}", took * k / 8)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+import sys
 from array import array
 from collections.abc import Iterable, Sequence
 
@@ -76,7 +77,7 @@ class Counts:
         self.max_refcount = max_refcount
         nclusters = -(-file_size >> cluster_bits)
         # the narrowest type that holds any valid counter (memory: one per cluster)
-        code = "H" if max_refcount < 1 << 16 else "L" if max_refcount < 1 << 32 else "Q"
+        code = "H" if max_refcount < 1 << 16 else "I" if max_refcount < 1 << 32 else "Q"
         self.counts: array[int] = array(code, bytes(nclusters * array(code).itemsize))
 
     def __len__(self) -> int:
@@ -186,7 +187,9 @@ def plan_structure(counts: Counts, cluster_size: int, refcount_bits: int) -> Str
     """Lay out blocks and table past every counted cluster, counting themselves too."""
     per_block = cluster_size * 8 // refcount_bits
     start = len(counts)
-    used = {i // per_block for i, n in enumerate(counts.counts) if n}
+    values = counts.counts
+    used = {r for r in range(-(-start // per_block))
+            if any(values[r * per_block : (r + 1) * per_block])}
     nblocks, table_clusters = 0, 0
     while True:
         end = start + nblocks + table_clusters
@@ -203,16 +206,32 @@ def plan_structure(counts: Counts, cluster_size: int, refcount_bits: int) -> Str
     blocks: list[bytes] = []
     for i, r in enumerate(sorted(ranges)):
         table[r] = (start + i) * cluster_size
-        buf = bytearray(cluster_size)
         first = r * per_block
-        for c in range(first, min(first + per_block, len(counts))):
-            n = counts.counts[c]
-            if n:
-                set_refcount(buf, c - first, refcount_bits, n)
-        for c in range(max(first, start), min(first + per_block, end)):
-            set_refcount(buf, c - first, refcount_bits, 1)  # the new structure itself
-        blocks.append(bytes(buf))
+        own = values[first : first + per_block]
+        # the new structure counts itself
+        own.extend([1] * (min(first + per_block, end) - max(first, start)))
+        blocks.append(_block(own, refcount_bits, cluster_size))
     return Structure(start * cluster_size, table, table_clusters, blocks)
+
+
+#: array type codes of the refcount widths that are whole bytes
+_WHOLE_BYTES = {8: "B", 16: "H", 32: "I", 64: "Q"}
+
+
+def _block(values: array[int], bits: int, cluster_size: int) -> bytes:
+    """One refcount block holding ``values`` from its first counter on."""
+    code = _WHOLE_BYTES.get(bits)
+    if code is not None:
+        counters = array(code, values)
+        if sys.byteorder == "little":
+            counters.byteswap()
+        raw = counters.tobytes()
+        return raw + bytes(cluster_size - len(raw))
+    buf = bytearray(cluster_size)
+    for i, n in enumerate(values):
+        if n:
+            set_refcount(buf, i, bits, n)
+    return bytes(buf)
 
 
 async def rebuild_refcounts(
