@@ -186,12 +186,14 @@ async def test_recount_matches_qemu_repair_with_snapshots(tmp_path: Path) -> Non
 
 
 async def test_rebuild_with_snapshots_keeps_them(tmp_path: Path) -> None:
-    """The rebuild itself on an image with snapshots: clean, and every snapshot intact.
+    """The rebuild itself on an image with snapshots: clean (OFLAG_COPIED
+    corrected too), and every snapshot intact.
 
     Nodes with snapshots open read-only, so the rebuild runs here on a
     read-only node's tables over a writable file.
     """
     img = snapshot_image(tmp_path / "s.qcow2")
+    flip_copied_flags(img)  # corrected on the way
     views = {}
     for name in ("s1", "s2"):
         out = tmp_path / f"{name}.raw"
@@ -304,3 +306,32 @@ def test_sigkill_daemon_during_repair(tmp_path: Path) -> None:
     assert_clean(tmp_path / "whole.qcow2")
     for k in range(1, 13):  # up to half again as long: some kills come after the end
         attempt(f"k{k}", took * k / 8)
+
+
+async def test_dirty_image_with_bitmap(tmp_path: Path, graph: BlockGraph) -> None:
+    """The bitmaps' clusters are not counted: the open clears their autoclear bit
+    first, after which no reader follows the extension (they become free)."""
+    img = create(tmp_path / "b.qcow2", 4 * MiB, extra="lazy_refcounts=on")
+    qemu_io(img, "write -P 0x11 0 1M")
+    run("qemu-img", "bitmap", "--add", str(img), "b0")
+    crash_writing(img, "write -P 0x12 2M 1M")
+    assert is_dirty(img)
+    await open_unlocked(graph, img)
+    assert_clean(img)
+    await graph.close_all()
+    assert "b0" not in run("qemu-img", "info", str(img)).stdout
+    qemu_io(img, "read -P 0x11 0 1M", "read -P 0x12 2M 1M")
+
+
+def flip_copied_flags(path: Path) -> None:
+    """Set OFLAG_COPIED on one shared data cluster's active L2 entry and clear it on
+    an unshared one: both wrong, and QEMU's check calls both corruption."""
+    buf = bytearray(path.read_bytes())
+    l1_off = struct.unpack_from(">Q", buf, 40)[0]
+    l2_off = struct.unpack_from(">Q", buf, l1_off)[0] & 0x00FFFFFFFFFFFE00
+    entries = [struct.unpack_from(">Q", buf, l2_off + 8 * i)[0] for i in range(8192)]
+    shared = next(i for i, e in enumerate(entries) if e and not e >> 63)
+    owned = next(i for i, e in enumerate(entries) if e >> 63)
+    struct.pack_into(">Q", buf, l2_off + 8 * shared, entries[shared] | 1 << 63)
+    struct.pack_into(">Q", buf, l2_off + 8 * owned, entries[owned] & ~(1 << 63))
+    path.write_bytes(bytes(buf))
