@@ -6,7 +6,8 @@ overlay is made on base with qemu-img, --write bytes of random data are
 written into it at the same guest range (and, every other round, --zero
 bytes of that range zeroed, so base has clusters to give back), and the
 overlay is committed into base through the daemon (block-commit of the
-active layer, then block-job-complete).  After each round: base's allocated
+active layer, then block-job-complete; with --intermediate, of the overlay
+below an empty active layer).  After each round: base's allocated
 size (du) and its file size.  Finally qemu-img check must find base clean
 and both daemons' bases must read the same.
 
@@ -56,22 +57,30 @@ def fill_overlay(top: Path, data: Path, round_no: int, write: int, zero: int) ->
     tool("qemu-io", "-f", "qcow2", *commands, str(top))
 
 
-def commit_round(qmp: QMP, base: Path, top: Path, discard: str) -> None:
-    for node, path, backing, ro in (("base", base, None, True), ("top", top, "base", False)):
+def commit_round(qmp: QMP, base: Path, top: Path, discard: str, active: Path | None) -> None:
+    """Commit ``top`` into base: as the active layer, or (``active`` given: an
+    empty overlay on top) as an intermediate image."""
+    layers = [("base", base, None, True), ("top", top, "base", active is not None)]
+    if active is not None:
+        layers.append(("active", active, "top", False))
+    for node, path, backing, ro in layers:
         file = {"driver": "file", "filename": str(path)}
         qmp.execute("blockdev-add", driver="qcow2", **{"node-name": node, "read-only": ro},
                     backing=backing, discard=discard, file=file)  # fmt: skip
-    qmp.execute("block-commit", **{"job-id": "j", "device": "top"})
-    qmp.wait_event("BLOCK_JOB_READY", timeout=120)
-    qmp.execute("block-job-complete", device="j")
+    if active is None:
+        qmp.execute("block-commit", **{"job-id": "j", "device": "top"})
+        qmp.wait_event("BLOCK_JOB_READY", timeout=120)
+        qmp.execute("block-job-complete", device="j")
+    else:
+        qmp.execute("block-commit", **{"job-id": "j", "device": "active", "top-node": "top"})
     qmp.wait_event("BLOCK_JOB_COMPLETED", timeout=120)
-    qmp.execute("blockdev-del", **{"node-name": "top"})
-    qmp.execute("blockdev-del", **{"node-name": "base"})
+    for node, *_rest in reversed(layers):
+        qmp.execute("blockdev-del", **{"node-name": node})
     qmp.events.clear()
 
 
 def measure(
-    name: str, work: Path, rounds: int, write: int, zero: int, discard: str
+    name: str, work: Path, rounds: int, write: int, zero: int, discard: str, intermediate: bool
 ) -> list[tuple[int, int]]:
     d = work / name
     d.mkdir()
@@ -86,8 +95,15 @@ def measure(
             tool("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
                  str(top))  # fmt: skip
             fill_overlay(top, d / "data.bin", r, write, zero)
-            commit_round(qmp, base, top, discard)
+            active = None
+            if intermediate:
+                active = d / f"active{r}.qcow2"
+                tool("qemu-img", "create", "-q", "-f", "qcow2", "-b", top.name, "-F", "qcow2",
+                     str(active))  # fmt: skip
+            commit_round(qmp, base, top, discard, active)
             top.unlink()
+            if active is not None:
+                active.unlink()
             st = os.stat(base)
             sizes.append((st.st_blocks * 512, st.st_size))
     finally:
@@ -107,17 +123,20 @@ def main() -> int:
     parser.add_argument("--zero", type=parse_size, default=MiB)
     parser.add_argument("--discard", choices=("unmap", "ignore"), default="unmap",
                         help="the nodes' discard option (QEMU frees zeroed clusters with unmap)")
+    parser.add_argument("--intermediate", action="store_true",
+                        help="commit the overlay as an intermediate image (below an empty one)")
     parser.add_argument("--workdir", default=tempfile.gettempdir())
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
-        results = {n: measure(n, work, args.rounds, args.write, args.zero, args.discard)
+        results = {n: measure(n, work, args.rounds, args.write, args.zero, args.discard,
+                              args.intermediate)
                    for n in ("blockd", "qsd")}  # fmt: skip
         same = subprocess.run(["qemu-img", "compare", str(work / "blockd/base.qcow2"),
                                str(work / "qsd/base.qcow2")], capture_output=True, check=False)
     print(f"base {SIZE // MiB} MiB; each round writes {args.write / MiB:g} MiB at "
           f"{OFFSET // MiB} MiB, odd rounds then zero its first {args.zero / MiB:g} MiB; "
-          f"discard={args.discard}")
+          f"discard={args.discard}; {'intermediate' if args.intermediate else 'active'} commit")
     print("round | blockd du MiB | blockd file MiB | qsd du MiB | qsd file MiB")
     for r in range(args.rounds):
         (bd, bf), (qd, qf) = results["blockd"][r], results["qsd"][r]
