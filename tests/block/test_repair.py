@@ -335,3 +335,20 @@ def flip_copied_flags(path: Path) -> None:
     struct.pack_into(">Q", buf, l2_off + 8 * shared, entries[shared] | 1 << 63)
     struct.pack_into(">Q", buf, l2_off + 8 * owned, entries[owned] & ~(1 << 63))
     path.write_bytes(bytes(buf))
+
+
+async def test_dirty_image_with_compressed_clusters(tmp_path: Path, graph: BlockGraph) -> None:
+    """Compressed streams are counted by the host clusters their bytes cover
+    (several streams may share one)."""
+    img = create(tmp_path / "c.qcow2", 4 * MiB, extra="lazy_refcounts=on")
+    qemu_io(img, "write -c -P 0x41 0 256k")
+    crash_writing(img, "write -c -P 0x42 1M 512k", "write -P 0x43 3M 64k")
+    assert is_dirty(img)
+    fixed = tmp_path / "fixed.qcow2"
+    fixed.write_bytes(img.read_bytes())
+    run("qemu-img", "check", "-r", "all", str(fixed), check=False)
+    await open_unlocked(graph, img)
+    assert_clean(img)
+    await graph.close_all()
+    guest_view_equal(img, fixed)
+    qemu_io(img, "read -P 0x41 0 256k", "read -P 0x42 1M 512k", "read -P 0x43 3M 64k")

@@ -155,11 +155,17 @@ async def _l2_references(file: BlockNode, header: hdr.Header, l2_off: int) -> ar
     cs, bits = header.cluster_size, header.cluster_bits
     if l2_off + cs > file.size:
         raise UnrepairableImage(f"L2 table at {l2_off:#x} lies past the end of the file")
+    in_file = -(-file.size >> bits)
     out: array[int] = array("Q")
     for entry in decode_table(await file.read(l2_off, cs)):
         if not entry:
             continue
-        if classify(entry) in (ClusterKind.NORMAL, ClusterKind.ZERO_ALLOC) and (
+        kind = classify(entry)
+        if kind is ClusterKind.COMPRESSED:
+            # the sector count may reach a little past the stream (and the file's end)
+            out.extend(c for c in referenced_clusters(entry, bits) if c < in_file)
+            continue
+        if kind in (ClusterKind.NORMAL, ClusterKind.ZERO_ALLOC) and (
             entry & OFFSET_MASK & (cs - 1)
         ):
             raise UnrepairableImage(f"cluster offset {entry & OFFSET_MASK:#x} unaligned")
