@@ -24,6 +24,10 @@ def allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
 
+#: what splitting an extent may cost the file system (its own tree blocks)
+SLACK = 64 * KiB
+
+
 async def test_discard_and_zero_write_punch_freed_clusters(
     tmp_path: Path, graph: BlockGraph
 ) -> None:
@@ -35,10 +39,10 @@ async def test_discard_and_zero_write_punch_freed_clusters(
     size = img.stat().st_size
     await node.discard(MiB, MiB)
     await node.flush()
-    assert allocated(img) <= full - MiB
+    assert allocated(img) <= full - MiB + SLACK
     await node.write_zeroes(2 * MiB, MiB)
     await node.flush()
-    assert allocated(img) <= full - 2 * MiB
+    assert allocated(img) <= full - 2 * MiB + SLACK
     assert img.stat().st_size == size  # holes, not a shorter file
     # the freed clusters are taken again, and hold what is written there
     await node.write(6 * MiB, b"\x61" * (2 * MiB))
