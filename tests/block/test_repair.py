@@ -304,7 +304,7 @@ def test_sigkill_daemon_during_repair(tmp_path: Path) -> None:
     took = attempt("whole", None)
     assert not is_dirty(tmp_path / "whole.qcow2")
     assert_clean(tmp_path / "whole.qcow2")
-    for k in range(1, 13):  # up to half again as long: some kills come after the end
+    for k in (2, 4, 6, 8, 10):  # some kills come after the end
         attempt(f"k{k}", took * k / 8)
 
 
