@@ -123,9 +123,14 @@ async def test_reopen_read_write_repairs(tmp_path: Path, graph: BlockGraph) -> N
 
 
 async def test_unrepairable_image_refused_untouched(tmp_path: Path, graph: BlockGraph) -> None:
-    img = dirty_image(tmp_path / "d.qcow2")
+    """Refused before anything is written (not even the autoclear bits are cleared)."""
+    img = create(tmp_path / "d.qcow2", 4 * MiB, extra="lazy_refcounts=on")
+    run("qemu-img", "bitmap", "--add", str(img), "b0")
+    crash_writing(img, "write -P 0x5a 0 1M", "write -P 0x33 3M 100k")
     buf = bytearray(img.read_bytes())
-    l2 = 0x40000  # the only L2 table of a fresh 64 KiB-cluster image
+    assert struct.unpack_from(">Q", buf, hdr.OFF_AUTOCLEAR)[0] == 1
+    l1 = struct.unpack_from(">Q", buf, 40)[0]
+    l2 = struct.unpack_from(">Q", buf, l1)[0] & 0x00FFFFFFFFFFFE00
     assert struct.unpack_from(">Q", buf, l2 + 8)[0] & 0x00FFFFFFFFFFFE00
     struct.pack_into(">Q", buf, l2 + 8, (1 << 63) | (len(buf) + (64 << 20)) & ~0xFFFF)
     img.write_bytes(bytes(buf))
@@ -134,6 +139,12 @@ async def test_unrepairable_image_refused_untouched(tmp_path: Path, graph: Block
     assert img.read_bytes() == bytes(buf)
     node = await open_qcow2(graph, img, read_only=True)
     assert await node.read(3 * MiB, 4) == b"\x33" * 4
+    with pytest.raises(ImageError, match="past the end of the file"):
+        await node.reopen(read_only=False)
+    assert node.read_only
+    assert await node.read(3 * MiB, 4) == b"\x33" * 4
+    await graph.close_all()
+    assert img.read_bytes() == bytes(buf)
 
 
 def snapshot_image(path: Path) -> Path:
@@ -203,8 +214,9 @@ async def test_rebuild_with_snapshots_keeps_them(tmp_path: Path) -> None:
 
     inner = await FileNode.open("f", str(img), read_only=False)
     node = await Qcow2Node.open("q", inner, read_only=True)
-    await rebuild_refcounts(inner, node.header, node._mapping, node._refs, node._meta,
-                            node.snapshots, node._snapshot_table_bytes)
+    counts = await count_references(inner, node.header, node._mapping.l1, node.snapshots,
+                                    node._snapshot_table_bytes)
+    await rebuild_refcounts(inner, node.header, node._mapping, node._refs, node._meta, counts)
     await inner.close()
 
     assert not is_dirty(img)

@@ -51,7 +51,7 @@ from blockd.block.drivers.qcow2.overlap import MetadataMap, MetaKind
 from blockd.block.drivers.qcow2.payload import BytesPayload, HostPayload
 from blockd.block.drivers.qcow2.reading import Reader
 from blockd.block.drivers.qcow2.refcount import Refcounts
-from blockd.block.drivers.qcow2.repair import rebuild_refcounts
+from blockd.block.drivers.qcow2.repair import count_references, rebuild_refcounts
 from blockd.block.drivers.qcow2.resize import Resizer
 from blockd.block.drivers.qcow2.tables import OFFSET_MASK, ClusterKind, decode_table
 from blockd.block.drivers.qcow2.writeback import L2Writeback
@@ -201,24 +201,24 @@ class Qcow2Node(BlockNode):
         if refusal is not None:
             raise ImageError(refusal)
         h = self.header
+        counts = None
+        if h.incompatible_features & hdr.INCOMPAT_DIRTY:
+            # counted before anything is written: an image that cannot be is left alone
+            counts = await count_references(
+                self._file, h, self._mapping.l1, self.snapshots, self._snapshot_table_bytes
+            )
         if h.version == 3 and h.autoclear_features:
             # we keep no bitmaps (or anything else autoclear protects) up to date
             self._meta.check(hdr.OFF_AUTOCLEAR, 8, MetaKind.HEADER)
             await self._file.write(hdr.OFF_AUTOCLEAR, bytes(8))
             await self._refs.flush()
             h.autoclear_features = 0
-        if h.incompatible_features & hdr.INCOMPAT_DIRTY:
-            # counters may be too low: no allocation before they are recounted
+        if counts is not None:
+            # counters may be too low: no allocation before they are rebuilt
             async with self._inflight.lock:
                 with trio.CancelScope(shield=True):
                     await rebuild_refcounts(
-                        self._file,
-                        h,
-                        self._mapping,
-                        self._refs,
-                        self._meta,
-                        self.snapshots,
-                        self._snapshot_table_bytes,
+                        self._file, h, self._mapping, self._refs, self._meta, counts
                     )
             log.info("qcow2: repaired the refcounts of dirty image '%s'", self.filename)
 

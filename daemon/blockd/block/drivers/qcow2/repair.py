@@ -246,16 +246,16 @@ async def rebuild_refcounts(
     mapping: Mapping,
     refs: Refcounts,
     meta: MetadataMap,
-    snapshots: Sequence[Snapshot],
-    snapshot_table_bytes: int,
+    counts: Counts,
 ) -> None:
-    """Count every reference and switch the image to counters that match, then clear
-    the dirty bit (the order that keeps every crash repairable: module docstring).
+    """Switch the image to counters that match ``counts`` (:func:`count_references`,
+    taken first, so an image that cannot be counted is refused before anything is
+    written), then clear the dirty bit, in the order that keeps every crash
+    repairable (module docstring).
 
     The caller holds the metadata lock and shields this from cancellation.
     """
     cs, bits = header.cluster_size, header.cluster_bits
-    counts = await count_references(file, header, mapping.l1, snapshots, snapshot_table_bytes)
     new = plan_structure(counts, cs, header.refcount_bits)
     body = new.image(cs)
     meta.check(new.offset, len(body), None)
