@@ -93,6 +93,12 @@ class VolatileFile(BlockNode):
     async def _do_write_zeroes(self, offset: int, length: int) -> None:
         await self._do_write(offset, bytes(length))
 
+    async def _do_discard(self, offset: int, length: int) -> None:
+        """A punched hole reads as zeros: a write of zeros, lost like one."""
+        end = min(offset + length, self.size)
+        if end > offset:
+            await self._do_write(offset, bytes(end - offset))
+
     async def _do_flush(self) -> None:
         self.power.tick()
         covered = [e for e in self.unflushed if e.done]

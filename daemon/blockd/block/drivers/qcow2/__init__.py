@@ -19,6 +19,7 @@ The node and its parts, lowest first:
 * ``writes``: each kind of change under the lock, data outside it;
 * ``resize``, ``backing``, ``image_info``: growth, the header's backing
   name, the ImageInfo fields;
+* ``repair``: the refcount rebuild of a dirty image before its first write;
 * ``direct_path``: the NBD fast path from cached tables;
 * ``node``: :class:`Qcow2Node`, the facade opening the image and handing
   each block-layer operation to the part above that owns it (import it from

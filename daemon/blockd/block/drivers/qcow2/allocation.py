@@ -244,6 +244,7 @@ class Allocator:
             await self.refs.change(clusters, -1)
             # at once, not at the next flush: until then a crash would leak them
             await self.refs.write_back()
+            await self.refs.punch_freed()
 
     # -- filling new clusters -------------------------------------------------------
 

@@ -19,8 +19,9 @@ Metadata policy (the crash-safety rows of ``daemon/blockd/block/README.md``):
   (inflight.py) and inside a shielded cancel scope, so cancellation never
   leaves a half-made update.
 * Lazy refcounts are never used: counters are always kept exact, so the dirty
-  bit is never set by us.  An image that already has the dirty bit set needs a
-  refcount rebuild first; it is opened read-only fine but refused read-write.
+  bit is never set by us.  An image that already has the dirty bit set gets
+  its counters rebuilt (repair.py) when it is opened or reopened read-write,
+  before any other write but the autoclear bits; read-only it is only read.
 * Autoclear bits (bitmaps) are not maintained, so they are cleared on the
   first read-write open, before any other write.
 * Images with internal snapshots are opened read-only only.
@@ -52,6 +53,7 @@ from blockd.block.drivers.qcow2.overlap import MetadataMap, MetaKind
 from blockd.block.drivers.qcow2.payload import BytesPayload, HostPayload
 from blockd.block.drivers.qcow2.reading import Reader
 from blockd.block.drivers.qcow2.refcount import Refcounts
+from blockd.block.drivers.qcow2.repair import count_references, rebuild_refcounts
 from blockd.block.drivers.qcow2.resize import Resizer
 from blockd.block.drivers.qcow2.tables import OFFSET_MASK, ClusterKind, decode_table
 from blockd.block.drivers.qcow2.writeback import L2Writeback
@@ -84,6 +86,7 @@ class Qcow2Node(BlockNode):
         self._corruption_logged = False
         #: the internal snapshots (read at open; images with any are read-only)
         self.snapshots: list[snap.Snapshot] = []
+        self._snapshot_table_bytes = 0
         self._meta = MetadataMap(header.cluster_bits)
         self._refs = Refcounts(file, header, self._meta)
         self._inflight = InFlight()
@@ -149,6 +152,7 @@ class Qcow2Node(BlockNode):
             ) from exc
         if h.nb_snapshots:
             self.snapshots, length = await self._read_snapshot_table()
+            self._snapshot_table_bytes = length
             self._meta.add(h.snapshots_offset, length, MetaKind.SNAPSHOTS)
         self._meta.add(0, self.cluster_size, MetaKind.HEADER)
         if h.l1_size:
@@ -187,11 +191,6 @@ class Qcow2Node(BlockNode):
         h = self.header
         if h.incompatible_features & hdr.INCOMPAT_CORRUPT:
             return "qcow2: Image is corrupt; cannot be opened read/write"
-        if h.incompatible_features & hdr.INCOMPAT_DIRTY:
-            return (
-                "qcow2: Image is dirty (lazy refcounts were not written back); "
-                "repair it with 'qemu-img check -r all' before opening it read/write"
-            )
         if h.nb_snapshots:
             return (
                 f"qcow2: Images with internal snapshots ({h.nb_snapshots}) can only "
@@ -204,12 +203,26 @@ class Qcow2Node(BlockNode):
         if refusal is not None:
             raise ImageError(refusal)
         h = self.header
+        counts = None
+        if h.incompatible_features & hdr.INCOMPAT_DIRTY:
+            # counted before anything is written: an image that cannot be is left alone
+            counts = await count_references(
+                self._file, h, self._mapping.l1, self.snapshots, self._snapshot_table_bytes
+            )
         if h.version == 3 and h.autoclear_features:
             # we keep no bitmaps (or anything else autoclear protects) up to date
             self._meta.check(hdr.OFF_AUTOCLEAR, 8, MetaKind.HEADER)
             await self._file.write(hdr.OFF_AUTOCLEAR, bytes(8))
             await self._refs.flush()
             h.autoclear_features = 0
+        if counts is not None:
+            # counters may be too low: no allocation before they are rebuilt
+            async with self._inflight.lock:
+                with trio.CancelScope(shield=True):
+                    await rebuild_refcounts(
+                        self._file, h, self._mapping, self._refs, self._meta, counts
+                    )
+            log.info("qcow2: repaired the refcounts of dirty image '%s'", self.filename)
 
     # -- what the node shows --------------------------------------------------------
 

@@ -108,6 +108,8 @@ class Refcounts:
         #: block offset -> (its first cluster, indices of the changed counters)
         self._dirty: dict[int, tuple[int, set[int]]] = {}
         self._held: set[int] = set()  # see hold()
+        #: clusters whose counter a decrement took to 0, to punch out of the file
+        self._freed: set[int] = set()
         self._writeback = trio.Lock()
 
     async def load(self) -> None:
@@ -128,6 +130,16 @@ class Refcounts:
             off = entry & REFTABLE_OFFSET_MASK
             if off:
                 self.meta.add(off, self.cluster_size, MetaKind.REFBLOCK)
+
+    def replace_table(self, table: array[int]) -> None:
+        """Start over from a new refcount table whose blocks are on disk already
+        (a rebuild): nothing cached or pending from the old one survives."""
+        self.table = table
+        self._cache.clear()
+        self._dirty.clear()
+        self._held.clear()
+        self._freed.clear()
+        self.free_hint = 0
 
     # -- blocks ---------------------------------------------------------------------
 
@@ -297,10 +309,13 @@ class Refcounts:
                 values[i] = value
             for i, value in values.items():
                 set_refcount(buf, i, self.bits, value)
+                cluster = rt_index * self.block_entries + i
                 if value == 0:
-                    cluster = rt_index * self.block_entries + i
                     self.free_hint = min(self.free_hint, cluster)
                     self._held.discard(cluster)  # free again: a 0 may be written any time
+                    self._freed.add(cluster)
+                else:
+                    self._freed.discard(cluster)
             self._mark_dirty(off, rt_index * self.block_entries, values)
 
     async def free_below(self, end: int) -> int:
@@ -325,6 +340,35 @@ class Refcounts:
                 free += sum(1 for i in range(lo, hi) if not get_refcount(blk[1], i, self.bits))
             await trio.lowlevel.checkpoint()  # a big image has many blocks to look at
         return free
+
+    def freed_elsewhere(self, clusters: Iterable[int]) -> None:
+        """Clusters a new table no longer counts (a rebuild): punched like freed ones."""
+        self._freed.update(clusters)
+
+    async def punch_freed(self) -> None:
+        """Give the clusters freed since the last call back to the file system.
+
+        Called under the metadata lock, so no allocation can take one of them
+        while it is punched (a cluster counted again since was taken out of the
+        set).  Whether the decrement is on disk yet does not matter: nothing
+        points at the cluster any more (the unreference is durable before any
+        decrement), so a crash costs at most a leaked cluster of zeros.  As
+        discard, advisory: a file system that cannot punch keeps the data, an
+        error is ignored (QEMU ignores it too).
+        """
+        freed, self._freed = sorted(self._freed), set()
+        runs: list[list[int]] = []
+        for c in freed:
+            if runs and runs[-1][1] == c:
+                runs[-1][1] = c + 1
+            else:
+                runs.append([c, c + 1])
+        for first, end in runs:
+            try:
+                bits = self.cluster_bits
+                await self.file.discard(first << bits, (end - first) << bits)
+            except BlockIOError:
+                pass
 
     # -- allocation -----------------------------------------------------------------
 
@@ -486,3 +530,4 @@ class Refcounts:
         first = old_off >> self.cluster_bits
         await self.change(range(first, first + old_clusters), -1)
         await self.write_back()
+        await self.punch_freed()

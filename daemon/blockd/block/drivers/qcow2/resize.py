@@ -75,6 +75,7 @@ class Resizer:
                     host_clusters_of_range(old_off, old_n * 8, mapping.cluster_bits), -1
                 )
                 await refs.write_back()
+                await refs.punch_freed()
         meta.check(hdr.OFF_SIZE, 8, MetaKind.HEADER)
         await file.write(hdr.OFF_SIZE, struct.pack(">Q", size))
         await refs.flush()
