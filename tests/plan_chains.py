@@ -80,7 +80,7 @@ class Row:
 
     @property
     def tolerance(self) -> int:
-        return self.actual // 100 + self.cluster_size
+        return abs(self.actual) // 100 + self.cluster_size
 
     @property
     def within(self) -> bool:

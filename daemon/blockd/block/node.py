@@ -60,9 +60,11 @@ PlannedWrite = tuple[int, int, bool]
 class WriteForecast:
     """What a sequence of writes would add to a node's host file, in bytes.
 
-    ``growth`` is what the file system must find: the new clusters (data and
-    each kind of metadata) less the free clusters inside the file that the
-    allocator fills first (``reused``).  ``upper_bound``: the format gives no
+    ``growth`` is the change in the space the file takes: the new clusters
+    (data and each kind of metadata) less the free clusters inside the file
+    that the allocator fills first (``reused``) where the file system still
+    holds them, less what the writes free (punched); ``peak``, what the file
+    system must find at the worst moment.  ``upper_bound``: the format gives no
     way to tell (a raw image), so every data byte is counted as new.
     """
 
@@ -76,6 +78,10 @@ class WriteForecast:
     l1_table: int
     reused: int
     growth: int
+    #: the most the file takes beyond today at any point of the writes (>= growth)
+    peak: int
+    #: how much longer the file gets (new clusters at its end)
+    file_growth: int
     upper_bound: bool
 
 
@@ -211,7 +217,8 @@ class BlockNode:
                 data += length
         return WriteForecast(
             cluster_size=0, clusters=0, data=data, l2_tables=0, refcount_blocks=0,
-            refcount_table=0, l1_table=0, reused=0, growth=data, upper_bound=True,
+            refcount_table=0, l1_table=0, reused=0, growth=data, peak=data, file_growth=data,
+            upper_bound=True,
         )  # fmt: skip
 
     async def free_space(self) -> int | None:

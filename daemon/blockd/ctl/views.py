@@ -158,9 +158,10 @@ def plan_view(con: Console, plan: Mapping[str, Any], base_file: str) -> list[Any
     verdict = "fits" if plan["fits"] else "does NOT fit"
     where = f"{human_size(free)} free" if free is not None else "free space unknown"
     bound = " at most" if plan["upper-bound"] else " about"
+    change = "grows" if growth["total"] >= 0 else "shrinks"
     summary = Text(
-        f"commit {plan['top-node']} into {plan['base-node']} ({base_file}): grows by{bound} "
-        f"{human_size(growth['total'])}, {where}: {verdict}"
+        f"commit {plan['top-node']} into {plan['base-node']} ({base_file}): {change} by{bound} "
+        f"{human_size(abs(growth['total']))}, {where}: {verdict}"
     )
     if con.is_terminal:
         summary.stylize("bold green" if plan["fits"] else "bold red")
@@ -170,6 +171,8 @@ def plan_view(con: Console, plan: Mapping[str, Any], base_file: str) -> list[Any
              human_size(layer["zero"]), str(layer["runs"]))  # fmt: skip
     cluster = plan["cluster-size"]
     items = _table(con, "base", "bytes", "size")
+    new = sum(growth[k] for k in ("data", "l2-tables", "refcount-blocks", "refcount-table",
+                                  "l1-table"))  # fmt: skip
     clusters = f" ({plan['clusters']} clusters of {human_size(cluster)})" if cluster else ""
     for label, value, note in (
         ("data", growth["data"], clusters),
@@ -178,7 +181,10 @@ def plan_view(con: Console, plan: Mapping[str, Any], base_file: str) -> list[Any
         ("refcount-table", growth["refcount-table"], ""),
         ("l1-table", growth["l1-table"], ""),
         ("reused", -growth["reused"], " (free clusters inside the file)"),
+        ("freed", growth["total"] - new + growth["reused"],
+         " (punched out, less punched holes filled)"),
         ("growth", growth["total"], ""),
+        ("peak", growth["peak"], " (the most at any moment)"),
         ("margin", plan["margin"], " (1% + one cluster)"),
         ("virtual-growth", plan["virtual-growth"], ""),
         ("free", free, ""),

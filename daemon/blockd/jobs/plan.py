@@ -50,13 +50,13 @@ class CommitCost:
     def __post_init__(self) -> None:
         # the forecast's accuracy (tests/integration/test_commit_plan.py): 1% and a cluster
         object.__setattr__(
-            self, "margin", self.forecast.growth // 100 + self.forecast.cluster_size
+            self, "margin", abs(self.forecast.growth) // 100 + self.forecast.cluster_size
         )
 
     @property
     def fits(self) -> bool:
         """Whether base's file system has room for the growth and the margin."""
-        return self.free is None or self.forecast.growth + self.margin <= self.free
+        return self.free is None or self.forecast.peak + self.margin <= self.free
 
 
 async def commit_cost(graph: BlockGraph, plan: CommitPlan | ActiveCommitPlan) -> CommitCost:

@@ -11,10 +11,14 @@ writes real zeros (``zeroing.py``); a new L2 table is a cluster the first
 time an L1 entry needs one (``mapping.py``); growing the virtual size takes
 a new L1 table and frees the old (``resize.py``).
 
-New clusters come first from the free clusters inside the file (holes), as
-the allocator takes the first free run, and only then from the end of the
-file; clusters freed on the way (the old L1 table, data a zero write
-replaced) become holes again.  At the end, a cluster in a range no refcount
+New clusters come first from the free clusters inside the file, as the
+allocator takes the first free run, and only then from the end of the file;
+clusters freed on the way (the old L1 table, data a zero write replaced) are
+punched out of the file and become free again.  The growth is the change in
+the space the file takes: a free cluster the file system still holds costs
+nothing to fill, a punched one or a new one at the end costs a cluster, and
+a freed one gives a cluster back, so a commit that frees more than it adds
+makes the file smaller (negative growth).  At the end, a cluster in a range no refcount
 block covers takes a block first, placed at that same spot (so it counts
 itself), and a full refcount table is replaced by a bigger one there, the
 same arithmetic ``refcount.py`` grows it by.
@@ -40,7 +44,7 @@ from blockd.block.drivers.qcow2.tables import (
     ClusterKind,
     classify,
 )
-from blockd.block.node import PlannedWrite, WriteForecast
+from blockd.block.node import BlockNode, PlannedWrite, Status, WriteForecast
 
 #: The entry a cluster written during the forecast gets: a normal cluster of
 #: this image (no host offset is chosen, only that it is one).
@@ -49,12 +53,35 @@ _WRITTEN = OFLAG_COPIED | (OFFSET_MASK & ~0xFFFF)
 _CODES = (-1, _WRITTEN, OFLAG_ZERO, 0)
 
 
-class _HostFile:
-    """The host clusters as the allocator hands them out: holes first, then the end."""
+#: The smallest cluster whose hole punched in the file gives space back: file
+#: systems free whole blocks (4 KiB), so smaller clusters are taken as staying
+#: allocated when freed.
+PUNCH_GRANULE = 4096
 
-    def __init__(self, end: int, holes: int, refs: Refcounts) -> None:
+
+class _HostFile:
+    """The host clusters as the allocator hands them out: free clusters inside
+    the file first, then the end; and what that does to the space the file takes.
+
+    A free cluster is either still allocated in the file system (freed by a
+    writer that did not punch it) or a hole (punched): filling the first costs
+    no space, filling the second does.  Which of them the allocator meets
+    first is not modelled: the allocated ones are taken first, so a mix errs
+    towards less growth by at most their number.  Clusters freed on the way
+    are punched (``refcount.py``), giving their space back.
+    """
+
+    def __init__(self, end: int, allocated: int, punched: int, refs: Refcounts) -> None:
         self.end = end
-        self.holes = holes
+        #: free clusters inside the file, still allocated / punched out
+        self.allocated = allocated
+        self.punched = punched
+        self.punch_frees = refs.cluster_size >= PUNCH_GRANULE
+        #: the space the file takes, in clusters, beyond what ``end`` says
+        self.space = 0
+        #: the most clusters the file took beyond its start at any moment
+        self.start = end
+        self.peak = 0
         self.block_entries = refs.block_entries
         self.cluster_size = refs.cluster_size
         self.table_entries = len(refs.table)
@@ -66,19 +93,33 @@ class _HostFile:
         """``n`` clusters for ``what``; several must be contiguous, so they come from the end."""
         self.taken[what] += n
         if n == 1:
-            if not self.holes:
+            if not self.allocated and not self.punched:
                 self._cover()  # growing the refcount table frees the old one: a hole
-            if self.holes:
-                self.holes -= 1
-                return
-            self.end += 1
-            return
-        for _ in range(n):
-            self._cover()
-            self.end += 1
+            if self.allocated:
+                self.allocated -= 1
+            elif self.punched:
+                self.punched -= 1
+                self.space += 1
+            else:
+                self.end += 1
+        else:
+            for _ in range(n):
+                self._cover()
+                self.end += 1
+        self.peak = max(self.peak, self.growth)
+
+    @property
+    def growth(self) -> int:
+        """Clusters the file takes beyond what it took at the start."""
+        return self.end - self.start + self.space
 
     def give(self, n: int) -> None:
-        self.holes += n
+        """``n`` clusters freed, and punched out of the file where that frees space."""
+        if self.punch_frees:
+            self.punched += n
+            self.space -= n
+        else:
+            self.allocated += n
 
     def _cover(self) -> None:
         """Make a counter exist for the cluster at the end: a new block, the
@@ -104,6 +145,17 @@ class _HostFile:
                 self.end += 1
             else:
                 return
+
+
+async def _data_bytes(file: BlockNode, offset: int, length: int) -> int:
+    """How much of a range of the host file the file system holds (not holes)."""
+    held, end = 0, min(offset + length, file.size)
+    while offset < end:
+        status, n = await file.block_status(offset, end - offset)
+        if status is Status.DATA:
+            held += n
+        offset += n
+    return held
 
 
 class Forecast:
@@ -140,18 +192,26 @@ class Forecast:
         backing_size: Callable[[], int | None],
         lock: trio.Lock,
     ) -> Forecast:
-        """A forecast from the image as it is now: its file's end and its holes."""
-        end = -(-mapping.file.size // mapping.cluster_size)
+        """A forecast from the image as it is now: its file's end and its free
+        clusters, told apart by whether the file system still holds them."""
+        cs = mapping.cluster_size
+        end = -(-mapping.file.size // cs)
+        allocated = punched = 0
         async with lock:
-            holes = await refs.free_below(end)
-        return cls(mapping, _HostFile(end, holes, refs), has_backing, backing_size)
+            for first, n in await refs.free_runs_below(end):
+                held = n
+                if cs >= PUNCH_GRANULE:
+                    held = min(n, -(-await _data_bytes(mapping.file, first * cs, n * cs) // cs))
+                allocated += held
+                punched += n - held
+        return cls(mapping, _HostFile(end, allocated, punched, refs), has_backing, backing_size)
 
     async def run(
         self, size: int, writes: AsyncIterator[PlannedWrite], lock: trio.Lock
     ) -> WriteForecast:
         """Grow to ``size`` (if bigger), make ``writes``: what that takes."""
         cs, host = self.cs, self.host
-        start = host.end
+        start = host.start
         if size > self.size:
             await self._grow(size, lock)
         async for offset, length, zero in writes:
@@ -173,7 +233,9 @@ class Forecast:
             refcount_table=taken["reftable"] * cs,
             l1_table=taken["l1"] * cs,
             reused=sum(taken.values()) * cs - grown,
-            growth=grown,
+            growth=host.growth * cs,
+            peak=host.peak * cs,
+            file_growth=grown,
             upper_bound=False,
         )
 

@@ -318,28 +318,35 @@ class Refcounts:
                     self._freed.discard(cluster)
             self._mark_dirty(off, rt_index * self.block_entries, values)
 
-    async def free_below(self, end: int) -> int:
-        """How many clusters in ``[1, end)`` have no reference: the holes the
-        allocator fills before the file grows.  Ranges without a refcount
-        block are not counted (using them takes a new block first).
+    async def free_runs_below(self, end: int) -> list[tuple[int, int]]:
+        """The runs of clusters in ``[1, end)`` with no reference, as (first
+        cluster, count): the holes the allocator fills before the file grows.
+        Ranges without a refcount block are not counted (using them takes a new
+        block first).
         """
-        free = 0
+        runs: list[tuple[int, int]] = []
         be = self.block_entries
         typecode = {8: "B", 16: "H", 32: "I", 64: "Q"}.get(self.bits)
         for rt_index in range(min(len(self.table), -(-end // be))):
             blk = await self._block(rt_index)
             if blk is None:
                 continue
-            lo = max(1, rt_index * be) - rt_index * be
-            hi = min(end, (rt_index + 1) * be) - rt_index * be
+            base = rt_index * be
+            lo, hi = max(1, base) - base, min(end, base + be) - base
             if typecode is not None:
                 # a zero counter reads as zero whatever the byte order
                 width = self.bits // 8
-                free += array(typecode, blk[1][lo * width : hi * width]).count(0)
-            else:
-                free += sum(1 for i in range(lo, hi) if not get_refcount(blk[1], i, self.bits))
+                if not array(typecode, blk[1][lo * width : hi * width]).count(0):
+                    continue  # the common case: a full block, nothing to walk
+            for i in range(lo, hi):
+                if get_refcount(blk[1], i, self.bits):
+                    continue
+                if runs and runs[-1][0] + runs[-1][1] == base + i:
+                    runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+                else:
+                    runs.append((base + i, 1))
             await trio.lowlevel.checkpoint()  # a big image has many blocks to look at
-        return free
+        return runs
 
     def freed_elsewhere(self, clusters: Iterable[int]) -> None:
         """Clusters a new table no longer counts (a rebuild): punched like freed ones."""
