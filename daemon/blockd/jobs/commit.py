@@ -116,7 +116,7 @@ class CommitJob(Job):
     def _check_overlays_writable(self) -> None:
         """Refuse now what :meth:`prepare` could not do after the whole copy:
         reopen a read-only overlay read-write to write base's name into it
-        (an image with internal snapshots, for one, opens read-only only)."""
+        (an image marked corrupt, for one, opens read-only only)."""
         for overlay in self._overlays():
             if overlay.read_only:
                 refusal = overlay.read_write_refusal()

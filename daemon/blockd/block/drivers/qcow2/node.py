@@ -23,7 +23,12 @@ Metadata policy (the crash-safety rows of ``daemon/blockd/block/README.md``):
   refcount rebuild first; it is opened read-only fine but refused read-write.
 * Autoclear bits (bitmaps) are not maintained, so they are cleared on the
   first read-write open, before any other write.
-* Images with internal snapshots are opened read-only only.
+* Internal snapshots share clusters and L2 tables with the active view
+  (refcount above 1, no COPIED flag): a write copies what it touches of
+  them first (allocation.py for data, mapping.py for L2 tables) and then
+  drops the active view's reference, so every snapshot keeps its content
+  and refcounts stay exact.  The snapshot table and the snapshots' L1
+  tables are never written (no snapshot is created, applied or deleted).
 """
 
 from __future__ import annotations
@@ -51,7 +56,12 @@ from blockd.block.drivers.qcow2.payload import BytesPayload, HostPayload
 from blockd.block.drivers.qcow2.reading import Reader
 from blockd.block.drivers.qcow2.refcount import Refcounts
 from blockd.block.drivers.qcow2.resize import Resizer
-from blockd.block.drivers.qcow2.tables import OFFSET_MASK, ClusterKind, decode_table
+from blockd.block.drivers.qcow2.tables import (
+    OFFSET_MASK,
+    ClusterKind,
+    decode_table,
+    host_clusters_of_range,
+)
 from blockd.block.drivers.qcow2.writeback import L2Writeback
 from blockd.block.drivers.qcow2.writes import Writes
 from blockd.block.drivers.qcow2.zeroing import Zeroing
@@ -80,7 +90,7 @@ class Qcow2Node(BlockNode):
         self.header = header
         self._corrupt = False
         self._corruption_logged = False
-        #: the internal snapshots (read at open; images with any are read-only)
+        #: the internal snapshots (read at open; never changed by us)
         self.snapshots: list[snap.Snapshot] = []
         self._meta = MetadataMap(header.cluster_bits)
         self._refs = Refcounts(file, header, self._meta)
@@ -148,6 +158,16 @@ class Qcow2Node(BlockNode):
         if h.nb_snapshots:
             self.snapshots, length = await self._read_snapshot_table()
             self._meta.add(h.snapshots_offset, length, MetaKind.SNAPSHOTS)
+            for sn in self.snapshots:
+                # QEMU's limits for a snapshot's L1 table; one past them (or
+                # past the file) is no cluster a write of ours could reach
+                size = sn.l1_size * 8
+                if (
+                    size <= hdr.MAX_L1_BYTES
+                    and not sn.l1_table_offset & (self.cluster_size - 1)
+                    and sn.l1_table_offset + size <= self._file.size
+                ):
+                    self._meta.add(sn.l1_table_offset, size, MetaKind.INACTIVE_L1)
         self._meta.add(0, self.cluster_size, MetaKind.HEADER)
         if h.l1_size:
             self._meta.add(h.l1_table_offset, h.l1_size * 8, MetaKind.L1)
@@ -190,17 +210,14 @@ class Qcow2Node(BlockNode):
                 "qcow2: Image is dirty (lazy refcounts were not written back); "
                 "repair it with 'qemu-img check -r all' before opening it read/write"
             )
-        if h.nb_snapshots:
-            return (
-                f"qcow2: Images with internal snapshots ({h.nb_snapshots}) can only "
-                "be opened read-only"
-            )
         return None
 
     async def _prepare_read_write(self) -> None:
         refusal = self.read_write_refusal()
         if refusal is not None:
             raise ImageError(refusal)
+        if self.snapshots:
+            await self._refuse_shared_l1()
         h = self.header
         if h.version == 3 and h.autoclear_features:
             # we keep no bitmaps (or anything else autoclear protects) up to date
@@ -208,6 +225,22 @@ class Qcow2Node(BlockNode):
             await self._file.write(hdr.OFF_AUTOCLEAR, bytes(8))
             await self._refs.flush()
             h.autoclear_features = 0
+
+    async def _refuse_shared_l1(self) -> None:
+        """Refuse a read-write open when a snapshot shares the active L1 table.
+
+        QEMU gives every snapshot an L1 table of its own, so the active one
+        always has refcount 1; writing L1 entries in place would otherwise
+        change the snapshot as well.
+        """
+        h = self.header
+        bits = h.cluster_bits
+        for cluster in host_clusters_of_range(h.l1_table_offset, h.l1_size * 8, bits):
+            if await self._refs.get(cluster) != 1:
+                raise ImageError(
+                    "qcow2: the active L1 table is shared with an internal snapshot "
+                    f"(refcount of cluster {cluster:#x} is not 1); cannot be opened read/write"
+                )
 
     # -- what the node shows --------------------------------------------------------
 
@@ -391,6 +424,10 @@ class Qcow2Node(BlockNode):
     async def _do_truncate(self, size: int) -> None:
         if size % 512:
             raise BlockError("The new size must be a multiple of 512")
+        if self.snapshots and self.header.version < 3:
+            # a v2 snapshot entry need not record its disk size: growing
+            # the image would change what the snapshot seems to hold
+            raise BlockError("Can't resize a v2 image which has snapshots")
         self._refuse_if_corrupt()
         # over every cluster: no allocating write may be in flight
         await self._writes.update(0, 1 << 63, lambda: self._resizer.grow(size))
