@@ -25,7 +25,7 @@ from blockd.block.drivers.file import FileNode
 from blockd.block.drivers.qcow2.node import Qcow2Node
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
-from blockd.errors import BlockError, BlockIOError, ImageError
+from blockd.errors import BlockIOError, ImageError
 from tests.power import Power, VolatileFile
 
 from .conftest import (
@@ -242,7 +242,7 @@ async def test_grow_v3_keeps_snapshots_v2_refused(tmp_path: Path, graph: BlockGr
     run("qemu-img", "snapshot", "-c", "s1", str(v2))
     before = v2.read_bytes()
     node = await open_qcow2(graph, v2, name="v2")
-    with pytest.raises(BlockError, match=r"^Can't resize a v2 image which has snapshots$"):
+    with pytest.raises(BlockIOError, match=r"^Can't resize a v2 image which has snapshots$"):
         await node.truncate(2 * MiB)
     assert node.size == MiB
     await graph.close_all()

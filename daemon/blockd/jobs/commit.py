@@ -128,7 +128,11 @@ class CommitJob(Job):
         length = top.size
         self.length = length
         if base.size < length:
-            await base.truncate(length)
+            try:
+                await base.truncate(length)
+            except BlockIOError as err:
+                # QEMU's job asks its truncate for no message: the client gets errno's words
+                raise BlockIOError(err.errno) from err
         offset = 0
         while offset < length:
             await self.throttle()

@@ -427,7 +427,7 @@ class Qcow2Node(BlockNode):
         if self.snapshots and self.header.version < 3:
             # a v2 snapshot entry need not record its disk size: growing
             # the image would change what the snapshot seems to hold
-            raise BlockError("Can't resize a v2 image which has snapshots")
+            raise BlockIOError(errno.ENOTSUP, "Can't resize a v2 image which has snapshots")
         self._refuse_if_corrupt()
         # over every cluster: no allocating write may be in flight
         await self._writes.update(0, 1 << 63, lambda: self._resizer.grow(size))
