@@ -230,16 +230,22 @@ class Qcow2Node(BlockNode):
         """Refuse a read-write open when a snapshot shares the active L1 table.
 
         QEMU gives every snapshot an L1 table of its own, so the active one
-        always has refcount 1; writing L1 entries in place would otherwise
-        change the snapshot as well.
+        always has refcount 1 and no snapshot entry points into it; writing
+        L1 entries in place would otherwise change the snapshot as well.
         """
         h = self.header
         bits = h.cluster_bits
-        for cluster in host_clusters_of_range(h.l1_table_offset, h.l1_size * 8, bits):
-            if await self._refs.get(cluster) != 1:
+        active = host_clusters_of_range(h.l1_table_offset, h.l1_size * 8, bits)
+        shared = False
+        for sn in self.snapshots:
+            if sn.l1_size:
+                theirs = host_clusters_of_range(sn.l1_table_offset, sn.l1_size * 8, bits)
+                shared = shared or (theirs.start < active.stop and active.start < theirs.stop)
+        for cluster in active:
+            if shared or await self._refs.get(cluster) != 1:
                 raise ImageError(
-                    "qcow2: the active L1 table is shared with an internal snapshot "
-                    f"(refcount of cluster {cluster:#x} is not 1); cannot be opened read/write"
+                    "qcow2: the active L1 table is shared with an internal snapshot; "
+                    "cannot be opened read/write"
                 )
 
     # -- what the node shows --------------------------------------------------------
