@@ -426,3 +426,31 @@ async def test_kill_at_any_io_point_keeps_snapshots(
             assert any(k in w for w in allowed), (k, result, trace[max(0, k - 6) : k])
         assert_snapshots_kept(img, contents, tmp_path)
         img.unlink()
+
+
+async def test_write_over_a_snapshot_l1_table_marks_corrupt(
+    tmp_path: Path, graph: BlockGraph
+) -> None:
+    """An active L2 entry that points at a snapshot's L1 table (corrupt refcounts
+    aside, the overlap check's business): the write is refused, as QEMU refuses
+    it ("inactive L1 table"), and the snapshot's table is left as it was."""
+    img = create(tmp_path / "o.qcow2", "1M")
+    qemu_io(img, "write -P 0x42 0 64k")
+    run("qemu-img", "snapshot", "-c", "s1", str(img))
+    buf = bytearray(img.read_bytes())
+    l1_offset = struct.unpack_from(">Q", buf, 40)[0]
+    snapshots = struct.unpack_from(">Q", buf, 64)[0]
+    snap_l1 = struct.unpack_from(">Q", buf, snapshots)[0]
+    l2 = struct.unpack_from(">Q", buf, l1_offset)[0] & 0x00FFFFFFFFFFFE00
+    struct.pack_into(">Q", buf, l1_offset, l2 | 1 << 63)  # the table and the entry: "ours"
+    struct.pack_into(">Q", buf, l2, snap_l1 | 1 << 63)
+    img.write_bytes(bytes(buf))
+    before = buf[snap_l1 : snap_l1 + 65536]
+    node = await open_qcow2(graph, img)
+    with pytest.raises(BlockIOError):
+        await node.write(0, pattern(0x43, 4096))
+    assert node.corrupt
+    await graph.close_all()
+    after = img.read_bytes()
+    assert after[snap_l1 : snap_l1 + 65536] == before
+    assert struct.unpack_from(">Q", after, 72)[0] & 2  # corrupt bit on disk

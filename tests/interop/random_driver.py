@@ -15,7 +15,8 @@ events of the step per job in order, query-block-jobs and query-jobs, and,
 whenever no job is alive, query-named-block-nodes and query-block-exports.
 At the end every job is cancelled and dismissed (compared too), both daemons
 quit, and every image's backing string, guest view (qemu-img compare between
-the two copies) and qemu-img check are compared.
+the two copies) and qemu-img check are compared, and so is what an image's
+internal snapshot holds (always, even past a divergence: nothing changes it).
 
 What is normalised, and why (timing, not behaviour):
 
@@ -54,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import random
 import re
@@ -1403,6 +1405,9 @@ def compare_disks(scn: Scenario, work: Path, qsd: Side, ours: Side, diverged: bo
             theirs_check = _check(theirs)
             if not (is_qsd(ours.daemon) and mine_check == theirs_check):
                 raise Difference(where, "qemu-img check", theirs_check, mine_check)
+        if spec.snapshot and snapshot_view(theirs) != snapshot_view(mine):
+            # whatever was written into the image, its snapshot holds what it held
+            raise Difference(where, "snap1 (qemu-img convert -l)", "", "differs")
         if diverged:
             continue
         theirs_check = _check(theirs)
@@ -1428,6 +1433,21 @@ def compare_disks(scn: Scenario, work: Path, qsd: Side, ours: Side, diverged: bo
         )
         if result.returncode != 0:
             raise Difference(where, "guest view (qemu-img compare)", "", result.stdout.strip())
+
+
+def snapshot_view(image: Path) -> str:
+    """A digest of what internal snapshot snap1 of ``image`` holds, as qemu-img reads it."""
+    out = image.with_name(image.name + ".snap1.raw")
+    subprocess.run(
+        ["qemu-img", "convert", "-U", "-l", "snapshot.name=snap1", "-O", "raw", str(image),
+         str(out)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    with out.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    out.unlink()
+    return digest
 
 
 # --------------------------------------------------------------------------- shrinking

@@ -236,17 +236,20 @@ class Qcow2Node(BlockNode):
         h = self.header
         bits = h.cluster_bits
         active = host_clusters_of_range(h.l1_table_offset, h.l1_size * 8, bits)
+        if not active:
+            return
         shared = False
         for sn in self.snapshots:
             if sn.l1_size:
                 theirs = host_clusters_of_range(sn.l1_table_offset, sn.l1_size * 8, bits)
                 shared = shared or (theirs.start < active.stop and active.start < theirs.stop)
         for cluster in active:
-            if shared or await self._refs.get(cluster) != 1:
-                raise ImageError(
-                    "qcow2: the active L1 table is shared with an internal snapshot; "
-                    "cannot be opened read/write"
-                )
+            shared = shared or await self._refs.get(cluster) != 1
+        if shared:
+            raise ImageError(
+                "qcow2: the active L1 table is shared with an internal snapshot; "
+                "cannot be opened read/write"
+            )
 
     # -- what the node shows --------------------------------------------------------
 
