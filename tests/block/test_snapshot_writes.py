@@ -179,6 +179,40 @@ async def test_writes_keep_every_snapshot(
     compare_with(img, contents["s1"], tmp_path)
 
 
+@pytest.mark.parametrize("cluster_size", [4096, 65536])
+async def test_compressed_image_with_snapshots(
+    tmp_path: Path, graph: BlockGraph, cluster_size: int
+) -> None:
+    """``qemu-img convert -c`` packs many compressed clusters into each host
+    cluster (one count per stream), and two snapshots share them all: writes
+    drop one count per stream they replace."""
+    cs = cluster_size
+    size = 64 * cs
+    src = create(tmp_path / "src.qcow2", size)
+    qemu_io(src, f"write -P 0x11 0 {size // 2}", f"write -P 0x12 {size // 2} {size // 4}")
+    img = tmp_path / "c.qcow2"
+    run("qemu-img", "convert", "-c", "-O", "qcow2", "-o", f"cluster_size={cs}", str(src),
+        str(img))  # fmt: skip
+    contents: dict[str, bytes] = {}
+    take_snapshot(img, "s1", tmp_path, contents)
+    take_snapshot(img, "s2", tmp_path, contents)
+    model = bytearray(contents["s1"])
+    node = await open_qcow2(graph, img)
+    rng = random.Random(cs)
+    for _ in range(30):
+        op = rng.choice(["write", "write", "zero", "discard", "read"])
+        off = rng.randrange(0, size)
+        n = rng.randrange(1, min(size - off, 3 * cs) + 1)
+        await apply(node, model, cs, op, off, n, rng.randrange(1, 256))
+    await graph.close_all()
+    assert_clean(img)
+    compare_with(img, bytes(model), tmp_path)
+    assert_snapshots_kept(img, contents, tmp_path)
+    for name in contents:
+        run("qemu-img", "snapshot", "-d", name, str(img))
+    assert_clean(img)
+
+
 async def test_snapshot_list_after_writes(tmp_path: Path, graph: BlockGraph) -> None:
     """The snapshot table is read, never written: ImageInfo lists the same snapshots."""
     img = create(tmp_path / "l.qcow2", "1M")
