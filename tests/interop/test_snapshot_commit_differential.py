@@ -1,4 +1,4 @@
-"""Commits into a base with internal snapshots, blockd beside qemu-storage-daemon 7.2.
+"""Commits and NBD writes into a base with internal snapshots, blockd beside QSD 7.2.
 
 The base gets its snapshots from ``qemu-img snapshot -c`` after ``qemu-io``
 writes (data, preallocated zero clusters, compressed clusters), so the
@@ -17,6 +17,7 @@ import json
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +79,13 @@ def normalise(transcript: list[Any], d: Path) -> list[Any]:
     """Paths relative to the daemon's directory; no file lengths (where each
     daemon put its new clusters is its own business)."""
     out: list[Any] = json.loads(json.dumps(transcript).replace(str(d), "{d}"))
-    for _command, reply, _events in out:
+    for entry in out:
+        reply = entry[1] if len(entry) == 3 else {}  # (command, reply, events) or ("io", lines)
         for node in reply.get("return", []) if isinstance(reply.get("return"), list) else []:
-            if isinstance(node, dict) and node.get("drv") == "file":
-                node["image"].pop("virtual-size", None)
+            if isinstance(node, dict):
+                node["image"].pop("actual-size", None)
+                if node.get("drv") == "file":
+                    node["image"].pop("virtual-size", None)
     return out
 
 
@@ -183,3 +187,44 @@ def test_commit_that_must_grow_a_v2_base_with_snapshots(tmp_path: Path, sock_dir
         )
         qemu_img("compare", str(d0 / "base.qcow2"), str(tmp_path / which / "base.qcow2"))
     check(tmp_path / "blockd" / "base.qcow2")
+
+
+def test_nbd_writes_into_an_image_with_snapshots(tmp_path: Path, short_dir: Path) -> None:
+    """A client writing through a writable export (small requests take blockd's
+    fast path where they can): the same replies, guest view and snapshots."""
+    require_tool("qemu-storage-daemon")
+    snapshots = make_chain(tmp_path / "chain", *BASES["v3-64k"])
+    file = {"driver": "file", "filename": "{d}/base.qcow2", "node-name": "f-top"}
+    steps: list[Any] = [
+        active.Qmp("blockdev-add", {"driver": "qcow2", "node-name": "top", "read-only": False,
+                                    "discard": "unmap", "file": file}),
+        active.Qmp("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "{nbd}"}}}),
+        active.Qmp("block-export-add",
+                   {"type": "nbd", "id": "e0", "node-name": "top", "writable": True}),
+        active.Io(("write -P 0x51 4k 4k", "write -P 0x52 8M 64k", "write -P 0x53 12M 4k",
+                   "write -P 0x54 16M 512", "write -z 5M 128k", "discard 33M 512k",
+                   "write -z -u 9M 64k", "flush")),
+        active.Io(("write -P 0x55 4k 4k", "read -P 0x55 4k 4k", "read -P 0x52 8M 64k",
+                   "read -P 0 5M 128k", "read -P 0 33M 512k", "read -P 0x54 16M 512")),
+        active.Qmp("query-named-block-nodes", {"flat": True}),
+        active.Qmp("block-export-del", {"id": "e0"}, ("BLOCK_EXPORT_DELETED", {"id": "e0"})),
+        active.Qmp("blockdev-del", {"node-name": "top"}),
+    ]  # fmt: skip
+    transcripts = []
+    for which, start in (("qsd", start_qsd), ("blockd", start_blockd)):
+        d = tmp_path / which
+        shutil.copytree(tmp_path / "chain", d)
+        sock = short_dir / f"{which}.sock"
+        nbd = short_dir / f"{which}-nbd.sock"
+        mine = json.loads(json.dumps([asdict(s) for s in steps]).replace("{d}", str(d))
+                          .replace("{nbd}", str(nbd)))  # fmt: skip
+        typed = [type(s)(**m) for s, m in zip(steps, mine, strict=True)]
+        daemon = start(sock)
+        try:
+            transcripts.append(normalise(active.converse(daemon, nbd, typed), d))
+        finally:
+            daemon.stop()
+    qsd, ours = transcripts
+    for want, got in zip(qsd, ours, strict=True):
+        assert got == want
+    compare_results(tmp_path, snapshots, ("base",))
