@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -29,6 +30,7 @@ from blockd.block.node import BlockNode
 from blockd.errors import BlockIOError, ImageError
 from tests.power import Power, PowerLoss, VolatileFile
 
+from . import test_commit_power_loss as commit_power
 from . import test_kill_leaks as kill
 from .conftest import (
     assert_clean,
@@ -501,3 +503,36 @@ async def test_write_over_a_snapshot_l1_table_marks_corrupt(
     after = img.read_bytes()
     assert after[snap_l1 : snap_l1 + 65536] == before
     assert struct.unpack_from(">Q", after, 72)[0] & 2  # corrupt bit on disk
+
+
+@pytest.mark.parametrize("active", [False, True], ids=["intermediate", "active"])
+async def test_power_loss_in_a_commit_into_a_base_with_snapshots(
+    tmp_path: Path, active: bool
+) -> None:
+    """``test_commit_power_loss.py``'s chain with a snapshot of base (512-byte
+    clusters: the commit copies many shared L2 tables): at sampled I/O points
+    of the commit the power goes; every image valid, every overlay's view as
+    before, and base's snapshot as it was."""
+    template = tmp_path / "template"
+    commit_power.make_chain(template)
+    contents: dict[str, bytes] = {}
+    take_snapshot(template / "base.qcow2", "s1", tmp_path, contents)
+    before = {}
+    for image in ("top", "top2"):
+        before[image] = tmp_path / f"{image}.raw"
+        to_raw(template / f"{image}.qcow2", before[image])
+    mid_digest = commit_power.digest(template / "mid.qcow2")
+
+    async def attempt(crash_at: int) -> int:
+        d = tmp_path / f"run-{crash_at}"
+        shutil.copytree(template, d)
+        ops, done = await commit_power.commit_once(d, crash_at, active=active, seed=1)
+        commit_power.judge(d, before, mid_digest, active=active, done=done)
+        assert_snapshots_kept(d / "base.qcow2", contents, tmp_path)
+        shutil.rmtree(d)
+        return ops
+
+    total = await attempt(-1)  # no power loss: count the I/O points
+    assert total > 10
+    for crash_at in sorted(random.Random(3).sample(range(1, total + 1), min(total, 40))):
+        await attempt(crash_at)
