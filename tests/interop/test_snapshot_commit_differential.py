@@ -137,7 +137,7 @@ def short_dir() -> Iterator[Path]:
         yield Path(name)
 
 
-@pytest.mark.parametrize("kind", sorted(BASES))
+@pytest.mark.parametrize("kind", ["v2-4k", "v3-64k"])  # (2 MiB clusters: the other test)
 def test_active_commit_into_base_with_snapshots(
     tmp_path: Path, short_dir: Path, kind: str
 ) -> None:
