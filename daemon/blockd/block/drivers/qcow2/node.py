@@ -9,11 +9,11 @@ Metadata policy (the crash-safety rows of ``daemon/blockd/block/README.md``):
 * Order on disk: data, flush, the counters of exactly the entries about to
   be written (refcount.py), flush, the L2/L1 entries.  A new allocation's L2
   entries wait in the cached tables for the next flush (writeback.py), and
-  so do their counters; entries that make clusters free (zero writes,
-  discards, writes over clusters that must be freed) are written at once
-  after a flush, as are new L2 tables and L1 entries.  A removed reference
-  is flushed before the counter it held is decremented (and that decrement
-  is written at once).  A crash therefore leaves at most leaked clusters,
+  so do their counters and the references of the entries they replace;
+  entries of zero writes and discards are written at once after a flush,
+  as are new L2 tables and L1 entries.  A removed reference is flushed
+  before the counter it held is decremented (and that decrement is written
+  at once).  A crash therefore leaves at most leaked clusters,
   and loses only writes no flush has covered.
 * Every change of metadata for one image happens under the metadata lock
   (inflight.py) and inside a shielded cancel scope, so cancellation never
@@ -98,10 +98,11 @@ class Qcow2Node(BlockNode):
         self._mapping = Mapping(
             file, header, self._meta, self._refs, self._mark_corrupt, l2_cache_bytes
         )
-        self._writeback = L2Writeback(
-            self._mapping, self._refs, self._inflight.lock, self._mark_corrupt
-        )
         self._reader = Reader(self._mapping, self._inflight, lambda: self.backing)
+        self._writeback = L2Writeback(
+            self._mapping, self._refs, self._inflight, self._reader.forget_inflated,
+            self._mark_corrupt,
+        )
         allocator = Allocator(
             self._mapping,
             self._refs,
