@@ -184,18 +184,13 @@ class Allocator:
         old = {c: e for _r, batch in alloc.runs for c, e in batch if classify(e) in FREEABLE}
         return updates, old
 
-    async def finish(
-        self, updates: dict[int, int], old: list[int], *, flushed: bool = False
-    ) -> None:
-        """Second half: make the new clusters reachable, then free what they replace.
-
-        The caller holds the lock; ``flushed``: data and refcounts are durable already.
-        """
+    async def finish(self, updates: dict[int, int], old: list[int]) -> None:
+        """Second half, at once: make the new clusters reachable, then free what
+        they replace.  The caller holds the lock."""
         if not updates:
             return
         self.refs.release((e & OFFSET_MASK) >> self.cluster_bits for e in updates.values())
-        if not flushed:
-            await self.refs.flush()  # data and refcounts durable before the L2 entries
+        await self.refs.flush()  # data and refcounts durable before the L2 entries
         old = old + await self.writeback.write_now(updates)
         if old:
             await self.refs.flush()  # the unreference is durable before the decrement
