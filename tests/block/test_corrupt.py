@@ -19,7 +19,6 @@ from .conftest import (
     data_on_refcount_block,
     open_qcow2,
     qemu_io,
-    run,
 )
 
 Patch = Callable[[bytearray], None]
@@ -107,20 +106,6 @@ async def test_refused_read_write_only(tmp_path: Path, graph: BlockGraph) -> Non
     assert node.read_only
     await graph.close_all()
     assert img.read_bytes() == bytes(buf)
-
-
-async def test_internal_snapshots_read_only(tmp_path: Path, graph: BlockGraph) -> None:
-    img = create(tmp_path / "s.qcow2", "1M")
-    qemu_io(img, "write -P 0x42 0 64k")
-    run("qemu-img", "snapshot", "-c", "snap1", str(img))
-    qemu_io(img, "write -P 0x43 0 4k")
-    before = img.read_bytes()
-    with pytest.raises(ImageError, match="internal snapshots"):
-        await open_qcow2(graph, img)
-    node = await open_qcow2(graph, img, read_only=True)
-    assert await node.read(0, 8192) == b"\x43" * 4096 + b"\x42" * 4096
-    await graph.close_all()
-    assert img.read_bytes() == before
 
 
 async def test_real_extended_l2_and_data_file(tmp_path: Path, graph: BlockGraph) -> None:

@@ -3,9 +3,10 @@
 Images get their snapshots from ``qemu-img snapshot -c``, or a snapshot table
 written here field by field (extra data of every length QEMU knows, VM state
 and clock values, ids and names QEMU cuts at a NUL, tables QEMU refuses).
-Each image is opened read-only in both daemons and everything a client can
-see is compared: the reply to ``blockdev-add``, then every node's ``image``
-(where ``snapshots`` appears, its members and their order on the wire).
+Each image is opened read-only (images qemu-img made also read-write) in
+both daemons and everything a client can see is compared: the reply to
+``blockdev-add``, then every node's ``image`` (where ``snapshots`` appears,
+its members and their order on the wire).
 """
 
 from __future__ import annotations
@@ -41,12 +42,14 @@ def daemons() -> Iterator[tuple[DaemonProcess, DaemonProcess]]:
         assert "Traceback" not in blockd.stderr()
 
 
-def _observe(daemon: DaemonProcess, image: Path) -> tuple[dict[str, Any], list[str]]:
+def _observe(
+    daemon: DaemonProcess, image: Path, read_only: bool
+) -> tuple[dict[str, Any], list[str]]:
     """blockdev-add's reply, and each node's ``image`` as raw wire text (member order counts)."""
     with RawQMP(daemon.socket_path) as client:
         client.negotiate()
         reply: dict[str, Any] = client.execute("blockdev-add", {
-            "driver": "qcow2", "node-name": "top", "read-only": True,
+            "driver": "qcow2", "node-name": "top", "read-only": read_only,
             "file": {"driver": "file", "filename": str(image)}})
         client.send('{"execute": "query-named-block-nodes"}')
         raw = client.read_line().decode()
@@ -66,9 +69,11 @@ def _observe(daemon: DaemonProcess, image: Path) -> tuple[dict[str, Any], list[s
     return reply, sorted(images)
 
 
-def _compare(daemons: tuple[DaemonProcess, DaemonProcess], image: Path) -> list[str]:
-    theirs = _observe(daemons[0], image)
-    ours = _observe(daemons[1], image)
+def _compare(
+    daemons: tuple[DaemonProcess, DaemonProcess], image: Path, read_only: bool = True
+) -> list[str]:
+    theirs = _observe(daemons[0], image, read_only)
+    ours = _observe(daemons[1], image, read_only)
     assert "Internal error" not in str(ours[0])
     assert ours == theirs
     return ours[1]
@@ -101,6 +106,7 @@ def test_snapshots_other_layouts(
         qemu_io(img, f"write -P {n} {n}M 4k")
         run("qemu-img", "snapshot", "-c", f"s{n}", str(img))
     _compare(daemons, img)
+    _compare(daemons, img, read_only=False)  # the list is the same in a read-write node
 
 
 def _entry(ident: bytes, name: bytes, extra: bytes, *, vm_state: int = 0,

@@ -734,10 +734,14 @@ def test_commit_refused_up_front_when_an_overlay_cannot_take_base(
 ) -> None:
     """The overlay above top gets base's name in its header when the commit
     completes, so a read-only overlay that cannot be reopened read-write (it
-    has an internal snapshot) is refused before anything is copied, not
-    after the whole copy: no job, base untouched and read-only."""
+    is marked corrupt) is refused before anything is copied, not after the
+    whole copy: no job, base untouched and read-only."""
     base, _, top = chain(tmp_path)
-    qemu_img("snapshot", "-c", "snap1", str(top))
+    with open(top, "r+b") as f:  # set the corrupt bit (incompatible feature bit 1)
+        f.seek(72)
+        flags = int.from_bytes(f.read(8), "big") | 2
+        f.seek(72)
+        f.write(flags.to_bytes(8, "big"))
     before = digest(base)
     with RawQMP(blockd.socket_path) as client:
         client.negotiate()
@@ -749,7 +753,7 @@ def test_commit_refused_up_front_when_an_overlay_cannot_take_base(
         reply = commit(client, **{"top-node": "mid"})
         assert reply["error"] == {
             "class": "GenericError",
-            "desc": "qcow2: Images with internal snapshots (1) can only be opened read-only",
+            "desc": "qcow2: Image is corrupt; cannot be opened read/write",
         }
         assert client.execute("query-jobs") == {"return": []}
         assert node(client, "base")["ro"] is True

@@ -63,6 +63,14 @@ def cow(d: Path) -> None:
              str(d / "d.qcow2"), "4M")  # fmt: skip
 
 
+def snapshot(d: Path) -> None:
+    """d.qcow2 (64 KiB clusters) with data at 0 and 1M and a compressed cluster at
+    128k, all shared with snapshot s1: the first write copies the L2 table."""
+    qemu_img("create", "-q", "-f", "qcow2", str(d / "d.qcow2"), "4M")
+    qemu_io(d / "d.qcow2", "write -P 2 0 64k", "write -c 128k 64k", "write -P 3 1M 64k")
+    qemu_img("snapshot", "-c", "s1", str(d / "d.qcow2"))
+
+
 def raw(d: Path) -> None:
     qemu_img("create", "-q", "-f", "raw", str(d / "d.qcow2"), "4M")
 
@@ -112,6 +120,16 @@ SCENARIOS: dict[str, tuple[Callable[[Path], None], str, tuple[Op, ...]]] = {
         ("write", 2560 * KiB, 4 * KiB),  # 5: over all the data below: zeros around it
         ("flush",),  # 6
     )),
+    "snapshot": (snapshot, "qcow2", (
+        ("read", 0, 4 * KiB),  # 0: the shared table, cached
+        ("write", 4 * KiB, 4 * KiB),  # 1: copies the L2 table, then the data cluster
+        ("flush",),  # 2
+        ("write", 130 * KiB, 4 * KiB),  # 3: over the shared compressed cluster
+        ("zero", 1 * MiB, 64 * KiB),  # 4: a whole shared cluster: only our reference goes
+        ("write", 8 * KiB, 4 * KiB),  # 5: in place now
+        ("flush",),  # 6
+        ("read", 0, 64 * KiB),  # 7
+    )),
     "commit": (commit_chain, "qcow2", ()),  # block-commit, not NBD requests: see below
     "raw": (raw, "raw", (
         ("read", 0, 4 * KiB),
@@ -157,6 +175,17 @@ FIRING = [
     ("cow", "cow_write"),
     ("cow", "read_backing_aio"),
     ("cow", "cluster_alloc_space"),
+    ("snapshot", "l2_alloc_cow_read"),
+    ("snapshot", "l2_alloc_write"),
+    ("snapshot", "l1_update"),
+    ("snapshot", "cluster_alloc"),
+    ("snapshot", "cow_read"),
+    ("snapshot", "write_aio"),
+    ("snapshot", "read_compressed"),
+    ("snapshot", "l2_update"),
+    ("snapshot", "cluster_free"),
+    ("snapshot", "l2_load"),
+    ("snapshot", "cow_write"),
     ("raw", "none"),
     ("raw", "read_aio"),
     ("raw", "write_aio"),

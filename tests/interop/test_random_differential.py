@@ -75,7 +75,7 @@ REGRESSION_SEEDS: tuple[int, ...] = (
     997,
     1071,
     40070130,  # json: names of a blkdebug base and its overlays; ends at A7 (base flush fails)
-    600030,  # a snapshot image above a commit's top: refused up front (A4)
+    600030,  # snapshot images in a committed chain (were refused up front, A4)
     500104,  # active commit of a read-only top: base read-only afterwards
     300486,  # an overlay added on an active commit's top reads base afterwards
     3100076,  # a read rule made active by an earlier job, on an overlay a commit re-points
@@ -89,7 +89,7 @@ REGRESSION_SEEDS: tuple[int, ...] = (
     800247,  # cancel of a job paused on ENOSPC clears its io-status
     900244,  # an exported image below a commit's top: QSD's permission conflict
     1000138,  # blockdev-del of an active commit's top exported during the job: in use
-    1000337,  # a snapshot image beside the chain on a commit's top: refused up front (A4)
+    1000337,  # a snapshot image beside the chain on a commit's top (was refused, A4)
 )
 
 

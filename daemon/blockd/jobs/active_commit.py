@@ -177,7 +177,11 @@ class ActiveCommitJob(Job):
     async def run(self) -> None:
         top, base = self.plan.top, self.plan.base
         if base.size < top.size:
-            await base.truncate(top.size)
+            try:
+                await base.truncate(top.size)
+            except BlockIOError as err:
+                # QEMU's job asks its truncate for no message: the client gets errno's words
+                raise BlockIOError(err.errno) from err
         await self._scan()
         while True:
             if self.status is JobStatus.RUNNING:

@@ -116,7 +116,7 @@ class CommitJob(Job):
     def _check_overlays_writable(self) -> None:
         """Refuse now what :meth:`prepare` could not do after the whole copy:
         reopen a read-only overlay read-write to write base's name into it
-        (an image with internal snapshots, for one, opens read-only only)."""
+        (an image marked corrupt, for one, opens read-only only)."""
         for overlay in self._overlays():
             if overlay.read_only:
                 refusal = overlay.read_write_refusal()
@@ -128,7 +128,11 @@ class CommitJob(Job):
         length = top.size
         self.length = length
         if base.size < length:
-            await base.truncate(length)
+            try:
+                await base.truncate(length)
+            except BlockIOError as err:
+                # QEMU's job asks its truncate for no message: the client gets errno's words
+                raise BlockIOError(err.errno) from err
         offset = 0
         while offset < length:
             await self.throttle()

@@ -5,10 +5,12 @@ new host clusters (counted, but held back from refcount write-backs until
 the write's entries are on their way) and writes nothing;
 :meth:`Allocator.fill` puts the data there, completing partial clusters from
 what the guest sees now (copy-on-write).  Then the new entries are made
-reachable: deferred to the next flush when they replace nothing
-(``writeback.py``), or written at once after a flush when the clusters they
-replace must be freed (:meth:`Allocator.finish`), so that the unreference
-is durable before the decrement.
+reachable: deferred to the next flush (``writeback.py``), which also drops
+the references of the entries they replace (a cluster shared with an
+internal snapshot, a compressed or zero-allocated one) once the new entries
+are durable; a bulk copy's batch writes its entries at once after a flush
+instead (:meth:`Allocator.finish`), and then, after another, drops those
+references.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import contextlib
 import dataclasses
 
 from blockd.block.drivers.qcow2.inflight import InFlight
-from blockd.block.drivers.qcow2.mapping import FREEABLE, Mapping, referenced_clusters
+from blockd.block.drivers.qcow2.mapping import FREEABLE, Mapping
 from blockd.block.drivers.qcow2.overlap import MarkCorrupt, OverlapError
 from blockd.block.drivers.qcow2.payload import BytesPayload, Payload
 from blockd.block.drivers.qcow2.reading import Reader
@@ -112,7 +114,8 @@ class Allocator:
         """
         alloc = await self.plan(payload)
         await self.fill(payload, alloc)
-        return self.result(alloc)
+        updates, old = self.result(alloc)
+        return updates, list(old.values())
 
     async def plan(self, payload: Payload) -> Allocation:
         """Claim the new clusters a write needs (counted, held back from write-backs
@@ -172,47 +175,40 @@ class Allocator:
         return [(run_off >> self.cluster_bits) + i
                 for run_off, batch in alloc.runs for i in range(len(batch))]
 
-    def result(self, alloc: Allocation) -> tuple[dict[int, int], list[int]]:
-        """The new L2 entries by guest cluster, and the old entries that held clusters."""
+    def result(self, alloc: Allocation) -> tuple[dict[int, int], dict[int, int]]:
+        """The new L2 entries by guest cluster, and (by guest cluster) the old
+        entries that held clusters."""
         cs = self.cluster_size
         updates = {c: (run_off + i * cs) | OFLAG_COPIED
                    for run_off, batch in alloc.runs for i, (c, _e) in enumerate(batch)}
-        old = [e for _r, batch in alloc.runs for _c, e in batch if classify(e) in FREEABLE]
+        old = {c: e for _r, batch in alloc.runs for c, e in batch if classify(e) in FREEABLE}
         return updates, old
 
-    async def finish(
-        self, updates: dict[int, int], old: list[int], *, flushed: bool = False
-    ) -> None:
-        """Second half: make the new clusters reachable, then free what they replace.
-
-        The caller holds the lock; ``flushed``: data and refcounts are durable already.
-        """
+    async def finish(self, updates: dict[int, int], old: list[int]) -> None:
+        """Second half, at once: make the new clusters reachable, then free what
+        they replace.  The caller holds the lock."""
         if not updates:
             return
         self.refs.release((e & OFFSET_MASK) >> self.cluster_bits for e in updates.values())
-        if not flushed:
-            await self.refs.flush()  # data and refcounts durable before the L2 entries
-        await self.writeback.write_now(updates)
+        await self.refs.flush()  # data and refcounts durable before the L2 entries
+        old = old + await self.writeback.write_now(updates)
         if old:
             await self.refs.flush()  # the unreference is durable before the decrement
-            await self.release(old)
+            await self.writeback.release(old)
 
     async def complete(self, payload: Payload, alloc: Allocation) -> None:
         """Data into the claimed clusters (no lock), then L2 (locked).
 
-        New clusters that replace nothing that must be freed get their
-        entries committed at the next flush (``writeback.py``); when old
-        clusters are to be freed, their unreference must be durable first,
-        so that write flushes and writes L2 itself.
+        The new entries are committed at the next flush (``writeback.py``),
+        and so are the references of the old entries they replace dropped,
+        once the new entries are durable: as QEMU's metadata cache, not a
+        flush per write over clusters an internal snapshot shares.
         """
         updates, old = self.result(alloc)
         claimed = self.claimed(alloc)
         lock = self.inflight.lock
         try:
             await self.fill(payload, alloc)
-            if old:
-                self.refs.release(claimed)
-                await self.refs.flush()  # data and refcounts durable before the L2 entries
         except BaseException:
             # nothing points at the new clusters yet: give them back (or leak them)
             async with lock:
@@ -220,31 +216,11 @@ class Allocator:
                 with contextlib.suppress(BlockIOError, OverlapError):
                     await self.refs.change(claimed, -1)
             raise
-        if not old:
-            async with lock:
-                # still held: the commit that writes their entries writes their counters
-                backlog = self.writeback.defer(updates) if updates else False
-            if backlog:
-                await self.writeback.commit()
-            return
         async with lock:
-            try:
-                await self.finish(updates, old, flushed=True)
-            except OverlapError as exc:
-                await self.mark_corrupt(str(exc), exc.offset, exc.size)
-
-    async def release(self, entries: list[int]) -> None:
-        """Drop the references the (already durable) old entries held."""
-        self.reader.forget_inflated()
-        bits = self.cluster_bits
-        clusters = [c for entry in entries for c in referenced_clusters(entry, bits)]
-        if clusters:
-            await self.inflight.wait_unpinned(clusters)
-            self.file.debug_event("cluster_free")
-            await self.refs.change(clusters, -1)
-            # at once, not at the next flush: until then a crash would leak them
-            await self.refs.write_back()
-            await self.refs.punch_freed()
+            # still held: the commit that writes their entries writes their counters
+            backlog = self.writeback.defer(updates, old) if updates else False
+        if backlog:
+            await self.writeback.commit()
 
     # -- filling new clusters -------------------------------------------------------
 

@@ -7,12 +7,12 @@ flight its host clusters are pinned: dropping the last reference to a pinned
 cluster waits, so the cluster cannot be reallocated (and filled with someone
 else's data) under the I/O's feet.
 
-An allocating write claims its clusters and writes their refcounts under the
-lock, then writes the data and flushes *outside* it, and takes the lock again
-to point L2 at the new clusters.  Meanwhile its guest clusters are marked
-allocating: any other change to them (write, zero, discard, grow) waits, so
-updates of one cluster never cross; readers see the old mapping.  This lets
-one request's flush overlap with the next request's data.
+An allocating write claims its clusters (their counters) under the lock,
+then writes the data *outside* it, and takes the lock again to point the
+cached L2 entries at the new clusters.  Meanwhile its guest clusters are
+marked allocating: any other change to them (write, zero, discard, grow)
+waits, so updates of one cluster never cross; readers see the old mapping.
+This lets one request's data overlap with the next request's.
 """
 
 from __future__ import annotations

@@ -2,20 +2,22 @@
 of a guest range, block status, and the one formula for a host offset.
 
 Callers hold the image's metadata lock while they ask (``inflight.py``),
-so the answers are a consistent view of L2.  New L2 tables and L1 entries
-are written here, at once: an L1 entry is only written after its table is
-durable, so a crash leaves at most a leaked table.  L2 entries themselves go
-out through ``writeback.py``.
+so the answers are a consistent view of L2.  New L2 tables (empty, or
+copies of tables shared with internal snapshots) and L1 entries are written
+here, at once: an L1 entry is only written after its table is durable, and
+a replaced table's refcount drops only once the new entry is, so a crash
+leaves at most a leaked table.  L2 entries themselves go out through
+``writeback.py``.
 """
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import struct
 from array import array
 
 from blockd.block.drivers.qcow2.header import Header
-from blockd.block.drivers.qcow2.overlap import MarkCorrupt, MetadataMap, MetaKind
+from blockd.block.drivers.qcow2.overlap import MarkCorrupt, MetadataMap, MetaKind, OverlapError
 from blockd.block.drivers.qcow2.refcount import Refcounts
 from blockd.block.drivers.qcow2.tables import (
     OFFSET_MASK,
@@ -25,6 +27,7 @@ from blockd.block.drivers.qcow2.tables import (
     classify,
     compressed_range,
     decode_table,
+    encode_entries,
     host_clusters_of_range,
     zero_table,
 )
@@ -245,27 +248,55 @@ class Mapping:
     # -- changing the tables (callers hold the lock, shielded) ----------------------
 
     async def ensure_l2(self, l1_index: int) -> None:
-        """Give L1 index ``l1_index`` a writable L2 table (a new, zeroed one if it has none)."""
+        """Give L1 index ``l1_index`` an L2 table only the active view uses.
+
+        No table yet: a new, zeroed one.  A table whose L1 entry lacks
+        COPIED is shared with an internal snapshot (its refcount is above 1):
+        it is copied to a new table, which takes its place, and only then is
+        the active view's reference to the old one dropped, so the snapshot
+        keeps it as it was.  The copied entries point at the same clusters,
+        whose refcounts do not change: each counts the tables that reach it
+        through some L1 table, and the new table stands in for the old one
+        in the active L1.  Those entries lack COPIED (their clusters are
+        shared too), so a write to any of them copies its cluster as well.
+        """
         entry = self.l1[l1_index]
-        off = entry & OFFSET_MASK
-        if off and entry & OFLAG_COPIED:
+        old = entry & OFFSET_MASK
+        if old and entry & OFLAG_COPIED:
             return
-        if off:
-            raise BlockIOError(
-                errno.ENOTSUP,
-                f"qcow2: L2 table at {off:#x} is shared (internal snapshot); "
-                "writing to it is not supported",
-            )
         new = await self.refs.allocate(1)
-        self.meta.check(new, self.cluster_size, None)
-        self.file.debug_event("l2_alloc_write")
-        self.file.debug_event("l2_update")
-        await self.file.write(new, bytes(self.cluster_size))
-        await self.refs.flush()  # table content and its refcount before the L1 pointer
+        try:
+            self.meta.check(new, self.cluster_size, None)
+            if old:
+                self.file.debug_event("l2_alloc_cow_read")
+                loaded = await self.l2_table(l1_index)
+                assert loaded is not None
+                # a table without COPIED is never written, so the cache matches the disk
+                table = array("Q", loaded[1])
+            else:
+                table = zero_table(self.l2_entries)
+            self.file.debug_event("l2_alloc_write")
+            self.file.debug_event("l2_update")
+            await self.file.write(new, encode_entries(table))
+            await self.refs.flush()  # table content and its refcount before the L1 pointer
+        except BaseException:
+            # nothing points at the new table: give it back (a failure here leaks it)
+            with contextlib.suppress(BlockIOError, OverlapError):
+                await self.refs.change([new >> self.cluster_bits], -1)
+            raise
         self.meta.add(new, self.cluster_size, MetaKind.L2)
         self.l2.drop(new)
-        self.l2.put(new, zero_table(self.l2_entries))
+        self.l2.put(new, table)
         await self._write_l1_entry(l1_index, new | OFLAG_COPIED)
+        if old:
+            # the snapshot's now, not the active view's: no longer checked
+            # as active metadata, and the cache need not keep it
+            self.meta.remove(old, self.cluster_size)
+            self.l2.drop(old)
+            await self.refs.flush()  # the new L1 entry is durable before the decrement
+            self.file.debug_event("cluster_free")
+            await self.refs.change([old >> self.cluster_bits], -1)
+            await self.refs.write_back()  # at once: a crash until then leaks the old table
 
     async def _write_l1_entry(self, l1_index: int, entry: int) -> None:
         pos = self.header.l1_table_offset + l1_index * 8

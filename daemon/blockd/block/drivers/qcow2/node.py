@@ -9,11 +9,11 @@ Metadata policy (the crash-safety rows of ``daemon/blockd/block/README.md``):
 * Order on disk: data, flush, the counters of exactly the entries about to
   be written (refcount.py), flush, the L2/L1 entries.  A new allocation's L2
   entries wait in the cached tables for the next flush (writeback.py), and
-  so do their counters; entries that make clusters free (zero writes,
-  discards, writes over clusters that must be freed) are written at once
-  after a flush, as are new L2 tables and L1 entries.  A removed reference
-  is flushed before the counter it held is decremented (and that decrement
-  is written at once).  A crash therefore leaves at most leaked clusters,
+  so do their counters and the references of the entries they replace;
+  entries of zero writes and discards are written at once after a flush,
+  as are new L2 tables and L1 entries.  A removed reference is flushed
+  before the counter it held is decremented (and that decrement is written
+  at once).  A crash therefore leaves at most leaked clusters,
   and loses only writes no flush has covered.
 * Every change of metadata for one image happens under the metadata lock
   (inflight.py) and inside a shielded cancel scope, so cancellation never
@@ -24,7 +24,12 @@ Metadata policy (the crash-safety rows of ``daemon/blockd/block/README.md``):
   before any other write but the autoclear bits; read-only it is only read.
 * Autoclear bits (bitmaps) are not maintained, so they are cleared on the
   first read-write open, before any other write.
-* Images with internal snapshots are opened read-only only.
+* Internal snapshots share clusters and L2 tables with the active view
+  (refcount above 1, no COPIED flag): a write copies what it touches of
+  them first (allocation.py for data, mapping.py for L2 tables) and then
+  drops the active view's reference, so every snapshot keeps its content
+  and refcounts stay exact.  The snapshot table and the snapshots' L1
+  tables are never written (no snapshot is created, applied or deleted).
 """
 
 from __future__ import annotations
@@ -55,7 +60,12 @@ from blockd.block.drivers.qcow2.reading import Reader
 from blockd.block.drivers.qcow2.refcount import Refcounts
 from blockd.block.drivers.qcow2.repair import count_references, rebuild_refcounts
 from blockd.block.drivers.qcow2.resize import Resizer
-from blockd.block.drivers.qcow2.tables import OFFSET_MASK, ClusterKind, decode_table
+from blockd.block.drivers.qcow2.tables import (
+    OFFSET_MASK,
+    ClusterKind,
+    decode_table,
+    host_clusters_of_range,
+)
 from blockd.block.drivers.qcow2.writeback import L2Writeback
 from blockd.block.drivers.qcow2.writes import Writes
 from blockd.block.drivers.qcow2.zeroing import Zeroing
@@ -84,7 +94,7 @@ class Qcow2Node(BlockNode):
         self.header = header
         self._corrupt = False
         self._corruption_logged = False
-        #: the internal snapshots (read at open; images with any are read-only)
+        #: the internal snapshots (read at open; never changed by us)
         self.snapshots: list[snap.Snapshot] = []
         self._snapshot_table_bytes = 0
         self._meta = MetadataMap(header.cluster_bits)
@@ -93,10 +103,11 @@ class Qcow2Node(BlockNode):
         self._mapping = Mapping(
             file, header, self._meta, self._refs, self._mark_corrupt, l2_cache_bytes
         )
-        self._writeback = L2Writeback(
-            self._mapping, self._refs, self._inflight.lock, self._mark_corrupt
-        )
         self._reader = Reader(self._mapping, self._inflight, lambda: self.backing)
+        self._writeback = L2Writeback(
+            self._mapping, self._refs, self._inflight, self._reader.forget_inflated,
+            self._mark_corrupt,
+        )
         allocator = Allocator(
             self._mapping,
             self._refs,
@@ -154,6 +165,16 @@ class Qcow2Node(BlockNode):
             self.snapshots, length = await self._read_snapshot_table()
             self._snapshot_table_bytes = length
             self._meta.add(h.snapshots_offset, length, MetaKind.SNAPSHOTS)
+            for sn in self.snapshots:
+                # QEMU's limits for a snapshot's L1 table; one past them (or
+                # past the file) is no cluster a write of ours could reach
+                size = sn.l1_size * 8
+                if (
+                    size <= hdr.MAX_L1_BYTES
+                    and not sn.l1_table_offset & (self.cluster_size - 1)
+                    and sn.l1_table_offset + size <= self._file.size
+                ):
+                    self._meta.add(sn.l1_table_offset, size, MetaKind.INACTIVE_L1)
         self._meta.add(0, self.cluster_size, MetaKind.HEADER)
         if h.l1_size:
             self._meta.add(h.l1_table_offset, h.l1_size * 8, MetaKind.L1)
@@ -191,17 +212,14 @@ class Qcow2Node(BlockNode):
         h = self.header
         if h.incompatible_features & hdr.INCOMPAT_CORRUPT:
             return "qcow2: Image is corrupt; cannot be opened read/write"
-        if h.nb_snapshots:
-            return (
-                f"qcow2: Images with internal snapshots ({h.nb_snapshots}) can only "
-                "be opened read-only"
-            )
         return None
 
     async def _prepare_read_write(self) -> None:
         refusal = self.read_write_refusal()
         if refusal is not None:
             raise ImageError(refusal)
+        if self.snapshots:
+            await self._refuse_shared_l1()
         h = self.header
         counts = None
         if h.incompatible_features & hdr.INCOMPAT_DIRTY:
@@ -223,6 +241,31 @@ class Qcow2Node(BlockNode):
                         self._file, h, self._mapping, self._refs, self._meta, counts
                     )
             log.info("qcow2: repaired the refcounts of dirty image '%s'", self.filename)
+
+    async def _refuse_shared_l1(self) -> None:
+        """Refuse a read-write open when a snapshot shares the active L1 table.
+
+        QEMU gives every snapshot an L1 table of its own, so the active one
+        always has refcount 1 and no snapshot entry points into it; writing
+        L1 entries in place would otherwise change the snapshot as well.
+        """
+        h = self.header
+        bits = h.cluster_bits
+        active = host_clusters_of_range(h.l1_table_offset, h.l1_size * 8, bits)
+        if not active:
+            return
+        shared = False
+        for sn in self.snapshots:
+            if sn.l1_size:
+                theirs = host_clusters_of_range(sn.l1_table_offset, sn.l1_size * 8, bits)
+                shared = shared or (theirs.start < active.stop and active.start < theirs.stop)
+        for cluster in active:
+            shared = shared or await self._refs.get(cluster) != 1
+        if shared:
+            raise ImageError(
+                "qcow2: the active L1 table is shared with an internal snapshot; "
+                "cannot be opened read/write"
+            )
 
     # -- what the node shows --------------------------------------------------------
 
@@ -421,6 +464,10 @@ class Qcow2Node(BlockNode):
     async def _do_truncate(self, size: int) -> None:
         if size % 512:
             raise BlockError("The new size must be a multiple of 512")
+        if self.snapshots and self.header.version < 3:
+            # a v2 snapshot entry need not record its disk size: growing
+            # the image would change what the snapshot seems to hold
+            raise BlockIOError(errno.ENOTSUP, "Can't resize a v2 image which has snapshots")
         self._refuse_if_corrupt()
         # over every cluster: no allocating write may be in flight
         await self._writes.update(0, 1 << 63, lambda: self._resizer.grow(size))

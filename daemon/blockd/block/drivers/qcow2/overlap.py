@@ -19,6 +19,7 @@ class MetaKind(enum.Enum):
     REFTABLE = "refcount table"
     REFBLOCK = "refcount block"
     SNAPSHOTS = "snapshot table"
+    INACTIVE_L1 = "inactive L1 table"
 
 
 class OverlapError(Exception):

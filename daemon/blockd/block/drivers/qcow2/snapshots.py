@@ -3,9 +3,9 @@
 Entries are variable-sized (a fixed 40-byte part, extra data, id, name, each
 entry 8-aligned), so the table's length is only known once it is walked.
 The walk is sans-I/O: :func:`walk` yields the byte ranges it needs and is
-sent their contents, and the caller does the reading.  blockd never writes the table (images
-with snapshots are opened read-only); it reports it, as ``query-named-block-nodes``
-and ``qemu-img info`` do.
+sent their contents, and the caller does the reading.  blockd never writes the table (it
+creates, applies and deletes no snapshot; writes copy what they share with one, see
+``mapping.py``); it reports it, as ``query-named-block-nodes`` and ``qemu-img info`` do.
 """
 
 from __future__ import annotations

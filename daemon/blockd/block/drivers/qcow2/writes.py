@@ -5,8 +5,7 @@ clusters, and changes metadata inside a shielded cancel scope, so
 cancellation never leaves a half-made update; a write that would land on
 metadata marks the image corrupt (:meth:`Writes.update`).  Data goes outside
 the lock where it can: an in-place write's bytes, and an allocating write's
-data and flush, with its clusters marked allocating meanwhile
-(``inflight.py``).
+data, with its clusters marked allocating meanwhile (``inflight.py``).
 """
 
 from __future__ import annotations

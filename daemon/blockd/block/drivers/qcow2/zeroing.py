@@ -102,10 +102,10 @@ class Zeroing:
             return
         for l1_index in sorted({c // n_l2 for c in updates}):
             await mapping.ensure_l2(l1_index)
-        await self.writeback.write_now(updates)
+        old += await self.writeback.write_now(updates)
         if old:
             await self.refs.flush()
-            await self.allocator.release(old)
+            await self.writeback.release(old)
 
     async def _reads_as_zero_here(self, cluster: int) -> bool:
         kind = classify((await self.mapping.entries(cluster, 1))[0])
