@@ -257,11 +257,16 @@ class Mapping:
                 "writing to it is not supported",
             )
         new = await self.refs.allocate(1)
-        self.meta.check(new, self.cluster_size, None)
-        self.file.debug_event("l2_alloc_write")
-        self.file.debug_event("l2_update")
-        await self.file.write(new, bytes(self.cluster_size))
-        await self.refs.flush()  # table content and its refcount before the L1 pointer
+        try:
+            self.meta.check(new, self.cluster_size, None)
+            self.file.debug_event("l2_alloc_write")
+            self.file.debug_event("l2_update")
+            await self.file.write(new, bytes(self.cluster_size))
+            await self.refs.flush()  # table content and its refcount before the L1 pointer
+        except BlockIOError:
+            # nothing points at the table yet (a full disk refused it): uncount it
+            await self.refs.give_back(new >> self.cluster_bits)
+            raise
         self.meta.add(new, self.cluster_size, MetaKind.L2)
         self.l2.drop(new)
         self.l2.put(new, zero_table(self.l2_entries))
