@@ -183,3 +183,36 @@ async def test_a_write_failing_at_every_page_leaves_a_sound_image(
     compare_with(img, bytes(model), tmp_path)
     assert failures > 50, failures
     assert kinds <= struck, (failures, struck)
+
+
+async def test_growing_on_a_full_disk(small_fs: SmallFs, graph: BlockGraph, tmp_path: Path) -> None:
+    """A bigger L1 table (commit into a smaller base grows it) refused by a full
+    disk, page after page: nothing leaks, and the grow goes through once there is room."""
+    img = create(small_fs.path / "img.qcow2", MiB, cluster_size=512, refcount_bits=64)
+    qemu_io(img, f"write -P 0x21 0 {MiB}")
+    node = await open_qcow2(graph, img)
+    struck = watch_failed_writes(node)
+    small_fs.leave(0)
+    failures = 0
+    while True:
+        try:
+            await node.truncate(48 * MiB)
+            break
+        except BlockIOError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+        failures += 1
+        await node.flush()
+        report = run("qemu-img", "check", "-U", str(img), check=False)
+        assert report.returncode == 0, report.stdout
+        assert small_fs.filler_size(), "still no space with the filler gone"
+        small_fs.give(PAGE)
+    small_fs.give_all()
+    await node.write(40 * MiB, b"\x42" * 4096)
+    await graph.close_all()
+    assert_clean(img)
+    model = bytearray(48 * MiB)
+    model[:MiB] = b"\x21" * MiB
+    model[40 * MiB : 40 * MiB + 4096] = b"\x42" * 4096
+    compare_with(img, bytes(model), tmp_path)
+    assert failures >= 3 and "l1_grow_write_table" in struck, (failures, struck)

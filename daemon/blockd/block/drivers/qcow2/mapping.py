@@ -265,7 +265,7 @@ class Mapping:
             await self.refs.flush()  # table content and its refcount before the L1 pointer
         except BlockIOError:
             # nothing points at the table yet (a full disk refused it): uncount it
-            await self.refs.give_back(new >> self.cluster_bits)
+            await self.refs.give_back([new >> self.cluster_bits])
             raise
         self.meta.add(new, self.cluster_size, MetaKind.L2)
         self.l2.drop(new)

@@ -272,11 +272,11 @@ class Refcounts:
                     self._held.discard(cluster)  # free again: a 0 may be written any time
             self._mark_dirty(off, rt_index * self.block_entries, values)
 
-    async def give_back(self, cluster: int) -> None:
-        """Uncount a cluster claimed for metadata whose write failed before
-        anything pointed at it; should even this fail, it is merely leaked."""
+    async def give_back(self, clusters: Iterable[int]) -> None:
+        """Uncount clusters claimed for metadata whose write failed before
+        anything pointed at them; should even this fail, they are merely leaked."""
         with contextlib.suppress(BlockIOError, CorruptMetadata):
-            await self.change([cluster], -1)
+            await self.change(clusters, -1)
 
     # -- allocation -----------------------------------------------------------------
 
@@ -386,7 +386,7 @@ class Refcounts:
             if home == rt_index:
                 self.free_hint = min(self.free_hint, cluster)
             else:
-                await self.give_back(cluster)
+                await self.give_back([cluster])
             raise
         entry_off = self.header.refcount_table_offset + rt_index * 8
         self.meta.check(entry_off, 8, MetaKind.REFTABLE)
