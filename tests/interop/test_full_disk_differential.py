@@ -318,3 +318,39 @@ def test_nbd_writes_onto_a_full_disk_match_qsd(sides: tuple[Side, Side], tmp_pat
         "after freeing True",
     ]
     assert 512 * 1024 < written < 1 * MiB
+
+
+def run_grow(side: Side, d: Path, active: bool) -> Transcript:
+    """A commit into a base smaller than top on a full disk: growing base (a bigger
+    L1 table) fails, and with it the job, whatever on-error says (QEMU's commit
+    fails on a failed truncate)."""
+    d.mkdir()
+    qmp = side.qmp
+    qmp.events.clear()
+    with small_fs(d / "small") as fs:
+        base = create(fs.path / "base.qcow2", "1M", options="cluster_size=512")
+        mid = create(d / "mid.qcow2", "48M", backing=str(base))
+        top = create(d / "top.qcow2", "48M", backing="mid.qcow2")
+        qemu_io(mid, "write -P 0x22 40M 64k")
+        fs.leave(0)
+        add_chain(qmp, base, mid, top)
+        try:
+            job = {"job-id": "j", "device": "top", "on-error": "enospc"}
+            reply = qmp.execute("block-commit", job if active else {**job, "top-node": "mid"})
+            qmp.wait_event("JOB_STATUS_CHANGE", id="j", status="null")
+            seen = [masked(reply), *events(qmp)]
+        finally:
+            close_chain(qmp)
+        check(base)
+        assert backing_of(top) == "mid.qcow2"
+        return seen
+
+
+@pytest.mark.parametrize("active", [False, True], ids=["intermediate", "active"])
+def test_commit_that_must_grow_a_full_base_fails_as_in_qsd(
+    sides: tuple[Side, Side], tmp_path: Path, active: bool
+) -> None:
+    ours, theirs = (run_grow(side, tmp_path / side.name, active) for side in sides)
+    assert ours == theirs
+    [done] = [e for e in ours if e.get("event") == "BLOCK_JOB_COMPLETED"]
+    assert done["data"]["error"] == "No space left on device"
