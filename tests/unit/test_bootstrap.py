@@ -45,6 +45,8 @@ NOT_PACKAGES = {
     "python3": "the interpreter itself: the bootstrap builds .venv from it (python3-venv)",
     "dpkg": "essential on every Debian system",
     "cp": "coreutils, essential on every Debian system",
+    "mount": "package mount, priority required: in every Debian system (debootstrap's minbase)",
+    "umount": "package mount, as mount",
 }
 #: Calls whose first argument (or the first item of a list given first) is a command.
 RUNNERS = {"run", "Popen", "check_output", "check_call", "call", "tool", "spawn", "which",
