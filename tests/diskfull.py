@@ -9,7 +9,7 @@ space".
 
 What tmpfs does that the tests rely on:
 
-* a write needs a free page (4 KiB) for each page of the file it touches
+* a write needs a free page (4 KiB on x86-64) for each page of the file it touches
   that holds nothing yet; one that fills the last page stops short, and
   the next write fails with ENOSPC;
 * overwriting pages the file already has needs no space;
@@ -37,7 +37,8 @@ import pytest
 from tests.conftest import in_ci
 
 MiB = 1 << 20
-PAGE = 4096
+#: tmpfs hands out space a page at a time
+PAGE = os.sysconf("SC_PAGESIZE")
 
 
 @dataclass
@@ -88,7 +89,8 @@ class SmallFs:
 def _mount(path: Path, size: int) -> None:
     path.mkdir()
     result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+        # huge=never: pages of the base size, whatever the kernel's default for shmem
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700,huge=never", "tmpfs", str(path)],
         capture_output=True,
         text=True,
     )

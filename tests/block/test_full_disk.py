@@ -50,16 +50,16 @@ DATA = "write_aio"
 
 CASES = [
     # (cluster size, refcount bits, backing, bytes written before the disk fills,
-    #  kinds of write that must have failed at least once)
+    #  requests, kinds of write that must have failed at least once)
     # 512-byte clusters with 64-bit counters: an L2 table per 32 KiB of guest, a
     # refcount block per 32 KiB of file, the refcount table grows at 2 MiB
-    (512, 64, False, 1920 * KiB, {L2_TABLE, REFBLOCK, REFTABLE_BLOCKS, DATA}),
+    (512, 64, False, 1920 * KiB, 60, {L2_TABLE, REFBLOCK, REFTABLE_BLOCKS, DATA}),
     # a cluster is a page: each metadata cluster fails on its own
-    (4096, 64, True, 0, {L2_TABLE, DATA}),
+    (4096, 64, True, 0, 60, {L2_TABLE, DATA}),
     # counters narrower than a byte share bytes with their neighbours
-    (1024, 1, False, 0, {L2_TABLE, DATA}),
-    # the default geometry: 16 pages per cluster
-    (65536, 16, True, 0, {DATA}),
+    (1024, 1, False, 0, 60, {L2_TABLE, DATA}),
+    # the default geometry: 16 pages per cluster (fewer requests: each fails many times)
+    (65536, 16, True, 0, 20, {DATA}),
 ]
 
 
@@ -132,7 +132,9 @@ def watch_failed_writes(node: BlockNode) -> set[Any]:
     return struck
 
 
-@pytest.mark.parametrize(("cluster_size", "refcount_bits", "backing", "before", "kinds"), CASES)
+@pytest.mark.parametrize(
+    ("cluster_size", "refcount_bits", "backing", "before", "requests", "kinds"), CASES
+)
 async def test_a_write_failing_at_every_page_leaves_a_sound_image(
     small_fs: SmallFs,
     graph: BlockGraph,
@@ -141,6 +143,7 @@ async def test_a_write_failing_at_every_page_leaves_a_sound_image(
     refcount_bits: int,
     backing: bool,
     before: int,
+    requests: int,
     kinds: set[Any],
 ) -> None:
     model = bytearray(SIZE)
@@ -159,7 +162,7 @@ async def test_a_write_failing_at_every_page_leaves_a_sound_image(
     failures = 0
     small_fs.leave(0)
     rng = random.Random(cluster_size)
-    for op, off, n in workload(rng, cluster_size, 60):
+    for op, off, n in workload(rng, cluster_size, requests):
         data = bytes([rng.randrange(1, 256)]) * n if op == "write" else bytes(n)
         while True:
             try:

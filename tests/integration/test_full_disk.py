@@ -106,7 +106,7 @@ errors = {}
 for i in range(90):
     op = rng.choice(["write"] * 5 + ["zero", "trim"])
     off = rng.randrange(size // 512) * 512
-    n = min(size - off, rng.choice([512, 4096, 3 * 512 + 512, 64 * 1024]))
+    n = min(size - off, rng.choice([512, 4096, 2048, 64 * 1024]))
     data = bytes([rng.randrange(1, 256)]) * n
     while True:
         try:
@@ -121,7 +121,7 @@ for i in range(90):
             errors[e.errno] = errors.get(e.errno, 0) + 1
             if e.errno != "ENOSPC" or filler_size == 0:
                 raise
-            filler_size -= 4096
+            filler_size -= os.sysconf("SC_PAGESIZE")
             os.truncate(filler, filler_size)
     if op == "write":
         model[off:off + n] = data
