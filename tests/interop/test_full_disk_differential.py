@@ -4,7 +4,8 @@ Each daemon gets its own small tmpfs (``tests/diskfull.py``) holding base,
 filled by a filler file until too little is left for what the job or the
 client writes, and the same conversation.  Compared: every reply and event
 (timestamps and progress offsets masked; QSD sends one BLOCK_JOB_ERROR per
-request in flight, blockd one per failure, so repeats in a row count once),
+request in flight, blockd one per failure, so repeats count once until the
+job runs again),
 and what the NBD client is told.  Judged on each side: base is consistent
 while the job is paused (``qemu-img check``, the image still open), the
 guest view of the disk is what it was, and the chain is as the outcome
@@ -133,12 +134,19 @@ def masked(message: dict[str, Any]) -> Any:
 
 
 def events(qmp: RawQMP) -> Transcript:
-    """The events so far (then forgotten), BLOCK_JOB_ERROR repeats in a row counted once."""
+    """The events so far (then forgotten), each BLOCK_JOB_ERROR once until the job
+    runs again: QSD reports every request that was in flight when the disk
+    filled, and one finishing after the job paused comes after the pause."""
     out: Transcript = []
+    reported: list[Any] = []
     for event in qmp.events:
         entry = masked(event)
-        if entry["event"] == "BLOCK_JOB_ERROR" and out and out[-1] == entry:
-            continue
+        if entry["event"] == "BLOCK_JOB_ERROR":
+            if entry in reported:
+                continue
+            reported.append(entry)
+        elif entry == {"event": "JOB_STATUS_CHANGE", "data": {"status": "running", "id": "j"}}:
+            reported.clear()
         out.append(entry)
     qmp.events.clear()
     return out
