@@ -95,7 +95,7 @@ def served(qmp: RawQMP, image: Path) -> Iterator[None]:
 #: argv[3] bytes) itself and tries again.  Prints the errors seen, then
 #: writes its model of the disk to argv[4].
 SWEEP = """
-import nbd, os, random, sys
+import json, nbd, os, random, sys
 uri, filler, filler_size, model_path = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 h = nbd.NBD()
 h.connect_uri(uri)
@@ -135,7 +135,7 @@ for i in range(90):
         assert h.pread(size, 0) == model
 h.flush()
 open(model_path, "wb").write(model)
-print(errors)
+print(json.dumps(errors))
 """
 
 
@@ -154,7 +154,7 @@ def test_nbd_client_writing_onto_a_full_disk_gets_enospc_at_every_allocation(
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
-        errors = eval(result.stdout)  # {errno name: count}, as the client printed it
+        errors = json.loads(result.stdout)  # errno name -> count
         assert set(errors) == {"ENOSPC"} and errors["ENOSPC"] > 100, errors
         check_open(image)
         [export] = qmp.execute("query-block-exports")["return"]
