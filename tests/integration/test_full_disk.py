@@ -83,7 +83,8 @@ def served(qmp: RawQMP, image: Path) -> Iterator[None]:
         try:
             yield
         finally:
-            assert qmp.execute("block-export-del", {"id": "e"}) == {"return": {}}
+            # hard: the client may have gone without blockd having seen it go yet
+            assert qmp.execute("block-export-del", {"id": "e", "mode": "hard"}) == {"return": {}}
             qmp.wait_event("BLOCK_EXPORT_DELETED", id="e")
     finally:
         assert qmp.execute("blockdev-del", {"node-name": "d"}) == {"return": {}}
@@ -255,7 +256,7 @@ def test_commit_into_a_full_base_pauses_until_space_is_freed(
         qmp.wait_event("JOB_STATUS_CHANGE", id="j", status="null")
     finally:
         if qmp.execute("query-block-exports")["return"]:
-            qmp.execute("block-export-del", {"id": "e"})
+            qmp.execute("block-export-del", {"id": "e", "mode": "hard"})
             qmp.wait_event("BLOCK_EXPORT_DELETED", id="e")
         for name in ("top", "mid", "base"):
             qmp.execute("blockdev-del", {"node-name": name})

@@ -112,7 +112,7 @@ def add_chain(qmp: RawQMP, base: Path, mid: Path, top: Path) -> None:
 def close_chain(qmp: RawQMP) -> None:
     """Close the scenario's nodes (and export), so that its file system can go."""
     if qmp.execute("query-block-exports")["return"]:
-        qmp.execute("block-export-del", {"id": "e"})
+        qmp.execute("block-export-del", {"id": "e", "mode": "hard"})
         qmp.wait_event("BLOCK_EXPORT_DELETED", id="e")
     for name in ("top", "mid", "base"):
         assert qmp.execute("blockdev-del", {"node-name": name}) == {"return": {}}
@@ -308,7 +308,7 @@ def run_nbd(side: Side, d: Path) -> tuple[list[str], int]:
             [exported] = qmp.execute("query-block-exports")["return"]
             assert exported["id"] == "e"
         finally:
-            qmp.execute("block-export-del", {"id": "e"})
+            qmp.execute("block-export-del", {"id": "e", "mode": "hard"})
             qmp.wait_event("BLOCK_EXPORT_DELETED", id="e")
             assert qmp.execute("blockdev-del", {"node-name": "d"}) == {"return": {}}
             qmp.events.clear()
