@@ -7,10 +7,14 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.helpers import STARTED, DaemonProcess, start_blockd, start_qsd
+
+if TYPE_CHECKING:
+    from tests.diskfull import SmallFs
 
 #: Debian's interpreter, which has the system's Python bindings (libnbd's) that
 #: the virtualenv does not.
@@ -63,6 +67,16 @@ def _no_internal_errors(request: pytest.FixtureRequest) -> Iterator[None]:
     found = [line for daemon in daemons for line in daemon.internal_errors()]
     if found:
         pytest.fail("blockd logged an internal error:\n" + "\n".join(found[:20]), pytrace=False)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[SmallFs]:
+    """A 4 MiB tmpfs (``tests/diskfull.py``); request it before any daemon fixture,
+    so that the daemons stop before it is unmounted."""
+    from tests import diskfull  # it uses in_ci() from here
+
+    with diskfull.small_fs(tmp_path / "small") as fs:
+        yield fs
 
 
 @pytest.fixture

@@ -113,7 +113,11 @@ class Allocator:
         old entries to free, for :meth:`finish`.
         """
         alloc = await self.plan(payload)
-        await self.fill(payload, alloc)
+        try:
+            await self.fill(payload, alloc)
+        except BaseException:
+            await self.give_back(self.claimed(alloc))
+            raise
         updates, old = self.result(alloc)
         return updates, list(old.values())
 
@@ -154,13 +158,18 @@ class Allocator:
         alloc = Allocation(in_place, [])
         done = 0
         bits = self.cluster_bits
-        while done < len(fresh):
-            run_off, count = await self.refs.allocate_run(len(fresh) - done)
-            # counters written back only once the data is in (finish, or the deferred commit)
-            self.refs.hold(range(run_off >> bits, (run_off >> bits) + count))
-            alloc.runs.append((run_off, fresh[done : done + count]))
-            self.meta.check(run_off, count * cs, None)
-            done += count
+        try:
+            while done < len(fresh):
+                # may fail half-way (a full disk refusing a new refcount block)
+                run_off, count = await self.refs.allocate_run(len(fresh) - done)
+                # counters written back only once the data is in (finish, or the deferred commit)
+                self.refs.hold(range(run_off >> bits, (run_off >> bits) + count))
+                alloc.runs.append((run_off, fresh[done : done + count]))
+                self.meta.check(run_off, count * cs, None)
+                done += count
+        except BaseException:
+            await self.give_back(self.claimed(alloc))
+            raise
         return alloc
 
     async def fill(self, payload: Payload, alloc: Allocation) -> None:
@@ -170,10 +179,23 @@ class Allocator:
         for run_off, batch in alloc.runs:
             await self._fill_run(payload, run_off, batch)
 
+    async def give_back(self, claimed: list[int]) -> None:
+        """Uncount clusters claimed for a write that failed before anything
+        pointed at them (a full disk refusing the data), so that they are
+        neither leaked nor skipped by later allocations; the caller holds the
+        lock.  Should even this fail, they are merely leaked."""
+        self.refs.release(claimed)
+        with contextlib.suppress(BlockIOError, OverlapError):
+            await self.refs.change(claimed, -1)
+
     def claimed(self, alloc: Allocation) -> list[int]:
         """The host clusters :meth:`plan` claimed."""
         return [(run_off >> self.cluster_bits) + i
                 for run_off, batch in alloc.runs for i in range(len(batch))]
+
+    def targets(self, updates: dict[int, int]) -> list[int]:
+        """The host clusters new L2 entries (as :meth:`result` gives them) point at."""
+        return [(e & OFFSET_MASK) >> self.cluster_bits for e in updates.values()]
 
     def result(self, alloc: Allocation) -> tuple[dict[int, int], dict[int, int]]:
         """The new L2 entries by guest cluster, and (by guest cluster) the old
@@ -189,7 +211,7 @@ class Allocator:
         they replace.  The caller holds the lock."""
         if not updates:
             return
-        self.refs.release((e & OFFSET_MASK) >> self.cluster_bits for e in updates.values())
+        self.refs.release(self.targets(updates))
         await self.refs.flush()  # data and refcounts durable before the L2 entries
         old = old + await self.writeback.write_now(updates)
         if old:
@@ -212,9 +234,7 @@ class Allocator:
         except BaseException:
             # nothing points at the new clusters yet: give them back (or leak them)
             async with lock:
-                self.refs.release(claimed)
-                with contextlib.suppress(BlockIOError, OverlapError):
-                    await self.refs.change(claimed, -1)
+                await self.give_back(claimed)
             raise
         async with lock:
             # still held: the commit that writes their entries writes their counters

@@ -21,6 +21,7 @@ could not cover (all free by definition), so that area describes itself.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import struct
 from array import array
@@ -377,6 +378,12 @@ class Refcounts:
             except BlockIOError:
                 pass
 
+    async def give_back(self, clusters: Iterable[int]) -> None:
+        """Uncount clusters claimed for metadata whose write failed before
+        anything pointed at them; should even this fail, they are merely leaked."""
+        with contextlib.suppress(BlockIOError, CorruptMetadata):
+            await self.change(clusters, -1)
+
     # -- allocation -----------------------------------------------------------------
 
     async def _find_free_run(self, n: int, *, partial: bool = False) -> tuple[int, int]:
@@ -475,10 +482,18 @@ class Refcounts:
             set_refcount(buf, cluster % self.block_entries, self.bits, 1)  # counts itself
         else:
             await self.change([cluster], +1)
-        self.meta.check(off, self.cluster_size, None)
-        self.file.debug_event("refblock_alloc_write")
-        await self.file.write(off, bytes(buf))
-        await self.flush()
+        try:
+            self.meta.check(off, self.cluster_size, None)
+            self.file.debug_event("refblock_alloc_write")
+            await self.file.write(off, bytes(buf))
+            await self.flush()
+        except BlockIOError:
+            # nothing points at the block yet (a full disk refused it)
+            if home == rt_index:
+                self.free_hint = min(self.free_hint, cluster)
+            else:
+                await self.give_back([cluster])
+            raise
         entry_off = self.header.refcount_table_offset + rt_index * 8
         self.meta.check(entry_off, 8, MetaKind.REFTABLE)
         self.file.debug_event("refblock_alloc_hookup")

@@ -19,7 +19,7 @@ from blockd.block.drivers.qcow2.refcount import Refcounts
 from blockd.block.drivers.qcow2.tables import encode_entries, host_clusters_of_range, zero_table
 from blockd.block.drivers.qcow2.zeroing import Zeroing
 from blockd.block.node import BlockNode
-from blockd.errors import BlockError
+from blockd.errors import BlockError, BlockIOError
 
 
 class Resizer:
@@ -53,13 +53,19 @@ class Resizer:
             nclusters = -(-need * 8 // cs)
             file.debug_event("l1_grow_alloc_table")
             new = await refs.allocate(nclusters)
-            meta.check(new, nclusters * cs, None)
             table = array("Q", mapping.l1)
             table.extend(zero_table(need - len(mapping.l1)))
             raw = encode_entries(table)
-            file.debug_event("l1_grow_write_table")
-            await file.write(new, raw + bytes(nclusters * cs - len(raw)))
-            await refs.flush()
+            try:
+                meta.check(new, nclusters * cs, None)
+                file.debug_event("l1_grow_write_table")
+                await file.write(new, raw + bytes(nclusters * cs - len(raw)))
+                await refs.flush()
+            except BlockIOError:
+                # nothing points at the new table yet (a full disk refused it)
+                first = new >> mapping.cluster_bits
+                await refs.give_back(range(first, first + nclusters))
+                raise
             meta.check(hdr.OFF_L1, 12, MetaKind.HEADER)
             file.debug_event("l1_grow_activate_table")
             await file.write(hdr.OFF_L1, struct.pack(">IQ", need, new))

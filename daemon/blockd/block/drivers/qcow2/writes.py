@@ -131,13 +131,18 @@ class Writes:
                     pinned = []
                     updates: dict[int, int] = {}
                     old: list[int] = []
-                    for p in payloads:
-                        more, freed = await allocator.write_data(p)
-                        updates.update(more)
-                        old.extend(freed)
-                        if copies:
-                            await file.copy_many(copies)
-                            copies.clear()
+                    try:
+                        for p in payloads:
+                            more, freed = await allocator.write_data(p)
+                            updates.update(more)
+                            old.extend(freed)
+                            if copies:
+                                await file.copy_many(copies)
+                                copies.clear()
+                    except BaseException:
+                        # a copy refused (a full disk): nothing points at the batch's clusters
+                        await allocator.give_back(allocator.targets(updates))
+                        raise
                     await allocator.finish(updates, old)
                 else:
                     for p, plan in zip(payloads, plans, strict=True):
