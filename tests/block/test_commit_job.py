@@ -20,6 +20,7 @@ from blockd.errors import BlockError, DeviceNotFound
 from blockd.events import EmittedEvent, EventBus
 from blockd.jobs.active_commit import ActiveCommitPlan
 from blockd.jobs.commit import CommitJob, CommitPlan, plan_commit
+from blockd.jobs.job import OnError
 from blockd.jobs.status import JobStatus
 from tests.images import backing_of
 
@@ -114,8 +115,9 @@ async def test_commit_merges_mid_and_repoints_every_overlay(tmp_path: Path) -> N
         # both overlays of mid now back onto base, in the graph and in their headers
         assert nodes["top"].backing is nodes["base"]
         assert nodes["top2"].backing is nodes["base"]
-        # base goes back to read-only, as the client opened it; top2 too
+        # base goes back to read-only, as the client opened it; top2 too; top stays writable
         assert nodes["base"].read_only and nodes["top2"].read_only
+        assert not nodes["top"].read_only
         # mid, added by a client, stays open until the job is dismissed
         assert graph.get("mid") is nodes["mid"]
         assert r.dismissed == [job]
@@ -171,16 +173,17 @@ async def test_backing_file_argument_is_written(tmp_path: Path) -> None:
 
 
 async def test_short_base_grows_and_its_tail_is_hidden(tmp_path: Path) -> None:
-    """base 512k with data at its end, mid 1M: base grows; and base data past a
-    shorter top would show once the overlay backs onto it."""
+    """base 2M full of data, mid 1M, top 1.25M: once top backs onto base, base's
+    data past mid's end would show where top reads zeros today; it is zeroed
+    there (less than one step of the copy) and nowhere else."""
     create(tmp_path / "base.qcow2", "2M")
     qemu_io(tmp_path / "base.qcow2", "write -P 0x55 0 2M")
     create(tmp_path / "mid.qcow2", "1M", backing=Path("base.qcow2"))
     qemu_io(tmp_path / "mid.qcow2", "write -P 0x66 0 64k")
-    create(tmp_path / "top.qcow2", "1536k", backing=Path("mid.qcow2"))
+    create(tmp_path / "top.qcow2", "1280k", backing=Path("mid.qcow2"))
     before = views(tmp_path, "top")["top"]
     # past mid's end (1M) the chain reads zeros, though base holds 0x55 there
-    assert before[MiB:] == bytes(512 * KiB)
+    assert before[MiB:] == bytes(256 * KiB)
     graph = BlockGraph()
     try:
         top = await open_qcow2(graph, tmp_path / "top.qcow2", name="top")
@@ -192,8 +195,8 @@ async def test_short_base_grows_and_its_tail_is_hidden(tmp_path: Path) -> None:
         await graph.close_all()
     assert views(tmp_path, "top")["top"] == before
     base = to_raw(tmp_path / "base.qcow2", tmp_path / "b.raw")
-    assert base[MiB : MiB + 512 * KiB] == bytes(512 * KiB)  # hidden where top sees it
-    assert base[MiB + 512 * KiB :] == b"\x55" * (512 * KiB)  # untouched past top's end
+    assert base[MiB : MiB + 256 * KiB] == bytes(256 * KiB)  # hidden where top sees it
+    assert base[MiB + 256 * KiB :] == b"\x55" * (768 * KiB)  # untouched past top's end
     assert_clean(tmp_path / "base.qcow2")
 
 
@@ -224,6 +227,8 @@ async def test_cancel_changes_no_header_and_gives_everything_back(tmp_path: Path
         r = Run()
 
         async def cancel(job: CommitJob) -> None:
+            # while it runs, the job uses mid and base (blockdev-del calls them in use)
+            assert graph.in_use(nodes["mid"]) and graph.in_use(nodes["base"])
             job.user_cancel(force=False)
 
         job = await r(commit_of(graph, r, speed=1), cancel)
@@ -282,9 +287,53 @@ async def test_read_error_fails_the_job_and_changes_no_header(tmp_path: Path) ->
         errors = [(e.data or {}).get("operation") for e in r.seen if e.name == "BLOCK_JOB_ERROR"]
         assert errors == ["read"]
         assert top.backing is mid and base.read_only
+        # a failed job holds nothing: mid can be committed again
+        assert graph.blocker(mid) is None and graph.blocker(base) is None
+        plan_commit(graph, device="top", top_node="mid", base_node="base")
     finally:
         await graph.close_all()
     assert backing_of(tmp_path / "top.qcow2") == "mid.qcow2"
+
+
+async def test_stop_on_a_read_error_then_resume_completes(tmp_path: Path) -> None:
+    """on-error stop: the job pauses at the failed step and, resumed, copies it
+    and the rest: every overlay's view is the same, on base now."""
+    chain(tmp_path)
+    before = views(tmp_path, "top")
+    graph = BlockGraph()
+    try:
+        base = await open_qcow2(graph, tmp_path / "base.qcow2", name="base", read_only=True,
+                                backing=None)  # fmt: skip
+        rules = [{"event": "read_aio", "once": True}]
+        await open_qcow2(graph, tmp_path / "mid.qcow2", name="mid", read_only=True,
+                               backing="base", file={"driver": "blkdebug", "inject-error": rules,
+                               "image": {"driver": "file",
+                                         "filename": str(tmp_path / "mid.qcow2")}})  # fmt: skip
+        top = await open_qcow2(graph, tmp_path / "top.qcow2", name="top", backing="mid")
+        r = Run()
+        paused = trio.Event()
+
+        def on_pause(e: EmittedEvent) -> None:
+            if e.name == "JOB_STATUS_CHANGE" and (e.data or {}).get("status") == "paused":
+                paused.set()
+
+        r.events.subscribe(on_pause)
+
+        async def resume(job: CommitJob) -> None:
+            await paused.wait()
+            assert job.block_job_info()["io-status"] == "failed"
+            job.user_resume()
+
+        plan = plan_commit(graph, device="top", top_node="mid", base_node="base")
+        assert isinstance(plan, CommitPlan)
+        job = await r(CommitJob("j", r.events, graph, plan, on_error=OnError.STOP), resume)
+        assert job.error is None and job.offset == MiB
+        assert top.backing is base
+    finally:
+        await graph.close_all()
+    assert backing_of(tmp_path / "top.qcow2") == str(tmp_path / "base.qcow2")
+    assert views(tmp_path, "top") == before
+    assert_clean(tmp_path / "base.qcow2")
 
 
 # -- what plan_commit refuses ------------------------------------------------------------
@@ -327,6 +376,10 @@ async def test_plan_refusals(tmp_path: Path) -> None:
         )
         assert refused(device="top", top_node="mid", base_node="mid") == (
             "cannot commit an image into itself"
+        )
+        assert refused(device="top", top="mid\0.qcow2") == "Top image file mid\0.qcow2 not found"
+        assert refused(device="top", top_node="mid", backing_file="x" * 2000).startswith(
+            "Backing file name too long"
         )
         assert refused(device="top", backing_file="x") == (
             "'backing-file' specified, but 'top' is the active layer"
@@ -413,5 +466,61 @@ async def test_plan_refuses_a_top_used_other_than_as_backing(tmp_path: Path) -> 
             "Cannot commit 'mid': node 'raw-on-mid' uses it as 'file', and blockd re-points "
             "only overlays and exports onto the base"
         )
+    finally:
+        await graph.close_all()
+
+
+async def test_commit_of_a_lower_intermediate_repoints_the_image_above_it(tmp_path: Path) -> None:
+    """base <- m1 <- m2 <- top, commit m1: m2 (not top) is the overlay that
+    gets base's name; top keeps naming m2."""
+    create(tmp_path / "base.qcow2", "1M")
+    qemu_io(tmp_path / "base.qcow2", "write -P 0x11 0 1M")
+    for name, below, data in (("m1", "base", 0x21), ("m2", "m1", 0x22), ("top", "m2", 0x23)):
+        create(tmp_path / f"{name}.qcow2", "1M", backing=Path(f"{below}.qcow2"))
+        qemu_io(tmp_path / f"{name}.qcow2", f"write -P {data:#x} {(data - 0x20) * 128}k 64k")
+    before = views(tmp_path, "top", "m2")
+    graph = BlockGraph()
+    try:
+        top = await open_qcow2(graph, tmp_path / "top.qcow2", name="top")
+        m2 = top.backing
+        assert m2 is not None and m2.backing is not None and m2.backing.backing is not None
+        m1, base = m2.backing, m2.backing.backing
+        plan = plan_commit(graph, device="top", top_node=m1.node_name)
+        assert isinstance(plan, CommitPlan)
+        assert (plan.overlay, plan.base, plan.intermediates) == (m2, base, (m1,))
+        assert plan.overlay_chain == (top, m2)
+        r = Run()
+        assert (await r(CommitJob("j", r.events, graph, plan))).error is None
+        assert m2.backing is base and top.backing is m2
+    finally:
+        await graph.close_all()
+    assert backing_of(tmp_path / "m2.qcow2") == str(tmp_path / "base.qcow2")
+    assert backing_of(tmp_path / "top.qcow2") == "m2.qcow2"
+    assert views(tmp_path, "top", "m2") == before
+
+
+async def test_a_failed_setup_gives_everything_back(tmp_path: Path) -> None:
+    """An overlay of mid that cannot be opened read-write (marked corrupt) makes
+    the job fail before it starts: no node stays held, base stays read-only."""
+    chain(tmp_path)
+    header = bytearray((tmp_path / "top2.qcow2").read_bytes()[:80])
+    incompatible = int.from_bytes(header[72:80], "big") | 2  # the corrupt bit
+    with open(tmp_path / "top2.qcow2", "r+b") as f:
+        f.seek(72)
+        f.write(incompatible.to_bytes(8, "big"))
+    graph = BlockGraph()
+    try:
+        nodes = await open_chain(graph, tmp_path)
+        r = Run()
+        job = commit_of(graph, r)
+        job.create(r.dismissed.append)
+        with pytest.raises(BlockError, match="Image is corrupt; cannot be opened read/write"):
+            await job.setup()
+        for name, node in nodes.items():
+            assert graph.blocker(node) is None, name
+            assert not graph.in_use(node) or name == "top", name
+        assert nodes["base"].read_only
+        # nothing is held: the same plan can be made again
+        plan_commit(graph, device="top", top_node="mid", base_node="base")
     finally:
         await graph.close_all()
