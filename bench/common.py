@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import struct
 import subprocess
+import time
+from pathlib import Path
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
@@ -33,3 +37,55 @@ def make_source(raw: str, size: int, tag: bytes) -> None:
             for pos in range(0, MiB, 4 * KiB):
                 struct.pack_into("<8sQ", buf, pos, tag, off + pos)
             f.write(buf[: min(MiB, size - off)])
+
+
+ROOT = Path(__file__).resolve().parents[1]
+#: The daemons a side-by-side benchmark runs, in the order it runs them.
+CONTENDERS = ("blockd", "qsd")
+
+
+def start_daemon(name: str, sock: Path) -> subprocess.Popen[bytes]:
+    """blockd or qemu-storage-daemon serving QMP on ``sock``, once the socket is there."""
+    if name == "blockd":
+        argv = [str(ROOT / ".venv/bin/blockd"), "--socket", str(sock)]
+    else:
+        argv = ["qemu-storage-daemon", "--chardev", f"socket,id=m,path={sock},server=on,wait=off",
+                "--monitor", "chardev=m"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"daemon did not start: {' '.join(argv)}")
+        time.sleep(0.02)
+    return proc
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU the process has used (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The process's peak resident set (VmHWM) so far, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise SystemExit(f"no VmHWM for {pid}")
+
+
+def image_clean(path: Path) -> bool:
+    """qemu-img check finds no corruption, leak or check error."""
+    proc = subprocess.run(["qemu-img", "check", "--output=json", str(path)],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    report = json.loads(proc.stdout or "{}")
+    return proc.returncode == 0 and not any(
+        report.get(k, 0) for k in ("corruptions", "leaks", "check-errors")
+    )
+
+
+def images_equal(a: Path, b: Path) -> bool:
+    """qemu-img compare: the two images read the same guest-visible data."""
+    proc = subprocess.run(["qemu-img", "compare", "-q", str(a), str(b)],
+                          capture_output=True, check=False)  # fmt: skip
+    return proc.returncode == 0
