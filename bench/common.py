@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import struct
 import subprocess
 import time
@@ -44,20 +45,35 @@ ROOT = Path(__file__).resolve().parents[1]
 CONTENDERS = ("blockd", "qsd")
 
 
-def start_daemon(name: str, sock: Path) -> subprocess.Popen[bytes]:
-    """blockd or qemu-storage-daemon serving QMP on ``sock``, once the socket is there."""
+def monitor_path(name: str, sock: Path, index: int) -> Path:
+    """Where client ``index`` connects: blockd serves every client on one socket,
+    while a QSD monitor serves one client at a time, so QSD gets one each."""
+    return sock if name == "blockd" or index == 0 else sock.with_name(f"{sock.name}.{index}")
+
+
+def start_daemon(name: str, sock: Path, clients: int = 1) -> subprocess.Popen[bytes]:
+    """blockd or qemu-storage-daemon serving QMP on ``sock`` (and for QSD, on the
+    further sockets of :func:`monitor_path`), once it accepts connections."""
     if name == "blockd":
         argv = [str(ROOT / ".venv/bin/blockd"), "--socket", str(sock)]
     else:
-        argv = ["qemu-storage-daemon", "--chardev", f"socket,id=m,path={sock},server=on,wait=off",
-                "--monitor", "chardev=m"]  # fmt: skip
+        argv = ["qemu-storage-daemon"]
+        for i in range(clients):
+            path = monitor_path(name, sock, i)
+            argv += ["--chardev", f"socket,id=m{i},path={path},server=on,wait=off",
+                     "--monitor", f"chardev=m{i}"]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
-    while not sock.exists():
+    while True:
         if proc.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"daemon did not start: {' '.join(argv)}")
-        time.sleep(0.02)
-    return proc
+        # the socket file can exist before the daemon listens on it
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(str(sock))
+                return proc
+            except OSError:
+                time.sleep(0.02)
 
 
 def cpu_seconds(pid: int) -> float:
