@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import socket
 import struct
 import subprocess
@@ -55,7 +56,10 @@ def start_daemon(name: str, sock: Path, clients: int = 1) -> subprocess.Popen[by
     """blockd or qemu-storage-daemon serving QMP on ``sock`` (and for QSD, on the
     further sockets of :func:`monitor_path`), once it accepts connections."""
     if name == "blockd":
-        argv = [str(ROOT / ".venv/bin/blockd"), "--socket", str(sock)]
+        # $BLOCKD runs another build, e.g. an older commit for a before/after:
+        # BLOCKD="env PYTHONPATH=/tmp/old/daemon .venv/bin/python -m blockd"
+        blockd = os.environ.get("BLOCKD", str(ROOT / ".venv/bin/blockd"))
+        argv = [*shlex.split(blockd), "--socket", str(sock)]
     else:
         argv = ["qemu-storage-daemon"]
         for i in range(clients):
