@@ -31,11 +31,16 @@ class Names:
     def __init__(self, graph: BlockGraph) -> None:
         self._graph = graph
         self._known: dict[BlockNode, tuple[str | None, dict[str, Any]]] = {}
+        self._filenames: dict[BlockNode, str] = {}
 
     def filename(self, node: BlockNode) -> str:
         """The node's file name as QEMU reports it (``json:{...}`` when no plain name will do)."""
-        plain, options = self._describe(node)
-        return plain if plain is not None else "json:" + encode(options)
+        name = self._filenames.get(node)
+        if name is None:
+            plain, options = self._describe(node)
+            name = plain if plain is not None else "json:" + encode(options)
+            self._filenames[node] = name
+        return name
 
     def _backing_overridden(self, node: BlockNode) -> bool:
         """Whether the node's backing differs from what its image header names.
