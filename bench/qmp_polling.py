@@ -136,9 +136,8 @@ def measure(name: str, golden: Path, work: Path, clients: int) -> dict[str, Any]
                         file={"driver": "file", "filename": str(d / f"{node}.qcow2")},
                         **{"node-name": node, "read-only": ro})  # fmt: skip
         others = [monitor_path(name, sock, i) for i in range(1, clients)]
-        nproc = min(len(others), 4)
-        shares = [others[i::nproc] for i in range(nproc)]
-        ready = multiprocessing.Barrier(nproc + 1)
+        shares = [others[i::4] for i in range(min(len(others), 4))]
+        ready = multiprocessing.Barrier(len(shares) + 1)
         stop = multiprocessing.Event()
         pipes = []
         for share in shares:
@@ -152,7 +151,9 @@ def measure(name: str, golden: Path, work: Path, clients: int) -> dict[str, Any]
         start = time.perf_counter()
         qmp.execute("block-commit", **{"job-id": "j", "device": "top", "top-node": "mid"})
         latencies = []
-        while not any(e["event"] == "BLOCK_JOB_COMPLETED" for e in qmp.events):
+        if not clients:  # the commit alone, for reference
+            qmp.wait_event("BLOCK_JOB_COMPLETED", timeout=1800)
+        while clients and not any(e["event"] == "BLOCK_JOB_COMPLETED" for e in qmp.events):
             t0 = time.perf_counter()
             qmp.execute("query-block-jobs")
             latencies.append(time.perf_counter() - t0)
@@ -162,7 +163,7 @@ def measure(name: str, golden: Path, work: Path, clients: int) -> dict[str, Any]
         stop.set()
         latencies += [x for pipe in pipes for x in pipe.recv()]
         row["polls_per_s"] = len(latencies) / row["commit_s"]
-        ms = sorted(x * 1000 for x in latencies)
+        ms = sorted(x * 1000 for x in latencies) or [float("nan")]
         row["p50_ms"] = statistics.median(ms)
         row["p99_ms"] = ms[min(len(ms) - 1, int(len(ms) * 0.99))]
         row["rss_mib"] = peak_rss_mib(proc.pid)
@@ -190,7 +191,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--size", type=parse_size, default=parse_size("1G"))
     parser.add_argument("--fill", type=float, default=1.0, help="share of mid that holds data")
-    parser.add_argument("--clients", default="1,64", help="polling client counts, comma-separated")
+    parser.add_argument(
+        "--clients", default="1,64", help="polling client counts, comma-separated (0: no polling)"
+    )
     parser.add_argument("--workdir", default=tempfile.gettempdir())
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
@@ -214,7 +217,7 @@ def main() -> int:
               f"{'yes' if r['verified'] else 'NO':>8}")  # fmt: skip
     by = {(r["daemon"], r["clients"]): r for r in rows}
     ratios = ", ".join(
-        f"{c} client{'s' if c != 1 else ''} "
+        f"{c} client{'' if c == 1 else 's'} "
         f"{by['qsd', c]['commit_s'] / by['blockd', c]['commit_s']:.2f}x"
         for c in counts
     )
