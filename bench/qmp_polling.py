@@ -125,7 +125,7 @@ def measure(name: str, golden: Path, work: Path, clients: int) -> dict[str, Any]
     d = work / f"{name}-{clients}"
     shutil.copytree(golden, d)
     sock = d / "qmp.sock"
-    proc = start_daemon(name, sock, clients)
+    proc = start_daemon(name, sock, max(clients, 1))
     row: dict[str, Any] = {"daemon": name, "clients": clients}
     workers: list[multiprocessing.Process] = []
     try:
