@@ -124,6 +124,7 @@ def measure(name: str, golden: Path, work: Path, clients: int) -> dict[str, Any]
     """Client 0 runs the commit and polls itself; clients 1.. poll from workers."""
     d = work / f"{name}-{clients}"
     shutil.copytree(golden, d)
+    os.sync()  # the copy's writeback must not land on whichever daemon runs first
     sock = d / "qmp.sock"
     proc = start_daemon(name, sock, max(clients, 1))
     row: dict[str, Any] = {"daemon": name, "clients": clients}
