@@ -8,9 +8,9 @@ libvirt's parsing of ``json:`` filenames), so blockd writes them identically.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator, Mapping
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 
@@ -29,12 +29,35 @@ def qdict_order(message: Mapping[str, Any]) -> list[str]:
     QEMU reports the first envelope problem it meets in that order, so
     checking in the same order gives the same answer when there are several.
     """
-    indexed = list(enumerate(message))
-    indexed.sort(key=lambda item: (qdict_bucket(item[1]), -item[0]))
-    return [key for _, key in indexed]
+    return list(_ordered(tuple(message))[0])
 
 
-# After json.dumps, a \u escape is preceded by an odd number of backslashes;
+#: Orders already computed, by the keys in insertion order: the order depends
+#: only on those, and replies and events of one kind share them, while the
+#: hash is a Python loop over each key's bytes.  Bounded in entries and in key
+#: text per entry, so that clients' own keys (an echoed ``id`` object) cannot
+#: grow it.
+_ORDERS: dict[tuple[str, ...], tuple[tuple[str, ...], tuple[str, ...]]] = {}
+_ORDERS_MAX = 1024
+_ORDERS_MAX_KEY_CHARS = 512
+
+
+def _ordered(keys: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A dict's keys in QDict order, and the text before each one's value."""
+    known = _ORDERS.get(keys)
+    if known is not None:
+        return known
+    indexed = sorted(enumerate(keys), key=lambda item: (qdict_bucket(item[1]), -item[0]))
+    order = tuple(key for _, key in indexed)
+    texts = tuple((", " if i else "") + _scalar(key) + ": " for i, key in enumerate(order))
+    if sum(map(len, keys)) <= _ORDERS_MAX_KEY_CHARS:
+        if len(_ORDERS) >= _ORDERS_MAX:
+            _ORDERS.clear()
+        _ORDERS[keys] = order, texts
+    return order, texts
+
+
+# After encode_basestring_ascii, a \u escape is preceded by an odd number of backslashes;
 # matching escaped backslashes first keeps a literal "\\u" in a string intact.
 _ESCAPE = re.compile(r"(\\\\)|\\u([0-9a-f]{4})")
 
@@ -102,8 +125,16 @@ def as_qemu_text(value: str) -> str:
     return "".join(_REPLACEMENT if cp is None else chr(cp) for cp in _code_points(raw))
 
 
-class _Text(str):
-    """Output already in its final form (punctuation), as opposed to a value."""
+def _string(value: str) -> str:
+    if not value.isascii():
+        value = as_qemu_text(value)
+    text: str = encode_basestring_ascii(value)
+    # only control characters and what as_qemu_text made need an escape
+    return _ESCAPE.sub(_upper_escape, text) if "\\u" in text else text
+
+
+#: Types never taken for a mapping, to spare them the ABC check.
+_SCALARS = frozenset({type(None), bool, int, float})
 
 
 def _scalar(value: Any) -> str:
@@ -114,9 +145,7 @@ def _scalar(value: Any) -> str:
     if value is False:
         return "false"
     if isinstance(value, str):
-        if not value.isascii():
-            value = as_qemu_text(value)
-        return _ESCAPE.sub(_upper_escape, json.dumps(value, ensure_ascii=True))
+        return _string(value)
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
@@ -138,27 +167,45 @@ def encode(value: Any) -> str:
     Iterative, not recursive: a client's ``id`` may nest 1024 levels deep and
     is echoed, and Python's recursion limit would be hit long before that.
     """
+    if type(value) is str:
+        return _string(value)
     out: list[str] = []
-    # Work left, last item first: values still to encode, or _Text to emit.
+    # Work left, last item first: values still to encode, or (as plain str)
+    # text already rendered.  Strings and integers, most of any reply, are
+    # rendered as they are queued, with the text before them.
     todo: list[Any] = [value]
     while todo:
         item = todo.pop()
-        if type(item) is _Text:
+        kind = type(item)
+        if kind is str:
             out.append(item)
-        elif isinstance(item, Mapping):
-            parts: list[Any] = [_Text("{")]
-            for i, key in enumerate(qdict_order(item)):
-                parts += [_Text((", " if i else "") + _scalar(key) + ": "), item[key]]
-            parts.append(_Text("}"))
-            todo.extend(reversed(parts))
-        elif isinstance(item, list | tuple):
-            parts = [_Text("[")]
-            for i, element in enumerate(item):
-                if i:
-                    parts.append(_Text(", "))
-                parts.append(element)
-            parts.append(_Text("]"))
-            todo.extend(reversed(parts))
+        elif kind is dict or (
+            kind not in _SCALARS and kind is not list and isinstance(item, Mapping)
+        ):
+            out.append("{")
+            todo.append("}")
+            order, texts = _ordered(tuple(item))
+            for i in range(len(order) - 1, -1, -1):
+                member = item[order[i]]
+                if type(member) is str:
+                    todo.append(texts[i] + _string(member))
+                elif type(member) is int:
+                    todo.append(texts[i] + str(member))
+                else:
+                    todo += (member, texts[i])
+        elif kind is list or kind is tuple:
+            out.append("[")
+            todo.append("]")
+            for i in range(len(item) - 1, -1, -1):
+                element = item[i]
+                if type(element) is str:
+                    todo.append((", " if i else "") + _string(element))
+                elif type(element) is int:
+                    todo.append((", " if i else "") + str(element))
+                else:
+                    todo.append(element)
+                    if i:
+                        todo.append(", ")
         else:
             out.append(_scalar(item))
     return "".join(out)

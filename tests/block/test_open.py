@@ -14,6 +14,7 @@ import trio
 
 from blockd.block.drivers.file import FileNode
 from blockd.block.graph import BlockGraph
+from blockd.block.info import allocated_sizes
 from blockd.block.node import Status
 from blockd.block.open import open_node
 from blockd.errors import BlockError, ImageError
@@ -299,13 +300,14 @@ async def test_image_info_matches_qemu_img(
     qemu_io(top, "write -P 1 0 100k")
     expected = json.loads(run("qemu-img", "info", "--output=json", str(top)).stdout)
     node = await open_qcow2(graph, top, read_only=True)
-    info = await node.image_info()
+    sizes = await allocated_sizes([node.filename])
+    info = node.image_info(sizes[node.filename])
     for key in ("filename", "format", "virtual-size", "cluster-size", "dirty-flag",
                 "backing-filename", "full-backing-filename", "backing-filename-format",
                 "format-specific", "actual-size"):
         assert info.get(key) == expected.get(key), key
     assert node.backing is not None
-    binfo = await node.backing.image_info()
+    binfo = node.backing.image_info(0)
     assert binfo["filename"] == str(base)
     assert "backing-filename" not in binfo
 

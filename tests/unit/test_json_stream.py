@@ -81,6 +81,8 @@ def err(text: str) -> tuple[str, str]:
         (b"[1" + b"0" * 308 + b", 1" + b"0" * 309 + b"]", [[1e308, _INF]]),
         (b"[0." + b"1" * 5000 + b"e-5000]", [[0.0]]),
         (b"[-0, -0.0]", [[0, -0.0]]),
+        # JSON has 0e5; QEMU's lexer takes no exponent right after a zero
+        (b'{"a": [0e5]}', [err("expected separator in list")]),
         # An invalid byte is a lexical error; recovery skips to the next
         # structural character, whose leftovers produce a second error.
         (
@@ -230,3 +232,44 @@ def test_roundtrip_of_arbitrary_json(values: list[object], data: st.DataObject) 
     )
     cut = data.draw(st.integers(0, len(encoded)))
     assert feed(encoded[:cut], encoded[cut:]) == values
+
+
+def _one_byte_at_a_time(data: bytes, limit: int) -> list[object]:
+    """Fed a byte at a time, no chunk is ever a whole message: the lexer reads all."""
+    return [repr(item) for item in _feed_items(*(data[i : i + 1] for i in range(len(data))),
+                                               limit=limit)]  # fmt: skip
+
+
+def _feed_items(*chunks: bytes, limit: int) -> list[object]:
+    parser = JSONStreamParser(limit)
+    return [item for chunk in chunks for item in parser.feed(chunk)]
+
+
+# Pieces of well-formed and broken JSON, mostly the ASCII the fast path takes.
+_PIECES = st.sampled_from(
+    [b"{", b"}", b"[", b"]", b":", b",", b" ", b"\n", b"\t", b'"a"', b'"execute"', b'"id"',
+     b"'q'", b"1", b"-0", b"0", b"01", b"1.5e3", b"0e5", b"-0E1", b"0.0e1", b"1E+2", b"1e999",
+     b"18446744073709551616",
+     b"9223372036854775807", b"-9223372036854775809", b"true", b"false", b"null", b"NaN",
+     b"Infinity", b"tru", b"x", b'"\\u0041"', b'"\\n"', b'"\xc3\xa9"', b"\xff", b"\x01",
+     b'"a\tb"', b'{"a": 1}', b'{"a": 1, "a": 2}', b'{"execute": "query-block-jobs"}',
+     b'{"execute": "q", "arguments": {"x": [1, 2.5, null, "s"]}, "id": {"k": [true]}}']
+)  # fmt: skip
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(_PIECES, max_size=30), st.sampled_from([1 << 20, 40]))
+def test_fast_path_reads_what_the_lexer_reads(pieces: list[bytes], limit: int) -> None:
+    """Whole chunks go through the C decoder where it is sure of QEMU's reading;
+    whatever it takes, it must give the messages and errors the lexer gives."""
+    data = b"".join(pieces)
+    assert [repr(item) for item in _feed_items(data, limit=limit)] == _one_byte_at_a_time(
+        data, limit
+    )
+
+
+def test_fast_path_hands_over_mid_chunk() -> None:
+    """After whole messages, the rest of the chunk (here a message cut short)
+    is the lexer's, which then completes it from the next chunk."""
+    assert feed(b'{"a": 1} {"b": [2', b"]}") == [{"a": 1}, {"b": [2]}]
+    assert feed(b'{"a": 1}{"a": 1, "a": 2} {"c": 3}') == [{"a": 1}, err("duplicate key"), {"c": 3}]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import enum
 import errno
-import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -173,24 +172,19 @@ class BlockNode:
         cannot record; a format that records none refuses every one."""
         raise BlockError(f"Driver '{self.driver}' does not support backing files")
 
-    async def image_info(self) -> dict[str, Any]:
+    def image_info(self, actual_size: int) -> dict[str, Any]:
         """QAPI ImageInfo for this node, as ``qemu-img info`` / query-named-block-nodes show it.
 
         Built here so the command layer never has to know a format's internals.
+        ``actual_size`` is the host file's allocated bytes: measuring it blocks,
+        so the caller does it for every node it describes in one worker call
+        (see :func:`blockd.block.info.allocated_sizes`).
         """
-        filename = self.filename
-        actual = 0
-        if filename:
-            try:
-                st = await trio.to_thread.run_sync(os.stat, filename)
-                actual = st.st_blocks * 512
-            except OSError:
-                actual = 0
         info: dict[str, Any] = {
-            "filename": filename,
+            "filename": self.filename,
             "format": self.driver,
             "virtual-size": self.size,
-            "actual-size": actual,
+            "actual-size": actual_size,
             "dirty-flag": False,
         }
         info.update(self._format_info())

@@ -7,7 +7,7 @@ from typing import Any
 
 from blockd import logs
 from blockd.block.graph import BlockGraph
-from blockd.block.info import display_filename, image_info
+from blockd.block.info import Names, image_infos
 from blockd.block.node import BlockNode
 from blockd.block.open import open_node
 from blockd.commands.context import CommandContext
@@ -57,16 +57,16 @@ def _deletable(graph: BlockGraph, name: str) -> BlockNode:
 
 
 def _device_info(
-    graph: BlockGraph, node: BlockNode, image: dict[str, Any], depth: int
+    node: BlockNode, image: dict[str, Any], depth: int, names: Names
 ) -> dict[str, Any]:
     info: dict[str, Any] = {
-        "file": display_filename(graph, node),
+        "file": names.filename(node),
         "node-name": node.node_name,
         "ro": node.read_only,
         "drv": node.driver,
     }
     if node.backing is not None:
-        info["backing_file"] = display_filename(graph, node.backing)
+        info["backing_file"] = names.filename(node.backing)
     info.update(
         {
             "backing_file_depth": depth,
@@ -91,10 +91,9 @@ async def query_named_block_nodes(
 ) -> list[dict[str, Any]]:
     flat = args.get("flat", False)
     out = []
-    for node in ctx.graph:
+    for node, image, names in await image_infos(ctx.graph, nested=not flat):
         depth = 0 if flat else len(list(ctx.graph.chain(node))) - 1
-        image = await image_info(ctx.graph, node, nested=not flat)
-        out.append(_device_info(ctx.graph, node, image, depth))
+        out.append(_device_info(node, image, depth, names))
     return out
 
 
