@@ -45,7 +45,7 @@ What is normalised, and why (timing, not behaviour):
   copied (cancel before the end, error): which chunks arrived is timing.
 
 Deliberate differences (README.md lists them) are in the allow-list section
-below (A1-A8), each with its reason and checked against what the client
+below (A1-A9), each with its reason and checked against what the client
 knows; nothing else is tolerated.  When one makes the daemons' states part,
 the run stops comparing there and only checks blockd's images.  Known QSD 7.2
 bugs the scenario must not step into are in :func:`skip_reason`.
@@ -876,6 +876,15 @@ COMMIT_OF_WRITABLE_EXPORT = re.compile(
     r"writes to it during the commit would be lost$"
 )
 
+#: A9. An intermediate commit whose top has another overlay that a running
+#: job holds (the base of an active commit): QSD 7.2 starts it and, when it
+#: completes, rewrites that overlay's header under the other job; blockd
+#: refuses up front, as it refuses a commit over any node a job holds (README).
+#: States part here.
+OVERLAY_HELD_BY_A_JOB = re.compile(
+    r"^Node '(?P<node>[^']+)' is busy: block device is in use by block job: commit$"
+)
+
 #: A2 consequence: blockd refuses a writable export of a base it put back to
 #: read-only after a cancelled active commit, which QSD left read-write.
 READ_ONLY_EXPORT = "Cannot export read-only node as writable"
@@ -962,18 +971,20 @@ def zero_write_metadata(qsd: Side, ours: Side) -> str | None:
     its next flush, so the flushes, and with them the events that make rules
     active, come in another order, and a job that fails on both daemons fails
     with another error or operation (seed 1000057: QSD's refblock rule is
-    active by the time its flush comes, blockd's flush meets an l2_load rule).
-    Checked: the job failed on both sides, it copies from an image with zero
-    clusters, and its base has blkdebug rules.  The states part here."""
+    active by the time its flush comes, blockd's flush meets an l2_load rule),
+    or a rule fails blockd's flush that QSD never makes (seed 5001746: an
+    l2_update rule on flushes, with on-error ignore).  Checked: an I/O error
+    was reported or the job failed on one side at least, the job copies from
+    an image with zero clusters, and its base has blkdebug rules.  The states
+    part here."""
     for jid in sorted(set(qsd.jobs) & set(ours.jobs)):
         theirs, mine = qsd.jobs[jid], ours.jobs[jid]
-        ended = ("concluded", "null")
-        if theirs.status not in ended or mine.status not in ended:
-            continue
-        if theirs.completed_ok or mine.completed_ok:
+        failed = [j.errors or (j.status in ("concluded", "null") and not j.completed_ok)
+                  for j in (theirs, mine)]  # fmt: skip
+        if not any(failed):
             continue
         if ours.blkdebug.get(mine.base or "") and ours.zeroed & set(mine.range):
-            return f"A8: {jid} failed on both sides, at zero-write metadata of a blkdebug base"
+            return f"A8: {jid} met an I/O error at zero-write metadata of a blkdebug base"
     return None
 
 
@@ -1014,6 +1025,21 @@ def allowed_divergence(
         chain = side.chain(args.get("device", ""))
         if node in chain[1:] and node in side.writable_exports.values():
             return f"A3: blockd refuses to commit {node}, which is exported writable"
+    match = OVERLAY_HELD_BY_A_JOB.match(desc)
+    if match is not None:
+        # an overlay of top outside the device's chain, the base of a running job
+        node, top = match["node"], args.get("top-node")
+        held = any(
+            job.base == node and job.status not in ("null", "concluded")
+            for job in side.jobs.values()
+        )
+        if (
+            held
+            and top is not None
+            and side.graph.get(node) == top
+            and (node not in side.chain(args.get("device", "")))
+        ):
+            return f"A9: blockd refuses to re-point {node}, held by another job"
     return None
 
 
