@@ -26,16 +26,12 @@ import collections
 import json
 import os
 import random
-import tempfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_tool
-from tests.fuzz.qcow2_corpus import Mutator, build, load
-from tests.fuzz.qcow2_fuzz import MiB, Runner, Trial, base_template
+from tests.fuzz.qcow2_corpus import Mutator, load
+from tests.fuzz.qcow2_fuzz import MiB, Runner, Trial
 
 pytestmark = pytest.mark.qsd
 
@@ -44,34 +40,8 @@ SHORT_PROFILE = 150
 RSS_GROWTH = 64 * MiB
 
 
-@pytest.fixture(scope="session")
-def seeds_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The seed images, built once per session by qemu-img and qemu-io."""
-    require_tool("qemu-img")
-    require_tool("qemu-io")
-    d = tmp_path_factory.mktemp("qcow2-seeds")
-    build(d)
-    return d
-
-
-@pytest.fixture
-def runner(seeds_dir: Path) -> Iterator[Runner]:
-    require_tool("qemu-storage-daemon")
-    with tempfile.TemporaryDirectory(prefix="qf-") as name:  # short: sun_path
-        short = Path(name)
-        # the mutants sit next to the seeds' backing file (relative names)
-        work = seeds_dir / f"work-{os.getpid()}-{time.monotonic_ns()}"
-        work.mkdir()
-        for image in seeds_dir.glob("*.qcow2"):
-            (work / image.name).write_bytes(image.read_bytes())
-        run = Runner(work, short, base_template(short))
-        try:
-            yield run
-        finally:
-            run.close()
-
-
-def test_qcow2_metadata_fuzz(runner: Runner, seeds_dir: Path) -> None:
+def test_qcow2_metadata_fuzz(qcow2_runner: Runner) -> None:
+    runner = qcow2_runner
     count = int(os.environ.get("BLOCKD_FUZZ_EXAMPLES", "0")) or SHORT_PROFILE
     first_seed = int(os.environ.get("BLOCKD_FUZZ_SEED", "0")) or random.randrange(1, 1 << 32)
     print(f"\nqcow2 metadata fuzz: {count} mutants, BLOCKD_FUZZ_SEED={first_seed}")

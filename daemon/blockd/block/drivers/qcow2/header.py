@@ -23,6 +23,7 @@ MAX_CLUSTER_BITS = 21
 MAX_L1_BYTES = 32 << 20
 MAX_REFTABLE_BYTES = 8 << 20
 MAX_SNAPSHOTS = 65536
+INT64_MAX = (1 << 63) - 1
 SNAPSHOT_HEADER_SIZE = 40  # the fixed part of a snapshot table entry
 
 EXT_END = 0x00000000
@@ -319,7 +320,8 @@ def _qemu_table(name: str, offset: int, entries: int, entry_len: int, max_bytes:
     """The two checks QEMU makes of every table it is about to load."""
     if entries > max_bytes // entry_len:
         raise ImageError(f"{name} too large")
-    if offset % cluster_size:
+    # the end must fit in a signed 64-bit offset, even for a table with no entries in use
+    if offset % cluster_size or offset > INT64_MAX - entries * entry_len:
         raise ImageError(f"{name} offset invalid")
 
 
