@@ -55,6 +55,10 @@ class Hang(Exception):
     """A daemon did not answer in :data:`TIMEOUT` seconds."""
 
 
+class InternalError(Exception):
+    """blockd answered a command with an uncaught exception."""
+
+
 class Died(Exception):
     """A daemon's process ended (or closed its monitor)."""
 
@@ -116,6 +120,8 @@ class Daemon:
         except (EOFError, OSError) as exc:
             raise Died(f"{self.kind}: monitor gone during {command}: {exc}") from exc
         assert isinstance(reply, dict)
+        if self.kind == "blockd" and "Internal error" in str(reply.get("error", "")):
+            raise InternalError(f"{command}: {reply['error']['desc']}")
         return reply
 
     def wait_event(self, name: str, **data: Any) -> dict[str, Any]:
@@ -293,6 +299,10 @@ class Runner:
             t.failures.append(f"hang: {exc}")
             self.blockd.kill()
             self.blockd.start()
+        except InternalError as exc:
+            t.failures.append(f"internal error: {exc}")
+            for node in self.blockd.nodes():
+                self.blockd.execute("blockdev-del", **{"node-name": node})
         except Died as exc:
             code = self.blockd.process.proc.poll() if self.blockd.process else None
             log = self.blockd.process.stderr()[-2000:] if self.blockd.process else ""
