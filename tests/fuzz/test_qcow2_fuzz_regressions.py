@@ -22,6 +22,11 @@ CASES: dict[str, tuple[str, list[tuple[int, str, int]], str, str]] = {
     # snapshot table; blockd served the image (fuzz seed 2, mutant 871)
     "snapshot table offset near 2^64": (
         "v2-4k.qcow2", [(64, ">Q", 0xAB00000000000000)], "both-refused", "rw-refused"),
+    # an extension list that starts 1 byte before the end of the header's
+    # cluster: QEMU refuses it before it looks at the (end marker) bytes,
+    # blockd read them as the end (fuzz seed 20261202, mutant 91)
+    "extension header past the cluster": (
+        "snapshot.qcow2", [(100, ">I", 0xFFF)], "both-refused", "rw-refused"),
     # an unaligned refcount table entry (0x400) made the header's cluster look
     # like a refcount block: the read-write open's clearing of the bitmaps'
     # autoclear bit then failed the overlap check, uncaught (internal error;

@@ -259,11 +259,15 @@ def _parse_extensions(h: Header, buf: bytes) -> None:
     pos = h.header_length
     h.extensions = []
     while pos < limit:
+        # too little room for an extension's 8-byte header is an error even
+        # where the bytes would read as the end marker
+        if pos + 8 > limit:
+            raise ImageError("Header extension too large")
         if pos + 8 > len(buf):
             return  # zeros: the end marker
         ext_type, length = struct.unpack_from(">II", buf, pos)
         pos += 8
-        if pos > limit or length > limit - pos:
+        if length > limit - pos:
             raise ImageError("Header extension too large")
         if ext_type == EXT_END:
             return
