@@ -27,6 +27,12 @@ CASES: dict[str, tuple[str, list[tuple[int, str, int]], str, str]] = {
     # blockd read them as the end (fuzz seed 20261202, mutant 91)
     "extension header past the cluster": (
         "snapshot.qcow2", [(100, ">I", 0xFFF)], "both-refused", "rw-refused"),
+    # a backing format extension whose name starts with NUL: QEMU reads an
+    # empty name and probes; blockd, which never probes, named the NUL bytes
+    # as an unknown driver, and now says that no format is recorded (fuzz
+    # seed 20261202, mutant 35)
+    "backing format blanked with NULs": (
+        "overlay.qcow2", [(0x78, ">Q", 0x200000000000)], "blockd-refused", "committed"),
     # an unaligned refcount table entry (0x400) made the header's cluster look
     # like a refcount block: the read-write open's clearing of the bitmaps'
     # autoclear bit then failed the overlap check, uncaught (internal error;
@@ -49,6 +55,7 @@ def test_fuzz_regression(qcow2_runner: Runner, case: str) -> None:
         struct.pack_into(fmt, data, offset, value)
     trial = runner.trial(0, seed, [case], bytes(data))
     assert not trial.failures, trial
+    assert "Unknown driver" not in trial.detail, trial
     assert trial.kind == verdict, trial
     assert trial.commit == commit, trial
 

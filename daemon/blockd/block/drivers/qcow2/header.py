@@ -110,8 +110,12 @@ class Header:
 
     @property
     def backing_format(self) -> str | None:
+        """The recorded format, as QEMU reads it: a C string (up to the first NUL,
+        none if empty), so a name padded or blanked with NULs is not a driver name."""
         ext = self.extension(EXT_BACKING_FORMAT)
-        return ext.data.decode("utf-8", "replace") if ext is not None else None
+        if ext is None:
+            return None
+        return ext.data.split(b"\0", 1)[0].decode("utf-8", "replace") or None
 
     def extension(self, ext_type: int) -> Extension | None:
         for ext in self.extensions:
