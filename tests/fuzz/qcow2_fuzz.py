@@ -12,17 +12,24 @@ own qcow2 code.  The trial of one mutant:
    mutant opened read-write over it (``backing`` names the base node), an
    active ``block-commit`` into the base, ``job-complete``, ``blockdev-del``.
 
+QSD stands in for qemu-img (the same QEMU 7.2 block layer, without a
+process per mutant); every :data:`QEMU_IMG_EVERY` th mutant ``qemu-img
+convert`` reads it too, and any difference from QSD is listed.
+
 Verdicts (:class:`Trial.kind`): both refused, both served equal data, or a
 disagreement (one refused what the other served, read errors differ, QSD
 died); failures are blockd dying, hanging, logging an internal error,
 leaving a node behind, serving different bytes where both served, writing
-to the mutant other than the header's feature bits, or a base that
+to the mutant other than the header's feature bits (the corrupt bit QEMU
+sets when a read-write node meets corruption, the autoclear bits a
+read-write open clears; a refused open may change nothing), or a base that
 ``qemu-img check`` finds corrupt after the commit, or that differs from the
 mutant's data.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import shutil
 import signal
@@ -47,6 +54,8 @@ CHUNK = 64 * KiB
 COMMIT_LIMIT = 64 * MiB
 #: QMP replies and NBD reads slower than this count as a hang
 TIMEOUT = 60.0
+#: every this many mutants QSD's reading is checked against ``qemu-img convert``'s
+QEMU_IMG_EVERY = 25
 #: what the RW phase may change in the mutant: incompatible bits (corrupt) and autoclear bits
 ALLOWED_WRITES = [(72, 80), (88, 96)]
 
@@ -270,6 +279,9 @@ class Runner:
         self.blockd.start()
         self.qsd.start()
         self.rss: list[tuple[int, int]] = []
+        #: QSD against qemu-img on sampled mutants: verdict -> count, and the mismatches
+        self.qemu_img: collections.Counter[str] = collections.Counter()
+        self.qemu_img_mismatches: list[tuple[int, str]] = []
 
     def close(self) -> None:
         self.blockd.stop()
@@ -281,6 +293,8 @@ class Runner:
         mine.write_bytes(data)
         theirs.write_bytes(data)
         q = self._qsd_view(t, "q", qcow2_options("q", theirs, **{"read-only": True}))
+        if index % QEMU_IMG_EVERY == 0 and header_size(data) <= READ_LIMIT:
+            self._against_qemu_img(index, theirs, q)
         try:
             b = self.blockd.view("m", qcow2_options("m", mine, **{"read-only": True}))
             after = mine.read_bytes()
@@ -312,6 +326,32 @@ class Runner:
         if index % 50 == 0 and self.blockd.alive():
             self.rss.append((index, self.blockd.rss()))
         return t
+
+    def _against_qemu_img(self, index: int, image: Path, q: View | str) -> None:
+        """QSD is the reference because it is qemu-img's block layer without a
+        process per mutant; this checks that the two really read alike."""
+        raw = self.work / "q.raw"
+        try:
+            done = subprocess.run(
+                [require_tool("qemu-img"), "convert", "-f", "qcow2", "-O", "raw", str(image),
+                 str(raw)], capture_output=True, text=True, timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.qemu_img["qemu-img hung"] += 1
+            self.qemu_img_mismatches.append((index, "qemu-img convert hung"))
+            return
+        if done.returncode != 0:
+            verdict = "both failed" if isinstance(q, str) or data_of(q) is None else "differ"
+            detail = done.stderr.strip()
+        elif isinstance(q, str):
+            verdict, detail = "differ", f"QSD refused: {q}"
+        else:
+            want, have = data_of(q), raw.read_bytes()
+            same = want is not None and want == have[: len(want)] \
+                and -(-len(have) // 512) * 512 == q.size
+            verdict, detail = ("same data" if same else "differ"), "bytes or size"
+        self.qemu_img[verdict] += 1
+        if verdict == "differ":
+            self.qemu_img_mismatches.append((index, detail))
 
     def _qsd_view(self, t: Trial, node: str, options: dict[str, Any]) -> View | str:
         try:

@@ -35,7 +35,7 @@ from tests.fuzz.qcow2_fuzz import MiB, Runner, Trial
 
 pytestmark = pytest.mark.qsd
 
-SHORT_PROFILE = 150
+SHORT_PROFILE = 100
 #: blockd's resident set may not grow more than this over a run
 RSS_GROWTH = 64 * MiB
 
@@ -69,7 +69,8 @@ def test_qcow2_metadata_fuzz(qcow2_runner: Runner) -> None:
     print(f"qcow2 metadata fuzz: seed {first_seed}, {count} mutants in {took:.0f} s; "
           f"{dict(kinds)}; commit phase {dict(commits)}; {len(failed)} failures; "
           f"blockd restarts {runner.blockd.starts - 1}, QSD restarts {runner.qsd.starts - 1}; "
-          f"RSS MiB {rss[:3]}...{rss[-3:]}")
+          f"RSS MiB {rss[:3]}...{rss[-3:]}; QSD against qemu-img convert "
+          f"{dict(runner.qemu_img)} {runner.qemu_img_mismatches[:10]}")
     for t in review[:40]:
         print(f"  review #{t.index} {t.seed} {t.notes}: {t.kind} {t.detail}")
     report = os.environ.get("BLOCKD_FUZZ_REPORT")
@@ -77,6 +78,8 @@ def test_qcow2_metadata_fuzz(qcow2_runner: Runner) -> None:
         with open(report, "w") as f:
             json.dump({"seed": first_seed, "count": count, "seconds": took,
                        "kinds": kinds, "commits": commits, "rss_mib": rss,
+                       "qemu_img": runner.qemu_img,
+                       "qemu_img_mismatches": runner.qemu_img_mismatches,
                        "review": [vars(t) for t in review],
                        "failed": [vars(t) for t in failed]}, f, indent=1)
     shown = "\n".join(f"#{t.index} {t.seed} {t.notes}: {t.failures}" for t in failed[:10])
