@@ -169,7 +169,10 @@ class Daemon:
 
 def read_export(path: Path, name: bytes) -> View:
     """The export's size and contents (up to READ_LIMIT), chunk by chunk, pipelined."""
-    sock = connect(path, timeout=TIMEOUT)
+    try:
+        sock = connect(path, timeout=TIMEOUT)
+    except OSError as exc:
+        raise Died(f"cannot connect to the NBD server: {exc}") from exc
     try:
         assert receive_exactly(sock, 18)[:16] == b"NBDMAGICIHAVEOPT"
         sock.sendall(struct.pack(">I", 3) + go_option(name))
@@ -195,6 +198,8 @@ def read_export(path: Path, name: bytes) -> View:
         return View(size, [chunks[h] for h in sorted(chunks)])
     except TimeoutError as exc:
         raise Hang(f"NBD read of {name!r} took over {TIMEOUT} s") from exc
+    except (EOFError, OSError) as exc:  # the connection dropped, or GO refused
+        raise Died(f"NBD read of {name!r} failed: {exc}") from exc
     finally:
         sock.close()
 
