@@ -339,7 +339,7 @@ class Runner:
         try:
             done = subprocess.run(
                 [require_tool("qemu-img"), "convert", "-f", "qcow2", "-O", "raw", str(image),
-                 str(raw)], capture_output=True, text=True, timeout=TIMEOUT)
+                 str(raw)], capture_output=True, text=True, errors="replace", timeout=TIMEOUT)
         except subprocess.TimeoutExpired:
             self.qemu_img["qemu-img hung"] += 1
             self.qemu_img_mismatches.append((index, "qemu-img convert hung"))
@@ -440,7 +440,8 @@ class Runner:
     def _judge_base(self, t: Trial, base: Path, data: bytes, q: View | str,
                     b: View | str) -> None:
         check = subprocess.run(
-            [require_tool("qemu-img"), "check", "-q", str(base)], capture_output=True, text=True
+            [require_tool("qemu-img"), "check", "-q", str(base)],
+            capture_output=True, text=True, errors="replace",
         )
         if check.returncode not in (0, 3):  # 3: leaks only
             t.failures.append(f"base after commit: qemu-img check {check.returncode}: "
