@@ -23,6 +23,7 @@ MAX_CLUSTER_BITS = 21
 MAX_L1_BYTES = 32 << 20
 MAX_REFTABLE_BYTES = 8 << 20
 MAX_SNAPSHOTS = 65536
+INT64_MAX = (1 << 63) - 1
 SNAPSHOT_HEADER_SIZE = 40  # the fixed part of a snapshot table entry
 
 EXT_END = 0x00000000
@@ -113,8 +114,12 @@ class Header:
 
     @property
     def backing_format(self) -> str | None:
+        """The recorded format, as QEMU reads it: a C string (up to the first NUL,
+        none if empty), so a name padded or blanked with NULs is not a driver name."""
         ext = self.extension(EXT_BACKING_FORMAT)
-        return ext.data.decode("utf-8", "replace") if ext is not None else None
+        if ext is None:
+            return None
+        return ext.data.split(b"\0", 1)[0].decode("utf-8", "replace") or None
 
     def extension(self, ext_type: int) -> Extension | None:
         for ext in self.extensions:
@@ -263,11 +268,15 @@ def _parse_extensions(h: Header, buf: bytes) -> None:
     h.extensions = []
     h.end_marker_stored = False
     while pos < limit:
+        # too little room for an extension's 8-byte header is an error even
+        # where the bytes would read as the end marker
+        if pos + 8 > limit:
+            raise ImageError("Header extension too large")
         if pos + 8 > len(buf):
             return  # zeros: the end marker
         ext_type, length = struct.unpack_from(">II", buf, pos)
         pos += 8
-        if pos > limit or length > limit - pos:
+        if length > limit - pos:
             raise ImageError("Header extension too large")
         if ext_type == EXT_END:
             h.end_marker_stored = True
@@ -325,7 +334,8 @@ def _qemu_table(name: str, offset: int, entries: int, entry_len: int, max_bytes:
     """The two checks QEMU makes of every table it is about to load."""
     if entries > max_bytes // entry_len:
         raise ImageError(f"{name} too large")
-    if offset % cluster_size:
+    # the end must fit in a signed 64-bit offset, even for a table with no entries in use
+    if offset % cluster_size or offset > INT64_MAX - entries * entry_len:
         raise ImageError(f"{name} offset invalid")
 
 

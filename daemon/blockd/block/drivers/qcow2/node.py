@@ -181,7 +181,7 @@ class Qcow2Node(BlockNode):
         self._refs.register_metadata()
         for entry in mapping.l1:
             off = entry & OFFSET_MASK
-            if off:
+            if off and not off & (self.cluster_size - 1):  # unaligned: as refcount blocks
                 self._meta.add(off, self.cluster_size, MetaKind.L2)
 
     async def _read_snapshot_table(self) -> tuple[list[snap.Snapshot], int]:

@@ -129,7 +129,9 @@ class Refcounts:
         )
         for entry in self.table:
             off = entry & REFTABLE_OFFSET_MASK
-            if off:
+            # an unaligned block is corrupt, and refused when first used; as a
+            # range it could cover the header and fail the header's own writes
+            if off and not off & (self.cluster_size - 1):
                 self.meta.add(off, self.cluster_size, MetaKind.REFBLOCK)
 
     def replace_table(self, table: array[int]) -> None:
