@@ -524,3 +524,16 @@ async def test_a_failed_setup_gives_everything_back(tmp_path: Path) -> None:
         plan_commit(graph, device="top", top_node="mid", base_node="base")
     finally:
         await graph.close_all()
+
+
+async def test_a_base_opened_read_write_stays_read_write(tmp_path: Path) -> None:
+    chain(tmp_path)
+    graph = BlockGraph()
+    try:
+        nodes = await open_chain(graph, tmp_path, top2=False, base_read_only=False)
+        r = Run()
+        assert (await r(commit_of(graph, r))).error is None
+        assert not nodes["base"].read_only
+        await nodes["base"].write(0, b"\x77" * 4096)  # still writable
+    finally:
+        await graph.close_all()
