@@ -99,30 +99,29 @@ def commit_of(graph: BlockGraph, run_: Run, **options: object) -> CommitJob:
 # -- a whole commit ------------------------------------------------------------------
 
 
-async def test_commit_merges_mid_and_repoints_every_overlay(tmp_path: Path) -> None:
+async def test_commit_merges_mid_and_repoints_every_overlay(
+    tmp_path: Path, graph: BlockGraph
+) -> None:
     chain(tmp_path)
     before = views(tmp_path, "top", "top2")
-    graph = BlockGraph()
-    try:
-        nodes = await open_chain(graph, tmp_path)
-        r = Run()
-        job = await r(commit_of(graph, r))
-        assert job.error is None
-        assert job.offset == job.length == MiB
-        (completed,) = [e for e in r.seen if e.name == "BLOCK_JOB_COMPLETED"]
-        assert completed.data is not None
-        assert "error" not in completed.data and completed.data["offset"] == MiB
-        # both overlays of mid now back onto base, in the graph and in their headers
-        assert nodes["top"].backing is nodes["base"]
-        assert nodes["top2"].backing is nodes["base"]
-        # base goes back to read-only, as the client opened it; top2 too; top stays writable
-        assert nodes["base"].read_only and nodes["top2"].read_only
-        assert not nodes["top"].read_only
-        # mid, added by a client, stays open until the job is dismissed
-        assert graph.get("mid") is nodes["mid"]
-        assert r.dismissed == [job]
-    finally:
-        await graph.close_all()
+    nodes = await open_chain(graph, tmp_path)
+    r = Run()
+    job = await r(commit_of(graph, r))
+    assert job.error is None
+    assert job.offset == job.length == MiB
+    (completed,) = [e for e in r.seen if e.name == "BLOCK_JOB_COMPLETED"]
+    assert completed.data is not None
+    assert "error" not in completed.data and completed.data["offset"] == MiB
+    # both overlays of mid now back onto base, in the graph and in their headers
+    assert nodes["top"].backing is nodes["base"]
+    assert nodes["top2"].backing is nodes["base"]
+    # base goes back to read-only, as the client opened it; top2 too; top stays writable
+    assert nodes["base"].read_only and nodes["top2"].read_only
+    assert not nodes["top"].read_only
+    # mid, added by a client, stays open until the job is dismissed
+    assert graph.get("mid") is nodes["mid"]
+    assert r.dismissed == [job]
+    await graph.close_all()
     assert backing_of(tmp_path / "top.qcow2") == str(tmp_path / "base.qcow2")
     assert backing_of(tmp_path / "top2.qcow2") == str(tmp_path / "base.qcow2")
     assert views(tmp_path, "top", "top2") == before
@@ -135,44 +134,40 @@ async def test_commit_merges_mid_and_repoints_every_overlay(tmp_path: Path) -> N
     assert base[256 * KiB : 640 * KiB] == b"\x22" * (384 * KiB)
 
 
-async def test_intermediates_opened_with_the_chain_are_closed(tmp_path: Path) -> None:
+async def test_intermediates_opened_with_the_chain_are_closed(
+    tmp_path: Path, graph: BlockGraph
+) -> None:
     chain(tmp_path)
-    graph = BlockGraph()
-    try:
-        # top opened alone: mid and base come from the headers, owned by no client
-        top = await open_qcow2(graph, tmp_path / "top.qcow2", name="top")
-        mid = top.backing
-        assert mid is not None and mid.backing is not None
-        r = Run()
-        plan = plan_commit(graph, device="top", top_node=mid.node_name)
-        assert isinstance(plan, CommitPlan) and plan.base is mid.backing
-        job = await r(CommitJob("j", r.events, graph, plan))
-        assert job.error is None
-        assert top.backing is plan.base
-        assert mid.closed
-        assert graph.get(mid.node_name) is None
-    finally:
-        await graph.close_all()
+    # top opened alone: mid and base come from the headers, owned by no client
+    top = await open_qcow2(graph, tmp_path / "top.qcow2", name="top")
+    mid = top.backing
+    assert mid is not None and mid.backing is not None
+    r = Run()
+    plan = plan_commit(graph, device="top", top_node=mid.node_name)
+    assert isinstance(plan, CommitPlan) and plan.base is mid.backing
+    job = await r(CommitJob("j", r.events, graph, plan))
+    assert job.error is None
+    assert top.backing is plan.base
+    assert mid.closed
+    assert graph.get(mid.node_name) is None
+    await graph.close_all()
     assert backing_of(tmp_path / "top.qcow2") == str(tmp_path / "base.qcow2")
 
 
-async def test_backing_file_argument_is_written(tmp_path: Path) -> None:
+async def test_backing_file_argument_is_written(tmp_path: Path, graph: BlockGraph) -> None:
     chain(tmp_path)
-    graph = BlockGraph()
-    try:
-        await open_chain(graph, tmp_path, top2=False)
-        plan = plan_commit(
-            graph, device="top", top_node="mid", base_node="base", backing_file="base.qcow2"
-        )
-        assert isinstance(plan, CommitPlan) and plan.backing_string == "base.qcow2"
-        r = Run()
-        assert (await r(CommitJob("j", r.events, graph, plan))).error is None
-    finally:
-        await graph.close_all()
+    await open_chain(graph, tmp_path, top2=False)
+    plan = plan_commit(
+        graph, device="top", top_node="mid", base_node="base", backing_file="base.qcow2"
+    )
+    assert isinstance(plan, CommitPlan) and plan.backing_string == "base.qcow2"
+    r = Run()
+    assert (await r(CommitJob("j", r.events, graph, plan))).error is None
+    await graph.close_all()
     assert backing_of(tmp_path / "top.qcow2") == "base.qcow2"
 
 
-async def test_short_base_grows_and_its_tail_is_hidden(tmp_path: Path) -> None:
+async def test_short_base_grows_and_its_tail_is_hidden(tmp_path: Path, graph: BlockGraph) -> None:
     """base 2M full of data, mid 1M, top 1.25M: once top backs onto base, base's
     data past mid's end would show where top reads zeros today; it is zeroed
     there (less than one step of the copy) and nowhere else."""
@@ -184,15 +179,12 @@ async def test_short_base_grows_and_its_tail_is_hidden(tmp_path: Path) -> None:
     before = views(tmp_path, "top")["top"]
     # past mid's end (1M) the chain reads zeros, though base holds 0x55 there
     assert before[MiB:] == bytes(256 * KiB)
-    graph = BlockGraph()
-    try:
-        top = await open_qcow2(graph, tmp_path / "top.qcow2", name="top")
-        r = Run()
-        plan = plan_commit(graph, device="top", top_node=top.backing.node_name)  # type: ignore[union-attr]
-        assert isinstance(plan, CommitPlan)
-        assert (await r(CommitJob("j", r.events, graph, plan))).error is None
-    finally:
-        await graph.close_all()
+    top = await open_qcow2(graph, tmp_path / "top.qcow2", name="top")
+    r = Run()
+    plan = plan_commit(graph, device="top", top_node=top.backing.node_name)  # type: ignore[union-attr]
+    assert isinstance(plan, CommitPlan)
+    assert (await r(CommitJob("j", r.events, graph, plan))).error is None
+    await graph.close_all()
     assert views(tmp_path, "top")["top"] == before
     base = to_raw(tmp_path / "base.qcow2", tmp_path / "b.raw")
     assert base[MiB : MiB + 256 * KiB] == bytes(256 * KiB)  # hidden where top sees it
@@ -200,17 +192,14 @@ async def test_short_base_grows_and_its_tail_is_hidden(tmp_path: Path) -> None:
     assert_clean(tmp_path / "base.qcow2")
 
 
-async def test_base_smaller_than_mid_grows(tmp_path: Path) -> None:
+async def test_base_smaller_than_mid_grows(tmp_path: Path, graph: BlockGraph) -> None:
     chain(tmp_path, base_size="512k")
     before = views(tmp_path, "top")
-    graph = BlockGraph()
-    try:
-        nodes = await open_chain(graph, tmp_path, top2=False)
-        r = Run()
-        assert (await r(commit_of(graph, r))).error is None
-        assert nodes["base"].size == MiB
-    finally:
-        await graph.close_all()
+    nodes = await open_chain(graph, tmp_path, top2=False)
+    r = Run()
+    assert (await r(commit_of(graph, r))).error is None
+    assert nodes["base"].size == MiB
+    await graph.close_all()
     assert views(tmp_path, "top") == before
     assert_clean(tmp_path / "base.qcow2")
 
@@ -218,119 +207,112 @@ async def test_base_smaller_than_mid_grows(tmp_path: Path) -> None:
 # -- stopping early ------------------------------------------------------------------
 
 
-async def test_cancel_changes_no_header_and_gives_everything_back(tmp_path: Path) -> None:
+async def test_cancel_changes_no_header_and_gives_everything_back(
+    tmp_path: Path, graph: BlockGraph
+) -> None:
     chain(tmp_path)
     before = views(tmp_path, "top", "top2")
-    graph = BlockGraph()
-    try:
-        nodes = await open_chain(graph, tmp_path)
-        r = Run()
+    nodes = await open_chain(graph, tmp_path)
+    r = Run()
 
-        async def cancel(job: CommitJob) -> None:
-            # while it runs, the job uses mid and base (blockdev-del calls them in use)
-            assert graph.in_use(nodes["mid"]) and graph.in_use(nodes["base"])
-            job.user_cancel(force=False)
+    async def cancel(job: CommitJob) -> None:
+        # while it runs, the job uses mid and base (blockdev-del calls them in use)
+        assert graph.in_use(nodes["mid"]) and graph.in_use(nodes["base"])
+        job.user_cancel(force=False)
 
-        job = await r(commit_of(graph, r, speed=1), cancel)
-        assert job.status is JobStatus.NULL
-        assert "BLOCK_JOB_CANCELLED" in r.names()
-        assert nodes["top"].backing is nodes["mid"]
-        assert nodes["top2"].backing is nodes["mid"]
-        assert nodes["base"].read_only
-        # every hold is gone: another commit of the same range can start
-        for name in ("top", "mid", "base", "top2"):
-            assert graph.blocker(nodes[name]) is None, name
-        plan_commit(graph, device="top", top_node="mid", base_node="base")
-    finally:
-        await graph.close_all()
+    job = await r(commit_of(graph, r, speed=1), cancel)
+    assert job.status is JobStatus.NULL
+    assert "BLOCK_JOB_CANCELLED" in r.names()
+    assert nodes["top"].backing is nodes["mid"]
+    assert nodes["top2"].backing is nodes["mid"]
+    assert nodes["base"].read_only
+    # every hold is gone: another commit of the same range can start
+    for name in ("top", "mid", "base", "top2"):
+        assert graph.blocker(nodes[name]) is None, name
+    plan_commit(graph, device="top", top_node="mid", base_node="base")
+    await graph.close_all()
     assert backing_of(tmp_path / "top.qcow2") == "mid.qcow2"
     assert backing_of(tmp_path / "top2.qcow2") == "mid.qcow2"
     assert views(tmp_path, "top", "top2") == before
 
 
-async def test_job_holds_its_nodes_until_dismissed(tmp_path: Path) -> None:
+async def test_job_holds_its_nodes_until_dismissed(tmp_path: Path, graph: BlockGraph) -> None:
     chain(tmp_path)
-    graph = BlockGraph()
-    try:
-        nodes = await open_chain(graph, tmp_path, top2=False)
-        r = Run()
-        job = commit_of(graph, r, auto_dismiss=False)
-        await r(job)
-        assert job.status is JobStatus.CONCLUDED and job.error is None
-        # the concluded job still holds the nodes it merged
-        assert graph.blocker(nodes["mid"]) is not None
-        with pytest.raises(BlockError, match="Need a root block node"):
-            plan_commit(graph, device="top", top_node="base")
-        job.dismiss()
-        assert r.dismissed == [job]
-        assert graph.blocker(nodes["mid"]) is None
-        assert graph.blocker(nodes["top"]) is None
-    finally:
-        await graph.close_all()
+    nodes = await open_chain(graph, tmp_path, top2=False)
+    r = Run()
+    job = commit_of(graph, r, auto_dismiss=False)
+    await r(job)
+    assert job.status is JobStatus.CONCLUDED and job.error is None
+    # the concluded job still holds the nodes it merged
+    assert graph.blocker(nodes["mid"]) is not None
+    with pytest.raises(BlockError, match="Need a root block node"):
+        plan_commit(graph, device="top", top_node="base")
+    job.dismiss()
+    assert r.dismissed == [job]
+    assert graph.blocker(nodes["mid"]) is None
+    assert graph.blocker(nodes["top"]) is None
 
 
-async def test_read_error_fails_the_job_and_changes_no_header(tmp_path: Path) -> None:
+async def test_read_error_fails_the_job_and_changes_no_header(
+    tmp_path: Path, graph: BlockGraph
+) -> None:
     chain(tmp_path)
-    graph = BlockGraph()
-    try:
-        base = await open_qcow2(graph, tmp_path / "base.qcow2", name="base", read_only=True,
-                                backing=None)  # fmt: skip
-        rules = [{"event": "read_aio"}]
-        mid = await open_qcow2(graph, tmp_path / "mid.qcow2", name="mid", read_only=True,
-                               backing="base", file={"driver": "blkdebug", "inject-error": rules,
-                               "image": {"driver": "file",
-                                         "filename": str(tmp_path / "mid.qcow2")}})  # fmt: skip
-        top = await open_qcow2(graph, tmp_path / "top.qcow2", name="top", backing="mid")
-        r = Run()
-        job = await r(commit_of(graph, r))
-        assert job.error == "Input/output error"
-        errors = [(e.data or {}).get("operation") for e in r.seen if e.name == "BLOCK_JOB_ERROR"]
-        assert errors == ["read"]
-        assert top.backing is mid and base.read_only
-        # a failed job holds nothing: mid can be committed again
-        assert graph.blocker(mid) is None and graph.blocker(base) is None
-        plan_commit(graph, device="top", top_node="mid", base_node="base")
-    finally:
-        await graph.close_all()
+    base = await open_qcow2(graph, tmp_path / "base.qcow2", name="base", read_only=True,
+                            backing=None)  # fmt: skip
+    rules = [{"event": "read_aio"}]
+    mid = await open_qcow2(graph, tmp_path / "mid.qcow2", name="mid", read_only=True,
+                           backing="base", file={"driver": "blkdebug", "inject-error": rules,
+                           "image": {"driver": "file",
+                                     "filename": str(tmp_path / "mid.qcow2")}})  # fmt: skip
+    top = await open_qcow2(graph, tmp_path / "top.qcow2", name="top", backing="mid")
+    r = Run()
+    job = await r(commit_of(graph, r))
+    assert job.error == "Input/output error"
+    errors = [(e.data or {}).get("operation") for e in r.seen if e.name == "BLOCK_JOB_ERROR"]
+    assert errors == ["read"]
+    assert top.backing is mid and base.read_only
+    # a failed job holds nothing: mid can be committed again
+    assert graph.blocker(mid) is None and graph.blocker(base) is None
+    plan_commit(graph, device="top", top_node="mid", base_node="base")
+    await graph.close_all()
     assert backing_of(tmp_path / "top.qcow2") == "mid.qcow2"
 
 
-async def test_stop_on_a_read_error_then_resume_completes(tmp_path: Path) -> None:
+async def test_stop_on_a_read_error_then_resume_completes(
+    tmp_path: Path, graph: BlockGraph
+) -> None:
     """on-error stop: the job pauses at the failed step and, resumed, copies it
     and the rest: every overlay's view is the same, on base now."""
     chain(tmp_path)
     before = views(tmp_path, "top")
-    graph = BlockGraph()
-    try:
-        base = await open_qcow2(graph, tmp_path / "base.qcow2", name="base", read_only=True,
-                                backing=None)  # fmt: skip
-        rules = [{"event": "read_aio", "once": True}]
-        await open_qcow2(graph, tmp_path / "mid.qcow2", name="mid", read_only=True,
-                               backing="base", file={"driver": "blkdebug", "inject-error": rules,
-                               "image": {"driver": "file",
-                                         "filename": str(tmp_path / "mid.qcow2")}})  # fmt: skip
-        top = await open_qcow2(graph, tmp_path / "top.qcow2", name="top", backing="mid")
-        r = Run()
-        paused = trio.Event()
+    base = await open_qcow2(graph, tmp_path / "base.qcow2", name="base", read_only=True,
+                            backing=None)  # fmt: skip
+    rules = [{"event": "read_aio", "once": True}]
+    await open_qcow2(graph, tmp_path / "mid.qcow2", name="mid", read_only=True,
+                           backing="base", file={"driver": "blkdebug", "inject-error": rules,
+                           "image": {"driver": "file",
+                                     "filename": str(tmp_path / "mid.qcow2")}})  # fmt: skip
+    top = await open_qcow2(graph, tmp_path / "top.qcow2", name="top", backing="mid")
+    r = Run()
+    paused = trio.Event()
 
-        def on_pause(e: EmittedEvent) -> None:
-            if e.name == "JOB_STATUS_CHANGE" and (e.data or {}).get("status") == "paused":
-                paused.set()
+    def on_pause(e: EmittedEvent) -> None:
+        if e.name == "JOB_STATUS_CHANGE" and (e.data or {}).get("status") == "paused":
+            paused.set()
 
-        r.events.subscribe(on_pause)
+    r.events.subscribe(on_pause)
 
-        async def resume(job: CommitJob) -> None:
-            await paused.wait()
-            assert job.block_job_info()["io-status"] == "failed"
-            job.user_resume()
+    async def resume(job: CommitJob) -> None:
+        await paused.wait()
+        assert job.block_job_info()["io-status"] == "failed"
+        job.user_resume()
 
-        plan = plan_commit(graph, device="top", top_node="mid", base_node="base")
-        assert isinstance(plan, CommitPlan)
-        job = await r(CommitJob("j", r.events, graph, plan, on_error=OnError.STOP), resume)
-        assert job.error is None and job.offset == MiB
-        assert top.backing is base
-    finally:
-        await graph.close_all()
+    plan = plan_commit(graph, device="top", top_node="mid", base_node="base")
+    assert isinstance(plan, CommitPlan)
+    job = await r(CommitJob("j", r.events, graph, plan, on_error=OnError.STOP), resume)
+    assert job.error is None and job.offset == MiB
+    assert top.backing is base
+    await graph.close_all()
     assert backing_of(tmp_path / "top.qcow2") == str(tmp_path / "base.qcow2")
     assert views(tmp_path, "top") == before
     assert_clean(tmp_path / "base.qcow2")
@@ -339,138 +321,120 @@ async def test_stop_on_a_read_error_then_resume_completes(tmp_path: Path) -> Non
 # -- what plan_commit refuses ------------------------------------------------------------
 
 
-async def test_plan_refusals(tmp_path: Path) -> None:
+async def test_plan_refusals(tmp_path: Path, graph: BlockGraph) -> None:
     chain(tmp_path)
-    graph = BlockGraph()
-    try:
-        nodes = await open_chain(graph, tmp_path)
+    nodes = await open_chain(graph, tmp_path)
 
-        def refused(**args: object) -> str:
-            with pytest.raises(BlockError) as info:
-                plan_commit(graph, **args)  # type: ignore[arg-type]
-            return str(info.value)
+    def refused(**args: object) -> str:
+        with pytest.raises(BlockError) as info:
+            plan_commit(graph, **args)  # type: ignore[arg-type]
+        return str(info.value)
 
-        with pytest.raises(DeviceNotFound, match="Device 'nope' not found"):
-            plan_commit(graph, device="nope")
-        assert refused(device="mid") == "Need a root block node"
-        assert refused(device="top", top_node="mid", top="mid.qcow2") == (
-            "'top-node' and 'top' are mutually exclusive"
+    with pytest.raises(DeviceNotFound, match="Device 'nope' not found"):
+        plan_commit(graph, device="nope")
+    assert refused(device="mid") == "Need a root block node"
+    assert refused(device="top", top_node="mid", top="mid.qcow2") == (
+        "'top-node' and 'top' are mutually exclusive"
+    )
+    assert refused(device="top", top_node="gone") == ("Cannot find device='' nor node-name='gone'")
+    assert refused(device="top", top_node="top2") == ("'top2' is not in this backing file chain")
+    assert refused(device="top", top="nowhere.qcow2") == "Top image file nowhere.qcow2 not found"
+    assert refused(device="top", base_node="base", base="base.qcow2") == (
+        "'base-node' and 'base' are mutually exclusive"
+    )
+    assert refused(device="top", top_node="mid", base="nowhere.qcow2") == (
+        "Can't find 'nowhere.qcow2' in the backing chain"
+    )
+    assert refused(device="top", top_node="mid", base_node="top") == (
+        "'top' is not in this backing file chain"
+    )
+    assert refused(device="top", top_node="mid", base_node="mid") == (
+        "cannot commit an image into itself"
+    )
+    assert refused(device="top", top="mid\0.qcow2") == "Top image file mid\0.qcow2 not found"
+    assert refused(device="top", top_node="mid", backing_file="x" * 2000).startswith(
+        "Backing file name too long"
+    )
+    assert refused(device="top", backing_file="x") == (
+        "'backing-file' specified, but 'top' is the active layer"
+    )
+    assert (
+        refused(
+            device="top",
+            top_node="mid",
+            backing_file="x",
+            has_writer=lambda n: n is nodes["mid"],
         )
-        assert refused(device="top", top_node="gone") == (
-            "Cannot find device='' nor node-name='gone'"
-        )
-        assert refused(device="top", top_node="top2") == (
-            "'top2' is not in this backing file chain"
-        )
-        assert (
-            refused(device="top", top="nowhere.qcow2") == "Top image file nowhere.qcow2 not found"
-        )
-        assert refused(device="top", base_node="base", base="base.qcow2") == (
-            "'base-node' and 'base' are mutually exclusive"
-        )
-        assert refused(device="top", top_node="mid", base="nowhere.qcow2") == (
-            "Can't find 'nowhere.qcow2' in the backing chain"
-        )
-        assert refused(device="top", top_node="mid", base_node="top") == (
-            "'top' is not in this backing file chain"
-        )
-        assert refused(device="top", top_node="mid", base_node="mid") == (
-            "cannot commit an image into itself"
-        )
-        assert refused(device="top", top="mid\0.qcow2") == "Top image file mid\0.qcow2 not found"
-        assert refused(device="top", top_node="mid", backing_file="x" * 2000).startswith(
-            "Backing file name too long"
-        )
-        assert refused(device="top", backing_file="x") == (
-            "'backing-file' specified, but 'top' is the active layer"
-        )
-        assert (
-            refused(
-                device="top",
-                top_node="mid",
-                backing_file="x",
-                has_writer=lambda n: n is nodes["mid"],
-            )
-            == "'backing-file' specified, but 'top' has a writer on it"
-        )
-        graph.add_blocker(nodes["top2"], "held by a test")
-        assert refused(device="top", top_node="mid") == "Node 'top2' is busy: held by a test"
-        graph.remove_blocker(nodes["top2"], "held by a test")
-        graph.add_blocker(nodes["base"], "held by a test")
-        assert refused(device="top", top_node="mid") == "Node 'base' is busy: held by a test"
-        graph.remove_blocker(nodes["base"], "held by a test")
-    finally:
-        await graph.close_all()
+        == "'backing-file' specified, but 'top' has a writer on it"
+    )
+    graph.add_blocker(nodes["top2"], "held by a test")
+    assert refused(device="top", top_node="mid") == "Node 'top2' is busy: held by a test"
+    graph.remove_blocker(nodes["top2"], "held by a test")
+    graph.add_blocker(nodes["base"], "held by a test")
+    assert refused(device="top", top_node="mid") == "Node 'base' is busy: held by a test"
+    graph.remove_blocker(nodes["base"], "held by a test")
 
 
-async def test_plan_names_and_defaults(tmp_path: Path) -> None:
+async def test_plan_names_and_defaults(tmp_path: Path, graph: BlockGraph) -> None:
     chain(tmp_path)
-    graph = BlockGraph()
-    try:
-        # opened from the headers, so the nodes show plain file names (a json:
-        # name, as a node given its backing by reference shows, matches no name)
-        top = await open_qcow2(graph, tmp_path / "top.qcow2", name="top")
-        assert top.backing is not None and top.backing.backing is not None
-        nodes = {"top": top, "mid": top.backing, "base": top.backing.backing}
-        # top and base by file name (relative to the image above), base defaulting to the bottom
-        plan = plan_commit(graph, device="top", top="mid.qcow2")
-        assert isinstance(plan, CommitPlan)
-        assert (plan.top, plan.base, plan.overlay) == (nodes["mid"], nodes["base"], nodes["top"])
-        assert plan.intermediates == (nodes["mid"],)
-        assert plan.overlay_chain == (nodes["top"],)
-        assert plan.backing_string == str(tmp_path / "base.qcow2")
-        plan = plan_commit(graph, device="top", top=str(tmp_path / "mid.qcow2"), base="base.qcow2")
-        assert isinstance(plan, CommitPlan) and plan.base is nodes["base"]
-        # naming the device itself as top is an active commit
-        active = plan_commit(graph, device="top", top=str(tmp_path / "top.qcow2"))
-        assert isinstance(active, ActiveCommitPlan)
-        assert active.top is nodes["top"] and active.base is nodes["base"]
-        assert active.intermediates == (nodes["top"], nodes["mid"])
-        # the base of a two-image range is the one below top
-        whole = plan_commit(graph, device="top", top_node="top", base_node=nodes["mid"].node_name)
-        assert isinstance(whole, ActiveCommitPlan) and whole.intermediates == (nodes["top"],)
-    finally:
-        await graph.close_all()
+    # opened from the headers, so the nodes show plain file names (a json:
+    # name, as a node given its backing by reference shows, matches no name)
+    top = await open_qcow2(graph, tmp_path / "top.qcow2", name="top")
+    assert top.backing is not None and top.backing.backing is not None
+    nodes = {"top": top, "mid": top.backing, "base": top.backing.backing}
+    # top and base by file name (relative to the image above), base defaulting to the bottom
+    plan = plan_commit(graph, device="top", top="mid.qcow2")
+    assert isinstance(plan, CommitPlan)
+    assert (plan.top, plan.base, plan.overlay) == (nodes["mid"], nodes["base"], nodes["top"])
+    assert plan.intermediates == (nodes["mid"],)
+    assert plan.overlay_chain == (nodes["top"],)
+    assert plan.backing_string == str(tmp_path / "base.qcow2")
+    plan = plan_commit(graph, device="top", top=str(tmp_path / "mid.qcow2"), base="base.qcow2")
+    assert isinstance(plan, CommitPlan) and plan.base is nodes["base"]
+    # naming the device itself as top is an active commit
+    active = plan_commit(graph, device="top", top=str(tmp_path / "top.qcow2"))
+    assert isinstance(active, ActiveCommitPlan)
+    assert active.top is nodes["top"] and active.base is nodes["base"]
+    assert active.intermediates == (nodes["top"], nodes["mid"])
+    # the base of a two-image range is the one below top
+    whole = plan_commit(graph, device="top", top_node="top", base_node=nodes["mid"].node_name)
+    assert isinstance(whole, ActiveCommitPlan) and whole.intermediates == (nodes["top"],)
 
 
-async def test_plan_refuses_a_base_another_chain_reads(tmp_path: Path) -> None:
+async def test_plan_refuses_a_base_another_chain_reads(tmp_path: Path, graph: BlockGraph) -> None:
     chain(tmp_path)
     create(tmp_path / "other.qcow2", "1M", backing=Path("base.qcow2"))
-    graph = BlockGraph()
-    try:
-        await open_chain(graph, tmp_path, top2=False)
-        await open_qcow2(graph, tmp_path / "other.qcow2", name="other", backing="base")
-        with pytest.raises(BlockError) as info:
-            plan_commit(graph, device="top", top_node="mid")
-        assert str(info.value) == (
-            "Conflicts with use by node 'other' as 'backing', which does not allow 'write' "
-            "on base: committing into 'base' would change what 'other' reads"
-        )
-    finally:
-        await graph.close_all()
+    await open_chain(graph, tmp_path, top2=False)
+    await open_qcow2(graph, tmp_path / "other.qcow2", name="other", backing="base")
+    with pytest.raises(BlockError) as info:
+        plan_commit(graph, device="top", top_node="mid")
+    assert str(info.value) == (
+        "Conflicts with use by node 'other' as 'backing', which does not allow 'write' "
+        "on base: committing into 'base' would change what 'other' reads"
+    )
 
 
-async def test_plan_refuses_a_top_used_other_than_as_backing(tmp_path: Path) -> None:
+async def test_plan_refuses_a_top_used_other_than_as_backing(
+    tmp_path: Path, graph: BlockGraph
+) -> None:
     chain(tmp_path)
-    graph = BlockGraph()
-    try:
-        await open_chain(graph, tmp_path, top2=False)
-        # a raw node on mid's file node... and on mid itself, as its file
-        mid = graph.get("mid")
-        assert mid is not None
-        await open_qcow2(graph, tmp_path / "mid.qcow2", name="raw-on-mid", driver="raw",
-                         read_only=True, file="mid")  # fmt: skip
-        with pytest.raises(BlockError) as info:
-            plan_commit(graph, device="top", top_node="mid")
-        assert str(info.value) == (
-            "Cannot commit 'mid': node 'raw-on-mid' uses it as 'file', and blockd re-points "
-            "only overlays and exports onto the base"
-        )
-    finally:
-        await graph.close_all()
+    await open_chain(graph, tmp_path, top2=False)
+    # a raw node on mid's file node... and on mid itself, as its file
+    mid = graph.get("mid")
+    assert mid is not None
+    await open_qcow2(graph, tmp_path / "mid.qcow2", name="raw-on-mid", driver="raw",
+                     read_only=True, file="mid")  # fmt: skip
+    with pytest.raises(BlockError) as info:
+        plan_commit(graph, device="top", top_node="mid")
+    assert str(info.value) == (
+        "Cannot commit 'mid': node 'raw-on-mid' uses it as 'file', and blockd re-points "
+        "only overlays and exports onto the base"
+    )
 
 
-async def test_commit_of_a_lower_intermediate_repoints_the_image_above_it(tmp_path: Path) -> None:
+async def test_commit_of_a_lower_intermediate_repoints_the_image_above_it(
+    tmp_path: Path, graph: BlockGraph
+) -> None:
     """base <- m1 <- m2 <- top, commit m1: m2 (not top) is the overlay that
     gets base's name; top keeps naming m2."""
     create(tmp_path / "base.qcow2", "1M")
@@ -479,27 +443,24 @@ async def test_commit_of_a_lower_intermediate_repoints_the_image_above_it(tmp_pa
         create(tmp_path / f"{name}.qcow2", "1M", backing=Path(f"{below}.qcow2"))
         qemu_io(tmp_path / f"{name}.qcow2", f"write -P {data:#x} {(data - 0x20) * 128}k 64k")
     before = views(tmp_path, "top", "m2")
-    graph = BlockGraph()
-    try:
-        top = await open_qcow2(graph, tmp_path / "top.qcow2", name="top")
-        m2 = top.backing
-        assert m2 is not None and m2.backing is not None and m2.backing.backing is not None
-        m1, base = m2.backing, m2.backing.backing
-        plan = plan_commit(graph, device="top", top_node=m1.node_name)
-        assert isinstance(plan, CommitPlan)
-        assert (plan.overlay, plan.base, plan.intermediates) == (m2, base, (m1,))
-        assert plan.overlay_chain == (top, m2)
-        r = Run()
-        assert (await r(CommitJob("j", r.events, graph, plan))).error is None
-        assert m2.backing is base and top.backing is m2
-    finally:
-        await graph.close_all()
+    top = await open_qcow2(graph, tmp_path / "top.qcow2", name="top")
+    m2 = top.backing
+    assert m2 is not None and m2.backing is not None and m2.backing.backing is not None
+    m1, base = m2.backing, m2.backing.backing
+    plan = plan_commit(graph, device="top", top_node=m1.node_name)
+    assert isinstance(plan, CommitPlan)
+    assert (plan.overlay, plan.base, plan.intermediates) == (m2, base, (m1,))
+    assert plan.overlay_chain == (top, m2)
+    r = Run()
+    assert (await r(CommitJob("j", r.events, graph, plan))).error is None
+    assert m2.backing is base and top.backing is m2
+    await graph.close_all()
     assert backing_of(tmp_path / "m2.qcow2") == str(tmp_path / "base.qcow2")
     assert backing_of(tmp_path / "top.qcow2") == "m2.qcow2"
     assert views(tmp_path, "top", "m2") == before
 
 
-async def test_a_failed_setup_gives_everything_back(tmp_path: Path) -> None:
+async def test_a_failed_setup_gives_everything_back(tmp_path: Path, graph: BlockGraph) -> None:
     """An overlay of mid that cannot be opened read-write (marked corrupt) makes
     the job fail before it starts: no node stays held, base stays read-only."""
     chain(tmp_path)
@@ -508,32 +469,24 @@ async def test_a_failed_setup_gives_everything_back(tmp_path: Path) -> None:
     with open(tmp_path / "top2.qcow2", "r+b") as f:
         f.seek(72)
         f.write(incompatible.to_bytes(8, "big"))
-    graph = BlockGraph()
-    try:
-        nodes = await open_chain(graph, tmp_path)
-        r = Run()
-        job = commit_of(graph, r)
-        job.create(r.dismissed.append)
-        with pytest.raises(BlockError, match="Image is corrupt; cannot be opened read/write"):
-            await job.setup()
-        for name, node in nodes.items():
-            assert graph.blocker(node) is None, name
-            assert not graph.in_use(node) or name == "top", name
-        assert nodes["base"].read_only
-        # nothing is held: the same plan can be made again
-        plan_commit(graph, device="top", top_node="mid", base_node="base")
-    finally:
-        await graph.close_all()
+    nodes = await open_chain(graph, tmp_path)
+    r = Run()
+    job = commit_of(graph, r)
+    job.create(r.dismissed.append)
+    with pytest.raises(BlockError, match="Image is corrupt; cannot be opened read/write"):
+        await job.setup()
+    for name, node in nodes.items():
+        assert graph.blocker(node) is None, name
+        assert not graph.in_use(node) or name == "top", name
+    assert nodes["base"].read_only
+    # nothing is held: the same plan can be made again
+    plan_commit(graph, device="top", top_node="mid", base_node="base")
 
 
-async def test_a_base_opened_read_write_stays_read_write(tmp_path: Path) -> None:
+async def test_a_base_opened_read_write_stays_read_write(tmp_path: Path, graph: BlockGraph) -> None:
     chain(tmp_path)
-    graph = BlockGraph()
-    try:
-        nodes = await open_chain(graph, tmp_path, top2=False, base_read_only=False)
-        r = Run()
-        assert (await r(commit_of(graph, r))).error is None
-        assert not nodes["base"].read_only
-        await nodes["base"].write(0, b"\x77" * 4096)  # still writable
-    finally:
-        await graph.close_all()
+    nodes = await open_chain(graph, tmp_path, top2=False, base_read_only=False)
+    r = Run()
+    assert (await r(commit_of(graph, r))).error is None
+    assert not nodes["base"].read_only
+    await nodes["base"].write(0, b"\x77" * 4096)  # still writable
