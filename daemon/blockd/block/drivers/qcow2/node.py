@@ -54,7 +54,7 @@ from blockd.block.drivers.qcow2.forecast import Forecast
 from blockd.block.drivers.qcow2.image_info import format_info
 from blockd.block.drivers.qcow2.inflight import InFlight
 from blockd.block.drivers.qcow2.mapping import Mapping
-from blockd.block.drivers.qcow2.overlap import MetadataMap, MetaKind
+from blockd.block.drivers.qcow2.overlap import CorruptMetadata, MetadataMap, MetaKind
 from blockd.block.drivers.qcow2.payload import BytesPayload, HostPayload
 from blockd.block.drivers.qcow2.reading import Reader
 from blockd.block.drivers.qcow2.refcount import Refcounts
@@ -259,8 +259,13 @@ class Qcow2Node(BlockNode):
             if sn.l1_size:
                 theirs = host_clusters_of_range(sn.l1_table_offset, sn.l1_size * 8, bits)
                 shared = shared or (theirs.start < active.stop and active.start < theirs.stop)
-        for cluster in active:
-            shared = shared or await self._refs.get(cluster) != 1
+        try:
+            for cluster in active:
+                shared = shared or await self._refs.get(cluster) != 1
+        except CorruptMetadata as err:
+            # QEMU opens it and marks it corrupt at the first allocation; no
+            # write is made here, the open is refused before any
+            raise ImageError(f"qcow2: {err}; cannot be opened read/write") from err
         if shared:
             raise ImageError(
                 "qcow2: the active L1 table is shared with an internal snapshot; "
