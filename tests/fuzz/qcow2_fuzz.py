@@ -23,8 +23,8 @@ leaving a node behind, serving different bytes where both served, writing
 to the mutant other than the header's feature bits (the corrupt bit QEMU
 sets when a read-write node meets corruption, the autoclear bits a
 read-write open clears; a refused open may change nothing; a dirty mutant
-gets its refcounts rebuilt, which may write anywhere but must leave an image
-``qemu-img check`` finds no corruption in), or a base that
+gets its refcounts rebuilt, which may write anywhere but must not leave
+``qemu-img check`` finding more corruptions or errors than before), or a base that
 ``qemu-img check`` finds corrupt after the commit, or that differs from the
 mutant's data.
 """
@@ -420,10 +420,13 @@ class Runner:
         moved = changed_outside_allowed(data, mine.read_bytes())
         if moved and is_dirty(data):
             # a dirty image gets its refcounts rebuilt at a read-write open: that
-            # may write anywhere, but must leave an image qemu-img finds sound
-            problems = check_problems(mine)
-            if problems:
-                t.failures.append(f"the refcount rebuild left the mutant unsound: {problems}")
+            # may write anywhere, but must not leave qemu-img finding more wrong
+            # with the image than before (a mutant's bad entries stay bad)
+            original = self.work / "orig.qcow2"
+            original.write_bytes(data)
+            was, now = check_problems(original), check_problems(mine)
+            if any(n > was.get(k, 0) for k, n in now.items()):
+                t.failures.append(f"the refcount rebuild made it worse: {was} -> {now}")
             else:
                 t.detail += " (dirty: refcounts rebuilt)"
         elif moved:
