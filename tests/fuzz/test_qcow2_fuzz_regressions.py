@@ -49,6 +49,10 @@ CASES: dict[str, tuple[str, list[tuple[int, str, int]], str, str]] = {
     # seed 880001, mutant 3896).  The read-write open is refused, nothing written
     "unaligned refcount block in an image with a snapshot": (
         "snapshot.qcow2", [(0x1000, ">Q", 0x2800)], "equal", "rw-refused"),
+    # the same with a refcount block far past 2^63: reading it overflowed the
+    # host's offset type (internal error; seed 880003, mutant 6933)
+    "refcount block past the largest offset in an image with a snapshot": (
+        "snapshot.qcow2", [(0x1000, ">Q", 0xA573B038BDE25100)], "equal", "rw-refused"),
     # a dirty image with an L2 entry of all ones (a compressed cluster past the
     # end of the file, COPIED set): the rebuild counts what it can and leaves
     # the bad entry as qemu-img found it, no worse (seed 880001, mutant 1056)

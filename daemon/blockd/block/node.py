@@ -51,6 +51,9 @@ class HostExtents:
 
 
 #: A write a job will make, as :meth:`BlockNode.forecast_writes` takes them:
+#: Where every request must end (as QEMU, whose offsets are int64_t).
+MAX_REQUEST_END = (1 << 63) - 1
+
 #: (offset, length, whether it is a zero write).
 PlannedWrite = tuple[int, int, bool]
 
@@ -250,6 +253,11 @@ class BlockNode:
         self._check_open()
         if offset < 0 or length < 0:
             raise BlockIOError(errno.EINVAL)
+        if offset + length > MAX_REQUEST_END:
+            # a corrupt table may point there; the host's offsets end at 2^63
+            raise BlockIOError(
+                errno.EIO, f"Request {offset}+{length} is beyond the largest offset"
+            )
         if not self.growable and offset + length > self.size:
             # QEMU fails requests past the end of a non-growable node with EIO.
             raise BlockIOError(
