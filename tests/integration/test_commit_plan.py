@@ -101,6 +101,8 @@ def test_selection_refused_as_block_commit_refuses_it(
             plan = qmp.execute("__org.blockd_commit-plan", selection)
             commit = qmp.execute("block-commit", {"job-id": "j", **selection})
             assert "error" in plan and plan == commit, (selection, plan, commit)
+        # the plans wrote nothing (a job is about to write into base)
+        assert {p: digest(p) for p in small_chain.glob("*.qcow2")} == files
         # nodes a running job holds are refused too, in block-commit's words
         started = {"job-id": "j", "device": "top", "top-node": "mid", "speed": 1}
         assert qmp.execute("block-commit", started) == {"return": {}}
@@ -116,7 +118,9 @@ def test_selection_refused_as_block_commit_refuses_it(
         assert bad["error"]["desc"] == "Parameter 'device' is missing"
         assert qmp.execute("query-block-jobs") == {"return": []}
     blockd.stop()
-    assert {p: digest(p) for p in small_chain.glob("*.qcow2")} == files
+    # the cancelled job may have copied into base before it stopped, nothing else
+    for name in ("mid.qcow2", "top.qcow2"):
+        assert digest(small_chain / name) == files[small_chain / name]
 
 
 def test_plan_of_an_active_commit_and_of_a_deeper_chain(
