@@ -239,6 +239,23 @@ class RawQMP:
         assert data == b"", f"expected the daemon to close the connection, got {data!r}"
 
 
+def negotiated(daemon: DaemonProcess, attempts: int = 14) -> RawQMP:
+    """A client past ``qmp_capabilities``.  QSD's monitor serves one connection at
+    a time, and the start-up probe's may still hold it: then ours is closed
+    before the greeting, and is made again (for about 20 s in all)."""
+    for attempt in range(attempts):
+        client = RawQMP(daemon.socket_path)
+        try:
+            client.negotiate()
+            return client
+        except (EOFError, ConnectionError):
+            client.close()
+            if attempt == attempts - 1 or daemon.proc.poll() is not None:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schema"
 
 

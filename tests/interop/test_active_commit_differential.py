@@ -41,7 +41,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import require_tool
-from tests.helpers import TIMEOUT, DaemonProcess, RawQMP, start_blockd, start_qsd
+from tests.helpers import TIMEOUT, DaemonProcess, RawQMP, negotiated, start_blockd, start_qsd
 from tests.images import backing_of, chain, check, nbd_io, qemu_img, qemu_io
 
 pytestmark = pytest.mark.qsd
@@ -362,8 +362,7 @@ def converse(
             want = expected[index] if index < len(expected) else None
             assert entry == want, f"step {index} {step}\n got:  {entry}\n want: {want}"
 
-    with RawQMP(daemon.socket_path) as client:
-        client.negotiate()
+    with negotiated(daemon) as client:
         for step in [*steps, Qmp("quit")]:
             if isinstance(step, Settle):
                 settle(client, step.length, step.started)
