@@ -105,6 +105,13 @@ NAMES = [
 
 
 def _replies(daemon: DaemonProcess, before: list[bytes], after: list[bytes]) -> list[bytes]:
+    try:
+        return _conversation(daemon, before, after)
+    finally:
+        daemon.stop()
+
+
+def _conversation(daemon: DaemonProcess, before: list[bytes], after: list[bytes]) -> list[bytes]:
     conn = Line.connect(daemon.socket_path)
     conn.read_line()
     seen = []
@@ -134,6 +141,13 @@ def test_same_replies_as_qsd(
 def test_inline_chain_too_deep_to_validate(sock_dir: Path, tmp_path: Path) -> None:
     """A deliberate difference (README): past ~80 inline levels blockd refuses."""
     daemon = start("blockd", sock_dir, make_images(tmp_path))
+    try:
+        _too_deep(daemon)
+    finally:
+        daemon.stop()
+
+
+def _too_deep(daemon: DaemonProcess) -> None:
     conn = open_session(daemon.socket_path, negotiate=True)
     conn.send(
         _add(
@@ -148,4 +162,3 @@ def test_inline_chain_too_deep_to_validate(sock_dir: Path, tmp_path: Path) -> No
     conn.send(b'{"execute": "query-named-block-nodes", "id": 2}')
     assert conn.read_line() == b'{"return": [], "id": 2}'
     conn.close()
-    daemon.stop()
