@@ -468,6 +468,8 @@ class JobTrack:
     was_ready: bool = False
     errors: bool = False
     completed_ok: bool = False
+    #: an active commit's pivot, once taken into account by restored_read_only
+    pivot_seen: bool = False
 
     def fold(self, event: dict[str, Any]) -> None:
         data = event.get("data", {})
@@ -1045,11 +1047,20 @@ def allowed_divergence(
 
 def restored_read_only(side: Side, read_only_at_add: dict[str, bool]) -> set[str]:
     """A2. Nodes whose ``ro`` may differ: the base of an active commit that ended
-    without the pivot, opened read-only (QSD 7.2 leaves it read-write; blockd puts
-    it back, README "Merging the active layer"), and the file nodes under it."""
+    without the pivot, read-only when the job started (QSD 7.2 leaves it
+    read-write; blockd puts it back, README "Merging the active layer"), and
+    the file nodes under it.  Read-only as the client made it: at blockdev-add,
+    or by an earlier active commit's pivot, which gives base top's mode."""
     out: set[str] = set()
     for job in side.jobs.values():
         base = job.base
+        if job.kind == "active" and base and job.completed_ok and job.completing:
+            # The pivot gave base top's open mode (in both daemons): the mode
+            # a later job of the same base starts from (seed 7000170).
+            if not job.pivot_seen and job.top in read_only_at_add:
+                read_only_at_add[base] = read_only_at_add[job.top]
+            job.pivot_seen = True
+            continue
         if job.kind != "active" or base is None or not read_only_at_add.get(base, False):
             continue
         if job.status in ("concluded", "null") and not (job.completed_ok and job.completing):
