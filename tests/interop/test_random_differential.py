@@ -90,7 +90,7 @@ REGRESSION_SEEDS: tuple[int, ...] = (
     900244,  # an exported image below a commit's top: QSD's permission conflict
     1000138,  # blockdev-del of an active commit's top exported during the job: in use
     1000337,  # a snapshot image beside the chain on a commit's top (was refused, A4)
-    7000170,  # a base made read-only by a pivot, then cancelled in a second active commit: A2
+    7000170,  # a base made read-only by a pivot, then a second active commit of it cancelled: A2
 )
 
 
