@@ -74,6 +74,8 @@ class Qcow2Request:
     data_file: object | None = None
     data_file_raw: bool | None = None
     encrypt: object | None = None
+    #: why ``data_file`` names no node (QEMU looks it up among the checks)
+    data_file_missing: str | None = None
 
 
 def validate_qcow2(r: Qcow2Request) -> Qcow2CreateOptions:
@@ -120,6 +122,8 @@ def validate_qcow2(r: Qcow2Request) -> Qcow2CreateOptions:
     if r.data_file is not None and version < 3:
         raise CreateError("External data files are only supported with compatibility level "
                           "1.1 and above (use version=v3 or greater)", errno.EINVAL)
+    if r.data_file_missing is not None:
+        raise CreateError(r.data_file_missing, errno.ENOENT)
     zstd = r.compression_type not in (None, "zlib")
     if zstd and version < 3:
         raise CreateError("Non-zlib compression type is only supported with compatibility "

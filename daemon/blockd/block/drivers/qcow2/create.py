@@ -416,12 +416,15 @@ class _Model:
         if backing:
             h.backing_file = o.backing_file
         try:
-            raw = hdr.serialize(h)
+            raw = bytearray(hdr.serialize(h))
+            if backing and o.backing_file == "":
+                # QEMU records an empty name: its offset, and a length of 0
+                struct.pack_into(">QI", raw, 8, len(raw), 0)
         except ImageError as exc:
             raise CreateError(
                 f"Could not assign backing file '{o.backing_file}' with format "
                 f"'{o.backing_fmt or '(null)'}': No space left on device", 28) from exc
-        return raw + bytes(cs - len(raw))
+        return bytes(raw) + bytes(cs - len(raw))
 
 
 def plan_image(o: Qcow2CreateOptions, file_length: int = 0) -> Plan:
@@ -439,6 +442,8 @@ def plan_image(o: Qcow2CreateOptions, file_length: int = 0) -> Plan:
     # opened as an image: header, table and block count themselves
     m.alloc(3)
     try:
+        if not 0 <= o.size < 1 << 63:
+            raise CreateError("Image size cannot be negative", 22)
         m.grow_l1(-(-o.size // (cs * m.l2_entries)))
         if o.preallocation == "metadata":
             m.preallocate_metadata(o.size)
