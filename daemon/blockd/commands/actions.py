@@ -7,10 +7,15 @@ here too, so it behaves exactly as the same action inside a ``transaction``.
 As in QEMU: each action is prepared in order, each seeing what those before
 it changed; the first failure aborts the prepared ones, newest first, and the
 command fails with that error; once all are prepared, all commit (committing
-cannot fail).  Every export stays held (new requests wait, those in flight
-are finished first) from before the first prepare until after the last
-commit or abort, so no client ever sees a graph that is half changed, and
-no client is disconnected.
+cannot fail).  Between the two, blockd adds one step: each action records
+its change in the images (``record``: a snapshot's header write), so that a
+transaction refused by any check has written nothing at all; a failed write
+there aborts every action like a failed prepare.
+
+Every export stays held (new requests wait, those in flight are finished
+first) from before the first prepare until after the last commit or abort,
+so no client ever sees a graph that is half changed, and no client is
+disconnected.
 """
 
 from __future__ import annotations
@@ -31,7 +36,11 @@ class Action(Protocol):
     """One action of a transaction."""
 
     async def prepare(self) -> None:
-        """Check and do everything that may fail; undone by :meth:`abort`."""
+        """Check, and change the graph; undone by :meth:`abort`."""
+
+    async def record(self) -> None:
+        """Write what the images must say, once every action is prepared;
+        may fail (I/O), and is then undone by :meth:`abort` too."""
 
     async def commit(self) -> None:
         """Finish off once every action is prepared; must not fail."""
@@ -51,6 +60,8 @@ async def run_actions(ctx: CommandContext, actions: Sequence[Action]) -> None:
                 for action in actions:
                     prepared.append(action)
                     await action.prepare()
+                for action in prepared:
+                    await action.record()
             except BaseException:
                 with trio.CancelScope(shield=True):
                     for action in reversed(prepared):

@@ -97,8 +97,15 @@ class SnapshotAction:
         self._appended = link_overlay(graph, node, overlay)
         await self.ctx.exports.retarget(node, overlay)
         self._moved = True
-        await name_backing(self._appended)
-        log.info("%s: %s is now an overlay of %s", self.kind, overlay.node_name, node.node_name)
+
+    async def record(self) -> None:
+        appended = self._appended
+        assert appended is not None
+        await name_backing(appended)
+        log.info(
+            "%s: %s is now an overlay of %s",
+            self.kind, appended.overlay.node_name, appended.node.node_name,
+        )  # fmt: skip
 
     async def commit(self) -> None:
         appended = self._appended

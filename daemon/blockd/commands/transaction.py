@@ -23,6 +23,9 @@ class AbortAction:
     async def prepare(self) -> None:
         raise BlockdError("Transaction aborted using Abort action")
 
+    async def record(self) -> None:
+        raise AssertionError("an abort action is never prepared")
+
     async def commit(self) -> None:
         raise AssertionError("an abort action is never prepared")
 
