@@ -90,6 +90,7 @@ class Guest:
             stderr=subprocess.PIPE,
         )
         self.writes: list[tuple[int, float, float]] = []
+        self.stderr_text = ""
         #: (sent, acknowledged) of the guest's flushes
         self.flushes: list[tuple[float, float]] = []
 
@@ -119,12 +120,24 @@ class Guest:
     def finish(self) -> None:
         """Stop the writer; it must end cleanly (never disconnected)."""
         self.stop_file.touch()
-        out, err = self.proc.communicate(timeout=60)
-        assert self.proc.returncode == 0, err.decode()
-        lines = out.decode().splitlines()
-        assert lines[-1] == "done", err.decode()
-        for line in lines[:-1]:
-            self._parse(line)
+        assert self.read_rest() == 0, self.stderr_text
+        assert self.writes
+
+    def read_rest(self) -> int:
+        """Log what is left until the writer exits; its exit status.  Read through
+        the same buffered pipe as :meth:`wait_for` (``communicate`` would skip
+        what that buffer holds already)."""
+        assert self.proc.stdout is not None
+        assert self.proc.stderr is not None
+        lines = self.proc.stdout.read().decode().splitlines()
+        self.stderr_text = self.proc.stderr.read().decode()
+        status = self.proc.wait(60)
+        if status == 0:
+            assert lines[-1] == "done", self.stderr_text
+        for line in lines:
+            if line != "done":
+                self._parse(line)
+        return status
 
     def stderr(self) -> str:
         self.proc.kill()
@@ -253,11 +266,8 @@ def test_sigkill_during_snapshot_keeps_the_guest_view(
     os.kill(s.daemon.proc.pid, signal.SIGKILL)
     s.daemon.proc.wait(10)
     s.qmp.close()
-    out, _err = guest.proc.communicate(timeout=60)
     killed = time.monotonic()
-    for line in out.decode().splitlines():
-        if line != "done":
-            guest._parse(line)
+    guest.read_rest()  # disconnected: it fails
     check_consistent(d / "base.qcow2")
     check_consistent(d / "ov.qcow2")
     info = json.loads(qemu_img("info", "--output=json", str(d / "ov.qcow2")))
