@@ -75,6 +75,10 @@ class Side:
         assert result.returncode == 0 and "failed" not in result.stdout, result
         return result.stdout
 
+    def image_bytes(self, image: str) -> bytes:
+        """The file's bytes, this side's directory (in the backing name) as D."""
+        return (self.dir / image).read_bytes().replace(str(self.dir).encode(), b"D")
+
     def info(self, image: str) -> dict[str, Any]:
         out = qemu_img("info", "-U", "--output=json", str(self.dir / image))
         info: dict[str, Any] = _swap(json.loads(out), str(self.dir), "D")
@@ -129,7 +133,8 @@ def pair(tmp_path: Path, sock_dir: Path) -> Iterator[Pair]:
     started: list[DaemonProcess] = []
     try:
         for name in ("qsd", "blockd"):
-            d = tmp_path / name
+            # directories of one length: the images' bytes can be compared
+            d = tmp_path / name[0]
             d.mkdir()
             sock = sock_dir / f"{name}.sock"
             daemon = start_qsd(sock) if name == "qsd" else start_blockd(sock)
@@ -422,3 +427,145 @@ def test_other_action_types_are_unknown_to_blockd(pair: Pair, kind: str) -> None
         "class": "GenericError", "desc": f"Parameter 'type' does not accept value '{kind}'"
     }  # fmt: skip
     unchanged(pair, before)
+
+
+def sync(node: str, image: str, name: str, **extra: Any) -> dict[str, Any]:
+    return {"node-name": node, "snapshot-file": f"D/{image}", "snapshot-node-name": name,
+            **extra}  # fmt: skip
+
+
+def test_blockdev_snapshot_sync_errors(pair: Pair) -> None:
+    pair.images("base.qcow2", "used.qcow2")
+    pair.add("base", "base.qcow2")
+    pair.add("used", "used.qcow2")
+    for side in pair.sides:
+        (side.dir / "r.raw").write_bytes(bytes(MiB))
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"device": "base", "snapshot-file": "D/s.qcow2"},
+         "Cannot find device='base' nor node-name=''"),
+        ({"node-name": "nope", "snapshot-file": "D/s.qcow2", "snapshot-node-name": "s"},
+         "Cannot find device='' nor node-name='nope'"),
+        ({"node-name": "base", "snapshot-file": "D/s.qcow2"}, "New overlay node-name missing"),
+        (sync("base", "s.qcow2", "used"), "New overlay node-name already in use"),
+        (sync("base", "nodir/s.qcow2", "s"),
+         "Could not create 'D/nodir/s.qcow2': No such file or directory"),
+        (sync("base", "s.raw", "s", format="raw"),
+         "Backing file not supported for file format 'raw'"),
+        (sync("base", "s.raw", "s", format="file"),
+         "Backing file not supported for file format 'file'"),
+        (sync("base", "s.raw", "s", format="blkdebug"),
+         "Format driver 'blkdebug' does not support image creation"),
+        (sync("base", "s.qcow2", "s", format="nope"), "Unknown file format 'nope'"),
+        (sync("base", "base.qcow2", "s"),
+         "Error: Trying to create an image with the same filename as the backing file"),
+        (sync("base", "used.qcow2", "s"), 'Failed to get "write" lock'),
+        (sync("base", "none.qcow2", "s", mode="existing"),
+         "Could not open 'D/none.qcow2': No such file or directory"),
+        (sync("base", "r.raw", "s", mode="existing", format="raw"),
+         "The overlay does not support backing images"),
+        (sync("base", "s.qcow2", "s", mode="relative"),
+         "Parameter 'mode' does not accept value 'relative'"),
+        ({"node-name": "base"}, "Parameter 'snapshot-file' is missing"),
+    ]  # fmt: skip
+    for args, desc in cases:
+        assert pair.error("blockdev-snapshot-sync", args) == desc
+    for side in pair.sides:
+        assert not (side.dir / "s.qcow2").exists()
+        assert not (side.dir / "s.raw").exists()
+    nodes = [side.nodes() for side in pair.sides]
+    assert nodes[0] == nodes[1]
+    assert all(not ro for _, _, ro, _ in nodes[1])
+    # a bad node name is found once the file is made: QSD leaves the file,
+    # blockd takes it back (README)
+    for name, desc in (("#x", "Invalid node-name: '#x'"), ("x" * 40, "Node name too long")):
+        assert pair.error("blockdev-snapshot-sync", sync("base", "s.qcow2", name)) == desc
+        assert (pair.sides[0].dir / "s.qcow2").exists()
+        assert not (pair.sides[1].dir / "s.qcow2").exists()
+
+
+def test_snapshot_sync_of_an_exported_disk(pair: Pair) -> None:
+    """The overlay is created (the same bytes as QSD's), put on top, serves the
+    export, and goes away with the export (nobody owns it), as in QSD."""
+    pair.images("base.qcow2")
+    for side in pair.sides:
+        qemu_io(side.dir / "base.qcow2", "write -P 0x11 0 8M")
+    pair.add("base", "base.qcow2")
+    pair.export("base", "disk")
+    pair.ok("blockdev-snapshot-sync", sync("base", "s1.qcow2", "s1"))
+    qsd, blockd = pair.sides
+    assert qsd.image_bytes("s1.qcow2") == blockd.image_bytes("s1.qcow2")
+    for side in pair.sides:
+        side.io("disk", "write -P 0x22 1M 1M", "read -P 0x11 0 1M", "read -P 0x11 2M 6M")
+    assert [s.exports() for s in pair.sides] == [[("disk", "s1")]] * 2
+    # on top of that one, in a transaction
+    pair.ok("transaction", {"actions": [
+        {"type": "blockdev-snapshot-sync", "data": sync("s1", "s2.qcow2", "s2")}]})
+    for side in pair.sides:
+        side.io("disk", "write -P 0x33 3M 1M", "read -P 0x22 1M 1M")
+    nodes = [side.nodes() for side in pair.sides]
+    assert nodes[0] == nodes[1]
+    assert ("s1", "qcow2", True, "D/base.qcow2") in nodes[1]
+    assert pair.error("blockdev-del", {"node-name": "s2"}) == "Node s2 is in use"
+    assert pair.error("blockdev-del", {"node-name": "s1"}) == (
+        "Node 's1' is busy: node is used as backing hd of 's2'"
+    )
+    pair.ok("block-export-del", {"id": "disk", "mode": "hard"})
+    for side in pair.sides:
+        side.qmp.wait_event("BLOCK_EXPORT_DELETED", id="disk")
+    # the overlays went with their last user
+    assert [side.nodes() for side in pair.sides] == [[("base", "qcow2", True, "")]] * 2
+    assert pair.sides[0].events() == pair.sides[1].events()
+    for side in pair.sides:
+        side.qmp.close()
+        side.daemon.stop()
+    for image in ("base.qcow2", "s1.qcow2", "s2.qcow2"):
+        check(blockd.dir / image)
+        assert qsd.info(image) == blockd.info(image)
+        pair.compare(image)
+
+
+def test_snapshot_sync_of_a_node_nobody_uses(pair: Pair) -> None:
+    """Nothing uses the node: the new overlay has no user and is closed at
+    once (QSD drops its last reference); the image stays, the node frozen."""
+    pair.images("base.qcow2", "ro.qcow2")
+    pair.add("base", "base.qcow2")
+    pair.add("ro", "ro.qcow2", **{"read-only": True})
+    pair.ok("blockdev-snapshot-sync", sync("base", "s.qcow2", "s"))
+    pair.ok("blockdev-snapshot-sync", sync("ro", "t.qcow2", "t"))
+    assert [side.nodes() for side in pair.sides] == [
+        [("base", "qcow2", True, ""), ("ro", "qcow2", True, "")]] * 2
+    # mode existing: the image made just before serves again
+    pair.ok("blockdev-snapshot-sync", sync("base", "s.qcow2", "s", mode="existing"))
+    qsd, blockd = pair.sides
+    for image in ("s.qcow2", "t.qcow2"):
+        assert qsd.info(image) == blockd.info(image)
+        check(blockd.dir / image)
+    assert pair.sides[0].events() == pair.sides[1].events() == []
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_failed_transaction_with_snapshot_sync(pair: Pair, existed: bool) -> None:
+    """Everything is undone; QSD leaves the image it created (and an empty
+    file it found is a qcow2 image from then on), blockd takes it back."""
+    before = two_disks(pair)
+    if existed:
+        for side in pair.sides:
+            (side.dir / "new.qcow2").write_bytes(b"")
+    actions = [
+        {"type": "blockdev-snapshot-sync", "data": sync("b", "new.qcow2", "new")},
+        snap("a", "a1"),
+        {"type": "abort", "data": {}},
+    ]
+    assert pair.error("transaction", {"actions": actions}) == (
+        "Transaction aborted using Abort action"
+    )
+    unchanged(pair, before)
+    qsd, blockd = pair.sides
+    assert "backing-filename" in qsd.info("new.qcow2")
+    if existed:
+        assert (blockd.dir / "new.qcow2").read_bytes() == b""
+    else:
+        assert not (blockd.dir / "new.qcow2").exists()
+    pair.ok("transaction", {"actions": actions[:2]})
+    assert [side.exports() for side in pair.sides] == [[("a", "a1"), ("b", "new")]] * 2
+    assert qsd.image_bytes("new.qcow2") == blockd.image_bytes("new.qcow2")

@@ -18,8 +18,11 @@ that way) is left as it is, as in QEMU.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
+from blockd.block import workers
+from blockd.block.create import create_qcow2_image
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
 from blockd.block.permissions import CONSISTENT_READ
@@ -130,3 +133,66 @@ async def _record_backing(
             except BlockError as err:
                 # its header is written and flushed: staying writable loses nothing
                 log.warning("%s stays read-write: %s", overlay.node_name, err)
+
+
+@dataclass
+class NewImage:
+    """An overlay image made by ``blockdev-snapshot-sync``, and how to take it back.
+
+    QEMU leaves the file behind when the transaction fails; blockd takes back
+    what it can: a file it created is removed, one that was empty is emptied
+    again.  One that held data was overwritten, as in QEMU (``mode`` is
+    ``absolute-paths``: the client asked for a new image there).
+    """
+
+    path: str
+    existed: bool
+    was_empty: bool
+
+    async def remove(self) -> None:
+        def undo() -> None:
+            if not self.existed:
+                os.unlink(self.path)
+            elif self.was_empty:
+                os.truncate(self.path, 0)
+
+        try:
+            await workers.run(undo)
+        except OSError as err:
+            log.warning("could not take back the new image %s: %s", self.path, err)
+
+
+async def create_overlay_image(path: str, fmt: str, node: BlockNode) -> NewImage:
+    """Create ``path`` as a new overlay of ``node``: ``fmt`` (qcow2: what
+    ``qemu-img create -b <node's file> -F <node's format>`` makes), the node's
+    size; QEMU's checks and words."""
+    if fmt in ("raw", "file"):
+        raise BlockError(f"Backing file not supported for file format '{fmt}'")
+    if fmt == "blkdebug":
+        raise BlockError("Format driver 'blkdebug' does not support image creation")
+    if fmt != "qcow2":
+        # QEMU knows more formats; blockd makes and reads only these
+        raise BlockError(f"Unknown file format '{fmt}'")
+    backing = node.filename
+    if path == backing:
+        raise BlockError(
+            "Error: Trying to create an image with the same filename as the backing file"
+        )
+
+    def look() -> tuple[bool, bool]:
+        try:
+            return True, os.stat(path).st_size == 0
+        except OSError:
+            return False, False
+
+    existed, was_empty = await workers.run(look)
+    size = -(-node.size // 512) * 512  # QEMU counts lengths in whole sectors
+    made = NewImage(path, existed, was_empty)
+    try:
+        await create_qcow2_image(path, size, backing_file=backing, backing_fmt=node.driver)
+    except BlockError:
+        if not existed and await workers.run(lambda: os.path.exists(path)):
+            await made.remove()
+        raise
+    log.info("created %s (%s) over %s (%s)", path, fmt, backing, node.driver)
+    return made

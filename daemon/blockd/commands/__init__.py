@@ -43,6 +43,7 @@ HANDLERS: Mapping[str, Handler] = {
     "block-export-del": export.block_export_del,
     "query-block-exports": export.query_block_exports,
     "blockdev-snapshot": snapshot.blockdev_snapshot,
+    "blockdev-snapshot-sync": snapshot.blockdev_snapshot_sync,
     "transaction": transaction.transaction,
     # downstream extensions (QAPI's __RFQDN_ prefix)
     "__org.blockd_commit-plan": plan.commit_plan,

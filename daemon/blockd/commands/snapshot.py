@@ -20,9 +20,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from blockd.block.node import BlockNode
+from blockd.block.open import open_node
 from blockd.block.snapshot import (
     Appended,
+    NewImage,
     check_overlay,
+    create_overlay_image,
     detach_overlay,
     link_overlay,
     name_backing,
@@ -32,6 +35,10 @@ from blockd.commands.context import CommandContext
 from blockd.errors import BlockdError, BlockError, BlockIOError
 
 log = logging.getLogger(__name__)
+
+#: The formats an existing overlay is opened in (raw and file only to be
+#: refused later, as QEMU refuses them, for having no backing).
+_OPENABLE = ("qcow2", "raw", "file")
 
 
 def _not_found(device: str | None, node_name: str | None) -> BlockdError:
@@ -50,6 +57,9 @@ class SnapshotAction:
         self.grouped = grouped
         self._appended: Appended | None = None
         self._moved = False
+        #: blockdev-snapshot-sync: the image file made, and the node opened
+        self._created: NewImage | None = None
+        self._opened: BlockNode | None = None
 
     def __repr__(self) -> str:
         return f"<{self.kind} {dict(self.data)!r}>"
@@ -70,11 +80,43 @@ class SnapshotAction:
         return node
 
     async def _find_overlay(self, node: BlockNode) -> BlockNode:
-        name = self.data["overlay"]
-        overlay = self.ctx.graph.get(name)
-        if overlay is None:
-            raise _not_found(name, name)
-        return overlay
+        if self.kind == "blockdev-snapshot":
+            name = self.data["overlay"]
+            overlay = self.ctx.graph.get(name)
+            if overlay is None:
+                raise _not_found(name, name)
+            return overlay
+        return await self._open_new(node)
+
+    async def _open_new(self, node: BlockNode) -> BlockNode:
+        """``blockdev-snapshot-sync``: create the image (unless mode existing), open it."""
+        data, graph = self.data, self.ctx.graph
+        name = data.get("snapshot-node-name")
+        if data.get("node-name") is not None and name is None:
+            raise BlockError("New overlay node-name missing")
+        if name is not None and name in graph:
+            raise BlockError("New overlay node-name already in use")
+        fmt = data.get("format", "qcow2")
+        path = data["snapshot-file"]
+        if data.get("mode", "absolute-paths") != "existing":
+            self._created = await create_overlay_image(path, fmt, node)
+        elif fmt not in _OPENABLE:
+            raise BlockError(f"Unknown file format '{fmt}'")
+        # QEMU opens it with the node's flags: its open mode and discard policy
+        options: dict[str, Any] = {
+            "driver": fmt,
+            "node-name": name,
+            "read-only": node.read_only,
+            "discard": "unmap" if node.unmap else "ignore",
+        }
+        if fmt == "file":
+            options["filename"] = path
+        else:
+            options["file"] = {"driver": "file", "filename": path}
+            if fmt == "qcow2":
+                options["backing"] = None
+        self._opened = await open_node(graph, options)
+        return self._opened
 
     async def prepare(self) -> None:
         graph = self.ctx.graph
@@ -122,15 +164,27 @@ class SnapshotAction:
 
     async def abort(self) -> None:
         appended, self._appended = self._appended, None
-        if appended is None:
-            return
-        if self._moved:
-            self._moved = False
-            await self.ctx.exports.retarget(appended.overlay, appended.node)
-        await detach_overlay(self.ctx.graph, appended)
+        if appended is not None:
+            if self._moved:
+                self._moved = False
+                await self.ctx.exports.retarget(appended.overlay, appended.node)
+            await detach_overlay(self.ctx.graph, appended)
+        opened, self._opened = self._opened, None
+        if opened is not None:
+            await self.ctx.graph.close_node(opened)
+        created, self._created = self._created, None
+        if created is not None:
+            await created.remove()
 
     async def clean(self) -> None:
-        return None
+        if self._opened is not None:
+            # nobody owns it: it lives as long as something uses it, as in QEMU
+            await self.ctx.graph.release(self._opened)
+
+
+async def blockdev_snapshot_sync(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str, Any]:
+    await run_actions(ctx, [SnapshotAction(ctx, "blockdev-snapshot-sync", args, grouped=False)])
+    return {}
 
 
 async def blockdev_snapshot(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str, Any]:
