@@ -294,3 +294,59 @@ def test_sigkill_during_snapshot_keeps_the_guest_view(
             assert got in (slot_data(slot), bytes(SLOT)), slot
         else:  # never sent, or no reply came
             assert got in (slot_data(slot), bytes(SLOT)), slot
+
+
+def test_a_failed_header_write_undoes_the_whole_transaction(
+    tmp_path: Path, sock_dir: Path
+) -> None:
+    """Two disks in one transaction; the second overlay's header write fails
+    (blkdebug): the first overlay's header, already written, is put back as it
+    was, byte for byte, and both exports stay where they were."""
+    d = tmp_path
+    for name in ("a", "b", "a1", "b1"):
+        create(d / f"{name}.qcow2", "64M")
+    qemu_io(d / "a.qcow2", "write -P 0x11 0 1M")
+    before = {name: (d / f"{name}.qcow2").read_bytes() for name in ("a", "b", "a1", "b1")}
+    daemon = start_blockd(sock_dir / "qmp.sock")
+    qmp = RawQMP(sock_dir / "qmp.sock")
+    qmp.negotiate()
+    try:
+        for name in ("a", "b", "a1", "b1"):
+            file: dict[str, Any] = {"driver": "file", "filename": str(d / f"{name}.qcow2")}
+            if name == "b1":
+                rule = {"event": "pwritev", "errno": 5}
+                file = {"driver": "blkdebug", "image": file, "inject-error": [rule]}
+            args = {"driver": "qcow2", "node-name": name, "file": file}
+            if name.endswith("1"):
+                args["backing"] = None
+            assert qmp.execute("blockdev-add", args) == {"return": {}}
+        addr = {"type": "unix", "data": {"path": str(sock_dir / "nbd.sock")}}
+        assert qmp.execute("nbd-server-start", {"addr": addr}) == {"return": {}}
+        for disk in "ab":
+            export = {"type": "nbd", "id": disk, "node-name": disk, "writable": True}
+            assert qmp.execute("block-export-add", export) == {"return": {}}
+        actions = [{"type": "blockdev-snapshot", "data": {"node": disk, "overlay": f"{disk}1"}}
+                   for disk in "ab"]  # fmt: skip
+        reply = qmp.execute("transaction", {"actions": actions})
+        assert reply["error"]["class"] == "GenericError"
+        assert "Input/output error" in reply["error"]["desc"], reply
+        exports = sorted((e["id"], e["node-name"])
+                         for e in qmp.execute("query-block-exports")["return"])  # fmt: skip
+        assert exports == [("a", "a"), ("b", "b")]
+        nodes = qmp.execute("query-named-block-nodes", {"flat": True})["return"]
+        named = {n["node-name"]: n for n in nodes if not n["node-name"].startswith("#")}
+        assert all(not n["ro"] and "backing_file" not in n for n in named.values())
+        uri = f"nbd+unix:///a?socket={sock_dir / 'nbd.sock'}"
+        subprocess.run(["qemu-io", "-f", "raw", "-c", "read -P 0x11 0 1M", uri], check=True,
+                       capture_output=True)  # fmt: skip
+        assert qmp.execute("block-export-del", {"id": "a", "mode": "hard"}) == {"return": {}}
+        assert qmp.execute("block-export-del", {"id": "b", "mode": "hard"}) == {"return": {}}
+        qmp.wait_event("BLOCK_EXPORT_DELETED", id="b")
+    finally:
+        qmp.close()
+        daemon.stop()
+    assert "Traceback" not in daemon.stderr()
+    assert f"a1 names {d / 'a.qcow2'}" in daemon.stderr()  # written, then taken back
+    for name in ("a", "b", "a1", "b1"):
+        assert (d / f"{name}.qcow2").read_bytes() == before[name], name
+        check(d / f"{name}.qcow2")
