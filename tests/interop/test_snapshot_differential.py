@@ -221,6 +221,16 @@ def test_a_running_job_holds_its_nodes(pair: Pair) -> None:
         assert pair.error("blockdev-snapshot", {"node": node, "overlay": "ov"}) == (
             f"Node '{node}' is busy: block device is in use by block job: commit"
         )
+    # the job only writes to base (as a mirror writes to its target): base may
+    # become an overlay (QEMU's allow-write-only-overlay)
+    pair.images("x.qcow2")
+    pair.add("x", "x.qcow2")
+    pair.ok("blockdev-snapshot", {"node": "x", "overlay": "base"})
+    nodes = [side.nodes() for side in pair.sides]
+    # (top's backing is named by a json: name in QSD: base's header names nothing)
+    assert [n[:3] for n in nodes[0]] == [n[:3] for n in nodes[1]]
+    assert ("base", "qcow2", False, "D/x.qcow2") in nodes[0]
+    assert ("base", "qcow2", False, "D/x.qcow2") in nodes[1]
     pair.ok("block-job-cancel", {"device": "j", "force": True})
 
 
