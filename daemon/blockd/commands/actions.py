@@ -15,7 +15,10 @@ there aborts every action like a failed prepare.
 Every export stays held (new requests wait, those in flight are finished
 first) from before the first prepare until after the last commit or abort,
 so no client ever sees a graph that is half changed, and no client is
-disconnected.
+disconnected.  Before that, each action may warm up (a snapshot flushes its
+node once while the guest still writes, so that the flush QEMU's steps make
+with the exports held has little left to do: the guest waits for a few
+milliseconds instead of a whole flush).
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ log = logging.getLogger(__name__)
 class Action(Protocol):
     """One action of a transaction."""
 
+    async def warm_up(self) -> None:
+        """Before the exports are held: work that shortens what is done while
+        they are (a flush), changing nothing a client could tell; never fails."""
+
     async def prepare(self) -> None:
         """Check, and change the graph; undone by :meth:`abort`."""
 
@@ -53,6 +60,8 @@ class Action(Protocol):
 
 
 async def run_actions(ctx: CommandContext, actions: Sequence[Action]) -> None:
+    for action in actions:
+        await action.warm_up()
     async with ctx.exports.quiesced():
         prepared: list[Action] = []
         try:

@@ -57,6 +57,7 @@ class SnapshotAction:
         self.grouped = grouped
         self._appended: Appended | None = None
         self._moved = False
+        self._flush_error: BlockIOError | None = None
         #: blockdev-snapshot-sync: the image file made, and the node opened
         self._created: NewImage | None = None
         self._opened: BlockNode | None = None
@@ -118,6 +119,19 @@ class SnapshotAction:
         self._opened = await open_node(graph, options)
         return self._opened
 
+    async def warm_up(self) -> None:
+        try:
+            node = self._find_node()
+        except BlockdError:
+            return  # prepare reports it
+        if not node.read_only:
+            try:
+                await node.flush()
+            except BlockIOError as err:
+                # reported where QEMU's one flush would fail (a second try
+                # could succeed where QEMU's failed)
+                self._flush_error = err
+
     async def prepare(self) -> None:
         graph = self.ctx.graph
         if self.grouped:
@@ -131,6 +145,8 @@ class SnapshotAction:
             raise BlockError(f"Node '{node.node_name}' is busy: {reason}")
         if not node.read_only:
             try:
+                if self._flush_error is not None:
+                    raise self._flush_error
                 await node.flush()
             except BlockIOError as err:
                 raise BlockIOError(err.errno, "An IO error has occurred") from err

@@ -20,6 +20,9 @@ from blockd.errors import BlockdError
 class AbortAction:
     """QEMU's ``abort`` action: fails the transaction when its turn comes."""
 
+    async def warm_up(self) -> None:
+        return None
+
     async def prepare(self) -> None:
         raise BlockdError("Transaction aborted using Abort action")
 
