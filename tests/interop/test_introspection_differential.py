@@ -66,7 +66,8 @@ def test_arguments_match_qemu(qsd: DaemonProcess, blockd: DaemonProcess) -> None
     for name in commands:
         assert name in theirs, f"{name} is not a qemu-storage-daemon 7.2 command"
         assert ours[name].get("features") == theirs[name].get("features"), name
-        if name != "blockdev-add":  # its driver list is smaller: see the next test
+        # their driver / action lists are smaller: see the tests of their variants
+        if name not in ("blockdev-add", "transaction"):
             assert shape(ours, ours[name]["arg-type"]) == shape(theirs, theirs[name]["arg-type"]), (
                 name
             )
@@ -96,6 +97,28 @@ def test_blockdev_add_variants_match_qemu(qsd: DaemonProcess, blockd: DaemonProc
     assert [m for m in base_ours[2] if m[0] != "driver"] == [
         m for m in base_theirs[2] if m[0] != "driver"
     ]
+
+
+def test_transaction_variants_match_qemu(qsd: DaemonProcess, blockd: DaemonProcess) -> None:
+    """The action types blockd has are QEMU's, each with QEMU's members."""
+    theirs, ours = fetch(qsd), fetch(blockd)
+
+    def action(schema: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        args = schema[schema["transaction"]["arg-type"]]
+        members = {m["name"]: m for m in args["members"]}
+        assert "default" not in members["actions"] and "default" in members["properties"]
+        return schema[schema[members["actions"]["type"]]["element-type"]]
+
+    mine, qemu = action(ours), action(theirs)
+    assert mine["tag"] == qemu["tag"] == "type"
+    kinds = {v["case"]: v["type"] for v in mine["variants"]}
+    assert set(kinds) == {"abort", "blockdev-snapshot", "blockdev-snapshot-sync"}
+    qemu_kinds = {v["case"]: v["type"] for v in qemu["variants"]}
+    for kind, name in kinds.items():
+        assert shape(ours, name, 3) == shape(theirs, qemu_kinds[kind], 3), kind
+    props = [shape(s, s[s["transaction"]["arg-type"]]["members"][1]["type"])
+             for s in (ours, theirs)]  # fmt: skip
+    assert props[0] == props[1]
 
 
 def test_introspection_is_self_consistent(blockd: DaemonProcess) -> None:

@@ -186,6 +186,7 @@ class BlkdebugNode(BlockNode):
     driver = "blkdebug"
     file_edge = "image"
     hears_debug_events = True
+    is_filter = True
 
     def __init__(
         self,

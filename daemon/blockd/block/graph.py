@@ -248,6 +248,28 @@ class BlockGraph:
                 self._roots.setdefault(new.node_name, []).append(entry)
                 return
 
+    def hand_over(self, old: BlockNode, new: BlockNode, keys: list[object]) -> None:
+        """Move the users ``keys`` (exports) from ``old`` to ``new`` at once; refused,
+        with nothing moved, when ``new`` and the nodes below it cannot take them
+        (QEMU's permission update when it replaces a node under its parents)."""
+        moved = [e for e in self._roots.get(old.node_name, []) if e[1] in keys]
+        if not moved:
+            return
+        for key in keys:
+            self._drop_user(old.node_name, key)
+        self._roots.setdefault(new.node_name, []).extend(moved)
+        try:
+            self._check_permissions(new)
+        except BlockError:
+            for key in keys:
+                self._drop_user(new.node_name, key)
+            self._roots.setdefault(old.node_name, []).extend(moved)
+            raise
+
+    def needs(self, node: BlockNode) -> int:
+        """What the users of ``node`` need of it together (QEMU's cumulative permissions)."""
+        return totals(self._uses(node, {}))[0]
+
     def claim_for_commit(
         self, job_id: str, top: BlockNode, base: BlockNode, *, active: bool
     ) -> None:

@@ -103,6 +103,11 @@ class BlockNode:
     #: The ``file`` edge as QEMU names it, and what the node needs of that child.
     file_edge: ClassVar[str] = "file"
     file_role: Role = Role.FILTERED
+    #: Whether the format can have a backing image (QEMU's ``supports_backing``):
+    #: only such a node can be made an external snapshot's overlay.
+    supports_backing: ClassVar[bool] = False
+    #: A filter passes its child's content through (QEMU refuses one as an overlay).
+    is_filter: ClassVar[bool] = False
 
     def __init__(
         self,

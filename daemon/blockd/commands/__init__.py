@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from blockd.commands import block, create, export, jobs, misc, plan
+from blockd.commands import block, create, export, jobs, misc, plan, snapshot, transaction
 from blockd.commands.context import CommandContext, Handler
 
 HANDLERS: Mapping[str, Handler] = {
@@ -43,6 +43,9 @@ HANDLERS: Mapping[str, Handler] = {
     "block-export-add": export.block_export_add,
     "block-export-del": export.block_export_del,
     "query-block-exports": export.query_block_exports,
+    "blockdev-snapshot": snapshot.blockdev_snapshot,
+    "blockdev-snapshot-sync": snapshot.blockdev_snapshot_sync,
+    "transaction": transaction.transaction,
     # downstream extensions (QAPI's __RFQDN_ prefix)
     "__org.blockd_commit-plan": plan.commit_plan,
 }

@@ -203,13 +203,51 @@ class ExportRegistry:
                 await export.drain()
             await _call(prepare)
             for export in exports:
-                export._node = new
                 self._graph.move_user(old, new, export.id)
-                self._graph.add_user(new)
-                await self._graph.remove_user(old)
+                await self._serve_from(export, new)
         finally:
             for export, gate in held:
                 export.release(gate)
+        return exports
+
+    async def _serve_from(self, export: Export, new: BlockNode) -> None:
+        """Point a held, drained export at ``new`` (its graph entry already moved)."""
+        old, export._node = export._node, new
+        self._graph.add_user(new)
+        await self._graph.remove_user(old)
+
+    @asynccontextmanager
+    async def quiesced(self) -> AsyncIterator[None]:
+        """Every export held (new requests wait) and drained while the body runs.
+
+        A ``transaction`` runs inside, as QEMU drains all I/O around one: its
+        actions may then move exports with :meth:`retarget`, and undo those
+        moves, without a client ever seeing a half-done graph.  Clients stay
+        connected; their requests continue, on whatever node their export
+        serves by then, once the body is done.
+        """
+        held: list[tuple[Export, trio.Event]] = []
+        try:
+            for export in list(self._exports.values()):
+                held.append((export, await export.hold()))
+            for export, _gate in held:
+                await export.drain()
+            yield
+        finally:
+            for export, gate in held:
+                export.release(gate)
+
+    async def retarget(self, old: BlockNode, new: BlockNode) -> list[Export]:
+        """Inside :meth:`quiesced`: every export of ``old`` serves ``new`` from now on.
+
+        Refused (BlockError, nothing moved) when ``new`` cannot give the
+        exports what they need of it, e.g. a writable export and a read-only
+        ``new``.  Returns the exports moved.
+        """
+        exports = self.exports_of(old)
+        self._graph.hand_over(old, new, [export.id for export in exports])
+        for export in exports:
+            await self._serve_from(export, new)
         return exports
 
     # -- changes ------------------------------------------------------------------------

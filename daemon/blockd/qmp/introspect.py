@@ -144,8 +144,11 @@ def build_schema(commands: Mapping[str, CommandSchema]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {
             "name": name, "arg-type": arguments, "ret-type": returns, "meta-type": "command"
         }  # fmt: skip
-        if command.schema.get("deprecated"):
-            entry["features"] = ["deprecated"]
+        features = (["deprecated"] if command.schema.get("deprecated") else []) + list(
+            command.schema.get("x-qapi-features", [])
+        )
+        if features:
+            entry["features"] = features
         entries.append(entry)
     for uri in sorted(u for u in registry if u.startswith(BASE_URI + "events/")):
         event = registry.contents(uri)

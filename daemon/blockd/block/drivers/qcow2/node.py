@@ -80,6 +80,7 @@ log = logging.getLogger(__name__)
 class Qcow2Node(BlockNode):
     driver = "qcow2"
     file_role = Role.STORAGE
+    supports_backing = True
 
     def __init__(
         self,
