@@ -329,9 +329,7 @@ def test_same_stream_conversation(tmp_path: Path, sock_dir: Path, name: str) -> 
 
 @pytest.mark.parametrize("policy", sorted(ON_ERROR))
 def test_stream_io_errors_alike(tmp_path: Path, sock_dir: Path, policy: str) -> None:
-    qsd, ours = run_both(
-        tmp_path, sock_dir, lambda d: chain_nodes(d, FAIL_MID2) + ON_ERROR[policy]
-    )
+    qsd, ours = run_both(tmp_path, sock_dir, lambda d: chain_nodes(d, FAIL_MID2) + ON_ERROR[policy])
     for want, got in zip(qsd, ours, strict=True):
         assert got == want
     # Only a stopped and resumed job copies all it should; the others leave

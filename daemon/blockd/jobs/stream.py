@@ -278,8 +278,8 @@ def plan_stream(
         raise BlockError("backing file specified, but streaming the entire chain")
     backing_string = None
     if base_bs is not None:
-        backing_string = backing_file if backing_file is not None else display_filename(
-            graph, base_bs
+        backing_string = (
+            backing_file if backing_file is not None else display_filename(graph, base_bs)
         )
     return StreamPlan(
         device=device_bs,
