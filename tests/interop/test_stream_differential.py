@@ -92,8 +92,30 @@ def errors(d: Path) -> list[Step]:
         ("block-stream", stream(**{"base-node": "mid", "speed": "fast"}), None),
         ("block-stream", stream(**{"base-node": "mid", "bogus": 1}), None),
         ("block-stream", {"job-id": "j", "base-node": "mid"}, None),
+        ("block-stream", {"device": "top", "base-node": "mid"}, None),
+        ("block-stream", {"job-id": "", "device": "top", "base-node": "mid"}, None),
         ("query-jobs", {}, None),
     ]
+
+
+def exported(d: Path) -> list[Step]:
+    addr = {"type": "unix", "data": {"path": str(d / "nbd.sock")}}
+    return [
+        ("nbd-server-start", {"addr": addr}, None),
+        ("block-export-add", {"type": "nbd", "id": "e0", "node-name": "top", "writable": True},
+         None),
+        ("block-export-add", {"type": "nbd", "id": "e1", "node-name": "mid2"}, None),
+        ("block-stream", stream(**{"base-node": "mid"}), DONE),
+        ("query-block-exports", {}, None),
+        ("block-export-del", {"id": "e1"}, ("BLOCK_EXPORT_DELETED", {"id": "e1"})),
+        ("blockdev-del", {"node-name": "mid2"}, None),
+        ("block-export-add", {"type": "nbd", "id": "e2", "node-name": "f-mid",
+                              "writable": True}, None),
+        ("block-export-add", {"type": "nbd", "id": "e2", "node-name": "base",
+                              "writable": True}, None),
+        ("block-stream", stream(**{"base-node": "base"}), DONE),
+        ("query-block-exports", {}, None),
+    ]  # fmt: skip
 
 
 def whole_chain(d: Path) -> list[Step]:
@@ -210,6 +232,7 @@ def manual_finalize(d: Path) -> list[Step]:
 
 CONVERSATIONS: dict[str, Callable[[Path], list[Step]]] = {
     "errors": errors,
+    "exported": exported,
     "whole chain": whole_chain,
     "base-node": to_base_node,
     "base by file name": to_base_by_file_name,
