@@ -376,13 +376,13 @@ async def test_copy_skips_what_a_write_put_there_first(tmp_path: Path, graph: Bl
         async def write() -> None:
             await top.write(640 * KiB, b"\x77" * 4096)
 
-        token = await top.gate.begin_write(0, 1)  # a write in flight elsewhere in the window
+        token = await top.range_gate.begin_write(0, 1)  # a write in flight elsewhere in the window
         nursery.start_soon(copy.window, 0, MiB)
         await trio.testing.wait_all_tasks_blocked()
         # the copy holds the window and waits for that write; a new write waits for the copy
         nursery.start_soon(write)
         await trio.testing.wait_all_tasks_blocked()
         assert (await top.block_status(640 * KiB, 4096))[0] is Status.UNALLOCATED
-        top.gate.end_write(token)
+        top.range_gate.end_write(token)
     assert await top.read(640 * KiB, 4096) == b"\x77" * 4096
     assert await top.read(644 * KiB, 4096) == b"\x31" * 4096

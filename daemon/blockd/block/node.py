@@ -134,7 +134,7 @@ class BlockNode:
         self._write_gen = 0
         self._flushed_gen = 0
         #: writes in flight and ranges a job holds exclusively (a stream's copy)
-        self.gate = RangeGate()
+        self.range_gate = RangeGate()
 
     def __repr__(self) -> str:
         mode = "ro" if self.read_only else "rw"
@@ -300,14 +300,14 @@ class BlockNode:
         self._check_writable()
         if not data:
             return
-        token = await self.gate.begin_write(offset, len(data))
+        token = await self.range_gate.begin_write(offset, len(data))
         try:
             if self.detect_zeroes != "off" and data.count(0) == len(data):
                 await self._do_write_zeroes(offset, len(data))
             else:
                 await self._do_write(offset, bytes(data))
         finally:
-            self.gate.end_write(token)
+            self.range_gate.end_write(token)
             self._written(offset, len(data))
 
     async def map_data(self, offset: int, length: int) -> HostExtents | None:
@@ -331,11 +331,11 @@ class BlockNode:
         self._check_writable()
         if length == 0:
             return True
-        token = await self.gate.begin_write(offset, length)
+        token = await self.range_gate.begin_write(offset, length)
         try:
             return await self._do_write_from_host(offset, length, src)
         finally:
-            self.gate.end_write(token)
+            self.range_gate.end_write(token)
             self._written(offset, length)
 
     async def write_many_from_host(self, writes: list[tuple[int, int, HostExtents]]) -> bool:
@@ -355,11 +355,11 @@ class BlockNode:
         if not writes:
             return True
         first, last = writes[0], writes[-1]
-        token = await self.gate.begin_write(first[0], last[0] + last[1] - first[0])
+        token = await self.range_gate.begin_write(first[0], last[0] + last[1] - first[0])
         try:
             return await self._do_write_many_from_host(writes)
         finally:
-            self.gate.end_write(token)
+            self.range_gate.end_write(token)
             for offset, length, _src in writes:
                 self._written(offset, length)
 
@@ -367,11 +367,11 @@ class BlockNode:
         self._check_request(offset, length)
         self._check_writable()
         if length:
-            token = await self.gate.begin_write(offset, length)
+            token = await self.range_gate.begin_write(offset, length)
             try:
                 await self._do_write_zeroes(offset, length)
             finally:
-                self.gate.end_write(token)
+                self.range_gate.end_write(token)
                 self._written(offset, length)
 
     async def discard(self, offset: int, length: int) -> None:
@@ -380,11 +380,11 @@ class BlockNode:
         self._check_request(offset, length)
         self._check_writable()
         if length and self.unmap:
-            token = await self.gate.begin_write(offset, length)
+            token = await self.range_gate.begin_write(offset, length)
             try:
                 await self._do_discard(offset, length)
             finally:
-                self.gate.end_write(token)
+                self.range_gate.end_write(token)
                 self._written(offset, length)
 
     async def block_status(self, offset: int, length: int) -> tuple[Status, int]:
@@ -533,12 +533,12 @@ class BlockNode:
         :meth:`write`, so its write observers are told when the caller
         releases the range, which it does once the bytes are in place.
 
-        A write over a range a job holds (:attr:`gate`) answers None, so the
+        A write over a range a job holds (:attr:`range_gate`) answers None, so the
         caller's :meth:`write` waits for it.  Direct writes are not counted
         as in flight: they only overwrite data the node already holds, which
         a stream's copy never writes.
         """
-        if write and self.gate.blocked(offset, length):
+        if write and self.range_gate.blocked(offset, length):
             return None
         io = self._do_direct_io(offset, length, write)
         if io is not None and write and self._write_observers:

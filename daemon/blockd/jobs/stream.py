@@ -75,7 +75,7 @@ class StreamCopy(ChainCopy):
         stop = min(-(-end // cluster) * cluster, device.size)
         # Whole clusters: a guest write into the same cluster (which the
         # driver completes from the chain) is ordered with the copy too.
-        async with device.gate.exclusive(start, stop - start):
+        async with device.range_gate.exclusive(start, stop - start):
             return await super().window(offset, end)
 
     async def runs(self, offset: int, end: int) -> list[tuple[BlockNode, Status, int, int]]:
