@@ -38,7 +38,8 @@ def build(d: Path, size: int) -> None:
     tool("qemu-io", "-f", "qcow2", "-c", f"write -P 0x11 0 {size // 2}", str(d / "base.qcow2"))
     pieces = [f"write -P 0x21 {size // 4} {size // 4}"]
     pieces += [f"write -P 0x22 {off} 64k" for off in range(size // 2, size, 16 * MiB)]
-    tool("qemu-io", "-f", "qcow2", *sum((["-c", p] for p in pieces), []), str(d / "mid.qcow2"))
+    commands = [arg for piece in pieces for arg in ("-c", piece)]
+    tool("qemu-io", "-f", "qcow2", *commands, str(d / "mid.qcow2"))
     tool("qemu-io", "-f", "qcow2", "-c", f"write -P 0x31 0 {size // 16}", str(d / "top.qcow2"))
 
 
@@ -90,7 +91,8 @@ def main() -> None:
                 cpu = statistics.median(r[1] for r in runs)
                 ok = all(r[2] for r in runs)
                 rate = moved / MiB / secs
-                print(f"{name:8} {'yes' if base else 'no':5} {secs:8.2f} {rate:8.1f} {cpu:7.2f}  {ok}")
+                shown = "yes" if base else "no"
+                print(f"{name:8} {shown:5} {secs:8.2f} {rate:8.1f} {cpu:7.2f}  {ok}")
 
 
 if __name__ == "__main__":
