@@ -214,6 +214,26 @@ def verbs(d: Path) -> list[Step]:
     ]
 
 
+def with_a_commit(d: Path) -> list[Step]:
+    """A stream and a commit on one chain: each refused while the other runs."""
+    commit = {"job-id": "c", "device": "top", "top-node": "mid2", "base-node": "mid",
+              "speed": 1}  # fmt: skip
+    return [
+        ("block-commit", commit, None),
+        ("block-stream", stream(), None),
+        ("block-stream", stream(**{"base-node": "mid2"}), None),
+        ("block-stream", stream(device="mid2"), None),
+        ("block-stream", stream(device="mid", **{"base-node": "base"}), None),
+        ("block-job-cancel", {"device": "c"}, ("JOB_STATUS_CHANGE", {"id": "c", "status": "null"})),
+        ("block-stream", stream(**{"base-node": "mid", "speed": 1}), None),
+        ("block-commit", {**commit, "top-node": "mid"}, None),
+        ("block-commit", {**commit, "device": "mid2", "top-node": "mid"}, None),
+        ("block-commit", {"job-id": "c", "device": "mid2", "top-node": "mid", "base-node": "base"},
+         None),
+        ("block-job-cancel", {"device": "j"}, DONE),
+    ]  # fmt: skip
+
+
 def manual_finalize(d: Path) -> list[Step]:
     return [
         ("block-stream", stream(**{"base-node": "mid", "auto-finalize": False,
@@ -242,6 +262,7 @@ CONVERSATIONS: dict[str, Callable[[Path], list[Step]]] = {
     "read-only device": read_only_device,
     "verbs": verbs,
     "manual finalize": manual_finalize,
+    "with a commit": with_a_commit,
 }
 
 #: a read error on mid2's data, once (the stream's read of it)
