@@ -283,7 +283,7 @@ class BlockGraph:
         to read consistently); only users that come later meet the job.
         """
         user = f"commit job '{job_id}'"
-        key = ("commit", job_id)
+        key = ("job", job_id)
         self._reopened[key] = base.node_name
         try:
             self._hidden[key] = (top.node_name, self._user_ids(top))
@@ -303,11 +303,37 @@ class BlockGraph:
             self.release_claims(job_id)
             raise
 
+    def claim_for_stream(
+        self, job_id: str, device: BlockNode, intermediates: tuple[BlockNode, ...]
+    ) -> None:
+        """What a stream job holds while it runs, as QEMU's job takes it; refused
+        (nothing taken) when a user of these nodes cannot live with it.
+
+        The device is read consistently and written by the job (its users may
+        go on writing, but nobody may resize it or change the graph there);
+        the images between it and base are read and may be written by nobody.
+        The device is opened read-write for the job.
+        """
+        user = f"stream job '{job_id}'"
+        key = ("job", job_id)
+        self._reopened[key] = device.node_name
+        shared = CONSISTENT_READ | WRITE_UNCHANGED | WRITE
+        try:
+            self._claim(device, key, UNNAMED_DEVICE, "root", CONSISTENT_READ, shared)
+            self._claim(device, key, user, "active node", 0, shared)
+            for node in intermediates:
+                self._claim(
+                    node, key, user, "intermediate node", 0, CONSISTENT_READ | WRITE_UNCHANGED
+                )
+        except BlockError:
+            self.release_claims(job_id)
+            raise
+
     def release_claims(self, job_id: str, *, keep_intermediates: bool = False) -> None:
-        """Drop a commit job's claims; ``keep_intermediates`` keeps those on
+        """Drop a job's claims; ``keep_intermediates`` keeps those on
         the nodes between top and base (a QEMU commit that completed keeps
         them until the job is dismissed; one that failed drops them all)."""
-        key = ("commit", job_id)
+        key = ("job", job_id)
         self._hidden.pop(key, None)
         self._reopened.pop(key, None)
         for name in list(self._roots):

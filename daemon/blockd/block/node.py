@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import trio
 
 from blockd.block.permissions import Role
+from blockd.block.serialise import RangeGate
 from blockd.errors import BlockError, BlockIOError, ReadOnlyError
 from blockd.events import EventSink, NoEvents
 
@@ -137,6 +138,8 @@ class BlockNode:
         #: make durable raises no ``flush_to_disk`` event
         self._write_gen = 0
         self._flushed_gen = 0
+        #: writes in flight and ranges a job holds exclusively (a stream's copy)
+        self.range_gate = RangeGate()
 
     def __repr__(self) -> str:
         mode = "ro" if self.read_only else "rw"
@@ -302,12 +305,14 @@ class BlockNode:
         self._check_writable()
         if not data:
             return
+        token = await self.range_gate.begin_write(offset, len(data))
         try:
             if self.detect_zeroes != "off" and data.count(0) == len(data):
                 await self._do_write_zeroes(offset, len(data))
             else:
                 await self._do_write(offset, bytes(data))
         finally:
+            self.range_gate.end_write(token)
             self._written(offset, len(data))
 
     async def map_data(self, offset: int, length: int) -> HostExtents | None:
@@ -331,9 +336,11 @@ class BlockNode:
         self._check_writable()
         if length == 0:
             return True
+        token = await self.range_gate.begin_write(offset, length)
         try:
             return await self._do_write_from_host(offset, length, src)
         finally:
+            self.range_gate.end_write(token)
             self._written(offset, length)
 
     async def write_many_from_host(self, writes: list[tuple[int, int, HostExtents]]) -> bool:
@@ -352,9 +359,12 @@ class BlockNode:
         writes = [w for w in writes if w[1]]
         if not writes:
             return True
+        first, last = writes[0], writes[-1]
+        token = await self.range_gate.begin_write(first[0], last[0] + last[1] - first[0])
         try:
             return await self._do_write_many_from_host(writes)
         finally:
+            self.range_gate.end_write(token)
             for offset, length, _src in writes:
                 self._written(offset, length)
 
@@ -362,9 +372,11 @@ class BlockNode:
         self._check_request(offset, length)
         self._check_writable()
         if length:
+            token = await self.range_gate.begin_write(offset, length)
             try:
                 await self._do_write_zeroes(offset, length)
             finally:
+                self.range_gate.end_write(token)
                 self._written(offset, length)
 
     async def discard(self, offset: int, length: int) -> None:
@@ -373,9 +385,11 @@ class BlockNode:
         self._check_request(offset, length)
         self._check_writable()
         if length and self.unmap:
+            token = await self.range_gate.begin_write(offset, length)
             try:
                 await self._do_discard(offset, length)
             finally:
+                self.range_gate.end_write(token)
                 self._written(offset, length)
 
     async def block_status(self, offset: int, length: int) -> tuple[Status, int]:
@@ -523,7 +537,14 @@ class BlockNode:
         which see the same bytes.  A write through the result bypasses
         :meth:`write`, so its write observers are told when the caller
         releases the range, which it does once the bytes are in place.
+
+        A write over a range a job holds (:attr:`range_gate`) answers None, so the
+        caller's :meth:`write` waits for it.  Direct writes are not counted
+        as in flight: they only overwrite data the node already holds, which
+        a stream's copy never writes.
         """
+        if write and self.range_gate.blocked(offset, length):
+            return None
         io = self._do_direct_io(offset, length, write)
         if io is not None and write and self._write_observers:
             done = io._release

@@ -9,7 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from blockd.commands import block, create, export, jobs, misc, plan, snapshot, transaction
+from blockd.commands import (
+    block,
+    create,
+    export,
+    jobs,
+    misc,
+    plan,
+    snapshot,
+    stream,
+    transaction,
+)
 from blockd.commands.context import CommandContext, Handler
 
 HANDLERS: Mapping[str, Handler] = {
@@ -21,6 +31,7 @@ HANDLERS: Mapping[str, Handler] = {
     "query-block": block.query_block,
     "block-commit": jobs.block_commit,
     "blockdev-create": create.blockdev_create,
+    "block-stream": stream.block_stream,
     "query-jobs": jobs.query_jobs,
     "query-block-jobs": jobs.query_block_jobs,
     "block-job-set-speed": jobs.block_job_set_speed,

@@ -280,7 +280,9 @@ def _matches(graph: BlockGraph, node: BlockNode, name: str, relative_to: BlockNo
     return os.path.realpath(name) == os.path.realpath(node.filename)
 
 
-def _find_in_chain(graph: BlockGraph, top: BlockNode, name: str) -> BlockNode | None:
+def find_in_chain(graph: BlockGraph, top: BlockNode, name: str) -> BlockNode | None:
+    """The image below ``top`` that ``name`` (a file name, as the deprecated
+    ``top`` / ``base`` arguments give it) names, as QEMU finds a backing image."""
     above: BlockNode | None = None
     for node in graph.chain(top):
         if above is not None and _matches(graph, node, name, above):
@@ -328,7 +330,7 @@ def plan_commit(
     if top_node is not None:
         top_bs = _node_in_chain(graph, top_node, chain)
     elif top is not None and not _matches(graph, device_bs, top, None):
-        top_bs = _find_in_chain(graph, device_bs, top)
+        top_bs = find_in_chain(graph, device_bs, top)
     if top_bs is None:
         raise BlockError(f"Top image file {top} not found")
 
@@ -338,7 +340,7 @@ def plan_commit(
     if base_node is not None:
         base_bs = _node_in_chain(graph, base_node, below_top)
     elif base is not None:
-        found = _find_in_chain(graph, top_bs, base)
+        found = find_in_chain(graph, top_bs, base)
         if found is None:
             raise BlockError(f"Can't find '{base}' in the backing chain")
         base_bs = found
