@@ -10,8 +10,9 @@ from __future__ import annotations
 import enum
 import errno
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import trio
 
@@ -50,6 +51,38 @@ class HostExtents:
             release()
 
 
+class WriteKind(enum.Enum):
+    """What a request that changes a node did, as a :class:`WriteHook` is told."""
+
+    DATA = "data"
+    ZEROES = "zeroes"
+    DISCARD = "discard"
+    #: data copied in from another image (a bulk copy): no bytes at hand
+    COPY = "copy"
+
+
+class WriteHook(Protocol):
+    """What a job that must act on a node's writes before they are acknowledged
+    installs on it (:meth:`BlockNode.set_write_hook`): an active commit in
+    write-blocking mode writes each one to base too.  Every request that
+    changes the node goes through it, whoever sends it."""
+
+    def admit(self, offset: int, length: int) -> Callable[[bool], None] | None:
+        """A write that cannot wait (:meth:`BlockNode.direct_io`) may go ahead:
+        the callable to call once it is over (True: it may have changed the
+        node, False: it never started); None sends it on the node's async
+        path (through :meth:`guard`)."""
+
+    def guard(
+        self, kind: WriteKind, offset: int, length: int, data: bytes | None
+    ) -> AbstractAsyncContextManager[None]:
+        """Held around the request: entered before it starts, left once it is
+        done (with its exception if it failed), before it is acknowledged."""
+
+    async def flushed(self) -> None:
+        """The node was flushed; called before the flush is acknowledged."""
+
+
 #: A write a job will make, as :meth:`BlockNode.forecast_writes` takes them:
 #: Where every request must end (as QEMU, whose offsets are int64_t).
 MAX_REQUEST_END = (1 << 63) - 1
@@ -85,6 +118,17 @@ class WriteForecast:
     #: how much longer the file gets (new clusters at its end)
     file_growth: int
     upper_bound: bool
+
+
+class _NoGuard:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_GUARD = _NoGuard()
 
 
 class BlockNode:
@@ -127,6 +171,7 @@ class BlockNode:
         #: the graph connects it to the daemon's event sink.
         self.events: EventSink = NoEvents()
         self._write_observers: list[Callable[[int, int], None]] = []
+        self._write_hook: WriteHook | None = None
         #: requests that changed the node, and that count when the last flush
         #: began (QEMU's write_gen / flushed_gen): a flush with nothing new to
         #: make durable raises no ``flush_to_disk`` event
@@ -238,6 +283,20 @@ class BlockNode:
     def remove_write_observer(self, observer: Callable[[int, int], None]) -> None:
         self._write_observers.remove(observer)
 
+    def set_write_hook(self, hook: WriteHook | None) -> None:
+        """Install (or, with None, remove) the node's one :class:`WriteHook`."""
+        if hook is not None and self._write_hook is not None:
+            raise BlockError(f"Node '{self.node_name}' already has a write hook")
+        self._write_hook = hook
+
+    def _guard(
+        self, kind: WriteKind, offset: int, length: int, data: bytes | None = None
+    ) -> AbstractAsyncContextManager[None]:
+        hook = self._write_hook
+        if hook is None:
+            return _NO_GUARD
+        return hook.guard(kind, offset, length, data)
+
     def _written(self, offset: int, length: int) -> None:
         self._write_gen += 1
         for observer in self._write_observers:
@@ -297,13 +356,15 @@ class BlockNode:
         self._check_writable()
         if not data:
             return
-        try:
-            if self.detect_zeroes != "off" and data.count(0) == len(data):
-                await self._do_write_zeroes(offset, len(data))
-            else:
-                await self._do_write(offset, bytes(data))
-        finally:
-            self._written(offset, len(data))
+        data = bytes(data)
+        async with self._guard(WriteKind.DATA, offset, len(data), data):
+            try:
+                if self.detect_zeroes != "off" and data.count(0) == len(data):
+                    await self._do_write_zeroes(offset, len(data))
+                else:
+                    await self._do_write(offset, data)
+            finally:
+                self._written(offset, len(data))
 
     async def map_data(self, offset: int, length: int) -> HostExtents | None:
         """Host file locations of this layer's data for the range, pinned; None if
@@ -326,10 +387,11 @@ class BlockNode:
         self._check_writable()
         if length == 0:
             return True
-        try:
-            return await self._do_write_from_host(offset, length, src)
-        finally:
-            self._written(offset, length)
+        async with self._guard(WriteKind.COPY, offset, length):
+            try:
+                return await self._do_write_from_host(offset, length, src)
+            finally:
+                self._written(offset, length)
 
     async def write_many_from_host(self, writes: list[tuple[int, int, HostExtents]]) -> bool:
         """:meth:`write_from_host` for several ranges, (offset, length, src), in
@@ -347,20 +409,23 @@ class BlockNode:
         writes = [w for w in writes if w[1]]
         if not writes:
             return True
-        try:
-            return await self._do_write_many_from_host(writes)
-        finally:
-            for offset, length, _src in writes:
-                self._written(offset, length)
+        first = writes[0][0]
+        async with self._guard(WriteKind.COPY, first, end - first):
+            try:
+                return await self._do_write_many_from_host(writes)
+            finally:
+                for offset, length, _src in writes:
+                    self._written(offset, length)
 
     async def write_zeroes(self, offset: int, length: int) -> None:
         self._check_request(offset, length)
         self._check_writable()
         if length:
-            try:
-                await self._do_write_zeroes(offset, length)
-            finally:
-                self._written(offset, length)
+            async with self._guard(WriteKind.ZEROES, offset, length):
+                try:
+                    await self._do_write_zeroes(offset, length)
+                finally:
+                    self._written(offset, length)
 
     async def discard(self, offset: int, length: int) -> None:
         """Advisory: afterwards the range reads as zeros or as the backing image
@@ -368,10 +433,11 @@ class BlockNode:
         self._check_request(offset, length)
         self._check_writable()
         if length and self.unmap:
-            try:
-                await self._do_discard(offset, length)
-            finally:
-                self._written(offset, length)
+            async with self._guard(WriteKind.DISCARD, offset, length):
+                try:
+                    await self._do_discard(offset, length)
+                finally:
+                    self._written(offset, length)
 
     async def block_status(self, offset: int, length: int) -> tuple[Status, int]:
         """Kind of the extent at ``offset`` in this layer only, and its length (<= length)."""
@@ -390,6 +456,8 @@ class BlockNode:
                 self.file.debug_event("flush_to_os")
             await self._do_flush()
             self._flushed_gen = gen
+            if self._write_hook is not None:
+                await self._write_hook.flushed()
 
     # -- blkdebug events ------------------------------------------------------------
 
@@ -519,8 +587,17 @@ class BlockNode:
         :meth:`write`, so its write observers are told when the caller
         releases the range, which it does once the bytes are in place.
         """
+        admitted: Callable[[bool], None] | None = None
+        if write and self._write_hook is not None:
+            admitted = self._write_hook.admit(offset, length)
+            if admitted is None:
+                return None
         io = self._do_direct_io(offset, length, write)
-        if io is not None and write and self._write_observers:
+        if io is None:
+            if admitted is not None:
+                admitted(False)
+            return None
+        if write and (self._write_observers or admitted is not None):
             done = io._release
 
             def release() -> None:
@@ -529,6 +606,8 @@ class BlockNode:
                         done()
                 finally:
                     self._written(offset, length)
+                    if admitted is not None:
+                        admitted(True)
 
             io._release = release
         return io
