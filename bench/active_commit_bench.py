@@ -110,6 +110,16 @@ def wait_socket(path: Path, proc: subprocess.Popen[bytes]) -> None:
         time.sleep(0.02)
 
 
+def connect(sock: Path) -> QMP:
+    """The monitor, once it listens (QSD creates its socket before it does)."""
+    for _ in range(100):
+        try:
+            return QMP(sock)
+        except (ConnectionRefusedError, EOFError):
+            time.sleep(0.05)
+    return QMP(sock)
+
+
 def build(d: Path, size: int, fill: float) -> None:
     run("qemu-img", "create", "-q", "-f", "qcow2", str(d / "base.qcow2"), str(size))
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
@@ -187,7 +197,7 @@ def measure(name: str, mode: str | None, golden: Path, work: Path,
     result: dict[str, Any] = {"contender": name if mode is None else f"{name}:{mode}"}
     try:
         wait_socket(qmp_sock, proc)
-        qmp = QMP(qmp_sock)
+        qmp = connect(qmp_sock)
         for node, backing, ro in (("base", None, True), ("top", "base", False)):
             qmp.execute("blockdev-add", driver="qcow2", **{"node-name": node}, backing=backing,
                         **{"read-only": ro},

@@ -212,6 +212,11 @@ class ActiveCommitJob(Job):
         self._complete_requested = True
         self._kick()
 
+    def job_info(self) -> dict[str, Any]:
+        info = super().job_info()
+        info["__org.blockd_copy-mode"] = str(self.copy_mode_in_effect)
+        return info
+
     def block_job_info(self) -> dict[str, Any]:
         info = super().block_job_info()
         info["__org.blockd_copy-mode"] = str(self.copy_mode_in_effect)
