@@ -36,9 +36,10 @@ WRITER_END = 48 * MiB
 MODES = ["background", "write-blocking", "auto"]
 
 #: argv: uri, seed, end, stop file, log file, seconds between writes (0: none).
-#: Logs one JSON line per event in the order they happened: ["w", seq, offset, length, zero] at submission,
-#: ["d", seq, fua] when acknowledged (FUA writes count as flushed then), ["f", seq]
-#: when a flush sent after write ``seq`` was acknowledged was itself acknowledged.
+#: Logs one JSON line per event in the order they happened: ["w", seq, offset,
+#: length, zero] at submission, ["d", seq, fua] when acknowledged (FUA writes
+#: count as flushed then), ["F", seq] when flush ``seq`` is sent, ["f", seq]
+#: when it is acknowledged.
 WRITER = r"""
 import json, nbd, os, random, struct, sys, time
 uri, seed, end, stop, out, pace = sys.argv[1:7]
