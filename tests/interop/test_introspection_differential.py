@@ -53,6 +53,9 @@ def shape(schema: dict[str, dict[str, Any]], name: str, depth: int = 2) -> Any:
             "*" if m["name"] in LOOSER else shape(schema, m["type"], depth - 1),
         )
         for m in entry["members"]
+        # downstream extension members (QAPI's __RFQDN_ prefix) are blockd's
+        # own: see test_extension_members_are_listed
+        if not m["name"].startswith("__org.blockd_")
     ]
     return ("object", entry.get("tag"), sorted(members))
 
@@ -75,6 +78,15 @@ def test_arguments_match_qemu(qsd: DaemonProcess, blockd: DaemonProcess) -> None
         assert shape(ours, ours[event]["arg-type"]) == shape(theirs, theirs[event]["arg-type"]), (
             event
         )
+
+
+def test_extension_members_are_listed(blockd: DaemonProcess) -> None:
+    """block-commit's ``__org.blockd_copy-mode``: optional, with its three values."""
+    ours = fetch(blockd)
+    commit = ours[ours["block-commit"]["arg-type"]]
+    [member] = [m for m in commit["members"] if m["name"] == "__org.blockd_copy-mode"]
+    assert "default" in member
+    assert shape(ours, member["type"]) == ("enum", ["auto", "background", "write-blocking"])
 
 
 def test_blockdev_add_variants_match_qemu(qsd: DaemonProcess, blockd: DaemonProcess) -> None:

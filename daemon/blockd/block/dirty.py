@@ -60,6 +60,40 @@ class DirtyBitmap:
         if first < last:
             self._fill(first, last, False)
 
+    def clear_inside(self, offset: int, length: int) -> int:
+        """Chunks the range covers whole (the last one up to ``size``) become
+        clean; returns the dirty bytes that were cleared.
+
+        A write mirrored into the copy makes the chunks it covers whole equal
+        in both images; a chunk it covers in part may still differ elsewhere.
+        """
+        end = min(offset + length, self.size)
+        first = -(-max(offset, 0) // self.granularity)
+        last = self._chunks if end == self.size else end // self.granularity
+        if first >= last:
+            return 0
+        before = self.dirty_bytes
+        self._fill(first, last, False)
+        return before - self.dirty_bytes
+
+    def runs(self, offset: int, end: int, limit: int | None = None) -> list[tuple[int, int]]:
+        """The dirty runs within ``[offset, end)`` (chunk-aligned, clipped to it),
+        from the start, until they add up to ``limit`` bytes or more."""
+        found: list[tuple[int, int]] = []
+        pos, total = offset, 0
+        while pos < end and (limit is None or total < limit):
+            run = self.next_run(pos, end - pos)
+            if run is None:
+                break
+            start, n = run
+            if start >= end:
+                break
+            stop = min(start + n, end)
+            found.append((max(start, offset), stop - max(start, offset)))
+            total += found[-1][1]
+            pos = stop
+        return found
+
     def _fill(self, first: int, last: int, value: bool) -> None:
         lo, hi = first >> 3, (last - 1) >> 3
         bits = self._bits

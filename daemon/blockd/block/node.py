@@ -7,11 +7,13 @@ accident whatever the driver does.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import trio
 
@@ -51,6 +53,38 @@ class HostExtents:
             release()
 
 
+class WriteKind(enum.Enum):
+    """What a request that changes a node did, as a :class:`WriteHook` is told."""
+
+    DATA = "data"
+    ZEROES = "zeroes"
+    DISCARD = "discard"
+    #: data copied in from another image (a bulk copy): no bytes at hand
+    COPY = "copy"
+
+
+class WriteHook(Protocol):
+    """What a job that must act on a node's writes before they are acknowledged
+    installs on it (:meth:`BlockNode.set_write_hook`): an active commit in
+    write-blocking mode writes each one to base too.  Every request that
+    changes the node goes through it, whoever sends it."""
+
+    def admit(self, offset: int, length: int) -> Callable[[bool], None] | None:
+        """A write that cannot wait (:meth:`BlockNode.direct_io`) may go ahead:
+        the callable to call once it is over (True: it may have changed the
+        node, False: it never started); None sends it on the node's async
+        path (through :meth:`guard`)."""
+
+    def guard(
+        self, kind: WriteKind, offset: int, length: int, data: bytes | None
+    ) -> AbstractAsyncContextManager[None]:
+        """Held around the request: entered before it starts, left once it is
+        done (with its exception if it failed), before it is acknowledged."""
+
+    async def flushed(self) -> None:
+        """The node was flushed; called before the flush is acknowledged."""
+
+
 #: A write a job will make, as :meth:`BlockNode.forecast_writes` takes them:
 #: Where every request must end (as QEMU, whose offsets are int64_t).
 MAX_REQUEST_END = (1 << 63) - 1
@@ -86,6 +120,17 @@ class WriteForecast:
     #: how much longer the file gets (new clusters at its end)
     file_growth: int
     upper_bound: bool
+
+
+class _NoGuard:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_GUARD = _NoGuard()
 
 
 class BlockNode:
@@ -133,6 +178,7 @@ class BlockNode:
         #: the graph connects it to the daemon's event sink.
         self.events: EventSink = NoEvents()
         self._write_observers: list[Callable[[int, int], None]] = []
+        self._write_hook: WriteHook | None = None
         #: requests that changed the node, and that count when the last flush
         #: began (QEMU's write_gen / flushed_gen): a flush with nothing new to
         #: make durable raises no ``flush_to_disk`` event
@@ -246,6 +292,44 @@ class BlockNode:
     def remove_write_observer(self, observer: Callable[[int, int], None]) -> None:
         self._write_observers.remove(observer)
 
+    def set_write_hook(self, hook: WriteHook | None) -> None:
+        """Install (or, with None, remove) the node's one :class:`WriteHook`."""
+        if hook is not None and self._write_hook is not None:
+            raise BlockError(f"Node '{self.node_name}' already has a write hook")
+        self._write_hook = hook
+
+    def _guard(
+        self, kind: WriteKind, offset: int, length: int, data: bytes | None = None
+    ) -> AbstractAsyncContextManager[None]:
+        hook = self._write_hook
+        if hook is None:
+            return _NO_GUARD
+        return hook.guard(kind, offset, length, data)
+
+    @contextlib.asynccontextmanager
+    async def _writing(
+        self,
+        kind: WriteKind,
+        offset: int,
+        length: int,
+        data: bytes | None = None,
+        spans: list[tuple[int, int]] | None = None,
+    ) -> AsyncIterator[None]:
+        """Every write's way in: ordered against a stream's copy (:attr:`range_gate`),
+        shown to a mirroring job (the write hook), and told to the write observers
+        afterwards (``spans``, if not the whole range), whether it succeeded or not:
+        a failed write may have changed part of the range."""
+        token = await self.range_gate.begin_write(offset, length)
+        try:
+            async with self._guard(kind, offset, length, data):
+                try:
+                    yield
+                finally:
+                    for start, n in spans or [(offset, length)]:
+                        self._written(start, n)
+        finally:
+            self.range_gate.end_write(token)
+
     def _written(self, offset: int, length: int) -> None:
         self._write_gen += 1
         for observer in self._write_observers:
@@ -305,15 +389,12 @@ class BlockNode:
         self._check_writable()
         if not data:
             return
-        token = await self.range_gate.begin_write(offset, len(data))
-        try:
+        data = bytes(data)
+        async with self._writing(WriteKind.DATA, offset, len(data), data):
             if self.detect_zeroes != "off" and data.count(0) == len(data):
                 await self._do_write_zeroes(offset, len(data))
             else:
-                await self._do_write(offset, bytes(data))
-        finally:
-            self.range_gate.end_write(token)
-            self._written(offset, len(data))
+                await self._do_write(offset, data)
 
     async def map_data(self, offset: int, length: int) -> HostExtents | None:
         """Host file locations of this layer's data for the range, pinned; None if
@@ -336,12 +417,8 @@ class BlockNode:
         self._check_writable()
         if length == 0:
             return True
-        token = await self.range_gate.begin_write(offset, length)
-        try:
+        async with self._writing(WriteKind.COPY, offset, length):
             return await self._do_write_from_host(offset, length, src)
-        finally:
-            self.range_gate.end_write(token)
-            self._written(offset, length)
 
     async def write_many_from_host(self, writes: list[tuple[int, int, HostExtents]]) -> bool:
         """:meth:`write_from_host` for several ranges, (offset, length, src), in
@@ -359,25 +436,17 @@ class BlockNode:
         writes = [w for w in writes if w[1]]
         if not writes:
             return True
-        first, last = writes[0], writes[-1]
-        token = await self.range_gate.begin_write(first[0], last[0] + last[1] - first[0])
-        try:
+        first = writes[0][0]
+        spans = [(offset, length) for offset, length, _src in writes]
+        async with self._writing(WriteKind.COPY, first, end - first, spans=spans):
             return await self._do_write_many_from_host(writes)
-        finally:
-            self.range_gate.end_write(token)
-            for offset, length, _src in writes:
-                self._written(offset, length)
 
     async def write_zeroes(self, offset: int, length: int) -> None:
         self._check_request(offset, length)
         self._check_writable()
         if length:
-            token = await self.range_gate.begin_write(offset, length)
-            try:
+            async with self._writing(WriteKind.ZEROES, offset, length):
                 await self._do_write_zeroes(offset, length)
-            finally:
-                self.range_gate.end_write(token)
-                self._written(offset, length)
 
     async def discard(self, offset: int, length: int) -> None:
         """Advisory: afterwards the range reads as zeros or as the backing image
@@ -385,12 +454,8 @@ class BlockNode:
         self._check_request(offset, length)
         self._check_writable()
         if length and self.unmap:
-            token = await self.range_gate.begin_write(offset, length)
-            try:
+            async with self._writing(WriteKind.DISCARD, offset, length):
                 await self._do_discard(offset, length)
-            finally:
-                self.range_gate.end_write(token)
-                self._written(offset, length)
 
     async def block_status(self, offset: int, length: int) -> tuple[Status, int]:
         """Kind of the extent at ``offset`` in this layer only, and its length (<= length)."""
@@ -409,6 +474,8 @@ class BlockNode:
                 self.file.debug_event("flush_to_os")
             await self._do_flush()
             self._flushed_gen = gen
+            if self._write_hook is not None:
+                await self._write_hook.flushed()
 
     # -- blkdebug events ------------------------------------------------------------
 
@@ -545,8 +612,17 @@ class BlockNode:
         """
         if write and self.range_gate.blocked(offset, length):
             return None
+        admitted: Callable[[bool], None] | None = None
+        if write and self._write_hook is not None:
+            admitted = self._write_hook.admit(offset, length)
+            if admitted is None:
+                return None
         io = self._do_direct_io(offset, length, write)
-        if io is not None and write and self._write_observers:
+        if io is None:
+            if admitted is not None:
+                admitted(False)
+            return None
+        if write and (self._write_observers or admitted is not None):
             done = io._release
 
             def release() -> None:
@@ -555,6 +631,8 @@ class BlockNode:
                         done()
                 finally:
                     self._written(offset, length)
+                    if admitted is not None:
+                        admitted(True)
 
             io._release = release
         return io

@@ -9,7 +9,7 @@ from typing import Any
 from blockd import logs
 from blockd.commands.context import CommandContext
 from blockd.errors import BlockdError
-from blockd.jobs.active_commit import ActiveCommitJob, ActiveCommitPlan
+from blockd.jobs.active_commit import ActiveCommitJob, ActiveCommitPlan, CopyMode
 from blockd.jobs.commit import CommitJob, CommitPlan, plan_commit
 from blockd.jobs.job import JobOptions, OnError, check_speed
 
@@ -127,6 +127,13 @@ async def block_commit(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str
     if active and filter_name is not None:
         # QEMU inserts an active commit's filter before it creates the job.
         ctx.graph.check_new_name(filter_name)
+    copy_mode = CopyMode(args.get("__org.blockd_copy-mode", "background"))
+    if not active and copy_mode is not CopyMode.BACKGROUND:
+        # nothing writes to an intermediate image: there is nothing to keep up with
+        raise BlockdError(
+            f"Copy mode '{copy_mode}' applies only to an active commit "
+            "(top is the device's active layer)"
+        )
     job_id = args.get("job-id", "")
     ctx.jobs.check_new_id(job_id)
     options: JobOptions = {
@@ -144,6 +151,7 @@ async def block_commit(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str
             plan,
             ctx.exports.switch_node,
             lambda node: any(e.writable for e in ctx.exports.exports_of(node)),
+            copy_mode,
             **options,
         )
     else:

@@ -29,10 +29,31 @@ those keep working, as they do in QEMU, which never restores the mode.
 Before the pivot the guest only ever reads base where nothing above holds the
 range, and the job only writes base where something above does, so the copy
 is invisible to the guest at every moment.
+
+Copy modes (``__org.blockd_copy-mode``; the job's hook on top is
+:class:`~blockd.block.mirror.WriteMirror`):
+
+* ``background`` (QEMU's only mode for commit): writes mark chunks dirty
+  and the job copies them again, the dirty runs of a whole window in one
+  batch.  The dirty set is never empty for long under a busy guest, so once
+  it is small (:data:`HOLD_BYTES`) the job holds every write to top for the
+  last copy (a few milliseconds) and goes READY.  A guest that dirties faster
+  than the job copies keeps it from READY, as in QEMU.
+* ``write-blocking``: every write to top is made on base too before it is
+  acknowledged, so the dirty set only shrinks and READY comes after at most
+  one pass over it, whatever the guest does; the guest's writes cost a
+  second write (and its flushes a second flush).
+* ``auto``: background until the dirty set has not shrunk by a tenth over
+  :data:`AUTO_WINDOW`, then write-blocking for the rest of the job.
+
+The switch to write-blocking happens between two of the job's copies, never
+during one: a copy that held no range lock must not finish after a
+mirrored write of the same range.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -42,6 +63,7 @@ import trio
 
 from blockd.block.dirty import DirtyBitmap
 from blockd.block.graph import BlockGraph
+from blockd.block.mirror import WHOLE, WriteMirror
 from blockd.block.node import BlockNode
 from blockd.errors import BlockIOError
 from blockd.events import BlockJobReady, EventSink
@@ -64,6 +86,28 @@ READY_POLL = 0.1
 
 #: Block-status runs looked at between checkpoints while scanning the chain.
 _SCAN_BATCH = 256
+
+#: Background mode: a dirty set this small, or that the job copies in about
+#: HOLD_SECONDS at the rate of its recent copies (but never more than
+#: HOLD_MAX), is copied with the writes to top held (the guest's writes wait
+#: that long, once).
+HOLD_BYTES = 4 * 1024 * 1024
+HOLD_SECONDS = 0.2
+HOLD_MAX = 32 * 1024 * 1024
+
+#: Write-blocking mode: most bytes one copy holds locked (guest writes there wait).
+LOCKED_SPAN = 4 * 1024 * 1024
+
+#: Auto mode: seconds over which the dirty set must shrink by a tenth.
+AUTO_WINDOW = 1.0
+
+
+class CopyMode(enum.StrEnum):
+    """``__org.blockd_copy-mode``: how an active commit keeps up with the guest."""
+
+    BACKGROUND = "background"
+    WRITE_BLOCKING = "write-blocking"
+    AUTO = "auto"
 
 #: Moves every user of a node onto another at one moment: (old, new, prepare),
 #: ``prepare`` running while nothing is in flight (the export registry's); with
@@ -105,15 +149,23 @@ class ActiveCommitJob(Job):
         plan: ActiveCommitPlan,
         pivot: Pivot,
         writers: Writers = _no_writers,
+        copy_mode: CopyMode = CopyMode.BACKGROUND,
         **options: Unpack[JobOptions],
     ) -> None:
         super().__init__(job_id, events, **options)
+        self.copy_mode = copy_mode
         self.graph = graph
         self.plan = plan
         self._pivot = pivot
         self._writers = writers
         self._copy = ChainCopy(graph, plan.top, plan.base)
         self._dirty = DirtyBitmap(plan.top.size, granularity(plan.base))
+        self._mirror = WriteMirror(plan.base, self._dirty, self._on_change, self._on_mirror_failure)
+        self._mirror_failure: BlockIOError | None = None
+        #: auto mode: when the current window began, and the dirty bytes then
+        self._window: tuple[float, int] | None = None
+        #: bytes per second of the recent copies (a moving average)
+        self._rate = 0.0
         self._held: list[BlockNode] = []
         self._watching = False
         self._using = False
@@ -129,9 +181,26 @@ class ActiveCommitJob(Job):
         # QEMU's definition: what is done plus what is known to be left.
         self.length = self.offset + self._dirty.dirty_bytes + self._in_flight
 
-    def _on_write(self, offset: int, length: int) -> None:
-        self._dirty.mark(offset, length)
+    def _on_change(self, cleared: int) -> None:
+        # a mirrored write that cleaned dirty chunks did part of the job's work
+        self.offset += cleared
         self._update_length()
+
+    def _on_mirror_failure(self, error: BlockIOError) -> None:
+        if self._mirror_failure is None:
+            self._mirror_failure = error
+        self._kick()
+
+    @property
+    def copy_mode_in_effect(self) -> CopyMode:
+        return CopyMode.WRITE_BLOCKING if self._mirror.blocking else CopyMode.BACKGROUND
+
+    def _block_writes(self) -> None:
+        self._mirror.blocking = True
+        log.info(
+            "job %s: copy mode write-blocking: writes to %s are made on %s too",
+            self.id, self.plan.top.node_name, self.plan.base.node_name,
+        )  # fmt: skip
 
     # -- hooks of Job -----------------------------------------------------------------
 
@@ -143,8 +212,14 @@ class ActiveCommitJob(Job):
         self._complete_requested = True
         self._kick()
 
+    def job_info(self) -> dict[str, Any]:
+        info = super().job_info()
+        info["__org.blockd_copy-mode"] = str(self.copy_mode_in_effect)
+        return info
+
     def block_job_info(self) -> dict[str, Any]:
         info = super().block_job_info()
+        info["__org.blockd_copy-mode"] = str(self.copy_mode_in_effect)
         if self.status is JobStatus.PENDING:
             # QEMU's mirror keeps the chain drained from the end of its copying
             # until it is finalized, and a drain counts as a pause there.
@@ -171,7 +246,7 @@ class ActiveCommitJob(Job):
         self.graph.add_user(plan.base)
         self.graph.cover(plan.top)
         self._using = True
-        plan.top.add_write_observer(self._on_write)
+        plan.top.set_write_hook(self._mirror)
         self._watching = True
 
     async def run(self) -> None:
@@ -182,6 +257,8 @@ class ActiveCommitJob(Job):
             except BlockIOError as err:
                 # QEMU's job asks its truncate for no message: the client gets errno's words
                 raise BlockIOError(err.errno) from err
+        if self.copy_mode is CopyMode.WRITE_BLOCKING:
+            self._block_writes()
         await self._scan()
         while True:
             if self.status is JobStatus.RUNNING:
@@ -191,14 +268,31 @@ class ActiveCommitJob(Job):
                 # the guest writes is copied at once, and neither a lowered
                 # speed nor the bytes already charged delay completion.
                 await self.pause_point()
-            if await self._copy_next():
+            if self._mirror_failure is not None:
+                error, self._mirror_failure = self._mirror_failure, None
+                await self.io_error(error, "write")
                 continue
-            if self.status is JobStatus.RUNNING:
-                # Everything known is copied: flush base and go READY, as QEMU's
-                # mirror does, whatever the guest writes during the flush (READY
-                # does not promise an empty dirty set, the final sync of the
-                # pivot empties it).  Waiting for a flush that no write overlaps
-                # would never end under a steady writer.
+            self._auto_switch()
+            dirty = self._dirty.dirty_bytes
+            running = self.status is JobStatus.RUNNING
+            hold = (
+                running
+                and not self._mirror.blocking
+                and dirty <= max(HOLD_BYTES, min(HOLD_MAX, self._rate * HOLD_SECONDS))
+            )
+            if dirty and not hold:
+                await self._copy_next()
+                continue
+            if running:
+                # Everything known is copied (with the writes held for the
+                # last few chunks in background mode): flush base and go
+                # READY, as QEMU's mirror does, whatever the guest writes
+                # during the flush (READY does not promise an empty dirty set,
+                # the final sync of the pivot empties it).  Waiting for a
+                # flush that no write overlaps would never end under a
+                # steady writer.
+                if dirty and not await self._copy_held():
+                    continue
                 synced = self.offset
                 if not await self._flush_base():
                     continue
@@ -212,6 +306,25 @@ class ActiveCommitJob(Job):
             if self._complete_requested or self.cancelled:
                 return
             await self.sleep(READY_POLL)
+
+    def _auto_switch(self) -> None:
+        """Auto mode: go write-blocking once the dirty set stops shrinking."""
+        if self.copy_mode is not CopyMode.AUTO or self._mirror.blocking:
+            return
+        now, dirty = trio.current_time(), self._dirty.dirty_bytes
+        if self._window is None:
+            self._window = (now, dirty)
+            return
+        began, before = self._window
+        if now - began < AUTO_WINDOW:
+            return
+        if dirty and dirty * 10 > before * 9:
+            log.info(
+                "job %s: the dirty set went from %d to %d bytes in %.1f s: switching to "
+                "write-blocking", self.id, before, dirty, now - began,
+            )  # fmt: skip
+            self._block_writes()
+        self._window = (now, dirty)
 
     async def _scan(self) -> None:
         """Mark dirty everything the layers above base hold (zero clusters too).
@@ -233,29 +346,76 @@ class ActiveCommitJob(Job):
             if runs % _SCAN_BATCH == 0:
                 await trio.lowlevel.checkpoint()
 
-    async def _copy_next(self) -> bool:
-        """Copy the next dirty run (after the last one, wrapping); False if none."""
+    async def _copy_next(self) -> None:
+        """Copy the dirty runs of the next window (after the last one, wrapping).
+
+        One batch takes every dirty run in the window, so scattered small
+        writes cost one copy per window rather than one per chunk.  In
+        write-blocking mode the window's span is locked while it is copied
+        (the guest's writes there wait), and its runs are taken once the lock
+        is held: a mirrored write may have cleaned some meanwhile.
+        """
         step = step_size(self.speed)
-        run = self._dirty.next_run(self._cursor, step) or self._dirty.next_run(0, step)
-        if run is None:
-            return False
-        offset, n = run
-        # Cleared before copying: a write landing meanwhile marks it again.
-        self._dirty.clear(offset, n)
-        self._in_flight = n
+        start = self._dirty.next_run(self._cursor, 1) or self._dirty.next_run(0, 1)
+        if start is None:
+            return
+        offset = start[0]
         try:
-            copied = await self._copy.window(offset, offset + n)
+            if self._mirror.blocking:
+                end = min(offset + min(step, LOCKED_SPAN), self._dirty.size)
+                async with self._mirror.locks.holding(offset, end - offset):
+                    await self._copy_runs(self._dirty.runs(offset, end, step), step)
+            else:
+                await self._copy_runs(self._dirty.runs(offset, self._dirty.size, step), step)
         except CopyFailed as failed:
-            self._dirty.mark(offset, n)
+            await self.io_error(failed.error, failed.operation)
+
+    async def _copy_runs(self, runs: list[tuple[int, int]], budget: int) -> None:
+        """Copy dirty runs, in order, up to ``budget`` bytes (raises CopyFailed,
+        leaving them dirty)."""
+        taken: list[tuple[int, int]] = []
+        total = 0
+        for offset, n in runs:
+            if total >= budget:
+                break
+            n = min(n, budget - total)
+            taken.append((offset, n))
+            total += n
+        if not taken:
+            return
+        # Cleared before copying: a write landing meanwhile marks it again.
+        for offset, n in taken:
+            self._dirty.clear(offset, n)
+        self._in_flight = total
+        began = trio.current_time()
+        try:
+            copied = await self._copy.ranges(taken)
+        except BaseException:
+            for offset, n in taken:
+                self._dirty.mark(offset, n)
+            raise
+        finally:
             self._in_flight = 0
             self._update_length()
-            await self.io_error(failed.error, failed.operation)
-            return True
-        self._in_flight = 0
-        self._cursor = offset + n
-        self.offset += n
+        self._cursor = taken[-1][0] + taken[-1][1]
+        seconds = trio.current_time() - began
+        if seconds > 0:
+            rate = total / seconds
+            self._rate = rate if not self._rate else (self._rate + rate) / 2
+        self.offset += total
         self._update_length()
         self.account(copied)
+
+    async def _copy_held(self) -> bool:
+        """Copy what is dirty with every write to top held; False if a copy failed
+        (the on-error policy is applied once the writes are let go)."""
+        try:
+            async with self._mirror.locks.holding(0, WHOLE):
+                while self._dirty:
+                    await self._copy_runs(self._dirty.runs(0, self._dirty.size, WINDOW), WINDOW)
+        except CopyFailed as failed:
+            await self.io_error(failed.error, failed.operation)
+            return False
         return True
 
     async def _flush_base(self) -> bool:
@@ -268,16 +428,11 @@ class ActiveCommitJob(Job):
 
     async def _final_sync(self) -> None:
         """Copy what is still dirty and flush base; runs with the guest's I/O held."""
-        while (run := self._dirty.next_run(0, WINDOW)) is not None:
-            offset, n = run
-            self._dirty.clear(offset, n)
+        while self._dirty:
             try:
-                await self._copy.window(offset, offset + n)
+                await self._copy_runs(self._dirty.runs(0, self._dirty.size, WINDOW), WINDOW)
             except CopyFailed as failed:
-                self._dirty.mark(offset, n)
                 raise failed.error from failed
-            self.offset += n
-            self._update_length()
         await self.plan.base.flush()
 
     async def prepare(self) -> None:
@@ -307,8 +462,12 @@ class ActiveCommitJob(Job):
     async def clean(self) -> None:
         self.graph.release_claims(self.id)
         if self._watching:
-            self.plan.top.remove_write_observer(self._on_write)
+            # writes already past the hook finish with it (a mirror into base
+            # included) before base may go back to read-only
+            self._mirror.blocking = False
+            self.plan.top.set_write_hook(None)
             self._watching = False
+            await self._mirror.drain()
         for node in self._held:
             self.graph.remove_blocker(node, BLOCKER)
         self._held.clear()

@@ -63,8 +63,15 @@ class ChainCopy:
 
         Raises :class:`CopyFailed`; copying the window again is harmless.
         """
+        return await self.ranges([(offset, end - offset)])
+
+    async def ranges(self, ranges: list[tuple[int, int]]) -> int:
+        """:meth:`window` for several (offset, length) ranges, ascending and
+        disjoint, as one batch (an active commit's scattered dirty chunks)."""
+        runs: list[tuple[BlockNode, Status, int, int]] = []
         try:
-            runs = await self.runs(offset, end)
+            for offset, n in ranges:
+                runs += await self.runs(offset, offset + n)
         except BlockIOError as err:
             raise CopyFailed(err, "read") from err
         data: list[tuple[BlockNode, int, int]] = []
