@@ -17,6 +17,7 @@ itself is checked: it must pass there too.
 from __future__ import annotations
 
 import json
+import select
 import subprocess
 import textwrap
 import time
@@ -46,9 +47,17 @@ WRITER = textwrap.dedent(
     rng = random.Random(int(seed))
     h = nbd.NBD(); h.connect_uri(uri)
     log = open(log_path, "wb", buffering=0)
+    pending = b""
     def command(block):
-        ready, _, _ = select.select([sys.stdin], [], [], None if block else 0)
-        return sys.stdin.readline().strip() if ready else ""
+        # os.read, not sys.stdin: a buffered stdin may hold a line select() cannot see
+        global pending
+        while b"\n" not in pending:
+            ready, _, _ = select.select([0], [], [], None if block else 0)
+            if not ready:
+                return ""
+            pending += os.read(0, 4096)
+        line, pending = pending.split(b"\n", 1)
+        return line.decode().strip()
     while True:
         line = command(False)
         while line == "pause":
@@ -78,11 +87,17 @@ class Guest:
     applied: int = 0
     writes: int = 0
 
-    def pause(self) -> None:
+    def _tell(self, command: str, answer: str) -> None:
+        """Send a command and wait (a minute at most) for the writer's answer."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write("pause\n")
+        self.proc.stdin.write(command + "\n")
         self.proc.stdin.flush()
-        assert self.proc.stdout.readline().strip() == "paused", self.proc.stderr
+        ready, _, _ = select.select([self.proc.stdout], [], [], 60)
+        assert ready, f"the writer did not answer {command!r}"
+        assert self.proc.stdout.readline().strip() == answer
+
+    def pause(self) -> None:
+        self._tell("pause", "paused")
         self._apply()
 
     def wait_writes(self, count: int) -> None:
@@ -98,10 +113,7 @@ class Guest:
         self.proc.stdin.flush()
 
     def stop(self) -> None:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write("stop\n")
-        self.proc.stdin.flush()
-        assert self.proc.stdout.readline().strip() == "stopped"
+        self._tell("stop", "stopped")
         assert self.proc.wait(30) == 0
         self._apply()
 
@@ -206,6 +218,14 @@ def start_guest(lp: Loop) -> Guest:
 def test_twenty_rounds_of_snapshot_and_merge(loop: Loop, merge: str) -> None:
     lp = loop
     guest = start_guest(lp)
+    try:
+        run_rounds(lp, guest, merge)
+    finally:
+        if guest.proc.poll() is None:
+            guest.proc.kill()
+
+
+def run_rounds(lp: Loop, guest: Guest, merge: str) -> None:
     current, current_path = "disk", lp.dir / "disk.qcow2"
     for n in range(ROUNDS):
         name = f"ov{n}"
