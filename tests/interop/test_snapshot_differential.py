@@ -579,3 +579,30 @@ def test_a_failed_transaction_with_snapshot_sync(pair: Pair, existed: bool) -> N
     pair.ok("transaction", {"actions": actions[:2]})
     assert [side.exports() for side in pair.sides] == [[("a", "a1"), ("b", "new")]] * 2
     assert qsd.image_bytes("new.qcow2") == blockd.image_bytes("new.qcow2")
+
+
+@pytest.mark.parametrize("present", ["none", "empty", "image"])
+def test_an_action_whose_turn_never_comes_makes_nothing(pair: Pair, present: str) -> None:
+    """blockd makes a new image before the exports are held (README); when an
+    earlier action fails, that image is taken back: as in QSD, which never got
+    to it, the file is as it was (absent, empty, or an image left alone)."""
+    before = two_disks(pair)
+    for side in pair.sides:
+        if present == "empty":
+            (side.dir / "new.qcow2").write_bytes(b"")
+        elif present == "image":
+            create(side.dir / "new.qcow2", "1M")
+    was = {side.name: (side.dir / "new.qcow2").read_bytes() if present != "none" else None
+           for side in pair.sides}  # fmt: skip
+    actions = [
+        snap("a", "a1"),
+        {"type": "abort", "data": {}},
+        {"type": "blockdev-snapshot-sync", "data": sync("b", "new.qcow2", "new")},
+    ]
+    assert pair.error("transaction", {"actions": actions}) == (
+        "Transaction aborted using Abort action"
+    )
+    unchanged(pair, before)
+    for side in pair.sides:
+        path = side.dir / "new.qcow2"
+        assert (path.read_bytes() if path.exists() else None) == was[side.name]

@@ -162,10 +162,14 @@ class NewImage:
             log.warning("could not take back the new image %s: %s", self.path, err)
 
 
-async def create_overlay_image(path: str, fmt: str, node: BlockNode) -> NewImage:
+async def create_overlay_image(
+    path: str, fmt: str, node: BlockNode, *, replace: bool = True
+) -> NewImage | None:
     """Create ``path`` as a new overlay of ``node``: ``fmt`` (qcow2: what
     ``qemu-img create -b <node's file> -F <node's format>`` makes), the node's
-    size; QEMU's checks and words."""
+    size; QEMU's checks and words.  With ``replace`` false, a file that holds
+    data is left alone (None): only what :meth:`NewImage.remove` can put back
+    is done."""
     if fmt in ("raw", "file"):
         raise BlockError(f"Backing file not supported for file format '{fmt}'")
     if fmt == "blkdebug":
@@ -186,6 +190,8 @@ async def create_overlay_image(path: str, fmt: str, node: BlockNode) -> NewImage
             return False, False
 
     existed, was_empty = await workers.run(look)
+    if existed and not was_empty and not replace:
+        return None
     size = -(-node.size // 512) * 512  # QEMU counts lengths in whole sectors
     made = NewImage(path, existed, was_empty)
     try:
