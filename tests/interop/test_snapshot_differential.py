@@ -606,3 +606,22 @@ def test_an_action_whose_turn_never_comes_makes_nothing(pair: Pair, present: str
     for side in pair.sides:
         path = side.dir / "new.qcow2"
         assert (path.read_bytes() if path.exists() else None) == was[side.name]
+
+
+def test_a_read_only_overlay_takes_a_read_only_export(pair: Pair) -> None:
+    """Allowed in both; blockd opens the overlay read-write just for its header
+    (README) and leaves it read-only again."""
+    pair.images("base.qcow2", "ov.qcow2")
+    pair.add("base", "base.qcow2", **{"read-only": True})
+    pair.add("ov", "ov.qcow2", backing=None, **{"read-only": True})
+    pair.export("base", "disk", writable=False)
+    pair.ok("blockdev-snapshot", {"node": "base", "overlay": "ov"})
+    assert [s.exports() for s in pair.sides] == [[("disk", "ov")]] * 2
+    nodes = [side.nodes() for side in pair.sides]
+    assert [n[:3] for n in nodes[0]] == [n[:3] for n in nodes[1]]
+    assert ("ov", "qcow2", True, "D/base.qcow2") in nodes[1]
+    for side in pair.sides:
+        side.qmp.close()
+        side.daemon.stop()
+    assert pair.sides[1].info("ov.qcow2")["backing-filename"] == "D/base.qcow2"
+    check(pair.sides[1].dir / "ov.qcow2")
