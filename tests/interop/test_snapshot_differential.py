@@ -625,3 +625,29 @@ def test_a_read_only_overlay_takes_a_read_only_export(pair: Pair) -> None:
         side.daemon.stop()
     assert pair.sides[1].info("ov.qcow2")["backing-filename"] == "D/base.qcow2"
     check(pair.sides[1].dir / "ov.qcow2")
+
+
+@pytest.mark.parametrize("size", ["32M", "128M"])
+def test_an_overlay_of_another_size(pair: Pair, size: str) -> None:
+    """QEMU does not compare sizes: the export serves the overlay's, the rest
+    reads as the overlay's chain does; blockd the same."""
+    pair.images("base.qcow2")
+    pair.images("ov.qcow2", size=size, backing="base.qcow2")
+    for side in pair.sides:
+        qemu_io(side.dir / "base.qcow2", "write -P 0x11 0 64M")
+    pair.add("base", "base.qcow2")
+    pair.add("ov", "ov.qcow2", backing=None)
+    pair.export("base", "disk")
+    pair.ok("blockdev-snapshot", {"node": "base", "overlay": "ov"})
+    sizes = [[n["image"]["virtual-size"] for n in side.run(
+        "query-named-block-nodes", {"flat": True})["return"] if n["node-name"] == "ov"]
+        for side in pair.sides]  # fmt: skip
+    assert sizes[0] == sizes[1]
+    for side in pair.sides:
+        side.io("disk", "write -P 0x22 1M 1M", "read -P 0x11 0 1M")
+    assert [s.exports() for s in pair.sides] == [[("disk", "ov")]] * 2
+    for side in pair.sides:
+        side.qmp.close()
+        side.daemon.stop()
+    check(pair.sides[1].dir / "ov.qcow2")
+    pair.compare("ov.qcow2")
