@@ -50,8 +50,6 @@ async def create_file(filename: str, size: int, *, preallocation: str = "off",
     """blockdev-create's ``file`` driver, with QEMU's checks and texts."""
     if extent_size_hint is not None and extent_size_hint > _UINT32_MAX:
         raise CreateError("Extent size hint is too large", errno.EINVAL)
-    if preallocation not in ("off", "falloc", "full"):
-        raise CreateError(f"Unsupported preallocation mode: {preallocation}", errno.ENOTSUP)
     await _create_file(filename, size, preallocation=preallocation, nocow=nocow,
                        extent_size_hint=(1 << 20) if extent_size_hint is None
                        else extent_size_hint)
