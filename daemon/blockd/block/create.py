@@ -155,6 +155,9 @@ async def _write_plan(file: BlockNode, plan: Plan, preallocation: str) -> None:
         await file.write(0, bytes(cs))
     except BlockIOError as exc:
         raise BlockIOError(exc.errno, f"Could not write qcow2 header: {exc}") from exc
+    # a failure is worded as QEMU words the step it would fail in
+    step = ("Allocating clusters failed" if preallocation == "metadata"
+            else "Failed to grow the L1 table")
     try:
         run_start, run = -1, bytearray()
         for c, data in plan.clusters.items():
@@ -170,12 +173,15 @@ async def _write_plan(file: BlockNode, plan: Plan, preallocation: str) -> None:
             await file.write(run_start, bytes(run))
         if plan.preallocate is not None:
             lo, hi = plan.preallocate
+            step = "Failed to resize underlying file: " + (
+                "Could not preallocate new data" if preallocation == "falloc"
+                else "Could not write zeros for preallocation")
             await _preallocate(file, lo, hi, preallocation)
         if plan.length > file.size:
             await file.truncate(plan.length)
         await file.flush()
     except BlockIOError as exc:
-        raise BlockIOError(exc.errno, f"Could not resize image: {exc}") from exc
+        raise BlockIOError(exc.errno, f"Could not resize image: {step}: {exc}") from exc
     try:
         await file.write(0, head)
         await file.flush()
