@@ -157,6 +157,16 @@ def run_script(daemon: DaemonProcess, d: Path) -> list[Any]:
                                    "filename": f"D/i{i}.qcow2"})
         s.create({"driver": "qcow2", "file": f"n{i}", **options})
         s.execute("blockdev-del", {"node-name": f"n{i}"})
+    # images made over older ones in the same node: only QEMU's writes land
+    s.create({"driver": "file", "filename": "D/reuse.qcow2", "size": 0})
+    s.execute("blockdev-add", {"driver": "file", "node-name": "reuse",
+                               "filename": "D/reuse.qcow2"})
+    for options in ({"size": 16 * MiB, "cluster-size": 4096, "preallocation": "metadata"},
+                    {"size": GiB},
+                    {"size": 4 * MiB, "cluster-size": 512, "preallocation": "falloc"},
+                    {"size": 8 * MiB, "preallocation": "metadata", "version": "v2"}):
+        s.create({"driver": "qcow2", "file": "reuse", **options})
+    s.execute("blockdev-del", {"node-name": "reuse"})
     # an inline file definition: opened for the job, closed after it
     s.create({"driver": "file", "filename": "D/inline.qcow2", "size": 0})
     s.create({"driver": "qcow2", "size": GiB, "cluster-size": 4096,

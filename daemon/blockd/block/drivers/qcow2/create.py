@@ -448,6 +448,9 @@ class _Model:
         got = self.alloc_at(start // cs, data)
         assert got == data
         end = start + data * cs
+        if end < self.length:
+            raise CreateError("Failed to resize underlying file: Cannot use preallocation "
+                              "for shrinking files", 95)
         if end > self.length:
             self.preallocate = (self.length, end)
             self.length = end
