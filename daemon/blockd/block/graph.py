@@ -208,6 +208,18 @@ class BlockGraph:
             self.detach_user(node, key)
             raise
 
+    def attach_creator(self, node: BlockNode, key: object) -> None:
+        """Let ``key`` write and resize ``node`` (an image being made in it),
+        sharing everything, as QEMU's blockdev-create asks; refused on a conflict."""
+        entry: list[Any] = [next(self._sequence), key, WRITE | RESIZE, ALL, UNNAMED_DEVICE,
+                            "root"]
+        self._roots.setdefault(node.node_name, []).append(entry)
+        try:
+            self._check_permissions(node)
+        except BlockError:
+            self.detach_user(node, key)
+            raise
+
     def forbid_resize(self, node: BlockNode, key: object) -> None:
         """The NBD export's second step: nobody may resize the node under its clients."""
         for entry in self._roots.get(node.node_name, []):

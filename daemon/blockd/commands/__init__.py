@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from blockd.commands import block, export, jobs, misc, plan, snapshot, transaction
+from blockd.commands import block, create, export, jobs, misc, plan, snapshot, transaction
 from blockd.commands.context import CommandContext, Handler
 
 HANDLERS: Mapping[str, Handler] = {
@@ -20,6 +20,7 @@ HANDLERS: Mapping[str, Handler] = {
     "query-named-block-nodes": block.query_named_block_nodes,
     "query-block": block.query_block,
     "block-commit": jobs.block_commit,
+    "blockdev-create": create.blockdev_create,
     "query-jobs": jobs.query_jobs,
     "query-block-jobs": jobs.query_block_jobs,
     "block-job-set-speed": jobs.block_job_set_speed,

@@ -19,7 +19,7 @@ async def query_jobs(ctx: CommandContext, args: Mapping[str, Any]) -> list[dict[
 
 
 async def query_block_jobs(ctx: CommandContext, args: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return [job.block_job_info() for job in reversed(ctx.jobs.jobs())]
+    return [job.block_job_info() for job in reversed(ctx.jobs.block_jobs())]
 
 
 async def block_job_set_speed(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str, Any]:

@@ -81,6 +81,10 @@ class Job:
     """State, verbs and events common to all jobs; subclasses supply the work."""
 
     job_type: ClassVar[str]
+    #: A block job (commit) is listed by query-block-jobs, answers the
+    #: block-job-* verbs and sends the BLOCK_JOB_* events; other jobs
+    #: (create) only have the job-* verbs and JOB_STATUS_CHANGE.
+    is_block_job: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -298,7 +302,8 @@ class Job:
             self._transition(JobStatus.WAITING)
             self._transition(JobStatus.PENDING)
             if not self.auto_finalize:
-                self.events.emit(BlockJobPending(type=self.job_type, id=self.id))
+                if self.is_block_job:
+                    self.events.emit(BlockJobPending(type=self.job_type, id=self.id))
                 await self._finalize_requested.wait()
             if not self.is_cancelled:
                 try:
@@ -323,10 +328,12 @@ class Job:
             log.exception("job %s could not release its resources", self.id)
         progress = (self.job_type, self.id, self.length, self.offset, self.speed)
         if self.is_cancelled:
-            self.events.emit(BlockJobCancelled(*progress))
+            if self.is_block_job:
+                self.events.emit(BlockJobCancelled(*progress))
             logs.job_cancelled(self.id, self.job_type, self.copied, self.length)
         else:
-            self.events.emit(BlockJobCompleted(*progress, error=error))
+            if self.is_block_job:
+                self.events.emit(BlockJobCompleted(*progress, error=error))
             if error is None:
                 seconds = time.monotonic() - self._started_at
                 logs.job_finished(self.id, self.job_type, self.copied, self.length, seconds)

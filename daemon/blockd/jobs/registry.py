@@ -57,13 +57,16 @@ class JobRegistry:
     def jobs(self) -> list[Job]:
         return list(self._jobs.values())
 
+    def block_jobs(self) -> list[Job]:
+        return [j for j in self._jobs.values() if j.is_block_job]
+
     def running(self) -> list[Job]:
         return [j for j in self._jobs.values() if j.status is not JobStatus.CONCLUDED]
 
     def block_job(self, job_id: str) -> Job:
         """Lookup for ``block-job-*`` commands, with their error class."""
         job = self._jobs.get(job_id)
-        if job is None:
+        if job is None or not job.is_block_job:
             raise DeviceNotActive(f"Block job '{job_id}' not found")
         return job
 

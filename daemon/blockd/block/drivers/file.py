@@ -559,6 +559,13 @@ def _set_extent_size_hint(fd: int, hint: int) -> None:
             xflags | _FS_XFLAG_EXTSIZE, hint, nextents, projid, cowextsize, pad))
 
 
+def _allocate_first_block(fd: int, size: int) -> None:
+    """QEMU writes zeros over the start of a new file (so that the file
+    system allocates its first block now); a file shorter than a sector
+    thereby becomes a sector long, and blockd's must be the same file."""
+    os.pwrite(fd, bytes(SECTOR_SIZE if size < 4096 else 4096), 0)
+
+
 def grow_file(fd: int, size: int, preallocation: str) -> None:
     """Make the file ``size`` bytes long the way QEMU's file driver does for
     each preallocation mode (the new area reads as zeros in every mode).
@@ -567,11 +574,19 @@ def grow_file(fd: int, size: int, preallocation: str) -> None:
     the length.  A failure puts the old length back and raises
     :class:`BlockIOError` with QEMU's words.
     """
+    if preallocation not in ("off", "falloc", "full"):
+        raise BlockIOError(errno.ENOTSUP, f"Unsupported preallocation mode: {preallocation}")
     current = os.fstat(fd).st_size
+    if size >= 1 << 63:
+        size -= 1 << 64  # QEMU's off_t: past INT64_MAX a length is negative
+    if preallocation != "off" and size < current:
+        raise BlockIOError(errno.ENOTSUP, "Cannot use preallocation for shrinking files")
     try:
         if preallocation == "falloc":
             if size > current:
                 os.posix_fallocate(fd, current, size - current)
+                if current == 0:
+                    _allocate_first_block(fd, size)
         elif preallocation == "full":
             try:
                 os.ftruncate(fd, size)
@@ -586,6 +601,8 @@ def grow_file(fd: int, size: int, preallocation: str) -> None:
             os.fsync(fd)
         else:
             os.ftruncate(fd, size)
+            if current == 0 and size > 0:
+                _allocate_first_block(fd, size)
     except BlockIOError:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, current)
