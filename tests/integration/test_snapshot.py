@@ -216,7 +216,10 @@ def test_snapshot_while_the_guest_writes(served: Served) -> None:
     reply = served.execute("blockdev-snapshot", node="base", overlay="ov")
     answered = time.monotonic()
     assert reply == {"return": {}}
-    guest.wait_for(200)
+    # until 150 writes sent after the reply are acknowledged (what was written
+    # while the command ran may still be waiting in the log)
+    while sum(sent_at > answered for _, sent_at, _ in guest.writes) < 150:
+        guest.wait_for(50)
     guest.finish()
     assert served.export_node() == "ov"
     assert served.ro("base") is True

@@ -102,10 +102,14 @@ class Guest:
 
     def wait_writes(self, count: int) -> None:
         """Until the guest has logged ``count`` more writes (on the real clock)."""
-        start = self.log.stat().st_size if self.log.exists() else 0
+        start = self.logged()
         deadline = time.monotonic() + 30
-        while self.log.stat().st_size < start + count * 4112 and time.monotonic() < deadline:
+        while self.logged() < start + count * 4112 and time.monotonic() < deadline:
             time.sleep(0.01)
+
+    def logged(self) -> int:
+        """Bytes in the writer's log (none before it has connected)."""
+        return self.log.stat().st_size if self.log.exists() else 0
 
     def resume(self) -> None:
         assert self.proc.stdin is not None

@@ -45,7 +45,7 @@ class Side:
     qmp: RawQMP
     nbd_sock: Path
 
-    def run(self, command: str, arguments: Any = None) -> Any:
+    def ask(self, command: str, arguments: Any = None) -> Any:
         """The reply, with this side's directory written as D."""
         if arguments is not None:
             arguments = _swap(arguments, "D", str(self.dir))
@@ -55,11 +55,11 @@ class Side:
         return [(e["event"], e.get("data")) for e in self.qmp.events]
 
     def exports(self) -> list[tuple[str, str]]:
-        return sorted((e["id"], e["node-name"]) for e in self.run("query-block-exports")["return"])
+        return sorted((e["id"], e["node-name"]) for e in self.ask("query-block-exports")["return"])
 
     def nodes(self) -> list[tuple[str, str, bool, str]]:
         """Named nodes: (name, driver, read-only, backing file)."""
-        reply = self.run("query-named-block-nodes", {"flat": True})["return"]
+        reply = self.ask("query-named-block-nodes", {"flat": True})["return"]
         return sorted(
             (n["node-name"], n["drv"], n["ro"], n.get("backing_file", ""))
             for n in reply
@@ -92,7 +92,7 @@ class Pair:
 
     def same(self, command: str, arguments: Any = None) -> Any:
         """Run on both; the replies must be the same; returns it."""
-        replies = [side.run(command, arguments) for side in self.sides]
+        replies = [side.ask(command, arguments) for side in self.sides]
         assert replies[0] == replies[1], (command, arguments, replies)
         return replies[0]
 
@@ -143,7 +143,7 @@ def pair(tmp_path: Path, sock_dir: Path) -> Iterator[Pair]:
             out.sides.append(Side(name, d, daemon, qmp, sock_dir / f"{name}-nbd.sock"))
         for side in out.sides:
             addr = {"type": "unix", "data": {"path": str(side.nbd_sock)}}
-            assert side.run("nbd-server-start", {"addr": addr}) == {"return": {}}
+            assert side.ask("nbd-server-start", {"addr": addr}) == {"return": {}}
         yield out
     finally:
         for side in out.sides:
@@ -257,7 +257,7 @@ def test_snapshot_of_an_exported_disk(pair: Pair) -> None:
     assert ("ov", "qcow2", False, "D/base.qcow2") in nodes[1]
     # the same names everywhere (this overlay's header named base already)
     qsd_files, blockd_files = (
-        sorted(n["file"] for n in side.run("query-named-block-nodes", {"flat": True})["return"])
+        sorted(n["file"] for n in side.ask("query-named-block-nodes", {"flat": True})["return"])
         for side in pair.sides
     )
     assert qsd_files == blockd_files
@@ -300,7 +300,7 @@ def test_snapshot_of_a_bare_overlay_names_the_node(pair: Pair) -> None:
     assert nodes[0] == nodes[1]
     qsd, blockd = pair.sides
     files = {side.name: {n["node-name"]: n["file"] for n in
-                         side.run("query-named-block-nodes", {"flat": True})["return"]}
+                         side.ask("query-named-block-nodes", {"flat": True})["return"]}
              for side in pair.sides}  # fmt: skip
     assert files["qsd"]["ov"].startswith("json:{")
     assert files["blockd"]["ov"] == "D/ov.qcow2"
@@ -431,7 +431,7 @@ def test_other_action_types_are_unknown_to_blockd(pair: Pair, kind: str) -> None
     (README), before anything is done."""
     before = two_disks(pair)
     args = {"actions": [snap("a", "a1"), {"type": kind, "data": {}}]}
-    qsd, blockd = (side.run("transaction", args) for side in pair.sides)
+    qsd, blockd = (side.ask("transaction", args) for side in pair.sides)
     assert qsd["error"]["desc"].startswith("Parameter 'actions[1].data.")
     assert blockd["error"] == {
         "class": "GenericError", "desc": f"Parameter 'type' does not accept value '{kind}'"
@@ -579,3 +579,75 @@ def test_a_failed_transaction_with_snapshot_sync(pair: Pair, existed: bool) -> N
     pair.ok("transaction", {"actions": actions[:2]})
     assert [side.exports() for side in pair.sides] == [[("a", "a1"), ("b", "new")]] * 2
     assert qsd.image_bytes("new.qcow2") == blockd.image_bytes("new.qcow2")
+
+
+@pytest.mark.parametrize("present", ["none", "empty", "image"])
+def test_an_action_whose_turn_never_comes_makes_nothing(pair: Pair, present: str) -> None:
+    """blockd makes a new image before the exports are held (README); when an
+    earlier action fails, that image is taken back: as in QSD, which never got
+    to it, the file is as it was (absent, empty, or an image left alone)."""
+    before = two_disks(pair)
+    for side in pair.sides:
+        if present == "empty":
+            (side.dir / "new.qcow2").write_bytes(b"")
+        elif present == "image":
+            create(side.dir / "new.qcow2", "1M")
+    was = {side.name: (side.dir / "new.qcow2").read_bytes() if present != "none" else None
+           for side in pair.sides}  # fmt: skip
+    actions = [
+        snap("a", "a1"),
+        {"type": "abort", "data": {}},
+        {"type": "blockdev-snapshot-sync", "data": sync("b", "new.qcow2", "new")},
+    ]
+    assert pair.error("transaction", {"actions": actions}) == (
+        "Transaction aborted using Abort action"
+    )
+    unchanged(pair, before)
+    for side in pair.sides:
+        path = side.dir / "new.qcow2"
+        assert (path.read_bytes() if path.exists() else None) == was[side.name]
+
+
+def test_a_read_only_overlay_takes_a_read_only_export(pair: Pair) -> None:
+    """Allowed in both; blockd opens the overlay read-write just for its header
+    (README) and leaves it read-only again."""
+    pair.images("base.qcow2", "ov.qcow2")
+    pair.add("base", "base.qcow2", **{"read-only": True})
+    pair.add("ov", "ov.qcow2", backing=None, **{"read-only": True})
+    pair.export("base", "disk", writable=False)
+    pair.ok("blockdev-snapshot", {"node": "base", "overlay": "ov"})
+    assert [s.exports() for s in pair.sides] == [[("disk", "ov")]] * 2
+    nodes = [side.nodes() for side in pair.sides]
+    assert [n[:3] for n in nodes[0]] == [n[:3] for n in nodes[1]]
+    assert ("ov", "qcow2", True, "D/base.qcow2") in nodes[1]
+    for side in pair.sides:
+        side.qmp.close()
+        side.daemon.stop()
+    assert pair.sides[1].info("ov.qcow2")["backing-filename"] == "D/base.qcow2"
+    check(pair.sides[1].dir / "ov.qcow2")
+
+
+@pytest.mark.parametrize("size", ["32M", "128M"])
+def test_an_overlay_of_another_size(pair: Pair, size: str) -> None:
+    """QEMU does not compare sizes: the export serves the overlay's, the rest
+    reads as the overlay's chain does; blockd the same."""
+    pair.images("base.qcow2")
+    pair.images("ov.qcow2", size=size, backing="base.qcow2")
+    for side in pair.sides:
+        qemu_io(side.dir / "base.qcow2", "write -P 0x11 0 64M")
+    pair.add("base", "base.qcow2")
+    pair.add("ov", "ov.qcow2", backing=None)
+    pair.export("base", "disk")
+    pair.ok("blockdev-snapshot", {"node": "base", "overlay": "ov"})
+    sizes = [[n["image"]["virtual-size"] for n in side.ask(
+        "query-named-block-nodes", {"flat": True})["return"] if n["node-name"] == "ov"]
+        for side in pair.sides]  # fmt: skip
+    assert sizes[0] == sizes[1]
+    for side in pair.sides:
+        side.io("disk", "write -P 0x22 1M 1M", "read -P 0x11 0 1M")
+    assert [s.exports() for s in pair.sides] == [[("disk", "ov")]] * 2
+    for side in pair.sides:
+        side.qmp.close()
+        side.daemon.stop()
+    check(pair.sides[1].dir / "ov.qcow2")
+    pair.compare("ov.qcow2")

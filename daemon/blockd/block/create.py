@@ -50,8 +50,6 @@ async def create_file(filename: str, size: int, *, preallocation: str = "off",
     """blockdev-create's ``file`` driver, with QEMU's checks and texts."""
     if extent_size_hint is not None and extent_size_hint > _UINT32_MAX:
         raise CreateError("Extent size hint is too large", errno.EINVAL)
-    if preallocation not in ("off", "falloc", "full"):
-        raise CreateError(f"Unsupported preallocation mode: {preallocation}", errno.ENOTSUP)
     await _create_file(filename, size, preallocation=preallocation, nocow=nocow,
                        extent_size_hint=(1 << 20) if extent_size_hint is None
                        else extent_size_hint)
@@ -157,6 +155,9 @@ async def _write_plan(file: BlockNode, plan: Plan, preallocation: str) -> None:
         await file.write(0, bytes(cs))
     except BlockIOError as exc:
         raise BlockIOError(exc.errno, f"Could not write qcow2 header: {exc}") from exc
+    # a failure is worded as QEMU words the step it would fail in
+    step = ("Allocating clusters failed" if preallocation == "metadata"
+            else "Failed to grow the L1 table")
     try:
         run_start, run = -1, bytearray()
         for c, data in plan.clusters.items():
@@ -172,12 +173,15 @@ async def _write_plan(file: BlockNode, plan: Plan, preallocation: str) -> None:
             await file.write(run_start, bytes(run))
         if plan.preallocate is not None:
             lo, hi = plan.preallocate
+            step = "Failed to resize underlying file: " + (
+                "Could not preallocate new data" if preallocation == "falloc"
+                else "Could not write zeros for preallocation")
             await _preallocate(file, lo, hi, preallocation)
         if plan.length > file.size:
             await file.truncate(plan.length)
         await file.flush()
     except BlockIOError as exc:
-        raise BlockIOError(exc.errno, f"Could not resize image: {exc}") from exc
+        raise BlockIOError(exc.errno, f"Could not resize image: {step}: {exc}") from exc
     try:
         await file.write(0, head)
         await file.flush()

@@ -6,13 +6,15 @@ exports, at one moment with their requests held), so writes from then on
 land in the overlay and the node is frozen.
 
 The overlay's header is made to name the node (file name and format) when it
-names no backing file yet, before anything else changes: one crash-safe
-header update (``change_backing``), so that a daemon killed at any point
-leaves the overlay naming either nothing (the guest still on the node) or the
-node (the overlay, empty, shows the node's content).  QEMU 7.2 writes nothing
-here, and an overlay added without a backing name reads as an empty disk once
-QEMU exits; a header that already names a file (libvirt creates overlays
-that way) is left as it is, as in QEMU.
+names no backing file yet, before any write can reach the overlay (the
+exports are still held): one header update (``change_backing``), flushed,
+so that a daemon killed at any point leaves the overlay naming either
+nothing (then nothing was written to it: the guest's disk is the node) or
+the node (the overlay shows the node's content, and what was written
+since).  QEMU 7.2 writes nothing here, and an overlay added without a
+backing name reads as an empty disk once QEMU exits; a header that already
+names a file (libvirt creates overlays that way) is left as it is, as in
+QEMU.
 """
 
 from __future__ import annotations
@@ -95,7 +97,8 @@ def link_overlay(graph: BlockGraph, node: BlockNode, overlay: BlockNode) -> Appe
 async def name_backing(appended: Appended) -> None:
     """Record the node in the overlay's header if it names no backing file yet.
 
-    The only write of a snapshot: one crash-safe header update, flushed.  A
+    The only write of a snapshot: the header, in one write (within its first
+    cluster), flushed, so a kill leaves the old header or the new one.  A
     read-only overlay is opened read-write for it, as a commit does to
     re-point one.  Until it is done nothing may write to the overlay (the
     caller holds the exports).
@@ -162,10 +165,14 @@ class NewImage:
             log.warning("could not take back the new image %s: %s", self.path, err)
 
 
-async def create_overlay_image(path: str, fmt: str, node: BlockNode) -> NewImage:
+async def create_overlay_image(
+    path: str, fmt: str, node: BlockNode, *, replace: bool = True
+) -> NewImage | None:
     """Create ``path`` as a new overlay of ``node``: ``fmt`` (qcow2: what
     ``qemu-img create -b <node's file> -F <node's format>`` makes), the node's
-    size; QEMU's checks and words."""
+    size; QEMU's checks and words.  With ``replace`` false, a file that holds
+    data is left alone (None): only what :meth:`NewImage.remove` can put back
+    is done."""
     if fmt in ("raw", "file"):
         raise BlockError(f"Backing file not supported for file format '{fmt}'")
     if fmt == "blkdebug":
@@ -186,6 +193,8 @@ async def create_overlay_image(path: str, fmt: str, node: BlockNode) -> NewImage
             return False, False
 
     existed, was_empty = await workers.run(look)
+    if existed and not was_empty and not replace:
+        return None
     size = -(-node.size // 512) * 512  # QEMU counts lengths in whole sectors
     made = NewImage(path, existed, was_empty)
     try:

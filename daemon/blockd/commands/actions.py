@@ -40,7 +40,9 @@ class Action(Protocol):
 
     async def warm_up(self) -> None:
         """Before the exports are held: work that shortens what is done while
-        they are (a flush), changing nothing a client could tell; never fails."""
+        they are (a flush, making a new image), which a client cannot tell
+        from nothing; what fails is reported by :meth:`prepare`, where QEMU
+        would meet it."""
 
     async def prepare(self) -> None:
         """Check, and change the graph; undone by :meth:`abort`."""
@@ -53,36 +55,44 @@ class Action(Protocol):
         """Finish off once every action is prepared; must not fail."""
 
     async def abort(self) -> None:
-        """Undo :meth:`prepare` (also after a prepare that failed part-way)."""
+        """Undo :meth:`warm_up` and :meth:`prepare`, as far as each got (also
+        for an action whose turn never came)."""
 
     async def clean(self) -> None:
         """Drop what the action held, whatever the outcome."""
 
 
 async def run_actions(ctx: CommandContext, actions: Sequence[Action]) -> None:
-    for action in actions:
-        await action.warm_up()
-    async with ctx.exports.quiesced():
-        prepared: list[Action] = []
-        try:
+    try:
+        for action in actions:
+            await action.warm_up()
+        async with ctx.exports.quiesced():
             try:
                 for action in actions:
-                    prepared.append(action)
                     await action.prepare()
-                for action in prepared:
+                for action in actions:
                     await action.record()
             except BaseException:
-                with trio.CancelScope(shield=True):
-                    for action in reversed(prepared):
-                        await _abort(action)
+                # undone while the exports are still held: no client sees
+                # a half-undone graph
+                await _abort_all(actions)
                 raise
             with trio.CancelScope(shield=True):
-                for action in prepared:
+                for action in actions:
                     await action.commit()
-        finally:
-            with trio.CancelScope(shield=True):
-                for action in prepared:
-                    await action.clean()
+    except BaseException:
+        await _abort_all(actions)  # a second time changes nothing
+        raise
+    finally:
+        with trio.CancelScope(shield=True):
+            for action in actions:
+                await action.clean()
+
+
+async def _abort_all(actions: Sequence[Action]) -> None:
+    with trio.CancelScope(shield=True):
+        for action in reversed(actions):
+            await _abort(action)
 
 
 async def _abort(action: Action) -> None:

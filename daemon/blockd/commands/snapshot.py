@@ -58,6 +58,7 @@ class SnapshotAction:
         self._appended: Appended | None = None
         self._moved = False
         self._flush_error: BlockIOError | None = None
+        self._create_error: BlockError | None = None
         #: blockdev-snapshot-sync: the image file made, and the node opened
         self._created: NewImage | None = None
         self._opened: BlockNode | None = None
@@ -100,7 +101,10 @@ class SnapshotAction:
         fmt = data.get("format", "qcow2")
         path = data["snapshot-file"]
         if data.get("mode", "absolute-paths") != "existing":
-            self._created = await create_overlay_image(path, fmt, node)
+            if self._create_error is not None:
+                raise self._create_error
+            if self._created is None:
+                self._created = await create_overlay_image(path, fmt, node)
         elif fmt not in _OPENABLE:
             raise BlockError(f"Unknown file format '{fmt}'")
         # QEMU opens it with the node's flags: its open mode and discard policy
@@ -120,6 +124,13 @@ class SnapshotAction:
         return self._opened
 
     async def warm_up(self) -> None:
+        """Flush the node, and make the new image, while the guest still writes.
+
+        What fails is kept for :meth:`prepare` to report where QEMU meets
+        it (a second try could succeed where QEMU's one try failed).  The
+        image is made early only where QEMU would get that far, and only in
+        place of nothing or of an empty file, which an abort can put back.
+        """
         try:
             node = self._find_node()
         except BlockdError:
@@ -128,9 +139,25 @@ class SnapshotAction:
             try:
                 await node.flush()
             except BlockIOError as err:
-                # reported where QEMU's one flush would fail (a second try
-                # could succeed where QEMU's failed)
                 self._flush_error = err
+                return
+        data = self.data
+        name = data.get("snapshot-node-name")
+        if (
+            self.kind != "blockdev-snapshot-sync"
+            or self.grouped
+            or self.ctx.graph.deletion_blocker(node) is not None
+            or name is None
+            or name in self.ctx.graph
+            or data.get("mode", "absolute-paths") == "existing"
+        ):
+            return
+        try:
+            self._created = await create_overlay_image(
+                data["snapshot-file"], data.get("format", "qcow2"), node, replace=False
+            )
+        except BlockError as err:
+            self._create_error = err
 
     async def prepare(self) -> None:
         graph = self.ctx.graph

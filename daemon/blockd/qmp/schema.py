@@ -363,6 +363,11 @@ def _leaf(path: Sequence[Any]) -> str:
     return path[-1] if path and isinstance(path[-1], str) else "null"
 
 
+#: the ``maximum`` that marks a QAPI ``uint64`` / ``size`` member (whose
+#: minimum is INT64_MIN: QEMU takes negative numbers there too)
+_UINT64_MAX = (1 << 64) - 1
+
+
 def _word(error: ValidationError, where: _Located) -> str:
     parent = error.absolute_path
     keyword = error.validator
@@ -379,6 +384,9 @@ def _word(error: ValidationError, where: _Located) -> str:
         if isinstance(kind, list):
             # An alternate: QEMU names the alternate type and the bare member.
             return f"Invalid parameter type for '{_leaf(parent)}', expected: {schema.get('title')}"
+        if isinstance(schema, Mapping) and schema.get("maximum") == _UINT64_MAX:
+            # QAPI's uint64 and size: any value that is no such number, one word
+            return f"Parameter '{_full_name(parent)}' expects uint64"
         # One message for a wrong JSON type and for an int64 overflow.
         return f"Invalid parameter type for '{_full_name(parent)}', expected: {kind}"
     if keyword in ("enum", "const"):

@@ -574,6 +574,8 @@ def grow_file(fd: int, size: int, preallocation: str) -> None:
     the length.  A failure puts the old length back and raises
     :class:`BlockIOError` with QEMU's words.
     """
+    if preallocation not in ("off", "falloc", "full"):
+        raise BlockIOError(errno.ENOTSUP, f"Unsupported preallocation mode: {preallocation}")
     current = os.fstat(fd).st_size
     if size >= 1 << 63:
         size -= 1 << 64  # QEMU's off_t: past INT64_MAX a length is negative

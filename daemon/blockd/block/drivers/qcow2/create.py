@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from array import array
 
 from blockd.block.drivers.qcow2 import header as hdr
 from blockd.block.drivers.qcow2.refcount import get_refcount, set_refcount
-from blockd.block.drivers.qcow2.tables import OFLAG_COPIED
+from blockd.block.drivers.qcow2.tables import OFLAG_COPIED, encode_entries
 from blockd.errors import BlockError, ImageError
 
 #: QEMU's defaults and limits for a new image
@@ -34,6 +35,9 @@ _REQUEST_MAX = ((1 << 31) - 1) // 512 * 512
 _INT_MAX = (1 << 31) - 1
 #: QEMU writes the feature name table only into clusters bigger than this
 _FEATURE_TABLE_MIN_CLUSTER = 4096
+
+#: array type codes of unsigned integers 1, 2, 4 and 8 bytes wide
+_TYPECODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
 _FEATURES = [
     (0, 0, "dirty bit"),
@@ -158,9 +162,50 @@ class _Model:
                 self.free_index += step
                 found += step
                 continue
-            self.free_index += 1
-            found = found + 1 if self.refcount(c) == 0 else 0
+            run = self._run(self.blocks[self.table[rt] // self.cs], c,
+                            (rt + 1) * self.block_entries - c)
+            if run is None:  # counters narrower than a byte: one at a time
+                self.free_index += 1
+                found = found + 1 if self.refcount(c) == 0 else 0
+            elif run[0]:
+                step = min(n - found, run[1])
+                self.free_index += step
+                found += step
+            else:
+                self.free_index += run[1]
+                found = 0
         return self.free_index - n
+
+    def _run(self, block: bytearray, cluster: int, limit: int) -> tuple[bool, int] | None:
+        """(free?, length) of the run of free or of used clusters from
+        ``cluster``, up to ``limit`` (within its block); None for counters
+        narrower than a byte."""
+        span = self._span(cluster, limit)
+        if span is None:
+            return None
+        seg = bytes(block[span[0] : span[1]])
+        width = self.rbits // 8
+        zeros = (len(seg) - len(seg.lstrip(b"\0"))) // width
+        if zeros:
+            return True, zeros
+        counters = array(_TYPECODES[width], seg)
+        try:
+            return False, counters.index(0)
+        except ValueError:
+            return False, limit
+
+    def _span(self, cluster: int, n: int) -> tuple[int, int] | None:
+        """The bytes of a refcount block holding the counters of ``n`` clusters
+        from ``cluster`` (all in one block), when they are whole bytes."""
+        if self.rbits < 8:
+            return None
+        width = self.rbits // 8
+        i = cluster % self.block_entries
+        return i * width, (i + n) * width
+
+    def _all_free(self, block: bytearray, cluster: int, n: int) -> bool:
+        span = self._span(cluster, n)
+        return span is not None and not any(block[span[0]:span[1]])
 
     def update(self, first: int, n: int, delta: int) -> bool:
         """Change the counters of ``n`` clusters; False: a refcount block was
@@ -180,6 +225,19 @@ class _Model:
                 block = got
             old_rt = rt
             i = c % self.block_entries
+            run = min(first + n, (rt + 1) * self.block_entries) - c
+            span = self._span(c, run) if delta in (1, -1) and run > 1 else None
+            if span is not None:
+                # a run counted or uncounted at once (a preallocation, and its
+                # undoing when a refcount block had to be made): 0 <-> 1
+                width = self.rbits // 8
+                old, new = (0, 1) if delta == 1 else (1, 0)
+                if block[span[0] : span[1]] == old.to_bytes(width, "big") * run:
+                    block[span[0] : span[1]] = new.to_bytes(width, "big") * run
+                    if new == 0:
+                        self.free_index = min(self.free_index, c)
+                    c += run
+                    continue
             value = get_refcount(block, i, self.rbits) + delta
             if value == 0 and c < self.free_index:
                 self.free_index = c
@@ -196,8 +254,17 @@ class _Model:
     def alloc_at(self, first: int, n: int) -> int:
         while True:
             i = 0
-            while i < n and self.refcount(first + i) == 0:
-                i += 1
+            while i < n:
+                c = first + i
+                rt = c // self.block_entries
+                step = min(n - i, (rt + 1) * self.block_entries - c)
+                if rt >= len(self.table) or not self.table[rt] or self._all_free(
+                        self.blocks[self.table[rt] // self.cs], c, step):
+                    i += step
+                elif self.refcount(c) == 0:
+                    i += 1
+                else:
+                    break
             if i == 0 or self.update(first, i, +1):
                 return i
 
@@ -273,7 +340,7 @@ class _Model:
                 j = (start - first) // cs if first < start else 0
                 for k in range(j, min((end - first) // cs, be)):
                     set_refcount(buf, k, self.rbits, 1)
-        self.write(table_offset, b"".join(struct.pack(">Q", e) for e in new))
+        self.write(table_offset, encode_entries(new))
         self.write(hdr.OFF_REFTABLE, struct.pack(">QI", table_offset, table_clusters))
         old, old_entries = self.table_offset, len(self.table)
         self.table, self.table_offset = new, table_offset
@@ -289,7 +356,7 @@ class _Model:
             raise CreateError("Failed to grow the L1 table: File too large", 27)
         first = self.alloc(-(-entries * 8 // self.cs))
         table = self.l1 + [0] * (entries - len(self.l1))
-        self.write(first * self.cs, b"".join(struct.pack(">Q", e) for e in table))
+        self.write(first * self.cs, encode_entries(table))
         self.write(hdr.OFF_L1, struct.pack(">IQ", entries, first * self.cs))
         old, old_n = self.l1_offset, len(self.l1)
         self.l1, self.l1_offset = table, first * self.cs
@@ -313,8 +380,9 @@ class _Model:
         """Point ``n`` guest clusters from ``guest`` at host clusters from ``host``."""
         table = self.l2_table(guest)
         index = (guest // self.cs) % self.l2_entries
-        for i in range(n):
-            struct.pack_into(">Q", table, (index + i) * 8, (host + i * self.cs) | OFLAG_COPIED)
+        start = host | OFLAG_COPIED
+        table[index * 8 : (index + n) * 8] = encode_entries(
+            range(start, start + n * self.cs, self.cs))
 
     # -- preallocation --------------------------------------------------------------
 
@@ -380,6 +448,9 @@ class _Model:
         got = self.alloc_at(start // cs, data)
         assert got == data
         end = start + data * cs
+        if end < self.length:
+            raise CreateError("Failed to resize underlying file: Cannot use preallocation "
+                              "for shrinking files", 95)
         if end > self.length:
             self.preallocate = (self.length, end)
             self.length = end
