@@ -40,7 +40,7 @@ ROUNDS = 20
 #: 200 a second, a tenth of them FUA; a line on stdin pauses it (after a flush,
 #: with every acknowledged write in its log) or stops it.
 WRITER = textwrap.dedent(
-    """
+    r"""
     import nbd, os, random, select, sys, time
     uri, seed, size, log_path = sys.argv[1:5]
     size = int(size)
