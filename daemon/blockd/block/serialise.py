@@ -35,11 +35,6 @@ class RangeGate:
         self._changed = trio.Event()
         self._waiting = 0
 
-    @property
-    def held(self) -> bool:
-        """Whether any exclusive range is held (writes then ask :meth:`blocked`)."""
-        return bool(self._exclusive)
-
     def blocked(self, offset: int, length: int) -> bool:
         """Whether a write of the current task over the range must wait now."""
         if not self._exclusive:
