@@ -1,0 +1,109 @@
+"""The range gate's exact boundaries and wake-ups (block/serialise.py).
+
+A stream's correctness rests on it: a write over a held range must wait,
+and one beside it must not (else guests stall for nothing), and every
+waiter must be woken when what it waits for is over (else a job or a
+guest hangs).
+"""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from blockd.block.serialise import RangeGate
+
+
+async def test_a_held_range_blocks_exactly_the_writes_over_it() -> None:
+    gate = RangeGate()
+    outcomes: dict[tuple[int, int], bool] = {}
+    async with gate.exclusive(100, 100):
+
+        async def probe() -> None:
+            for offset, length in [(0, 100), (50, 10), (200, 100), (99, 1), (99, 2),
+                                   (199, 1), (150, 0), (200, 0), (0, 1000)]:  # fmt: skip
+                outcomes[(offset, length)] = gate.blocked(offset, length)
+
+        # the holder's own writes are never blocked
+        assert not gate.blocked(150, 10)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(probe)
+    assert outcomes == {
+        (0, 100): False, (50, 10): False, (200, 100): False, (99, 1): False,
+        (99, 2): True, (199, 1): True, (150, 0): True, (200, 0): False, (0, 1000): True,
+    }  # fmt: skip
+    assert not gate.blocked(150, 10)
+
+
+async def test_taking_a_range_waits_only_for_writes_over_it() -> None:
+    gate = RangeGate()
+    beside = [await gate.begin_write(90, 10), await gate.begin_write(200, 10)]
+    with trio.fail_after(1):
+        async with gate.exclusive(100, 100):
+            pass  # nothing in flight over it: taken at once
+    over = await gate.begin_write(199, 1)
+    entered = trio.Event()
+
+    async def take() -> None:
+        async with gate.exclusive(100, 100):
+            entered.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(take)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not entered.is_set()
+        gate.end_write(over)
+    assert entered.is_set()
+    for token in beside:
+        gate.end_write(token)
+
+
+async def test_every_waiter_is_woken_however_often_it_waits() -> None:
+    """The range waits for two writes ending one after the other, then a
+    write waits for the range: each wake-up must come."""
+    gate = RangeGate()
+    first, second = await gate.begin_write(0, 10), await gate.begin_write(5, 10)
+    log: list[str] = []
+
+    async def take() -> None:
+        async with gate.exclusive(0, 20):
+            log.append("held")
+            await trio.sleep(0.01)
+        log.append("left")
+
+    async def write() -> None:
+        token = await gate.begin_write(3, 1)
+        log.append("written")
+        gate.end_write(token)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(take)
+            await trio.testing.wait_all_tasks_blocked()
+            gate.end_write(first)
+            await trio.testing.wait_all_tasks_blocked()
+            assert log == []
+            nursery.start_soon(write)
+            await trio.testing.wait_all_tasks_blocked()
+            gate.end_write(second)
+    assert log == ["held", "left", "written"]
+
+
+async def test_overlapping_ranges_are_held_one_after_the_other() -> None:
+    gate = RangeGate()
+    log: list[str] = []
+
+    async def take(name: str, offset: int) -> None:
+        async with gate.exclusive(offset, 100):
+            log.append(f"{name} in")
+            await trio.sleep(0.01)
+            log.append(f"{name} out")
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(take, "a", 0)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(take, "b", 99)
+            nursery.start_soon(take, "c", 100)
+    assert log.index("a out") < log.index("b in")
+    assert log.index("c in") < log.index("a out")
