@@ -21,7 +21,7 @@ async def test_a_held_range_blocks_exactly_the_writes_over_it() -> None:
 
         async def probe() -> None:
             for offset, length in [(0, 100), (50, 10), (200, 100), (99, 1), (99, 2),
-                                   (199, 1), (150, 0), (200, 0), (0, 1000)]:  # fmt: skip
+                                   (199, 1), (0, 1000)]:  # fmt: skip
                 outcomes[(offset, length)] = gate.blocked(offset, length)
 
         # the holder's own writes are never blocked
@@ -30,7 +30,7 @@ async def test_a_held_range_blocks_exactly_the_writes_over_it() -> None:
             nursery.start_soon(probe)
     assert outcomes == {
         (0, 100): False, (50, 10): False, (200, 100): False, (99, 1): False,
-        (99, 2): True, (199, 1): True, (150, 0): True, (200, 0): False, (0, 1000): True,
+        (99, 2): True, (199, 1): True, (0, 1000): True,
     }  # fmt: skip
     assert not gate.blocked(150, 10)
 
@@ -90,20 +90,41 @@ async def test_every_waiter_is_woken_however_often_it_waits() -> None:
 
 
 async def test_overlapping_ranges_are_held_one_after_the_other() -> None:
+    """Offsets past 256 (Python shares smaller ints, which hides identity
+    slips in comparisons)."""
     gate = RangeGate()
     log: list[str] = []
 
     async def take(name: str, offset: int) -> None:
-        async with gate.exclusive(offset, 100):
+        async with gate.exclusive(offset, 1000):
             log.append(f"{name} in")
             await trio.sleep(0.01)
             log.append(f"{name} out")
 
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(take, "a", 0)
+            nursery.start_soon(take, "a", 1000)
             await trio.testing.wait_all_tasks_blocked()
-            nursery.start_soon(take, "b", 99)
-            nursery.start_soon(take, "c", 100)
+            for name, offset in (("b", 1999), ("c", 2000), ("d", 5000), ("e", 0)):
+                nursery.start_soon(take, name, offset)
     assert log.index("a out") < log.index("b in")
-    assert log.index("c in") < log.index("a out")
+    for beside in "cde":
+        assert log.index(f"{beside} in") < log.index("a out")
+
+
+async def test_writes_beside_a_range_never_delay_it() -> None:
+    gate = RangeGate()
+    tokens = [await gate.begin_write(offset, 1000) for offset in (0, 2000, 9000)]
+    with trio.fail_after(1):
+        async with gate.exclusive(1000, 1000):
+            assert not gate.blocked(2000, 1000) and not gate.blocked(0, 1000)
+            async with trio.open_nursery() as nursery:
+
+                async def other() -> None:
+                    assert gate.blocked(1999, 1000) and gate.blocked(0, 1001)
+                    assert not gate.blocked(2000, 1000) and not gate.blocked(0, 1000)
+                    assert not gate.blocked(5000, 10)
+
+                nursery.start_soon(other)
+    for token in tokens:
+        gate.end_write(token)

@@ -40,7 +40,7 @@ class RangeGate:
         if not self._exclusive:
             return False
         me = trio.lowlevel.current_task()
-        end = offset + max(length, 1)
+        end = offset + length
         return any(s < end and offset < e and t is not me for s, e, t in self._exclusive)
 
     async def begin_write(self, offset: int, length: int) -> int:
@@ -49,7 +49,7 @@ class RangeGate:
         while self.blocked(offset, length):
             await self._wait()
         token = next(self._tokens)
-        self._writes[token] = (offset, offset + max(length, 1))
+        self._writes[token] = (offset, offset + length)
         return token
 
     def end_write(self, token: int) -> None:
