@@ -41,19 +41,21 @@ async def test_taking_a_range_waits_only_for_writes_over_it() -> None:
     with trio.fail_after(1):
         async with gate.exclusive(100, 100):
             pass  # nothing in flight over it: taken at once
-    over = await gate.begin_write(199, 1)
-    entered = trio.Event()
+    for offset, length, start, size in ((199, 1, 100, 100), (1000, 1000, 1500, 1000)):
+        over = await gate.begin_write(offset, length)
+        entered = trio.Event()
 
-    async def take() -> None:
-        async with gate.exclusive(100, 100):
-            entered.set()
+        async def take(start: int, size: int, entered: trio.Event) -> None:
+            async with gate.exclusive(start, size):
+                entered.set()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(take)
-        await trio.testing.wait_all_tasks_blocked()
-        assert not entered.is_set()
-        gate.end_write(over)
-    assert entered.is_set()
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(take, start, size, entered)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not entered.is_set()
+                gate.end_write(over)
+        assert entered.is_set()
     for token in beside:
         gate.end_write(token)
 
@@ -114,7 +116,8 @@ async def test_overlapping_ranges_are_held_one_after_the_other() -> None:
 
 async def test_writes_beside_a_range_never_delay_it() -> None:
     gate = RangeGate()
-    tokens = [await gate.begin_write(offset, 1000) for offset in (0, 2000, 9000)]
+    tokens = [await gate.begin_write(offset, n) for offset, n in ((0, 500), (0, 1000), (2000, 1000),
+                                                                  (9000, 1000))]  # fmt: skip
     with trio.fail_after(1):
         async with gate.exclusive(1000, 1000):
             assert not gate.blocked(2000, 1000) and not gate.blocked(0, 1000)
