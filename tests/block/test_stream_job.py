@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode, Status
@@ -386,3 +387,52 @@ async def test_copy_skips_what_a_write_put_there_first(tmp_path: Path, graph: Bl
         top.range_gate.end_write(token)
     assert await top.read(640 * KiB, 4096) == b"\x77" * 4096
     assert await top.read(644 * KiB, 4096) == b"\x31" * 4096
+
+
+async def test_a_step_holds_its_whole_clusters_and_no_more(
+    tmp_path: Path, graph: BlockGraph
+) -> None:
+    """A step that starts or ends inside a cluster holds the whole cluster
+    (a guest write anywhere in it is ordered with the copy), and nothing of
+    the clusters beside it."""
+    chain(tmp_path)
+    nodes = await open_chain(graph, tmp_path)
+    top = nodes["top"]
+    copy = stream_module.StreamCopy(graph, top, None)
+    cluster = 64 * KiB
+    start, end = 10 * cluster + 512, 12 * cluster - 512  # within clusters 10 and 11
+    beside = [await top.range_gate.begin_write(pos, 1) for pos in (10 * cluster - 1, 12 * cluster)]
+    with trio.fail_after(10):
+        await copy.window(start, end)  # nothing in flight over its clusters: no wait
+    for edge in (10 * cluster, 12 * cluster - 1):
+        inside = await top.range_gate.begin_write(edge, 1)
+        done = trio.Event()
+
+        async def step(done: trio.Event) -> None:
+            await copy.window(start, end)
+            done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(step, done)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not done.is_set()
+            top.range_gate.end_write(inside)
+    for token in beside:
+        top.range_gate.end_write(token)
+
+
+async def test_a_backing_name_the_header_cannot_take_fails_the_job_cleanly(
+    tmp_path: Path, graph: BlockGraph
+) -> None:
+    chain(tmp_path)
+    before = view(tmp_path)
+    nodes = await open_chain(graph, tmp_path)
+    r = Run()
+    plan = plan_stream(graph, device="top", base_node="base", backing_file="b" * 2000)
+    job = await r(r.job(graph, plan))
+    assert job.error is not None and "too long" in job.error
+    assert nodes["top"].backing is nodes["mid2"]
+    await graph.close_all()
+    assert backing_of(tmp_path / "top.qcow2") == "mid2.qcow2"
+    assert view(tmp_path) == before
+    assert_clean(tmp_path / "top.qcow2")

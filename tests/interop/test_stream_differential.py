@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import DaemonProcess, RawQMP, start_blockd, start_qsd
-from tests.images import backing_of, check, create, qemu_img, qemu_io
+from tests.images import backing_of, check, create, nbd_io, qemu_img, qemu_io
 
 pytestmark = pytest.mark.qsd
 
@@ -380,3 +380,59 @@ def test_stream_io_errors_alike(tmp_path: Path, sock_dir: Path, policy: str) -> 
     # whatever they copied before the error (the same in both, but timing
     # decides how much QSD's copy-on-read has pulled when it fails).
     compare_images(tmp_path, data=IMAGES if policy == "stop" else ("base", "mid", "mid2"))
+
+
+#: what the guest writes through the export of top while it is streamed:
+#: over ranges the job has copied, is copying and has not reached
+GUEST_WRITES = [
+    (0x61, 1 * MiB + 4096, 8192),
+    (0x62, 50 * MiB, 3 * MiB),
+    (0x63, 2 * MiB - 512, 64 * 1024),
+    (0x64, 52 * MiB + 12288, 4096),
+    (0x65, 40 * MiB, 640 * 1024),
+    (0x66, 63 * MiB, MiB),
+]
+
+
+def test_stream_while_the_guest_writes_alike(tmp_path: Path, sock_dir: Path) -> None:
+    """top exported writable and written by qemu-io during a throttled stream:
+    both daemons end with the same images, top reading as before plus the writes."""
+    make_chain(tmp_path / "chain")
+    qemu_img("convert", "-O", "raw", str(tmp_path / "chain" / "top.qcow2"), str(tmp_path / "v"))
+    model = bytearray((tmp_path / "v").read_bytes())
+    for pattern, offset, length in GUEST_WRITES:
+        model[offset : offset + length] = bytes([pattern]) * length
+    transcripts = []
+    for which, start in (("qsd", start_qsd), ("blockd", start_blockd)):
+        d = tmp_path / which
+        shutil.copytree(tmp_path / "chain", d)
+        daemon = start(sock_dir / f"{which}.sock")
+        try:
+            with RawQMP(daemon.socket_path) as client:
+                client.negotiate()
+                for command, arguments, _wait in chain_nodes(d):
+                    assert client.execute(command, arguments) == {"return": {}}
+                nbd = sock_dir / f"{which}.nbd"
+                addr = {"type": "unix", "data": {"path": str(nbd)}}
+                assert client.execute("nbd-server-start", {"addr": addr}) == {"return": {}}
+                export = {"type": "nbd", "id": "e", "node-name": "top", "name": "disk",
+                          "writable": True}  # fmt: skip
+                assert client.execute("block-export-add", export) == {"return": {}}
+                args = stream(**{"base-node": "base", "speed": 4 * MiB})
+                replies = [client.execute("block-stream", args)]
+                for pattern, offset, length in GUEST_WRITES:
+                    done = nbd_io(nbd, "disk", f"write -P {pattern:#x} {offset} {length}")
+                    assert done.returncode == 0 and "wrote" in done.stdout, done
+                replies.append(client.execute("block-job-set-speed", {"device": "j", "speed": 0}))
+                client.wait_event(*DONE[:1], **DONE[1])
+                replies.append(client.execute("query-block-exports"))
+                transcripts.append((mask(replies, d), mask(client.events, d)))
+                assert client.execute("quit") == {"return": {}}
+            assert daemon.wait() == 0
+        finally:
+            daemon.stop()
+    assert transcripts[1] == transcripts[0]
+    compare_images(tmp_path)
+    top = tmp_path / "blockd" / "top.qcow2"
+    (tmp_path / "model.raw").write_bytes(bytes(model))
+    assert qemu_img("compare", "-f", "raw", "-F", "qcow2", str(tmp_path / "model.raw"), str(top))

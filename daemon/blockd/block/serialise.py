@@ -35,17 +35,12 @@ class RangeGate:
         self._changed = trio.Event()
         self._waiting = 0
 
-    @property
-    def held(self) -> bool:
-        """Whether any exclusive range is held (writes then ask :meth:`blocked`)."""
-        return bool(self._exclusive)
-
     def blocked(self, offset: int, length: int) -> bool:
         """Whether a write of the current task over the range must wait now."""
         if not self._exclusive:
             return False
         me = trio.lowlevel.current_task()
-        end = offset + max(length, 1)
+        end = offset + length
         return any(s < end and offset < e and t is not me for s, e, t in self._exclusive)
 
     async def begin_write(self, offset: int, length: int) -> int:
@@ -54,7 +49,7 @@ class RangeGate:
         while self.blocked(offset, length):
             await self._wait()
         token = next(self._tokens)
-        self._writes[token] = (offset, offset + max(length, 1))
+        self._writes[token] = (offset, offset + length)
         return token
 
     def end_write(self, token: int) -> None:

@@ -113,6 +113,8 @@ class StreamJob(Job):
         self._hold = hold
         self._copy = StreamCopy(graph, plan.device, plan.base)
         self._held: list[BlockNode] = []
+        #: whether the graph holds claims of this job (another job may have
+        #: this id when the command is refused for it: its claims stay)
         self._claimed = False
         self._reopened = False
 
