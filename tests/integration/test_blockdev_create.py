@@ -103,6 +103,8 @@ def test_daemon_answers_while_it_creates(blockd: DaemonProcess, tmp_path: Path) 
         "id": "big", "type": "create", "status": "running",
         "current-progress": 0, "total-progress": 1}]
     assert "return" in qmp.execute("query-version")
+    assert qmp.execute("blockdev-del", {"node-name": "big"}) == {"error": {
+        "class": "GenericError", "desc": "Node big is in use"}}
     assert qmp.execute("job-cancel", {"id": "big"}) == {"return": {}}
     qmp.wait_event("JOB_STATUS_CHANGE", id="big", status="concluded", timeout=240)
     [entry] = qmp.execute("query-jobs")["return"]
