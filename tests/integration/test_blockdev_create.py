@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,8 @@ def test_daemon_answers_while_it_creates(blockd: DaemonProcess, tmp_path: Path) 
         "id": "big", "type": "create", "status": "running",
         "current-progress": 0, "total-progress": 1}]
     assert "return" in qmp.execute("query-version")
+    assert qmp.execute("blockdev-del", {"node-name": "big"}) == {"error": {
+        "class": "GenericError", "desc": "Node big is in use"}}
     assert qmp.execute("job-cancel", {"id": "big"}) == {"return": {}}
     qmp.wait_event("JOB_STATUS_CHANGE", id="big", status="concluded", timeout=240)
     [entry] = qmp.execute("query-jobs")["return"]
@@ -149,3 +152,30 @@ def test_full_disk_leaves_no_image(small_fs: SmallFs, blockd: DaemonProcess) -> 
     assert qmp.execute("blockdev-del", {"node-name": "ok"}) == {"return": {}}
     qmp.close()
     subprocess.run(["qemu-img", "check", "-q", str(path)], check=True)
+
+
+def test_sigkill_mid_create_leaves_no_half_image(blockd: DaemonProcess, tmp_path: Path) -> None:
+    """Killed while it writes a big image, blockd leaves either the whole image
+    (clean) or a file without qcow2 magic, never a half-made image."""
+    path = tmp_path / "killed.qcow2"
+    qmp = negotiated(blockd)
+    create(qmp, "f", {"driver": "file", "filename": str(path), "size": 0})
+    assert qmp.execute("blockdev-add", {"driver": "file", "node-name": "k",
+                                        "filename": str(path)}) == {"return": {}}
+    reply = qmp.execute("blockdev-create", {"job-id": "k", "options": {
+        "driver": "qcow2", "file": "k", "size": TiB, "preallocation": "metadata"}})
+    assert reply == {"return": {}}
+    # wait until it has begun writing (the file grows past its zeroed cluster 0)
+    while path.stat().st_size <= 65536 and qmp.execute("query-jobs")["return"][0][
+            "status"] == "running":
+        time.sleep(0.001)
+    blockd.proc.kill()
+    blockd.proc.wait()
+    qmp.close()
+    with open(path, "rb") as f:
+        head = f.read(65536)  # the file is sparse and up to 1 TiB long
+    if head[:4] == b"QFI\xfb":
+        subprocess.run(["qemu-img", "check", "-q", str(path)], check=True)
+        assert image_info(path)["virtual-size"] == TiB
+    else:
+        assert not any(head)

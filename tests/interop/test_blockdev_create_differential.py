@@ -244,3 +244,35 @@ def test_blockdev_create_like_qsd(qsd: DaemonProcess, blockd: DaemonProcess,
             check = subprocess.run(["qemu-img", "check", "-q", "json:" + json.dumps(spec)],
                                    capture_output=True, text=True)
             assert check.returncode == 0, (name, check.stdout, check.stderr)
+
+
+def running_verbs(daemon: DaemonProcess, d: Path) -> list[Any]:
+    """The job verbs while a create runs (256 GiB with its metadata preallocated
+    takes seconds; the verbs are sent at once): pause and resume change no
+    status (a create has no pause point), the rest are refused in 'running'."""
+    s = Script(daemon, d)
+    s.create({"driver": "file", "filename": "D/big.qcow2", "size": 0})
+    s.execute("blockdev-add", {"driver": "file", "node-name": "big",
+                               "filename": "D/big.qcow2"})
+    s.execute("blockdev-create", {"job-id": "big", "options": {
+        "driver": "qcow2", "file": "big", "size": 256 * GiB, "preallocation": "metadata"}})
+    # (not blockdev-del of the node: QSD answers "Node big is in use" while its
+    # job writes through the file node, "Block device big is in use" once it
+    # has opened the image over it; blockd always gives the first answer)
+    for verb in ("job-pause", "job-pause", "query-jobs", "job-complete", "job-finalize",
+                 "job-dismiss", "job-resume", "job-resume", "query-jobs"):
+        s.execute(verb, None if verb == "query-jobs" else {"id": "big"})
+    s.qmp.wait_event("JOB_STATUS_CHANGE", id="big", status="concluded", timeout=120)
+    s.execute("query-jobs")
+    s.seen.append(("big", s.qmp.job_statuses("big")))
+    s.qmp.close()
+    return s.seen
+
+
+def test_verbs_on_a_running_create_like_qsd(qsd: DaemonProcess, blockd: DaemonProcess,
+                                            tmp_path: Path) -> None:
+    (tmp_path / "qsd").mkdir()
+    (tmp_path / "blockd").mkdir()
+    theirs = running_verbs(qsd, tmp_path / "qsd")
+    ours = running_verbs(blockd, tmp_path / "blockd")
+    assert theirs == ours

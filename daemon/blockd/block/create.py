@@ -183,7 +183,7 @@ async def _write_plan(file: BlockNode, plan: Plan, preallocation: str) -> None:
     except BlockIOError as exc:
         raise BlockIOError(exc.errno, f"Could not resize image: {step}: {exc}") from exc
     try:
-        await file.write(0, head)
+        await file.write(0, bytes(head))
         await file.flush()
     except BlockIOError as exc:
         raise BlockIOError(exc.errno, f"Could not update qcow2 header: {exc}") from exc

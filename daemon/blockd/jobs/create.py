@@ -67,10 +67,12 @@ class CreateJob(Job):
                 data_file_missing=self._missing(o.get("data-file")),
             ))
             self.graph.attach_creator(file, self)
+            self.graph.add_user(file)  # blockdev-del: "in use" until the image is made
             try:
                 await create.format_qcow2(file, options)
             finally:
                 self.graph.detach_user(file, self)
+                await self.graph.remove_user(file)
         finally:
             if temporary:
                 await self.graph.close_node(file)

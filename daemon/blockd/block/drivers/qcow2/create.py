@@ -83,7 +83,7 @@ class Plan:
     length, and a range to preallocate (falloc/full) before the metadata
     behind it is written."""
 
-    clusters: dict[int, bytes]
+    clusters: dict[int, bytearray]
     length: int
     cluster_size: int
     preallocate: tuple[int, int] | None = None
@@ -528,4 +528,4 @@ def plan_image(o: Qcow2CreateOptions, file_length: int = 0) -> Plan:
             f"Could not assign backing file '{o.backing_file}' with format "
             f"'{o.backing_fmt or '(null)'}': Invalid argument", 22)
     m.write(0, m.header_bytes(o.backing_file is not None))
-    return Plan({c: bytes(b) for c, b in sorted(m.mem.items())}, m.length, cs, m.preallocate)
+    return Plan(dict(sorted(m.mem.items())), m.length, cs, m.preallocate)
