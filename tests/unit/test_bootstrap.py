@@ -45,6 +45,7 @@ NOT_PACKAGES = {
     "python3": "the interpreter itself: the bootstrap builds .venv from it (python3-venv)",
     "dpkg": "essential on every Debian system",
     "cp": "coreutils, essential on every Debian system",
+    "cmp": "diffutils, essential on every Debian system",
     "mount": "package mount, of required priority: on every Debian system",
     "umount": "package mount, of required priority: on every Debian system",
 }
