@@ -45,6 +45,73 @@ async def layer_above(
     return 0, None, Status.UNALLOCATED, run
 
 
+#: one run of a chain's view: (depth, layer, status, offset, length), as :func:`layer_above`
+Run = tuple[int, BlockNode | None, Status, int, int]
+
+
+async def runs_above(
+    top: BlockNode, base: BlockNode | None, offset: int, length: int
+) -> list[Run]:
+    """Every run of ``[offset, offset + length)`` with the topmost layer above
+    ``base`` holding it, in order: what :func:`layer_above` answers run after
+    run, split the same way (where a layer above changes).
+
+    Each layer is asked once for all of its runs across what the layers
+    above leave open, so the cost is one question per layer reached plus
+    the runs, not (runs x layers).  A layer that cannot answer so (an entry
+    it calls corrupt) sends the whole range down the run-by-run walk, which
+    meets it exactly where QEMU's does.
+    """
+    found: list[Run] = []
+    open_: list[tuple[int, int]] = [(offset, offset + length)]  # what no layer above holds
+    for depth, node in enumerate(layers(top), 1):
+        if node is base or not open_:
+            break
+        lo, hi = open_[0][0], open_[-1][1]
+        held: list[tuple[Status, int, int]] = []  # this layer's runs over [lo, hi)
+        if lo < node.size:
+            answer = await node.block_status_runs(lo, min(hi, node.size) - lo)
+            if answer is None:
+                return await _run_by_run(top, base, offset, length)
+            pos = lo
+            for status, n in answer:
+                held.append((status, pos, pos + n))
+                pos += n
+        if hi > node.size:
+            # past a shorter layer's end: zeros it synthesises (see layer_above)
+            held.append((Status.ZERO, max(lo, node.size), hi))
+        still: list[tuple[int, int]] = []
+        i = 0
+        for a, b in open_:
+            while held[i][2] <= a:
+                i += 1
+            j = i
+            while j < len(held) and held[j][1] < b:
+                status, c, d = held[j]
+                piece = (max(a, c), min(b, d))
+                if status is Status.UNALLOCATED:
+                    still.append(piece)
+                else:
+                    found.append((depth, node, status, piece[0], piece[1] - piece[0]))
+                j += 1
+        open_ = still
+    found += [(0, None, Status.UNALLOCATED, a, b - a) for a, b in open_]
+    found.sort(key=lambda run: run[3])
+    return found
+
+
+async def _run_by_run(
+    top: BlockNode, base: BlockNode | None, offset: int, length: int
+) -> list[Run]:
+    out: list[Run] = []
+    end = offset + length
+    while offset < end:
+        depth, layer, status, n = await layer_above(top, base, offset, end - offset)
+        out.append((depth, layer, status, offset, n))
+        offset += n
+    return out
+
+
 async def sparse_extents(node: BlockNode, offset: int, length: int) -> list[tuple[int, bool]]:
     """How QEMU's sparse read cuts a range: ``(length, reads as zeros)`` runs.
 
