@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+from blockd.block.chain import layers
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode, HostExtents, Status
 from blockd.errors import BlockError, BlockIOError
@@ -30,6 +31,9 @@ CHUNK = 512 * 1024
 #: to 1.8-2.0 s).
 WINDOW = 32 * 1024 * 1024
 
+#: The smallest unit a layer without clusters (raw, a file) is assumed to allocate in.
+SECTOR = 512
+
 #: What ``blockdev-del`` and other jobs are told while a commit holds a node.
 BLOCKER = "block device is in use by block job: commit"
 
@@ -43,6 +47,11 @@ def step_size(speed: int) -> int:
 
 #: The most of the virtual range one :class:`Steps` step looks through.
 SCAN = 16 * 1024 * 1024 * 1024
+
+#: The most clusters (of the smallest size above base) one question of a
+#: step's walk covers: what bounds the runs held at once where fragmented
+#: data follows a long empty stretch (64 KiB clusters: 4 GiB, 1 MB of runs).
+CHUNK_CLUSTERS = 65536
 
 #: (layer, data or zeros, offset, length): a run some layer above base holds
 CopyRun = tuple[BlockNode, Status, int, int]
@@ -169,6 +178,12 @@ class Steps:
 
     def __init__(self, copy: ChainCopy, offset: int, end: int) -> None:
         self._copy = copy
+        smallest = SCAN
+        for node in layers(copy.top):
+            if node is copy.base:
+                break
+            smallest = min(smallest, node.cluster_size or SECTOR)
+        self._chunk_max = min(SCAN, CHUNK_CLUSTERS * smallest)
         self._end = end
         self._start = offset
         #: runs already found in [_start, _scanned)
@@ -189,7 +204,7 @@ class Steps:
             self._ahead += more
             total += sum(run[3] for run in more)
             self._scanned = stop
-            chunk = min(2 * chunk, SCAN)
+            chunk = min(2 * chunk, self._chunk_max)
         cut = self._scanned
         if total >= unit:
             seen = 0
