@@ -5,6 +5,7 @@ status and sparse reads alike.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 
 from blockd.block.node import BlockNode, Status
@@ -68,32 +69,40 @@ async def runs_above(
         if node is base or not open_:
             break
         lo, hi = open_[0][0], open_[-1][1]
-        held: list[tuple[Status, int, int]] = []  # this layer's runs over [lo, hi)
+        held: list[tuple[Status, int, int]] = []  # what this layer holds in [lo, hi)
         if lo < node.size:
             answer = await node.block_status_runs(lo, min(hi, node.size) - lo)
             if answer is None:
                 return await _run_by_run(top, base, offset, length)
             pos = lo
             for status, n in answer:
-                held.append((status, pos, pos + n))
+                if status is not Status.UNALLOCATED:
+                    held.append((status, pos, pos + n))
                 pos += n
         if hi > node.size:
             # past a shorter layer's end: zeros it synthesises (see layer_above)
             held.append((Status.ZERO, max(lo, node.size), hi))
+        if not held:
+            continue
+        # cut what this layer holds out of what is still open: per run it
+        # holds (a bisection), not per open piece, which grow with the layers
+        ends = [b for _a, b in open_]
         still: list[tuple[int, int]] = []
         i = 0
-        for a, b in open_:
-            while held[i][2] <= a:
+        for status, c, d in held:
+            j = bisect.bisect_right(ends, c, i)  # the first open piece ending past c
+            still += open_[i:j]
+            i = j
+            while i < len(open_) and open_[i][0] < d:
+                a, b = open_[i]
+                if a < c:
+                    still.append((a, c))
+                found.append((depth, node, status, max(a, c), min(b, d) - max(a, c)))
+                if b > d:
+                    open_[i] = (d, b)  # the rest stays open for the next run
+                    break
                 i += 1
-            j = i
-            while j < len(held) and held[j][1] < b:
-                status, c, d = held[j]
-                piece = (max(a, c), min(b, d))
-                if status is Status.UNALLOCATED:
-                    still.append(piece)
-                else:
-                    found.append((depth, node, status, piece[0], piece[1] - piece[0]))
-                j += 1
+        still += open_[i:]
         open_ = still
     found += [(0, None, Status.UNALLOCATED, a, b - a) for a, b in open_]
     found.sort(key=lambda run: run[3])
