@@ -52,9 +52,13 @@ def monitor_path(name: str, sock: Path, index: int) -> Path:
     return sock if name == "blockd" or index == 0 else sock.with_name(f"{sock.name}.{index}")
 
 
-def start_daemon(name: str, sock: Path, clients: int = 1) -> subprocess.Popen[bytes]:
+def start_daemon(
+    name: str, sock: Path, clients: int = 1, args: list[str] | None = None,
+    stderr: Path | None = None,
+) -> subprocess.Popen[bytes]:
     """blockd or qemu-storage-daemon serving QMP on ``sock`` (and for QSD, on the
-    further sockets of :func:`monitor_path`), once it accepts connections."""
+    further sockets of :func:`monitor_path`), once it accepts connections;
+    ``args`` are added to its command line, its log goes to ``stderr``."""
     if name == "blockd":
         # $BLOCKD runs another build, e.g. an older commit for a before/after:
         # BLOCKD="env PYTHONPATH=/tmp/old/daemon .venv/bin/python -m blockd"
@@ -66,7 +70,13 @@ def start_daemon(name: str, sock: Path, clients: int = 1) -> subprocess.Popen[by
             path = monitor_path(name, sock, i)
             argv += ["--chardev", f"socket,id=m{i},path={path},server=on,wait=off",
                      "--monitor", f"chardev=m{i}"]  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv += args or []
+    err = subprocess.DEVNULL if stderr is None else stderr.open("wb")
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
+    finally:
+        if stderr is not None:
+            err.close()
     deadline = time.monotonic() + 30
     while True:
         if proc.poll() is not None or time.monotonic() > deadline:

@@ -26,7 +26,7 @@ from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
 from blockd.block.open import open_node
 from blockd.errors import BlockIOError
-from blockd.jobs.copy import ChainCopy, CopyFailed, step_size
+from blockd.jobs.copy import ChainCopy, CopyFailed, Steps, step_size
 
 from .conftest import compare_with, create, data_on_refcount_block, qemu_io, run, to_raw
 
@@ -234,3 +234,47 @@ async def test_the_source_clusters_are_let_go_after_the_copy(tmp_path: Path) -> 
     finally:
         await graph.close_all()
     run("qemu-img", "check", str(paths[2]))
+
+
+@pytest.mark.parametrize("unit", [256 * KiB, MiB, 32 * MiB])
+async def test_steps_cover_the_range_in_whole_units_and_batch_sparse_runs(
+    tmp_path: Path, unit: int
+) -> None:
+    """Steps follow each other without a gap, end on multiples of the unit
+    (or at the end), give exactly the runs of a window over the whole range,
+    copy at most two units each, and gather scattered runs of many units into
+    one step: the chain of this module's other tests, mid also holding
+    clusters scattered over a much larger range."""
+    base = create(tmp_path / "base.qcow2", 256 * MiB)
+    mid = create(tmp_path / "mid.qcow2", 256 * MiB, backing=base)
+    qemu_io(mid, "write -P 0x22 0 1M", "write -z 1M 512k",
+            *(f"write -P 9 {off * MiB + 64 * KiB} 4k" for off in range(16, 256, 5)))  # fmt: skip
+    top = create(tmp_path / "top.qcow2", 256 * MiB, backing=mid)
+    qemu_io(top, "write -P 0x33 512k 256k", "write -z 2M 256k", "write -P 7 6M 5M")
+    graph = BlockGraph()
+    try:
+        b, _m, t = await open_chain(graph, (base, mid, top))
+        copy = ChainCopy(graph, t, b)
+        whole = await copy.runs(0, t.size)
+        steps = Steps(copy, 0, t.size)
+        offset, got, count = 0, [], 0
+        while offset < t.size:
+            end, runs = await steps.next(unit)
+            assert end > offset
+            assert end == t.size or end % unit == 0
+            assert all(offset <= pos and pos + n <= end for _l, _s, pos, n in runs)
+            assert sum(n for *_x, n in runs) <= 2 * unit
+            got += runs
+            offset, count = end, count + 1
+    finally:
+        await graph.close_all()
+    joined: list[tuple[str, str, int, int]] = []
+    for layer, status, pos, n in got:
+        last = joined[-1] if joined else None
+        if last and last[:2] == (layer.node_name, status.value) and last[2] + last[3] == pos:
+            joined[-1] = (*last[:3], last[3] + n)
+        else:
+            joined.append((layer.node_name, status.value, pos, n))
+    assert joined == [(layer.node_name, status.value, pos, n) for layer, status, pos, n in whole]
+    # 48 scattered clusters past 16 MiB: far fewer steps than windows
+    assert count < (t.size // unit) // 2 if unit < 32 * MiB else count <= 3

@@ -15,7 +15,7 @@ from typing import Any
 import trio
 
 from blockd import logs
-from blockd.block.chain import layer_above, layers
+from blockd.block.chain import layer_above, layers, runs_above
 from blockd.block.node import BlockNode, Status
 from blockd.block.permissions import (
     ALL,
@@ -450,6 +450,18 @@ class BlockGraph:
             top, base, offset, min(length, top.size - offset)
         )
         return layer, status, run
+
+    async def allocation_runs_above(
+        self, top: BlockNode, base: BlockNode | None, offset: int, length: int
+    ) -> list[tuple[BlockNode | None, Status, int, int]]:
+        """:meth:`allocation_above` for every run of the range at once:
+        (layer, status, offset, length) in order, covering it (up to top's end)."""
+        if length <= 0 or offset < 0 or offset >= top.size:
+            raise BlockError(
+                f"is_allocated_above: range {offset}+{length} outside '{top.node_name}'"
+            )
+        runs = await runs_above(top, base, offset, min(length, top.size - offset))
+        return [(layer, status, pos, n) for _depth, layer, status, pos, n in runs]
 
     # -- who may change or drop a node --------------------------------------------
 

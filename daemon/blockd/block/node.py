@@ -396,6 +396,23 @@ class BlockNode:
             else:
                 await self._do_write(offset, data)
 
+    async def write_many(self, writes: list[tuple[int, bytes]]) -> None:
+        """Several :meth:`write` s, (offset, data), made in order; a host file
+        makes them in one thread call, which costs more than small writes do."""
+        for offset, data in writes:
+            self._check_request(offset, len(data))
+        self._check_writable()
+        writes = [(offset, bytes(data)) for offset, data in writes if data]
+        if self.detect_zeroes != "off":
+            for offset, data in writes:
+                await self.write(offset, data)
+            return
+        try:
+            await self._do_write_many(writes)
+        finally:
+            for offset, data in writes:
+                self._written(offset, len(data))
+
     async def map_data(self, offset: int, length: int) -> HostExtents | None:
         """Host file locations of this layer's data for the range, pinned; None if
         the range is not plain data of this layer in a host file (the caller then
@@ -465,6 +482,22 @@ class BlockNode:
         length = min(length, self.size - offset)
         status, n = await self._do_block_status(offset, length)
         return status, max(1, min(n, length))
+
+    async def block_status_runs(
+        self, offset: int, length: int
+    ) -> list[tuple[Status, int]] | None:
+        """Every run of this layer in the range (clipped to its size): (status,
+        length), consecutive from ``offset``, neighbours of different status.
+
+        One question for a whole range, where :meth:`block_status` answers
+        run by run.  None: this layer must be asked run by run here (a qcow2
+        image with an entry it calls corrupt: that walk meets it exactly
+        where QEMU's does).  The caller bounds the range.
+        """
+        self._check_open()
+        if offset < 0 or length <= 0 or offset >= self.size:
+            raise BlockIOError(errno.EINVAL)
+        return await self._do_block_status_runs(offset, min(length, self.size - offset))
 
     async def flush(self) -> None:
         self._check_open()
@@ -551,6 +584,10 @@ class BlockNode:
     async def _do_write_zeroes(self, offset: int, length: int) -> None:
         await self._do_write(offset, bytes(length))
 
+    async def _do_write_many(self, writes: list[tuple[int, bytes]]) -> None:
+        for offset, data in writes:
+            await self._do_write(offset, data)
+
     async def _do_map_data(self, offset: int, length: int) -> HostExtents | None:
         return None
 
@@ -568,6 +605,20 @@ class BlockNode:
 
     async def _do_block_status(self, offset: int, length: int) -> tuple[Status, int]:
         return Status.DATA, length
+
+    async def _do_block_status_runs(
+        self, offset: int, length: int
+    ) -> list[tuple[Status, int]] | None:
+        runs: list[tuple[Status, int]] = []
+        end = offset + length
+        while offset < end:
+            status, n = await self.block_status(offset, end - offset)
+            if runs and runs[-1][0] is status:
+                runs[-1] = (status, runs[-1][1] + n)
+            else:
+                runs.append((status, n))
+            offset += n
+        return runs
 
     async def _do_flush(self) -> None:
         if self.file is not None:

@@ -59,8 +59,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Unpack
 
-import trio
-
 from blockd.block.dirty import DirtyBitmap
 from blockd.block.graph import BlockGraph
 from blockd.block.mirror import WHOLE, WriteMirror
@@ -69,6 +67,7 @@ from blockd.errors import BlockIOError
 from blockd.events import BlockJobReady, EventSink
 from blockd.jobs.copy import (
     BLOCKER,
+    SCAN,
     WINDOW,
     ChainCopy,
     CopyFailed,
@@ -84,8 +83,8 @@ log = logging.getLogger(__name__)
 #: How often a READY job looks for new writes to copy (QEMU's mirror: 100 ms).
 READY_POLL = 0.1
 
-#: Block-status runs looked at between checkpoints while scanning the chain.
-_SCAN_BATCH = 256
+#: Runs a chunk of the chain scan may hold for the next chunk to be twice as large.
+_SCAN_RUNS = 256
 
 #: Background mode: a dirty set this small, or that the job copies in about
 #: HOLD_SECONDS at the rate of its recent copies (but never more than
@@ -334,17 +333,18 @@ class ActiveCommitJob(Job):
         about the copying (so no BLOCK_JOB_ERROR either).
         """
         top, base = self.plan.top, self.plan.base
-        pos, size, runs = 0, top.size, 0
+        pos, size, chunk = 0, top.size, WINDOW
         while pos < size:
             await self.pause_point()
-            holds, n = await self.graph.is_allocated_above(top, base, pos, size - pos)
-            if holds:
-                self._dirty.mark(pos, n)
-                self._update_length()
-            pos += n
-            runs += 1
-            if runs % _SCAN_BATCH == 0:
-                await trio.lowlevel.checkpoint()
+            end = min(size, pos + chunk)
+            runs = await self.graph.allocation_runs_above(top, base, pos, end - pos)
+            for layer, _status, start, n in runs:
+                if layer is not None:
+                    self._dirty.mark(start, n)
+            self._update_length()
+            # where the layers hold little, the next question covers more
+            chunk = min(2 * chunk, SCAN) if len(runs) < _SCAN_RUNS else WINDOW
+            pos = end
 
     async def _copy_next(self) -> None:
         """Copy the dirty runs of the next window (after the last one, wrapping).

@@ -36,6 +36,8 @@ from blockd.jobs.copy import (
     CHUNK,
     ChainCopy,
     CopyFailed,
+    CopyRun,
+    Steps,
     restore_read_only,
     step_size,
 )
@@ -133,20 +135,22 @@ class CommitJob(Job):
             except BlockIOError as err:
                 # QEMU's job asks its truncate for no message: the client gets errno's words
                 raise BlockIOError(err.errno) from err
-        offset = 0
-        while offset < length:
+        steps = Steps(self._copy, 0, length)
+        step: tuple[int, list[CopyRun]] | None = None
+        while self.offset < length:
             await self.throttle()
-            end = min(offset + step_size(self.speed), length)
             try:
-                copied = await self._copy.window(offset, end)
+                if step is None:
+                    step = await steps.next(step_size(self.speed))
+                copied = await self._copy.copy(step[1])
             except CopyFailed as failed:
                 # the whole step is retried: copying a piece again is harmless
                 await self.io_error(failed.error, failed.operation)
                 continue
             if copied:
                 self.account(copied)
-            offset = end
-            self.offset = offset
+            self.offset = step[0]
+            step = None
         await self._hide_base_past_top()
 
     async def _hide_base_past_top(self) -> None:

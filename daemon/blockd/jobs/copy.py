@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+from blockd.block.chain import layers
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode, HostExtents, Status
 from blockd.errors import BlockError, BlockIOError
@@ -30,6 +31,9 @@ CHUNK = 512 * 1024
 #: to 1.8-2.0 s).
 WINDOW = 32 * 1024 * 1024
 
+#: The smallest unit a layer without clusters (raw, a file) is assumed to allocate in.
+SECTOR = 512
+
 #: What ``blockdev-del`` and other jobs are told while a commit holds a node.
 BLOCKER = "block device is in use by block job: commit"
 
@@ -39,6 +43,18 @@ def step_size(speed: int) -> int:
     if not speed:
         return WINDOW
     return max(CHUNK, min(WINDOW, speed // 10 // CHUNK * CHUNK))
+
+
+#: The most of the virtual range one :class:`Steps` step looks through.
+SCAN = 16 * 1024 * 1024 * 1024
+
+#: The most clusters (of the smallest size above base) one question of a
+#: step's walk covers: what bounds the runs held at once where fragmented
+#: data follows a long empty stretch (64 KiB clusters: 4 GiB, 1 MB of runs).
+CHUNK_CLUSTERS = 65536
+
+#: (layer, data or zeros, offset, length): a run some layer above base holds
+CopyRun = tuple[BlockNode, Status, int, int]
 
 
 class CopyFailed(Exception):
@@ -74,6 +90,11 @@ class ChainCopy:
                 runs += await self.runs(offset, offset + n)
         except BlockIOError as err:
             raise CopyFailed(err, "read") from err
+        return await self.copy(runs)
+
+    async def copy(self, runs: list[CopyRun]) -> int:
+        """Copy runs of :meth:`runs`: the zero runs first, then the data runs;
+        bytes copied.  Raises :class:`CopyFailed`; copying them again is harmless."""
         data: list[tuple[BlockNode, int, int]] = []
         for layer, status, pos, n in runs:
             if status is Status.ZERO:
@@ -87,20 +108,16 @@ class ChainCopy:
             await self._data_runs(data)
         return sum(n for _l, _s, _p, n in runs)
 
-    async def runs(self, offset: int, end: int) -> list[tuple[BlockNode, Status, int, int]]:
+    async def runs(self, offset: int, end: int) -> list[CopyRun]:
         """What :meth:`window` copies: (layer, data or zeros, offset, length) for
-        each run in ``[offset, end)`` some layer above base holds; in that
-        order the zero runs are written first, then the data runs."""
-        runs: list[tuple[BlockNode, Status, int, int]] = []
-        pos = offset
-        while pos < end:
-            layer, status, n = await self.graph.allocation_above(
-                self.top, self.base, pos, end - pos
+        each run in ``[offset, end)`` some layer above base holds, in order."""
+        return [
+            (layer, status, pos, n)
+            for layer, status, pos, n in await self.graph.allocation_runs_above(
+                self.top, self.base, offset, end - offset
             )
-            if layer is not None:
-                runs.append((layer, status, pos, n))
-            pos += n
-        return runs
+            if layer is not None
+        ]
 
     async def _data_runs(self, runs: list[tuple[BlockNode, int, int]]) -> None:
         base = self.base
@@ -151,6 +168,72 @@ class ChainCopy:
                     await self.base.write(pos, data)
             except BlockIOError as err:
                 raise CopyFailed(err, "write") from err
+
+
+class Steps:
+    """A commit's steps through ``[offset, end)`` of a chain whose layers above
+    base do not change meanwhile (the job's intermediate images are read-only).
+
+    A step ends on a multiple of the step size (``unit``) as soon as its runs
+    add up to ``unit`` bytes, or once it has looked through SCAN bytes: where
+    the layers above base hold much, a step is one unit, as a plain window
+    was; where they hold little (scattered clusters in a huge image), one
+    step gathers many units' runs and copies them as one batch, and the walk
+    looks ahead in chunks that double while they find little, so its cost
+    follows the L2 tables and runs, not the number of units.
+    """
+
+    def __init__(self, copy: ChainCopy, offset: int, end: int) -> None:
+        self._copy = copy
+        smallest = SCAN
+        for node in layers(copy.top):
+            if node is copy.base:
+                break
+            smallest = min(smallest, node.cluster_size or SECTOR)
+        self._chunk_max = min(SCAN, CHUNK_CLUSTERS * smallest)
+        self._end = end
+        self._start = offset
+        #: runs already found in [_start, _scanned)
+        self._ahead: list[CopyRun] = []
+        self._scanned = offset
+
+    async def next(self, unit: int) -> tuple[int, list[CopyRun]]:
+        """(end, runs) of the next step, which the caller copies before asking
+        again.  Raises :class:`CopyFailed`; asking again is harmless."""
+        total = sum(run[3] for run in self._ahead)
+        chunk = unit
+        while total < unit and self._scanned < self._end and self._scanned - self._start < SCAN:
+            stop = min(self._end, self._scanned + chunk)
+            try:
+                more = await self._copy.runs(self._scanned, stop)
+            except BlockIOError as err:
+                raise CopyFailed(err, "read") from err
+            self._ahead += more
+            total += sum(run[3] for run in more)
+            self._scanned = stop
+            chunk = min(2 * chunk, self._chunk_max)
+        cut = self._scanned
+        if total >= unit:
+            seen = 0
+            for _layer, _status, pos, n in self._ahead:
+                if seen + n >= unit:
+                    reached = pos + unit - seen
+                    cut = min(cut, -(-reached // unit) * unit)
+                    break
+                seen += n
+        step: list[CopyRun] = []
+        rest: list[CopyRun] = []
+        for layer, status, pos, n in self._ahead:
+            if pos + n <= cut:
+                step.append((layer, status, pos, n))
+            elif pos >= cut:
+                rest.append((layer, status, pos, n))
+            else:
+                step.append((layer, status, pos, cut - pos))
+                rest.append((layer, status, cut, pos + n - cut))
+        self._ahead = rest
+        self._start = cut
+        return cut, step
 
 
 async def restore_read_only(job_id: str, node: BlockNode) -> None:

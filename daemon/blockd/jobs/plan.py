@@ -2,8 +2,8 @@
 gives, and what base's file system must find room for.
 
 The copy is walked as :class:`~blockd.jobs.copy.ChainCopy` will make it,
-window by window (zero runs, then data runs), then what an intermediate
-commit zeroes in base past a shorter top; base is asked what growing to
+step by step (:class:`~blockd.jobs.copy.Steps`: zero runs, then data runs),
+then what an intermediate commit zeroes in base past a shorter top; base is asked what growing to
 top's size and taking those writes would add to its file
 (:meth:`BlockNode.forecast_writes`), which only its driver can tell.  The
 walk assumes no speed limit: a limited job copies in smaller steps, which
@@ -21,7 +21,7 @@ from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode, PlannedWrite, Status, WriteForecast
 from blockd.jobs.active_commit import ActiveCommitPlan
 from blockd.jobs.commit import CommitPlan
-from blockd.jobs.copy import CHUNK, WINDOW, ChainCopy
+from blockd.jobs.copy import CHUNK, WINDOW, ChainCopy, CopyFailed, Steps
 
 
 @dataclass
@@ -68,8 +68,13 @@ async def commit_cost(graph: BlockGraph, plan: CommitPlan | ActiveCommitPlan) ->
 
     async def writes() -> AsyncGenerator[PlannedWrite]:
         nonlocal last
-        for offset in range(0, top.size, WINDOW):
-            runs = await copy.runs(offset, min(offset + WINDOW, top.size))
+        steps = Steps(copy, 0, top.size)
+        offset = 0
+        while offset < top.size:
+            try:
+                offset, runs = await steps.next(WINDOW)
+            except CopyFailed as failed:
+                raise failed.error from failed
             for layer, status, pos, n in runs:
                 share = shares[id(layer)]
                 if status is Status.ZERO:

@@ -310,6 +310,18 @@ class FileNode(BlockNode):
         await self._io(lambda: pwrite_full(fd, offset, data))
         self._size = max(self._size, offset + len(data))
 
+    async def _do_write_many(self, writes: list[tuple[int, bytes]]) -> None:
+        if not writes:
+            return
+        fd = self._fd
+
+        def write_all() -> None:
+            for offset, data in writes:
+                pwrite_full(fd, offset, data)
+
+        await self._io(write_all)
+        self._size = max(self._size, *(offset + len(data) for offset, data in writes))
+
     async def copy_from(self, offset: int, src: FileNode, src_offset: int, length: int) -> None:
         """Write ``length`` bytes of ``src`` (from ``src_offset``) at ``offset``.
 

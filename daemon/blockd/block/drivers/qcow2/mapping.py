@@ -19,6 +19,9 @@ from array import array
 from blockd.block.drivers.qcow2.header import Header
 from blockd.block.drivers.qcow2.overlap import MarkCorrupt, MetadataMap, MetaKind, OverlapError
 from blockd.block.drivers.qcow2.refcount import Refcounts
+from blockd.block.drivers.qcow2.scan import DATA, UNALLOCATED, ZERO
+from blockd.block.drivers.qcow2.scan import classify as classify_entries
+from blockd.block.drivers.qcow2.scan import runs as code_runs
 from blockd.block.drivers.qcow2.tables import (
     OFFSET_MASK,
     OFLAG_COPIED,
@@ -44,6 +47,8 @@ STATUS = {
     ClusterKind.ZERO_ALLOC: Status.ZERO,
     ClusterKind.UNALLOCATED: Status.UNALLOCATED,
 }
+CODE_STATUS = {DATA: Status.DATA, ZERO: Status.ZERO, UNALLOCATED: Status.UNALLOCATED}
+STATUS_CODE = {status: code for code, status in CODE_STATUS.items()}
 #: kinds of entry that hold a reference to host clusters
 FREEABLE = (ClusterKind.NORMAL, ClusterKind.ZERO_ALLOC, ClusterKind.COMPRESSED)
 
@@ -91,6 +96,8 @@ class Mapping:
         self.l2_entries = self.cluster_size // 8
         self.l1: array[int] = zero_table(0)
         self.l2 = L2Cache(l2_cache_bytes, self.cluster_size)
+        #: L2 tables read from disk so far (the cache missed)
+        self.l2_reads = 0
 
     def host_offset(self, entry: int, guest: int) -> int:
         return host_offset(entry, guest, self.cluster_size)
@@ -111,6 +118,7 @@ class Mapping:
         table = self.l2.get(off)
         if table is None:
             self.file.debug_event("l2_load")
+            self.l2_reads += 1
             table = self.l2.put(off, decode_table(await self.file.read(off, self.cluster_size)))
         return off, table
 
@@ -204,11 +212,17 @@ class Mapping:
                 out.extend(host_clusters_of_range(host, nbytes, bits))
         return out
 
+    def _classify(self, table: array[int], first: int, last: int) -> tuple[bytes, bool]:
+        return classify_entries(table, first, last, self.cluster_bits, self.header.version)
+
     async def block_status(self, offset: int, length: int) -> tuple[Status, int]:
         """Status of the range's start and how far it goes on.
 
         Walks the L2 entries from ``offset`` and stops at the first change,
         so a question about a huge range costs as much as its first extent.
+        A table slice is classified whole (``scan.py``); one holding an entry
+        a read calls corrupt is walked entry by entry instead, which meets
+        that entry (or stops before it) exactly where QEMU's walk does.
         """
         cs = self.cluster_size
         end = offset + length
@@ -228,22 +242,70 @@ class Mapping:
             else:
                 table = loaded[1]
                 skip = l1_index * self.l2_entries
-                first = pos // cs
-                for i, entry in enumerate(
-                    table[first - skip : (chunk_end - 1) // cs - skip + 1], first
-                ):
-                    kind = classify(entry)
-                    fault = self.entry_fault(entry, kind, i)
-                    if fault:
-                        await self.mark_corrupt(fault)
-                    st = STATUS[kind]
+                first = pos // cs - skip
+                last = (chunk_end - 1) // cs - skip + 1
+                codes, faulty = self._classify(table, first, last)
+                if faulty:
+                    for i, entry in enumerate(table[first:last], first + skip):
+                        kind = classify(entry)
+                        fault = self.entry_fault(entry, kind, i)
+                        if fault:
+                            await self.mark_corrupt(fault)
+                        st = STATUS[kind]
+                        if status is None:
+                            status = st
+                        elif st is not status:
+                            return status, max(offset, i * cs) - offset
+                else:
                     if status is None:
-                        status = st
-                    elif st is not status:
-                        return status, max(offset, i * cs) - offset
+                        status = CODE_STATUS[codes[:1]]
+                    same = len(codes) - len(codes.lstrip(STATUS_CODE[status]))
+                    if same < len(codes):
+                        return status, max(offset, (first + skip + same) * cs) - offset
             pos = chunk_end
         assert status is not None
         return status, limit - offset
+
+    async def status_runs(self, offset: int, length: int) -> list[tuple[Status, int]] | None:
+        """Every run of equal status in the range: (status, length), in order.
+
+        None where the range meets an L2 table or entry that a read calls
+        corrupt: :meth:`block_status` then walks it, and marks the image
+        corrupt exactly where QEMU's walk would.  The caller bounds the
+        range (the work is one pass over its tables).
+        """
+        cs = self.cluster_size
+        span = cs * self.l2_entries
+        end = offset + length
+        out: list[tuple[Status, int]] = []
+
+        def add(status: Status, n: int) -> None:
+            if out and out[-1][0] is status:
+                out[-1] = (status, out[-1][1] + n)
+            else:
+                out.append((status, n))
+
+        pos = offset
+        while pos < end:
+            l1_index = pos // span
+            chunk_end = min(end, (l1_index + 1) * span)
+            if l1_index < len(self.l1) and self.l1[l1_index] & OFFSET_MASK & (cs - 1):
+                return None
+            loaded = await self.l2_table(l1_index)
+            if loaded is None:
+                add(Status.UNALLOCATED, chunk_end - pos)
+            else:
+                skip = l1_index * self.l2_entries
+                first = pos // cs - skip
+                codes, faulty = self._classify(loaded[1], first, (chunk_end - 1) // cs - skip + 1)
+                if faulty:
+                    return None
+                start = (first + skip) * cs
+                for code, a, b in code_runs(codes):
+                    lo, hi = max(pos, start + a * cs), min(chunk_end, start + b * cs)
+                    add(CODE_STATUS[code], hi - lo)
+            pos = chunk_end
+        return out
 
     # -- changing the tables (callers hold the lock, shielded) ----------------------
 

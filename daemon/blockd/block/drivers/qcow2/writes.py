@@ -136,9 +136,9 @@ class Writes:
                             more, freed = await allocator.write_data(p)
                             updates.update(more)
                             old.extend(freed)
-                            if copies:
-                                await file.copy_many(copies)
-                                copies.clear()
+                        # one worker call for the batch's data (a run of scattered
+                        # clusters would cost a thread round trip each)
+                        await file.copy_many(copies)
                     except BaseException:
                         # a copy refused (a full disk): nothing points at the batch's clusters
                         await allocator.give_back(allocator.targets(updates))
