@@ -59,6 +59,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Unpack
 
+import trio
+
 from blockd.block.dirty import DirtyBitmap
 from blockd.block.graph import BlockGraph
 from blockd.block.mirror import WHOLE, WriteMirror
