@@ -160,6 +160,8 @@ def verify(d: Path, golden_view: Path, size: int) -> bool:
                 expected = (seqs[index].to_bytes(8, "little", signed=True)
                             + index.to_bytes(8, "little")) * (BLOCK // 16)  # fmt: skip
             if block != expected:
+                print(f"base differs at block {index}: {block[:16].hex()} for "
+                      f"{expected[:16].hex()}", file=sys.stderr)  # fmt: skip
                 ok = False
                 break
     view.unlink()
@@ -172,6 +174,7 @@ def checked(d: Path) -> bool:
             ["qemu-img", "check", "--output=json", str(d / f"{image}.qcow2")],
             capture_output=True, text=True).stdout)  # fmt: skip
         if report.get("corruptions", 0) or report.get("leaks", 0):
+            print(f"qemu-img check {image}: {report}", file=sys.stderr)
             return False
     return True
 
