@@ -6,7 +6,9 @@ range (and the copy never writes older data over it), overlapping writes
 reach both images in one order; a failed mirror write leaves the guest's
 write successful and goes to the job's on-error policy; a flush of top
 flushes base.  Background: writes only mark chunks dirty, and a write that
-cannot wait is turned away while a range lock over it is queued.
+cannot wait is turned away while a range lock over it is queued; in
+write-blocking it is mirrored in the same worker call where base can take it
+in place.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pytest
 import trio
 import trio.testing
 
+from blockd.block.direct import DirectIO, start_direct
 from blockd.block.dirty import DirtyBitmap
 from blockd.block.graph import BlockGraph
 from blockd.block.mirror import WHOLE, WriteMirror
@@ -29,7 +32,6 @@ from blockd.events import EmittedEvent, EventBus
 from blockd.jobs.active_commit import ActiveCommitJob, ActiveCommitPlan, CopyMode
 from blockd.jobs.commit import plan_commit
 from blockd.jobs.job import OnError
-from blockd.jobs.status import JobStatus
 
 from .conftest import assert_clean, create, open_qcow2, qemu_io, to_raw
 
@@ -95,28 +97,76 @@ async def test_background_only_marks_dirty(graph: BlockGraph, tmp_path: Path) ->
     assert hooked.dirty.runs(0, 4 * MiB) == [(CHUNK, CHUNK), (3 * CHUNK, CHUNK)]
 
 
-async def test_direct_writes_are_admitted_only_in_background(
-    graph: BlockGraph, tmp_path: Path
-) -> None:
+async def test_direct_writes_in_background_mark_dirty(graph: BlockGraph, tmp_path: Path) -> None:
     top, base = await chain(graph, tmp_path)
     await top.write(MiB, b"\x33" * CHUNK)  # top's own cluster, mapped and cached
     hooked = Hooked(top, base, blocking=False)
     io = top.direct_io(MiB, 4096, True)
-    assert io is not None  # the fast path may write it, and holds its range
-    assert len(hooked.mirror.locks) == 1
+    assert io is not None and io.also is None  # the fast path may write it alone
+    assert len(hooked.mirror.locks) == 1  # and holds its range meanwhile
     async with trio.open_nursery() as nursery:
         nursery.start_soon(hooked.mirror.drain)
         await trio.testing.wait_all_tasks_blocked()
         # a whole-node lock is queued: no write may jump it
-        assert top.direct_io(2 * MiB, 4096, True) is None
-        io.release()  # what the worker thread does once the bytes are written
+        assert refused(top, 2 * MiB, 4096)
+        await direct_write(io, b"\x44" * 4096)
     assert hooked.dirty.runs(0, 4 * MiB) == [(MiB, CHUNK)]
     assert len(hooked.mirror.locks) == 0
-    hooked.mirror.blocking = True
-    assert top.direct_io(MiB, 4096, True) is None  # mirrored writes take the async path
     read = top.direct_io(MiB, 4096, False)
     assert read is not None  # reads are not the hook's business
     read.release()
+
+
+def refused(node: BlockNode, offset: int, length: int) -> bool:
+    """Whether a write there would go to the async path (a resolved one is let go)."""
+    io = node.direct_io(offset, length, True)
+    if io is not None:
+        io.release()
+    return io is None
+
+
+async def direct_write(io: DirectIO, data: bytes) -> None:
+    """What the NBD fast path does with a resolved write: one worker call, then release."""
+    finished = trio.Event()
+    start_direct([(io, True, memoryview(data))], lambda _result: finished.set())
+    await finished.wait()
+    io.release()
+
+
+async def test_direct_writes_in_write_blocking_go_to_base_in_the_same_call(
+    graph: BlockGraph, tmp_path: Path
+) -> None:
+    top, base = await chain(graph, tmp_path)
+    await top.write(MiB, b"\x33" * 2 * CHUNK)
+    await base.read(MiB, 2 * CHUNK)  # base's L2 table cached: resolvable in place
+    hooked = Hooked(top, base, blocking=True)
+    hooked.dirty.mark(0, 4 * MiB)
+    io = top.direct_io(MiB, CHUNK, True)  # a whole chunk
+    assert io is not None and io.also is not None
+    await direct_write(io, b"\x55" * CHUNK)
+    io = top.direct_io(MiB + CHUNK + 4096, 4096, True)  # part of the next one
+    assert io is not None and io.also is not None
+    await direct_write(io, b"\x66" * 4096)
+    assert await base.read(MiB, CHUNK) == b"\x55" * CHUNK
+    assert await base.read(MiB + CHUNK + 4096, 4096) == b"\x66" * 4096
+    assert hooked.cleared == CHUNK
+    assert hooked.dirty.runs(MiB, MiB + 2 * CHUNK) == [(MiB + CHUNK, CHUNK)]
+    assert len(hooked.mirror.locks) == 0
+    # base cannot take it in place (no cluster there): the async path
+    await top.write(3 * MiB, b"\x77" * CHUNK)
+    await base.write_zeroes(3 * MiB, CHUNK)
+    assert refused(top, 3 * MiB, 4096)
+    assert len(hooked.mirror.locks) == 0
+    # a mirror that fails: the guest's write stands, its chunks are dirty again
+    hooked.dirty.clear(0, 4 * MiB)
+    io = top.direct_io(MiB + 8192, 4096, True)
+    assert io is not None and io.also is not None
+    io.also.fd = -1
+    await direct_write(io, b"\x88" * 4096)
+    assert io.ok
+    assert await top.read(MiB + 8192, 4096) == b"\x88" * 4096
+    assert [err.errno for err in hooked.failures] == [errno.EBADF]
+    assert hooked.dirty.runs(0, 4 * MiB) == [(MiB, CHUNK)]
 
 
 async def test_a_write_waits_for_the_copy_of_its_range(graph: BlockGraph, tmp_path: Path) -> None:
@@ -215,7 +265,16 @@ class Events:
     def __init__(self) -> None:
         self.bus = EventBus()
         self.seen: list[EmittedEvent] = []
-        self.bus.subscribe(self.seen.append)
+        self.arrived: dict[str, trio.Event] = {}
+        self.bus.subscribe(self._heard)
+
+    def _heard(self, event: EmittedEvent) -> None:
+        self.seen.append(event)
+        self.arrived.setdefault(event.name, trio.Event()).set()
+
+    async def wait(self, name: str) -> None:
+        with trio.fail_after(60):
+            await self.arrived.setdefault(name, trio.Event()).wait()
 
     def named(self, name: str) -> list[Any]:
         return [e.data for e in self.seen if e.name == name]
@@ -223,12 +282,6 @@ class Events:
 
 async def no_users(old: BlockNode, new: BlockNode, prepare: Callable[[], Awaitable[None]]) -> None:
     await prepare()
-
-
-async def wait_status(job: ActiveCommitJob, *statuses: JobStatus) -> None:
-    with trio.fail_after(60):
-        while job.status not in statuses:
-            await trio.sleep(0.01)
 
 
 async def test_the_job_never_copies_older_data_over_a_mirrored_write(
@@ -276,7 +329,7 @@ async def test_the_job_never_copies_older_data_over_a_mirrored_write(
         assert not guest_done.is_set()
         gate.set()
         await guest_done.wait()
-        await wait_status(job, JobStatus.READY)
+        await events.wait("BLOCK_JOB_READY")
         assert await base.read(MiB + 5 * 4096, 4096) == b"\x77" * 4096
         job.complete()
         await job.concluded.wait()
@@ -339,16 +392,14 @@ async def run_failing(
     async with trio.open_nursery() as nursery:
         await job.setup()
         job.start(nursery)
-        await wait_status(job, JobStatus.READY)
+        await events.wait("BLOCK_JOB_READY")
         base.write = fails_once  # type: ignore[method-assign]
         await top.write(3 * MiB + 4096, b"\x99" * 4096)  # the guest's write succeeds
         assert await top.read(3 * MiB + 4096, 4096) == b"\x99" * 4096
         if on_error is OnError.REPORT:
             await job.concluded.wait()
         else:
-            with trio.fail_after(30):
-                while not events.named("BLOCK_JOB_ERROR"):
-                    await trio.sleep(0.01)
+            await events.wait("BLOCK_JOB_ERROR")
             job.complete()
             await job.concluded.wait()
 
