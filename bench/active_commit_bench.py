@@ -60,11 +60,13 @@ per = wsize // B
 last = array.array("q", [0]) * blocks
 busy = bytearray(blocks)
 done_at = []; latency = []
+failed = 0
 seq = 0
 inflight = 0
 
 def finished(first, t0, err):
-    global inflight
+    global inflight, failed
+    failed += bool(err.value)
     for b in range(first, first + per):
         busy[b] = 0
     now = time.monotonic()
@@ -94,7 +96,7 @@ while h.aio_in_flight() > 0:
 h.flush(); h.shutdown()
 with open(out + ".last", "wb") as f:
     last.tofile(f)
-json.dump({"done_at": done_at, "latency": latency}, open(out, "w"))
+json.dump({"done_at": done_at, "latency": latency, "failed": failed}, open(out, "w"))
 """
 
 
@@ -160,6 +162,8 @@ def verify(d: Path, golden_view: Path, size: int) -> bool:
                 expected = (seqs[index].to_bytes(8, "little", signed=True)
                             + index.to_bytes(8, "little")) * (BLOCK // 16)  # fmt: skip
             if block != expected:
+                print(f"base differs at block {index}: {block[:16].hex()} for "
+                      f"{expected[:16].hex()}", file=sys.stderr)  # fmt: skip
                 ok = False
                 break
     view.unlink()
@@ -172,6 +176,7 @@ def checked(d: Path) -> bool:
             ["qemu-img", "check", "--output=json", str(d / f"{image}.qcow2")],
             capture_output=True, text=True).stdout)  # fmt: skip
         if report.get("corruptions", 0) or report.get("leaks", 0):
+            print(f"qemu-img check {image}: {report}", file=sys.stderr)
             return False
     return True
 
@@ -248,6 +253,8 @@ def measure(name: str, mode: str | None, golden: Path, work: Path,
         proc.wait(30)
     log = json.loads((d / "writer.json").read_text())
     done_at, latency = log["done_at"], log["latency"]
+    if log["failed"]:  # the model counts every write: a failed one is a finding too
+        print(f"{result['contender']}: {log['failed']} writes failed", file=sys.stderr)
     result["alone_MBps"] = phase(done_at, latency, warm + 0.5, start, args.write_size)[0]
     mbps, p50, p99 = phase(done_at, latency, start, end, args.write_size)
     result.update(job_MBps=mbps, p50_ms=p50, p99_ms=p99)

@@ -34,6 +34,9 @@ BLOCK = 4096
 #: the libnbd writer's region; qemu-io writes above it
 WRITER_END = 48 * MiB
 MODES = ["background", "write-blocking", "auto"]
+#: a safety net, not a measure: auto mode may take a few of its one-second
+#: windows before it switches, and the machine may be loaded
+READY_TIMEOUT = 120.0
 
 #: argv: uri, seed, end, stop file, log file, seconds between writes (0: none).
 #: Logs one JSON line per event in the order they happened: ["w", seq, offset,
@@ -173,7 +176,7 @@ def test_writers_through_ready_and_pivot(tmp_path: Path, sock_dir: Path, mode: s
             assert job_mode(disk) in ("background", "write-blocking")
         for n in range(4):  # a second client meanwhile, above the writer's region
             disk.write(WRITER_END + n * 3 * MiB + n * 4096, 2 * MiB, 0x60 + n)
-        disk.qmp.wait_event("BLOCK_JOB_READY", device="j")
+        disk.qmp.wait_event("BLOCK_JOB_READY", timeout=READY_TIMEOUT, device="j")
         if mode == "background":
             assert job_mode(disk) == "background"
         disk.write(WRITER_END + 13 * MiB, 1 * MiB, 0x70)
@@ -257,7 +260,7 @@ def test_sigkill_keeps_flushed_writes(
         time.sleep(0.2)
         disk.commit(speed=16 * MiB, **{"__org.blockd_copy-mode": mode})
         if moment != "running":
-            disk.qmp.wait_event("BLOCK_JOB_READY", device="j")
+            disk.qmp.wait_event("BLOCK_JOB_READY", timeout=READY_TIMEOUT, device="j")
         if moment == "pivoted":
             assert disk.execute("block-job-complete", device="j") == {"return": {}}
             completed = disk.qmp.wait_event("BLOCK_JOB_COMPLETED", device="j")
@@ -309,7 +312,7 @@ def test_copy_mode_of_an_intermediate_commit_is_refused(tmp_path: Path, sock_dir
 def test_default_mode_is_background_and_reported(tmp_path: Path, sock_dir: Path) -> None:
     with serving(tmp_path, sock_dir) as disk:
         disk.commit()
-        disk.qmp.wait_event("BLOCK_JOB_READY", device="j")
+        disk.qmp.wait_event("BLOCK_JOB_READY", timeout=READY_TIMEOUT, device="j")
         assert job_mode(disk) == "background"
         [job] = disk.execute("query-jobs")["return"]
         assert job["__org.blockd_copy-mode"] == "background"

@@ -82,3 +82,16 @@ def test_whole_disk_and_edges():
 def test_granularity_must_be_a_power_of_two():
     with pytest.raises(ValueError, match="power of two"):
         DirtyBitmap(1 << 20, 3000)
+
+
+def test_clear_inside_cleans_only_whole_chunks() -> None:
+    bitmap = DirtyBitmap(10 * 4096 + 100, 4096)
+    bitmap.mark(0, bitmap.size)
+    # [100, 3*4096+50) covers chunks 1 and 2 whole, 0 and 3 in part
+    assert bitmap.clear_inside(100, 3 * 4096 - 50) == 2 * 4096
+    assert bitmap.runs(0, bitmap.size) == [(0, 4096), (3 * 4096, bitmap.size - 3 * 4096)]
+    # the last chunk counts as whole up to the end of the disk
+    assert bitmap.clear_inside(10 * 4096, 100) == 100
+    assert bitmap.clear_inside(5, 10) == 0  # nothing whole inside
+    assert bitmap.runs(4096, 5 * 4096, limit=4096) == [(3 * 4096, 2 * 4096)]
+    assert bitmap.runs(3 * 4096 + 10, 4 * 4096) == [(3 * 4096 + 10, 4096 - 10)]

@@ -36,6 +36,12 @@ class DirectIO:
     fd: int
     pieces: list[tuple[int, int]]
     _release: Callable[[], None] | None = None
+    #: a write: where the same bytes go too, in the same worker call (a node's
+    #: write hook mirrors it: see :class:`blockd.block.node.Admission`)
+    also: DirectIO | None = None
+    #: set by the worker call: whether this request's I/O was all done, or its error
+    ok: bool = False
+    error: BlockIOError | None = None
 
     def release(self) -> None:
         release, self._release = self._release, None
@@ -52,6 +58,18 @@ DirectResult = list[BlockIOError | None]
 
 
 def _direct_all(jobs: list[DirectJob]) -> DirectResult:
+    """Run a batch, the writes' mirrors (``also``) with it; each request's
+    error (a mirror's outcome is only in its ``ok``)."""
+    mirrors: list[DirectJob] = [
+        (io.also, True, buf) for io, write, buf in jobs if write and io.also is not None
+    ]
+    errors = _run_all(jobs + mirrors)
+    for (io, _write, _buf), error in zip(jobs + mirrors, errors, strict=True):
+        io.ok, io.error = error is None, error
+    return errors[: len(jobs)]
+
+
+def _run_all(jobs: list[DirectJob]) -> DirectResult:
     """Run a batch; plain calls finish what list I/O left (or was refused) and
     report the errors.
 

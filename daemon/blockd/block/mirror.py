@@ -9,9 +9,11 @@ feeds the job's :class:`~blockd.block.dirty.DirtyBitmap`:
   (:meth:`BlockNode.direct_io`, the NBD fast path) is admitted at once unless
   something overlapping holds its range.
 * **write-blocking**: a plain or zero write is also made on the target before
-  it is acknowledged; the chunks it covers whole become clean, those it covers
-  in part keep their state (clean ones stay equal in both images, dirty ones
-  are still copied).  So the dirty set only shrinks, whatever the write rate.
+  it is acknowledged (a write that cannot wait, in the same worker call, where
+  the target can overwrite the range in place; otherwise on the async path);
+  the chunks it covers whole become clean, those it covers in part keep
+  their state (clean ones stay equal in both images, dirty ones are still
+  copied).  So the dirty set only shrinks, whatever the write rate.
   Discards (whose result the target need not read the same way) and bulk copies
   into the node (no bytes at hand) mark their chunks dirty instead.
 
@@ -37,7 +39,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from blockd.block.dirty import DirtyBitmap
-from blockd.block.node import BlockNode, WriteKind
+from blockd.block.node import Admission, BlockNode, WriteKind
 from blockd.block.ranges import RangeLocks
 from blockd.errors import BlockIOError
 
@@ -71,19 +73,38 @@ class WriteMirror:
         self.dirty.mark(offset, length)
         self._changed(0)
 
-    def admit(self, offset: int, length: int) -> Callable[[bool], None] | None:
-        if self.blocking:
-            return None
+    def admit(self, offset: int, length: int) -> Admission | None:
         entry = self.locks.try_lock(offset, length)
         if entry is None:
             return None
+        if not self.blocking:
 
-        def done(written: bool) -> None:
+            def marked(ok: bool | None) -> None:
+                self.locks.unlock(entry)
+                if ok is not None:
+                    self._mark(offset, length)
+
+            return Admission(marked)
+        # write-blocking: only where base's bytes can be overwritten in place
+        # too, from cached metadata; the async path does the rest
+        also = self.target.direct_io(offset, length, True)
+        if also is None:
             self.locks.unlock(entry)
-            if written:
-                self._mark(offset, length)
+            return None
 
-        return done
+        def mirrored(ok: bool | None) -> None:
+            also.release()
+            self.locks.unlock(entry)
+            if ok is None:
+                return
+            if not ok or not also.ok:
+                self._mark(offset, length)
+                if ok and also.error is not None:
+                    self._report(offset, length, also.error)
+                return
+            self._changed(self.dirty.clear_inside(offset, length))
+
+        return Admission(mirrored, also)
 
     @asynccontextmanager
     async def guard(
@@ -113,16 +134,19 @@ class WriteMirror:
                 await self.target.write_zeroes(offset, length)
         except BlockIOError as err:
             self._mark(offset, length)
-            log.warning(
-                "mirroring a write of %d bytes at %d to %s failed: %s",
-                length, offset, self.target.node_name, err.desc,
-            )  # fmt: skip
-            self._failed(err)
+            self._report(offset, length, err)
             return
         except BaseException:
             self._mark(offset, length)
             raise
         self._changed(self.dirty.clear_inside(offset, length))
+
+    def _report(self, offset: int, length: int, err: BlockIOError) -> None:
+        log.warning(
+            "mirroring a write of %d bytes at %d to %s failed: %s",
+            length, offset, self.target.node_name, err.desc,
+        )  # fmt: skip
+        self._failed(err)
 
     async def flushed(self) -> None:
         if not self.blocking:

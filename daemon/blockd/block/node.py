@@ -63,17 +63,26 @@ class WriteKind(enum.Enum):
     COPY = "copy"
 
 
+@dataclass
+class Admission:
+    """A :class:`WriteHook`'s yes to a write that cannot wait: ``done(ok)`` once
+    it is over (True: it was all written; False: it failed, and may have
+    changed part of the range; None: it never started), and where the same
+    bytes must go too (``mirror``, written in the same worker call)."""
+
+    done: Callable[[bool | None], None]
+    mirror: DirectIO | None = None
+
+
 class WriteHook(Protocol):
     """What a job that must act on a node's writes before they are acknowledged
     installs on it (:meth:`BlockNode.set_write_hook`): an active commit in
     write-blocking mode writes each one to base too.  Every request that
     changes the node goes through it, whoever sends it."""
 
-    def admit(self, offset: int, length: int) -> Callable[[bool], None] | None:
-        """A write that cannot wait (:meth:`BlockNode.direct_io`) may go ahead:
-        the callable to call once it is over (True: it may have changed the
-        node, False: it never started); None sends it on the node's async
-        path (through :meth:`guard`)."""
+    def admit(self, offset: int, length: int) -> Admission | None:
+        """A write that cannot wait (:meth:`BlockNode.direct_io`) may go
+        ahead; None sends it on the node's async path (through :meth:`guard`)."""
 
     def guard(
         self, kind: WriteKind, offset: int, length: int, data: bytes | None
@@ -663,7 +672,7 @@ class BlockNode:
         """
         if write and self.range_gate.blocked(offset, length):
             return None
-        admitted: Callable[[bool], None] | None = None
+        admitted: Admission | None = None
         if write and self._write_hook is not None:
             admitted = self._write_hook.admit(offset, length)
             if admitted is None:
@@ -671,8 +680,10 @@ class BlockNode:
         io = self._do_direct_io(offset, length, write)
         if io is None:
             if admitted is not None:
-                admitted(False)
+                admitted.done(None)
             return None
+        if admitted is not None:
+            io.also = admitted.mirror
         if write and (self._write_observers or admitted is not None):
             done = io._release
 
@@ -683,7 +694,7 @@ class BlockNode:
                 finally:
                     self._written(offset, length)
                     if admitted is not None:
-                        admitted(True)
+                        admitted.done(io.ok)
 
             io._release = release
         return io
