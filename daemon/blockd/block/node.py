@@ -302,10 +302,17 @@ class BlockNode:
         self._write_observers.remove(observer)
 
     def set_write_hook(self, hook: WriteHook | None) -> None:
-        """Install (or, with None, remove) the node's one :class:`WriteHook`."""
+        """Install (or, with None, remove) the node's one :class:`WriteHook`.
+
+        The hook sees the writes that start from now on: wait for
+        :meth:`writes_settled` before relying on it having seen every change."""
         if hook is not None and self._write_hook is not None:
             raise BlockError(f"Node '{self.node_name}' already has a write hook")
         self._write_hook = hook
+
+    async def writes_settled(self) -> None:
+        """Until every write in flight now (fast-path ones included) is over."""
+        await self.range_gate.settled()
 
     def _guard(
         self, kind: WriteKind, offset: int, length: int, data: bytes | None = None
@@ -666,9 +673,8 @@ class BlockNode:
         releases the range, which it does once the bytes are in place.
 
         A write over a range a job holds (:attr:`range_gate`) answers None, so the
-        caller's :meth:`write` waits for it.  Direct writes are not counted
-        as in flight: they only overwrite data the node already holds, which
-        a stream's copy never writes.
+        caller's :meth:`write` waits for it; one that goes ahead counts as in
+        flight there until it is released, like any other write.
         """
         if write and self.range_gate.blocked(offset, length):
             return None
@@ -684,8 +690,9 @@ class BlockNode:
             return None
         if admitted is not None:
             io.also = admitted.mirror
-        if write and (self._write_observers or admitted is not None):
+        if write:
             done = io._release
+            token = self.range_gate.note_write(offset, length)
 
             def release() -> None:
                 try:
@@ -695,6 +702,7 @@ class BlockNode:
                     self._written(offset, length)
                     if admitted is not None:
                         admitted.done(io.ok)
+                    self.range_gate.end_write(token)
 
             io._release = release
         return io

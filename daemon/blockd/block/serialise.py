@@ -13,6 +13,11 @@ what the job copies.
 
 The task holding an exclusive range writes through it (its own copy);
 every other task's write over it waits.
+
+The writes in flight are also what a job that starts watching a node's
+writes (an active commit's write hook) must wait for: one already under way
+went past the place where the hook looks, and would never tell the job that
+it changed the node (:meth:`RangeGate.settled`).
 """
 
 from __future__ import annotations
@@ -51,6 +56,19 @@ class RangeGate:
         token = next(self._tokens)
         self._writes[token] = (offset, offset + length)
         return token
+
+    def note_write(self, offset: int, length: int) -> int:
+        """:meth:`begin_write` for a write that cannot wait (the NBD fast path's),
+        once :meth:`blocked` has said it may go ahead."""
+        token = next(self._tokens)
+        self._writes[token] = (offset, offset + length)
+        return token
+
+    async def settled(self) -> None:
+        """Wait until every write in flight now is over; later ones do not count."""
+        earlier = set(self._writes)
+        while not earlier.isdisjoint(self._writes):
+            await self._wait()
 
     def end_write(self, token: int) -> None:
         del self._writes[token]

@@ -91,7 +91,8 @@ _SCAN_RUNS = 256
 #: Background mode: a dirty set this small, or that the job copies in about
 #: HOLD_SECONDS at the rate of its recent copies (but never more than
 #: HOLD_MAX), is copied with the writes to top held (the guest's writes wait
-#: that long, once).
+#: that long, once).  Under a speed limit, never more than one step: the
+#: limit holds until READY.
 HOLD_BYTES = 4 * 1024 * 1024
 HOLD_SECONDS = 0.2
 HOLD_MAX = 32 * 1024 * 1024
@@ -249,6 +250,9 @@ class ActiveCommitJob(Job):
         self._using = True
         plan.top.set_write_hook(self._mirror)
         self._watching = True
+        # A write already under way passed the hook unseen: once it is over,
+        # the scan finds what it changed (a copy before then could miss it).
+        await plan.top.writes_settled()
 
     async def run(self) -> None:
         top, base = self.plan.top, self.plan.base
@@ -276,11 +280,11 @@ class ActiveCommitJob(Job):
             self._auto_switch()
             dirty = self._dirty.dirty_bytes
             running = self.status is JobStatus.RUNNING
-            hold = (
-                running
-                and not self._mirror.blocking
-                and dirty <= max(HOLD_BYTES, min(HOLD_MAX, self._rate * HOLD_SECONDS))
-            )
+            held = max(HOLD_BYTES, min(HOLD_MAX, self._rate * HOLD_SECONDS))
+            if self.speed:
+                # the last copy is one step, like any other under the limit
+                held = min(held, step_size(self.speed))
+            hold = running and not self._mirror.blocking and dirty <= held
             if dirty and not hold:
                 await self._copy_next()
                 continue
