@@ -724,6 +724,14 @@ class Side:
                         if backing == job.top and node in job.overlays:
                             self.graph[node] = job.base
                             self.repointed.add(node)
+                moved = job.kind == "commit" or (job.completing and not job.cancelling)
+                if name == "BLOCK_JOB_COMPLETED" and job.completed_ok and moved and job.base:
+                    # top's exports serve base from now on (a commit's, or an
+                    # active commit's pivot): seed 7001598, A3 on the new node
+                    for table in (self.exports, self.writable_exports):
+                        for eid, node in table.items():
+                            if node == job.top:
+                                table[eid] = job.base
 
     def poll(self, timeout: float) -> None:
         self.client.sock.settimeout(timeout)
