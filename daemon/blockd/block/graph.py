@@ -199,20 +199,15 @@ class BlockGraph:
         It shares everything at first, as QEMU's export does when attaching;
         :meth:`forbid_resize` then takes resizing away.
         """
-        need = CONSISTENT_READ | (WRITE if writable else 0)
-        entry: list[Any] = [next(self._sequence), key, need, ALL, UNNAMED_DEVICE, "root"]
-        self._roots.setdefault(node.node_name, []).append(entry)
-        try:
-            self._check_permissions(node)
-        except BlockError:
-            self.detach_user(node, key)
-            raise
+        self._attach_root(node, key, CONSISTENT_READ | (WRITE if writable else 0))
 
     def attach_creator(self, node: BlockNode, key: object) -> None:
         """Let ``key`` write and resize ``node`` (an image being made in it),
         sharing everything, as QEMU's blockdev-create asks; refused on a conflict."""
-        entry: list[Any] = [next(self._sequence), key, WRITE | RESIZE, ALL, UNNAMED_DEVICE,
-                            "root"]
+        self._attach_root(node, key, WRITE | RESIZE)
+
+    def _attach_root(self, node: BlockNode, key: object, need: int) -> None:
+        entry: list[Any] = [next(self._sequence), key, need, ALL, UNNAMED_DEVICE, "root"]
         self._roots.setdefault(node.node_name, []).append(entry)
         try:
             self._check_permissions(node)
