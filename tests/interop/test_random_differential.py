@@ -92,6 +92,7 @@ REGRESSION_SEEDS: tuple[int, ...] = (
     1000337,  # a snapshot image beside the chain on a commit's top (was refused, A4)
     7000170,  # a base made read-only by a pivot, then a second active commit of it cancelled: A2
     7001598,  # an export moved onto base by a pivot, then base committed as an intermediate: A3
+    7001668,  # a commit moves two overlays onto base: blockdev-del names the newest link, as QSD
 )
 
 

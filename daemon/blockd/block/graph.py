@@ -383,8 +383,9 @@ class BlockGraph:
             if parent.node_name not in memo:
                 memo[parent.node_name] = totals(self._uses(parent, memo))
             perm, shared = memo[parent.node_name]
-            role, child = (parent.file_role, parent.file_edge) if edge == "file" else (
-                Role.COW, "backing")
+            role, child = (
+                (parent.file_role, parent.file_edge) if edge == "file" else (Role.COW, "backing")
+            )
             need, lets = child_use(role, perm, shared, self._writable(parent))
             seq = self._joined.get(parent.node_name, 0)
             uses.append(Use(f"node '{parent.node_name}'", child, need, lets, seq))
@@ -489,12 +490,24 @@ class BlockGraph:
         return max(held)[1] if held else None
 
     def _note_backing(self, overlay: BlockNode, backing: BlockNode) -> None:
-        reason = f"node is used as backing hd of '{overlay.node_name}'"
+        reason = _backing_reason(overlay)
         self._backing_users.setdefault(backing.node_name, []).append((next(self._sequence), reason))
 
     def _forget_backing(self, overlay: BlockNode, backing: BlockNode) -> None:
-        reason = f"node is used as backing hd of '{overlay.node_name}'"
+        reason = _backing_reason(overlay)
         _remove_reason(self._backing_users, backing.node_name, reason)
+
+    def oldest_link_first(self, node: BlockNode, overlays: list[BlockNode]) -> list[BlockNode]:
+        """``overlays`` of ``node`` in the order their backing links to it were made.
+
+        Moved onto another node in this order, the newest link stays the
+        newest there (what blockdev-del names), as QEMU's two list reversals
+        (into its commit filter, then onto base) leave it."""
+        age = {reason: seq for seq, reason in self._backing_users.get(node.node_name, [])}
+        return sorted(
+            overlays,
+            key=lambda o: age.get(f"node is used as backing hd of '{o.node_name}'", -1),
+        )
 
     def relink(self, overlay: BlockNode, old: BlockNode | None, new: BlockNode | None) -> None:
         """Record that ``overlay`` now backs onto ``new`` instead of ``old``."""
@@ -649,6 +662,10 @@ async def _close_logged(node: BlockNode) -> None:
         await node.close()
     except (BlockdError, OSError) as exc:
         logs.node_close_failed(node.node_name, str(exc))
+
+
+def _backing_reason(overlay: BlockNode) -> str:
+    return f"node is used as backing hd of '{overlay.node_name}'"
 
 
 def _remove_reason(table: dict[str, list[tuple[int, str]]], name: str, reason: str) -> None:

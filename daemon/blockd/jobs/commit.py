@@ -200,7 +200,7 @@ class CommitJob(Job):
             self.graph.add_blocker(overlay, BLOCKER)
         try:
             await plan.base.flush()
-            for overlay in overlays:
+            for overlay in self.graph.oldest_link_first(plan.top, overlays):
                 await self._repoint(overlay)
         finally:
             for overlay in held:
