@@ -504,10 +504,7 @@ class BlockGraph:
         newest there (what blockdev-del names), as QEMU's two list reversals
         (into its commit filter, then onto base) leave it."""
         age = {reason: seq for seq, reason in self._backing_users.get(node.node_name, [])}
-        return sorted(
-            overlays,
-            key=lambda o: age.get(f"node is used as backing hd of '{o.node_name}'", -1),
-        )
+        return sorted(overlays, key=lambda o: age.get(_backing_reason(o), -1))
 
     def relink(self, overlay: BlockNode, old: BlockNode | None, new: BlockNode | None) -> None:
         """Record that ``overlay`` now backs onto ``new`` instead of ``old``."""
