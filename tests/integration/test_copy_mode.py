@@ -312,13 +312,22 @@ def test_copy_mode_of_an_intermediate_commit_is_refused(tmp_path: Path, sock_dir
         disk.stop()
 
 
-def test_default_mode_is_background_and_reported(tmp_path: Path, sock_dir: Path) -> None:
+@pytest.mark.parametrize("asked", [False, True])
+def test_default_mode_is_background_and_reported_when_asked(
+    tmp_path: Path, sock_dir: Path, asked: bool
+) -> None:
+    """Without the argument the job is QSD's, and so are the queries' members."""
     with serving(tmp_path, sock_dir) as disk:
-        disk.commit()
+        disk.commit(**({"__org.blockd_copy-mode": "background"} if asked else {}))
         disk.qmp.wait_event("BLOCK_JOB_READY", timeout=READY_TIMEOUT, device="j")
-        assert job_mode(disk) == "background"
+        [block_job] = disk.execute("query-block-jobs")["return"]
         [job] = disk.execute("query-jobs")["return"]
-        assert job["__org.blockd_copy-mode"] == "background"
+        if asked:
+            assert job_mode(disk) == "background"
+            assert job["__org.blockd_copy-mode"] == "background"
+        else:
+            assert "__org.blockd_copy-mode" not in block_job
+            assert "__org.blockd_copy-mode" not in job
         disk.write(3 * MiB, 1 * MiB, 0x44)
         assert disk.execute("block-job-complete", device="j") == {"return": {}}
         disk.qmp.wait_event("BLOCK_JOB_COMPLETED", device="j")

@@ -43,8 +43,6 @@ What is normalised, and why (timing, not behaviour):
   job is cancelled first).  The data itself is still compared at the end.
 * guest view of a commit's base when the job did not end with everything
   copied (cancel before the end, error): which chunks arrived is timing.
-* ``__org.blockd_copy-mode`` in blockd's query-block-jobs (an extension
-  member QSD does not have, reported for active commits only): dropped.
 
 Deliberate differences (README.md lists them) are in the allow-list section
 below (A1-A9), each with its reason and checked against what the client
@@ -810,9 +808,6 @@ def normalise(side: Side, value: Any) -> Any:
         )
         for key, item in v.items():
             if key in ("timestamp", "actual-size"):
-                continue
-            if key == "__org.blockd_copy-mode":
-                # blockd's extension member (active commits): QSD has no such thing
                 continue
             if key == "node-name" and str(item).startswith("#block"):
                 item = "<auto>"

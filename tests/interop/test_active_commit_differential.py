@@ -21,8 +21,6 @@ Masks (each one is what legitimately differs, nothing else):
   after any cancel of an active commit, blockd restores read-only (deliberate;
   not when a writer of base was added meanwhile: see test_active_commit.py).
   After a completion base is read-write in both (it is the active image now).
-* ``__org.blockd_copy-mode`` in blockd's query-block-jobs entries: an extension
-  member (the job's copy mode) that QSD does not have.
 
 Not compared because QSD's answer shows its internals: query-block-exports and
 query-named-block-nodes *during* the job (QSD reports the export on its implicit
@@ -322,9 +320,6 @@ def mask(value: Any, timing: bool) -> Any:
     out = {}
     for key, item in value.items():
         if key == "timestamp" or (timing and key in TIMING_KEYS):
-            continue
-        if key == "__org.blockd_copy-mode":
-            # blockd's extension member of an active commit's query-block-jobs entry
             continue
         if key == "node-name" and str(item).startswith("#block"):
             item = "<auto>"

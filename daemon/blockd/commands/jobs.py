@@ -127,8 +127,9 @@ async def block_commit(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str
     if active and filter_name is not None:
         # QEMU inserts an active commit's filter before it creates the job.
         ctx.graph.check_new_name(filter_name)
-    copy_mode = CopyMode(args.get("__org.blockd_copy-mode", "background"))
-    if not active and copy_mode is not CopyMode.BACKGROUND:
+    requested = args.get("__org.blockd_copy-mode")
+    copy_mode = None if requested is None else CopyMode(requested)
+    if not active and copy_mode not in (None, CopyMode.BACKGROUND):
         # nothing writes to an intermediate image: there is nothing to keep up with
         raise BlockdError(
             f"Copy mode '{copy_mode}' applies only to an active commit "

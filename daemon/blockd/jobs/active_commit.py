@@ -151,11 +151,14 @@ class ActiveCommitJob(Job):
         plan: ActiveCommitPlan,
         pivot: Pivot,
         writers: Writers = _no_writers,
-        copy_mode: CopyMode = CopyMode.BACKGROUND,
+        copy_mode: CopyMode | None = None,
         **options: Unpack[JobOptions],
     ) -> None:
         super().__init__(job_id, events, **options)
-        self.copy_mode = copy_mode
+        self.copy_mode = copy_mode or CopyMode.BACKGROUND
+        #: the client chose a mode: the queries report the one in effect (a
+        #: request without the extension gets QSD's replies, member for member)
+        self._report_mode = copy_mode is not None
         self.graph = graph
         self.plan = plan
         self._pivot = pivot
@@ -216,12 +219,14 @@ class ActiveCommitJob(Job):
 
     def job_info(self) -> dict[str, Any]:
         info = super().job_info()
-        info["__org.blockd_copy-mode"] = str(self.copy_mode_in_effect)
+        if self._report_mode:
+            info["__org.blockd_copy-mode"] = str(self.copy_mode_in_effect)
         return info
 
     def block_job_info(self) -> dict[str, Any]:
         info = super().block_job_info()
-        info["__org.blockd_copy-mode"] = str(self.copy_mode_in_effect)
+        if self._report_mode:
+            info["__org.blockd_copy-mode"] = str(self.copy_mode_in_effect)
         if self.status is JobStatus.PENDING:
             # QEMU's mirror keeps the chain drained from the end of its copying
             # until it is finalized, and a drain counts as a pause there.
