@@ -141,7 +141,7 @@ class CommitJob(Job):
             await self.throttle()
             try:
                 if step is None:
-                    step = await steps.next(step_size(self.speed))
+                    step = await steps.next(step_size(self.speed), gather=not self.speed)
                 copied = await self._copy.copy(step[1])
             except CopyFailed as failed:
                 # the whole step is retried: copying a piece again is harmless

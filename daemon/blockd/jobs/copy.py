@@ -197,9 +197,13 @@ class Steps:
         self._ahead: list[CopyRun] = []
         self._scanned = offset
 
-    async def next(self, unit: int) -> tuple[int, list[CopyRun]]:
+    async def next(self, unit: int, *, gather: bool = True) -> tuple[int, list[CopyRun]]:
         """(end, runs) of the next step, which the caller copies before asking
-        again.  Raises :class:`CopyFailed`; asking again is harmless."""
+        again.  Raises :class:`CopyFailed`; asking again is harmless.
+
+        Without ``gather`` a step is one unit at most (a rate-limited job:
+        QEMU's commit copies one request's worth, then sleeps, so how far a
+        throttled job got when it is cancelled stays where QEMU's is)."""
         total = sum(run[3] for run in self._ahead)
         chunk = unit
         while total < unit and self._scanned < self._end and self._scanned - self._start < SCAN:
@@ -212,6 +216,8 @@ class Steps:
             total += sum(run[3] for run in more)
             self._scanned = stop
             chunk = min(2 * chunk, self._chunk_max)
+            if not gather:
+                break
         cut = self._scanned
         if total >= unit:
             seen = 0
