@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import require_tool
-from tests.helpers import RawQMP, start_blockd, start_qsd
+from tests.helpers import negotiated, start_blockd, start_qsd
 from tests.images import create, qemu_io
 
 pytestmark = pytest.mark.qsd
@@ -190,8 +190,8 @@ def converse(kind: str, d: Path, count: int, steps: Callable[[Path], list[Step]]
     daemon = (start_qsd if kind == "qsd" else start_blockd)(d / "qmp.sock")
     replies: list[str] = []
     try:
-        with RawQMP(d / "qmp.sock") as qmp:
-            qmp.negotiate()
+        # QSD's monitor may still be held by the start-up probe: negotiated() retries
+        with negotiated(daemon) as qmp:
             for command, args in [*prologue(d, count), *steps(d)]:
                 if command == "wait":
                     qmp.wait_event(args["event"], timeout=60, **args.get("data", {}))
