@@ -53,9 +53,7 @@ class RangeGate:
         for :meth:`end_write`, which must follow once the write is over."""
         while self.blocked(offset, length):
             await self._wait()
-        token = next(self._tokens)
-        self._writes[token] = (offset, offset + length)
-        return token
+        return self.note_write(offset, length)
 
     def note_write(self, offset: int, length: int) -> int:
         """:meth:`begin_write` for a write that cannot wait (the NBD fast path's),

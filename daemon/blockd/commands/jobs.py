@@ -91,6 +91,16 @@ async def job_dismiss(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str,
     return {}
 
 
+def job_options(args: Mapping[str, Any]) -> JobOptions:
+    """The options every block job's command takes, with QEMU's defaults."""
+    return {
+        "speed": max(args.get("speed", 0), 0),
+        "on_error": OnError(args.get("on-error", "report")),
+        "auto_finalize": args.get("auto-finalize", True),
+        "auto_dismiss": args.get("auto-dismiss", True),
+    }
+
+
 def resolve_commit(ctx: CommandContext, args: Mapping[str, Any]) -> CommitPlan | ActiveCommitPlan:
     """block-commit's selection (device, top, base) resolved and checked, in
     its order and words; shared with the commit plan, which must agree (the
@@ -137,12 +147,7 @@ async def block_commit(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str
         )
     job_id = args.get("job-id", "")
     ctx.jobs.check_new_id(job_id)
-    options: JobOptions = {
-        "speed": max(args.get("speed", 0), 0),
-        "on_error": OnError(args.get("on-error", "report")),
-        "auto_finalize": args.get("auto-finalize", True),
-        "auto_dismiss": args.get("auto-dismiss", True),
-    }
+    options = job_options(args)
     job: CommitJob | ActiveCommitJob
     if isinstance(plan, ActiveCommitPlan):
         job = ActiveCommitJob(

@@ -7,8 +7,9 @@ from typing import Any
 
 from blockd import logs
 from blockd.commands.context import CommandContext
+from blockd.commands.jobs import job_options
 from blockd.errors import BlockdError
-from blockd.jobs.job import JobOptions, OnError, check_speed
+from blockd.jobs.job import check_speed
 from blockd.jobs.stream import StreamJob, plan_stream
 
 
@@ -35,12 +36,7 @@ async def block_stream(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str
         bottom=args.get("bottom"),
         backing_file=args.get("backing-file"),
     )
-    options: JobOptions = {
-        "speed": max(args.get("speed", 0), 0),
-        "on_error": OnError(args.get("on-error", "report")),
-        "auto_finalize": args.get("auto-finalize", True),
-        "auto_dismiss": args.get("auto-dismiss", True),
-    }
+    options = job_options(args)
     job_id = args.get("job-id", "")
     job = StreamJob(job_id, ctx.events, ctx.graph, plan, ctx.exports.switch_node, **options)
     await job.open_device()
