@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import errno
 import json
+import random
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
@@ -278,3 +280,44 @@ async def test_steps_cover_the_range_in_whole_units_and_batch_sparse_runs(
     assert joined == [(layer.node_name, status.value, pos, n) for layer, status, pos, n in whole]
     # 48 scattered clusters past 16 MiB: far fewer steps than windows
     assert count < (t.size // unit) // 2 if unit < 32 * MiB else count <= 3
+
+
+@pytest.mark.timeout(60)
+async def test_copies_go_on_while_the_guest_frees_what_they_copy(tmp_path: Path) -> None:
+    """An active commit copies from top while the guest discards and rewrites
+    there.  A discard frees clusters holding the metadata lock and waits for
+    their pins; a copy that held some pins while it waited for that lock to map
+    more would wait forever (the active commit froze with its exports this way).
+    Freeing is shielded from cancellation, so a deadlock is caught by the timeout."""
+    paths = make_chain(tmp_path)
+    graph = BlockGraph()
+    cluster = 64 * KiB
+    try:
+        base, _mid, top = await open_chain(graph, paths, writable=("base", "top"))
+        copy = ChainCopy(graph, top, base)
+        rng = random.Random(5)
+        done = 0
+
+        async def copier() -> None:
+            nonlocal done
+            for _ in range(600):
+                first = 6 * MiB + rng.randrange(64) * cluster
+                ranges = [(first + i * 3 * cluster, cluster) for i in range(4)]
+                await copy.ranges([r for r in ranges if r[0] + r[1] <= 11 * MiB])
+                done += 1
+
+        async def guest() -> None:
+            while done < 600:
+                at = 6 * MiB + rng.randrange(80) * cluster
+                if rng.random() < 0.5:
+                    await top.discard(at, 2 * cluster)
+                else:
+                    await top.write(at, bytes([rng.randrange(1, 256)]) * cluster)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(copier)
+            nursery.start_soon(guest)
+    finally:
+        await graph.close_all()
+    run("qemu-img", "check", str(paths[2]))
+    run("qemu-img", "check", str(paths[0]))

@@ -65,8 +65,7 @@ async def test_copy_between_images(
         pos += n
     assert runs
     mapped: list[tuple[int, int, HostExtents]] = []
-    for off, n in runs:
-        ext = await src.map_data(off, n)
+    for (off, n), ext in zip(runs, await src.map_data(runs), strict=True):
         assert ext is not None
         assert sum(p[2] for p in ext.pieces) == n
         mapped.append((off, n, ext))
@@ -92,7 +91,7 @@ async def test_batch_sharing_a_cluster_is_refused(graph: BlockGraph, tmp_path: P
     qemu_io(src_path, "write -P 1 0 4k", "write -P 2 8k 4k")
     src = await _image(graph, src_path, "src", read_only=True)
     dst = await _image(graph, dst_path, "dst")
-    a, b = await src.map_data(0, 4096), await src.map_data(8192, 4096)
+    a, b = await src.map_data([(0, 4096), (8192, 4096)])
     assert a is not None and b is not None
     assert not await dst.write_many_from_host([(0, 4096, a), (8192, 4096, b)])
     assert await dst.write_from_host(0, 4096, a)
@@ -106,11 +105,11 @@ async def test_map_data_only_for_plain_data(graph: BlockGraph, tmp_path: Path) -
     path = create(tmp_path / "img.qcow2", MiB)
     qemu_io(path, "write -P 1 0 64k", "write -z 64k 64k")
     img = await _image(graph, path, "img", read_only=True)
-    ext = await img.map_data(0, 65536)
+    [ext] = await img.map_data([(0, 65536)])
     assert ext is not None and len(ext.pieces) == 1
     ext.release()
-    assert await img.map_data(0, 128 * KiB) is None  # zero cluster
-    assert await img.map_data(128 * KiB, 64 * KiB) is None  # unallocated
+    # zero cluster, unallocated, nothing
+    assert await img.map_data([(0, 128 * KiB), (128 * KiB, 64 * KiB), (0, 0)]) == [None] * 3
 
 
 async def test_map_data_of_compressed_clusters_is_none(graph: BlockGraph, tmp_path: Path) -> None:
@@ -119,7 +118,7 @@ async def test_map_data_of_compressed_clusters_is_none(graph: BlockGraph, tmp_pa
     path = tmp_path / "c.qcow2"
     run("qemu-img", "convert", "-c", "-O", "qcow2", str(raw), str(path))
     img = await _image(graph, path, "img", read_only=True)
-    assert await img.map_data(0, 65536) is None
+    assert await img.map_data([(0, 65536)]) == [None]
 
 
 @pytest.mark.parametrize("cluster_size", [512, 65536])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -429,15 +429,19 @@ class BlockNode:
             for offset, data in writes:
                 self._written(offset, len(data))
 
-    async def map_data(self, offset: int, length: int) -> HostExtents | None:
-        """Host file locations of this layer's data for the range, pinned; None if
-        the range is not plain data of this layer in a host file (the caller then
-        reads).  Used to copy between images without the bytes entering Python.
+    async def map_data(self, ranges: Sequence[tuple[int, int]]) -> list[HostExtents | None]:
+        """Host file locations of this layer's data for each (offset, length)
+        range, pinned; None for a range that is not plain data of this layer in
+        a host file (the caller then reads).  Used to copy between images
+        without the bytes entering Python.
+
+        All ranges are mapped at one moment: a caller holding pins must never
+        wait for this layer's metadata again, because a writer that frees
+        clusters holds that metadata while it waits for their pins to go.
         """
-        self._check_request(offset, length)
-        if length == 0:
-            return None
-        return await self._do_map_data(offset, length)
+        for offset, length in ranges:
+            self._check_request(offset, length)
+        return await self._do_map_data(list(ranges))
 
     async def write_from_host(self, offset: int, length: int, src: HostExtents) -> bool:
         """Write the guest range from ``src`` (as returned by :meth:`map_data` of a
@@ -604,8 +608,8 @@ class BlockNode:
         for offset, data in writes:
             await self._do_write(offset, data)
 
-    async def _do_map_data(self, offset: int, length: int) -> HostExtents | None:
-        return None
+    async def _do_map_data(self, ranges: list[tuple[int, int]]) -> list[HostExtents | None]:
+        return [None] * len(ranges)
 
     async def _do_readinto(self, offset: int, view: memoryview) -> None:
         view[:] = await self._do_read(offset, len(view))

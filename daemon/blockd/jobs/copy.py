@@ -13,7 +13,7 @@ import logging
 
 from blockd.block.chain import layers
 from blockd.block.graph import BlockGraph
-from blockd.block.node import BlockNode, HostExtents, Status
+from blockd.block.node import BlockNode, Status
 from blockd.errors import BlockError, BlockIOError
 
 log = logging.getLogger(__name__)
@@ -120,19 +120,32 @@ class ChainCopy:
         ]
 
     async def _data_runs(self, runs: list[tuple[BlockNode, int, int]]) -> None:
+        """Copy data runs file to file, one layer's runs at a time: their host
+        clusters stay pinned until written, and pins must never be held while
+        waiting for another mapping of the same layer (see
+        :meth:`BlockNode.map_data`)."""
+        by_layer: dict[BlockNode, list[tuple[int, int]]] = {}
+        for layer, pos, n in runs:
+            by_layer.setdefault(layer, []).append((pos, n))
+        rest: list[tuple[int, int]] = []
+        for layer, ranges in by_layer.items():
+            rest += await self._layer_runs(layer, ranges)
+        for pos, n in sorted(rest):
+            await self._read_write(pos, n)
+
+    async def _layer_runs(
+        self, layer: BlockNode, ranges: list[tuple[int, int]]
+    ) -> list[tuple[int, int]]:
+        """Copy one layer's data runs file to file; the ranges it could not."""
         base = self.base
-        mapped: list[tuple[int, int, HostExtents]] = []
-        rest: list[tuple[BlockNode, int, int]] = []
         try:
-            for layer, pos, n in runs:
-                try:
-                    src = await layer.map_data(pos, n)
-                except BlockIOError as err:
-                    raise CopyFailed(err, "read") from err
-                if src is None:
-                    rest.append((layer, pos, n))
-                else:
-                    mapped.append((pos, n, src))
+            sources = await layer.map_data(ranges)
+        except BlockIOError as err:
+            raise CopyFailed(err, "read") from err
+        pairs = list(zip(ranges, sources, strict=True))
+        mapped = [(pos, n, src) for (pos, n), src in pairs if src is not None]
+        rest = [r for r, src in pairs if src is None]
+        try:
             try:
                 done = await base.write_many_from_host(mapped) if len(mapped) > 1 else False
             except BlockIOError as err:
@@ -144,12 +157,11 @@ class ChainCopy:
                     except BlockIOError as err:
                         raise CopyFailed(err, "write") from err
                     if not ok:
-                        rest.append((src.file, pos, n))
+                        rest.append((pos, n))
         finally:
             for _p, _n, src in mapped:
                 src.release()
-        for _layer, pos, n in rest:
-            await self._read_write(pos, n)
+        return rest
 
     async def _read_write(self, offset: int, n: int) -> None:
         """Copy one data run the slow way, BUFFER bytes at a time."""

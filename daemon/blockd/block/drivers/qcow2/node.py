@@ -39,6 +39,7 @@ import logging
 import os
 import struct
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any, NoReturn
 
 import trio
@@ -404,18 +405,22 @@ class Qcow2Node(BlockNode):
             offset += n
         return runs
 
-    async def _do_map_data(self, offset: int, length: int) -> HostExtents | None:
+    async def _do_map_data(self, ranges: list[tuple[int, int]]) -> list[HostExtents | None]:
         if not isinstance(self.file, FileNode):
-            return None
+            return [None] * len(ranges)
         mapping = self._mapping
+        out: list[HostExtents | None] = []
         async with self._inflight.lock:
-            extents = await mapping.map(offset, length)
-            if any(kind is not ClusterKind.NORMAL for kind, _g, _n, _e in extents):
-                return None
-            pinned = mapping.host_clusters(extents)
-            self._inflight.pin(pinned)
-        pieces = [(g, mapping.host_offset(e, g), n) for _k, g, n, e in extents]
-        return HostExtents(self.file, pieces, lambda: self._inflight.unpin(pinned))
+            for offset, length in ranges:
+                extents = await mapping.map(offset, length) if length else []
+                if not extents or any(k is not ClusterKind.NORMAL for k, _g, _n, _e in extents):
+                    out.append(None)
+                    continue
+                pinned = mapping.host_clusters(extents)
+                self._inflight.pin(pinned)
+                pieces = [(g, mapping.host_offset(e, g), n) for _k, g, n, e in extents]
+                out.append(HostExtents(self.file, pieces, partial(self._inflight.unpin, pinned)))
+        return out
 
     def _do_direct_io(self, offset: int, length: int, write: bool) -> DirectIO | None:
         file = self.file
