@@ -93,6 +93,7 @@ REGRESSION_SEEDS: tuple[int, ...] = (
     7000170,  # a base made read-only by a pivot, then a second active commit of it cancelled: A2
     7001598,  # an export moved onto base by a pivot, then base committed as an intermediate: A3
     7001668,  # a commit moves two overlays onto base: blockdev-del names the newest link, as QSD
+    7002205,  # an l2_update rule on the first sector of an active commit's base's L2 table: A10
 )
 
 
