@@ -41,6 +41,26 @@ def wait_for_socket(
     raise TimeoutError(f"nothing listening on {path}")
 
 
+def wait_for_listener(
+    path: Path, proc: subprocess.Popen[bytes], timeout: float = STARTUP_TIMEOUT
+) -> None:
+    """Until a socket listens on ``path``, seen in /proc/net/unix without
+    connecting: QSD's monitor serves one connection at a time, and a probe's
+    connection, closed at once, could still hold it when the test connects
+    (QSD then closes the test's connection before the greeting)."""
+    deadline = time.monotonic() + timeout
+    listening = 0x10000  # __SO_ACCEPTCON in the Flags column
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {proc.returncode} before listening")
+        for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7] == str(path) and int(fields[3], 16) & listening:
+                return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listening on {path}")
+
+
 @dataclass
 class DaemonProcess:
     proc: subprocess.Popen[bytes]
@@ -132,7 +152,7 @@ def start_qsd(socket_path: Path) -> DaemonProcess:
             stderr=stderr,
         )
     daemon = DaemonProcess(proc, socket_path, stderr_path)
-    wait_for_socket(socket_path, proc)
+    wait_for_listener(socket_path, proc)
     return daemon
 
 
@@ -241,8 +261,8 @@ class RawQMP:
 
 def negotiated(daemon: DaemonProcess, attempts: int = 14) -> RawQMP:
     """A client past ``qmp_capabilities``.  QSD's monitor serves one connection at
-    a time, and the start-up probe's may still hold it: then ours is closed
-    before the greeting, and is made again (for about 20 s in all)."""
+    a time, and a connection just closed may still hold it: then ours is
+    closed before the greeting, and is made again (for about 20 s in all)."""
     for attempt in range(attempts):
         client = RawQMP(daemon.socket_path)
         try:
