@@ -638,8 +638,9 @@ class Side:
         except TimeoutError as error:
             raise NoReply(self.name, command) from error
         self.absorb()
-        if command == "block-export-add":
-            # QSD drains the graph for an export add, whether it succeeds or not.
+        if command == "block-export-add" or (command == "block-export-del" and "return" in reply):
+            # QSD drains the graph for an export add, whether it succeeds or
+            # not, and when a deleted export lets go of its node (seed 7003317).
             for jid, job in self.jobs.items():
                 if job.kind == "active" and job.status == "running" and not job.fast:
                     self.drained.add(jid)
@@ -930,12 +931,12 @@ def json_backing_written(side: Side, node: str, theirs: str, mine: str) -> bool:
 
 def drain_ran_ahead(qsd: Side, ours: Side) -> str | None:
     """A6. QSD 7.2 lets a throttled active commit run past its speed limit
-    after a pause: a drain of the graph around a block-export-add, or a
-    client's pause and resume, wakes the job from the sleep its limit asked
+    after a pause: a drain of the graph around a block-export-add or -del, or
+    a client's pause and resume, wakes the job from the sleep its limit asked
     for and it does not sleep the rest (seen: the job turns READY right after
     the add or the resume, long before its limit would let it; later QEMU
     sleeps the rest).  blockd keeps the limit.  Checked: an export was added
-    while the job was running under a limit a job feels, or the job was
+    (or one deleted) while the job was running under a limit a job feels, or the job was
     resumed under such a limit before it was ready, on both sides; QSD's job
     has been READY and blockd's, still limited, never was (it may have been
     cancelled since).  The states part here."""

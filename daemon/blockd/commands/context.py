@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from blockd.block.graph import BlockGraph
+from blockd.block.node import BlockNode
 from blockd.events import EventSink
 from blockd.export.exports import ExportRegistry
 from blockd.jobs.registry import JobRegistry
@@ -26,6 +27,10 @@ class CommandContext:
     request_shutdown: Callable[[], None]
     #: Block exports and the NBD server, sharing ``events`` and ``graph``.
     exports: ExportRegistry
+
+    def writers(self, node: BlockNode) -> bool:
+        """Whether a user outside the graph (a writable export) writes to ``node``."""
+        return any(export.writable for export in self.exports.exports_of(node))
 
 
 Handler = Callable[[CommandContext, Mapping[str, Any]], Awaitable[Any]]

@@ -104,7 +104,7 @@ def job_options(args: Mapping[str, Any]) -> JobOptions:
 def resolve_commit(ctx: CommandContext, args: Mapping[str, Any]) -> CommitPlan | ActiveCommitPlan:
     """block-commit's selection (device, top, base) resolved and checked, in
     its order and words; shared with the commit plan, which must agree (the
-    plan also calls :func:`refuse_writable_top`)."""
+    plan also calls :func:`~blockd.jobs.commit.refuse_writable_top`)."""
     plan = plan_commit(
         ctx.graph,
         device=args["device"],
@@ -113,21 +113,9 @@ def resolve_commit(ctx: CommandContext, args: Mapping[str, Any]) -> CommitPlan |
         base_node=args.get("base-node"),
         base=args.get("base"),
         backing_file=args.get("backing-file"),
-        has_writer=lambda node: any(e.writable for e in ctx.exports.exports_of(node)),
+        has_writer=ctx.writers,
     )
     return plan
-
-
-def refuse_writable_top(ctx: CommandContext, plan: CommitPlan) -> None:
-    for node in plan.intermediates[:1]:
-        if any(export.writable for export in ctx.exports.exports_of(node)):
-            # QEMU turns this into an active commit; blockd would lose the
-            # writes that land behind the copy, so it refuses.  (An export
-            # of a node below top meets the job's claim, as in QEMU.)
-            raise BlockdError(
-                f"Cannot commit '{node.node_name}' while it is exported writable: "
-                "writes to it during the commit would be lost"
-            )
 
 
 async def block_commit(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str, Any]:
@@ -156,13 +144,14 @@ async def block_commit(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str
             ctx.graph,
             plan,
             ctx.exports.switch_node,
-            lambda node: any(e.writable for e in ctx.exports.exports_of(node)),
+            ctx.writers,
             copy_mode,
             **options,
         )
     else:
-        refuse_writable_top(ctx, plan)
-        job = CommitJob(job_id, ctx.events, ctx.graph, plan, ctx.exports.switch_node, **options)
+        job = CommitJob(
+            job_id, ctx.events, ctx.graph, plan, ctx.exports.switch_node, ctx.writers, **options
+        )
     ctx.jobs.add(job)
     # QEMU checks these once the job exists: a client sees it created and gone.
     try:

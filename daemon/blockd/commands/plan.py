@@ -10,15 +10,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from blockd.commands.context import CommandContext
-from blockd.commands.jobs import refuse_writable_top, resolve_commit
-from blockd.jobs.commit import CommitPlan
+from blockd.commands.jobs import resolve_commit
+from blockd.jobs.commit import CommitPlan, refuse_writable_top
 from blockd.jobs.plan import commit_cost
 
 
 async def commit_plan(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str, Any]:
     plan = resolve_commit(ctx, args)
     if isinstance(plan, CommitPlan):
-        refuse_writable_top(ctx, plan)
+        refuse_writable_top(plan, ctx.writers)
     cost = await commit_cost(ctx.graph, plan)
     forecast = cost.forecast
     result: dict[str, Any] = {

@@ -28,7 +28,7 @@ from typing import Unpack
 from blockd.block.graph import BlockGraph
 from blockd.block.info import display_filename
 from blockd.block.node import BlockNode
-from blockd.errors import BlockError, BlockIOError, DeviceNotFound, ImageError
+from blockd.errors import BlockdError, BlockError, BlockIOError, DeviceNotFound, ImageError
 from blockd.events import EventSink
 from blockd.jobs.active_commit import ActiveCommitPlan, Pivot
 from blockd.jobs.copy import (
@@ -62,6 +62,18 @@ class CommitPlan:
     overlay_chain: tuple[BlockNode, ...]
 
 
+def refuse_writable_top(plan: CommitPlan, writers: Callable[[BlockNode], bool]) -> None:
+    """QEMU turns the commit of a top exported writable into an active commit;
+    blockd would lose the writes that land behind the copy, so it refuses.
+    (An export of a node below top meets the job's claim, as in QEMU.)"""
+    for node in plan.intermediates[:1]:
+        if writers(node):
+            raise BlockdError(
+                f"Cannot commit '{node.node_name}' while it is exported writable: "
+                "writes to it during the commit would be lost"
+            )
+
+
 class CommitJob(Job):
     job_type = "commit"
 
@@ -72,12 +84,15 @@ class CommitJob(Job):
         graph: BlockGraph,
         plan: CommitPlan,
         pivot: Pivot | None = None,
+        writers: Callable[[BlockNode], bool] = lambda node: False,
         **options: Unpack[JobOptions],
     ) -> None:
         super().__init__(job_id, events, **options)
         self.graph = graph
         self.plan = plan
         self._pivot = pivot
+        #: whether a user outside the graph (a writable export) writes to a node
+        self._writers = writers
         self._held: list[BlockNode] = []
         self._committed = False
         self._used: list[BlockNode] = []
@@ -109,6 +124,8 @@ class CommitJob(Job):
             self._used.append(node)
         self._overlays_at_start = self._overlays()
         try:
+            # after the claims, which QEMU checks too, and before anything changes
+            refuse_writable_top(self.plan, self._writers)
             self._check_overlays_writable()
             await self.plan.base.reopen(read_only=False)
         except BaseException:
