@@ -94,6 +94,9 @@ REGRESSION_SEEDS: tuple[int, ...] = (
     7001598,  # an export moved onto base by a pivot, then base committed as an intermediate: A3
     7001668,  # a commit moves two overlays onto base: blockdev-del names the newest link, as QSD
     7002205,  # an l2_update rule on the first sector of an active commit's base's L2 table: A10
+    7003317,  # an export of the base deleted while a throttled active commit sleeps: A6
+    7003435,  # a commit of a top exported writable, with an exported node below it: QSD's error
+    7003438,  # a read rule after write_aio on an active commit's base: QSD's order varies, A11
 )
 
 
