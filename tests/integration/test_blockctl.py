@@ -374,9 +374,17 @@ def test_same_commands_against_qemu_storage_daemon(sock_dir: Path, tmp_path: Pat
 # --- events ------------------------------------------------------------------------
 
 
+def _default_sigint() -> None:
+    """Ctrl-C as a terminal gives it: a suite started in the background (``&``
+    in a script) ignores SIGINT, and a child would inherit that and never end."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_events_follow_json_and_plain(chain: Chain) -> None:
     argv = [*BLOCKCTL, "--socket", chain.sock, "events", "--follow"]
-    plain = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    plain = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint
+    )
     machine = subprocess.Popen([*argv, "--json"], stdout=subprocess.PIPE, text=True)
     single = subprocess.Popen(argv[:-1], stdout=subprocess.PIPE, text=True)
     try:
