@@ -1275,6 +1275,26 @@ def read_after_data_write(qsd: Side, ours: Side) -> str | None:
     return None
 
 
+def allocation_before_in_place_part(qsd: Side, ours: Side) -> str | None:
+    """A12. A blkdebug rule on a commit base's file that a ``refblock_load``
+    makes active, aimed at a sector of a data cluster: when one write covers
+    clusters base can overwrite in place and clusters it must allocate, QEMU
+    writes the in-place part first and then allocates the rest (a piece at a
+    time), blockd allocates for the whole request first and then writes it
+    (block README, blkdebug events), so the rule can meet blockd's in-place
+    part and nothing of QEMU's (seed 7006008).  Checked: blockd's job met an
+    I/O error, QSD's met none, and the base's file has a ``refblock_load`` rule
+    with a sector.  The states part here."""
+    for jid in sorted(set(qsd.jobs) & set(ours.jobs)):
+        theirs, mine = qsd.jobs[jid], ours.jobs[jid]
+        if not mine.errors or theirs.errors:
+            continue
+        rules = ours.blkdebug.get(mine.base or "", [])
+        if any(r["event"] == "refblock_load" and "sector" in r for r in rules):
+            return f"A12: {jid}: blockd allocated before writing a request's in-place part"
+    return None
+
+
 def compare_state(qsd: Side, ours: Side, where: str, ro_at_add: dict[str, bool]) -> bool:
     """Compare jobs (and, with none alive, the graph); True when an allow-listed
     difference makes the states part."""
@@ -1307,6 +1327,7 @@ def compare_state(qsd: Side, ours: Side, where: str, ro_at_add: dict[str, bool])
             or zero_write_metadata(qsd, ours)
             or l2_sector_rule_missed(qsd, ours)
             or read_after_data_write(qsd, ours)
+            or allocation_before_in_place_part(qsd, ours)
         )
         if allowed is None:
             raise Difference(where, *differs)

@@ -97,6 +97,7 @@ REGRESSION_SEEDS: tuple[int, ...] = (
     7003317,  # an export of the base deleted while a throttled active commit sleeps: A6
     7003435,  # a commit of a top exported writable, with an exported node below it: QSD's error
     7003438,  # a read rule after write_aio on an active commit's base: QSD's order varies, A11
+    7006008,  # a refblock_load rule aimed at a base's data cluster written in place: A12
 )
 
 
