@@ -724,6 +724,14 @@ class Side:
                             self.graph[node] = job.base
                             self.repointed.add(node)
                 moved = job.kind == "commit" or (job.completing and not job.cancelling)
+                pivoted = job.kind == "active" and moved and job.base
+                if name == "BLOCK_JOB_COMPLETED" and job.completed_ok and pivoted:
+                    # every parent of top reads base from now on, an overlay
+                    # added while the job ran too (seed 7005595; its header
+                    # keeps naming top, as in QEMU)
+                    for node, backing in list(self.graph.items()):
+                        if backing == job.top:
+                            self.graph[node] = job.base
                 if name == "BLOCK_JOB_COMPLETED" and job.completed_ok and moved and job.base:
                     # top's exports serve base from now on (a commit's, or an
                     # active commit's pivot): seed 7001598, A3 on the new node
