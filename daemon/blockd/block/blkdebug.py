@@ -308,7 +308,7 @@ class BlkdebugNode(BlockNode):
 
     async def _do_flush(self) -> None:
         # as in QEMU, a flush with no write since the last one checks no rule
-        if self._write_gen != self._flushed_gen:
+        if self._flush_gen != self._flushed_gen:
             self._flush_to_disk_event()
             await self._check("flush", 0, 0)
         await self._image.flush()

@@ -193,6 +193,10 @@ class BlockNode:
         #: make durable raises no ``flush_to_disk`` event
         self._write_gen = 0
         self._flushed_gen = 0
+        #: the count the flush in progress makes durable (set as a flush starts;
+        #: of two overlapping flushes the later one's, which only blkdebug's
+        #: events can tell)
+        self._flush_gen = 0
         #: writes in flight and ranges a job holds exclusively (a stream's copy)
         self.range_gate = RangeGate()
 
@@ -519,10 +523,20 @@ class BlockNode:
             raise BlockIOError(errno.EINVAL)
         return await self._do_block_status_runs(offset, min(length, self.size - offset))
 
-    async def flush(self) -> None:
+    async def flush(self, *, completing: bool = False) -> None:
+        """Make what was written durable.
+
+        ``completing``: the flush completes a request this node has already
+        counted as written (a FUA write, or any write of a write-through
+        export).  QEMU counts a request once it has finished, after that
+        flush, so the flush leaves it out: it raises ``flush_to_disk`` (which
+        a blkdebug rule may wait for) only if another request finished since
+        the last flush.
+        """
         self._check_open()
         if not self.read_only:
-            gen = self._write_gen
+            gen = self._write_gen - completing
+            self._flush_gen = gen
             if self.file is not None:
                 self.file.debug_event("flush_to_os")
             await self._do_flush()
@@ -539,7 +553,7 @@ class BlockNode:
     def _flush_to_disk_event(self) -> None:
         """Raised by a flush between making metadata durable and flushing the file,
         and only when something was written since the last flush, as QEMU does."""
-        if self.file is not None and self._write_gen != self._flushed_gen:
+        if self.file is not None and self._flush_gen != self._flushed_gen:
             self.file.debug_event("flush_to_disk")
 
     async def truncate(self, size: int) -> None:

@@ -81,13 +81,13 @@ async def _execute(client: Client, export: Export, node: BlockNode, request: p.R
     if kind == p.Cmd.WRITE:
         await node.write(offset, request.data)
         if fua:
-            await node.flush()
+            await node.flush(completing=True)
     elif kind == p.Cmd.FLUSH:
         await node.flush()
     elif kind == p.Cmd.TRIM:
         await node.discard(offset, length)
         if fua:
-            await node.flush()
+            await node.flush(completing=True)
     elif kind == p.Cmd.WRITE_ZEROES:
         if flags & p.CmdFlag.FAST_ZERO and not _has_fast_zeroes(node):
             return r.error_reply(
@@ -95,7 +95,7 @@ async def _execute(client: Client, export: Export, node: BlockNode, request: p.R
             )
         await node.write_zeroes(offset, length)
         if fua:
-            await node.flush()
+            await node.flush(completing=True)
     elif kind == p.Cmd.CACHE:
         pass
     elif kind == p.Cmd.BLOCK_STATUS:
