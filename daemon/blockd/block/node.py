@@ -591,6 +591,7 @@ class BlockNode:
         # a half-done reopen (locks dropped, descriptor swapped) must not be left behind
         with trio.CancelScope(shield=True):
             if read_only:
+                self._flush_gen = self._write_gen
                 await self._do_flush()
             await self._do_reopen(read_only)
             self.read_only = read_only
@@ -602,6 +603,7 @@ class BlockNode:
         with trio.CancelScope(shield=True):
             try:
                 if not self.read_only:
+                    self._flush_gen = self._write_gen
                     await self._do_flush()
             finally:
                 self.closed = True
