@@ -1381,8 +1381,8 @@ def compare_graph(qsd: Side, ours: Side, where: str, ro_at_add: dict[str, bool])
 #: A13.  A block-commit refused once its job exists (a permission conflict):
 #: QEMU reopens a read-only base read-write before it checks the job's
 #: permissions, and back to read-only after the refusal; blockd checks first
-#: and never reopens (README: a refused commit changes nothing, where QEMU's
-#: read-write reopen clears the base's autoclear bits).  The two reopens
+#: and never reopens (README: its read-write open clears autoclear bits, which
+#: a commit that never runs must not do).  The two reopens
 #: QEMU made show only in the order of blkdebug options in ``json:`` file
 #: names (seed 7006457), tolerated as A2's are.
 REFUSED_COMMIT = "A13: json: key order after QSD's reopens around a refused commit"
