@@ -1584,10 +1584,15 @@ def compare_disks(scn: Scenario, work: Path, qsd: Side, ours: Side, diverged: bo
         if mine_check["corruptions"] or mine_check["error"]:
             # blockd never leaves an image corrupt.  QSD 7.2 does, when flushes
             # of the image fail (its refcounts stay in a cache it cannot write
-            # back): the harness's QSD-against-QSD test then sees the same
-            # report on both sides, and that is no difference.
+            # back): the harness's QSD-against-QSD test then sees a corrupt
+            # image on both sides, and that is no difference.  How much is
+            # corrupt or leaked depends on how far the job got before the
+            # flush failed (seed 40070130 in CI under load: 8 and 64).
             theirs_check = _check(theirs)
-            if not (is_qsd(ours.daemon) and mine_check == theirs_check):
+            same = all(
+                bool(theirs_check[k]) == bool(mine_check[k]) for k in ("corruptions", "error")
+            )
+            if not (is_qsd(ours.daemon) and same):
                 raise Difference(where, "qemu-img check", theirs_check, mine_check)
         if spec.snapshot and snapshot_view(theirs) != snapshot_view(mine):
             # whatever was written into the image, its snapshot holds what it held
