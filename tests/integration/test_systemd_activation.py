@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_tool
-from tests.helpers import TIMEOUT, RawQMP, spawn
+from tests.helpers import TIMEOUT, RawQMP, spawn, wait_for_listener
 from tests.systemd_helpers import blockd_argv
 
 
@@ -62,6 +62,9 @@ def test_serves_every_inherited_socket(sock_dir: Path) -> None:
     first, second = sock_dir / "a.sock", sock_dir / "b.sock"
     daemon = spawn(_activate(sock_dir, first, second), first)
     try:
+        # systemd-socket-activate binds them one after the other: the first
+        # may take a connection before the second listens (a CI run)
+        wait_for_listener(second, daemon.proc)
         with RawQMP(first) as a, RawQMP(second) as b:
             a.negotiate()
             b.negotiate()
