@@ -536,10 +536,9 @@ class BlockNode:
         self._check_open()
         if not self.read_only:
             gen = self._write_gen - completing
-            self._flush_gen = gen
             if self.file is not None:
                 self.file.debug_event("flush_to_os")
-            await self._do_flush()
+            await self._flush_up_to(gen)
             self._flushed_gen = gen
             if self._write_hook is not None:
                 await self._write_hook.flushed()
@@ -549,6 +548,12 @@ class BlockNode:
     def debug_event(self, event: str) -> None:
         """QEMU's ``BLKDBG_EVENT``: a driver above says what its next I/O to this
         node is for (a ``BlkdebugEvent`` name).  Only blkdebug nodes listen."""
+
+    async def _flush_up_to(self, gen: int) -> None:
+        """The driver's flush, making durable the writes counted up to ``gen``
+        (every flush goes through here, so the count is never stale)."""
+        self._flush_gen = gen
+        await self._do_flush()
 
     def _flush_to_disk_event(self) -> None:
         """Raised by a flush between making metadata durable and flushing the file,
@@ -591,8 +596,7 @@ class BlockNode:
         # a half-done reopen (locks dropped, descriptor swapped) must not be left behind
         with trio.CancelScope(shield=True):
             if read_only:
-                self._flush_gen = self._write_gen
-                await self._do_flush()
+                await self._flush_up_to(self._write_gen)
             await self._do_reopen(read_only)
             self.read_only = read_only
 
@@ -603,8 +607,7 @@ class BlockNode:
         with trio.CancelScope(shield=True):
             try:
                 if not self.read_only:
-                    self._flush_gen = self._write_gen
-                    await self._do_flush()
+                    await self._flush_up_to(self._write_gen)
             finally:
                 self.closed = True
                 await self._do_close()

@@ -120,7 +120,7 @@ Pivot = Callable[[BlockNode, BlockNode, Callable[[], Awaitable[None]]], Awaitabl
 Writers = Callable[[BlockNode], bool]
 
 
-def _no_writers(node: BlockNode) -> bool:
+def no_writers(node: BlockNode) -> bool:
     return False
 
 
@@ -150,7 +150,7 @@ class ActiveCommitJob(Job):
         graph: BlockGraph,
         plan: ActiveCommitPlan,
         pivot: Pivot,
-        writers: Writers = _no_writers,
+        writers: Writers = no_writers,
         copy_mode: CopyMode | None = None,
         **options: Unpack[JobOptions],
     ) -> None:

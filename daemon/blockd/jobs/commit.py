@@ -30,7 +30,7 @@ from blockd.block.info import display_filename
 from blockd.block.node import BlockNode
 from blockd.errors import BlockdError, BlockError, BlockIOError, DeviceNotFound, ImageError
 from blockd.events import EventSink
-from blockd.jobs.active_commit import ActiveCommitPlan, Pivot
+from blockd.jobs.active_commit import ActiveCommitPlan, Pivot, Writers, no_writers
 from blockd.jobs.copy import (
     BLOCKER,
     CHUNK,
@@ -62,7 +62,7 @@ class CommitPlan:
     overlay_chain: tuple[BlockNode, ...]
 
 
-def refuse_writable_top(plan: CommitPlan, writers: Callable[[BlockNode], bool]) -> None:
+def refuse_writable_top(plan: CommitPlan, writers: Writers) -> None:
     """QEMU turns the commit of a top exported writable into an active commit;
     blockd would lose the writes that land behind the copy, so it refuses.
     (An export of a node below top meets the job's claim, as in QEMU.)"""
@@ -84,14 +84,13 @@ class CommitJob(Job):
         graph: BlockGraph,
         plan: CommitPlan,
         pivot: Pivot | None = None,
-        writers: Callable[[BlockNode], bool] = lambda node: False,
+        writers: Writers = no_writers,
         **options: Unpack[JobOptions],
     ) -> None:
         super().__init__(job_id, events, **options)
         self.graph = graph
         self.plan = plan
         self._pivot = pivot
-        #: whether a user outside the graph (a writable export) writes to a node
         self._writers = writers
         self._held: list[BlockNode] = []
         self._committed = False
