@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -27,18 +28,31 @@ STARTED: list[DaemonProcess] = []
 INTERNAL_ERROR_MARKS = ("Traceback (most recent call last)", "Internal error")
 
 
-def wait_for_socket(
-    path: Path, proc: subprocess.Popen[bytes], timeout: float = STARTUP_TIMEOUT
+def _wait_until(
+    ready: Callable[[], bool], path: Path, proc: subprocess.Popen[bytes], timeout: float
 ) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"daemon exited with {proc.returncode} before listening")
-        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as probe:
-            probe.connect(str(path))
+        if ready():
             return
         time.sleep(0.02)
     raise TimeoutError(f"nothing listening on {path}")
+
+
+def wait_for_socket(
+    path: Path, proc: subprocess.Popen[bytes], timeout: float = STARTUP_TIMEOUT
+) -> None:
+    """Until a connection to ``path`` is accepted."""
+
+    def accepts() -> bool:
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as probe:
+            probe.connect(str(path))
+            return True
+        return False
+
+    _wait_until(accepts, path, proc, timeout)
 
 
 def wait_for_listener(
@@ -48,17 +62,16 @@ def wait_for_listener(
     connecting: QSD's monitor serves one connection at a time, and a probe's
     connection, closed at once, could still hold it when the test connects
     (QSD then closes the test's connection before the greeting)."""
-    deadline = time.monotonic() + timeout
     listening = 0x10000  # __SO_ACCEPTCON in the Flags column
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"daemon exited with {proc.returncode} before listening")
+
+    def listens() -> bool:
         for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
             fields = line.split()
             if len(fields) >= 8 and fields[7] == str(path) and int(fields[3], 16) & listening:
-                return
-        time.sleep(0.02)
-    raise TimeoutError(f"nothing listening on {path}")
+                return True
+        return False
+
+    _wait_until(listens, path, proc, timeout)
 
 
 @dataclass

@@ -1005,9 +1005,7 @@ def zero_write_metadata(qsd: Side, ours: Side) -> str | None:
     part here."""
     for jid in sorted(set(qsd.jobs) & set(ours.jobs)):
         theirs, mine = qsd.jobs[jid], ours.jobs[jid]
-        failed = [j.errors or (j.status in ("concluded", "null") and not j.completed_ok)
-                  for j in (theirs, mine)]  # fmt: skip
-        if not any(failed):
+        if not (_job_failed(theirs) or _job_failed(mine)):
             continue
         if ours.blkdebug.get(mine.base or "") and ours.zeroed & set(mine.range):
             return f"A8: {jid} met an I/O error at zero-write metadata of a blkdebug base"
@@ -1250,6 +1248,33 @@ def run_scenario(
     return outcome
 
 
+def _job_failed(job: JobTrack) -> bool:
+    """An I/O error was reported, or the job ended without completing."""
+    return job.errors or (job.status in ("concluded", "null") and not job.completed_ok)
+
+
+def _had_errors(job: JobTrack) -> bool:
+    return job.errors
+
+
+def _one_side_met_a_base_rule(
+    qsd: Side,
+    ours: Side,
+    failed: Callable[[JobTrack], bool],
+    qsd_fails: bool,
+    rule: Callable[[dict[str, Any]], bool],
+) -> str | None:
+    """The first job that ``failed`` on one side only (QSD's if ``qsd_fails``,
+    else blockd's) and whose base's file has a blkdebug rule ``rule`` holds of."""
+    for jid in sorted(set(qsd.jobs) & set(ours.jobs)):
+        theirs, mine = qsd.jobs[jid], ours.jobs[jid]
+        if failed(theirs) == failed(mine) or failed(theirs) != qsd_fails:
+            continue
+        if any(rule(r) for r in ours.blkdebug.get(mine.base or "", [])):
+            return jid
+    return None
+
+
 def l2_sector_rule_missed(qsd: Side, ours: Side) -> str | None:
     """A10. A blkdebug rule on ``l2_update`` with a ``sector``, on the file of a
     commit's base: QEMU writes an L2 table back whole from its cache, blockd
@@ -1258,16 +1283,12 @@ def l2_sector_rule_missed(qsd: Side, ours: Side) -> str | None:
     sector fails QEMU's write and may miss blockd's (block README, blkdebug
     events).  Checked: QSD's job met an I/O error or failed, blockd's did
     neither, and its base's file has such a rule.  The states part here."""
-    for jid in sorted(set(qsd.jobs) & set(ours.jobs)):
-        theirs, mine = qsd.jobs[jid], ours.jobs[jid]
-        failed = [j.errors or (j.status in ("concluded", "null") and not j.completed_ok)
-                  for j in (theirs, mine)]  # fmt: skip
-        if not failed[0] or failed[1]:
-            continue
-        rules = ours.blkdebug.get(mine.base or "", [])
-        if any(r["event"] == "l2_update" and "sector" in r for r in rules):
-            return f"A10: {jid}: an l2_update sector rule failed QSD's whole-table write"
-    return None
+    jid = _one_side_met_a_base_rule(
+        qsd, ours, _job_failed, True, lambda r: r["event"] == "l2_update" and "sector" in r
+    )
+    if jid is None:
+        return None
+    return f"A10: {jid}: an l2_update sector rule failed QSD's whole-table write"
 
 
 def read_after_data_write(qsd: Side, ours: Side) -> str | None:
@@ -1280,14 +1301,13 @@ def read_after_data_write(qsd: Side, ours: Side) -> str | None:
     first, and meets the rule every time, one of QSD's outcomes.  Checked:
     blockd's job met an I/O error, QSD's met none, and the base's file has a
     ``write_aio`` rule for reads.  The states part here."""
-    for jid in sorted(set(qsd.jobs) & set(ours.jobs)):
-        theirs, mine = qsd.jobs[jid], ours.jobs[jid]
-        if not mine.errors or theirs.errors:
-            continue
-        rules = ours.blkdebug.get(mine.base or "", [])
-        if any(r["event"] == "write_aio" and r.get("iotype") == "read" for r in rules):
-            return f"A11: {jid}: QSD's copy order let its refcount load slip past the rule"
-    return None
+    jid = _one_side_met_a_base_rule(
+        qsd, ours, _had_errors, False,
+        lambda r: r["event"] == "write_aio" and r.get("iotype") == "read",
+    )  # fmt: skip
+    if jid is None:
+        return None
+    return f"A11: {jid}: QSD's copy order let its refcount load slip past the rule"
 
 
 def allocation_before_in_place_part(qsd: Side, ours: Side) -> str | None:
@@ -1300,14 +1320,12 @@ def allocation_before_in_place_part(qsd: Side, ours: Side) -> str | None:
     part and nothing of QEMU's (seed 7006008).  Checked: blockd's job met an
     I/O error, QSD's met none, and the base's file has a ``refblock_load`` rule
     with a sector.  The states part here."""
-    for jid in sorted(set(qsd.jobs) & set(ours.jobs)):
-        theirs, mine = qsd.jobs[jid], ours.jobs[jid]
-        if not mine.errors or theirs.errors:
-            continue
-        rules = ours.blkdebug.get(mine.base or "", [])
-        if any(r["event"] == "refblock_load" and "sector" in r for r in rules):
-            return f"A12: {jid}: blockd allocated before writing a request's in-place part"
-    return None
+    jid = _one_side_met_a_base_rule(
+        qsd, ours, _had_errors, False, lambda r: r["event"] == "refblock_load" and "sector" in r
+    )
+    if jid is None:
+        return None
+    return f"A12: {jid}: blockd allocated before writing a request's in-place part"
 
 
 def compare_state(qsd: Side, ours: Side, where: str, ro_at_add: dict[str, bool]) -> bool:
