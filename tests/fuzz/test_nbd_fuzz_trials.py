@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import collections
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -107,19 +109,25 @@ def setup(start: Any, d: Path) -> Daemon:
 
 
 @pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[tuple[Daemon, Daemon]]:
+def daemons() -> Iterator[tuple[Daemon, Daemon]]:
     require_tool("qemu-storage-daemon")
-    import tempfile
-
     root = Path(tempfile.mkdtemp(prefix="nf-"))  # short: sun_path holds 108 bytes
-    qsd = setup(start_qsd, root / "q")
-    blockd = setup(start_blockd, root / "b")
     try:
-        yield qsd, blockd
+        qsd = setup(start_qsd, root / "q")
+        try:
+            blockd = setup(start_blockd, root / "b")
+        except BaseException:
+            qsd.qmp.close()
+            qsd.process.stop()
+            raise
+        try:
+            yield qsd, blockd
+        finally:
+            for daemon in (qsd, blockd):
+                daemon.qmp.close()
+                daemon.process.stop()
     finally:
-        for daemon in (qsd, blockd):
-            daemon.qmp.close()
-            daemon.process.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def sentinel(daemon: Daemon, index: int) -> None:

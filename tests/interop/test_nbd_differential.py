@@ -8,10 +8,12 @@ allocation-depth, no iothreads or TLS objects) are left out or noted.
 
 from __future__ import annotations
 
+import shutil
 import socket
 import struct
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -206,19 +208,18 @@ def prepare(directory: Path) -> None:
 
 
 @pytest.fixture
-def both(tmp_path: Path) -> tuple[Path, Path]:
+def both() -> Iterator[tuple[Path, Path]]:
     require_tool("qemu-storage-daemon")
     require_tool("qemu-img")
     # Short directories: the NBD socket path must fit in sun_path.
-    import tempfile
-
-    qsd_dir = Path(tempfile.mkdtemp(prefix="q-"))
-    blockd_dir = Path(tempfile.mkdtemp(prefix="b-"))
-    qsd_dir.rmdir()
-    blockd_dir.rmdir()
-    prepare(qsd_dir)
-    prepare(blockd_dir)
-    return qsd_dir, blockd_dir
+    root = Path(tempfile.mkdtemp(prefix="nd-"))
+    try:
+        qsd_dir, blockd_dir = root / "q", root / "b"
+        prepare(qsd_dir)
+        prepare(blockd_dir)
+        yield qsd_dir, blockd_dir
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def converse(
