@@ -101,6 +101,31 @@ async def test_flush_rules(tmp_path: Path, graph: BlockGraph) -> None:
     assert_clean(img)
 
 
+async def test_reopen_reads_tables_again(tmp_path: Path, graph: BlockGraph) -> None:
+    """QEMU's qcow2 starts new metadata caches at every reopen: after one,
+    the L2 table comes from the file again, where an l2_load rule fails it
+    (the random differential's seed 7008471: a read after a commit's base
+    went back to read-only)."""
+    img = create(tmp_path / "r.qcow2", MiB)
+    qemu_io(img, "write -P 7 0 4k")
+    rule = {"event": "l2_load", "errno": errno.ENOSPC, "once": True}
+    node, dbg = await open_over_blkdebug(graph, img, [rule])
+    with pytest.raises(BlockIOError):
+        await node.read(0, 4)
+    assert await node.read(0, 4) == b"\x07" * 4  # the L2 table is cached now
+    dbg.inject(Rule(event="l2_load", errno=errno.ENOSPC, once=True))
+    assert await node.read(0, 4) == b"\x07" * 4  # no load, no failure
+    for read_only in (True, False):
+        await node.reopen(read_only=read_only)
+        with pytest.raises(BlockIOError) as info:
+            await node.read(0, 4)
+        assert info.value.errno == errno.ENOSPC
+        assert await node.read(0, 4) == b"\x07" * 4
+        dbg.inject(Rule(event="l2_load", errno=errno.ENOSPC, once=True))
+    await graph.close_all()
+    assert_clean(img)
+
+
 async def test_state_machine(tmp_path: Path, graph: BlockGraph) -> None:
     img = create(tmp_path / "s.qcow2", MiB)
     qemu_io(img, "write -P 1 0 64k")

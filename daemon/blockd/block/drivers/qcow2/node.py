@@ -535,3 +535,8 @@ class Qcow2Node(BlockNode):
             except BaseException:
                 await self._file.reopen(read_only=True)
                 raise
+        # QEMU starts new metadata caches at every reopen: the next request
+        # reads its tables from the file again, where blkdebug's read rules
+        # (armed by the reopen's own flush) can fail it
+        self._mapping.l2.forget()
+        self._refs.forget_clean()

@@ -187,6 +187,11 @@ class Refcounts:
             del self._cache[victim]
         return buf
 
+    def forget_clean(self) -> None:
+        """Drop every cached block with nothing left to write, as if evicted."""
+        for off in [o for o in self._cache if o not in self._dirty]:
+            del self._cache[off]
+
     def hold(self, clusters: Iterable[int]) -> None:
         """Keep these clusters' new counters out of write-backs for now.
 

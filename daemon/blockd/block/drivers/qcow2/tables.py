@@ -113,6 +113,11 @@ class L2Cache:
         if offset not in self._kept:
             self._tables.pop(offset, None)
 
+    def forget(self) -> None:
+        """Drop every table but the kept ones, as if evicted."""
+        for offset in [off for off in self._tables if off not in self._kept]:
+            del self._tables[offset]
+
     def keep(self, offset: int) -> None:
         self._kept[offset] = self._kept.get(offset, 0) + 1
 
