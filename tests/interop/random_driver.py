@@ -87,6 +87,10 @@ SETTLE_TIMEOUT = 20.0
 #: running job only if it is rate-limited to a crawl.
 RESTING = ("null", "concluded", "pending", "paused", "standby", "ready", "running")
 QUIET = 3.0
+#: how long a stable job may still take to reach QSD's status (settle)
+LATE = 1.5
+#: a pause after a guest write for READY jobs to copy it (see _step)
+READY_CATCH_UP = 0.5
 BLKDEBUG_EVENTS = (
     "read_aio",
     "write_aio",
@@ -783,8 +787,13 @@ class Side:
             if target is not None and self.statuses() == target:
                 return True
             if target is not None and stable:
-                # Stable but not where QSD is: give late events a moment, then compare.
-                self.poll(0.3)
+                # Stable but not where QSD is: give late events a moment, then
+                # compare (a READY job meets a guest write's range only at its
+                # next 100 ms poll, as QEMU's mirror does; a loaded machine
+                # took more than 0.3 s for it and its error: seed 7008270)
+                late = time.monotonic() + LATE
+                while self.statuses() != target and time.monotonic() < late:
+                    self.poll(0.1)
                 return self.statuses() == target
             if time.monotonic() > deadline:
                 return False
@@ -1179,6 +1188,16 @@ def _step(
                 job.written = True
         if step["cmds"][0].startswith("write") and theirs["rc"] != 0:
             qsd.failed_writes.add(step["io"])
+        if step["cmds"][0].startswith("write") and ours.blkdebug and any(
+            job.kind == "active" and job.status == "ready"
+            for job in (*qsd.jobs.values(), *ours.jobs.values())
+        ):
+            # A READY job copies a guest write at its next 100 ms poll (QEMU's
+            # mirror as ours), and only then can meet a blkdebug rule; READY
+            # counts as settled, so without this wait one side's error event
+            # could land before the comparison and the other's after it
+            # (seed 7008270, on a loaded machine)
+            time.sleep(READY_CATCH_UP)
     else:
         args = step.get("args")
         theirs = normalise(qsd, qsd.execute(step["qmp"], args))
