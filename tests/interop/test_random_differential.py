@@ -102,6 +102,7 @@ REGRESSION_SEEDS: tuple[int, ...] = (
     7006437,  # qemu-io's FUA write over NBD with a flush_to_disk rule on the image's file
     7006457,  # a commit refused in its permission check, blkdebug under a read-only base: A13
     7008471,  # a read rule armed by a commit's base going back to read-only: L2 read again
+    7011008,  # reads failing after base's first write, QSD's concurrent copies: A14
 )
 
 
