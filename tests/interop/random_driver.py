@@ -470,6 +470,8 @@ class JobTrack:
     #: images backed by top when the job started: a commit moves those onto base
     overlays: tuple[str, ...] = ()
     was_ready: bool = False
+    #: the speed asked for (0: none), to tell a raise from a cut
+    speed: int = 0
     errors: bool = False
     completed_ok: bool = False
     #: an active commit's pivot, once taken into account by restored_read_only
@@ -673,6 +675,7 @@ class Side:
                 base=base,
                 range=tuple(below_top[: below_top.index(base)] if base in below_top else below_top),
                 fast=is_fast(args.get("speed")),
+                speed=args.get("speed", 0),
                 auto_finalize=args.get("auto-finalize", True),
                 auto_dismiss=args.get("auto-dismiss", True),
                 overlays=tuple(n for n, b in self.graph.items() if b == top),
@@ -691,7 +694,15 @@ class Side:
         elif job is None:
             return
         elif command == "block-job-set-speed":
-            job.fast = is_fast(args["speed"])
+            speed = args["speed"]
+            raised = speed == 0 or 0 < job.speed < speed
+            if raised and job.kind == "active" and not job.fast and not job.was_ready:
+                # QEMU kicks a job out of its limit's sleep when the speed is
+                # raised (block_job_set_speed), and the mirror does not sleep
+                # the rest: as a pause's resume (A6, seed 7011283)
+                self.drained.add(str(args["device"]))
+            job.fast = is_fast(speed)
+            job.speed = speed
         elif command.endswith("-pause"):
             job.want_pause = True
         elif command.endswith("-resume"):
@@ -955,13 +966,15 @@ def json_backing_written(side: Side, node: str, theirs: str, mine: str) -> bool:
 
 def drain_ran_ahead(qsd: Side, ours: Side) -> str | None:
     """A6. QSD 7.2 lets a throttled active commit run past its speed limit
-    after a pause: a drain of the graph around a block-export-add or -del, or
-    a client's pause and resume, wakes the job from the sleep its limit asked
-    for and it does not sleep the rest (seen: the job turns READY right after
-    the add or the resume, long before its limit would let it; later QEMU
-    sleeps the rest).  blockd keeps the limit.  Checked: an export was added
-    (or one deleted) while the job was running under a limit a job feels, or the job was
-    resumed under such a limit before it was ready, on both sides; QSD's job
+    after a pause: a drain of the graph around a block-export-add or -del, a
+    client's pause and resume, or a raised speed wakes the job from the sleep
+    its limit asked for and it does not sleep the rest (seen: the job turns
+    READY right after the add, the resume or the block-job-set-speed, long
+    before its limit would let it; later QEMU sleeps the rest).  blockd keeps
+    the limit (a raised one from the start of the current slice).  Checked:
+    an export was added (or one deleted) while the job was running under a
+    limit a job feels, or the job was resumed, or its speed raised, under
+    such a limit before it was ready, on both sides; QSD's job
     has been READY and blockd's, still limited, never was (it may have been
     cancelled since).  The states part here."""
     for jid in sorted(qsd.drained & ours.drained):
@@ -1349,6 +1362,36 @@ def metadata_read_after_first_write(qsd: Side, ours: Side) -> str | None:
     return f"A14: {jid}: QSD's concurrent copies loaded base's metadata after a write"
 
 
+def base_reopened_after_a_job(qsd: Side, ours: Side, ro_at_add: dict[str, bool]) -> str | None:
+    """A15. A job on a base that an earlier active commit left without its
+    pivot, the base read-only as the client added it (A2): blockd put that
+    base back to read-only (a reopen that flushes it) and the later job
+    reopened it read-write (both reopens start new metadata caches, as QEMU's
+    do), while QSD's base stayed read-write through both jobs.  So blkdebug
+    rules on the base's file meet other requests: blockd's flush consumes a
+    flush rule that QSD's later job then meets (seed 7010468), or blockd's
+    later job reads a table QSD still has cached.  Checked: the base's file
+    has blkdebug rules, such an earlier job exists, and the later job met an
+    error or failed on one side only.  The states part here."""
+    jobs = list(ours.jobs.items())
+    for index, (jid, mine) in enumerate(jobs):
+        theirs = qsd.jobs.get(jid)
+        base = mine.base
+        if theirs is None or base is None or not ro_at_add.get(base, False):
+            continue
+        if _job_failed(theirs) == _job_failed(mine) or not ours.blkdebug.get(base):
+            continue
+        if any(
+            earlier.kind == "active"
+            and earlier.base == base
+            and earlier.status in ("concluded", "null")
+            and not (earlier.completed_ok and earlier.completing)
+            for _, earlier in jobs[:index]
+        ):
+            return f"A15: {jid}: blockd's {base} went back to read-only after an earlier job"
+    return None
+
+
 def allocation_before_in_place_part(qsd: Side, ours: Side) -> str | None:
     """A12. A blkdebug rule on a commit base's file that a ``refblock_load``
     makes active, aimed at a sector of a data cluster: when one write covers
@@ -1401,6 +1444,7 @@ def compare_state(qsd: Side, ours: Side, where: str, ro_at_add: dict[str, bool])
             or read_after_data_write(qsd, ours)
             or allocation_before_in_place_part(qsd, ours)
             or metadata_read_after_first_write(qsd, ours)
+            or base_reopened_after_a_job(qsd, ours, ro_at_add)
         )
         if allowed is None:
             raise Difference(where, *differs)

@@ -103,6 +103,8 @@ REGRESSION_SEEDS: tuple[int, ...] = (
     7006457,  # a commit refused in its permission check, blkdebug under a read-only base: A13
     7008471,  # a read rule armed by a commit's base going back to read-only: L2 read again
     7011008,  # reads failing after base's first write, QSD's concurrent copies: A14
+    7010468,  # a flush rule met by blockd's return of base to read-only after a failed job: A15
+    7011283,  # a throttled active commit's speed raised: QSD's wake-up skips the sleep, A6
 )
 
 
