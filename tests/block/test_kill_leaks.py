@@ -94,7 +94,8 @@ def windows(trace: list[tuple[str, int, int]], kinds: dict[int, str], bits: int)
     """Kill points (op counts) inside a tight window, where crash safety allows a leak.
 
     Counting before pointing: a window opens with a refcount block write and
-    closes after the run of pointer writes that follows the next flush.
+    closes after the run of pointer writes (and flushes between them) that
+    follows the next flush.
     Unpointing before uncounting: it opens with a pointer write and closes
     after the refcount writes that follow the next flush.  Only writes of the
     opening sort and flushes may come in between.  A kill at op k means
@@ -119,7 +120,9 @@ def windows(trace: list[tuple[str, int, int]], kinds: dict[int, str], bits: int)
             i += 1
         if not flushed or i == len(trace) or group(trace[i]) != closing:
             continue  # not a tight window: a kill in it must not leak
-        while i < len(trace) and group(trace[i]) == closing:
+        # pointers made durable in turn (a new L2 table, flushed before the
+        # L1 entry that names it) close the window together
+        while i < len(trace) and group(trace[i]) in (closing, "flush"):
             i += 1
         out.append(range(start + 2, i + 1))  # the opening write done, the closing not all
     return out

@@ -105,6 +105,7 @@ REGRESSION_SEEDS: tuple[int, ...] = (
     7011008,  # reads failing after base's first write, QSD's concurrent copies: A14
     7010468,  # a flush rule met by blockd's return of base to read-only after a failed job: A15
     7011283,  # a throttled active commit's speed raised: QSD's wake-up skips the sleep, A6
+    7010955,  # a write under an L2 table a snapshot shares: counter out before the old table read
 )
 
 

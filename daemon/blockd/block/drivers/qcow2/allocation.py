@@ -77,6 +77,8 @@ class Allocator:
         The clusters are pinned before the lock is released; the caller writes
         them outside the lock and unpins (:meth:`write_in_place` does both).
         """
+        if self.mapping.shares_a_table(offset, length):
+            return None
         extents = await self.mapping.map(offset, length, read=False)
         plan: list[Piece] = []
         for kind, goff, n, entry in extents:

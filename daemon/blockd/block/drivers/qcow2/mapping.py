@@ -122,6 +122,18 @@ class Mapping:
             table = self.l2.put(off, decode_table(await self.file.read(off, self.cluster_size)))
         return off, table
 
+    def shares_a_table(self, offset: int, length: int) -> bool:
+        """Whether an L2 table of the guest range is shared with an internal
+        snapshot (its L1 entry lacks COPIED): no cluster under it can be
+        written in place, and a write copies the table before looking
+        anything up in it, as QEMU's does (the table is read only then)."""
+        span = self.cluster_size * self.l2_entries
+        last = min((offset + length - 1) // span, len(self.l1) - 1)
+        return any(
+            e & OFFSET_MASK and not e & OFLAG_COPIED
+            for e in self.l1[offset // span : last + 1]
+        )
+
     async def entries(self, first: int, count: int) -> list[int]:
         """L2 entries of ``count`` consecutive guest clusters from cluster ``first``."""
         out: list[int] = []
@@ -329,6 +341,9 @@ class Mapping:
         new = await self.refs.allocate(1)
         try:
             self.meta.check(new, self.cluster_size, None)
+            # the new table's counter first, then the old table read: QEMU's
+            # order, so blkdebug rules meet the same requests
+            await self.refs.flush()
             if old:
                 self.file.debug_event("l2_alloc_cow_read")
                 loaded = await self.l2_table(l1_index)
@@ -340,7 +355,7 @@ class Mapping:
             self.file.debug_event("l2_alloc_write")
             self.file.debug_event("l2_update")
             await self.file.write(new, encode_entries(table))
-            await self.refs.flush()  # table content and its refcount before the L1 pointer
+            await self.file.flush()  # the table before the L1 pointer
         except BaseException:
             # nothing points at the new table: give it back (a failure here leaks it)
             with contextlib.suppress(BlockIOError, OverlapError):
