@@ -26,7 +26,11 @@ same arithmetic ``refcount.py`` grows it by.
 Not modelled, each costing at most its own clusters: the host clusters a
 compressed cluster shares with others (freeing one is counted as freeing
 nothing), and a multi-cluster L1 table fitting in a hole (it is taken from
-the end).
+the end).  What a data write replaces (a zero-allocated, compressed or
+shared cluster) is freed at the flush that ends the writes, as a plain
+write frees it at the next flush: a bulk copy (freeing at once) or a flush
+forced on the way (65,536 entries waiting) may reuse it sooner, so the
+growth is then overstated by at most those clusters, never understated.
 """
 
 from __future__ import annotations
@@ -182,6 +186,8 @@ class Forecast:
         self._changed: dict[int, bytearray] = {}
         #: L1 indices given a table by the writes so far
         self._new_tables: set[int] = set()
+        #: what data writes replaced, freed only at the flush that ends the writes
+        self._replaced: list[int] = []
 
     @classmethod
     async def start(
@@ -222,6 +228,8 @@ class Forecast:
                     await self._zero(offset, length)
                 else:
                     await self._write(offset, offset + length)
+        for entry in self._replaced:
+            self._free(entry)
         taken = host.taken
         grown = (host.end - start) * cs
         return WriteForecast(
@@ -306,16 +314,15 @@ class Forecast:
         first, last = offset // cs, (end - 1) // cs
         for l1_index in range(first // self.n_l2, last // self.n_l2 + 1):
             self._ensure_l2(l1_index)
-        freed: list[int] = []
         for i, entry in enumerate(await self._entries_of(first, last + 1)):
             if classify(entry) is ClusterKind.NORMAL and entry & OFLAG_COPIED:
                 continue
             self.host.take("data")
             self._set(first + i, _WRITTEN)
             if classify(entry) in FREEABLE:
-                freed.append(entry)
-        for entry in freed:  # after the new entries, as the writing code frees
-            self._free(entry)
+                # the writing code drops it once the new entry is durable:
+                # at the next flush (allocation.py's complete)
+                self._replaced.append(entry)
 
     async def _zero(self, offset: int, length: int) -> None:
         """``Zeroing.zero``: partial clusters as data unless they read as zeros,
