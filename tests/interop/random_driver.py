@@ -1201,9 +1201,13 @@ def _step(
                 job.written = True
         if step["cmds"][0].startswith("write") and theirs["rc"] != 0:
             qsd.failed_writes.add(step["io"])
-        if step["cmds"][0].startswith("write") and ours.blkdebug and any(
-            job.kind == "active" and job.status == "ready"
-            for job in (*qsd.jobs.values(), *ours.jobs.values())
+        if (
+            step["cmds"][0].startswith("write")
+            and ours.blkdebug
+            and any(
+                job.kind == "active" and job.status == "ready"
+                for job in (*qsd.jobs.values(), *ours.jobs.values())
+            )
         ):
             # A READY job copies a guest write at its next 100 ms poll (QEMU's
             # mirror as ours), and only then can meet a blkdebug rule; READY
@@ -1295,15 +1299,18 @@ def _one_side_met_a_base_rule(
     failed: Callable[[JobTrack], bool],
     qsd_fails: bool,
     rule: Callable[[dict[str, Any]], bool],
+    allowance: str,
+    why: str,
 ) -> str | None:
-    """The first job that ``failed`` on one side only (QSD's if ``qsd_fails``,
-    else blockd's) and whose base's file has a blkdebug rule ``rule`` holds of."""
+    """``allowance: job: why`` for the first job that ``failed`` on one side
+    only (QSD's if ``qsd_fails``, else blockd's) and whose base's file has a
+    blkdebug rule ``rule`` holds of; None if there is none."""
     for jid in sorted(set(qsd.jobs) & set(ours.jobs)):
         theirs, mine = qsd.jobs[jid], ours.jobs[jid]
         if failed(theirs) == failed(mine) or failed(theirs) != qsd_fails:
             continue
         if any(rule(r) for r in ours.blkdebug.get(mine.base or "", [])):
-            return jid
+            return f"{allowance}: {jid}: {why}"
     return None
 
 
@@ -1315,12 +1322,10 @@ def l2_sector_rule_missed(qsd: Side, ours: Side) -> str | None:
     sector fails QEMU's write and may miss blockd's (block README, blkdebug
     events).  Checked: QSD's job met an I/O error or failed, blockd's did
     neither, and its base's file has such a rule.  The states part here."""
-    jid = _one_side_met_a_base_rule(
-        qsd, ours, _job_failed, True, lambda r: r["event"] == "l2_update" and "sector" in r
-    )
-    if jid is None:
-        return None
-    return f"A10: {jid}: an l2_update sector rule failed QSD's whole-table write"
+    return _one_side_met_a_base_rule(
+        qsd, ours, _job_failed, True, lambda r: r["event"] == "l2_update" and "sector" in r,
+        "A10", "an l2_update sector rule failed QSD's whole-table write",
+    )  # fmt: skip
 
 
 def read_after_data_write(qsd: Side, ours: Side) -> str | None:
@@ -1333,13 +1338,11 @@ def read_after_data_write(qsd: Side, ours: Side) -> str | None:
     first, and meets the rule every time, one of QSD's outcomes.  Checked:
     blockd's job met an I/O error, QSD's met none, and the base's file has a
     ``write_aio`` rule for reads.  The states part here."""
-    jid = _one_side_met_a_base_rule(
+    return _one_side_met_a_base_rule(
         qsd, ours, _had_errors, False,
         lambda r: r["event"] == "write_aio" and r.get("iotype") == "read",
+        "A11", "QSD's copy order let its refcount load slip past the rule",
     )  # fmt: skip
-    if jid is None:
-        return None
-    return f"A11: {jid}: QSD's copy order let its refcount load slip past the rule"
 
 
 def metadata_read_after_first_write(qsd: Side, ours: Side) -> str | None:
@@ -1353,13 +1356,11 @@ def metadata_read_after_first_write(qsd: Side, ours: Side) -> str | None:
     rule there, one of QSD's outcomes.  Checked: QSD's job met an I/O error,
     blockd's met none, and the base's file has a ``pwritev`` rule for reads.
     The states part here."""
-    jid = _one_side_met_a_base_rule(
+    return _one_side_met_a_base_rule(
         qsd, ours, _had_errors, True,
         lambda r: r["event"] == "pwritev" and r.get("iotype") == "read",
+        "A14", "QSD's concurrent copies loaded base's metadata after a write",
     )  # fmt: skip
-    if jid is None:
-        return None
-    return f"A14: {jid}: QSD's concurrent copies loaded base's metadata after a write"
 
 
 def base_reopened_after_a_job(qsd: Side, ours: Side, ro_at_add: dict[str, bool]) -> str | None:
@@ -1402,12 +1403,10 @@ def allocation_before_in_place_part(qsd: Side, ours: Side) -> str | None:
     part and nothing of QEMU's (seed 7006008).  Checked: blockd's job met an
     I/O error, QSD's met none, and the base's file has a ``refblock_load`` rule
     with a sector.  The states part here."""
-    jid = _one_side_met_a_base_rule(
-        qsd, ours, _had_errors, False, lambda r: r["event"] == "refblock_load" and "sector" in r
-    )
-    if jid is None:
-        return None
-    return f"A12: {jid}: blockd allocated before writing a request's in-place part"
+    return _one_side_met_a_base_rule(
+        qsd, ours, _had_errors, False, lambda r: r["event"] == "refblock_load" and "sector" in r,
+        "A12", "blockd allocated before writing a request's in-place part",
+    )  # fmt: skip
 
 
 def compare_state(qsd: Side, ours: Side, where: str, ro_at_add: dict[str, bool]) -> bool:
