@@ -922,6 +922,16 @@ COMMIT_OF_WRITABLE_EXPORT = re.compile(
     r"writes to it during the commit would be lost$"
 )
 
+#: A16. blockdev-del of a node whose flush fails (blkdebug): blockd keeps
+#: every node open and replies the error (README "blockdev-del makes the
+#: node's data durable"); QSD 7.2 closes it anyway, losing what it could not
+#: write.  States part here.
+FLUSH_REFUSED = "Error flushing drive: "
+
+#: A3 as well: the same commit refused by blockd's permission check of base
+#: (a writable export of base), which QSD's active-commit turn does not make.
+PERMISSION_CONFLICT = re.compile(r"^Permission conflict on node '(?P<node>[^']+)': ")
+
 #: A9. An intermediate commit whose top has another overlay that a running
 #: job holds (the base of an active commit): QSD 7.2 starts it and, when it
 #: completes, rewrites that overlay's header under the other job; blockd
@@ -1046,6 +1056,11 @@ def allowed_divergence(
     args = step.get("args", {})
     if step.get("qmp") == "blockdev-add":
         return None
+    if step.get("qmp") == "blockdev-del":
+        node = args.get("node-name", "")
+        if qsd_ok and desc.startswith(FLUSH_REFUSED) and side.blkdebug.get(node):
+            return f"A16: blockd keeps {node} open: the flush before closing it failed"
+        return None
     if step.get("qmp") == "block-export-add":
         node = args.get("node-name")
         if desc == READ_ONLY_EXPORT and node in restored_read_only(side, ro_at_add):
@@ -1071,6 +1086,15 @@ def allowed_divergence(
         chain = side.chain(args.get("device", ""))
         if node in chain[1:] and node in side.writable_exports.values():
             return f"A3: blockd refuses to commit {node}, which is exported writable"
+    match = PERMISSION_CONFLICT.match(desc)
+    if match is not None:
+        # QSD's active-commit turn shares base's write permission, so a
+        # writable export of base is no conflict there (seed 7013739);
+        # blockd checks an intermediate commit's permissions first
+        top, chain = args.get("top-node"), side.chain(args.get("device", ""))
+        base = args.get("base-node", chain[-1] if chain else None)
+        if top in chain[1:] and top in side.writable_exports.values() and match["node"] == base:
+            return f"A3: blockd refuses to commit {top}, which is exported writable"
     match = OVERLAY_HELD_BY_A_JOB.match(desc)
     if match is not None:
         # an overlay of top outside the device's chain, the base of a running job
@@ -1092,8 +1116,10 @@ def allowed_divergence(
 def restored_read_only(side: Side, read_only_at_add: dict[str, bool]) -> set[str]:
     """A2. Nodes whose ``ro`` may differ: the base of an active commit that ended
     without the pivot, read-only when the job started (QSD 7.2 leaves it
-    read-write; blockd puts it back, README "Merging the active layer"), and
-    the file nodes under it.  Read-only as the client made it: at blockdev-add,
+    read-write; blockd puts it back, README "Merging the active layer"), the
+    base of an intermediate commit whose file has a sector rule on a write
+    (QEMU's reopen back to read-only can fail on it, blockd's not), and the
+    file nodes under them.  Read-only as the client made it: at blockdev-add,
     or by an earlier active commit's pivot, which gives base top's mode."""
     out: set[str] = set()
     for job in side.jobs.values():
@@ -1105,11 +1131,26 @@ def restored_read_only(side: Side, read_only_at_add: dict[str, bool]) -> set[str
                 read_only_at_add[base] = read_only_at_add[job.top]
             job.pivot_seen = True
             continue
-        if job.kind != "active" or base is None or not read_only_at_add.get(base, False):
+        if base is None or not read_only_at_add.get(base, False):
+            continue
+        if job.kind == "commit":
+            # A10's mechanism at the reopen that puts base back: QEMU's flush
+            # there writes whole L2 tables, which a sector rule can fail,
+            # leaving base read-write; blockd writes the changed entries and
+            # its reopen succeeds (seed 7013970)
+            if job.status in ("concluded", "null") and any(
+                "sector" in r and r["event"] in WHOLE_TABLE_EVENTS
+                for r in side.blkdebug.get(base, [])
+            ):
+                out |= {base, f"f-{base}", f"dbg-{base}"}
             continue
         if job.status in ("concluded", "null") and not (job.completed_ok and job.completing):
             out |= {base, f"f-{base}", f"dbg-{base}"}
     return out
+
+
+#: blkdebug events raised for a write of a whole L2 table from QEMU's cache
+WHOLE_TABLE_EVENTS = ("pwritev", "pwritev_done", "l2_update")
 
 
 def skip_reason(qsd: Side, step: Step) -> str | None:

@@ -106,6 +106,9 @@ REGRESSION_SEEDS: tuple[int, ...] = (
     7010468,  # a flush rule met by blockd's return of base to read-only after a failed job: A15
     7011283,  # a throttled active commit's speed raised: QSD's wake-up skips the sleep, A6
     7010955,  # a write under an L2 table a snapshot shares: counter out before the old table read
+    7012851,  # blockdev-del of a base whose flush fails: blockd keeps it open, A16
+    7013739,  # a commit of a top exported writable, base exported writable too: A3
+    7013970,  # a sector rule fails QEMU's whole-table write as base goes back to read-only: A2
 )
 
 
