@@ -87,6 +87,15 @@ SETTLE_TIMEOUT = 20.0
 #: running job only if it is rate-limited to a crawl.
 RESTING = ("null", "concluded", "pending", "paused", "standby", "ready", "running")
 QUIET = 3.0
+#: commands after which a job ends, its graph changes drained in QSD (A6)
+ENDING_VERBS = (
+    "block-job-cancel",
+    "job-cancel",
+    "block-job-complete",
+    "job-complete",
+    "block-job-finalize",
+    "job-finalize",
+)
 #: how long a stable job may still take to reach QSD's status (settle)
 LATE = 1.5
 #: a pause after a guest write for READY jobs to copy it (see _step)
@@ -641,17 +650,28 @@ class Side:
         return value
 
     def execute(self, command: str, args: dict[str, Any] | None) -> dict[str, Any]:
+        # the jobs a drain during this command may wake (their status before
+        # it: the job can turn READY before the reply)
+        throttled = [
+            jid
+            for jid, job in self.jobs.items()
+            if job.kind == "active" and job.status == "running" and not job.fast
+        ]
         try:
             reply = self.client.execute(command, self.sub(args) if args is not None else None)
         except TimeoutError as error:
             raise NoReply(self.name, command) from error
         self.absorb()
-        if command == "block-export-add" or (command == "block-export-del" and "return" in reply):
+        if (
+            command == "block-export-add"
+            or (command == "block-export-del" and "return" in reply)
+            or (command in ENDING_VERBS and "return" in reply)
+        ):
             # QSD drains the graph for an export add, whether it succeeds or
-            # not, and when a deleted export lets go of its node (seed 7003317).
-            for jid, job in self.jobs.items():
-                if job.kind == "active" and job.status == "running" and not job.fast:
-                    self.drained.add(jid)
+            # not, when a deleted export lets go of its node (seed 7003317),
+            # and when a job that ends changes the graph under others (a
+            # cancelled commit of a node below their chain: seed 7014047).
+            self.drained.update(throttled)
         if "return" in reply:
             self.track(command, args or {})
         elif command == "block-commit" and args and args.get("job-id") in self.early:
@@ -976,8 +996,9 @@ def json_backing_written(side: Side, node: str, theirs: str, mine: str) -> bool:
 
 def drain_ran_ahead(qsd: Side, ours: Side) -> str | None:
     """A6. QSD 7.2 lets a throttled active commit run past its speed limit
-    after a pause: a drain of the graph around a block-export-add or -del, a
-    client's pause and resume, or a raised speed wakes the job from the sleep
+    after a pause: a drain of the graph around a block-export-add or -del or
+    another job's end, a client's pause and resume, or a raised speed wakes
+    the job from the sleep
     its limit asked for and it does not sleep the rest (seen: the job turns
     READY right after the add, the resume or the block-job-set-speed, long
     before its limit would let it; later QEMU sleeps the rest).  blockd keeps
@@ -1339,34 +1360,62 @@ def _one_side_met_a_base_rule(
     ours: Side,
     failed: Callable[[JobTrack], bool],
     qsd_fails: bool,
-    rule: Callable[[dict[str, Any]], bool],
+    rule: Callable[[dict[str, Any], str], bool],
     allowance: str,
     why: str,
 ) -> str | None:
     """``allowance: job: why`` for the first job that ``failed`` on one side
     only (QSD's if ``qsd_fails``, else blockd's) and whose base's file has a
-    blkdebug rule ``rule`` holds of; None if there is none."""
+    blkdebug rule ``rule`` holds of (given the rule and the base); None if
+    there is none."""
     for jid in sorted(set(qsd.jobs) & set(ours.jobs)):
         theirs, mine = qsd.jobs[jid], ours.jobs[jid]
         if failed(theirs) == failed(mine) or failed(theirs) != qsd_fails:
             continue
-        if any(rule(r) for r in ours.blkdebug.get(mine.base or "", [])):
+        base = mine.base or ""
+        if any(rule(r, base) for r in ours.blkdebug.get(base, [])):
             return f"{allowance}: {jid}: {why}"
     return None
 
 
 def l2_sector_rule_missed(qsd: Side, ours: Side) -> str | None:
-    """A10. A blkdebug rule on ``l2_update`` with a ``sector``, on the file of a
-    commit's base: QEMU writes an L2 table back whole from its cache, blockd
-    writes only the entries that changed (a neighbour may be an allocation
-    whose counters are not durable yet), so a rule aimed at a table's first
-    sector fails QEMU's write and may miss blockd's (block README, blkdebug
-    events).  Checked: QSD's job met an I/O error or failed, blockd's did
-    neither, and its base's file has such a rule.  The states part here."""
+    """A10. A blkdebug rule with a ``sector`` on the file of a commit's base,
+    on ``l2_update`` or aimed at one of base's L2 tables (armed by any event:
+    seed 7015267, ``write_aio``): QEMU writes an L2 table back whole from its
+    cache, blockd writes only the entries that changed (a neighbour may be an
+    allocation whose counters are not durable yet), so a rule aimed at a
+    table's sector fails QEMU's write and may miss blockd's (block README,
+    blkdebug events).  Checked: QSD's job met an I/O error or failed,
+    blockd's did neither, and its base's file has such a rule.  The states
+    part here."""
+
+    def aimed_at_a_table(r: dict[str, Any], base: str) -> bool:
+        if "sector" not in r:
+            return False
+        return r["event"] == "l2_update" or r["sector"] in _l2_table_sectors(qsd, base)
+
     return _one_side_met_a_base_rule(
-        qsd, ours, _job_failed, True, lambda r: r["event"] == "l2_update" and "sector" in r,
-        "A10", "an l2_update sector rule failed QSD's whole-table write",
+        qsd, ours, _job_failed, True, aimed_at_a_table,
+        "A10", "a sector rule failed QSD's whole-table write",
     )  # fmt: skip
+
+
+def _l2_table_sectors(side: Side, image: str) -> set[int]:
+    """The sectors of the L2 tables an image's L1 table names, as the file is now."""
+    path = side.dir / f"{image}.qcow2"
+    if not path.exists():
+        return set()
+    raw = path.read_bytes()
+    bits = int.from_bytes(raw[20:24], "big")
+    l1_size = int.from_bytes(raw[36:40], "big")
+    l1_offset = int.from_bytes(raw[40:48], "big")
+    out: set[int] = set()
+    for i in range(l1_size):
+        at = l1_offset + 8 * i
+        table = int.from_bytes(raw[at : at + 8], "big") & 0x00FF_FFFF_FFFF_FE00
+        if table:
+            out.update(range(table // 512, (table + (1 << bits)) // 512))
+    return out
 
 
 def read_after_data_write(qsd: Side, ours: Side) -> str | None:
@@ -1381,7 +1430,7 @@ def read_after_data_write(qsd: Side, ours: Side) -> str | None:
     ``write_aio`` rule for reads.  The states part here."""
     return _one_side_met_a_base_rule(
         qsd, ours, _had_errors, False,
-        lambda r: r["event"] == "write_aio" and r.get("iotype") == "read",
+        lambda r, _b: r["event"] == "write_aio" and r.get("iotype") == "read",
         "A11", "QSD's copy order let its refcount load slip past the rule",
     )  # fmt: skip
 
@@ -1399,7 +1448,7 @@ def metadata_read_after_first_write(qsd: Side, ours: Side) -> str | None:
     The states part here."""
     return _one_side_met_a_base_rule(
         qsd, ours, _had_errors, True,
-        lambda r: r["event"] == "pwritev" and r.get("iotype") == "read",
+        lambda r, _b: r["event"] == "pwritev" and r.get("iotype") == "read",
         "A14", "QSD's concurrent copies loaded base's metadata after a write",
     )  # fmt: skip
 
@@ -1445,7 +1494,8 @@ def allocation_before_in_place_part(qsd: Side, ours: Side) -> str | None:
     I/O error, QSD's met none, and the base's file has a ``refblock_load`` rule
     with a sector.  The states part here."""
     return _one_side_met_a_base_rule(
-        qsd, ours, _had_errors, False, lambda r: r["event"] == "refblock_load" and "sector" in r,
+        qsd, ours, _had_errors, False,
+        lambda r, _b: r["event"] == "refblock_load" and "sector" in r,
         "A12", "blockd allocated before writing a request's in-place part",
     )  # fmt: skip
 

@@ -109,6 +109,8 @@ REGRESSION_SEEDS: tuple[int, ...] = (
     7012851,  # blockdev-del of a base whose flush fails: blockd keeps it open, A16
     7013739,  # a commit of a top exported writable, base exported writable too: A3
     7013970,  # a sector rule fails QEMU's whole-table write as base goes back to read-only: A2
+    7014047,  # a throttled active commit woken by QSD's drain as another job is cancelled: A6
+    7015267,  # a write_aio rule aimed at base's L2 table meets QEMU's whole-table write: A10
 )
 
 
