@@ -1138,10 +1138,11 @@ def restored_read_only(side: Side, read_only_at_add: dict[str, bool]) -> set[str
     """A2. Nodes whose ``ro`` may differ: the base of an active commit that ended
     without the pivot, read-only when the job started (QSD 7.2 leaves it
     read-write; blockd puts it back, README "Merging the active layer"), the
-    base of an intermediate commit whose file has a sector rule on a write
-    (QEMU's reopen back to read-only can fail on it, blockd's not), and the
-    file nodes under them.  Read-only as the client made it: at blockdev-add,
-    or by an earlier active commit's pivot, which gives base top's mode."""
+    base of an intermediate commit whose file has a sector rule on a write,
+    or that failed with blkdebug rules on base's file (QEMU's reopen back to
+    read-only can fail there, blockd's not), and the file nodes under them.
+    Read-only as the client made it: at blockdev-add, or by an earlier active
+    commit's pivot, which gives base top's mode."""
     out: set[str] = set()
     for job in side.jobs.values():
         base = job.base
@@ -1155,13 +1156,15 @@ def restored_read_only(side: Side, read_only_at_add: dict[str, bool]) -> set[str
         if base is None or not read_only_at_add.get(base, False):
             continue
         if job.kind == "commit":
-            # A10's mechanism at the reopen that puts base back: QEMU's flush
-            # there writes whole L2 tables, which a sector rule can fail,
-            # leaving base read-write; blockd writes the changed entries and
-            # its reopen succeeds (seed 7013970)
-            if job.status in ("concluded", "null") and any(
-                "sector" in r and r["event"] in WHOLE_TABLE_EVENTS
-                for r in side.blkdebug.get(base, [])
+            # The flush of the reopen that puts base back: QEMU's writes whole
+            # L2 tables, which a sector rule can fail (A10's mechanism: seed
+            # 7013970), and after a failed job what its cache still holds,
+            # which a lasting rule fails (seed 7014951); either leaves QSD's
+            # base read-write, where blockd's entries went out already
+            rules = side.blkdebug.get(base, [])
+            whole_table = any("sector" in r and r["event"] in WHOLE_TABLE_EVENTS for r in rules)
+            if job.status in ("concluded", "null") and (
+                whole_table or (rules and _job_failed(job))
             ):
                 out |= {base, f"f-{base}", f"dbg-{base}"}
             continue
@@ -1764,7 +1767,7 @@ def compare_disks(scn: Scenario, work: Path, qsd: Side, ours: Side, diverged: bo
         return out
 
     write_faults = any(
-        r.get("iotype") in ("write", "flush")
+        r.get("iotype") in (None, "write", "flush")  # none: every kind of request
         or r["event"] in ("write_aio", "pwritev", "cow_write", "l2_update", "flush_to_disk")
         for rules in scn.blkdebug.values()
         for r in rules
