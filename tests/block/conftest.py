@@ -10,7 +10,7 @@ import json
 import os
 import struct
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +118,11 @@ property_settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+
+
+async def no_users(old: BlockNode, new: BlockNode, prepare: Callable[[], Awaitable[None]]) -> None:
+    """A job's pivot hook (the export registry's) with no users to hold."""
+    await prepare()
 
 
 def pattern(byte: int, n: int) -> bytes:

@@ -11,25 +11,19 @@ The job therefore waits for the writes in flight when it installs its hook.
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import trio
 
 from blockd.block.graph import BlockGraph
-from blockd.block.node import BlockNode
 from blockd.events import EventBus
 from blockd.jobs.active_commit import ActiveCommitJob, ActiveCommitPlan
 from blockd.jobs.commit import plan_commit
 
-from .conftest import assert_clean, create, open_qcow2, qemu_io, to_raw
+from .conftest import assert_clean, create, no_users, open_qcow2, qemu_io, to_raw
 
 KiB, MiB = 1024, 1024 * 1024
-
-
-async def no_users(old: BlockNode, new: BlockNode, prepare: Callable[[], Awaitable[None]]) -> None:
-    await prepare()
 
 
 @pytest.mark.parametrize("path", ["async", "direct"])

@@ -9,25 +9,19 @@ get READY here (the test's time limit would fail it).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
 
 from blockd.block.graph import BlockGraph
-from blockd.block.node import BlockNode
 from blockd.events import EmittedEvent, EventBus
 from blockd.jobs.active_commit import ActiveCommitJob, ActiveCommitPlan
 from blockd.jobs.commit import plan_commit
 from blockd.jobs.status import JobStatus
 
-from .conftest import assert_clean, create, open_qcow2, qemu_io, to_raw
+from .conftest import assert_clean, create, no_users, open_qcow2, qemu_io, to_raw
 
 KiB, MiB = 1024, 1024 * 1024
-
-
-async def no_users(old: BlockNode, new: BlockNode, prepare: Callable[[], Awaitable[None]]) -> None:
-    await prepare()  # nothing to hold: the test's writes stop before completion
 
 
 async def test_ready_despite_writes_during_every_flush(tmp_path: Path) -> None:

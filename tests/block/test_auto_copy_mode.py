@@ -10,25 +10,19 @@ than once) before READY.
 from __future__ import annotations
 
 import random
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
 
 from blockd.block.graph import BlockGraph
-from blockd.block.node import BlockNode
 from blockd.events import EmittedEvent, EventBus
 from blockd.jobs.active_commit import ActiveCommitJob, ActiveCommitPlan, CopyMode
 from blockd.jobs.commit import plan_commit
 
-from .conftest import assert_clean, create, open_qcow2, qemu_io
+from .conftest import assert_clean, create, no_users, open_qcow2, qemu_io
 
 MiB = 1024 * 1024
 SPEED = 1 * MiB
-
-
-async def no_users(old: BlockNode, new: BlockNode, prepare: Callable[[], Awaitable[None]]) -> None:
-    await prepare()
 
 
 async def run_auto(tmp_path: Path, guest_bytes_per_second: int) -> list[CopyMode]:

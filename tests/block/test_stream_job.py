@@ -29,7 +29,7 @@ from blockd.jobs.job import OnError
 from blockd.jobs.stream import StreamJob, StreamPlan, plan_stream
 from tests.images import backing_of
 
-from .conftest import assert_clean, create, open_qcow2, qemu_io, run, to_raw
+from .conftest import assert_clean, create, no_users, open_qcow2, qemu_io, run, to_raw
 
 KiB, MiB = 1024, 1024 * 1024
 SIZE = 4 * MiB
@@ -60,11 +60,6 @@ async def open_chain(graph: BlockGraph, d: Path) -> dict[str, BlockNode]:
     return nodes
 
 
-async def hold(old: BlockNode, new: BlockNode, prepare: Callable[[], Awaitable[None]]) -> None:
-    """The export registry's pivot hook, with no exports to hold."""
-    await prepare()
-
-
 class Run:
     """One job run to its end, with its events and whatever runs meanwhile."""
 
@@ -77,7 +72,7 @@ class Run:
         return [e.name for e in self.seen]
 
     def job(self, graph: BlockGraph, plan: StreamPlan, **options: Any) -> StreamJob:
-        return StreamJob("j", self.events, graph, plan, hold, **options)
+        return StreamJob("j", self.events, graph, plan, no_users, **options)
 
     async def __call__(
         self, job: StreamJob, meanwhile: Callable[[StreamJob], Awaitable[None]] | None = None

@@ -33,7 +33,7 @@ from blockd.jobs.active_commit import ActiveCommitJob, ActiveCommitPlan, CopyMod
 from blockd.jobs.commit import plan_commit
 from blockd.jobs.job import OnError
 
-from .conftest import assert_clean, create, open_qcow2, qemu_io, to_raw
+from .conftest import assert_clean, create, no_users, open_qcow2, qemu_io, to_raw
 
 KiB, MiB = 1024, 1024 * 1024
 CHUNK = 64 * KiB
@@ -278,10 +278,6 @@ class Events:
 
     def named(self, name: str) -> list[Any]:
         return [e.data for e in self.seen if e.name == name]
-
-
-async def no_users(old: BlockNode, new: BlockNode, prepare: Callable[[], Awaitable[None]]) -> None:
-    await prepare()
 
 
 async def test_the_job_never_copies_older_data_over_a_mirrored_write(
