@@ -62,16 +62,18 @@ def wait_for_listener(
     connecting: QSD's monitor serves one connection at a time, and a probe's
     connection, closed at once, could still hold it when the test connects
     (QSD then closes the test's connection before the greeting)."""
+    _wait_until(lambda: listens(path), path, proc, timeout)
+
+
+def listens(path: Path) -> bool:
+    """Whether a socket listens on ``path`` (/proc/net/unix): the socket
+    file appears at bind(), before listen(), so a connection then is refused."""
     listening = 0x10000  # __SO_ACCEPTCON in the Flags column
-
-    def listens() -> bool:
-        for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
-            fields = line.split()
-            if len(fields) >= 8 and fields[7] == str(path) and int(fields[3], 16) & listening:
-                return True
-        return False
-
-    _wait_until(listens, path, proc, timeout)
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and fields[7] == str(path) and int(fields[3], 16) & listening:
+            return True
+    return False
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import require_tool
-from tests.helpers import RawQMP, blockd_command, spawn
+from tests.helpers import RawQMP, blockd_command, listens, spawn
 from tests.images import create
 
 pytestmark = pytest.mark.qsd
@@ -93,7 +93,7 @@ def _qsd(d: Path, options: list[str]) -> tuple[str, Any]:
                 stderr = proc.stderr.read() if proc.stderr else ""
                 last = stderr.strip().splitlines()[-1]
                 return "refused", re.sub(r"^qemu-storage-daemon: (--[a-z-]+ .*?: )", "", last)
-            if sock.exists():
+            if listens(sock):  # (the file exists from bind(), before listen())
                 return "opened", _state(sock)
             time.sleep(0.05)
         raise AssertionError("QSD neither started nor failed")
