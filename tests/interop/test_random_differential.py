@@ -112,6 +112,7 @@ REGRESSION_SEEDS: tuple[int, ...] = (
     7014047,  # a throttled active commit woken by QSD's drain as another job is cancelled: A6
     7015267,  # a write_aio rule aimed at base's L2 table meets QEMU's whole-table write: A10
     7014951,  # a failed intermediate commit's base: QSD's reopen back to read-only fails, A2
+    7015924,  # an open-armed write rule replaced by base's first table load, QSD's copy order: A17
 )
 
 
