@@ -219,7 +219,7 @@ def test_nbdsh_structured_replies_and_every_command(served: Served) -> None:
         h.zero(4096, 2 << 20)
         h.trim(4096, 3 << 20)
         h.flush()
-        h.cache(4096, 0)
+        h.cache(4096, 8192)  # over the FUA write, read back below: CACHE writes nothing
         assert h.pread(4096, 8192) == b"a" * 4096
         assert h.pread(100000, 1 << 20) == b"b" * 100000
         chunks = []

@@ -1,0 +1,160 @@
+"""Each request flag does what it says and nothing else, on the export's slow
+path: DF alone makes a read one data chunk, FUA on a read or BLOCK_STATUS
+changes nothing a client sees, REQ_ONE alone cuts block status to one extent,
+and CACHE reads nothing back and writes nothing.  And a failure the block
+layer reports is answered without alarm, while one it does not is logged.
+
+A real server on a Unix socket in this process, over a qcow2 image made by
+qemu-img with data in its first 64 KiB and a hole after, structured replies
+and ``base:allocation`` negotiated, as libnbd would.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from blockd.block.drivers.file import FileNode
+from blockd.block.drivers.qcow2.node import Qcow2Node
+from blockd.block.graph import BlockGraph
+from blockd.events import EventBus
+from blockd.export import protocol as p
+from blockd.export.exports import ExportRegistry
+from blockd.export.server import NBDServer
+from tests.images import create, qemu_io
+
+from .test_nbd_inflight import receive_exactly
+from .test_nbd_protocol import info_payload, meta_payload, option, request
+
+KiB = 1024
+DATA = 64 * KiB  # data from 0; a hole from here to the end
+SIZE = 1 << 20
+
+
+@asynccontextmanager
+async def served(tmp_path: Path) -> AsyncIterator[tuple[trio.SocketStream, Qcow2Node]]:
+    image = create(tmp_path / "disk.qcow2", str(SIZE))
+    qemu_io(image, f"write -P 0x5a 0 {DATA}")
+    file = await FileNode.open("f", str(image), read_only=False)
+    node = await Qcow2Node.open("q", file, read_only=False)
+    registry = ExportRegistry(EventBus(), BlockGraph())
+    registry.server = object()  # pretend it runs: the server below serves the registry
+    registry.add("e", node, name="disk", description=None, writable=True, writethrough=False)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    path = str(tmp_path / "nbd.sock")
+    await sock.bind(path)
+    sock.listen()
+    server = NBDServer(registry, [trio.SocketListener(sock)], max_connections=0)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            stream = await trio.open_unix_socket(path)
+            await negotiate_structured(stream)
+            with trio.fail_after(30):
+                yield stream, node
+            await stream.aclose()
+            await server.stop()
+    finally:
+        await node.close()
+        await file.close()
+
+
+async def negotiate_structured(stream: trio.SocketStream) -> None:
+    await receive_exactly(stream, 18)  # magic, IHAVEOPT, handshake flags
+    await stream.send_all(
+        struct.pack(">I", p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES)
+        + option(p.Opt.STRUCTURED_REPLY)
+        + option(p.Opt.SET_META_CONTEXT, meta_payload("disk", "base:allocation"))
+        + option(p.Opt.GO, info_payload("disk"))
+    )
+    acks = 0
+    while acks < 3:  # each option ends with an ACK (GO's after its infos)
+        _magic, _option, kind, length = struct.unpack(">QIII", await receive_exactly(stream, 20))
+        await receive_exactly(stream, length)
+        acks += kind == p.Rep.ACK
+
+
+async def chunks(stream: trio.SocketStream) -> list[tuple[int, bytes]]:
+    """The chunks of one structured reply, up to the one marked done: (type, payload)."""
+    out = []
+    while True:
+        magic, flags, kind, _handle, length = struct.unpack(
+            ">IHHQI", await receive_exactly(stream, 20)
+        )
+        assert magic == p.STRUCTURED_REPLY_MAGIC
+        out.append((kind, await receive_exactly(stream, length)))
+        if flags & p.CHUNK_DONE:
+            return out
+
+
+async def read(stream: trio.SocketStream, flags: int) -> list[tuple[int, int, int]]:
+    """A READ across data and hole: (chunk type, offset, length) of its chunks."""
+    await stream.send_all(request(p.Cmd.READ, offset=0, length=2 * DATA, flags=flags))
+    out = []
+    for kind, payload in await chunks(stream):
+        (offset,) = struct.unpack_from(">Q", payload)
+        if kind == p.Chunk.OFFSET_DATA:
+            assert payload[8:] == (b"\x5a" * DATA + bytes(DATA))[offset : offset + len(payload) - 8]
+            out.append((kind, offset, len(payload) - 8))
+        else:
+            out.append((kind, offset, struct.unpack_from(">I", payload, 8)[0]))
+    return out
+
+
+async def test_df_makes_a_read_one_chunk_and_fua_changes_nothing(tmp_path: Path) -> None:
+    async with served(tmp_path) as (stream, _node):
+        sparse = [(p.Chunk.OFFSET_DATA, 0, DATA), (p.Chunk.OFFSET_HOLE, DATA, DATA)]
+        assert await read(stream, p.CmdFlag.FUA) == sparse
+        assert await read(stream, p.CmdFlag.DF) == [(p.Chunk.OFFSET_DATA, 0, 2 * DATA)]
+        assert await read(stream, p.CmdFlag.DF | p.CmdFlag.FUA) == [
+            (p.Chunk.OFFSET_DATA, 0, 2 * DATA)
+        ]
+
+
+async def block_status(stream: trio.SocketStream, flags: int) -> list[tuple[int, int]]:
+    await stream.send_all(request(p.Cmd.BLOCK_STATUS, offset=0, length=SIZE, flags=flags))
+    [(kind, payload)] = await chunks(stream)
+    assert kind == p.Chunk.BLOCK_STATUS
+    words = struct.unpack(f">{(len(payload) - 4) // 4}I", payload[4:])
+    return list(zip(words[::2], words[1::2], strict=True))
+
+
+async def test_only_req_one_cuts_block_status_to_one_extent(tmp_path: Path) -> None:
+    both = [(DATA, 0), (SIZE - DATA, 3)]
+    async with served(tmp_path) as (stream, _node):
+        assert await block_status(stream, 0) == both
+        assert await block_status(stream, p.CmdFlag.FUA) == both
+        assert await block_status(stream, p.CmdFlag.REQ_ONE) == both[:1]
+
+
+async def test_cache_writes_nothing(tmp_path: Path) -> None:
+    async with served(tmp_path) as (stream, node):
+        await stream.send_all(request(p.Cmd.CACHE, offset=0, length=2 * DATA))
+        magic, error, _handle = struct.unpack(">IIQ", await receive_exactly(stream, 16))
+        assert (magic, error) == (p.SIMPLE_REPLY_MAGIC, 0)
+        assert await node.read(0, 2 * DATA) == b"\x5a" * DATA + bytes(DATA)
+
+
+@pytest.mark.parametrize(
+    ("failure", "logged"),
+    [(OSError(5, "Input/output error"), False), (RuntimeError("a bug"), True)],
+)
+async def test_only_an_unexpected_failure_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, failure: Exception, logged: bool
+) -> None:
+    async def failing(offset: int, length: int) -> bytes:
+        raise failure
+
+    async with served(tmp_path) as (stream, node):
+        node.read = failing  # type: ignore[method-assign]
+        with caplog.at_level(logging.ERROR, logger="blockd.export.slow_path"):
+            await stream.send_all(request(p.Cmd.READ, offset=0, length=DATA, flags=p.CmdFlag.DF))
+            [(kind, _payload)] = await chunks(stream)
+        assert kind == p.Chunk.ERROR
+    assert any("failed unexpectedly" in r.getMessage() for r in caplog.records) is logged
