@@ -291,7 +291,14 @@ def main() -> int:
     parser.add_argument("--depth", type=int, default=16, help="writes in flight")
     parser.add_argument("--flush-every", type=int, default=16, help="fsync case: writes per flush")
     parser.add_argument("--outrun-speed", type=int, default=4 * MiB, help="outrun case: job speed")
-    parser.add_argument("--ready-limit", type=float, default=30.0, help="seconds to wait for READY")
+    parser.add_argument(
+        "--ready-limit",
+        type=float,
+        help="seconds to wait for READY (default 30; in the outrun case 30 more than a"
+        " copy of the whole disk takes at --outrun-speed: the writer's warm-up alone"
+        " allocates much of top, a 64 KiB cluster per 4 KiB write, so only the guest's"
+        " writes during the job can keep it from READY)",
+    )
     parser.add_argument("--warmup", type=float, default=2.0, help="writer alone, seconds")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--modes", default="background,write-blocking,auto,qsd",
@@ -300,6 +307,9 @@ def main() -> int:
     parser.add_argument("--json", help="also write every run's row here")
     parser.add_argument("--daemon-log", help="append the daemons' stderr here")
     args = parser.parse_args()
+    if args.ready_limit is None:
+        bulk = args.size / args.outrun_speed if args.case == "outrun" else 0.0
+        args.ready_limit = 30.0 + bulk
     modes = args.modes.split(",")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
