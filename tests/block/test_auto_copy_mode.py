@@ -25,12 +25,14 @@ MiB = 1024 * 1024
 SPEED = 1 * MiB
 
 
-async def run_auto(tmp_path: Path, guest_bytes_per_second: int) -> list[CopyMode]:
+async def run_auto(
+    tmp_path: Path, guest_bytes_per_second: int, data: int = 3 * MiB, speed: int = SPEED
+) -> list[CopyMode]:
     """The modes in effect, sampled every 0.2 s until READY, with a guest
     writing random 64 KiB blocks at the given rate meanwhile."""
     create(tmp_path / "base.qcow2", "8M")
     create(tmp_path / "top.qcow2", "8M", backing=Path("base.qcow2"))
-    qemu_io(tmp_path / "top.qcow2", "write -P 0x22 0 3M")
+    qemu_io(tmp_path / "top.qcow2", f"write -P 0x22 0 {data}")
     graph = BlockGraph()
     events = EventBus()
     ready = trio.Event()
@@ -48,7 +50,7 @@ async def run_auto(tmp_path: Path, guest_bytes_per_second: int) -> list[CopyMode
         plan = plan_commit(graph, device="top")
         assert isinstance(plan, ActiveCommitPlan)
         job = ActiveCommitJob("j", events, graph, plan, no_users, copy_mode=CopyMode.AUTO,
-                              speed=SPEED)  # fmt: skip
+                              speed=speed)  # fmt: skip
         job.create(lambda _job: None)
 
         async def guest() -> None:
@@ -83,3 +85,11 @@ async def test_turns_write_blocking_when_the_guest_keeps_up(tmp_path: Path) -> N
     modes = await run_auto(tmp_path, 2 * SPEED)
     assert modes[0] is CopyMode.BACKGROUND
     assert modes[-1] is CopyMode.WRITE_BLOCKING
+
+
+async def test_decides_over_a_window_not_a_step(tmp_path: Path) -> None:
+    # 8 MiB at 4 MiB/s: each 512 KiB step takes a sixteenth of the dirty set,
+    # less than a tenth, while each window takes half of it
+    modes = await run_auto(tmp_path, 0, data=8 * MiB, speed=4 * MiB)
+    assert len(modes) >= 5
+    assert set(modes) == {CopyMode.BACKGROUND}
