@@ -1,0 +1,143 @@
+"""What an active commit tells its clients about itself, and what a refused
+start leaves behind: a progress total that never falls below what is done,
+``paused`` only while the job waits to be finalized (QEMU's drained mirror),
+a scan that finds data at the end of a large sparse disk at once, and a base
+back to read-only when the job cannot take its nodes.
+
+In-process, on images made by qemu-img.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from blockd.block.graph import BlockGraph
+from blockd.block.node import BlockNode
+from blockd.errors import BlockError
+from blockd.events import EmittedEvent, EventBus
+from blockd.jobs.active_commit import ActiveCommitJob, ActiveCommitPlan
+from blockd.jobs.commit import plan_commit
+from blockd.jobs.status import JobStatus
+
+from .conftest import create, no_users, open_qcow2, qemu_io
+
+KiB, MiB, GiB = 1024, 1024 * 1024, 1024 * 1024 * 1024
+
+
+async def chain(tmp_path: Path, graph: BlockGraph, size: str, *writes: str) -> list[BlockNode]:
+    create(tmp_path / "base.qcow2", size)
+    create(tmp_path / "top.qcow2", size, backing=Path("base.qcow2"))
+    if writes:
+        qemu_io(tmp_path / "top.qcow2", *writes)
+    base = await open_qcow2(graph, tmp_path / "base.qcow2", name="base", backing=None,
+                            read_only=True)  # fmt: skip
+    top = await open_qcow2(graph, tmp_path / "top.qcow2", name="top", backing="base")
+    return [base, top]
+
+
+def new_job(graph: BlockGraph, events: EventBus, **options: object) -> ActiveCommitJob:
+    plan = plan_commit(graph, device="top")
+    assert isinstance(plan, ActiveCommitPlan)
+    job = ActiveCommitJob("j", events, graph, plan, no_users, **options)  # type: ignore[arg-type]
+    job.create(lambda _job: None)
+    return job
+
+
+def on(events: EventBus, name: str, status: str | None = None) -> trio.Event:
+    seen = trio.Event()
+
+    def listen(e: EmittedEvent) -> None:
+        if e.name == name and (status is None or (e.data or {}).get("status") == status):
+            seen.set()
+
+    events.subscribe(listen)
+    return seen
+
+
+async def test_the_total_counts_what_is_in_flight(tmp_path: Path) -> None:
+    graph, events = BlockGraph(), EventBus()
+    samples: list[tuple[int, int]] = []
+    try:
+        _base, top = await chain(tmp_path, graph, "8M", "write -P 0x22 0 4M")
+        job = new_job(graph, events, speed=4 * MiB)
+        ready = on(events, "BLOCK_JOB_READY")
+        copy = job._copy.ranges
+
+        async def copy_with_a_guest_write(ranges: list[tuple[int, int]]) -> int:
+            # a guest write while the job's copy is in flight updates the total
+            # (the first few copies: each write is more to copy)
+            if len(samples) < 6:
+                await top.write(6 * MiB, b"\x33" * 4 * KiB)
+                samples.append((job.offset, job.length))
+            return await copy(ranges)
+
+        job._copy.ranges = copy_with_a_guest_write  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            await job.setup()
+            job.start(nursery)
+            with trio.fail_after(30):
+                await ready.wait()
+            job.user_cancel(force=True)
+    finally:
+        await graph.close_all()
+    assert len(samples) >= 4
+    # done so far, plus what is being copied now, at the least
+    assert all(length >= offset + 512 * KiB for offset, length in samples)
+
+
+async def test_paused_only_while_pending(tmp_path: Path) -> None:
+    graph, events = BlockGraph(), EventBus()
+    try:
+        await chain(tmp_path, graph, "4M", "write -P 0x22 0 1M")
+        job = new_job(graph, events, auto_finalize=False)
+        ready = on(events, "BLOCK_JOB_READY")
+        pending = on(events, "JOB_STATUS_CHANGE", "pending")
+        async with trio.open_nursery() as nursery:
+            await job.setup()
+            job.start(nursery)
+            with trio.fail_after(30):
+                assert job.block_job_info()["paused"] is False
+                await ready.wait()
+                assert job.block_job_info()["paused"] is False
+                job.complete()
+                await pending.wait()
+            assert job.status is JobStatus.PENDING
+            assert job.block_job_info()["paused"] is True
+            job.finalize()
+    finally:
+        await graph.close_all()
+
+
+async def test_data_at_the_end_of_a_large_sparse_disk_is_found_at_once(tmp_path: Path) -> None:
+    # the scan asks about ever larger spans where the layers hold little
+    graph, events = BlockGraph(), EventBus()
+    try:
+        base, _top = await chain(tmp_path, graph, "64G", f"write -P 0x44 {64 * GiB - MiB} 64k")
+        job = new_job(graph, events)
+        ready = on(events, "BLOCK_JOB_READY")
+        async with trio.open_nursery() as nursery:
+            await job.setup()
+            job.start(nursery)
+            with trio.fail_after(20):
+                await ready.wait()
+            assert await base.read(64 * GiB - MiB, 64 * KiB) == b"\x44" * 64 * KiB
+            job.user_cancel(force=True)
+    finally:
+        await graph.close_all()
+
+
+async def test_a_start_refused_for_a_claim_leaves_base_read_only(tmp_path: Path) -> None:
+    graph, events = BlockGraph(), EventBus()
+    try:
+        base, top = await chain(tmp_path, graph, "4M", "write -P 0x22 0 1M")
+        # another commit into base holds it, and lets nobody else write there
+        graph.claim_for_commit("other", top, base, active=False)
+        job = new_job(graph, events)
+        with pytest.raises(BlockError):
+            await job.setup()
+        assert base.read_only
+    finally:
+        await graph.close_all()
