@@ -106,3 +106,57 @@ async def test_big_requests_up_to_the_client_budget(tmp_path: Path) -> None:
 async def test_a_request_bigger_than_the_budget_runs_alone(tmp_path: Path) -> None:
     length = CLIENT_BYTES + MiB
     assert await count_admitted(tmp_path, 3, length) == 1
+
+
+class HeldNode(MemoryNode):
+    """Writes from ``held_from`` on wait for the gate; others go through at once."""
+
+    def __init__(self, held_from: int) -> None:
+        super().__init__("n", size=1 << 20)
+        self.held_from = held_from
+        self.held_started = trio.Event()
+        self.quick_done = trio.Event()
+
+    async def _do_write(self, offset: int, data: bytes) -> None:
+        self.log.append(("write-start", offset))
+        if offset >= self.held_from and self.gate is not None:
+            self.held_started.set()
+            await self.gate.wait()
+        self.data[offset : offset + len(data)] = data
+        self.log.append(("write-done", offset))
+        if offset < self.held_from:
+            self.quick_done.set()
+
+
+async def test_a_write_that_reached_the_node_finishes_when_its_client_breaks(
+    tmp_path: Path,
+) -> None:
+    # The second write's reply meets the closed socket, which ends the
+    # client's session while the first is still in the node: that one must
+    # finish all the same (a write cut in half is torn data).
+    node = HeldNode(held_from=65536)
+    node.gate = trio.Event()
+    registry, _export = make_export(node)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    path = str(tmp_path / "nbd.sock")
+    await sock.bind(path)
+    sock.listen()
+    server = NBDServer(registry, [trio.SocketListener(sock)], max_connections=0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        stream = await trio.open_unix_socket(path)
+        await negotiate(stream)
+        held = struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0, p.Cmd.WRITE, 1, 65536, 4096)
+        await stream.send_all(held + b"\x11" * 4096)
+        with trio.fail_after(10):
+            await node.held_started.wait()
+        quick = struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0, p.Cmd.WRITE, 2, 0, 4096)
+        await stream.send_all(quick + b"\x22" * 4096)
+        await stream.aclose()  # before the quick write's reply can be sent
+        with trio.fail_after(10):
+            await node.quick_done.wait()
+        await trio.sleep(0.2)  # its reply meets the closed socket meanwhile
+        node.gate.set()
+        await server.stop()
+    assert ("write-done", 65536) in node.log
+    assert node.data[65536 : 65536 + 4096] == b"\x11" * 4096
