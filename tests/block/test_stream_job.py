@@ -237,6 +237,42 @@ async def test_ignored_read_error_fails_the_job_and_keeps_the_chain(
     assert view(tmp_path) == before
 
 
+async def test_stopped_on_a_read_error_and_resumed_streams_everything(
+    tmp_path: Path, graph: BlockGraph
+) -> None:
+    chain(tmp_path)
+    before = view(tmp_path)
+    backing = None
+    nodes: dict[str, BlockNode] = {}
+    for name in ("base", "mid", "mid2", "top"):
+        file: dict[str, Any] = {"driver": "file", "filename": str(tmp_path / f"{name}.qcow2")}
+        if name == "mid":
+            rules = [{"event": "read_aio", "once": True}]
+            file = {"driver": "blkdebug", "image": file, "inject-error": rules}
+        nodes[name] = await open_qcow2(graph, tmp_path / f"{name}.qcow2", name=name,
+                                       read_only=name != "top", backing=backing,
+                                       file=file)  # fmt: skip
+        backing = name
+    r = Run()
+    stopped = trio.Event()
+    r.events.subscribe(lambda e: stopped.set() if e.name == "BLOCK_JOB_ERROR" else None)
+
+    async def resume_once_stopped(job: StreamJob) -> None:
+        await stopped.wait()
+        job.user_resume()
+
+    job = r.job(graph, plan_stream(graph, device="top"), on_error=OnError.STOP)
+    await r(job, resume_once_stopped)
+    errors = [e.data for e in r.seen if e.name == "BLOCK_JOB_ERROR"]
+    assert errors == [{"device": "j", "operation": "read", "action": "stop"}]
+    # the failed step ran again: everything was streamed, and the chain dropped
+    assert job.error is None and job.offset == job.length == SIZE
+    assert nodes["top"].backing is None
+    await graph.close_all()
+    assert backing_of(tmp_path / "top.qcow2") is None
+    assert view(tmp_path) == before
+
+
 # -- what plan_stream refuses ----------------------------------------------------------
 
 
