@@ -141,3 +141,27 @@ async def test_a_start_refused_for_a_claim_leaves_base_read_only(tmp_path: Path)
         assert base.read_only
     finally:
         await graph.close_all()
+
+
+@pytest.mark.parametrize("when", ["running", "ready"])
+async def test_a_cancelled_job_gives_its_nodes_back(tmp_path: Path, when: str) -> None:
+    graph, events = BlockGraph(), EventBus()
+    try:
+        base, top = await chain(tmp_path, graph, "4M", "write -P 0x22 0 2M")
+        # at 64 KiB/s a running job copies a step and sleeps past the test
+        job = new_job(graph, events, speed=64 * KiB if when == "running" else 0)
+        reached = on(events, "JOB_STATUS_CHANGE", when)
+        async with trio.open_nursery() as nursery:
+            await job.setup()
+            assert graph.blocker(base) is not None and graph.blocker(top) is not None
+            assert not base.read_only
+            job.start(nursery)
+            with trio.fail_after(30):
+                await reached.wait()
+            job.user_cancel(force=True)
+            await job.concluded.wait()
+        assert graph.blocker(base) is None and graph.blocker(top) is None
+        assert graph.deletion_blocker(base) is not None  # top's backing, as before
+        assert base.read_only
+    finally:
+        await graph.close_all()
