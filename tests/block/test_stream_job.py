@@ -237,8 +237,9 @@ async def test_ignored_read_error_fails_the_job_and_keeps_the_chain(
     assert view(tmp_path) == before
 
 
+@pytest.mark.parametrize(("on_error", "errno"), [(OnError.STOP, 5), (OnError.ENOSPC, 28)])
 async def test_stopped_on_a_read_error_and_resumed_streams_everything(
-    tmp_path: Path, graph: BlockGraph
+    tmp_path: Path, graph: BlockGraph, on_error: OnError, errno: int
 ) -> None:
     chain(tmp_path)
     before = view(tmp_path)
@@ -247,7 +248,7 @@ async def test_stopped_on_a_read_error_and_resumed_streams_everything(
     for name in ("base", "mid", "mid2", "top"):
         file: dict[str, Any] = {"driver": "file", "filename": str(tmp_path / f"{name}.qcow2")}
         if name == "mid":
-            rules = [{"event": "read_aio", "once": True}]
+            rules = [{"event": "read_aio", "once": True, "errno": errno}]
             file = {"driver": "blkdebug", "image": file, "inject-error": rules}
         nodes[name] = await open_qcow2(graph, tmp_path / f"{name}.qcow2", name=name,
                                        read_only=name != "top", backing=backing,
@@ -261,7 +262,7 @@ async def test_stopped_on_a_read_error_and_resumed_streams_everything(
         await stopped.wait()
         job.user_resume()
 
-    job = r.job(graph, plan_stream(graph, device="top"), on_error=OnError.STOP)
+    job = r.job(graph, plan_stream(graph, device="top"), on_error=on_error)
     await r(job, resume_once_stopped)
     errors = [e.data for e in r.seen if e.name == "BLOCK_JOB_ERROR"]
     assert errors == [{"device": "j", "operation": "read", "action": "stop"}]
