@@ -165,3 +165,25 @@ async def test_a_cancelled_job_gives_its_nodes_back(tmp_path: Path, when: str) -
         assert base.read_only
     finally:
         await graph.close_all()
+
+
+async def test_a_smaller_base_grows_to_top_s_size(tmp_path: Path) -> None:
+    graph, events = BlockGraph(), EventBus()
+    create(tmp_path / "base.qcow2", "4M")
+    create(tmp_path / "top.qcow2", "8M", backing=Path("base.qcow2"))
+    qemu_io(tmp_path / "top.qcow2", "write -P 0x55 6M 64k")
+    try:
+        base = await open_qcow2(graph, tmp_path / "base.qcow2", name="base", backing=None)
+        await open_qcow2(graph, tmp_path / "top.qcow2", name="top", backing="base")
+        job = new_job(graph, events)
+        ready = on(events, "BLOCK_JOB_READY")
+        async with trio.open_nursery() as nursery:
+            await job.setup()
+            job.start(nursery)
+            with trio.fail_after(30):
+                await ready.wait()
+            assert base.size == 8 * MiB
+            assert await base.read(6 * MiB, 64 * KiB) == b"\x55" * 64 * KiB
+            job.user_cancel(force=True)
+    finally:
+        await graph.close_all()
