@@ -136,6 +136,15 @@ SCENARIOS: dict[str, tuple[Callable[[Path], None], str, tuple[Op, ...]]] = {
         ("write-fua", 8 * KiB, 4 * KiB),  # 2: in place, after a write that finished
         ("flush",),  # 3
     )),
+    # FUA on the other commands that take it: a TRIM (ignored: discard=ignore)
+    # and a WRITE_ZEROES, each after a write that finished
+    "fua-other": (overlay, "qcow2", (
+        ("write", 0, 4 * KiB),  # 0
+        ("trim-fua", 64 * KiB, 64 * KiB),  # 1
+        ("write", 4 * KiB, 4 * KiB),  # 2
+        ("zero-fua", 8 * KiB, 4 * KiB),  # 3
+        ("flush",),  # 4
+    )),
     "commit": (commit_chain, "qcow2", ()),  # block-commit, not NBD requests: see below
     "raw": (raw, "raw", (
         ("read", 0, 4 * KiB),
@@ -335,14 +344,17 @@ def nbd_connect(path: Path, name: str) -> socket.socket:
         assert not reply & 0x80000000, f"NBD_OPT_GO refused: {reply:#x}"
 
 
-COMMANDS = {"read": 0, "write": 1, "write-fua": 1, "flush": 3, "trim": 4, "zero": 6}
+COMMANDS = {
+    "read": 0, "write": 1, "write-fua": 1, "flush": 3, "trim": 4, "trim-fua": 4, "zero": 6,
+    "zero-fua": 6,
+}  # fmt: skip
 
 
 def nbd_request(sock: socket.socket, handle: int, op: Op) -> int:
     """The request's NBD error (an errno value; 0 for success)."""
     command, offset, length = (*op, 0, 0)[:3]
     payload = b"\x5a" * length if command.startswith("write") else b""
-    flags = 1 if command == "write-fua" else 0  # NBD_CMD_FLAG_FUA
+    flags = 1 if command.endswith("-fua") else 0  # NBD_CMD_FLAG_FUA
     header = struct.pack(">IHHQQI", 0x25609513, flags, COMMANDS[command], handle, offset, length)
     sock.sendall(header + payload)
     magic, error, got = struct.unpack(">IIQ", recv_exactly(sock, 16))
@@ -464,6 +476,7 @@ def all_cases() -> dict[str, list[Any]]:
     cases["overlay"] += [(rules, {}) for rules, _q, _b in KNOWN_SECTOR_DIFFERENCES]
     cases["raw"] += BAD_RULES
     cases["fua"] = [(rules, {}) for rules, _ops in FUA_CASES]
+    cases["fua-other"] = [(rules, {}) for rules, _ops in FUA_OTHER_CASES]
     cases["commit"] = [(where, once(event), False) for where, event, _x in COMMIT_CASES]
     cases["commit"] += [("base", once(event), False) for event in COMMIT_FLUSH]
     cases["commit"] += [(where, rules, True) for where, rules, _x in ACTIVE_COMMIT_CASES]
@@ -602,6 +615,22 @@ FUA_CASES = [
 @pytest.mark.parametrize(("rules", "ops"), FUA_CASES)
 def test_fua_writes_flush_alike(outcomes: Outcomes, rules: Rules, ops: list[int]) -> None:
     qsd, blockd = outcomes("fua", rules, {})
+    assert qsd == blockd == {**OK, "ops": ops}
+
+
+#: The same rules on a TRIM and a WRITE_ZEROES with FUA: their flushes, too,
+#: raise ``flush_to_disk`` only for what finished before them.
+FUA_OTHER_CASES = [
+    ([{"event": "flush_to_disk", "iotype": "flush", "once": True}], [0, 5, 0, 0, 0]),
+    ([{"event": "flush_to_disk", "iotype": "flush"}], [0, 5, 0, 5, 5]),
+]
+
+
+@pytest.mark.parametrize(("rules", "ops"), FUA_OTHER_CASES)
+def test_fua_trims_and_zeroes_flush_alike(
+    outcomes: Outcomes, rules: Rules, ops: list[int]
+) -> None:
+    qsd, blockd = outcomes("fua-other", rules, {})
     assert qsd == blockd == {**OK, "ops": ops}
 
 

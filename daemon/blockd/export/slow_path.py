@@ -85,9 +85,9 @@ async def _execute(client: Client, export: Export, node: BlockNode, request: p.R
     elif kind == p.Cmd.FLUSH:
         await node.flush()
     elif kind == p.Cmd.TRIM:
-        await node.discard(offset, length)
+        counted = await node.discard(offset, length)
         if fua:
-            await node.flush(completing=True)
+            await node.flush(completing=counted)
     elif kind == p.Cmd.WRITE_ZEROES:
         if flags & p.CmdFlag.FAST_ZERO and not _has_fast_zeroes(node):
             return r.error_reply(
