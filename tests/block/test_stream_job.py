@@ -115,6 +115,20 @@ async def test_stream_whole_chain_drops_the_backing(tmp_path: Path, graph: Block
         assert_clean(tmp_path / f"{name}.qcow2")
 
 
+async def test_speed_limits_what_the_stream_copies(tmp_path: Path, graph: BlockGraph) -> None:
+    # about 3.5 MiB to copy at 1 MiB/s: well over a second, whatever the load
+    chain(tmp_path)
+    before = view(tmp_path)
+    await open_chain(graph, tmp_path)
+    r = Run()
+    began = trio.current_time()
+    job = await r(r.job(graph, plan_stream(graph, device="top"), speed=1 * MiB))
+    assert job.error is None and job.offset == job.length == SIZE
+    assert trio.current_time() - began > 1.5
+    await graph.close_all()
+    assert view(tmp_path) == before
+
+
 async def test_stream_to_base_names_it_and_closes_implicit_intermediates(
     tmp_path: Path, graph: BlockGraph
 ) -> None:
