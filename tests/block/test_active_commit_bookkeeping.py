@@ -20,6 +20,7 @@ from blockd.errors import BlockError
 from blockd.events import EmittedEvent, EventBus
 from blockd.jobs.active_commit import ActiveCommitJob, ActiveCommitPlan
 from blockd.jobs.commit import plan_commit
+from blockd.jobs.job import OnError
 from blockd.jobs.status import JobStatus
 
 from .conftest import create, no_users, open_qcow2, qemu_io
@@ -184,6 +185,34 @@ async def test_a_smaller_base_grows_to_top_s_size(tmp_path: Path) -> None:
                 await ready.wait()
             assert base.size == 8 * MiB
             assert await base.read(6 * MiB, 64 * KiB) == b"\x55" * 64 * KiB
+            job.user_cancel(force=True)
+    finally:
+        await graph.close_all()
+
+
+@pytest.mark.parametrize("on_error", ["ignore", "stop"])
+async def test_a_copy_that_failed_is_made_again(tmp_path: Path, on_error: str) -> None:
+    graph, events = BlockGraph(), EventBus()
+    create(tmp_path / "base.qcow2", "4M")
+    create(tmp_path / "top.qcow2", "4M", backing=Path("base.qcow2"))
+    qemu_io(tmp_path / "top.qcow2", "write -P 0x66 0 2M")
+    image = {"driver": "file", "filename": str(tmp_path / "top.qcow2")}
+    rules = [{"event": "read_aio", "once": True}]  # the job's first read of top's data
+    try:
+        base = await open_qcow2(graph, tmp_path / "base.qcow2", name="base", backing=None)
+        debug = {"driver": "blkdebug", "image": image, "inject-error": rules}
+        await open_qcow2(graph, tmp_path / "top.qcow2", name="top", backing="base", file=debug)
+        job = new_job(graph, events, on_error=OnError(on_error))
+        ready, failed = on(events, "BLOCK_JOB_READY"), on(events, "BLOCK_JOB_ERROR")
+        async with trio.open_nursery() as nursery:
+            await job.setup()
+            job.start(nursery)
+            with trio.fail_after(30):
+                await failed.wait()
+                if on_error == "stop":
+                    job.user_resume()
+                await ready.wait()
+            assert await base.read(0, 2 * MiB) == b"\x66" * 2 * MiB
             job.user_cancel(force=True)
     finally:
         await graph.close_all()
