@@ -216,3 +216,31 @@ async def test_a_copy_that_failed_is_made_again(tmp_path: Path, on_error: str) -
             job.user_cancel(force=True)
     finally:
         await graph.close_all()
+
+
+async def test_a_read_only_top_leaves_a_read_only_base(tmp_path: Path) -> None:
+    # base takes top's place in the graph, and its open mode with it (as in QEMU)
+    graph, events = BlockGraph(), EventBus()
+    create(tmp_path / "base.qcow2", "4M")
+    create(tmp_path / "top.qcow2", "4M", backing=Path("base.qcow2"))
+    qemu_io(tmp_path / "top.qcow2", "write -P 0x77 0 1M")
+    try:
+        base = await open_qcow2(graph, tmp_path / "base.qcow2", name="base", backing=None,
+                                read_only=True)  # fmt: skip
+        await open_qcow2(graph, tmp_path / "top.qcow2", name="top", backing="base",
+                         read_only=True)  # fmt: skip
+        job = new_job(graph, events)
+        ready = on(events, "BLOCK_JOB_READY")
+        async with trio.open_nursery() as nursery:
+            await job.setup()
+            assert not base.read_only
+            job.start(nursery)
+            with trio.fail_after(30):
+                await ready.wait()
+                job.complete()
+                await job.concluded.wait()
+        assert job.error is None
+        assert base.read_only
+        assert await base.read(0, 1 * MiB) == b"\x77" * MiB
+    finally:
+        await graph.close_all()
