@@ -28,14 +28,27 @@ from .conftest import create, no_users, open_qcow2, qemu_io
 KiB, MiB, GiB = 1024, 1024 * 1024, 1024 * 1024 * 1024
 
 
-async def chain(tmp_path: Path, graph: BlockGraph, size: str, *writes: str) -> list[BlockNode]:
+async def chain(
+    tmp_path: Path,
+    graph: BlockGraph,
+    size: str,
+    *writes: str,
+    top_size: str | None = None,
+    top_read_only: bool = False,
+    top_rules: list[dict[str, object]] | None = None,
+) -> list[BlockNode]:
+    """base (read-only, as a client adds it) <- top (through blkdebug with ``top_rules``)."""
     create(tmp_path / "base.qcow2", size)
-    create(tmp_path / "top.qcow2", size, backing=Path("base.qcow2"))
+    create(tmp_path / "top.qcow2", top_size or size, backing=Path("base.qcow2"))
     if writes:
         qemu_io(tmp_path / "top.qcow2", *writes)
     base = await open_qcow2(graph, tmp_path / "base.qcow2", name="base", backing=None,
                             read_only=True)  # fmt: skip
-    top = await open_qcow2(graph, tmp_path / "top.qcow2", name="top", backing="base")
+    file: dict[str, object] = {"driver": "file", "filename": str(tmp_path / "top.qcow2")}
+    if top_rules is not None:
+        file = {"driver": "blkdebug", "image": file, "inject-error": top_rules}
+    top = await open_qcow2(graph, tmp_path / "top.qcow2", name="top", backing="base",
+                           read_only=top_read_only, file=file)  # fmt: skip
     return [base, top]
 
 
@@ -170,12 +183,8 @@ async def test_a_cancelled_job_gives_its_nodes_back(tmp_path: Path, when: str) -
 
 async def test_a_smaller_base_grows_to_top_s_size(tmp_path: Path) -> None:
     graph, events = BlockGraph(), EventBus()
-    create(tmp_path / "base.qcow2", "4M")
-    create(tmp_path / "top.qcow2", "8M", backing=Path("base.qcow2"))
-    qemu_io(tmp_path / "top.qcow2", "write -P 0x55 6M 64k")
     try:
-        base = await open_qcow2(graph, tmp_path / "base.qcow2", name="base", backing=None)
-        await open_qcow2(graph, tmp_path / "top.qcow2", name="top", backing="base")
+        base, _top = await chain(tmp_path, graph, "4M", "write -P 0x55 6M 64k", top_size="8M")
         job = new_job(graph, events)
         ready = on(events, "BLOCK_JOB_READY")
         async with trio.open_nursery() as nursery:
@@ -193,15 +202,9 @@ async def test_a_smaller_base_grows_to_top_s_size(tmp_path: Path) -> None:
 @pytest.mark.parametrize("on_error", ["ignore", "stop"])
 async def test_a_copy_that_failed_is_made_again(tmp_path: Path, on_error: str) -> None:
     graph, events = BlockGraph(), EventBus()
-    create(tmp_path / "base.qcow2", "4M")
-    create(tmp_path / "top.qcow2", "4M", backing=Path("base.qcow2"))
-    qemu_io(tmp_path / "top.qcow2", "write -P 0x66 0 2M")
-    image = {"driver": "file", "filename": str(tmp_path / "top.qcow2")}
-    rules = [{"event": "read_aio", "once": True}]  # the job's first read of top's data
+    rules: list[dict[str, object]] = [{"event": "read_aio", "once": True}]  # its first read
     try:
-        base = await open_qcow2(graph, tmp_path / "base.qcow2", name="base", backing=None)
-        debug = {"driver": "blkdebug", "image": image, "inject-error": rules}
-        await open_qcow2(graph, tmp_path / "top.qcow2", name="top", backing="base", file=debug)
+        base, _top = await chain(tmp_path, graph, "4M", "write -P 0x66 0 2M", top_rules=rules)
         job = new_job(graph, events, on_error=OnError(on_error))
         ready, failed = on(events, "BLOCK_JOB_READY"), on(events, "BLOCK_JOB_ERROR")
         async with trio.open_nursery() as nursery:
@@ -221,14 +224,8 @@ async def test_a_copy_that_failed_is_made_again(tmp_path: Path, on_error: str) -
 async def test_a_read_only_top_leaves_a_read_only_base(tmp_path: Path) -> None:
     # base takes top's place in the graph, and its open mode with it (as in QEMU)
     graph, events = BlockGraph(), EventBus()
-    create(tmp_path / "base.qcow2", "4M")
-    create(tmp_path / "top.qcow2", "4M", backing=Path("base.qcow2"))
-    qemu_io(tmp_path / "top.qcow2", "write -P 0x77 0 1M")
     try:
-        base = await open_qcow2(graph, tmp_path / "base.qcow2", name="base", backing=None,
-                                read_only=True)  # fmt: skip
-        await open_qcow2(graph, tmp_path / "top.qcow2", name="top", backing="base",
-                         read_only=True)  # fmt: skip
+        base, _top = await chain(tmp_path, graph, "4M", "write -P 0x77 0 1M", top_read_only=True)
         job = new_job(graph, events)
         ready = on(events, "BLOCK_JOB_READY")
         async with trio.open_nursery() as nursery:

@@ -89,6 +89,24 @@ class Run:
         return job
 
 
+async def open_chain_failing_a_read(
+    graph: BlockGraph, d: Path, errno: int
+) -> dict[str, BlockNode]:
+    """base <- mid <- mid2 <- top, only top writable; mid's first data read fails with ``errno``."""
+    nodes: dict[str, BlockNode] = {}
+    backing = None
+    for name in ("base", "mid", "mid2", "top"):
+        file: dict[str, Any] = {"driver": "file", "filename": str(d / f"{name}.qcow2")}
+        if name == "mid":
+            rules = [{"event": "read_aio", "once": True, "errno": errno}]
+            file = {"driver": "blkdebug", "image": file, "inject-error": rules}
+        nodes[name] = await open_qcow2(graph, d / f"{name}.qcow2", name=name,
+                                       read_only=name != "top", backing=backing,
+                                       file=file)  # fmt: skip
+        backing = name
+    return nodes
+
+
 def view(d: Path, name: str = "top") -> bytes:
     return to_raw(d / f"{name}.qcow2", d / f"{name}.raw")
 
@@ -227,17 +245,7 @@ async def test_ignored_read_error_fails_the_job_and_keeps_the_chain(
 ) -> None:
     chain(tmp_path)
     before = view(tmp_path)
-    backing = None
-    nodes: dict[str, BlockNode] = {}
-    for name in ("base", "mid", "mid2", "top"):
-        file: dict[str, Any] = {"driver": "file", "filename": str(tmp_path / f"{name}.qcow2")}
-        if name == "mid":
-            rules = [{"event": "read_aio", "once": True}]
-            file = {"driver": "blkdebug", "image": file, "inject-error": rules}
-        nodes[name] = await open_qcow2(graph, tmp_path / f"{name}.qcow2", name=name,
-                                       read_only=name != "top", backing=backing,
-                                       file=file)  # fmt: skip
-        backing = name
+    nodes = await open_chain_failing_a_read(graph, tmp_path, 5)
     r = Run()
     job = await r(r.job(graph, plan_stream(graph, device="top"), on_error=OnError.IGNORE))
     assert job.error == "Input/output error"
@@ -257,17 +265,7 @@ async def test_stopped_on_a_read_error_and_resumed_streams_everything(
 ) -> None:
     chain(tmp_path)
     before = view(tmp_path)
-    backing = None
-    nodes: dict[str, BlockNode] = {}
-    for name in ("base", "mid", "mid2", "top"):
-        file: dict[str, Any] = {"driver": "file", "filename": str(tmp_path / f"{name}.qcow2")}
-        if name == "mid":
-            rules = [{"event": "read_aio", "once": True, "errno": errno}]
-            file = {"driver": "blkdebug", "image": file, "inject-error": rules}
-        nodes[name] = await open_qcow2(graph, tmp_path / f"{name}.qcow2", name=name,
-                                       read_only=name != "top", backing=backing,
-                                       file=file)  # fmt: skip
-        backing = name
+    nodes = await open_chain_failing_a_read(graph, tmp_path, errno)
     r = Run()
     stopped = trio.Event()
     r.events.subscribe(lambda e: stopped.set() if e.name == "BLOCK_JOB_ERROR" else None)

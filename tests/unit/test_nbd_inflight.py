@@ -15,6 +15,7 @@ import trio
 from blockd.export import protocol as p
 from blockd.export.budget import CLIENT_BYTES
 from blockd.export.client import MAX_INFLIGHT
+from blockd.export.exports import ExportRegistry
 from blockd.export.server import NBDServer
 
 from .test_nbd_exports import MemoryNode, make_export
@@ -30,6 +31,14 @@ async def receive_exactly(stream: trio.SocketStream, n: int) -> bytes:
         assert chunk, "the server closed the connection"
         data += chunk
     return data
+
+
+async def listening(registry: ExportRegistry, path: str) -> NBDServer:
+    """An NBD server of ``registry``'s exports, its socket listening at ``path``."""
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.bind(path)
+    sock.listen()
+    return NBDServer(registry, [trio.SocketListener(sock)], max_connections=0)
 
 
 async def negotiate(stream: trio.SocketStream) -> None:
@@ -51,11 +60,8 @@ async def count_admitted(tmp_path: Path, requests: int, length: int) -> int:
     node = MemoryNode("n", size=requests * length)
     node.gate = trio.Event()
     registry, _export = make_export(node)
-    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     path = str(tmp_path / "nbd.sock")
-    await sock.bind(path)
-    sock.listen()
-    server = NBDServer(registry, [trio.SocketListener(sock)], max_connections=0)
+    server = await listening(registry, path)
 
     def started() -> int:
         return sum(1 for what, _offset in node.log if what == "write-start")
@@ -137,11 +143,8 @@ async def test_a_write_that_reached_the_node_finishes_when_its_client_breaks(
     node = HeldNode(held_from=65536)
     node.gate = trio.Event()
     registry, _export = make_export(node)
-    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     path = str(tmp_path / "nbd.sock")
-    await sock.bind(path)
-    sock.listen()
-    server = NBDServer(registry, [trio.SocketListener(sock)], max_connections=0)
+    server = await listening(registry, path)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)
         stream = await trio.open_unix_socket(path)

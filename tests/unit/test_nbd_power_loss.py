@@ -39,12 +39,11 @@ from blockd.block.graph import BlockGraph
 from blockd.events import EventBus
 from blockd.export import protocol as p
 from blockd.export.exports import ExportRegistry
-from blockd.export.server import NBDServer
 from tests.conftest import require_tool
 from tests.images import create, qemu_img, qemu_io
 from tests.power import Power, VolatileFile
 
-from .test_nbd_inflight import negotiate, receive_exactly
+from .test_nbd_inflight import listening, negotiate, receive_exactly
 
 KiB = 1024
 SIZE = 4 << 20
@@ -133,11 +132,8 @@ async def one_run(
     registry.server = object()  # pretend it runs: the server below serves the registry
     registry.add("e", node, name="disk", description=None, writable=True,
                  writethrough=writethrough)  # fmt: skip
-    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     path = str(tmp_path / f"s-{seed}-{cut_at}")
-    await sock.bind(path)
-    sock.listen()
-    server = NBDServer(registry, [trio.SocketListener(sock)], max_connections=0)
+    server = await listening(registry, path)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)
         stream = await trio.open_unix_socket(path)

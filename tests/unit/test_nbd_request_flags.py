@@ -26,10 +26,9 @@ from blockd.block.graph import BlockGraph
 from blockd.events import EventBus
 from blockd.export import protocol as p
 from blockd.export.exports import ExportRegistry
-from blockd.export.server import NBDServer
 from tests.images import create, qemu_io
 
-from .test_nbd_inflight import receive_exactly
+from .test_nbd_inflight import listening, receive_exactly
 from .test_nbd_protocol import info_payload, meta_payload, option, request
 
 KiB = 1024
@@ -46,11 +45,8 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[trio.SocketStream, Qcow2
     registry = ExportRegistry(EventBus(), BlockGraph())
     registry.server = object()  # pretend it runs: the server below serves the registry
     registry.add("e", node, name="disk", description=None, writable=True, writethrough=False)
-    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     path = str(tmp_path / "nbd.sock")
-    await sock.bind(path)
-    sock.listen()
-    server = NBDServer(registry, [trio.SocketListener(sock)], max_connections=0)
+    server = await listening(registry, path)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
