@@ -168,6 +168,7 @@ async def test_a_cancelled_job_gives_its_nodes_back(tmp_path: Path, when: str) -
         async with trio.open_nursery() as nursery:
             await job.setup()
             assert graph.blocker(base) is not None and graph.blocker(top) is not None
+            assert graph.in_use(base)  # the job's own handle on base
             assert not base.read_only
             job.start(nursery)
             with trio.fail_after(30):
@@ -175,6 +176,7 @@ async def test_a_cancelled_job_gives_its_nodes_back(tmp_path: Path, when: str) -
             job.user_cancel(force=True)
             await job.concluded.wait()
         assert graph.blocker(base) is None and graph.blocker(top) is None
+        assert not graph.in_use(base)
         assert graph.deletion_blocker(base) is not None  # top's backing, as before
         assert base.read_only
     finally:
@@ -239,5 +241,33 @@ async def test_a_read_only_top_leaves_a_read_only_base(tmp_path: Path) -> None:
         assert job.error is None
         assert base.read_only
         assert await base.read(0, 1 * MiB) == b"\x77" * MiB
+    finally:
+        await graph.close_all()
+
+
+async def test_a_paused_ready_job_copies_nothing_until_resumed(tmp_path: Path) -> None:
+    graph, events = BlockGraph(), EventBus()
+    try:
+        base, top = await chain(tmp_path, graph, "4M", "write -P 0x22 0 1M")
+        job = new_job(graph, events)
+        ready, standby = on(events, "BLOCK_JOB_READY"), on(events, "JOB_STATUS_CHANGE", "standby")
+        async with trio.open_nursery() as nursery:
+            await job.setup()
+            job.start(nursery)
+            with trio.fail_after(30):
+                await ready.wait()
+                job.user_pause()
+                await standby.wait()
+                await top.write(2 * MiB, b"\x88" * 64 * KiB)
+                await trio.sleep(0.5)  # five of a READY job's polls
+                assert await base.read(2 * MiB, 64 * KiB) == bytes(64 * KiB)
+                job.user_resume()
+                for _poll in range(200):  # the job's next polls copy it
+                    await trio.sleep(0.05)
+                    if await base.read(2 * MiB, 64 * KiB) == b"\x88" * 64 * KiB:
+                        break
+                else:
+                    raise AssertionError("the write was not copied after the resume")
+            job.user_cancel(force=True)
     finally:
         await graph.close_all()
