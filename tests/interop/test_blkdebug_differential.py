@@ -145,6 +145,11 @@ SCENARIOS: dict[str, tuple[Callable[[Path], None], str, tuple[Op, ...]]] = {
         ("zero-fua", 8 * KiB, 4 * KiB),  # 3
         ("flush",),  # 4
     )),
+    # the same with the TRIM carried out
+    "fua-unmap": (overlay, "qcow2", (
+        ("trim-fua", 128 * KiB, 64 * KiB),  # 0: the first request: only itself to flush
+        ("write", 0, 4 * KiB),  # 1
+    )),
     "commit": (commit_chain, "qcow2", ()),  # block-commit, not NBD requests: see below
     "raw": (raw, "raw", (
         ("read", 0, 4 * KiB),
@@ -344,6 +349,9 @@ def nbd_connect(path: Path, name: str) -> socket.socket:
         assert not reply & 0x80000000, f"NBD_OPT_GO refused: {reply:#x}"
 
 
+#: Options of the scenario's node itself (``blockdev-add`` of the format node).
+NODE_OPTIONS: dict[str, dict[str, Any]] = {"fua-unmap": {"discard": "unmap"}}
+
 COMMANDS = {
     "read": 0, "write": 1, "write-fua": 1, "flush": 3, "trim": 4, "trim-fua": 4, "zero": 6,
     "zero-fua": 6,
@@ -369,10 +377,12 @@ def key(rules: Rules, extra: dict[str, Any]) -> str:
 
 
 def nbd_case(qmp: RawQMP, d: Path, n: int, fmt: str, ops: tuple[Op, ...], rules: Rules,
-             extra: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+             extra: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     image = {"driver": "file", "filename": str(d / "d.qcow2")}
     file = {"driver": "blkdebug", "image": image, "inject-error": rules, **extra}
-    reply = qmp.execute("blockdev-add", {"driver": fmt, "node-name": f"n{n}", "file": file})
+    reply = qmp.execute(
+        "blockdev-add", {"driver": fmt, "node-name": f"n{n}", "file": file, **node}
+    )
     if "error" in reply:
         return {"open": reply["error"]["desc"]}
     export = {"type": "nbd", "id": f"e{n}", "node-name": f"n{n}", "writable": True}
@@ -452,7 +462,9 @@ def run_scenario(root: Path, kind: str, scenario: str, cases: list[Any]) -> dict
                     )
                 else:
                     rules, extra = case
-                    out[key(rules, extra)] = nbd_case(qmp, d / f"c{n}", n, fmt, ops, rules, extra)
+                    out[key(rules, extra)] = nbd_case(
+                        qmp, d / f"c{n}", n, fmt, ops, rules, extra, NODE_OPTIONS.get(scenario, {})
+                    )
     finally:
         daemon.stop()
     return out
@@ -477,6 +489,7 @@ def all_cases() -> dict[str, list[Any]]:
     cases["raw"] += BAD_RULES
     cases["fua"] = [(rules, {}) for rules, _ops in FUA_CASES]
     cases["fua-other"] = [(rules, {}) for rules, _ops in FUA_OTHER_CASES]
+    cases["fua-unmap"] = [(rules, {}) for rules, _ops in FUA_UNMAP_CASES]
     cases["commit"] = [(where, once(event), False) for where, event, _x in COMMIT_CASES]
     cases["commit"] += [("base", once(event), False) for event in COMMIT_FLUSH]
     cases["commit"] += [(where, rules, True) for where, rules, _x in ACTIVE_COMMIT_CASES]
@@ -624,6 +637,21 @@ FUA_OTHER_CASES = [
     ([{"event": "flush_to_disk", "iotype": "flush", "once": True}], [0, 5, 0, 0, 0]),
     ([{"event": "flush_to_disk", "iotype": "flush"}], [0, 5, 0, 5, 5]),
 ]
+
+
+#: A TRIM carried out is a write that has finished when QEMU's server sends
+#: the flush its FUA asks for (a discard takes no FUA flag down the stack).
+FUA_UNMAP_CASES = [
+    ([{"event": "flush_to_disk", "iotype": "flush", "once": True}], [5, 0]),
+]
+
+
+@pytest.mark.parametrize(("rules", "ops"), FUA_UNMAP_CASES)
+def test_fua_trims_carried_out_flush_alike(
+    outcomes: Outcomes, rules: Rules, ops: list[int]
+) -> None:
+    qsd, blockd = outcomes("fua-unmap", rules, {})
+    assert qsd == blockd == {**OK, "ops": ops}
 
 
 @pytest.mark.parametrize(("rules", "ops"), FUA_OTHER_CASES)

@@ -489,20 +489,14 @@ class BlockNode:
             async with self._writing(WriteKind.ZEROES, offset, length):
                 await self._do_write_zeroes(offset, length)
 
-    async def discard(self, offset: int, length: int) -> bool:
+    async def discard(self, offset: int, length: int) -> None:
         """Advisory: afterwards the range reads as zeros or as the backing image
-        (or, on a node opened with ``discard: ignore``, as before).
-
-        True if the request was carried out, and so counts as a write for
-        :meth:`flush`'s ``completing`` (as in QEMU, an ignored one does not).
-        """
+        (or, on a node opened with ``discard: ignore``, as before)."""
         self._check_request(offset, length)
         self._check_writable()
-        if not (length and self.unmap):
-            return False
-        async with self._writing(WriteKind.DISCARD, offset, length):
-            await self._do_discard(offset, length)
-        return True
+        if length and self.unmap:
+            async with self._writing(WriteKind.DISCARD, offset, length):
+                await self._do_discard(offset, length)
 
     async def block_status(self, offset: int, length: int) -> tuple[Status, int]:
         """Kind of the extent at ``offset`` in this layer only, and its length (<= length)."""
