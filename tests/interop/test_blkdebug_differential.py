@@ -150,6 +150,12 @@ SCENARIOS: dict[str, tuple[Callable[[Path], None], str, tuple[Op, ...]]] = {
         ("trim-fua", 128 * KiB, 64 * KiB),  # 0: the first request: only itself to flush
         ("write", 0, 4 * KiB),  # 1
     )),
+    # a write-through export: writes are flushed as they are made, discards not
+    "writethrough": (overlay, "qcow2", (
+        ("write", 0, 4 * KiB),  # 0
+        ("trim", 128 * KiB, 64 * KiB),  # 1
+        ("zero", 256 * KiB, 4 * KiB),  # 2
+    )),
     "commit": (commit_chain, "qcow2", ()),  # block-commit, not NBD requests: see below
     "raw": (raw, "raw", (
         ("read", 0, 4 * KiB),
@@ -349,8 +355,13 @@ def nbd_connect(path: Path, name: str) -> socket.socket:
         assert not reply & 0x80000000, f"NBD_OPT_GO refused: {reply:#x}"
 
 
-#: Options of the scenario's node itself (``blockdev-add`` of the format node).
-NODE_OPTIONS: dict[str, dict[str, Any]] = {"fua-unmap": {"discard": "unmap"}}
+#: Options of the scenario's node itself (``blockdev-add`` of the format node),
+#: and of its export.
+NODE_OPTIONS: dict[str, dict[str, Any]] = {
+    "fua-unmap": {"discard": "unmap"},
+    "writethrough": {"discard": "unmap"},
+}
+EXPORT_OPTIONS: dict[str, dict[str, Any]] = {"writethrough": {"writethrough": True}}
 
 COMMANDS = {
     "read": 0, "write": 1, "write-fua": 1, "flush": 3, "trim": 4, "trim-fua": 4, "zero": 6,
@@ -376,8 +387,10 @@ def key(rules: Rules, extra: dict[str, Any]) -> str:
     return json.dumps([rules, extra], sort_keys=True)
 
 
-def nbd_case(qmp: RawQMP, d: Path, n: int, fmt: str, ops: tuple[Op, ...], rules: Rules,
-             extra: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+def nbd_case(qmp: RawQMP, d: Path, n: int, scenario: str, rules: Rules,
+             extra: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    _prepare, fmt, ops = SCENARIOS[scenario]
+    node = NODE_OPTIONS.get(scenario, {})
     image = {"driver": "file", "filename": str(d / "d.qcow2")}
     file = {"driver": "blkdebug", "image": image, "inject-error": rules, **extra}
     reply = qmp.execute(
@@ -385,7 +398,8 @@ def nbd_case(qmp: RawQMP, d: Path, n: int, fmt: str, ops: tuple[Op, ...], rules:
     )
     if "error" in reply:
         return {"open": reply["error"]["desc"]}
-    export = {"type": "nbd", "id": f"e{n}", "node-name": f"n{n}", "writable": True}
+    export = {"type": "nbd", "id": f"e{n}", "node-name": f"n{n}", "writable": True,
+              **EXPORT_OPTIONS.get(scenario, {})}  # fmt: skip
     assert qmp.execute("block-export-add", export) == {"return": {}}
     with nbd_connect(d.parent / "nbd.sock", f"n{n}") as sock:
         errors = [nbd_request(sock, handle, op) for handle, op in enumerate(ops, 1)]
@@ -439,7 +453,7 @@ def commit_case(
 
 def run_scenario(root: Path, kind: str, scenario: str, cases: list[Any]) -> dict[str, Any]:
     """Every case of a scenario in one daemon, each on a fresh copy of the images."""
-    prepare, fmt, ops = SCENARIOS[scenario]
+    prepare = SCENARIOS[scenario][0]
     template = root / scenario
     if not template.exists():
         template.mkdir()
@@ -462,9 +476,7 @@ def run_scenario(root: Path, kind: str, scenario: str, cases: list[Any]) -> dict
                     )
                 else:
                     rules, extra = case
-                    out[key(rules, extra)] = nbd_case(
-                        qmp, d / f"c{n}", n, fmt, ops, rules, extra, NODE_OPTIONS.get(scenario, {})
-                    )
+                    out[key(rules, extra)] = nbd_case(qmp, d / f"c{n}", n, scenario, rules, extra)
     finally:
         daemon.stop()
     return out
@@ -490,6 +502,7 @@ def all_cases() -> dict[str, list[Any]]:
     cases["fua"] = [(rules, {}) for rules, _ops in FUA_CASES]
     cases["fua-other"] = [(rules, {}) for rules, _ops in FUA_OTHER_CASES]
     cases["fua-unmap"] = [(rules, {}) for rules, _ops in FUA_UNMAP_CASES]
+    cases["writethrough"] = [(rules, {}) for rules, _ops in WRITETHROUGH_CASES]
     cases["commit"] = [(where, once(event), False) for where, event, _x in COMMIT_CASES]
     cases["commit"] += [("base", once(event), False) for event in COMMIT_FLUSH]
     cases["commit"] += [(where, rules, True) for where, rules, _x in ACTIVE_COMMIT_CASES]
@@ -644,6 +657,22 @@ FUA_OTHER_CASES = [
 FUA_UNMAP_CASES = [
     ([{"event": "flush_to_disk", "iotype": "flush", "once": True}], [5, 0]),
 ]
+
+
+#: A sticky flush rule: a write-through export flushes each write as part of
+#: it (QEMU turns it into a FUA write), but a TRIM not at all: the zero write
+#: after it meets the rule, the TRIM does not.
+WRITETHROUGH_CASES = [
+    ([{"event": "flush_to_disk", "iotype": "flush"}], [0, 0, 5]),
+]
+
+
+@pytest.mark.parametrize(("rules", "ops"), WRITETHROUGH_CASES)
+def test_writethrough_flushes_writes_not_trims(
+    outcomes: Outcomes, rules: Rules, ops: list[int]
+) -> None:
+    qsd, blockd = outcomes("writethrough", rules, {})
+    assert qsd == blockd == {**OK, "ops": ops}
 
 
 @pytest.mark.parametrize(("rules", "ops"), FUA_UNMAP_CASES)

@@ -86,9 +86,10 @@ async def _execute(client: Client, export: Export, node: BlockNode, request: p.R
         await node.flush()
     elif kind == p.Cmd.TRIM:
         await node.discard(offset, length)
-        if fua:
-            # A discard takes no FUA down the stack: QEMU's server flushes
-            # after it, once it has finished (and counts, if carried out).
+        if flags & p.CmdFlag.FUA:
+            # A discard takes no FUA down the stack (nor a write-through
+            # export's): QEMU's server flushes after it only when the client
+            # asks, once it has finished (so it counts, if carried out).
             await node.flush()
     elif kind == p.Cmd.WRITE_ZEROES:
         if flags & p.CmdFlag.FAST_ZERO and not _has_fast_zeroes(node):
