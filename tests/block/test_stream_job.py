@@ -21,6 +21,7 @@ import trio.testing
 
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode, Status
+from blockd.block.open import open_node
 from blockd.block.serialise import RangeGate
 from blockd.errors import BlockError
 from blockd.events import EmittedEvent, EventBus
@@ -292,7 +293,12 @@ async def test_stopped_on_a_read_error_and_resumed_streams_everything(
 async def test_refusals(tmp_path: Path, graph: BlockGraph) -> None:
     chain(tmp_path)
     await open_chain(graph, tmp_path)
+    image = {"driver": "file", "filename": str(tmp_path / "base.qcow2")}
+    await open_node(graph, {"driver": "blkdebug", "node-name": "dbg", "read-only": True,
+                            "image": image})  # fmt: skip
     cases: list[tuple[dict[str, Any], str]] = [
+        ({"device": "top", "bottom": "dbg"},
+         "Node 'dbg' is a filter, use a non-filter node as 'bottom'"),
         ({"device": "x"}, "Cannot find device='x' nor node-name='x'"),
         ({"device": "top", "base_node": "top"}, "Node 'top' is not a backing image of 'top'"),
         ({"device": "mid", "base_node": "mid2"}, "Node 'mid2' is not a backing image of 'mid'"),
