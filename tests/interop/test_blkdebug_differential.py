@@ -499,10 +499,8 @@ def all_cases() -> dict[str, list[Any]]:
         cases[scenario].append((known_rule(event), {}))
     cases["overlay"] += [(rules, {}) for rules, _q, _b in KNOWN_SECTOR_DIFFERENCES]
     cases["raw"] += BAD_RULES
-    cases["fua"] = [(rules, {}) for rules, _ops in FUA_CASES]
-    cases["fua-other"] = [(rules, {}) for rules, _ops in FUA_OTHER_CASES]
-    cases["fua-unmap"] = [(rules, {}) for rules, _ops in FUA_UNMAP_CASES]
-    cases["writethrough"] = [(rules, {}) for rules, _ops in WRITETHROUGH_CASES]
+    for scenario, rules, _ops in FLUSH_CASES:
+        cases[scenario].append((rules, {}))
     cases["commit"] = [(where, once(event), False) for where, event, _x in COMMIT_CASES]
     cases["commit"] += [("base", once(event), False) for event in COMMIT_FLUSH]
     cases["commit"] += [(where, rules, True) for where, rules, _x in ACTIVE_COMMIT_CASES]
@@ -624,72 +622,47 @@ def test_bad_rules_are_refused_alike(
     assert blockd == qsd
 
 
+# -- the flushes a request asks for --------------------------------------------------
+
+FLUSH_TO_DISK_ONCE: Rules = [{"event": "flush_to_disk", "iotype": "flush", "once": True}]
+FLUSH_TO_DISK: Rules = [{"event": "flush_to_disk", "iotype": "flush"}]
+
+#: (scenario, rules, the ops each case fails in both daemons).
+FLUSH_CASES: list[tuple[str, Rules, list[int]]] = [
+    # A FUA write's flush: QEMU counts a write once it has finished, after the
+    # flush a FUA write needs, so that flush raises no ``flush_to_disk``
+    # unless another write finished since the last flush (a long run's seed
+    # 7006437: blockd failed the first FUA write).
+    ("fua", FLUSH_TO_DISK_ONCE, [0, 0, 5, 0]),
+    ("fua", FLUSH_TO_DISK, [0, 0, 5, 5]),
+    ("fua", [{"event": "flush_to_os", "iotype": "flush", "once": True}], [5, 0, 0, 0]),
+    # The same rules on a TRIM and a WRITE_ZEROES with FUA: a discard takes
+    # no FUA flag down the stack, so QEMU's server flushes after it has
+    # finished, counting what finished before it.
+    ("fua-other", FLUSH_TO_DISK_ONCE, [0, 5, 0, 0, 0]),
+    ("fua-other", FLUSH_TO_DISK, [0, 5, 0, 5, 5]),
+    # A TRIM carried out is itself a write that has finished by then.
+    ("fua-unmap", FLUSH_TO_DISK_ONCE, [5, 0]),
+    # A write-through export flushes each write as part of it (QEMU turns it
+    # into a FUA write), but a TRIM not at all: the zero write after it meets
+    # the sticky rule, the TRIM does not.
+    ("writethrough", FLUSH_TO_DISK, [0, 0, 5]),
+]
+
+
+@pytest.mark.parametrize(
+    ("scenario", "rules", "ops"),
+    FLUSH_CASES,
+    ids=[f"{scenario}-{i}" for i, (scenario, _r, _o) in enumerate(FLUSH_CASES)],
+)
+def test_requests_flush_alike(
+    outcomes: Outcomes, scenario: str, rules: Rules, ops: list[int]
+) -> None:
+    qsd, blockd = outcomes(scenario, rules, {})
+    assert qsd == blockd == {**OK, "ops": ops}
+
+
 # -- block-commit ----------------------------------------------------------------------
-
-#: A FUA write's flush, with rules for flushes: QEMU counts a write once it has
-#: finished, after the flush a FUA write needs, so that flush raises no
-#: ``flush_to_disk`` unless another write finished since the last flush (a
-#: long run's seed 7006437: blockd failed the first FUA write).  The ops each
-#: case fails, in both daemons.
-FUA_CASES = [
-    ([{"event": "flush_to_disk", "iotype": "flush", "once": True}], [0, 0, 5, 0]),
-    ([{"event": "flush_to_disk", "iotype": "flush"}], [0, 0, 5, 5]),
-    ([{"event": "flush_to_os", "iotype": "flush", "once": True}], [5, 0, 0, 0]),
-]
-
-
-@pytest.mark.parametrize(("rules", "ops"), FUA_CASES)
-def test_fua_writes_flush_alike(outcomes: Outcomes, rules: Rules, ops: list[int]) -> None:
-    qsd, blockd = outcomes("fua", rules, {})
-    assert qsd == blockd == {**OK, "ops": ops}
-
-
-#: The same rules on a TRIM and a WRITE_ZEROES with FUA: their flushes, too,
-#: raise ``flush_to_disk`` only for what finished before them.
-FUA_OTHER_CASES = [
-    ([{"event": "flush_to_disk", "iotype": "flush", "once": True}], [0, 5, 0, 0, 0]),
-    ([{"event": "flush_to_disk", "iotype": "flush"}], [0, 5, 0, 5, 5]),
-]
-
-
-#: A TRIM carried out is a write that has finished when QEMU's server sends
-#: the flush its FUA asks for (a discard takes no FUA flag down the stack).
-FUA_UNMAP_CASES = [
-    ([{"event": "flush_to_disk", "iotype": "flush", "once": True}], [5, 0]),
-]
-
-
-#: A sticky flush rule: a write-through export flushes each write as part of
-#: it (QEMU turns it into a FUA write), but a TRIM not at all: the zero write
-#: after it meets the rule, the TRIM does not.
-WRITETHROUGH_CASES = [
-    ([{"event": "flush_to_disk", "iotype": "flush"}], [0, 0, 5]),
-]
-
-
-@pytest.mark.parametrize(("rules", "ops"), WRITETHROUGH_CASES)
-def test_writethrough_flushes_writes_not_trims(
-    outcomes: Outcomes, rules: Rules, ops: list[int]
-) -> None:
-    qsd, blockd = outcomes("writethrough", rules, {})
-    assert qsd == blockd == {**OK, "ops": ops}
-
-
-@pytest.mark.parametrize(("rules", "ops"), FUA_UNMAP_CASES)
-def test_fua_trims_carried_out_flush_alike(
-    outcomes: Outcomes, rules: Rules, ops: list[int]
-) -> None:
-    qsd, blockd = outcomes("fua-unmap", rules, {})
-    assert qsd == blockd == {**OK, "ops": ops}
-
-
-@pytest.mark.parametrize(("rules", "ops"), FUA_OTHER_CASES)
-def test_fua_trims_and_zeroes_flush_alike(
-    outcomes: Outcomes, rules: Rules, ops: list[int]
-) -> None:
-    qsd, blockd = outcomes("fua-other", rules, {})
-    assert qsd == blockd == {**OK, "ops": ops}
-
 
 COMMIT_CASES = [
     ("base", "none", ["open", "base", "Could not read qcow2 header: Input/output error"]),
