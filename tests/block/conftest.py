@@ -15,11 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 from hypothesis import HealthCheck, settings
 
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
 from blockd.block.open import open_node
+from blockd.events import EmittedEvent, EventBus
+from blockd.jobs.active_commit import ActiveCommitJob, ActiveCommitPlan
+from blockd.jobs.commit import plan_commit
 from tests.conftest import require_tool
 
 
@@ -123,6 +127,27 @@ property_settings = settings(
 async def no_users(old: BlockNode, new: BlockNode, prepare: Callable[[], Awaitable[None]]) -> None:
     """A job's pivot hook (the export registry's) with no users to hold."""
     await prepare()
+
+
+def active_commit_job(graph: BlockGraph, events: EventBus, **options: Any) -> ActiveCommitJob:
+    """A created active commit of device ``top`` (options as ``block-commit``'s)."""
+    plan = plan_commit(graph, device="top")
+    assert isinstance(plan, ActiveCommitPlan)
+    job = ActiveCommitJob("j", events, graph, plan, no_users, **options)
+    job.create(lambda _job: None)
+    return job
+
+
+def seen(events: EventBus, name: str, status: str | None = None) -> trio.Event:
+    """Set once ``events`` carries the event ``name`` (a JOB_STATUS_CHANGE to ``status``)."""
+    event = trio.Event()
+
+    def listen(e: EmittedEvent) -> None:
+        if e.name == name and (status is None or (e.data or {}).get("status") == status):
+            event.set()
+
+    events.subscribe(listen)
+    return event
 
 
 def pattern(byte: int, n: int) -> bytes:

@@ -17,13 +17,11 @@ import trio
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
 from blockd.errors import BlockError
-from blockd.events import EmittedEvent, EventBus
-from blockd.jobs.active_commit import ActiveCommitJob, ActiveCommitPlan
-from blockd.jobs.commit import plan_commit
+from blockd.events import EventBus
 from blockd.jobs.job import OnError
 from blockd.jobs.status import JobStatus
 
-from .conftest import create, no_users, open_qcow2, qemu_io
+from .conftest import active_commit_job, create, open_qcow2, qemu_io, seen
 
 KiB, MiB, GiB = 1024, 1024 * 1024, 1024 * 1024 * 1024
 
@@ -52,32 +50,13 @@ async def chain(
     return [base, top]
 
 
-def new_job(graph: BlockGraph, events: EventBus, **options: object) -> ActiveCommitJob:
-    plan = plan_commit(graph, device="top")
-    assert isinstance(plan, ActiveCommitPlan)
-    job = ActiveCommitJob("j", events, graph, plan, no_users, **options)  # type: ignore[arg-type]
-    job.create(lambda _job: None)
-    return job
-
-
-def on(events: EventBus, name: str, status: str | None = None) -> trio.Event:
-    seen = trio.Event()
-
-    def listen(e: EmittedEvent) -> None:
-        if e.name == name and (status is None or (e.data or {}).get("status") == status):
-            seen.set()
-
-    events.subscribe(listen)
-    return seen
-
-
 async def test_the_total_counts_what_is_in_flight(tmp_path: Path) -> None:
     graph, events = BlockGraph(), EventBus()
     samples: list[tuple[int, int]] = []
     try:
         _base, top = await chain(tmp_path, graph, "8M", "write -P 0x22 0 4M")
-        job = new_job(graph, events, speed=4 * MiB)
-        ready = on(events, "BLOCK_JOB_READY")
+        job = active_commit_job(graph, events, speed=4 * MiB)
+        ready = seen(events, "BLOCK_JOB_READY")
         copy = job._copy.ranges
 
         async def copy_with_a_guest_write(ranges: list[tuple[int, int]]) -> int:
@@ -106,9 +85,9 @@ async def test_paused_only_while_pending(tmp_path: Path) -> None:
     graph, events = BlockGraph(), EventBus()
     try:
         await chain(tmp_path, graph, "4M", "write -P 0x22 0 1M")
-        job = new_job(graph, events, auto_finalize=False)
-        ready = on(events, "BLOCK_JOB_READY")
-        pending = on(events, "JOB_STATUS_CHANGE", "pending")
+        job = active_commit_job(graph, events, auto_finalize=False)
+        ready = seen(events, "BLOCK_JOB_READY")
+        pending = seen(events, "JOB_STATUS_CHANGE", "pending")
         async with trio.open_nursery() as nursery:
             await job.setup()
             job.start(nursery)
@@ -130,8 +109,8 @@ async def test_data_at_the_end_of_a_large_sparse_disk_is_found_at_once(tmp_path:
     graph, events = BlockGraph(), EventBus()
     try:
         base, _top = await chain(tmp_path, graph, "64G", f"write -P 0x44 {64 * GiB - MiB} 64k")
-        job = new_job(graph, events)
-        ready = on(events, "BLOCK_JOB_READY")
+        job = active_commit_job(graph, events)
+        ready = seen(events, "BLOCK_JOB_READY")
         async with trio.open_nursery() as nursery:
             await job.setup()
             job.start(nursery)
@@ -149,7 +128,7 @@ async def test_a_start_refused_for_a_claim_leaves_base_read_only(tmp_path: Path)
         base, top = await chain(tmp_path, graph, "4M", "write -P 0x22 0 1M")
         # another commit into base holds it, and lets nobody else write there
         graph.claim_for_commit("other", top, base, active=False)
-        job = new_job(graph, events)
+        job = active_commit_job(graph, events)
         with pytest.raises(BlockError):
             await job.setup()
         assert base.read_only
@@ -163,8 +142,8 @@ async def test_a_cancelled_job_gives_its_nodes_back(tmp_path: Path, when: str) -
     try:
         base, top = await chain(tmp_path, graph, "4M", "write -P 0x22 0 2M")
         # at 64 KiB/s a running job copies a step and sleeps past the test
-        job = new_job(graph, events, speed=64 * KiB if when == "running" else 0)
-        reached = on(events, "JOB_STATUS_CHANGE", when)
+        job = active_commit_job(graph, events, speed=64 * KiB if when == "running" else 0)
+        reached = seen(events, "JOB_STATUS_CHANGE", when)
         async with trio.open_nursery() as nursery:
             await job.setup()
             assert graph.blocker(base) is not None and graph.blocker(top) is not None
@@ -187,8 +166,8 @@ async def test_a_smaller_base_grows_to_top_s_size(tmp_path: Path) -> None:
     graph, events = BlockGraph(), EventBus()
     try:
         base, _top = await chain(tmp_path, graph, "4M", "write -P 0x55 6M 64k", top_size="8M")
-        job = new_job(graph, events)
-        ready = on(events, "BLOCK_JOB_READY")
+        job = active_commit_job(graph, events)
+        ready = seen(events, "BLOCK_JOB_READY")
         async with trio.open_nursery() as nursery:
             await job.setup()
             job.start(nursery)
@@ -207,8 +186,8 @@ async def test_a_copy_that_failed_is_made_again(tmp_path: Path, on_error: str) -
     rules: list[dict[str, object]] = [{"event": "read_aio", "once": True}]  # its first read
     try:
         base, _top = await chain(tmp_path, graph, "4M", "write -P 0x66 0 2M", top_rules=rules)
-        job = new_job(graph, events, on_error=OnError(on_error))
-        ready, failed = on(events, "BLOCK_JOB_READY"), on(events, "BLOCK_JOB_ERROR")
+        job = active_commit_job(graph, events, on_error=OnError(on_error))
+        ready, failed = seen(events, "BLOCK_JOB_READY"), seen(events, "BLOCK_JOB_ERROR")
         async with trio.open_nursery() as nursery:
             await job.setup()
             job.start(nursery)
@@ -228,8 +207,8 @@ async def test_a_read_only_top_leaves_a_read_only_base(tmp_path: Path) -> None:
     graph, events = BlockGraph(), EventBus()
     try:
         base, _top = await chain(tmp_path, graph, "4M", "write -P 0x77 0 1M", top_read_only=True)
-        job = new_job(graph, events)
-        ready = on(events, "BLOCK_JOB_READY")
+        job = active_commit_job(graph, events)
+        ready = seen(events, "BLOCK_JOB_READY")
         async with trio.open_nursery() as nursery:
             await job.setup()
             assert not base.read_only
@@ -249,8 +228,9 @@ async def test_a_paused_ready_job_copies_nothing_until_resumed(tmp_path: Path) -
     graph, events = BlockGraph(), EventBus()
     try:
         base, top = await chain(tmp_path, graph, "4M", "write -P 0x22 0 1M")
-        job = new_job(graph, events)
-        ready, standby = on(events, "BLOCK_JOB_READY"), on(events, "JOB_STATUS_CHANGE", "standby")
+        job = active_commit_job(graph, events)
+        ready = seen(events, "BLOCK_JOB_READY")
+        standby = seen(events, "JOB_STATUS_CHANGE", "standby")
         async with trio.open_nursery() as nursery:
             await job.setup()
             job.start(nursery)

@@ -15,11 +15,10 @@ from pathlib import Path
 import trio
 
 from blockd.block.graph import BlockGraph
-from blockd.events import EmittedEvent, EventBus
-from blockd.jobs.active_commit import ActiveCommitJob, ActiveCommitPlan, CopyMode
-from blockd.jobs.commit import plan_commit
+from blockd.events import EventBus
+from blockd.jobs.active_commit import CopyMode
 
-from .conftest import assert_clean, create, no_users, open_qcow2, qemu_io
+from .conftest import active_commit_job, assert_clean, create, open_qcow2, qemu_io, seen
 
 MiB = 1024 * 1024
 SPEED = 1 * MiB
@@ -35,23 +34,13 @@ async def run_auto(
     qemu_io(tmp_path / "top.qcow2", f"write -P 0x22 0 {data}")
     graph = BlockGraph()
     events = EventBus()
-    ready = trio.Event()
-
-    def on_event(e: EmittedEvent) -> None:
-        if e.name == "BLOCK_JOB_READY":
-            ready.set()
-
-    events.subscribe(on_event)
+    ready = seen(events, "BLOCK_JOB_READY")
     modes: list[CopyMode] = []
     rng = random.Random(7)
     try:
         await open_qcow2(graph, tmp_path / "base.qcow2", name="base", backing=None)
         top = await open_qcow2(graph, tmp_path / "top.qcow2", name="top", backing="base")
-        plan = plan_commit(graph, device="top")
-        assert isinstance(plan, ActiveCommitPlan)
-        job = ActiveCommitJob("j", events, graph, plan, no_users, copy_mode=CopyMode.AUTO,
-                              speed=speed)  # fmt: skip
-        job.create(lambda _job: None)
+        job = active_commit_job(graph, events, copy_mode=CopyMode.AUTO, speed=speed)
 
         async def guest() -> None:
             while guest_bytes_per_second and not ready.is_set():

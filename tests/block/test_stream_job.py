@@ -30,7 +30,7 @@ from blockd.jobs.job import OnError
 from blockd.jobs.stream import StreamJob, StreamPlan, plan_stream
 from tests.images import backing_of
 
-from .conftest import assert_clean, create, no_users, open_qcow2, qemu_io, run, to_raw
+from .conftest import assert_clean, create, no_users, open_qcow2, qemu_io, run, seen, to_raw
 
 KiB, MiB = 1024, 1024 * 1024
 SIZE = 4 * MiB
@@ -268,8 +268,7 @@ async def test_stopped_on_a_read_error_and_resumed_streams_everything(
     before = view(tmp_path)
     nodes = await open_chain_failing_a_read(graph, tmp_path, errno)
     r = Run()
-    stopped = trio.Event()
-    r.events.subscribe(lambda e: stopped.set() if e.name == "BLOCK_JOB_ERROR" else None)
+    stopped = seen(r.events, "BLOCK_JOB_ERROR")
 
     async def resume_once_stopped(job: StreamJob) -> None:
         await stopped.wait()

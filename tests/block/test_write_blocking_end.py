@@ -16,11 +16,10 @@ import pytest
 import trio
 
 from blockd.block.graph import BlockGraph
-from blockd.events import EmittedEvent, EventBus
-from blockd.jobs.active_commit import ActiveCommitJob, ActiveCommitPlan, CopyMode
-from blockd.jobs.commit import plan_commit
+from blockd.events import EventBus
+from blockd.jobs.active_commit import CopyMode
 
-from .conftest import assert_clean, create, no_users, open_qcow2, qemu_io
+from .conftest import active_commit_job, assert_clean, create, open_qcow2, qemu_io, seen
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -33,25 +32,14 @@ async def test_guest_writes_after_the_job_reach_top_alone(tmp_path: Path, when: 
     qemu_io(tmp_path / "top.qcow2", "write -P 0x22 0 2M")
     graph = BlockGraph()
     events = EventBus()
-    running, ready = trio.Event(), trio.Event()
-
-    def on_event(e: EmittedEvent) -> None:
-        if e.name == "JOB_STATUS_CHANGE" and e.data and e.data["status"] == "running":
-            running.set()
-        if e.name == "BLOCK_JOB_READY":
-            ready.set()
-
-    events.subscribe(on_event)
+    running = seen(events, "JOB_STATUS_CHANGE", "running")
+    ready = seen(events, "BLOCK_JOB_READY")
     try:
         base = await open_qcow2(graph, tmp_path / "base.qcow2", name="base", backing=None)
         top = await open_qcow2(graph, tmp_path / "top.qcow2", name="top", backing="base")
-        plan = plan_commit(graph, device="top")
-        assert isinstance(plan, ActiveCommitPlan)
         # at 64 KiB/s a running job copies a step and sleeps past the test
         speed = 64 * KiB if when == "running" else 0
-        job = ActiveCommitJob("j", events, graph, plan, no_users,
-                              copy_mode=CopyMode.WRITE_BLOCKING, speed=speed)  # fmt: skip
-        job.create(lambda _job: None)
+        job = active_commit_job(graph, events, copy_mode=CopyMode.WRITE_BLOCKING, speed=speed)
         async with trio.open_nursery() as nursery:
             await job.setup()
             job.start(nursery)
