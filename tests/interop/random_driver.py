@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import random
@@ -1392,10 +1393,12 @@ def l2_sector_rule_missed(qsd: Side, ours: Side) -> str | None:
     blockd's did neither, and its base's file has such a rule.  The states
     part here."""
 
+    tables = functools.cache(lambda base: _l2_table_sectors(qsd, base))  # read once a base
+
     def aimed_at_a_table(r: dict[str, Any], base: str) -> bool:
         if "sector" not in r:
             return False
-        return r["event"] == "l2_update" or r["sector"] in _l2_table_sectors(qsd, base)
+        return r["event"] == "l2_update" or r["sector"] in tables(base)
 
     return _one_side_met_a_base_rule(
         qsd, ours, _job_failed, True, aimed_at_a_table,
