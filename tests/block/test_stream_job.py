@@ -49,13 +49,15 @@ def chain(d: Path, *, cluster_size: int = 65536) -> None:
     qemu_io(d / "top.qcow2", "write -P 0x41 704k 64k", "write -P 0x42 1088k 4k")
 
 
-async def open_chain(graph: BlockGraph, d: Path) -> dict[str, BlockNode]:
+async def open_chain(
+    graph: BlockGraph, d: Path, writable: tuple[str, ...] = ("top",)
+) -> dict[str, BlockNode]:
     """The chain as a client adds it: every node by blockdev-add (monitor-owned)."""
     nodes: dict[str, BlockNode] = {}
     backing = None
     for name in ("base", "mid", "mid2", "top"):
         nodes[name] = await open_qcow2(graph, d / f"{name}.qcow2", name=name,
-                                       read_only=name != "top", backing=backing)  # fmt: skip
+                                       read_only=name not in writable, backing=backing)  # fmt: skip
         graph.set_monitor_owned(nodes[name])
         backing = name
     return nodes
@@ -168,7 +170,10 @@ async def test_stream_to_base_names_it_and_closes_implicit_intermediates(
     assert top.backing is base
     assert mid2.node_name not in graph and mid.node_name not in graph
     assert base.node_name in graph
-    await graph.close_all()
+    # base now belongs to top, as in QEMU: closing top closes it (no file
+    # left open for a node nobody can reach or delete)
+    await graph.close_node(top)
+    assert len(graph) == 0
     assert backing_of(tmp_path / "top.qcow2") == str(tmp_path / "base.qcow2")
     assert view(tmp_path) == before
     assert_clean(tmp_path / "top.qcow2")
@@ -284,6 +289,74 @@ async def test_stopped_on_a_read_error_and_resumed_streams_everything(
     await graph.close_all()
     assert backing_of(tmp_path / "top.qcow2") is None
     assert view(tmp_path) == before
+
+
+# -- what the job holds ---------------------------------------------------------------
+
+
+def refused(attach: Callable[[], None], holder: str) -> bool:
+    """Whether ``attach`` is refused, for a conflict with ``holder``."""
+    try:
+        attach()
+    except BlockError as err:
+        return holder in err.desc
+    return False
+
+
+async def test_the_job_holds_its_nodes_until_qemu_s_would_let_go(
+    tmp_path: Path, graph: BlockGraph
+) -> None:
+    """Nobody may resize the device or write to an image between it and base
+    while the job runs; the device is let go when the job ends, the images
+    below only when it is dismissed (QSD alike: the "holds" conversation of
+    tests/interop/test_stream_differential.py)."""
+    chain(tmp_path)
+    nodes = await open_chain(graph, tmp_path, writable=("top", "mid2"))
+    top, mid2 = nodes["top"], nodes["mid2"]
+
+    def resize_top() -> None:
+        graph.attach_creator(top, "creator")
+        graph.detach_user(top, "creator")
+
+    def write_mid2() -> None:
+        graph.attach_user(mid2, "export", writable=True)
+        graph.detach_user(mid2, "export")
+
+    holder = "stream job 'j'"
+    r = Run()
+
+    async def while_it_runs(job: StreamJob) -> None:
+        assert refused(resize_top, holder) and refused(write_mid2, holder)
+        job.set_speed(0)
+
+    plan = plan_stream(graph, device="top", base_node="base")
+    job = await r(r.job(graph, plan, speed=1, auto_dismiss=False), while_it_runs)
+    assert job.error is None and job.status.value == "concluded"
+    assert not refused(resize_top, holder) and refused(write_mid2, holder)
+    job.dismissed()
+    assert not refused(write_mid2, holder)
+
+
+async def test_a_stream_refused_for_its_id_leaves_the_job_with_that_id_its_nodes(
+    tmp_path: Path, graph: BlockGraph
+) -> None:
+    """block-stream cleans up after a job it made and refused (its id in use)
+    before that job took anything: the claims under that id are the other
+    job's, and stay."""
+    chain(tmp_path)
+    nodes = await open_chain(graph, tmp_path, writable=("top", "mid2", "base"))
+    events = EventBus()
+    running = StreamJob("j", events, graph, plan_stream(graph, device="top", base_node="base"),
+                        no_users)  # fmt: skip
+    running.setup()
+    refused_job = StreamJob("j", events, graph, plan_stream(graph, device="base"), no_users)
+    await refused_job.open_device()
+    await refused_job.clean()  # what block_stream does when the id is taken
+    with pytest.raises(BlockError, match="stream job 'j'"):
+        graph.attach_creator(nodes["top"], "creator")
+    with pytest.raises(BlockError, match="stream job 'j'"):
+        graph.attach_user(nodes["mid2"], "export", writable=True)
+    running.dismissed()
 
 
 # -- what plan_stream refuses ----------------------------------------------------------
@@ -436,6 +509,24 @@ async def test_copy_skips_what_a_write_put_there_first(tmp_path: Path, graph: Bl
         top.range_gate.end_write(token)
     assert await top.read(640 * KiB, 4096) == b"\x77" * 4096
     assert await top.read(644 * KiB, 4096) == b"\x31" * 4096
+
+
+@pytest.mark.parametrize(("start", "end"), [(320 * KiB, 384 * KiB), (576 * KiB, 640 * KiB)])
+async def test_a_step_copies_nothing_outside_its_window(
+    tmp_path: Path, graph: BlockGraph, start: int, end: int
+) -> None:
+    """A step writes only inside the range it holds against the guest's
+    writes, though the layer it copies from holds data past its end (a
+    write there meanwhile would otherwise be overwritten by older data)."""
+    chain(tmp_path)
+    nodes = await open_chain(graph, tmp_path)
+    top = nodes["top"]
+    copy = stream_module.StreamCopy(graph, top, None)
+    before = await top.block_status(end, 128 * KiB)
+    assert before[0] is Status.UNALLOCATED  # mid's or mid2's data is there
+    await copy.window(start, end)
+    assert await top.block_status(start, end - start) == (Status.DATA, end - start)
+    assert await top.block_status(end, 128 * KiB) == before
 
 
 async def test_a_step_holds_its_whole_clusters_and_no_more(

@@ -41,7 +41,9 @@ def make_chain(d: Path) -> None:
     qemu_io(d / "top.qcow2", "write -P 0x41 3M 64k", "write -P 0x42 51M 64k")
 
 
-def chain_nodes(d: Path, mid2_file: dict[str, Any] | None = None) -> list[Step]:
+def chain_nodes(
+    d: Path, mid2_file: dict[str, Any] | None = None, writable: tuple[str, ...] = ("top",)
+) -> list[Step]:
     steps: list[Step] = []
     backing = None
     for name in IMAGES:
@@ -51,7 +53,7 @@ def chain_nodes(d: Path, mid2_file: dict[str, Any] | None = None) -> list[Step]:
         if name == "mid2" and mid2_file is not None:
             file = {**mid2_file, "image": file}
         arguments = {
-            "driver": "qcow2", "node-name": name, "read-only": name != "top",
+            "driver": "qcow2", "node-name": name, "read-only": name not in writable,
             "backing": backing, "file": file,
         }  # fmt: skip
         steps.append(("blockdev-add", arguments, None))
@@ -250,6 +252,33 @@ def manual_finalize(d: Path) -> list[Step]:
     ]  # fmt: skip
 
 
+def holds(d: Path) -> list[Step]:
+    """What the job lets others do meanwhile (mid2 is read-write): nobody may
+    write to mid2 until the job is dismissed, nor resize top (a blockdev-create
+    on it) while the job runs."""
+    addr = {"type": "unix", "data": {"path": str(d / "nbd.sock")}}
+    export = {"type": "nbd", "id": "e", "node-name": "mid2", "writable": True}
+    create = {"job-id": "c", "options": {"driver": "qcow2", "file": "top", "size": MiB}}
+    return [
+        ("nbd-server-start", {"addr": addr}, None),
+        ("block-stream", stream(**{"base-node": "base", "speed": 1, "auto-dismiss": False}), None),
+        ("block-export-add", export, None),
+        ("blockdev-create", create, ("JOB_STATUS_CHANGE", {"id": "c", "status": "concluded"})),
+        ("query-jobs", {}, None),
+        ("job-dismiss", {"id": "c"}, ("JOB_STATUS_CHANGE", {"id": "c", "status": "null"})),
+        ("block-job-set-speed", {"device": "j", "speed": 0},
+         ("JOB_STATUS_CHANGE", {"id": "j", "status": "concluded"})),
+        ("block-export-add", export, None),
+        ("job-dismiss", {"id": "j"}, DONE),
+        ("block-export-add", export, None),
+        ("query-block-exports", {}, None),
+        ("block-export-del", {"id": "e"}, ("BLOCK_EXPORT_DELETED", {"id": "e"})),
+    ]  # fmt: skip
+
+
+#: the nodes a conversation needs read-write (the others are read-only but top)
+WRITABLE = {"holds": ("top", "mid2")}
+
 CONVERSATIONS: dict[str, Callable[[Path], list[Step]]] = {
     "errors": errors,
     "exported": exported,
@@ -263,6 +292,7 @@ CONVERSATIONS: dict[str, Callable[[Path], list[Step]]] = {
     "verbs": verbs,
     "manual finalize": manual_finalize,
     "with a commit": with_a_commit,
+    "holds": holds,
 }
 
 #: a read error on mid2's data, once (the stream's read of it)
@@ -365,7 +395,10 @@ def test_same_stream_conversation(tmp_path: Path, sock_dir: Path, name: str) -> 
     view = tmp_path / "view.raw"
     make_chain(tmp_path / "before")
     qemu_img("convert", "-O", "raw", str(tmp_path / "before" / "top.qcow2"), str(view))
-    qsd, ours = run_both(tmp_path, sock_dir, lambda d: chain_nodes(d) + CONVERSATIONS[name](d))
+    writable = WRITABLE.get(name, ("top",))
+    qsd, ours = run_both(
+        tmp_path, sock_dir, lambda d: chain_nodes(d, writable=writable) + CONVERSATIONS[name](d)
+    )
     for want, got in zip(qsd, ours, strict=True):
         assert got == want
     # A cancelled stream leaves however much it copied in top (timing): its
