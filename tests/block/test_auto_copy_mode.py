@@ -82,3 +82,60 @@ async def test_decides_over_a_window_not_a_step(tmp_path: Path) -> None:
     modes = await run_auto(tmp_path, 0, data=8 * MiB, speed=4 * MiB)
     assert len(modes) >= 5
     assert set(modes) == {CopyMode.BACKGROUND}
+
+
+async def copying_share(tmp_path: Path, mode: CopyMode, guest_writes: bool) -> float:
+    """The share of its time from its first copy to its last that an
+    unthrottled active commit of 192 MiB spends copying, while a guest writes
+    a 4 KiB block every millisecond (or writes nothing)."""
+    tmp_path.mkdir()
+    create(tmp_path / "base.qcow2", "256M")
+    create(tmp_path / "top.qcow2", "256M", backing=Path("base.qcow2"))
+    qemu_io(tmp_path / "top.qcow2", "write -P 0x22 0 192M")
+    graph = BlockGraph()
+    events = EventBus()
+    ready = seen(events, "BLOCK_JOB_READY")
+    rng = random.Random(7)
+    copies: list[tuple[float, float]] = []
+    try:
+        await open_qcow2(graph, tmp_path / "base.qcow2", name="base", backing=None)
+        top = await open_qcow2(graph, tmp_path / "top.qcow2", name="top", backing="base")
+        job = active_commit_job(graph, events, copy_mode=mode)
+        copy_next = job._copy_next
+
+        async def timed_copy() -> None:
+            began = trio.current_time()
+            await copy_next()
+            copies.append((began, trio.current_time()))
+
+        job._copy_next = timed_copy  # type: ignore[method-assign]
+
+        async def guest() -> None:
+            while guest_writes and not ready.is_set():
+                await top.write(rng.randrange(256 * MiB // 4096) * 4096, b"\x33" * 4096)
+                await trio.sleep(0.001)
+
+        async with trio.open_nursery() as nursery:
+            await job.setup()
+            job.start(nursery)
+            nursery.start_soon(guest)
+            with trio.fail_after(60):
+                await ready.wait()
+            job.user_cancel(force=True)
+            await job.concluded.wait()
+    finally:
+        await graph.close_all()
+    assert len(copies) >= 4
+    return sum(end - began for began, end in copies) / (copies[-1][1] - copies[0][0])
+
+
+async def test_leaves_a_writing_guest_half_the_time(tmp_path: Path) -> None:
+    """Until READY, auto mode rests as long as it copied whenever the guest
+    wrote meanwhile (the guest keeps about half of the daemon's loop and
+    disk); background mode copies all along, as QEMU's mirror does."""
+    assert await copying_share(tmp_path / "auto", CopyMode.AUTO, True) < 0.6
+    assert await copying_share(tmp_path / "background", CopyMode.BACKGROUND, True) > 0.8
+
+
+async def test_copies_all_along_when_the_guest_is_quiet(tmp_path: Path) -> None:
+    assert await copying_share(tmp_path / "auto", CopyMode.AUTO, False) > 0.8

@@ -44,7 +44,10 @@ Copy modes (``__org.blockd_copy-mode``; the job's hook on top is
   one pass over it, whatever the guest does; the guest's writes cost a
   second write (and its flushes a second flush).
 * ``auto``: background until the dirty set has not shrunk by a tenth over
-  :data:`AUTO_WINDOW`, then write-blocking for the rest of the job.
+  :data:`AUTO_WINDOW`, then write-blocking for the rest of the job.  Until
+  READY, a copy the guest wrote during is followed by a rest as long
+  (:data:`GUEST_REST`): the guest keeps about half of what it does alone,
+  and the job converges either way.
 
 The switch to write-blocking happens between two of the job's copies, never
 during one: a copy that held no range lock must not finish after a
@@ -55,6 +58,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Unpack
@@ -102,6 +106,11 @@ LOCKED_SPAN = 4 * 1024 * 1024
 
 #: Auto mode: seconds over which the dirty set must shrink by a tenth.
 AUTO_WINDOW = 1.0
+
+#: Auto mode, before READY: after a copy during which the guest wrote, the job
+#: rests this fraction of the copy's time, so a busy guest keeps about half of
+#: the daemon (its loop and the disk) while the job catches up.
+GUEST_REST = 1.0
 
 
 class CopyMode(enum.StrEnum):
@@ -171,6 +180,8 @@ class ActiveCommitJob(Job):
         self._window: tuple[float, int] | None = None
         #: bytes per second of the recent copies (a moving average)
         self._rate = 0.0
+        #: when the guest's last write to top completed
+        self._guest_wrote_at = -math.inf
         self._held: list[BlockNode] = []
         self._watching = False
         self._using = False
@@ -187,6 +198,7 @@ class ActiveCommitJob(Job):
         self.length = self.offset + self._dirty.dirty_bytes + self._in_flight
 
     def _on_change(self, cleared: int) -> None:
+        self._guest_wrote_at = trio.current_time()
         # a mirrored write that cleaned dirty chunks did part of the job's work
         self.offset += cleared
         self._update_length()
@@ -291,7 +303,10 @@ class ActiveCommitJob(Job):
                 held = min(held, step_size(self.speed))
             hold = running and not self._mirror.blocking and dirty <= held
             if dirty and not hold:
+                began = trio.current_time()
                 await self._copy_next()
+                if running and self.copy_mode is CopyMode.AUTO and self._guest_wrote_at < began:
+                    await self.sleep((trio.current_time() - began) * GUEST_REST)
                 continue
             if running:
                 # Everything known is copied (with the writes held for the
