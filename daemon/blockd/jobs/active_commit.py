@@ -45,9 +45,9 @@ Copy modes (``__org.blockd_copy-mode``; the job's hook on top is
   second write (and its flushes a second flush).
 * ``auto``: background until the dirty set has not shrunk by a tenth over
   :data:`AUTO_WINDOW`, then write-blocking for the rest of the job.  Until
-  READY, a copy the guest wrote during is followed by a rest as long
-  (:data:`GUEST_REST`): the guest keeps about half of what it does alone,
-  and the job converges either way.
+  READY, while the guest is busy (:data:`GUEST_BUSY`), each copy is
+  followed by a rest as long (:data:`GUEST_REST`): the guest keeps about
+  half of what it does alone, and the job converges either way.
 
 The switch to write-blocking happens between two of the job's copies, never
 during one: a copy that held no range lock must not finish after a
@@ -107,10 +107,15 @@ LOCKED_SPAN = 4 * 1024 * 1024
 #: Auto mode: seconds over which the dirty set must shrink by a tenth.
 AUTO_WINDOW = 1.0
 
-#: Auto mode, before READY: after a copy during which the guest wrote, the job
-#: rests this fraction of the copy's time, so a busy guest keeps about half of
-#: the daemon (its loop and the disk) while the job catches up.
+#: Auto mode, before READY: after a copy while the guest is busy, the job rests
+#: this fraction of the copy's time, so the guest keeps about half of the
+#: daemon (its loop and the disk) while the job catches up.
 GUEST_REST = 1.0
+
+#: Seconds since its last write for which a guest counts as busy: one waiting
+#: for a flush (which the job's copying slows down) completes no write for a
+#: while, and needs the rest most.
+GUEST_BUSY = 1.0
 
 
 class CopyMode(enum.StrEnum):
@@ -305,8 +310,13 @@ class ActiveCommitJob(Job):
             if dirty and not hold:
                 began = trio.current_time()
                 await self._copy_next()
-                if running and self.copy_mode is CopyMode.AUTO and self._guest_wrote_at < began:
-                    await self.sleep((trio.current_time() - began) * GUEST_REST)
+                now = trio.current_time()
+                if (
+                    running
+                    and self.copy_mode is CopyMode.AUTO
+                    and now - self._guest_wrote_at < GUEST_BUSY
+                ):
+                    await self.sleep((now - began) * GUEST_REST)
                 continue
             if running:
                 # Everything known is copied (with the writes held for the
