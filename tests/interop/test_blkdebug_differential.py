@@ -145,6 +145,14 @@ SCENARIOS: dict[str, tuple[Callable[[Path], None], str, tuple[Op, ...]]] = {
         ("zero-fua", 8 * KiB, 4 * KiB),  # 3
         ("flush",),  # 4
     )),
+    # a WRITE_ZEROES with FUA as the first request (only itself to flush),
+    # then one with NO_HOLE alone, which needs no flush
+    "fua-zero": (overlay, "qcow2", (
+        ("zero-fua", 8 * KiB, 4 * KiB),  # 0
+        ("write", 0, 4 * KiB),  # 1
+        ("zero-nohole", 64 * KiB, 4 * KiB),  # 2
+        ("flush",),  # 3
+    )),
     # the same with the TRIM carried out
     "fua-unmap": (overlay, "qcow2", (
         ("trim-fua", 128 * KiB, 64 * KiB),  # 0: the first request: only itself to flush
@@ -365,15 +373,18 @@ EXPORT_OPTIONS: dict[str, dict[str, Any]] = {"writethrough": {"writethrough": Tr
 
 COMMANDS = {
     "read": 0, "write": 1, "write-fua": 1, "flush": 3, "trim": 4, "trim-fua": 4, "zero": 6,
-    "zero-fua": 6,
+    "zero-fua": 6, "zero-nohole": 6,
 }  # fmt: skip
+
+#: NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_NO_HOLE
+FLAGS = {"fua": 1, "nohole": 2}
 
 
 def nbd_request(sock: socket.socket, handle: int, op: Op) -> int:
     """The request's NBD error (an errno value; 0 for success)."""
     command, offset, length = (*op, 0, 0)[:3]
     payload = b"\x5a" * length if command.startswith("write") else b""
-    flags = 1 if command.endswith("-fua") else 0  # NBD_CMD_FLAG_FUA
+    flags = FLAGS.get(command.rpartition("-")[2], 0)
     header = struct.pack(">IHHQQI", 0x25609513, flags, COMMANDS[command], handle, offset, length)
     sock.sendall(header + payload)
     magic, error, got = struct.unpack(">IIQ", recv_exactly(sock, 16))
@@ -641,6 +652,7 @@ FLUSH_CASES: list[tuple[str, Rules, list[int]]] = [
     # finished, counting what finished before it.
     ("fua-other", FLUSH_TO_DISK_ONCE, [0, 5, 0, 0, 0]),
     ("fua-other", FLUSH_TO_DISK, [0, 5, 0, 5, 5]),
+    ("fua-zero", FLUSH_TO_DISK_ONCE, [0, 0, 0, 5]),
     # A TRIM carried out is itself a write that has finished by then.
     ("fua-unmap", FLUSH_TO_DISK_ONCE, [5, 0]),
     # A write-through export flushes each write as part of it (QEMU turns it
