@@ -85,9 +85,11 @@ async def test_paused_only_while_pending(tmp_path: Path) -> None:
     graph, events = BlockGraph(), EventBus()
     try:
         await chain(tmp_path, graph, "4M", "write -P 0x22 0 1M")
-        job = active_commit_job(graph, events, auto_finalize=False)
+        job = active_commit_job(graph, events, auto_finalize=False, auto_dismiss=False)
         ready = seen(events, "BLOCK_JOB_READY")
         pending = seen(events, "JOB_STATUS_CHANGE", "pending")
+        assert job.status is JobStatus.CREATED
+        assert job.block_job_info()["paused"] is False
         async with trio.open_nursery() as nursery:
             await job.setup()
             job.start(nursery)
@@ -95,11 +97,15 @@ async def test_paused_only_while_pending(tmp_path: Path) -> None:
                 assert job.block_job_info()["paused"] is False
                 await ready.wait()
                 assert job.block_job_info()["paused"] is False
+                # nothing left to copy, nothing in flight: QEMU's len is offset
+                assert job.length == job.offset
                 job.complete()
                 await pending.wait()
             assert job.status is JobStatus.PENDING
             assert job.block_job_info()["paused"] is True
             job.finalize()
+        assert job.status is JobStatus.CONCLUDED
+        assert job.block_job_info()["paused"] is False
     finally:
         await graph.close_all()
 
