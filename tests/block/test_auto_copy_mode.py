@@ -16,7 +16,7 @@ import trio
 
 from blockd.block.graph import BlockGraph
 from blockd.events import EventBus
-from blockd.jobs.active_commit import CopyMode
+from blockd.jobs.active_commit import AUTO_WINDOW, CopyMode
 
 from .conftest import active_commit_job, assert_clean, create, open_qcow2, qemu_io, seen
 
@@ -82,6 +82,41 @@ async def test_decides_over_a_window_not_a_step(tmp_path: Path) -> None:
     modes = await run_auto(tmp_path, 0, data=8 * MiB, speed=4 * MiB)
     assert len(modes) >= 5
     assert set(modes) == {CopyMode.BACKGROUND}
+
+
+async def test_switches_when_a_window_takes_less_than_a_tenth(tmp_path: Path) -> None:
+    """The threshold itself, on the real job's bookkeeping: a window that
+    ends with nine tenths of its dirty set left (exactly) keeps background
+    mode, one chunk more turns write-blocking; each decision starts the
+    next window from the dirty set it saw."""
+    create(tmp_path / "base.qcow2", "8M")
+    create(tmp_path / "top.qcow2", "8M", backing=Path("base.qcow2"))
+    graph = BlockGraph()
+    try:
+        await open_qcow2(graph, tmp_path / "base.qcow2", name="base", backing=None)
+        await open_qcow2(graph, tmp_path / "top.qcow2", name="top", backing="base")
+        job = active_commit_job(graph, EventBus(), copy_mode=CopyMode.AUTO)
+        chunk = job._dirty.granularity
+
+        def window_ends_with(chunks: int) -> tuple[int, CopyMode]:
+            """The dirty set the next window starts from, and the mode now."""
+            assert job._window is not None
+            job._window = (trio.current_time() - AUTO_WINDOW, job._window[1])
+            job._dirty.clear(0, 8 * MiB)
+            job._dirty.mark(0, chunks * chunk)
+            job._auto_switch()
+            assert job._window is not None
+            return job._window[1] // chunk, job.copy_mode_in_effect
+
+        job._dirty.mark(0, 20 * chunk)
+        job._auto_switch()  # the first window begins
+        # exactly nine tenths of 20, then more than a tenth less
+        assert window_ends_with(18) == (18, CopyMode.BACKGROUND)
+        assert window_ends_with(16) == (16, CopyMode.BACKGROUND)
+        # 15 of 16: shrank by less than a tenth
+        assert window_ends_with(15) == (15, CopyMode.WRITE_BLOCKING)
+    finally:
+        await graph.close_all()
 
 
 async def copying_share(tmp_path: Path, mode: CopyMode, guest_writes: bool) -> float:
