@@ -94,6 +94,16 @@ class Writes:
             *self._span(offset, length), lambda: self.zeroing.discard(offset, length)
         )
 
+    async def _tables_for(self, payloads: list[HostPayload]) -> None:
+        """The L2 tables a batch's allocating writes need, made together
+        (:meth:`Mapping.ensure_l2_many`) before the writes plan one by one."""
+        mapping = self.allocator.mapping
+        span = self.cluster_size * mapping.l2_entries
+        indexes: set[int] = set()
+        for p in payloads:
+            indexes.update(range(p.offset // span, (p.offset + p.length - 1) // span + 1))
+        await mapping.ensure_l2_many(sorted(indexes))
+
     def batchable(self, writes: list[tuple[int, int, HostExtents]]) -> bool:
         """Whether :meth:`write_many_from_host` can take the batch.
 
@@ -132,6 +142,7 @@ class Writes:
                     updates: dict[int, int] = {}
                     old: list[int] = []
                     try:
+                        await self._tables_for(payloads)
                         for p in payloads:
                             more, freed = await allocator.write_data(p)
                             updates.update(more)
