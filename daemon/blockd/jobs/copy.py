@@ -13,7 +13,7 @@ import logging
 
 from blockd.block.chain import layers
 from blockd.block.graph import BlockGraph
-from blockd.block.node import BlockNode, Status
+from blockd.block.node import BlockNode, HostExtents, Status
 from blockd.errors import BlockError, BlockIOError
 
 log = logging.getLogger(__name__)
@@ -120,47 +120,61 @@ class ChainCopy:
         ]
 
     async def _data_runs(self, runs: list[tuple[BlockNode, int, int]]) -> None:
-        """Copy data runs file to file, one layer's runs at a time: their host
-        clusters stay pinned until written, and pins must never be held while
-        waiting for another mapping of the same layer (see
-        :meth:`BlockNode.map_data`)."""
+        """Copy data runs file to file: every layer's runs are mapped (each
+        layer once: its host clusters stay pinned until written, and pins
+        must never be held while waiting for another mapping of the same
+        layer, see :meth:`BlockNode.map_data`), then written as one batch, so
+        a step of a deep chain costs one metadata update and its flushes,
+        not one per layer.  A batch base cannot take goes layer by layer."""
         by_layer: dict[BlockNode, list[tuple[int, int]]] = {}
         for layer, pos, n in runs:
             by_layer.setdefault(layer, []).append((pos, n))
+        mapped: dict[BlockNode, list[tuple[int, int, HostExtents]]] = {}
         rest: list[tuple[int, int]] = []
-        for layer, ranges in by_layer.items():
-            rest += await self._layer_runs(layer, ranges)
-        for pos, n in sorted(rest):
-            await self._read_write(pos, n)
-
-    async def _layer_runs(
-        self, layer: BlockNode, ranges: list[tuple[int, int]]
-    ) -> list[tuple[int, int]]:
-        """Copy one layer's data runs file to file; the ranges it could not."""
-        base = self.base
         try:
-            sources = await layer.map_data(ranges)
-        except BlockIOError as err:
-            raise CopyFailed(err, "read") from err
-        pairs = list(zip(ranges, sources, strict=True))
-        mapped = [(pos, n, src) for (pos, n), src in pairs if src is not None]
-        rest = [r for r, src in pairs if src is None]
-        try:
+            for layer, ranges in by_layer.items():
+                try:
+                    sources = await layer.map_data(ranges)
+                except BlockIOError as err:
+                    raise CopyFailed(err, "read") from err
+                pairs = list(zip(ranges, sources, strict=True))
+                mapped[layer] = [(pos, n, src) for (pos, n), src in pairs if src is not None]
+                rest += [r for r, src in pairs if src is None]
+            batch = sorted((w for ws in mapped.values() for w in ws), key=lambda w: w[0])
             try:
-                done = await base.write_many_from_host(mapped) if len(mapped) > 1 else False
+                done = len(batch) > 1 and len(mapped) > 1 and await self.base.write_many_from_host(
+                    batch
+                )
             except BlockIOError as err:
                 raise CopyFailed(err, "write") from err
             if not done:
-                for pos, n, src in mapped:
-                    try:
-                        ok = await base.write_from_host(pos, n, src)
-                    except BlockIOError as err:
-                        raise CopyFailed(err, "write") from err
-                    if not ok:
-                        rest.append((pos, n))
+                for writes in mapped.values():
+                    rest += await self._layer_writes(writes)
         finally:
-            for _p, _n, src in mapped:
-                src.release()
+            for writes in mapped.values():
+                for _p, _n, src in writes:
+                    src.release()
+        for pos, n in sorted(rest):
+            await self._read_write(pos, n)
+
+    async def _layer_writes(
+        self, writes: list[tuple[int, int, HostExtents]]
+    ) -> list[tuple[int, int]]:
+        """Write one layer's mapped runs file to file; the ranges base could not take."""
+        base = self.base
+        rest: list[tuple[int, int]] = []
+        try:
+            done = await base.write_many_from_host(writes) if len(writes) > 1 else False
+        except BlockIOError as err:
+            raise CopyFailed(err, "write") from err
+        if not done:
+            for pos, n, src in writes:
+                try:
+                    ok = await base.write_from_host(pos, n, src)
+                except BlockIOError as err:
+                    raise CopyFailed(err, "write") from err
+                if not ok:
+                    rest.append((pos, n))
         return rest
 
     async def _read_write(self, offset: int, n: int) -> None:
