@@ -32,6 +32,10 @@ _ANY = _table(0xFF)
 _BIT0 = _table(0x01)  # entry bit 0: the zero flag
 _ABOVE_BIT8 = _table(0xFE)  # entry bits 9..15: the lowest bits of the host offset
 _BIT6 = _table(0x40)  # entry bit 62 (in the top byte): compressed
+#: by n: byte 1's bits 1..n-1 (host offset bits 9..n+7), for clusters of 2^(n+8)
+_LOW_BITS = [_table(((1 << n) - 1) & 0xFE) for n in range(9)]
+#: by n: byte 2's bits 0..n-1 (host offset bits 16..n+15), for clusters of 2^(n+16)
+_HIGH_BITS = [_table((1 << n) - 1) for n in range(6)]
 #: lane value compressed << 2 | zero flag << 1 | has a host offset -> code,
 #: as tables.classify decides (compressed first, then the zero flag)
 _CODE = bytes(
@@ -70,10 +74,9 @@ def classify(
     codes = kinds.to_bytes(count, "little").translate(_CODE)
 
     # host offset bits 9 .. cluster_bits-1 set: not aligned to a cluster
-    low = min(cluster_bits, 16) - 8
-    unaligned = lanes(plane(8).translate(_table(((1 << low) - 1) & 0xFE)))
+    unaligned = lanes(plane(8).translate(_LOW_BITS[min(cluster_bits, 16) - 8]))
     if cluster_bits > 16:
-        unaligned |= lanes(plane(16).translate(_table((1 << (cluster_bits - 16)) - 1)))
+        unaligned |= lanes(plane(16).translate(_HIGH_BITS[cluster_bits - 16]))
     if version < 3:
         unaligned |= zero
     return codes, bool(unaligned & ~compressed)
