@@ -21,7 +21,15 @@ from blockd.events import EventBus
 from blockd.jobs.job import OnError
 from blockd.jobs.status import JobStatus
 
-from .conftest import active_commit_job, create, open_qcow2, qemu_io, seen
+from .conftest import (
+    active_commit_job,
+    assert_clean,
+    compare_with,
+    create,
+    open_qcow2,
+    qemu_io,
+    seen,
+)
 
 KiB, MiB, GiB = 1024, 1024 * 1024, 1024 * 1024 * 1024
 
@@ -257,3 +265,34 @@ async def test_a_paused_ready_job_copies_nothing_until_resumed(tmp_path: Path) -
             job.user_cancel(force=True)
     finally:
         await graph.close_all()
+
+
+@pytest.mark.parametrize(("cluster", "tracked"), [(512, 4 * KiB), (2 * MiB, 64 * KiB)])
+async def test_base_clusters_outside_4k_to_64k_are_tracked_at_the_nearest_bound(
+    tmp_path: Path, cluster: int, tracked: int
+) -> None:
+    """QEMU's mirror tracks dirty data in base's clusters, within [4 KiB, 64
+    KiB]: a base of 512-byte or 2 MiB clusters commits like any other."""
+    create(tmp_path / "base.qcow2", "8M", cluster_size=cluster)
+    create(tmp_path / "top.qcow2", "8M", backing=Path("base.qcow2"))
+    qemu_io(tmp_path / "top.qcow2", "write -P 0x22 1M 3M")
+    graph, events = BlockGraph(), EventBus()
+    ready = seen(events, "BLOCK_JOB_READY")
+    try:
+        await open_qcow2(graph, tmp_path / "base.qcow2", name="base", backing=None)
+        await open_qcow2(graph, tmp_path / "top.qcow2", name="top", backing="base")
+        job = active_commit_job(graph, events)
+        assert job._dirty.granularity == tracked
+        async with trio.open_nursery() as nursery:
+            await job.setup()
+            job.start(nursery)
+            with trio.fail_after(30):
+                await ready.wait()
+            job.complete()
+            await job.concluded.wait()
+        assert job.error is None
+    finally:
+        await graph.close_all()
+    assert_clean(tmp_path / "base.qcow2")
+    compare_with(tmp_path / "base.qcow2", bytes(1 * MiB) + b"\x22" * 3 * MiB + bytes(4 * MiB),
+                 tmp_path)  # fmt: skip
