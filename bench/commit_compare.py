@@ -117,12 +117,15 @@ def fresh_copy(golden: Path, run: Path, chain: list[str]) -> None:
 def compare(
     golden: Path, work: Path, chain: list[str], top: str, base: str, runs: int
 ) -> dict[str, list[Sample]]:
-    """``runs`` rounds of blockd then QSD, each verified; exits 1 on a wrong result."""
+    """``runs`` rounds of both daemons, each verified; exits 1 on a wrong result."""
     samples: dict[str, list[Sample]] = {"blockd": [], "qsd": []}
     for i in range(runs):
-        for name in samples:
+        # the daemons take turns going first, each on images already on disk:
+        # the copy's writeback must not run into the commit's own flushes
+        for name in sorted(samples, reverse=i % 2 == 1):
             run = work / "run"
             fresh_copy(golden, run, chain)
+            tool("sync")
             s = commit(name, run, chain, top, base)
             problems = verify(golden, run, chain, top, base)
             if problems:
