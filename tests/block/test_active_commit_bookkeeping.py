@@ -87,6 +87,9 @@ async def test_the_total_counts_what_is_in_flight(tmp_path: Path) -> None:
     assert len(samples) >= 4
     # done so far, plus what is being copied now, at the least
     assert all(length >= offset + 512 * KiB for offset, length in samples)
+    # and exactly: the 4 MiB top held, plus the 64 KiB chunk the guest keeps
+    # dirtying (the job reaches it only after the samples)
+    assert {length for _offset, length in samples} == {4 * MiB + 64 * KiB}
 
 
 async def test_paused_only_while_pending(tmp_path: Path) -> None:
