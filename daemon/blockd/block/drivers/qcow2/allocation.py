@@ -137,6 +137,11 @@ class Allocator:
 
         fresh: list[tuple[int, int]] = []  # (guest cluster, old entry) needing a new cluster
         in_place: list[Piece] = []  # coalesced
+        if not any(entries):
+            # all unallocated (a copy into an empty base): nothing to check or
+            # keep, and no walk over what may be thousands of entries at once
+            fresh = [(c, 0) for c in range(first, last + 1)]
+            entries = []
         for i, entry in enumerate(entries):
             c = first + i
             kind = classify(entry)
