@@ -4,7 +4,9 @@ A kill cannot test durability (the page cache survives the process), so the
 power-loss tests put images on :class:`VolatileFile` nodes instead: each
 remembers the writes no *completed* flush covers, and when the power goes
 they are undone, then (if asked) a random subset replayed, as a disk may
-persist any of them.  One :class:`Power` may feed several files (a chain of
+persist any of them.  :class:`VolatileHostFile` does the same on a real host
+file node, so that the paths only a host file takes (a commit's file-to-file
+bulk copy) meet the power loss too.  One :class:`Power` may feed several files (a chain of
 images on one disk); every write, flush and truncate of any of them counts
 as one I/O point, so a test can cut the power at each point in turn.
 """
@@ -12,6 +14,7 @@ as one I/O point, so a test can cut the power at each point in turn.
 from __future__ import annotations
 
 import errno
+import os
 import random
 from dataclasses import dataclass
 
@@ -125,3 +128,89 @@ class VolatileFile(BlockNode):
                     await self.inner.write(entry.offset, entry.new)
         self.unflushed = []
         await self.inner.close()
+
+
+class VolatileHostFile(FileNode):
+    """A host file node whose writes persist as on :class:`VolatileFile`: one I/O
+    point per write, copy, zero write, discard, flush and truncate.
+
+    Being a :class:`FileNode`, it is what the bulk-copy path copies between
+    (``copy_file_range``, a batch's new L2 tables and entries in one call
+    each), which refuses any other node.
+    """
+
+    power: Power
+    unflushed: list[_Unflushed]
+
+    @classmethod
+    async def volatile(
+        cls, node_name: str, filename: str, power: Power, *, read_only: bool
+    ) -> VolatileHostFile:
+        node = await cls.open(node_name, filename, read_only=read_only)
+        assert isinstance(node, VolatileHostFile)
+        node.power = power
+        node.unflushed = []
+        return node
+
+    def _begin(self, offset: int, length: int) -> _Unflushed:
+        """Count the I/O point and remember what the range held before it."""
+        self.power.tick()
+        old = os.pread(self.fd, length, offset)
+        entry = _Unflushed(offset, old + bytes(length - len(old)), b"")
+        self.unflushed.append(entry)
+        return entry
+
+    def _end(self, entry: _Unflushed) -> None:
+        entry.new = os.pread(self.fd, len(entry.old), entry.offset)
+        entry.done = True
+
+    async def _do_write(self, offset: int, data: bytes) -> None:
+        entry = self._begin(offset, len(data))
+        await super()._do_write(offset, data)
+        self._end(entry)
+
+    async def _do_write_many(self, writes: list[tuple[int, bytes]]) -> None:
+        for offset, data in writes:
+            await self._do_write(offset, data)
+
+    async def copy_many(self, copies: list[tuple[int, FileNode, int, int]]) -> None:
+        for copy in copies:
+            entry = self._begin(copy[0], copy[3])
+            await super().copy_many([copy])
+            self._end(entry)
+
+    async def _do_write_zeroes(self, offset: int, length: int) -> None:
+        entry = self._begin(offset, length)
+        await super()._do_write_zeroes(offset, length)
+        self._end(entry)
+
+    async def _do_discard(self, offset: int, length: int) -> None:
+        length = min(offset + length, self.size) - offset
+        if length > 0:
+            entry = self._begin(offset, length)
+            await super()._do_discard(offset, length)
+            self._end(entry)
+
+    async def _do_flush(self) -> None:
+        self.power.tick()
+        covered = [e for e in self.unflushed if e.done]
+        await trio.lowlevel.checkpoint()  # a flush takes time: others may run meanwhile
+        if self.power.lost:
+            raise PowerLoss
+        self.unflushed = [e for e in self.unflushed if not any(e is c for c in covered)]
+
+    async def _do_truncate(self, size: int) -> None:
+        self.power.tick()
+        await super()._do_truncate(size)
+
+    async def lose_power(self, keep_some: random.Random | None) -> None:
+        """As :meth:`VolatileFile.lose_power` (only finished writes can be kept)."""
+        for entry in reversed(self.unflushed):
+            os.pwrite(self.fd, entry.old, entry.offset)
+        if keep_some is not None:
+            for entry in self.unflushed:
+                if entry.done and keep_some.random() < 0.5:
+                    os.pwrite(self.fd, entry.new, entry.offset)
+        self.unflushed = []
+        self.power = Power()  # the file is released as it is now (its close flushes)
+        await self.close()

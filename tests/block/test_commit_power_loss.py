@@ -33,7 +33,7 @@ from blockd.jobs.commit import CommitJob, CommitPlan, plan_commit
 from blockd.jobs.job import Job
 from blockd.jobs.status import JobStatus
 from tests.images import backing_of
-from tests.power import Power, PowerLoss, VolatileFile
+from tests.power import Power, PowerLoss, VolatileFile, VolatileHostFile
 
 from .conftest import check, create, qemu_io, run
 
@@ -54,17 +54,26 @@ def make_chain(d: Path) -> None:
     qemu_io(top2, "write -P 0x44 700k 4k")
 
 
+Volatile = VolatileFile | VolatileHostFile
+
+
 async def open_image(
     graph: BlockGraph,
-    files: list[VolatileFile],
-    power: Power,
+    files: list[Volatile],
     path: Path,
     backing: BlockNode | None,
     *,
+    power: Power,
     read_only: bool,
+    host: bool,
 ) -> Qcow2Node:
-    inner = await FileNode.open(f"f-{path.stem}", str(path), read_only=read_only)
-    file = VolatileFile(inner, power)
+    file: Volatile
+    if host:
+        file = await VolatileHostFile.volatile(f"f-{path.stem}", str(path), power,
+                                               read_only=read_only)  # fmt: skip
+    else:
+        inner = await FileNode.open(f"f-{path.stem}", str(path), read_only=read_only)
+        file = VolatileFile(inner, power)
     files.append(file)
     node = await Qcow2Node.open(path.stem, file, read_only=read_only)
     node.backing = backing
@@ -72,16 +81,23 @@ async def open_image(
     return node
 
 
-async def commit_once(d: Path, crash_at: int, *, active: bool, seed: int) -> tuple[int, bool]:
+async def commit_once(
+    d: Path, crash_at: int, *, active: bool, host: bool, seed: int
+) -> tuple[int, bool]:
     """One commit with the power going at ``crash_at``; (I/O points, job succeeded)."""
     power = Power(crash_at)
     graph = BlockGraph()
-    files: list[VolatileFile] = []
-    base = await open_image(graph, files, power, d / "base.qcow2", None, read_only=True)
-    mid = await open_image(graph, files, power, d / "mid.qcow2", base, read_only=True)
-    await open_image(graph, files, power, d / "top.qcow2", mid, read_only=False)
+    files: list[Volatile] = []
+
+    async def image(name: str, backing: BlockNode | None, *, read_only: bool) -> Qcow2Node:
+        return await open_image(graph, files, d / f"{name}.qcow2", backing, power=power,
+                                read_only=read_only, host=host)  # fmt: skip
+
+    base = await image("base", None, read_only=True)
+    mid = await image("mid", base, read_only=True)
+    await image("top", mid, read_only=False)
     if not active:
-        await open_image(graph, files, power, d / "top2.qcow2", mid, read_only=True)
+        await image("top2", mid, read_only=True)
     events = EventBus()
     # READY (an active commit waits there for completion), or the end
     settled = trio.Event()
@@ -153,7 +169,16 @@ def judge(d: Path, before: dict[str, Path], mid_digest: str, *, active: bool, do
 
 
 @pytest.mark.parametrize("active", [False, True], ids=["intermediate", "active"])
-async def test_power_loss_at_every_point_of_a_commit(tmp_path: Path, active: bool) -> None:
+@pytest.mark.parametrize(
+    "host",
+    # a host file node: the copy goes file to file, a step's runs and its new
+    # L2 tables in a batch each; another node: the copy is read and written
+    [True, False],
+    ids=["bulk", "read-write"],
+)
+async def test_power_loss_at_every_point_of_a_commit(
+    tmp_path: Path, active: bool, host: bool
+) -> None:
     template = tmp_path / "template"
     make_chain(template)
     before = {}
@@ -167,7 +192,7 @@ async def test_power_loss_at_every_point_of_a_commit(tmp_path: Path, active: boo
     async def attempt(crash_at: int) -> int:
         d = tmp_path / f"run-{crash_at}"
         shutil.copytree(template, d)
-        ops, done = await commit_once(d, crash_at, active=active, seed=1)
+        ops, done = await commit_once(d, crash_at, active=active, host=host, seed=1)
         judge(d, before, mid_digest, active=active, done=done)
         shutil.rmtree(d)
         return ops
