@@ -15,10 +15,12 @@ point, so the header rewrites of the commit point are all covered.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -41,11 +43,30 @@ KiB = 1024
 SIZE = 1024 * KiB
 
 
+def image_map(path: Path) -> list[dict[str, Any]]:
+    proc = run("qemu-img", "map", "--output=json", str(path))
+    result: list[dict[str, Any]] = json.loads(proc.stdout)
+    return result
+
+
 def make_chain(d: Path) -> None:
-    """base <- mid <- top, and top2 also on mid; small clusters in base for metadata churn."""
+    """base <- mid <- top, and top2 also on mid; small clusters in base for
+    metadata churn, and free clusters in base that still hold old bytes.
+
+    QEMU frees clusters without always punching them, so a cluster base
+    reuses may hold anything: a new L2 table there reads as garbage unless
+    its write is durable before the L1 entry pointing at it (a fresh
+    cluster past the end of the file would read as an empty table anyway).
+    """
     d.mkdir()
     base = create(d / "base.qcow2", SIZE, cluster_size=512)
-    qemu_io(base, "write -P 0x11 0 512k")
+    # written first, so freed they are the lowest free clusters: the next to be reused
+    qemu_io(base, "write -P 0x55 900k 4k", "write -P 0x11 0 512k")
+    [stale] = [e["offset"] for e in image_map(base) if e["start"] == 900 * KiB]
+    qemu_io(base, "discard 900k 4k")
+    with base.open("r+b") as f:  # what the freed clusters held, as a disk keeps it
+        f.seek(stale)
+        f.write(b"\x11" * 4 * KiB)
     mid = create(d / "mid.qcow2", SIZE, backing=Path("base.qcow2"))
     qemu_io(mid, "write -P 0x22 256k 384k", "write -z 0 64k", "write -P 0x23 960k 64k")
     top = create(d / "top.qcow2", SIZE, backing=Path("mid.qcow2"))
