@@ -16,6 +16,7 @@ import trio
 
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
+from blockd.block.open import open_node
 from blockd.errors import BlockError
 from blockd.events import EventBus
 from blockd.jobs.job import OnError
@@ -299,3 +300,45 @@ async def test_base_clusters_outside_4k_to_64k_are_tracked_at_the_nearest_bound(
     assert_clean(tmp_path / "base.qcow2")
     compare_with(tmp_path / "base.qcow2", bytes(1 * MiB) + b"\x22" * 3 * MiB + bytes(4 * MiB),
                  tmp_path)  # fmt: skip
+
+
+async def test_a_raw_base_is_tracked_in_64k_chunks(tmp_path: Path) -> None:
+    """A base without clusters (raw) is tracked as QEMU's mirror tracks it,
+    in 64 KiB chunks, and the commit goes through."""
+    base_path = tmp_path / "base.raw"
+    base_path.write_bytes(b"\x11" * 8 * MiB)
+    create(tmp_path / "top.qcow2", "8M", backing=base_path, backing_fmt="raw")
+    qemu_io(tmp_path / "top.qcow2", "write -P 0x22 1M 3M")
+    graph, events = BlockGraph(), EventBus()
+    ready = seen(events, "BLOCK_JOB_READY")
+    try:
+        file = {"driver": "file", "filename": str(base_path)}
+        await open_node(graph, {"driver": "raw", "node-name": "base", "file": file})
+        await open_qcow2(graph, tmp_path / "top.qcow2", name="top", backing="base")
+        job = active_commit_job(graph, events)
+        assert job._dirty.granularity == 64 * KiB
+        async with trio.open_nursery() as nursery:
+            await job.setup()
+            job.start(nursery)
+            with trio.fail_after(30):
+                await ready.wait()
+            job.complete()
+            await job.concluded.wait()
+        assert job.error is None
+    finally:
+        await graph.close_all()
+    assert base_path.read_bytes() == b"\x11" * MiB + b"\x22" * 3 * MiB + b"\x11" * 4 * MiB
+
+
+async def test_the_total_before_the_first_copy_is_what_top_holds(tmp_path: Path) -> None:
+    """What query-block-jobs shows between the scan and the first copy: len
+    is the data top holds, nothing more (nothing is in flight yet)."""
+    graph, events = BlockGraph(), EventBus()
+    try:
+        await chain(tmp_path, graph, "8M", "write -P 0x22 0 3M")
+        job = active_commit_job(graph, events)
+        await job.setup()
+        await job._scan()
+        assert (job.offset, job.length) == (0, 3 * MiB)
+    finally:
+        await graph.close_all()
