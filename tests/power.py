@@ -60,7 +60,42 @@ class _Unflushed:
     done: bool = False
 
 
-class VolatileFile(BlockNode):
+class _Volatile:
+    """What both volatile files share: the flush that makes finished writes
+    persist, and the power loss that undoes the others."""
+
+    power: Power
+    unflushed: list[_Unflushed]
+
+    async def _do_flush(self) -> None:
+        self.power.tick()
+        covered = [e for e in self.unflushed if e.done]
+        await trio.lowlevel.checkpoint()  # a flush takes time: others may run meanwhile
+        if self.power.lost:
+            raise PowerLoss
+        self.unflushed = [e for e in self.unflushed if not any(e is c for c in covered)]
+
+    async def _put(self, offset: int, data: bytes) -> None:
+        """Write ``data`` as the disk holds it after the power loss."""
+        raise NotImplementedError
+
+    async def _release(self) -> None:
+        raise NotImplementedError
+
+    async def lose_power(self, keep_some: random.Random | None) -> None:
+        """Undo what no completed flush covers, keep a random half of it if
+        ``keep_some`` is given, and release the file (the process is gone)."""
+        for entry in reversed(self.unflushed):
+            await self._put(entry.offset, entry.old)
+        if keep_some is not None:
+            for entry in self.unflushed:
+                if keep_some.random() < 0.5:
+                    await self._put(entry.offset, entry.new)
+        self.unflushed = []
+        await self._release()
+
+
+class VolatileFile(_Volatile, BlockNode):
     """A file node whose writes persist only once a flush that began after them completes."""
 
     driver = "file"
@@ -102,14 +137,6 @@ class VolatileFile(BlockNode):
         if end > offset:
             await self._do_write(offset, bytes(end - offset))
 
-    async def _do_flush(self) -> None:
-        self.power.tick()
-        covered = [e for e in self.unflushed if e.done]
-        await trio.lowlevel.checkpoint()  # a flush takes time: others may run meanwhile
-        if self.power.lost:
-            raise PowerLoss
-        self.unflushed = [e for e in self.unflushed if not any(e is c for c in covered)]
-
     async def _do_truncate(self, size: int) -> None:
         self.power.tick()
         await self.inner.truncate(size)
@@ -117,20 +144,14 @@ class VolatileFile(BlockNode):
     async def _do_reopen(self, read_only: bool) -> None:
         await self.inner.reopen(read_only=read_only)
 
-    async def lose_power(self, keep_some: random.Random | None) -> None:
-        """Undo what no completed flush covers, keep a random half of it if
-        ``keep_some`` is given, and release the file (the process is gone)."""
-        for entry in reversed(self.unflushed):
-            await self.inner.write(entry.offset, entry.old)
-        if keep_some is not None:
-            for entry in self.unflushed:
-                if keep_some.random() < 0.5:
-                    await self.inner.write(entry.offset, entry.new)
-        self.unflushed = []
+    async def _put(self, offset: int, data: bytes) -> None:
+        await self.inner.write(offset, data)
+
+    async def _release(self) -> None:
         await self.inner.close()
 
 
-class VolatileHostFile(FileNode):
+class VolatileHostFile(_Volatile, FileNode):
     """A host file node whose writes persist as on :class:`VolatileFile`: one I/O
     point per write, copy, zero write, discard, flush and truncate.
 
@@ -191,26 +212,14 @@ class VolatileHostFile(FileNode):
             await super()._do_discard(offset, length)
             self._end(entry)
 
-    async def _do_flush(self) -> None:
-        self.power.tick()
-        covered = [e for e in self.unflushed if e.done]
-        await trio.lowlevel.checkpoint()  # a flush takes time: others may run meanwhile
-        if self.power.lost:
-            raise PowerLoss
-        self.unflushed = [e for e in self.unflushed if not any(e is c for c in covered)]
-
     async def _do_truncate(self, size: int) -> None:
         self.power.tick()
         await super()._do_truncate(size)
 
-    async def lose_power(self, keep_some: random.Random | None) -> None:
-        """As :meth:`VolatileFile.lose_power` (only finished writes can be kept)."""
-        for entry in reversed(self.unflushed):
-            os.pwrite(self.fd, entry.old, entry.offset)
-        if keep_some is not None:
-            for entry in self.unflushed:
-                if entry.done and keep_some.random() < 0.5:
-                    os.pwrite(self.fd, entry.new, entry.offset)
-        self.unflushed = []
+    async def _put(self, offset: int, data: bytes) -> None:
+        # (an unfinished write's new bytes are unknown: empty, so never kept)
+        os.pwrite(self.fd, data, offset)
+
+    async def _release(self) -> None:
         self.power = Power()  # the file is released as it is now (its close flushes)
         await self.close()

@@ -271,6 +271,23 @@ async def test_a_paused_ready_job_copies_nothing_until_resumed(tmp_path: Path) -
         await graph.close_all()
 
 
+async def commit_to_the_end(graph: BlockGraph, tracked: int) -> None:
+    """An active commit of top, dirty data tracked in ``tracked`` chunks,
+    through READY to its successful end."""
+    events = EventBus()
+    ready = seen(events, "BLOCK_JOB_READY")
+    job = active_commit_job(graph, events)
+    assert job._dirty.granularity == tracked
+    async with trio.open_nursery() as nursery:
+        await job.setup()
+        job.start(nursery)
+        with trio.fail_after(30):
+            await ready.wait()
+        job.complete()
+        await job.concluded.wait()
+    assert job.error is None
+
+
 @pytest.mark.parametrize(("cluster", "tracked"), [(512, 4 * KiB), (2 * MiB, 64 * KiB)])
 async def test_base_clusters_outside_4k_to_64k_are_tracked_at_the_nearest_bound(
     tmp_path: Path, cluster: int, tracked: int
@@ -280,21 +297,11 @@ async def test_base_clusters_outside_4k_to_64k_are_tracked_at_the_nearest_bound(
     create(tmp_path / "base.qcow2", "8M", cluster_size=cluster)
     create(tmp_path / "top.qcow2", "8M", backing=Path("base.qcow2"))
     qemu_io(tmp_path / "top.qcow2", "write -P 0x22 1M 3M")
-    graph, events = BlockGraph(), EventBus()
-    ready = seen(events, "BLOCK_JOB_READY")
+    graph = BlockGraph()
     try:
         await open_qcow2(graph, tmp_path / "base.qcow2", name="base", backing=None)
         await open_qcow2(graph, tmp_path / "top.qcow2", name="top", backing="base")
-        job = active_commit_job(graph, events)
-        assert job._dirty.granularity == tracked
-        async with trio.open_nursery() as nursery:
-            await job.setup()
-            job.start(nursery)
-            with trio.fail_after(30):
-                await ready.wait()
-            job.complete()
-            await job.concluded.wait()
-        assert job.error is None
+        await commit_to_the_end(graph, tracked)
     finally:
         await graph.close_all()
     assert_clean(tmp_path / "base.qcow2")
@@ -309,22 +316,12 @@ async def test_a_raw_base_is_tracked_in_64k_chunks(tmp_path: Path) -> None:
     base_path.write_bytes(b"\x11" * 8 * MiB)
     create(tmp_path / "top.qcow2", "8M", backing=base_path, backing_fmt="raw")
     qemu_io(tmp_path / "top.qcow2", "write -P 0x22 1M 3M")
-    graph, events = BlockGraph(), EventBus()
-    ready = seen(events, "BLOCK_JOB_READY")
+    graph = BlockGraph()
     try:
         file = {"driver": "file", "filename": str(base_path)}
         await open_node(graph, {"driver": "raw", "node-name": "base", "file": file})
         await open_qcow2(graph, tmp_path / "top.qcow2", name="top", backing="base")
-        job = active_commit_job(graph, events)
-        assert job._dirty.granularity == 64 * KiB
-        async with trio.open_nursery() as nursery:
-            await job.setup()
-            job.start(nursery)
-            with trio.fail_after(30):
-                await ready.wait()
-            job.complete()
-            await job.concluded.wait()
-        assert job.error is None
+        await commit_to_the_end(graph, 64 * KiB)
     finally:
         await graph.close_all()
     assert base_path.read_bytes() == b"\x11" * MiB + b"\x22" * 3 * MiB + b"\x11" * 4 * MiB

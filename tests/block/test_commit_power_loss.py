@@ -103,9 +103,10 @@ async def open_image(
 
 
 async def commit_once(
-    d: Path, crash_at: int, *, active: bool, host: bool, seed: int
+    d: Path, crash_at: int, *, active: bool, seed: int, host: bool = False
 ) -> tuple[int, bool]:
-    """One commit with the power going at ``crash_at``; (I/O points, job succeeded)."""
+    """One commit with the power going at ``crash_at``; (I/O points, job succeeded);
+    ``host``: the images on host file nodes (see the test below)."""
     power = Power(crash_at)
     graph = BlockGraph()
     files: list[Volatile] = []

@@ -16,7 +16,7 @@ from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode, HostExtents, Status
 from blockd.errors import BlockIOError
 
-from .conftest import assert_clean, compare_with, create, open_qcow2, qemu_io, run
+from .conftest import assert_clean, compare_with, count_syncs, create, open_qcow2, qemu_io, run
 
 KiB = 1024
 MiB = 1 << 20
@@ -106,21 +106,13 @@ async def test_a_batch_makes_its_new_l2_tables_together(
         assert ext is not None
         mapped.append((off, n, ext))
         expected[off : off + n] = await src.read(off, n)
-    syncs = 0
-    fdatasync = os.fdatasync
-
-    def counted(fd: int) -> None:
-        nonlocal syncs
-        syncs += 1
-        fdatasync(fd)
-
-    monkeypatch.setattr(os, "fdatasync", counted)
+    syncs = count_syncs(monkeypatch)
     try:
         assert await dst.write_many_from_host(mapped)
     finally:
         for _o, _n, ext in mapped:
             ext.release()
-    assert syncs <= 8
+    assert len(syncs) <= 8
     monkeypatch.undo()
     await graph.close_all()
     compare_with(dst_path, bytes(expected), tmp_path)
