@@ -510,13 +510,15 @@ async def test_write_over_a_snapshot_l1_table_marks_corrupt(
 
 
 @pytest.mark.parametrize("active", [False, True], ids=["intermediate", "active"])
+@pytest.mark.parametrize("host", [True, False], ids=["bulk", "read-write"])
 async def test_power_loss_in_a_commit_into_a_base_with_snapshots(
-    tmp_path: Path, active: bool
+    tmp_path: Path, active: bool, host: bool
 ) -> None:
     """``test_commit_power_loss.py``'s chain with a snapshot of base (512-byte
     clusters: the commit copies many shared L2 tables): at sampled I/O points
     of the commit the power goes; every image valid, every overlay's view as
-    before, and base's snapshot as it was."""
+    before, and base's snapshot as it was; on host file nodes (the bulk copy:
+    shared tables copied among a batch's new ones) and on the other node."""
     template = tmp_path / "template"
     commit_power.make_chain(template)
     contents: dict[str, bytes] = {}
@@ -530,7 +532,9 @@ async def test_power_loss_in_a_commit_into_a_base_with_snapshots(
     async def attempt(crash_at: int) -> int:
         d = tmp_path / f"run-{crash_at}"
         shutil.copytree(template, d)
-        ops, done = await commit_power.commit_once(d, crash_at, active=active, seed=1)
+        ops, done = await commit_power.commit_once(
+            d, crash_at, active=active, seed=1, host=host
+        )
         commit_power.judge(d, before, mid_digest, active=active, done=done)
         assert_snapshots_kept(d / "base.qcow2", contents, tmp_path)
         shutil.rmtree(d)
