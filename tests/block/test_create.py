@@ -22,10 +22,13 @@ from blockd.block.create import (
     format_qcow2,
     validate_qcow2,
 )
+from blockd.block.drivers import file as file_driver
 from blockd.block.drivers.file import FileNode
 from blockd.block.drivers.qcow2.create import Qcow2CreateOptions, plan_image
 from blockd.block.graph import BlockGraph
 from blockd.errors import BlockIOError, ImageError
+from blockd.events import EventBus
+from blockd.jobs.create import CreateJob
 from tests.block.conftest import assert_clean, open_qcow2, pattern, qemu_io, run
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
@@ -246,3 +249,20 @@ async def test_format_on_an_open_file_node(tmp_path: Path) -> None:
     qemu_img_create(tmp_path / "q.qcow2", o)
     same_file(tmp_path / "q.qcow2", path)
     assert_clean(path)
+
+
+@pytest.mark.parametrize("asked", [{}, {"nocow": False}, {"nocow": True}])
+async def test_the_create_job_sets_nocow_only_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, asked: dict[str, Any]
+) -> None:
+    """blockdev-create of a ``file`` turns copy-on-write off (btrfs) only on
+    request, as QEMU: the attribute is made on the file itself, and this
+    machine's file systems may ignore it, so the call is what is checked."""
+    made: list[int] = []
+    monkeypatch.setattr(file_driver, "_set_nocow", made.append)
+    path = tmp_path / "disk"
+    job = CreateJob("j", EventBus(), BlockGraph(),
+                    {"driver": "file", "filename": str(path), "size": 4096, **asked})  # fmt: skip
+    await job.run()
+    assert path.stat().st_size == 4096
+    assert len(made) == (1 if asked.get("nocow") else 0)
