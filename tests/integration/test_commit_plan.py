@@ -184,3 +184,31 @@ def test_raw_base_gets_an_upper_bound(blockd: DaemonProcess, tmp_path: Path) -> 
         qmp.wait_event("BLOCK_JOB_COMPLETED", device="c")
     blockd.stop()
     assert 0 < os.stat(base).st_blocks * 512 - before <= plan["growth"]["total"]
+
+
+def test_a_layer_that_cannot_be_read_fails_the_plan_with_its_error(
+    blockd: DaemonProcess, tmp_path: Path
+) -> None:
+    """The walk meets an L2 table of mid it cannot read: the plan fails with
+    the I/O error in its own words, and writes nothing."""
+    base = create(tmp_path / "base.qcow2", size="16M")
+    backing = "backing_file=base.qcow2,backing_fmt=qcow2"
+    mid = create(tmp_path / "mid.qcow2", size="16M", options=backing)
+    qemu_io(mid, "write -P 2 1M 2M")
+    files = {p: digest(p) for p in (base, mid)}
+    with RawQMP(blockd.socket_path) as qmp:
+        qmp.negotiate()
+        rule = {"event": "l2_load", "errno": 5}
+        nodes = [
+            {"driver": "qcow2", "node-name": "base", "read-only": True,
+             "file": {"driver": "file", "filename": str(base)}},
+            {"driver": "qcow2", "node-name": "mid", "backing": "base",
+             "file": {"driver": "blkdebug", "inject-error": [rule],
+                      "image": {"driver": "file", "filename": str(mid)}}},
+        ]  # fmt: skip
+        for args in nodes:
+            assert qmp.execute("blockdev-add", args) == {"return": {}}
+        plan = qmp.execute("__org.blockd_commit-plan", {"device": "mid"})
+        assert plan["error"] == {"class": "GenericError", "desc": "Input/output error"}, plan
+    blockd.stop()
+    assert {p: digest(p) for p in (base, mid)} == files
