@@ -43,19 +43,25 @@ async def chain(
     top_size: str | None = None,
     top_read_only: bool = False,
     top_rules: list[dict[str, object]] | None = None,
+    base_rules: list[dict[str, object]] | None = None,
 ) -> list[BlockNode]:
-    """base (read-only, as a client adds it) <- top (through blkdebug with ``top_rules``)."""
+    """base (read-only, as a client adds it) <- top, each through blkdebug
+    with its rules if any."""
     create(tmp_path / "base.qcow2", size)
     create(tmp_path / "top.qcow2", top_size or size, backing=Path("base.qcow2"))
     if writes:
         qemu_io(tmp_path / "top.qcow2", *writes)
+
+    def file(name: str, rules: list[dict[str, object]] | None) -> dict[str, object]:
+        plain: dict[str, object] = {"driver": "file", "filename": str(tmp_path / name)}
+        if rules is None:
+            return plain
+        return {"driver": "blkdebug", "image": plain, "inject-error": rules}
+
     base = await open_qcow2(graph, tmp_path / "base.qcow2", name="base", backing=None,
-                            read_only=True)  # fmt: skip
-    file: dict[str, object] = {"driver": "file", "filename": str(tmp_path / "top.qcow2")}
-    if top_rules is not None:
-        file = {"driver": "blkdebug", "image": file, "inject-error": top_rules}
+                            read_only=True, file=file("base.qcow2", base_rules))  # fmt: skip
     top = await open_qcow2(graph, tmp_path / "top.qcow2", name="top", backing="base",
-                           read_only=top_read_only, file=file)  # fmt: skip
+                           read_only=top_read_only, file=file("top.qcow2", top_rules))  # fmt: skip
     return [base, top]
 
 
@@ -215,6 +221,31 @@ async def test_a_copy_that_failed_is_made_again(tmp_path: Path, on_error: str) -
                     job.user_resume()
                 await ready.wait()
             assert await base.read(0, 2 * MiB) == b"\x66" * 2 * MiB
+            job.user_cancel(force=True)
+    finally:
+        await graph.close_all()
+
+
+@pytest.mark.parametrize("on_error", ["ignore", "stop"])
+async def test_a_flush_of_base_that_failed_is_made_again(tmp_path: Path, on_error: str) -> None:
+    """The flush before READY fails once: the error goes through the on-error
+    policy like a failed copy (an event, then a retry), not straight to the
+    job's end."""
+    graph, events = BlockGraph(), EventBus()
+    rules: list[dict[str, object]] = [{"event": "flush_to_disk", "once": True}]
+    try:
+        base, _top = await chain(tmp_path, graph, "4M", "write -P 0x66 0 1M", base_rules=rules)
+        job = active_commit_job(graph, events, on_error=OnError(on_error))
+        ready, failed = seen(events, "BLOCK_JOB_READY"), seen(events, "BLOCK_JOB_ERROR")
+        async with trio.open_nursery() as nursery:
+            await job.setup()
+            job.start(nursery)
+            with trio.fail_after(30):
+                await failed.wait()
+                if on_error == "stop":
+                    job.user_resume()
+                await ready.wait()
+            assert await base.read(0, 1 * MiB) == b"\x66" * MiB
             job.user_cancel(force=True)
     finally:
         await graph.close_all()
