@@ -10,6 +10,7 @@ qemu-img check finds every image left in the chain clean.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -125,7 +126,7 @@ def compare(
         for name in sorted(samples, reverse=i % 2 == 1):
             run = work / "run"
             fresh_copy(golden, run, chain)
-            tool("sync")
+            os.sync()
             s = commit(name, run, chain, top, base)
             problems = verify(golden, run, chain, top, base)
             if problems:

@@ -403,9 +403,11 @@ class Mapping:
                 await self.file.write_many([(new, empty) for new in news])
                 await self.file.flush()  # the tables before the L1 pointers
             except BaseException:
-                # nothing points at the new tables: give them back (a failure here leaks them)
+                # nothing points at the new tables: give them back, at once (their
+                # counters may be on disk already; a failure here leaks them)
                 with contextlib.suppress(BlockIOError, OverlapError):
                     await self.refs.change([new >> self.cluster_bits for new in news], -1)
+                    await self.refs.write_back()
                 raise
             writes = []
             for l1_index, new in zip(missing, news, strict=True):
