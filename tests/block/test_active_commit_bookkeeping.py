@@ -205,11 +205,27 @@ async def test_a_smaller_base_grows_to_top_s_size(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("on_error", ["ignore", "stop"])
-async def test_a_copy_that_failed_is_made_again(tmp_path: Path, on_error: str) -> None:
+@pytest.mark.parametrize(
+    "failing",
+    # top's first read (a copy), or the flush of base before READY
+    [("top", "read_aio"), ("base", "flush_to_disk")],
+    ids=["copy", "flush-of-base"],
+)
+async def test_what_failed_once_is_made_again(
+    tmp_path: Path, on_error: str, failing: tuple[str, str]
+) -> None:
+    """A copy or the flush before READY fails once: the error goes through
+    the on-error policy (an event, then a retry), not straight to the job's
+    end."""
     graph, events = BlockGraph(), EventBus()
-    rules: list[dict[str, object]] = [{"event": "read_aio", "once": True}]  # its first read
+    node, event = failing
+    rules: list[dict[str, object]] = [{"event": event, "once": True}]
     try:
-        base, _top = await chain(tmp_path, graph, "4M", "write -P 0x66 0 2M", top_rules=rules)
+        base, _top = await chain(
+            tmp_path, graph, "4M", "write -P 0x66 0 2M",
+            top_rules=rules if node == "top" else None,
+            base_rules=rules if node == "base" else None,
+        )  # fmt: skip
         job = active_commit_job(graph, events, on_error=OnError(on_error))
         ready, failed = seen(events, "BLOCK_JOB_READY"), seen(events, "BLOCK_JOB_ERROR")
         async with trio.open_nursery() as nursery:
@@ -221,31 +237,6 @@ async def test_a_copy_that_failed_is_made_again(tmp_path: Path, on_error: str) -
                     job.user_resume()
                 await ready.wait()
             assert await base.read(0, 2 * MiB) == b"\x66" * 2 * MiB
-            job.user_cancel(force=True)
-    finally:
-        await graph.close_all()
-
-
-@pytest.mark.parametrize("on_error", ["ignore", "stop"])
-async def test_a_flush_of_base_that_failed_is_made_again(tmp_path: Path, on_error: str) -> None:
-    """The flush before READY fails once: the error goes through the on-error
-    policy like a failed copy (an event, then a retry), not straight to the
-    job's end."""
-    graph, events = BlockGraph(), EventBus()
-    rules: list[dict[str, object]] = [{"event": "flush_to_disk", "once": True}]
-    try:
-        base, _top = await chain(tmp_path, graph, "4M", "write -P 0x66 0 1M", base_rules=rules)
-        job = active_commit_job(graph, events, on_error=OnError(on_error))
-        ready, failed = seen(events, "BLOCK_JOB_READY"), seen(events, "BLOCK_JOB_ERROR")
-        async with trio.open_nursery() as nursery:
-            await job.setup()
-            job.start(nursery)
-            with trio.fail_after(30):
-                await failed.wait()
-                if on_error == "stop":
-                    job.user_resume()
-                await ready.wait()
-            assert await base.read(0, 1 * MiB) == b"\x66" * MiB
             job.user_cancel(force=True)
     finally:
         await graph.close_all()
