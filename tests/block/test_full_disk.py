@@ -127,8 +127,14 @@ def watch_failed_writes(node: BlockNode) -> set[Any]:
             struck.add(tuple(events[-2:]) if last == "l2_update" else last)
             raise
 
+    async def watched_many(writes: list[tuple[int, bytes]]) -> None:
+        # new L2 tables and their L1 entries go out as batches
+        for offset, data in writes:
+            await watched(offset, data)
+
     file.debug_event = events.append  # type: ignore[method-assign]
     file._do_write = watched  # type: ignore[method-assign]
+    file._do_write_many = watched_many  # type: ignore[method-assign]
     return struck
 
 

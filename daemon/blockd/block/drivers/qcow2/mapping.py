@@ -338,20 +338,20 @@ class Mapping:
         old = entry & OFFSET_MASK
         if old and entry & OFLAG_COPIED:
             return
+        if not old:
+            await self._new_tables([l1_index])
+            return
         new = await self.refs.allocate(1)
         try:
             self.meta.check(new, self.cluster_size, None)
             # the new table's counter first, then the old table read: QEMU's
             # order, so blkdebug rules meet the same requests
             await self.refs.flush()
-            if old:
-                self.file.debug_event("l2_alloc_cow_read")
-                loaded = await self.l2_table(l1_index)
-                assert loaded is not None
-                # a table without COPIED is never written, so the cache matches the disk
-                table = array("Q", loaded[1])
-            else:
-                table = zero_table(self.l2_entries)
+            self.file.debug_event("l2_alloc_cow_read")
+            loaded = await self.l2_table(l1_index)
+            assert loaded is not None
+            # a table without COPIED is never written, so the cache matches the disk
+            table = array("Q", loaded[1])
             self.file.debug_event("l2_alloc_write")
             self.file.debug_event("l2_update")
             await self.file.write(new, encode_entries(table))
@@ -365,68 +365,72 @@ class Mapping:
         self.l2.drop(new)
         self.l2.put(new, table)
         await self._write_l1_entry(l1_index, new | OFLAG_COPIED)
-        if old:
-            # the snapshot's now, not the active view's: no longer checked
-            # as active metadata, and the cache need not keep it
-            self.meta.remove(old, self.cluster_size)
-            self.l2.drop(old)
-            await self.refs.flush()  # the new L1 entry is durable before the decrement
-            self.file.debug_event("cluster_free")
-            await self.refs.change([old >> self.cluster_bits], -1)
-            await self.refs.write_back()  # at once: a crash until then leaks the old table
+        # the snapshot's now, not the active view's: no longer checked
+        # as active metadata, and the cache need not keep it
+        self.meta.remove(old, self.cluster_size)
+        self.l2.drop(old)
+        await self.refs.flush()  # the new L1 entry is durable before the decrement
+        self.file.debug_event("cluster_free")
+        await self.refs.change([old >> self.cluster_bits], -1)
+        await self.refs.write_back()  # at once: a crash until then leaks the old table
 
     async def ensure_l2_many(self, l1_indexes: list[int]) -> None:
-        """:meth:`ensure_l2` for several L1 indexes at once (ascending).
-
-        A bulk copy into a sparse image meets a new table every 512 MiB (64
-        KiB clusters), and one by one each costs three fdatasyncs: a 1 TiB
-        commit of scattered clusters spent most of its time in them.  Here
-        the missing tables share them: all are counted and the counters
-        flushed, all are written and flushed, then the L1 entries go out
-        together.  Each table is still durable before an L1 entry points at
-        it, so a crash leaves at most leaked tables.  Tables shared with an
-        internal snapshot are copied one by one, as :meth:`ensure_l2` does.
-        """
+        """:meth:`ensure_l2` for several L1 indexes (ascending), the missing
+        tables made together (:meth:`_new_tables`)."""
         missing = [i for i in l1_indexes if not self.l1[i] & OFFSET_MASK]
-        if len(missing) > 1:
-            cs = self.cluster_size
-            news: list[int] = []
-            try:
-                for _ in missing:
-                    news.append(await self.refs.allocate(1))
-                    self.meta.check(news[-1], cs, None)
-                await self.refs.flush()
-                for _ in news:
-                    self.file.debug_event("l2_alloc_write")
-                    self.file.debug_event("l2_update")
-                empty = bytes(cs)
-                await self.file.write_many([(new, empty) for new in news])
-                await self.file.flush()  # the tables before the L1 pointers
-            except BaseException:
-                # nothing points at the new tables: give them back, at once (their
-                # counters may be on disk already; a failure here leaks them)
-                with contextlib.suppress(BlockIOError, OverlapError):
-                    await self.refs.change([new >> self.cluster_bits for new in news], -1)
-                    await self.refs.write_back()
-                raise
-            writes = []
-            for l1_index, new in zip(missing, news, strict=True):
-                self.meta.add(new, cs, MetaKind.L2)
-                self.l2.drop(new)
-                self.l2.put(new, zero_table(self.l2_entries))
-                pos = self.header.l1_table_offset + l1_index * 8
-                self.meta.check(pos, 8, MetaKind.L1)
-                self.file.debug_event("l1_update")
-                writes.append((pos, struct.pack(">Q", new | OFLAG_COPIED)))
-            await self.file.write_many(writes)
-            for l1_index, new in zip(missing, news, strict=True):
-                self.l1[l1_index] = new | OFLAG_COPIED
+        if missing:
+            await self._new_tables(missing)
         for l1_index in l1_indexes:
             await self.ensure_l2(l1_index)
 
-    async def _write_l1_entry(self, l1_index: int, entry: int) -> None:
+    async def _new_tables(self, l1_indexes: list[int]) -> None:
+        """Give each of these L1 indexes, which have none, a new zeroed table.
+
+        A bulk copy into a sparse image meets a new table every 512 MiB (64
+        KiB clusters), and one by one each costs three fdatasyncs: a 1 TiB
+        commit of scattered clusters spent most of its time in them.  So the
+        tables share them: all are counted and the counters flushed, all are
+        written and flushed, then the L1 entries go out together.  Each table
+        is still durable before an L1 entry points at it, so a crash leaves
+        at most leaked tables.
+        """
+        cs = self.cluster_size
+        news: list[int] = []
+        try:
+            for _ in l1_indexes:
+                news.append(await self.refs.allocate(1))
+                self.meta.check(news[-1], cs, None)
+            await self.refs.flush()
+            for _ in news:
+                self.file.debug_event("l2_alloc_write")
+                self.file.debug_event("l2_update")
+            empty = bytes(cs)
+            await self.file.write_many([(new, empty) for new in news])
+            await self.file.flush()  # the tables before the L1 pointers
+        except BaseException:
+            # nothing points at the new tables: give them back, at once (their
+            # counters may be on disk already; a failure here leaks them)
+            with contextlib.suppress(BlockIOError, OverlapError):
+                await self.refs.change([new >> self.cluster_bits for new in news], -1)
+                await self.refs.write_back()
+            raise
+        writes = []
+        for l1_index, new in zip(l1_indexes, news, strict=True):
+            self.meta.add(new, cs, MetaKind.L2)
+            self.l2.drop(new)
+            self.l2.put(new, zero_table(self.l2_entries))
+            writes.append(self._l1_entry_write(l1_index, new | OFLAG_COPIED))
+        await self.file.write_many(writes)
+        for l1_index, new in zip(l1_indexes, news, strict=True):
+            self.l1[l1_index] = new | OFLAG_COPIED
+
+    def _l1_entry_write(self, l1_index: int, entry: int) -> tuple[int, bytes]:
+        """Where and what to write for an L1 entry (checked, its event raised)."""
         pos = self.header.l1_table_offset + l1_index * 8
         self.meta.check(pos, 8, MetaKind.L1)
         self.file.debug_event("l1_update")
-        await self.file.write(pos, struct.pack(">Q", entry))
+        return pos, struct.pack(">Q", entry)
+
+    async def _write_l1_entry(self, l1_index: int, entry: int) -> None:
+        await self.file.write(*self._l1_entry_write(l1_index, entry))
         self.l1[l1_index] = entry
