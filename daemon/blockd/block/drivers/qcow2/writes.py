@@ -98,10 +98,11 @@ class Writes:
         """The L2 tables a batch's allocating writes need, made together
         (:meth:`Mapping.ensure_l2_many`) before the writes plan one by one."""
         mapping = self.allocator.mapping
-        span = self.cluster_size * mapping.l2_entries
+        per_table = mapping.l2_entries
         indexes: set[int] = set()
         for p in payloads:
-            indexes.update(range(p.offset // span, (p.offset + p.length - 1) // span + 1))
+            first, last = self._span(p.offset, p.length)
+            indexes.update(range(first // per_table, last // per_table + 1))
         await mapping.ensure_l2_many(sorted(indexes))
 
     def batchable(self, writes: list[tuple[int, int, HostExtents]]) -> bool:
