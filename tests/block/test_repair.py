@@ -23,7 +23,7 @@ from blockd.block.drivers.file import FileNode
 from blockd.block.drivers.qcow2 import header as hdr
 from blockd.block.drivers.qcow2.node import Qcow2Node
 from blockd.block.drivers.qcow2.refcount import get_refcount
-from blockd.block.drivers.qcow2.repair import count_references, rebuild_refcounts
+from blockd.block.drivers.qcow2.repair import count_references, plan_repair, rebuild_refcounts
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
 from blockd.errors import BlockIOError, ImageError
@@ -216,7 +216,8 @@ async def test_rebuild_with_snapshots_keeps_them(tmp_path: Path) -> None:
     node = await Qcow2Node.open("q", inner, read_only=True)
     counts = await count_references(inner, node.header, node._mapping.l1, node.snapshots,
                                     node._snapshot_table_bytes)
-    await rebuild_refcounts(inner, node.header, node._mapping, node._refs, node._meta, counts)
+    repair = await plan_repair(inner, node.header, node._mapping, node._meta, counts)
+    await rebuild_refcounts(inner, node.header, node._mapping, node._refs, node._meta, repair)
     await inner.close()
 
     assert not is_dirty(img)

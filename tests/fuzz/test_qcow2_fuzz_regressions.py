@@ -59,6 +59,13 @@ CASES: dict[str, tuple[str, list[tuple[int, str, int]], str, str]] = {
     "dirty image with a compressed cluster past the end": (
         "bitmap.qcow2", [(0x6FD8, ">Q", 0xFFFFFFFFFFFFFFFF), (0x48, ">Q", 1)],
         "equal", "committed"),
+    # a dirty image whose only L2 entry in the L1 table points at the L1 table
+    # itself: the rebuild's write of the refcounts met the overlap check (the
+    # L1 table's cluster is also an "active L2 table"), uncaught (internal
+    # error; CI seed 4106792900, mutant 57)
+    "dirty image with the L1 table as its own L2 table": (
+        "bitmap.qcow2", [(0x3000, ">Q", 0x8000000000003000), (0x48, ">Q", 1)],
+        "equal", "rw-refused"),
 }
 
 

@@ -59,7 +59,7 @@ from blockd.block.drivers.qcow2.overlap import CorruptMetadata, MetadataMap, Met
 from blockd.block.drivers.qcow2.payload import BytesPayload, HostPayload
 from blockd.block.drivers.qcow2.reading import Reader
 from blockd.block.drivers.qcow2.refcount import Refcounts
-from blockd.block.drivers.qcow2.repair import count_references, rebuild_refcounts
+from blockd.block.drivers.qcow2.repair import count_references, plan_repair, rebuild_refcounts
 from blockd.block.drivers.qcow2.resize import Resizer
 from blockd.block.drivers.qcow2.tables import (
     OFFSET_MASK,
@@ -223,24 +223,25 @@ class Qcow2Node(BlockNode):
         if self.snapshots:
             await self._refuse_shared_l1()
         h = self.header
-        counts = None
+        repair = None
         if h.incompatible_features & hdr.INCOMPAT_DIRTY:
-            # counted before anything is written: an image that cannot be is left alone
+            # planned before anything is written: an image that cannot be is left alone
             counts = await count_references(
                 self._file, h, self._mapping.l1, self.snapshots, self._snapshot_table_bytes
             )
+            repair = await plan_repair(self._file, h, self._mapping, self._meta, counts)
         if h.version == 3 and h.autoclear_features:
             # we keep no bitmaps (or anything else autoclear protects) up to date
             self._meta.check(hdr.OFF_AUTOCLEAR, 8, MetaKind.HEADER)
             await self._file.write(hdr.OFF_AUTOCLEAR, bytes(8))
             await self._refs.flush()
             h.autoclear_features = 0
-        if counts is not None:
+        if repair is not None:
             # counters may be too low: no allocation before they are rebuilt
             async with self._inflight.lock:
                 with trio.CancelScope(shield=True):
                     await rebuild_refcounts(
-                        self._file, h, self._mapping, self._refs, self._meta, counts
+                        self._file, h, self._mapping, self._refs, self._meta, repair
                     )
             log.info("qcow2: repaired the refcounts of dirty image '%s'", self.filename)
 

@@ -26,8 +26,12 @@ after a crash at any point: before 4 it is still dirty (the next read-write
 open, ours or QEMU's, counts again), after it it is clean.
 
 An image whose tables cannot be counted (unaligned offsets, references past
-the end of the file, counters that would overflow) is not repaired: the open
-fails, and the image stays as it was for ``qemu-img check -r all``.
+the end of the file, counters that would overflow), or whose repair would
+write over other metadata (an L1 entry naming the L1 table itself as an L2
+table), is not repaired: every write is planned and checked before the first
+one, so the open fails and the image stays as it was for
+``qemu-img check -r all``.  (QEMU meets the second kind part-way through its
+repair, and marks the image corrupt.)
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from collections.abc import Iterable, Sequence
 
 from blockd.block.drivers.qcow2 import header as hdr
 from blockd.block.drivers.qcow2.mapping import Mapping, referenced_clusters
-from blockd.block.drivers.qcow2.overlap import MetadataMap, MetaKind
+from blockd.block.drivers.qcow2.overlap import MetadataMap, MetaKind, OverlapError
 from blockd.block.drivers.qcow2.refcount import REFTABLE_OFFSET_MASK, Refcounts, set_refcount
 from blockd.block.drivers.qcow2.snapshots import Snapshot
 from blockd.block.drivers.qcow2.tables import (
@@ -240,28 +244,55 @@ def _block(values: array[int], bits: int, cluster_size: int) -> bytes:
     return bytes(buf)
 
 
+@dataclasses.dataclass(frozen=True)
+class Repair:
+    """Everything a rebuild writes, worked out and checked before its first write."""
+
+    counts: Counts
+    structure: Structure
+    #: OFLAG_COPIED corrections: (file offset, new entry, the table's kind)
+    copied_fixes: list[tuple[int, int, MetaKind]]
+
+
+async def plan_repair(
+    file: BlockNode, header: hdr.Header, mapping: Mapping, meta: MetadataMap, counts: Counts
+) -> Repair:
+    """The rebuild of a dirty image whose references are ``counts``
+    (:func:`count_references`); refused if any of its writes would land on
+    metadata of another kind."""
+    cs = header.cluster_size
+    repair = Repair(counts, plan_structure(counts, cs, header.refcount_bits),
+                    await _copied_flag_fixes(file, header, mapping, counts))
+    try:
+        meta.check(repair.structure.offset, len(repair.structure.image(cs)), None)
+        meta.check(hdr.OFF_REFTABLE, 12, MetaKind.HEADER)
+        for pos, _entry, kind in repair.copied_fixes:
+            meta.check(pos, 8, kind)
+        meta.check(hdr.OFF_INCOMPAT, 8, MetaKind.HEADER)
+    except OverlapError as exc:
+        raise UnrepairableImage(str(exc)) from exc
+    return repair
+
+
 async def rebuild_refcounts(
     file: BlockNode,
     header: hdr.Header,
     mapping: Mapping,
     refs: Refcounts,
     meta: MetadataMap,
-    counts: Counts,
+    repair: Repair,
 ) -> None:
-    """Switch the image to counters that match ``counts`` (:func:`count_references`,
-    taken first, so an image that cannot be counted is refused before anything is
-    written), then clear the dirty bit, in the order that keeps every crash
-    repairable (module docstring).
+    """Switch the image to counters that match the counts (planned first by
+    :func:`plan_repair`, so an image that cannot be repaired is refused before
+    anything is written), then clear the dirty bit, in the order that keeps
+    every crash repairable (module docstring).
 
     The caller holds the metadata lock and shields this from cancellation.
     """
     cs, bits = header.cluster_size, header.cluster_bits
-    new = plan_structure(counts, cs, header.refcount_bits)
-    body = new.image(cs)
-    meta.check(new.offset, len(body), None)
-    await file.write(new.offset, body)
+    new = repair.structure
+    await file.write(new.offset, new.image(cs))
     await file.flush()
-    meta.check(hdr.OFF_REFTABLE, 12, MetaKind.HEADER)
     await file.write(hdr.OFF_REFTABLE, struct.pack(">QI", new.offset + len(new.blocks) * cs,
                                                    new.table_clusters))
     await file.flush()
@@ -275,55 +306,48 @@ async def rebuild_refcounts(
     header.refcount_table_clusters = new.table_clusters
     refs.replace_table(new.table)
     refs.register_metadata()
-    if await _fix_copied_flags(file, header, mapping, meta, counts):
+    for pos, entry, kind in repair.copied_fixes:
+        await file.write(pos, struct.pack(">Q", entry))
+        if kind is MetaKind.L1:
+            mapping.l1[(pos - header.l1_table_offset) // 8] = entry
+        else:
+            mapping.l2.drop(pos & ~(cs - 1))
+    if repair.copied_fixes:
         await file.flush()
     incompat = header.incompatible_features & ~hdr.INCOMPAT_DIRTY
-    meta.check(hdr.OFF_INCOMPAT, 8, MetaKind.HEADER)
     await file.write(hdr.OFF_INCOMPAT, struct.pack(">Q", incompat))
     await file.flush()
     header.incompatible_features = incompat
-    refs.freed_elsewhere(c for c in old_structure if not counts[c])
+    refs.freed_elsewhere(c for c in old_structure if not repair.counts[c])
     await refs.punch_freed()
 
 
-async def _fix_copied_flags(
-    file: BlockNode, header: hdr.Header, mapping: Mapping, meta: MetadataMap, counts: Counts
-) -> bool:
-    """Make OFLAG_COPIED in the active tables say "counted exactly once", as QEMU's
-    check does; whether anything was written.
+async def _copied_flag_fixes(
+    file: BlockNode, header: hdr.Header, mapping: Mapping, counts: Counts
+) -> list[tuple[int, int, MetaKind]]:
+    """The writes that make OFLAG_COPIED in the active tables say "counted
+    exactly once", as QEMU's check does.
 
     A flag set on a shared cluster would let a write land in place on data a
     snapshot still reads; a missing one only costs a copy, but QEMU's check
     calls it corruption either way.
     """
     cs, bits = header.cluster_size, header.cluster_bits
-    changed = False
+    fixes: list[tuple[int, int, MetaKind]] = []
     for index, entry in enumerate(mapping.l1):
         l2_off = entry & OFFSET_MASK
         if not l2_off:
             continue
         want = _with_copied(entry, counts[l2_off >> bits] == 1)
         if want != entry:
-            pos = header.l1_table_offset + index * 8
-            meta.check(pos, 8, MetaKind.L1)
-            await file.write(pos, struct.pack(">Q", want))
-            mapping.l1[index] = want
-            changed = True
-        table = decode_table(await file.read(l2_off, cs))
-        fixes: list[tuple[int, int]] = []
-        for i, l2_entry in enumerate(table):
+            fixes.append((header.l1_table_offset + index * 8, want, MetaKind.L1))
+        for i, l2_entry in enumerate(decode_table(await file.read(l2_off, cs))):
             if classify(l2_entry) not in (ClusterKind.NORMAL, ClusterKind.ZERO_ALLOC):
                 continue
             fixed = _with_copied(l2_entry, counts[(l2_entry & OFFSET_MASK) >> bits] == 1)
             if fixed != l2_entry:
-                fixes.append((i, fixed))
-        for i, fixed in fixes:
-            meta.check(l2_off + i * 8, 8, MetaKind.L2)
-            await file.write(l2_off + i * 8, struct.pack(">Q", fixed))
-            changed = True
-        if fixes:
-            mapping.l2.drop(l2_off)
-    return changed
+                fixes.append((l2_off + i * 8, fixed, MetaKind.L2))
+    return fixes
 
 
 def _with_copied(entry: int, copied: bool) -> int:
