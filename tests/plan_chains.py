@@ -53,6 +53,11 @@ CASES = [
     Case("base smaller than top", ("16M", "cluster_size=4096", ("write -P 1 0 16M",)),
          ("2G", "cluster_size=4096",
           ("write -P 2 8M 16M", "write -P 3 1G 4M", "write -P 4 2040M 8M"))),
+    # the commit zeroes base's data past mid's end up to top's (the overlay
+    # would see it): top is twice mid, and mid ends half-way through a copy
+    # chunk, so that walk's last step is a partial one
+    Case("base larger than a shorter top", ("32M", "", ("write -P 1 0 32M",)),
+         ("8448K", "", ("write -P 2 0 1M",)), ("16896K", "", ("write -P 0x33 0 64k",))),
     Case("zero clusters over base data", ("128M", "", ("write -P 1 0 64M",)),
          ("128M", "", ("write -z 0 16M", "write -z 96M 16M", "write -P 2 16M 8M",
                        "write -z 40M 64k", "write -P 3 100M 1M"))),
