@@ -16,7 +16,7 @@ from blockd.block.graph import BlockGraph
 from blockd.events import EventBus
 from blockd.jobs.active_commit import LOCKED_SPAN, CopyMode
 
-from .conftest import active_commit_job, assert_clean, create, open_qcow2, qemu_io
+from .conftest import active_commit_job, assert_clean, create, open_qcow2, qemu_io, seen, to_raw
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -69,4 +69,33 @@ async def test_a_copy_holds_its_window_against_the_guest(tmp_path: Path) -> None
             assert await node.read(outside, 4 * KiB) == b"\x44" * 4 * KiB
     finally:
         await graph.close_all()
+    assert_clean(tmp_path / "base.qcow2")
+
+
+async def test_windows_anywhere_in_the_disk_are_copied(tmp_path: Path) -> None:
+    """Each window is locked from its first dirty run on, wherever that lies
+    (here past the first lock span, and not at a multiple of it)."""
+    create(tmp_path / "base.qcow2", "16M")
+    create(tmp_path / "top.qcow2", "16M", backing=Path("base.qcow2"))
+    qemu_io(tmp_path / "top.qcow2", "write -P 0x22 5M 3M", "write -P 0x23 13M 64k")
+    graph, events = BlockGraph(), EventBus()
+    ready = seen(events, "BLOCK_JOB_READY")
+    try:
+        await open_qcow2(graph, tmp_path / "base.qcow2", name="base", backing=None)
+        await open_qcow2(graph, tmp_path / "top.qcow2", name="top", backing="base")
+        job = active_commit_job(graph, events, copy_mode=CopyMode.WRITE_BLOCKING)
+        async with trio.open_nursery() as nursery:
+            await job.setup()
+            job.start(nursery)
+            with trio.fail_after(30):
+                await ready.wait()
+                job.complete()
+                await job.concluded.wait()
+        assert job.error is None
+    finally:
+        await graph.close_all()
+    view = bytearray(16 * MiB)
+    view[5 * MiB : 8 * MiB] = b"\x22" * 3 * MiB
+    view[13 * MiB : 13 * MiB + 64 * KiB] = b"\x23" * 64 * KiB
+    assert to_raw(tmp_path / "base.qcow2", tmp_path / "base.raw") == bytes(view)
     assert_clean(tmp_path / "base.qcow2")
