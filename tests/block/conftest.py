@@ -150,21 +150,6 @@ def seen(events: EventBus, name: str, status: str | None = None) -> trio.Event:
     return event
 
 
-def count_syncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The descriptors of every fdatasync made from now on (by any thread),
-    until ``monkeypatch.undo()``: what a batch costs in syncs is its speed
-    on a real disk."""
-    made: list[int] = []
-    fdatasync = os.fdatasync
-
-    def counted(fd: int) -> None:
-        made.append(fd)
-        fdatasync(fd)
-
-    monkeypatch.setattr(os, "fdatasync", counted)
-    return made
-
-
 def pattern(byte: int, n: int) -> bytes:
     return bytes([byte]) * n
 

@@ -29,10 +29,10 @@ from blockd.block.node import BlockNode
 from blockd.block.open import open_node
 from blockd.errors import BlockIOError
 from blockd.jobs.copy import ChainCopy, CopyFailed, Steps, step_size
+from tests.power import count_syncs
 
 from .conftest import (
     compare_with,
-    count_syncs,
     create,
     data_on_refcount_block,
     qemu_io,

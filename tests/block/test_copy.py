@@ -15,8 +15,9 @@ from blockd.block.drivers.file import FileNode
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode, HostExtents, Status
 from blockd.errors import BlockIOError
+from tests.power import count_syncs
 
-from .conftest import assert_clean, compare_with, count_syncs, create, open_qcow2, qemu_io, run
+from .conftest import assert_clean, compare_with, create, open_qcow2, qemu_io, run
 
 KiB = 1024
 MiB = 1 << 20

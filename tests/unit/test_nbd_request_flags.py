@@ -3,6 +3,8 @@ path: DF alone makes a read one data chunk, FUA on a read or BLOCK_STATUS
 changes nothing a client sees, REQ_ONE alone cuts block status to one extent,
 and CACHE reads nothing back and writes nothing.  And a failure the block
 layer reports is answered without alarm, while one it does not is logged.
+On the fast path (plain writes over cached metadata): FUA keeps a write off
+it, and a batch that fails unexpectedly is still answered.
 
 A real server on a Unix socket in this process, over a qcow2 image made by
 qemu-img with data in its first 64 KiB and a hole after, structured replies
@@ -11,22 +13,27 @@ and ``base:allocation`` negotiated, as libnbd would.
 
 from __future__ import annotations
 
+import errno
 import logging
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
 
+from blockd.block import direct
+from blockd.block.direct import DirectJob, DirectResult
 from blockd.block.drivers.file import FileNode
 from blockd.block.drivers.qcow2.node import Qcow2Node
 from blockd.block.graph import BlockGraph
 from blockd.events import EventBus
+from blockd.export import fast_path as fast_path_module
 from blockd.export import protocol as p
 from blockd.export.exports import ExportRegistry
 from tests.images import create, qemu_io
+from tests.power import count_syncs
 
 from .test_nbd_inflight import listening, receive_exactly
 from .test_nbd_protocol import info_payload, meta_payload, option, request
@@ -154,3 +161,70 @@ async def test_only_an_unexpected_failure_is_logged(
             [(kind, _payload)] = await chunks(stream)
         assert kind == p.Chunk.ERROR
     assert any("failed unexpectedly" in r.getMessage() for r in caplog.records) is logged
+
+
+async def write(stream: trio.SocketStream, flags: int, byte: int) -> int:
+    """A 4 KiB WRITE at 0, over the image's data: the NBD error of its reply."""
+    await stream.send_all(request(p.Cmd.WRITE, offset=0, length=4 * KiB, flags=flags,
+                                  data=bytes([byte]) * 4 * KiB))  # fmt: skip
+    (magic,) = struct.unpack(">I", await receive_exactly(stream, 4))
+    if magic == p.SIMPLE_REPLY_MAGIC:
+        error, _handle = struct.unpack(">IQ", await receive_exactly(stream, 12))
+        return int(error)
+    assert magic == p.STRUCTURED_REPLY_MAGIC
+    flags, kind, _handle, length = struct.unpack(">HHQI", await receive_exactly(stream, 16))
+    assert kind == p.Chunk.ERROR and flags & p.CHUNK_DONE
+    (error,) = struct.unpack_from(">I", await receive_exactly(stream, length))
+    return int(error)
+
+
+@asynccontextmanager
+async def fast_path(tmp_path: Path) -> AsyncIterator[tuple[trio.SocketStream, list[int]]]:
+    """A served image whose first cluster's metadata is cached (after a read),
+    so a plain write there takes the fast path; the fast path's batches are
+    counted."""
+    batches: list[int] = []
+    start = fast_path_module.start_direct
+
+    def counted(jobs: list[DirectJob], done: Callable[..., object]) -> None:
+        batches.append(len(jobs))
+        start(jobs, done)
+
+    async with served(tmp_path) as (stream, _node):
+        await read(stream, 0)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(fast_path_module, "start_direct", counted)
+            yield stream, batches
+
+
+@pytest.mark.parametrize("fua", [False, True], ids=["plain", "FUA"])
+async def test_a_write_is_durable_before_its_reply_only_with_fua(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fua: bool
+) -> None:
+    """A plain write takes the fast path, with no flush; a FUA write is
+    flushed before it is answered (the fast path has no flush: it must not
+    take a FUA write)."""
+    async with fast_path(tmp_path) as (stream, batches):
+        syncs = count_syncs(monkeypatch)
+        assert await write(stream, p.CmdFlag.FUA if fua else 0, 0x77) == 0
+        synced = len(syncs)
+        monkeypatch.undo()
+    assert batches == ([] if fua else [1])
+    assert bool(synced) is fua
+
+
+async def test_a_fast_path_batch_that_fails_unexpectedly_is_answered(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker call that raises what no I/O error is (a bug) answers each of
+    its requests with EIO, and says so in the log; nothing is left waiting."""
+
+    def broken(jobs: list[DirectJob]) -> DirectResult:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(direct, "_direct_all", broken)
+    async with fast_path(tmp_path) as (stream, batches):
+        with caplog.at_level(logging.ERROR, logger="blockd.export.fast_path"):
+            assert await write(stream, 0, 0x78) == errno.EIO
+    assert batches == [1]
+    assert any("failed unexpectedly" in r.getMessage() for r in caplog.records)
