@@ -44,14 +44,17 @@ SIZE = 1 << 20
 
 
 @asynccontextmanager
-async def served(tmp_path: Path) -> AsyncIterator[tuple[trio.SocketStream, Qcow2Node]]:
+async def served(
+    tmp_path: Path, writethrough: bool = False
+) -> AsyncIterator[tuple[trio.SocketStream, Qcow2Node]]:
     image = create(tmp_path / "disk.qcow2", str(SIZE))
     qemu_io(image, f"write -P 0x5a 0 {DATA}")
     file = await FileNode.open("f", str(image), read_only=False)
     node = await Qcow2Node.open("q", file, read_only=False)
     registry = ExportRegistry(EventBus(), BlockGraph())
     registry.server = object()  # pretend it runs: the server below serves the registry
-    registry.add("e", node, name="disk", description=None, writable=True, writethrough=False)
+    registry.add("e", node, name="disk", description=None, writable=True,
+                 writethrough=writethrough)  # fmt: skip
     path = str(tmp_path / "nbd.sock")
     server = await listening(registry, path)
     try:
@@ -179,7 +182,9 @@ async def write(stream: trio.SocketStream, flags: int, byte: int) -> int:
 
 
 @asynccontextmanager
-async def fast_path(tmp_path: Path) -> AsyncIterator[tuple[trio.SocketStream, list[int]]]:
+async def fast_path(
+    tmp_path: Path, writethrough: bool = False
+) -> AsyncIterator[tuple[trio.SocketStream, list[int]]]:
     """A served image whose first cluster's metadata is cached (after a read),
     so a plain write there takes the fast path; the fast path's batches are
     counted."""
@@ -190,27 +195,32 @@ async def fast_path(tmp_path: Path) -> AsyncIterator[tuple[trio.SocketStream, li
         batches.append(len(jobs))
         start(jobs, done)
 
-    async with served(tmp_path) as (stream, _node):
+    async with served(tmp_path, writethrough) as (stream, _node):
         await read(stream, 0)
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(fast_path_module, "start_direct", counted)
             yield stream, batches
 
 
-@pytest.mark.parametrize("fua", [False, True], ids=["plain", "FUA"])
-async def test_a_write_is_durable_before_its_reply_only_with_fua(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fua: bool
+@pytest.mark.parametrize(
+    ("fua", "writethrough"),
+    [(False, False), (True, False), (False, True)],
+    ids=["plain", "FUA", "write-through export"],
+)
+async def test_a_write_is_durable_before_its_reply_only_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fua: bool, writethrough: bool
 ) -> None:
-    """A plain write takes the fast path, with no flush; a FUA write is
-    flushed before it is answered (the fast path has no flush: it must not
-    take a FUA write)."""
-    async with fast_path(tmp_path) as (stream, batches):
+    """A plain write takes the fast path, with no flush; a FUA write, or any
+    write to a write-through export, is flushed before it is answered (the
+    fast path has no flush: it must not take those)."""
+    durable = fua or writethrough
+    async with fast_path(tmp_path, writethrough) as (stream, batches):
         syncs = count_syncs(monkeypatch)
         assert await write(stream, p.CmdFlag.FUA if fua else 0, 0x77) == 0
         synced = len(syncs)
         monkeypatch.undo()
-    assert batches == ([] if fua else [1])
-    assert bool(synced) is fua
+    assert batches == ([] if durable else [1])
+    assert bool(synced) is durable
 
 
 async def test_a_fast_path_batch_that_fails_unexpectedly_is_answered(
