@@ -166,19 +166,28 @@ async def test_only_an_unexpected_failure_is_logged(
     assert any("failed unexpectedly" in r.getMessage() for r in caplog.records) is logged
 
 
-async def write(stream: trio.SocketStream, flags: int, byte: int) -> int:
-    """A 4 KiB WRITE at 0, over the image's data: the NBD error of its reply."""
-    await stream.send_all(request(p.Cmd.WRITE, offset=0, length=4 * KiB, flags=flags,
-                                  data=bytes([byte]) * 4 * KiB))  # fmt: skip
+def write_request(flags: int, byte: int, handle: int = 1, offset: int = 0) -> bytes:
+    return request(p.Cmd.WRITE, handle, offset, 4 * KiB, flags, bytes([byte]) * 4 * KiB)
+
+
+async def write_reply(stream: trio.SocketStream) -> tuple[int, int]:
+    """The next reply to a WRITE: (handle, NBD error), simple or an error chunk."""
     (magic,) = struct.unpack(">I", await receive_exactly(stream, 4))
     if magic == p.SIMPLE_REPLY_MAGIC:
-        error, _handle = struct.unpack(">IQ", await receive_exactly(stream, 12))
-        return int(error)
+        error, handle = struct.unpack(">IQ", await receive_exactly(stream, 12))
+        return handle, error
     assert magic == p.STRUCTURED_REPLY_MAGIC
-    flags, kind, _handle, length = struct.unpack(">HHQI", await receive_exactly(stream, 16))
+    flags, kind, handle, length = struct.unpack(">HHQI", await receive_exactly(stream, 16))
     assert kind == p.Chunk.ERROR and flags & p.CHUNK_DONE
     (error,) = struct.unpack_from(">I", await receive_exactly(stream, length))
-    return int(error)
+    return handle, error
+
+
+async def write(stream: trio.SocketStream, flags: int, byte: int) -> int:
+    """A 4 KiB WRITE at 0, over the image's data: the NBD error of its reply."""
+    await stream.send_all(write_request(flags, byte))
+    _handle, error = await write_reply(stream)
+    return error
 
 
 @asynccontextmanager
@@ -238,3 +247,14 @@ async def test_a_fast_path_batch_that_fails_unexpectedly_is_answered(
             assert await write(stream, 0, 0x78) == errno.EIO
     assert batches == [1]
     assert any("failed unexpectedly" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_refused_write_leaves_the_rest_of_its_batch_to_run(tmp_path: Path) -> None:
+    """Writes received together go to the fast path as one batch: one the
+    protocol refuses (past the end) is answered alone, the next still runs."""
+    async with fast_path(tmp_path) as (stream, batches):
+        await stream.send_all(write_request(0, 0x79, handle=2, offset=SIZE)
+                              + write_request(0, 0x7A, handle=3))  # fmt: skip
+        replies = dict([await write_reply(stream), await write_reply(stream)])
+    assert replies == {2: errno.EINVAL, 3: 0}
+    assert batches == [1]
