@@ -138,6 +138,24 @@ def active_commit_job(graph: BlockGraph, events: EventBus, **options: Any) -> Ac
     return job
 
 
+async def commit_to_the_end(graph: BlockGraph, tracked: int | None = None, **options: Any) -> None:
+    """An active commit of top (options as ``block-commit``'s; dirty data
+    tracked in ``tracked`` chunks, if given) through READY to its successful end."""
+    events = EventBus()
+    ready = seen(events, "BLOCK_JOB_READY")
+    job = active_commit_job(graph, events, **options)
+    if tracked is not None:
+        assert job._dirty.granularity == tracked
+    async with trio.open_nursery() as nursery:
+        await job.setup()
+        job.start(nursery)
+        with trio.fail_after(30):
+            await ready.wait()
+        job.complete()
+        await job.concluded.wait()
+    assert job.error is None
+
+
 def seen(events: EventBus, name: str, status: str | None = None) -> trio.Event:
     """Set once ``events`` carries the event ``name`` (a JOB_STATUS_CHANGE to ``status``)."""
     event = trio.Event()

@@ -25,6 +25,7 @@ from blockd.jobs.status import JobStatus
 from .conftest import (
     active_commit_job,
     assert_clean,
+    commit_to_the_end,
     compare_with,
     create,
     open_qcow2,
@@ -291,23 +292,6 @@ async def test_a_paused_ready_job_copies_nothing_until_resumed(tmp_path: Path) -
             job.user_cancel(force=True)
     finally:
         await graph.close_all()
-
-
-async def commit_to_the_end(graph: BlockGraph, tracked: int) -> None:
-    """An active commit of top, dirty data tracked in ``tracked`` chunks,
-    through READY to its successful end."""
-    events = EventBus()
-    ready = seen(events, "BLOCK_JOB_READY")
-    job = active_commit_job(graph, events)
-    assert job._dirty.granularity == tracked
-    async with trio.open_nursery() as nursery:
-        await job.setup()
-        job.start(nursery)
-        with trio.fail_after(30):
-            await ready.wait()
-        job.complete()
-        await job.concluded.wait()
-    assert job.error is None
 
 
 @pytest.mark.parametrize(("cluster", "tracked"), [(512, 4 * KiB), (2 * MiB, 64 * KiB)])

@@ -16,7 +16,15 @@ from blockd.block.graph import BlockGraph
 from blockd.events import EventBus
 from blockd.jobs.active_commit import LOCKED_SPAN, CopyMode
 
-from .conftest import active_commit_job, assert_clean, create, open_qcow2, qemu_io, seen, to_raw
+from .conftest import (
+    active_commit_job,
+    assert_clean,
+    commit_to_the_end,
+    create,
+    open_qcow2,
+    qemu_io,
+    to_raw,
+)
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -78,20 +86,11 @@ async def test_windows_anywhere_in_the_disk_are_copied(tmp_path: Path) -> None:
     create(tmp_path / "base.qcow2", "16M")
     create(tmp_path / "top.qcow2", "16M", backing=Path("base.qcow2"))
     qemu_io(tmp_path / "top.qcow2", "write -P 0x22 5M 3M", "write -P 0x23 13M 64k")
-    graph, events = BlockGraph(), EventBus()
-    ready = seen(events, "BLOCK_JOB_READY")
+    graph = BlockGraph()
     try:
         await open_qcow2(graph, tmp_path / "base.qcow2", name="base", backing=None)
         await open_qcow2(graph, tmp_path / "top.qcow2", name="top", backing="base")
-        job = active_commit_job(graph, events, copy_mode=CopyMode.WRITE_BLOCKING)
-        async with trio.open_nursery() as nursery:
-            await job.setup()
-            job.start(nursery)
-            with trio.fail_after(30):
-                await ready.wait()
-                job.complete()
-                await job.concluded.wait()
-        assert job.error is None
+        await commit_to_the_end(graph, copy_mode=CopyMode.WRITE_BLOCKING)
     finally:
         await graph.close_all()
     view = bytearray(16 * MiB)
