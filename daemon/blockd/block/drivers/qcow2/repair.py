@@ -188,6 +188,9 @@ class Structure:
     #: the blocks' contents, in the order they are laid out
     blocks: list[bytes]
 
+    def clusters(self) -> int:
+        return len(self.blocks) + self.table_clusters
+
     def image(self, cluster_size: int) -> bytes:
         raw = encode_entries(self.table)
         return b"".join(self.blocks) + raw + bytes(self.table_clusters * cluster_size - len(raw))
@@ -264,7 +267,7 @@ async def plan_repair(
     repair = Repair(counts, plan_structure(counts, cs, header.refcount_bits),
                     await _copied_flag_fixes(file, header, mapping, counts))
     try:
-        meta.check(repair.structure.offset, len(repair.structure.image(cs)), None)
+        meta.check(repair.structure.offset, repair.structure.clusters() * cs, None)
         meta.check(hdr.OFF_REFTABLE, 12, MetaKind.HEADER)
         for pos, _entry, kind in repair.copied_fixes:
             meta.check(pos, 8, kind)
