@@ -3,8 +3,9 @@ path: DF alone makes a read one data chunk, FUA on a read or BLOCK_STATUS
 changes nothing a client sees, REQ_ONE alone cuts block status to one extent,
 and CACHE reads nothing back and writes nothing.  And a failure the block
 layer reports is answered without alarm, while one it does not is logged.
-On the fast path (plain writes over cached metadata): FUA keeps a write off
-it, and a batch that fails unexpectedly is still answered.
+On the fast path (plain writes over cached metadata): FUA or a write-through
+export keeps a write off it, a refused write leaves the rest of its batch to
+run, and a batch that fails unexpectedly is still answered.
 
 A real server on a Unix socket in this process, over a qcow2 image made by
 qemu-img with data in its first 64 KiB and a hole after, structured replies
