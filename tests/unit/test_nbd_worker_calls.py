@@ -1,0 +1,139 @@
+"""The fast path's worker-thread calls: a READ the page cache cannot answer
+on the loop is read in a worker call and answered with the image's bytes,
+and one client has at most two read calls and one write call running at
+once (a buffered write takes the file's inode lock anyway; the bound keeps
+one client from taking every worker thread), while what waits for a call
+goes in a later one.
+
+A real server on a Unix socket in this process, over a qcow2 image made by
+qemu-img (see test_nbd_request_flags); a request's metadata is cached by a
+first read, so the fast path can resolve it.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from blockd.block.direct import DirectJob
+from blockd.export import fast_path as fast_path_module
+from blockd.export import protocol as p
+
+from .test_nbd_inflight import receive_exactly
+from .test_nbd_protocol import request
+from .test_nbd_request_flags import DATA, SIZE, chunks, served, write_reply, write_request
+
+KiB = 1024
+
+Held = list[tuple[list[DirectJob], Callable[..., object]]]
+
+
+def image_bytes(offset: int, length: int) -> bytes:
+    whole = b"\x5a" * DATA + bytes(SIZE - DATA)
+    return whole[offset : offset + length]
+
+
+def read_request(handle: int, length: int) -> bytes:
+    """A READ from 0 as one data chunk (DF), however the path that serves it."""
+    return request(p.Cmd.READ, handle, 0, length, p.CmdFlag.DF)
+
+
+async def read_data(stream: trio.SocketStream) -> tuple[int, bytes]:
+    """One structured READ reply of a single data chunk: (handle, data)."""
+    magic, flags, kind, handle, length = struct.unpack(">IHHQI", await receive_exactly(stream, 20))
+    assert (magic, kind) == (p.STRUCTURED_REPLY_MAGIC, p.Chunk.OFFSET_DATA)
+    assert flags & p.CHUNK_DONE
+    payload = await receive_exactly(stream, length)
+    (offset,) = struct.unpack_from(">Q", payload)
+    assert payload[8:] == image_bytes(offset, length - 8)
+    return handle, payload[8:]
+
+
+async def settled(stream: trio.SocketStream) -> None:
+    """Return once the server has handled every request sent before: a
+    BLOCK_STATUS, which the slow path answers, sent after them is answered."""
+    await stream.send_all(request(p.Cmd.BLOCK_STATUS, handle=99, offset=0, length=SIZE))
+    [(kind, _payload)] = await chunks(stream)
+    assert kind == p.Chunk.BLOCK_STATUS
+
+
+async def test_an_uncached_read_is_read_in_a_worker_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The page cache dropped (posix_fadvise): the loop's RWF_NOWAIT read is
+    refused, and the READ is answered from a worker call, with the image's bytes."""
+    calls: list[list[bool]] = []
+    start = fast_path_module.start_direct
+
+    def counted(jobs: list[DirectJob], done: Callable[..., object]) -> None:
+        calls.append([write for _io, write, _buf in jobs])
+        start(jobs, done)
+
+    async with served(tmp_path) as (stream, _node):
+        await stream.send_all(read_request(1, DATA))
+        await read_data(stream)  # the metadata is cached, and the data
+        assert calls == []  # answered on the loop
+        fd = os.open(tmp_path / "disk.qcow2", os.O_RDONLY)
+        try:
+            os.fsync(fd)  # (dirty pages stay cached)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        monkeypatch.setattr(fast_path_module, "start_direct", counted)
+        await stream.send_all(read_request(2, DATA))
+        assert (await read_data(stream))[0] == 2
+    assert calls == [[False]]
+
+
+async def test_reads_and_writes_in_worker_calls_a_bounded_number_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """READs the cache cannot answer, received one after another while the
+    calls before them run: two read calls run, the third READ waits for one
+    of them; the same for WRITEs with one call.  Every request is answered,
+    reads with the image's bytes."""
+    held: Held = []
+    start = fast_path_module.start_direct
+
+    def hold(jobs: list[DirectJob], done: Callable[..., object]) -> None:
+        held.append((jobs, done))
+
+    def release_first() -> None:
+        jobs, done = held.pop(0)
+        start(jobs, done)
+
+    async def running_after(*requests: bytes) -> int:
+        for sent in requests:
+            await stream.send_all(sent)
+            await settled(stream)
+        return len(held)
+
+    async with served(tmp_path) as (stream, _node):
+        await stream.send_all(read_request(1, DATA))
+        await read_data(stream)  # the metadata is cached
+        monkeypatch.setattr(fast_path_module, "read_cached", lambda io, buf: False)
+        monkeypatch.setattr(fast_path_module, "start_direct", hold)
+
+        assert await running_after(*(read_request(h, DATA) for h in (2, 3, 4))) == 2
+        release_first()
+        assert (await read_data(stream))[0] == 2
+        assert await running_after() == 2  # the third READ's call started
+        release_first()
+        release_first()
+        assert {(await read_data(stream))[0] for _ in range(2)} == {3, 4}
+
+        writes = (
+            write_request(0, 0x61, handle=5),
+            write_request(0, 0x62, handle=6, offset=8 * KiB),
+        )
+        assert await running_after(*writes) == 1  # the second WRITE waits
+        release_first()
+        assert await write_reply(stream) == (5, 0)
+        assert await running_after() == 1  # and goes next
+        release_first()
+        assert await write_reply(stream) == (6, 0)
