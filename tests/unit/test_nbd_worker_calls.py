@@ -66,7 +66,10 @@ async def test_an_uncached_read_is_read_in_a_worker_call(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The page cache dropped (posix_fadvise): the loop's RWF_NOWAIT read is
-    refused, and the READ is answered from a worker call, with the image's bytes."""
+    refused, and the READ is answered from a worker call, with the image's
+    bytes.  (The kernel may keep a page it has just read in a per-CPU batch,
+    out of fadvise's reach: then the loop answers, and the test drops and
+    reads again.)"""
     calls: list[list[bool]] = []
     start = fast_path_module.start_direct
 
@@ -77,16 +80,18 @@ async def test_an_uncached_read_is_read_in_a_worker_call(
     async with served(tmp_path) as (stream, _node):
         await stream.send_all(read_request(1, DATA))
         await read_data(stream)  # the metadata is cached, and the data
-        assert calls == []  # answered on the loop
-        fd = os.open(tmp_path / "disk.qcow2", os.O_RDONLY)
-        try:
-            os.fsync(fd)  # (dirty pages stay cached)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
         monkeypatch.setattr(fast_path_module, "start_direct", counted)
-        await stream.send_all(read_request(2, DATA))
-        assert (await read_data(stream))[0] == 2
+        for handle in range(2, 12):
+            fd = os.open(tmp_path / "disk.qcow2", os.O_RDONLY)
+            try:
+                os.fsync(fd)  # (dirty pages stay cached)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+            await stream.send_all(read_request(handle, DATA))
+            assert (await read_data(stream))[0] == handle
+            if calls:
+                break
     assert calls == [[False]]
 
 
