@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -98,3 +99,91 @@ def test_a_body_that_runs_at_import_runs_the_whole_tier(choose, tmp_path):
 
 def test_a_function_no_test_runs_chooses_nothing(choose, tmp_path):
     assert choose(CHOSEN, *mutate(tmp_path, "    return x\n", "    return None\n")) == []
+
+
+# -- the ledger: a campaign's outcomes outlive its machine -----------------------
+
+
+def session_with(path: Path, mutants: list[tuple[str, int]]) -> list[str]:
+    """A cosmic-ray session of ``(operator, occurrence)`` mutants; their job ids."""
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import MutationSpec, WorkItem
+
+    ids = []
+    with use_db(str(path), WorkDB.Mode.create) as db:
+        for i, (operator, occurrence) in enumerate(mutants):
+            spec = MutationSpec("m.py", operator, occurrence, (10 + i, 0), (10 + i, 5))
+            db.add_work_item(WorkItem(job_id=f"job{path.stem}{i}", mutations=[spec]))
+            ids.append(f"job{path.stem}{i}")
+    return ids
+
+
+def test_a_new_session_takes_the_ledger_s_outcomes_and_runs_the_rest(tmp_path, monkeypatch):
+    from cosmic_ray.work_db import use_db
+    from cosmic_ray.work_item import TestOutcome, WorkerOutcome, WorkResult
+
+    script = load_script()
+    monkeypatch.setattr(script, "LEDGERS", tmp_path / "ledgers")
+    (tmp_path / "first.py").write_text(MODULE)
+    target = script.Target("m.py", "tests")
+    mutants = [("core/A", 0), ("core/A", 1), ("core/B", 0)]
+    first = session_with(tmp_path / "first.sqlite", mutants)
+    diff = "--- a\n+++ b\n-    return x + 1\n+    return x - 1\n"
+    with use_db(str(tmp_path / "first.sqlite")) as db:
+        for job, outcome in zip(first, (TestOutcome.KILLED, TestOutcome.SURVIVED), strict=False):
+            db.set_result(job, WorkResult(WorkerOutcome.NORMAL, "", outcome, diff))
+    script.save_ledger("m", target, tmp_path / "first.sqlite", fast_only=True)
+
+    (tmp_path / "second.py").write_text(MODULE)  # the same module, on another machine
+    second = session_with(tmp_path / "second.sqlite", mutants)
+    script.apply_ledger("m", tmp_path / "second.sqlite", fast_only=True)
+    with use_db(str(tmp_path / "second.sqlite")) as db:
+        assert [item.job_id for item in db.pending_work_items] == [second[2]]
+        taken = {job: result.test_outcome for job, result in db.results}
+    assert taken == {second[0]: TestOutcome.KILLED, second[1]: TestOutcome.SURVIVED}
+
+    # a run with both tiers runs a fast-tier survivor again
+    third = session_with(tmp_path / "third.sqlite", mutants)
+    (tmp_path / "third.py").write_text(MODULE)
+    script.apply_ledger("m", tmp_path / "third.sqlite", fast_only=False)
+    with use_db(str(tmp_path / "third.sqlite")) as db:
+        assert sorted(item.job_id for item in db.pending_work_items) == third[1:]
+
+    # another version of the module: every mutant runs
+    (tmp_path / "fourth.py").write_text(MODULE + "\n# changed\n")
+    fourth = session_with(tmp_path / "fourth.sqlite", mutants)
+    script.apply_ledger("m", tmp_path / "fourth.sqlite", fast_only=True)
+    with use_db(str(tmp_path / "fourth.sqlite")) as db:
+        assert sorted(item.job_id for item in db.pending_work_items) == fourth
+
+
+def test_the_summary_counts_judged_survivors_by_their_change(tmp_path, monkeypatch, capsys):
+    script = load_script()
+    monkeypatch.setattr(script, "LEDGERS", tmp_path)
+    entry = {"line": 5, "tiers": "fast", "timed_out": False}
+    (tmp_path / "m.json").write_text(
+        json.dumps(
+            {
+                "mutants": {
+                    "a": {**entry, "outcome": "killed", "change": "x -> y", "timed_out": True},
+                    "b": {**entry, "outcome": "survived", "change": "LIMIT = 4 -> LIMIT = 5"},
+                    "c": {**entry, "outcome": "survived", "change": "x + 1 -> x - 1"},
+                    "d": {**entry, "outcome": "survived", "change": "y * 2 -> y / 2"},
+                },
+                "equivalent": {"LIMIT = 4 -> LIMIT = 5": "tuning"},
+                "killed_by": {"x + 1 -> x - 1": "t.py::a"},
+            }
+        )
+    )
+    script.summary("m")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "m: 4 mutants run: 1 killed (1 by a timeout), 3 survived: 1 killed by a test"
+        " outside the tiers run, 1 judged equivalent, 1 not judged",
+        "  line 5 (fast tier): y * 2 -> y / 2",
+    ]
+
+
+def test_a_change_is_named_by_the_lines_it_changes() -> None:
+    diff = "--- mutation diff ---\n--- aa.py\n+++ bb.py\n@@ -1 +1 @@\n-    a = 1\n+    a = 2\n"
+    assert load_script().change_of(diff) == "a = 1 -> a = 2"
