@@ -1,5 +1,5 @@
 """scripts/mutation runs, for each mutant, only the fast-tier tests that run
-the function it changes.  A wrong choice would let a mutant survive that the
+the statement it changes.  A wrong choice would let a mutant survive that the
 whole tier kills, and the campaign's counts would lie: these cases pin it."""
 
 from __future__ import annotations
@@ -187,3 +187,30 @@ def test_the_summary_counts_judged_survivors_by_their_change(tmp_path, monkeypat
 def test_a_change_is_named_by_the_lines_it_changes() -> None:
     diff = "--- mutation diff ---\n--- aa.py\n+++ bb.py\n@@ -1 +1 @@\n-    a = 1\n+    a = 2\n"
     assert load_script().change_of(diff) == "a = 1 -> a = 2"
+
+
+BRANCHY = """\
+def f(x):
+    if x > 0:
+        return 1
+    return 2
+"""
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "tests"),
+    [
+        ("return 1", "return 0", ["t.py::a"]),
+        ("x > 0", "x >= 0", ["t.py::b", "t.py::a"]),  # the header: both ran it
+        ("return 2", "return 3", ["t.py::b"]),
+    ],
+)
+def test_a_change_runs_the_tests_that_ran_its_statement(choose, tmp_path, old, new, tests):
+    chosen = {
+        "seconds": {"t.py::a": 2.0, "t.py::b": 1.0},
+        "lines": {"1": [""], "2": ["t.py::a", "t.py::b"], "3": ["t.py::a"], "4": ["t.py::b"]},
+    }
+    pristine, mutated = tmp_path / "pristine.py", tmp_path / "mutated.py"
+    pristine.write_text(BRANCHY)
+    mutated.write_text(BRANCHY.replace(old, new))
+    assert choose(chosen, pristine, mutated) == tests
