@@ -129,6 +129,32 @@ async def test_paused_only_while_pending(tmp_path: Path) -> None:
         await graph.close_all()
 
 
+async def test_a_write_while_pending_reaches_base_from_its_first_byte(tmp_path: Path) -> None:
+    """What the guest writes while the job waits to be finalized is copied by
+    the pivot's last pass, whole: here into the disk's first chunk, where a
+    pass that started one byte late would leave base's first byte stale."""
+    graph, events = BlockGraph(), EventBus()
+    try:
+        base, top = await chain(tmp_path, graph, "4M", "write -P 0x22 1M 1M")
+        job = active_commit_job(graph, events, auto_finalize=False)
+        ready = seen(events, "BLOCK_JOB_READY")
+        pending = seen(events, "JOB_STATUS_CHANGE", "pending")
+        async with trio.open_nursery() as nursery:
+            await job.setup()
+            job.start(nursery)
+            with trio.fail_after(30):
+                await ready.wait()
+                job.complete()
+                await pending.wait()
+                await top.write(0, b"\x99" * 4 * KiB)
+                job.finalize()
+                await job.concluded.wait()
+        assert job.error is None
+        assert await base.read(0, 8 * KiB) == b"\x99" * 4 * KiB + bytes(4 * KiB)
+    finally:
+        await graph.close_all()
+
+
 async def test_data_at_the_end_of_a_large_sparse_disk_is_found_at_once(tmp_path: Path) -> None:
     # the scan asks about ever larger spans where the layers hold little
     graph, events = BlockGraph(), EventBus()
