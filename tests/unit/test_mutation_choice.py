@@ -165,13 +165,13 @@ def test_the_summary_counts_judged_survivors_by_their_change(tmp_path, monkeypat
         json.dumps(
             {
                 "mutants": {
-                    "a": {**entry, "outcome": "killed", "change": "x -> y", "timed_out": True},
-                    "b": {**entry, "outcome": "survived", "change": "LIMIT = 4 -> LIMIT = 5"},
-                    "c": {**entry, "outcome": "survived", "change": "x + 1 -> x - 1"},
-                    "d": {**entry, "outcome": "survived", "change": "y * 2 -> y / 2"},
+                    "a": {**entry, "outcome": "killed", "change": "f: x -> y", "timed_out": True},
+                    "b": {**entry, "outcome": "survived", "change": "(module): LIMIT = 4 -> LIMIT = 5"},
+                    "c": {**entry, "outcome": "survived", "change": "quick: x + 1 -> x - 1"},
+                    "d": {**entry, "outcome": "survived", "change": "inner: y * 2 -> y / 2"},
                 },
-                "equivalent": {"LIMIT = 4 -> LIMIT = 5": "tuning"},
-                "killed_by": {"x + 1 -> x - 1": "t.py::a"},
+                "equivalent": {"(module): LIMIT = 4 -> LIMIT = 5": "tuning"},
+                "killed_by": {"quick: x + 1 -> x - 1": "t.py::a"},
             }
         )
     )
@@ -180,7 +180,7 @@ def test_the_summary_counts_judged_survivors_by_their_change(tmp_path, monkeypat
     assert lines == [
         "m: 4 mutants run: 1 killed (1 by a timeout), 3 survived: 1 killed by a test"
         " outside the tiers run, 1 judged equivalent, 1 not judged",
-        "  line 5 (fast tier): y * 2 -> y / 2",
+        "  line 5 (fast tier): inner: y * 2 -> y / 2",
     ]
 
 
