@@ -12,6 +12,7 @@ first read, so the fast path can resolve it.
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 from collections.abc import Callable
@@ -142,3 +143,43 @@ async def test_reads_and_writes_in_worker_calls_a_bounded_number_at_a_time(
         assert await running_after() == 1  # and goes next
         release_first()
         assert await write_reply(stream) == (6, 0)
+
+
+@pytest.mark.timeout(60)  # a range never given back hangs the shielded stop of the server
+async def test_a_call_that_fails_while_being_put_together_gives_back_what_it_took(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug met while a worker call is put together (here the node fails
+    to resolve the second of two WRITEs) drops the client, and gives back
+    the first WRITE's range: nothing waits on it for ever.  (The client's
+    end runs what it had received, the two WRITEs included.)"""
+    with trio.fail_after(20):
+        async with served(tmp_path) as (stream, node):
+            await stream.send_all(read_request(1, DATA))
+            await read_data(stream)  # the metadata is cached
+            resolve = node.direct_io
+            resolved: list[int] = []
+
+            def failing(offset: int, length: int, write: bool) -> object:
+                resolved.append(offset)
+                if len(resolved) == 2:
+                    raise RuntimeError("a bug")
+                return resolve(offset, length, write)
+
+            monkeypatch.setattr(node, "direct_io", failing)
+            with caplog.at_level(logging.ERROR, logger="blockd.export.server"):
+                await stream.send_all(
+                    write_request(0, 0x61, handle=2)
+                    + write_request(0, 0x62, handle=3, offset=8 * KiB)
+                )
+                received = b""
+                while data := await stream.receive_some(4096):
+                    received += data
+            # the two were queued again with the client's end, and answered
+            assert [struct.unpack_from(">IIQ", received, at) for at in (0, 16)] == [
+                (p.SIMPLE_REPLY_MAGIC, 0, 2),
+                (p.SIMPLE_REPLY_MAGIC, 0, 3),
+            ]
+            with trio.fail_after(5):
+                await node.writes_settled()
+    assert "NBD client failed" in caplog.text
