@@ -24,6 +24,7 @@ import trio
 from blockd.block.direct import DirectJob
 from blockd.export import fast_path as fast_path_module
 from blockd.export import protocol as p
+from tests.images import qemu_io
 
 from .test_nbd_inflight import receive_exactly
 from .test_nbd_protocol import request
@@ -183,3 +184,37 @@ async def test_a_call_that_fails_while_being_put_together_gives_back_what_it_too
             with trio.fail_after(5):
                 await node.writes_settled()
     assert "NBD client failed" in caplog.text
+
+
+@pytest.mark.timeout(60)  # a session that never ends hangs the shielded stop of the server
+async def test_the_server_stops_once_the_worker_calls_of_its_clients_are_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopping the server cuts its clients off, but a worker call already
+    running is waited for (a write is never cut short): the stop, with the
+    image's close, ends only once the call is over, and the write is in the
+    image."""
+    held: Held = []
+    start = fast_path_module.start_direct
+
+    async def release_later() -> None:
+        await trio.sleep(0.3)  # the server is stopping meanwhile
+        start(*held.pop())
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            async with served(tmp_path) as (stream, _node):
+                await stream.send_all(read_request(1, DATA))
+                await read_data(stream)  # the metadata is cached
+                monkeypatch.setattr(
+                    fast_path_module, "start_direct", lambda jobs, done: held.append((jobs, done))
+                )
+                await stream.send_all(write_request(0, 0x61, handle=2))
+                await settled(stream)
+                assert len(held) == 1
+                nursery.start_soon(release_later)
+            # served() has stopped the server: its client's session ended
+            assert held == []
+    assert "Pattern verification failed" not in qemu_io(
+        tmp_path / "disk.qcow2", "read -P 0x61 0 4k"
+    )
