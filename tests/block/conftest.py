@@ -6,6 +6,7 @@ image that lost its qemu packages cannot go green by skipping everything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -138,19 +139,28 @@ def active_commit_job(graph: BlockGraph, events: EventBus, **options: Any) -> Ac
     return job
 
 
-async def commit_to_the_end(graph: BlockGraph, tracked: int | None = None, **options: Any) -> None:
-    """An active commit of top (options as ``block-commit``'s; dirty data
-    tracked in ``tracked`` chunks, if given) through READY to its successful end."""
-    events = EventBus()
+@contextlib.asynccontextmanager
+async def ready_job(
+    graph: BlockGraph, events: EventBus, **options: Any
+) -> AsyncIterator[ActiveCommitJob]:
+    """An active commit of top (options as ``block-commit``'s), started and
+    READY; the block runs while it lives (30 s at most)."""
     ready = seen(events, "BLOCK_JOB_READY")
     job = active_commit_job(graph, events, **options)
-    if tracked is not None:
-        assert job._dirty.granularity == tracked
     async with trio.open_nursery() as nursery:
         await job.setup()
         job.start(nursery)
         with trio.fail_after(30):
             await ready.wait()
+            yield job
+
+
+async def commit_to_the_end(graph: BlockGraph, tracked: int | None = None, **options: Any) -> None:
+    """An active commit of top (options as ``block-commit``'s; dirty data
+    tracked in ``tracked`` chunks, if given) through READY to its successful end."""
+    async with ready_job(graph, EventBus(), **options) as job:
+        if tracked is not None:
+            assert job._dirty.granularity == tracked
         job.complete()
         await job.concluded.wait()
     assert job.error is None

@@ -30,6 +30,7 @@ from .conftest import (
     create,
     open_qcow2,
     qemu_io,
+    ready_job,
     seen,
 )
 
@@ -136,19 +137,13 @@ async def test_a_write_while_pending_reaches_base_from_its_first_byte(tmp_path: 
     graph, events = BlockGraph(), EventBus()
     try:
         base, top = await chain(tmp_path, graph, "4M", "write -P 0x22 1M 1M")
-        job = active_commit_job(graph, events, auto_finalize=False)
-        ready = seen(events, "BLOCK_JOB_READY")
         pending = seen(events, "JOB_STATUS_CHANGE", "pending")
-        async with trio.open_nursery() as nursery:
-            await job.setup()
-            job.start(nursery)
-            with trio.fail_after(30):
-                await ready.wait()
-                job.complete()
-                await pending.wait()
-                await top.write(0, b"\x99" * 4 * KiB)
-                job.finalize()
-                await job.concluded.wait()
+        async with ready_job(graph, events, auto_finalize=False) as job:
+            job.complete()
+            await pending.wait()
+            await top.write(0, b"\x99" * 4 * KiB)
+            job.finalize()
+            await job.concluded.wait()
         assert job.error is None
         assert await base.read(0, 8 * KiB) == b"\x99" * 4 * KiB + bytes(4 * KiB)
     finally:
@@ -295,26 +290,20 @@ async def test_a_paused_ready_job_copies_nothing_until_resumed(tmp_path: Path) -
     graph, events = BlockGraph(), EventBus()
     try:
         base, top = await chain(tmp_path, graph, "4M", "write -P 0x22 0 1M")
-        job = active_commit_job(graph, events)
-        ready = seen(events, "BLOCK_JOB_READY")
         standby = seen(events, "JOB_STATUS_CHANGE", "standby")
-        async with trio.open_nursery() as nursery:
-            await job.setup()
-            job.start(nursery)
-            with trio.fail_after(30):
-                await ready.wait()
-                job.user_pause()
-                await standby.wait()
-                await top.write(2 * MiB, b"\x88" * 64 * KiB)
-                await trio.sleep(0.5)  # five of a READY job's polls
-                assert await base.read(2 * MiB, 64 * KiB) == bytes(64 * KiB)
-                job.user_resume()
-                for _poll in range(200):  # the job's next polls copy it
-                    await trio.sleep(0.05)
-                    if await base.read(2 * MiB, 64 * KiB) == b"\x88" * 64 * KiB:
-                        break
-                else:
-                    raise AssertionError("the write was not copied after the resume")
+        async with ready_job(graph, events) as job:
+            job.user_pause()
+            await standby.wait()
+            await top.write(2 * MiB, b"\x88" * 64 * KiB)
+            await trio.sleep(0.5)  # five of a READY job's polls
+            assert await base.read(2 * MiB, 64 * KiB) == bytes(64 * KiB)
+            job.user_resume()
+            for _poll in range(200):  # the job's next polls copy it
+                await trio.sleep(0.05)
+                if await base.read(2 * MiB, 64 * KiB) == b"\x88" * 64 * KiB:
+                    break
+            else:
+                raise AssertionError("the write was not copied after the resume")
             job.user_cancel(force=True)
     finally:
         await graph.close_all()
