@@ -9,6 +9,7 @@ In-process, on images made by qemu-img.
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import trio
 from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
 from blockd.block.open import open_node
-from blockd.errors import BlockError
+from blockd.errors import BlockError, BlockIOError
 from blockd.events import EventBus
 from blockd.jobs.job import OnError
 from blockd.jobs.status import JobStatus
@@ -222,6 +223,30 @@ async def test_a_smaller_base_grows_to_top_s_size(tmp_path: Path) -> None:
             assert base.size == 8 * MiB
             assert await base.read(6 * MiB, 64 * KiB) == b"\x55" * 64 * KiB
             job.user_cancel(force=True)
+    finally:
+        await graph.close_all()
+
+
+async def test_a_base_that_cannot_grow_fails_the_job_in_errno_s_words(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QEMU's job asks its truncate of base for no message: the client reads
+    errno's words, not the driver's sentence."""
+    graph, events = BlockGraph(), EventBus()
+    try:
+        base, _top = await chain(tmp_path, graph, "4M", "write -P 0x55 6M 64k", top_size="8M")
+
+        async def full(*_args: object, **_options: object) -> None:
+            raise BlockIOError(errno.ENOSPC, "Could not resize the image: No space left on device")
+
+        monkeypatch.setattr(base, "truncate", full)
+        job = active_commit_job(graph, events)
+        async with trio.open_nursery() as nursery:
+            await job.setup()
+            job.start(nursery)
+            with trio.fail_after(30):
+                await job.concluded.wait()
+        assert job.error == "No space left on device"
     finally:
         await graph.close_all()
 
