@@ -218,3 +218,28 @@ async def test_the_server_stops_once_the_worker_calls_of_its_clients_are_over(
     assert "Pattern verification failed" not in qemu_io(
         tmp_path / "disk.qcow2", "read -P 0x61 0 4k"
     )
+
+
+async def test_a_bug_met_finishing_a_worker_call_is_logged_and_the_server_keeps_serving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Finishing a worker call runs as a loop callback, where an exception
+    would take trio, and the whole daemon, down: a bug there (here in
+    building a reply) is logged, and the server goes on serving."""
+    with trio.fail_after(20):
+        async with served(tmp_path) as (stream, _node):
+            await stream.send_all(read_request(1, DATA))
+            await read_data(stream)  # the metadata is cached
+            simple_reply = fast_path_module.r.simple_reply
+
+            def broken(handle: int) -> bytes:
+                monkeypatch.setattr(fast_path_module.r, "simple_reply", simple_reply)
+                raise RuntimeError("a bug")
+
+            monkeypatch.setattr(fast_path_module.r, "simple_reply", broken)
+            with caplog.at_level(logging.ERROR, logger="blockd.export.fast_path"):
+                await stream.send_all(write_request(0, 0x61, handle=2))
+                await settled(stream)
+            await stream.send_all(write_request(0, 0x62, handle=3))
+            assert await write_reply(stream) == (3, 0)
+    assert "finishing an NBD batch failed" in caplog.text
