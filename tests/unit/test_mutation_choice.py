@@ -166,7 +166,11 @@ def test_the_summary_counts_judged_survivors_by_their_change(tmp_path, monkeypat
             {
                 "mutants": {
                     "a": {**entry, "outcome": "killed", "change": "f: x -> y", "timed_out": True},
-                    "b": {**entry, "outcome": "survived", "change": "(module): LIMIT = 4 -> LIMIT = 5"},
+                    "b": {
+                        **entry,
+                        "outcome": "survived",
+                        "change": "(module): LIMIT = 4 -> LIMIT = 5",
+                    },
                     "c": {**entry, "outcome": "survived", "change": "quick: x + 1 -> x - 1"},
                     "d": {**entry, "outcome": "survived", "change": "inner: y * 2 -> y / 2"},
                 },
