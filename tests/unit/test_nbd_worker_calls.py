@@ -56,6 +56,13 @@ async def read_data(stream: trio.SocketStream) -> tuple[int, bytes]:
     return handle, payload[8:]
 
 
+async def cache_metadata(stream: trio.SocketStream) -> None:
+    """A first READ (answered on the loop, or by the slow path) caches its
+    metadata, so the fast path can resolve the requests after it."""
+    await stream.send_all(read_request(1, DATA))
+    await read_data(stream)
+
+
 async def settled(stream: trio.SocketStream) -> None:
     """Return once the server has handled every request sent before: a
     BLOCK_STATUS, which the slow path answers, sent after them is answered."""
@@ -80,8 +87,7 @@ async def test_an_uncached_read_is_read_in_a_worker_call(
         start(jobs, done)
 
     async with served(tmp_path) as (stream, _node):
-        await stream.send_all(read_request(1, DATA))
-        await read_data(stream)  # the metadata is cached, and the data
+        await cache_metadata(stream)
         monkeypatch.setattr(fast_path_module, "start_direct", counted)
         for handle in range(2, 12):
             fd = os.open(tmp_path / "disk.qcow2", os.O_RDONLY)
@@ -121,8 +127,7 @@ async def test_reads_and_writes_in_worker_calls_a_bounded_number_at_a_time(
         return len(held)
 
     async with served(tmp_path) as (stream, _node):
-        await stream.send_all(read_request(1, DATA))
-        await read_data(stream)  # the metadata is cached
+        await cache_metadata(stream)
         monkeypatch.setattr(fast_path_module, "read_cached", lambda io, buf: False)
         monkeypatch.setattr(fast_path_module, "start_direct", hold)
 
@@ -156,8 +161,7 @@ async def test_a_call_that_fails_while_being_put_together_gives_back_what_it_too
     end runs what it had received, the two WRITEs included.)"""
     with trio.fail_after(20):
         async with served(tmp_path) as (stream, node):
-            await stream.send_all(read_request(1, DATA))
-            await read_data(stream)  # the metadata is cached
+            await cache_metadata(stream)
             resolve = node.direct_io
             resolved: list[int] = []
 
@@ -204,8 +208,7 @@ async def test_the_server_stops_once_the_worker_calls_of_its_clients_are_over(
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             async with served(tmp_path) as (stream, _node):
-                await stream.send_all(read_request(1, DATA))
-                await read_data(stream)  # the metadata is cached
+                await cache_metadata(stream)
                 monkeypatch.setattr(
                     fast_path_module, "start_direct", lambda jobs, done: held.append((jobs, done))
                 )
@@ -228,8 +231,7 @@ async def test_a_bug_met_finishing_a_worker_call_is_logged_and_the_server_keeps_
     building a reply) is logged, and the server goes on serving."""
     with trio.fail_after(20):
         async with served(tmp_path) as (stream, _node):
-            await stream.send_all(read_request(1, DATA))
-            await read_data(stream)  # the metadata is cached
+            await cache_metadata(stream)
             simple_reply = fast_path_module.r.simple_reply
 
             def broken(handle: int) -> bytes:
