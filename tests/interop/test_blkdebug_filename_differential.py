@@ -189,19 +189,33 @@ def observe(start: Callable[[Path], DaemonProcess], d: Path, steps: list[Step]) 
     return [str(x).replace(str(d), "D") for x in out]
 
 
+#: How many times QSD runs a scenario at most.  Under load QSD 7.2 itself
+#: sometimes names a node differently: about 1 run in 25 of "two commits into
+#: a blkdebug base", on a loaded machine, shows after the second commit the
+#: key order of after the first.  blockd must give one of QSD's answers.
+QSD_RUNS = 4
+
+
+def run_scenario(start: Callable[[Path], DaemonProcess], d: Path, name: str) -> list[Any]:
+    d.mkdir()
+    create(d / "c0.qcow2", size="32M")
+    for i in range(4):
+        create(d / f"n{i}.qcow2", size="32M", backing=f"n{i - 1}.qcow2" if i else None)
+        qemu_io(d / f"n{i}.qcow2", f"write -P {i + 1} {i}M 1M")
+    return observe(start, d, scenarios(d)[name])
+
+
 @pytest.mark.parametrize("name", list(scenarios(Path("/"))))
 def test_blkdebug_json_filenames_match_qsd(sock_dir: Path, name: str) -> None:
     require_tool("qemu-storage-daemon")
-    results = []
-    for side, start in (("qsd", start_qsd), ("blockd", start_blockd)):
-        d = sock_dir / side
-        d.mkdir()
-        create(d / "c0.qcow2", size="32M")
-        for i in range(4):
-            create(d / f"n{i}.qcow2", size="32M", backing=f"n{i - 1}.qcow2" if i else None)
-            qemu_io(d / f"n{i}.qcow2", f"write -P {i + 1} {i}M 1M")
-        results.append(observe(start, d, scenarios(d)[name]))
-    theirs, ours = results
-    assert any("json:{" in line for line in theirs)  # the subject is there to compare
-    for a, b in zip(theirs, ours, strict=True):
+    ours = run_scenario(start_blockd, sock_dir / "blockd", name)
+    answers = []
+    for run in range(QSD_RUNS):
+        theirs = run_scenario(start_qsd, sock_dir / f"qsd{run}", name)
+        assert any("json:{" in line for line in theirs)  # the subject is there to compare
+        if theirs == ours:
+            return
+        answers.append(theirs)
+    # none of QSD's answers is ours: show where the first one differs
+    for a, b in zip(answers[0], ours, strict=True):
         assert a == b
