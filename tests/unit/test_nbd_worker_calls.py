@@ -17,6 +17,7 @@ import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -28,7 +29,15 @@ from tests.images import qemu_io
 
 from .test_nbd_inflight import receive_exactly
 from .test_nbd_protocol import request
-from .test_nbd_request_flags import DATA, SIZE, chunks, served, write_reply, write_request
+from .test_nbd_request_flags import (
+    DATA,
+    SIZE,
+    chunks,
+    negotiate_structured,
+    served,
+    write_reply,
+    write_request,
+)
 
 KiB = 1024
 
@@ -223,25 +232,42 @@ async def test_the_server_stops_once_the_worker_calls_of_its_clients_are_over(
     )
 
 
-async def test_a_bug_met_finishing_a_worker_call_is_logged_and_the_server_keeps_serving(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("where", ["building its reply", "queueing its reply"])
+async def test_a_bug_met_finishing_a_worker_call_cuts_the_client_off_and_the_server_serves_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, where: str
 ) -> None:
     """Finishing a worker call runs as a loop callback, where an exception
-    would take trio, and the whole daemon, down: a bug there (here in
-    building a reply) is logged, and the server goes on serving."""
+    would take trio, and the whole daemon, down.  A bug there is logged and
+    drops that client's connection (its WRITE would otherwise never be
+    answered, and the client wait forever); the server goes on serving, and
+    a new connection writes."""
+    owner, name, argument = (
+        (fast_path_module.r, "simple_reply", 0)
+        if where == "building its reply"
+        else (fast_path_module, "reply", 2)
+    )
+    working = getattr(owner, name)
+
+    def broken(*args: Any) -> Any:
+        """Fails for the WRITE with handle 2 (the loop also queues other replies)."""
+        answers = args[argument]
+        if 2 not in ([answers] if isinstance(answers, int) else [a.handle for a in answers]):
+            return working(*args)
+        raise RuntimeError("a bug")
+
     with trio.fail_after(20):
         async with served(tmp_path) as (stream, _node):
             await cache_metadata(stream)
-            simple_reply = fast_path_module.r.simple_reply
-
-            def broken(handle: int) -> bytes:
-                monkeypatch.setattr(fast_path_module.r, "simple_reply", simple_reply)
-                raise RuntimeError("a bug")
-
-            monkeypatch.setattr(fast_path_module.r, "simple_reply", broken)
+            monkeypatch.setattr(owner, name, broken)
             with caplog.at_level(logging.ERROR, logger="blockd.export.fast_path"):
                 await stream.send_all(write_request(0, 0x61, handle=2))
-                await settled(stream)
-            await stream.send_all(write_request(0, 0x62, handle=3))
-            assert await write_reply(stream) == (3, 0)
-    assert "finishing an NBD batch failed" in caplog.text
+                unanswered = b""
+                while data := await stream.receive_some():
+                    unanswered += data
+            assert unanswered == b""  # no reply: the connection was closed
+            again = await trio.open_unix_socket(str(tmp_path / "nbd.sock"))
+            async with again:
+                await negotiate_structured(again)
+                await again.send_all(write_request(0, 0x62, handle=3))
+                assert await write_reply(again) == (3, 0)
+    assert "finishing an NBD batch failed; disconnecting the client" in caplog.text

@@ -211,7 +211,9 @@ def _finish(
     """A worker-thread call is over: reply, and start what waited for it.
 
     Runs as a loop callback, where an exception would take trio down, so
-    nothing may escape.
+    nothing may escape.  A bug met here cuts the client off: some of its
+    requests may never be answered, and a client that sees its connection
+    drop can retry, where one waiting for those replies would wait forever.
     """
     answered.extend(request for request, _buf in replies)
     try:
@@ -233,11 +235,13 @@ def _finish(
             else:
                 frames.append(r.simple_reply(request.handle))
     except Exception:
-        log.exception("finishing an NBD batch failed")
+        log.exception("finishing an NBD batch failed; disconnecting the client")
+        client.disconnect()
     finally:
         lane.running -= 1
         try:
             reply(client, frames, answered)
             start_batches(client)
         except Exception:
-            log.exception("finishing an NBD batch failed")
+            log.exception("finishing an NBD batch failed; disconnecting the client")
+            client.disconnect()
