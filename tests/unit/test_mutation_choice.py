@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -104,57 +105,114 @@ def test_a_function_no_test_runs_chooses_nothing(choose, tmp_path):
 # -- the ledger: a campaign's outcomes outlive its machine -----------------------
 
 
-def session_with(path: Path, mutants: list[tuple[str, int]]) -> list[str]:
-    """A cosmic-ray session of ``(operator, occurrence)`` mutants; their job ids."""
+#: (operator, occurrence, line, the function around it) of three mutants of MODULE
+MUTANTS = [("core/A", 0, 5, "quick"), ("core/A", 1, 12, "slow"), ("core/B", 0, 16, "never")]
+
+
+def session_with(
+    path: Path, source: str, mutants: list[tuple[str, int, int, str]], tiers: str = "fast"
+) -> list[str]:
+    """A cosmic-ray session of ``source`` (``path`` with .py) and these
+    mutants, run with the fast tier or both; their job ids."""
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import MutationSpec, WorkItem
 
+    script = load_script()
+    path.with_suffix(".py").write_text(source)
+    command = ["fast"] + ([script.pytest_command("slow", 900)] if tiers == "both" else [])
+    path.with_suffix(".toml").write_text(
+        f"[cosmic-ray]\ntest-command = {script.sh_quote_toml(' && '.join(command))}\n"
+    )
     ids = []
     with use_db(str(path), WorkDB.Mode.create) as db:
-        for i, (operator, occurrence) in enumerate(mutants):
-            spec = MutationSpec("m.py", operator, occurrence, (10 + i, 0), (10 + i, 5))
+        for i, (operator, occurrence, line, where) in enumerate(mutants):
+            spec = MutationSpec(
+                "m.py", operator, occurrence, (line, 4), (line, 9), definition_name=where
+            )
             db.add_work_item(WorkItem(job_id=f"job{path.stem}{i}", mutations=[spec]))
             ids.append(f"job{path.stem}{i}")
     return ids
 
 
-def test_a_new_session_takes_the_ledger_s_outcomes_and_runs_the_rest(tmp_path, monkeypatch):
+def finish(session: Path, outcomes: dict[str, Any]) -> None:
     from cosmic_ray.work_db import use_db
-    from cosmic_ray.work_item import TestOutcome, WorkerOutcome, WorkResult
+    from cosmic_ray.work_item import WorkerOutcome, WorkResult
+
+    diff = "--- a\n+++ b\n-    return x + 1\n+    return x - 1\n"
+    with use_db(str(session)) as db:
+        for job, outcome in outcomes.items():
+            db.set_result(job, WorkResult(WorkerOutcome.NORMAL, "", outcome, diff))
+
+
+def pending_and_taken(session: Path) -> tuple[list[str], dict[str, Any]]:
+    from cosmic_ray.work_db import use_db
+
+    with use_db(str(session)) as db:
+        pending = sorted(item.job_id for item in db.pending_work_items)
+        return pending, {job: result.test_outcome for job, result in db.results}
+
+
+def test_a_new_session_takes_the_ledger_s_outcomes_and_runs_the_rest(tmp_path, monkeypatch):
+    from cosmic_ray.work_item import TestOutcome
 
     script = load_script()
     monkeypatch.setattr(script, "LEDGERS", tmp_path / "ledgers")
-    (tmp_path / "first.py").write_text(MODULE)
-    target = script.Target("m.py", "tests")
-    mutants = [("core/A", 0), ("core/A", 1), ("core/B", 0)]
-    first = session_with(tmp_path / "first.sqlite", mutants)
-    diff = "--- a\n+++ b\n-    return x + 1\n+    return x - 1\n"
-    with use_db(str(tmp_path / "first.sqlite")) as db:
-        for job, outcome in zip(first, (TestOutcome.KILLED, TestOutcome.SURVIVED), strict=False):
-            db.set_result(job, WorkResult(WorkerOutcome.NORMAL, "", outcome, diff))
-    script.save_ledger("m", target, tmp_path / "first.sqlite", fast_only=True)
+    target = script.Target("m.py", "tests", "slow")
+    first = session_with(tmp_path / "first.sqlite", MODULE, MUTANTS)
+    outcomes = {first[0]: TestOutcome.KILLED, first[1]: TestOutcome.SURVIVED}
+    finish(tmp_path / "first.sqlite", outcomes)
+    script.save_ledger("m", target, tmp_path / "first.sqlite")
+    ledger = json.loads((tmp_path / "ledgers" / "m.json").read_text())
+    assert [e["tiers"] for e in ledger["mutants"].values()] == ["fast", "fast"]
 
-    (tmp_path / "second.py").write_text(MODULE)  # the same module, on another machine
-    second = session_with(tmp_path / "second.sqlite", mutants)
+    # the same module, on another machine
+    second = session_with(tmp_path / "second.sqlite", MODULE, MUTANTS)
     script.apply_ledger("m", tmp_path / "second.sqlite", fast_only=True)
-    with use_db(str(tmp_path / "second.sqlite")) as db:
-        assert [item.job_id for item in db.pending_work_items] == [second[2]]
-        taken = {job: result.test_outcome for job, result in db.results}
-    assert taken == {second[0]: TestOutcome.KILLED, second[1]: TestOutcome.SURVIVED}
+    assert pending_and_taken(tmp_path / "second.sqlite") == (
+        [second[2]],
+        {second[0]: TestOutcome.KILLED, second[1]: TestOutcome.SURVIVED},
+    )
 
-    # a run with both tiers runs a fast-tier survivor again
-    third = session_with(tmp_path / "third.sqlite", mutants)
-    (tmp_path / "third.py").write_text(MODULE)
+    # a run with both tiers runs a fast-tier survivor again, and records
+    # that both tiers ran
+    third = session_with(tmp_path / "third.sqlite", MODULE, MUTANTS, tiers="both")
     script.apply_ledger("m", tmp_path / "third.sqlite", fast_only=False)
-    with use_db(str(tmp_path / "third.sqlite")) as db:
-        assert sorted(item.job_id for item in db.pending_work_items) == third[1:]
+    assert pending_and_taken(tmp_path / "third.sqlite")[0] == third[1:]
+    finish(tmp_path / "third.sqlite", {third[1]: TestOutcome.SURVIVED})
+    script.save_ledger("m", target, tmp_path / "third.sqlite")
+    ledger = json.loads((tmp_path / "ledgers" / "m.json").read_text())
+    assert [e["tiers"] for e in ledger["mutants"].values()] == ["fast", "both"]
 
-    # another version of the module: every mutant runs
-    (tmp_path / "fourth.py").write_text(MODULE + "\n# changed\n")
-    fourth = session_with(tmp_path / "fourth.sqlite", mutants)
-    script.apply_ledger("m", tmp_path / "fourth.sqlite", fast_only=True)
-    with use_db(str(tmp_path / "fourth.sqlite")) as db:
-        assert sorted(item.job_id for item in db.pending_work_items) == fourth
+    # an edit: quick() changed, a function added above slow(), which moved
+    # four lines down; slow's survivor is taken at its new line, and quick's
+    # mutant runs again
+    added = "def added(x):\n    return x\n\n\n"
+    edited = MODULE.replace("x + 1", "x + 2").replace("def slow", added + "def slow")
+    moved = [("core/A", 0, 5, "quick"), ("core/A", 1, 16, "slow")]
+    fourth = session_with(tmp_path / "fourth.sqlite", edited, moved, tiers="both")
+    script.apply_ledger("m", tmp_path / "fourth.sqlite", fast_only=False)
+    assert pending_and_taken(tmp_path / "fourth.sqlite") == (
+        [fourth[0]],
+        {fourth[1]: TestOutcome.SURVIVED},
+    )
+    # a mutant whose key the ledger knows, at another place (an edit may
+    # renumber an operator's occurrences): it runs
+    session_with(tmp_path / "renumbered.sqlite", edited, [("core/A", 1, 12, "slow")])
+    script.apply_ledger("m", tmp_path / "renumbered.sqlite", fast_only=True)
+    assert pending_and_taken(tmp_path / "renumbered.sqlite")[1] == {}
+    finish(tmp_path / "fourth.sqlite", {fourth[0]: TestOutcome.KILLED})
+    script.save_ledger("m", target, tmp_path / "fourth.sqlite")
+    ledger = json.loads((tmp_path / "ledgers" / "m.json").read_text())
+    assert ledger["sha256"] == script.digest(edited)
+    assert {key: (e["line"], e["outcome"]) for key, e in ledger["mutants"].items()} == {
+        'core/A{}#0': (5, "killed"),
+        'core/A{}#1': (16, "survived"),
+    }
+
+    # an edit outside every function keeps every function's outcomes
+    session_with(tmp_path / "fifth.sqlite", edited + "\n# changed\n", moved[:2], "both")
+    script.apply_ledger("m", tmp_path / "fifth.sqlite", fast_only=False)
+    assert pending_and_taken(tmp_path / "fifth.sqlite")[0] == []
 
 
 def test_the_summary_counts_judged_survivors_by_their_change(tmp_path, monkeypatch, capsys):
