@@ -82,9 +82,6 @@ class Client:
         self.budget = ClientBudget(budget)
         self.reads = Lane(_READ_CALLS)
         self.writes = Lane(_WRITE_CALLS)
-        #: set whenever no request waits for or runs in a worker-thread call
-        self.batches_done = trio.Event()
-        self.batches_done.set()
         self.nursery: trio.Nursery | None = None
         self.export: Export | None = None
         self.structured = False

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 
 import outcome
-import trio
 
 from blockd.block.direct import DirectJob, DirectResult, read_cached, start_direct
 from blockd.block.node import BlockNode
@@ -140,8 +139,6 @@ def start_batches(client: Client) -> None:
                 size += pending[0].length
                 take.append(pending.popleft())
             _submit(client, lane, take)
-    if client.reads.idle and client.writes.idle:
-        client.batches_done.set()
 
 
 def _submit(client: Client, lane: Lane, requests: list[p.Request]) -> None:
@@ -189,8 +186,6 @@ def _submit(client: Client, lane: Lane, requests: list[p.Request]) -> None:
         reply(client, frames, answered)
         return
     lane.running += 1
-    if client.batches_done.is_set():
-        client.batches_done = trio.Event()
 
     def done(result: outcome.Outcome[DirectResult]) -> None:
         _finish(client, lane, export, jobs, replies, frames, answered, result)

@@ -69,14 +69,14 @@ async def run_session(registry: ExportRegistry, client: Client) -> None:
             # Let running requests finish and their replies go out, then stop the writer.
             async with trio.open_nursery() as waiter:
                 waiter.start_soon(_wait_requests, client)
-            with trio.CancelScope(shield=True):
-                # worker-thread calls hold no task: wait for them here
-                while not (client.reads.idle and client.writes.idle):
-                    await client.batches_done.wait()
             client.outbox.close()
 
 
 async def _wait_requests(client: Client) -> None:
+    """Every slot back: every request answered.  A request holds its slot
+    until its reply is sent, which is after its worker-thread call (those
+    hold no task): so no call of this client runs any more.  (A cut-off
+    client does not wait for its calls; closing the image does.)"""
     for _ in range(MAX_INFLIGHT):
         await client.slots.acquire()
 
