@@ -20,6 +20,7 @@ from blockd.block.node import BlockNode
 from blockd.block.open import open_node
 from blockd.errors import BlockError, BlockIOError
 from blockd.events import EventBus
+from blockd.jobs.active_commit import HOLD_BYTES
 from blockd.jobs.job import OnError
 from blockd.jobs.status import JobStatus
 
@@ -254,22 +255,25 @@ async def test_a_base_that_cannot_grow_fails_the_job_in_errno_s_words(
 @pytest.mark.parametrize("on_error", ["ignore", "stop"])
 @pytest.mark.parametrize(
     "failing",
-    # top's first read (a copy), or the flush of base before READY
-    [("top", "read_aio"), ("base", "flush_to_disk")],
-    ids=["copy", "flush-of-base"],
+    # top's first read (a copy: of a dirty set small enough to be copied
+    # with the writes held, or of a bigger one, copied a window at a time),
+    # or the flush of base before READY
+    [("top", "read_aio", 2), ("top", "read_aio", 8), ("base", "flush_to_disk", 2)],
+    ids=["copy", "unheld-copy", "flush-of-base"],
 )
 async def test_what_failed_once_is_made_again(
-    tmp_path: Path, on_error: str, failing: tuple[str, str]
+    tmp_path: Path, on_error: str, failing: tuple[str, str, int]
 ) -> None:
     """A copy or the flush before READY fails once: the error goes through
     the on-error policy (an event, then a retry), not straight to the job's
     end."""
     graph, events = BlockGraph(), EventBus()
-    node, event = failing
+    node, event, mib = failing
+    assert (mib * MiB > HOLD_BYTES) == (mib == 8)  # each case is what its id says
     rules: list[dict[str, object]] = [{"event": event, "once": True}]
     try:
         base, _top = await chain(
-            tmp_path, graph, "4M", "write -P 0x66 0 2M",
+            tmp_path, graph, "16M", f"write -P 0x66 0 {mib}M",
             top_rules=rules if node == "top" else None,
             base_rules=rules if node == "base" else None,
         )  # fmt: skip
@@ -283,7 +287,7 @@ async def test_what_failed_once_is_made_again(
                 if on_error == "stop":
                     job.user_resume()
                 await ready.wait()
-            assert await base.read(0, 2 * MiB) == b"\x66" * 2 * MiB
+            assert await base.read(0, mib * MiB) == b"\x66" * mib * MiB
             job.user_cancel(force=True)
     finally:
         await graph.close_all()
