@@ -654,15 +654,16 @@ def test_a_lowered_speed_does_not_throttle_a_ready_commit(
 
 
 @pytest.mark.parametrize("force", [True, False])
-@pytest.mark.parametrize("user", ["base", "raw"])
+@pytest.mark.parametrize("user", ["base", "raw", "blkdebug"])
 def test_a_writable_export_added_during_the_commit_keeps_working(
     either: DaemonProcess, tmp_path: Path, sock_dir: Path, force: bool, user: str
 ) -> None:
     """Found by the differential harness: blockd made base read-only again after
     the cancel and the export's next write failed; QSD keeps serving it.
 
-    ``user`` is what the export serves: base itself, or a writable raw node
-    added on top of base (a writer the graph knows of, not the exports).
+    ``user`` is what the export serves: base itself, or a writable raw or
+    blkdebug node added on top of base (a writer the graph knows of, not the
+    exports; blkdebug's child edge is named ``image``, not ``file``).
     """
     d = tmp_path
     with RawQMP(either.socket_path) as qmp:
@@ -673,6 +674,9 @@ def test_a_writable_export_added_during_the_commit_keeps_working(
         if user == "raw":
             raw = {"driver": "raw", "node-name": "raw", "file": "base", "read-only": False}
             assert qmp.execute("blockdev-add", raw) == {"return": {}}
+        if user == "blkdebug":
+            dbg = {"driver": "blkdebug", "node-name": user, "image": "base", "read-only": False}
+            assert qmp.execute("blockdev-add", dbg) == {"return": {}}
         export(qmp, user)
         uri = f"nbd+unix:///{user}?socket={nbd_sock}"
         io(uri, "write -P 0x71 60M 1M")

@@ -5,6 +5,7 @@ base takes top's open mode with it: a read-only top leaves a read-only base
 (and file node), and an overlay added on top while the job ran reads base
 afterwards (its header still names top, so its file name shows the
 override).  Found by the random differential runs (seeds 500104, 300486).
+A node opened on top itself (a raw node over it) moves to base as well.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def add(d: Path, name: str, backing: str | None, read_only: bool) -> dict[str, A
 
 
 def run(
-    start: Callable[[Path], DaemonProcess], d: Path, top_read_only: bool, overlay: bool
+    start: Callable[[Path], DaemonProcess], d: Path, top_read_only: bool, added: str | None
 ) -> list[Any]:
     create(d / "n0.qcow2", size="8M")
     create(d / "n1.qcow2", size="8M", backing="n0.qcow2")
@@ -46,9 +47,12 @@ def run(
                 assert qmp.execute("blockdev-add", args) == {"return": {}}
             assert qmp.execute("block-commit", {"job-id": "j0", "device": "n1"}) == {"return": {}}
             qmp.wait_event("BLOCK_JOB_READY")
-            if overlay:
+            if added == "overlay":
                 reply = qmp.execute("blockdev-add", add(d, "o0", "n1", False))
                 assert reply == {"return": {}}
+            if added == "raw":
+                raw = {"driver": "raw", "node-name": "r0", "file": "n1", "read-only": False}
+                assert qmp.execute("blockdev-add", raw) == {"return": {}}
             assert qmp.execute("job-complete", {"id": "j0"}) == {"return": {}}
             qmp.wait_event("BLOCK_JOB_COMPLETED")
             qmp.wait_event("JOB_STATUS_CHANGE", status="null")
@@ -56,6 +60,8 @@ def run(
             for n in sorted(nodes, key=lambda n: str(n["node-name"])):
                 if not n["node-name"].startswith("#"):
                     seen.append((n["node-name"], n["ro"], n["file"], n.get("backing_file")))
+            # nobody uses top any more: it goes (and a raw node on it moved to base)
+            seen.append(qmp.execute("blockdev-del", {"node-name": "n1"}))
             assert qmp.execute("quit") == {"return": {}}
     finally:
         daemon.stop()
@@ -64,23 +70,23 @@ def run(
 
 
 @pytest.mark.parametrize(
-    ("top_read_only", "overlay"),
-    [(True, False), (False, True), (True, True)],
-    ids=["read-only top", "overlay added on top", "both"],
+    ("top_read_only", "added"),
+    [(True, None), (False, "overlay"), (True, "overlay"), (False, "raw")],
+    ids=["read-only top", "overlay added on top", "both", "raw node added on top"],
 )
 def test_completion_moves_mode_and_overlays_to_base_as_qsd(
-    sock_dir: Path, top_read_only: bool, overlay: bool
+    sock_dir: Path, top_read_only: bool, added: str | None
 ) -> None:
     require_tool("qemu-storage-daemon")
     results = []
     for side, start in (("qsd", start_qsd), ("blockd", start_blockd)):
         d = sock_dir / side
         d.mkdir()
-        results.append(run(start, d, top_read_only, overlay))
+        results.append(run(start, d, top_read_only, added))
     theirs, ours = results
     assert ours == theirs
     if top_read_only:
         assert "('n0', True, 'D/n0.qcow2', None)" in ours
-    if overlay:
+    if added == "overlay":
         assert "('o0 header', 'n1.qcow2')" in ours
         assert any(x.startswith("('o0', False, 'json:") and "'D/n0.qcow2')" in x for x in ours)

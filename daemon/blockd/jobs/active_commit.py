@@ -490,6 +490,11 @@ class ActiveCommitJob(Job):
                 # override, as in QEMU.
                 parent.backing = base
                 self.graph.relink(parent, top, base)
+            else:
+                # A node opened on top itself (a raw or blkdebug node over
+                # it) reads and writes base from now on too: left on top, its
+                # writes would land in an image that has left the chain.
+                parent.file = base
         if top.read_only and not base.read_only and not self._written_elsewhere():
             # Base takes top's place, and its open mode with it (as in QEMU):
             # a read-only top leaves a read-only base.
