@@ -112,6 +112,7 @@ async def test_an_uncached_read_is_read_in_a_worker_call(
     assert calls == [[False]]
 
 
+@pytest.mark.timeout(60)  # a failed check leaves calls held: the server's shielded stop waits
 async def test_reads_and_writes_in_worker_calls_a_bounded_number_at_a_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -156,8 +157,13 @@ async def test_reads_and_writes_in_worker_calls_a_bounded_number_at_a_time(
         release_first()
         assert await write_reply(stream) == (5, 0)
         assert await running_after() == 1  # and goes next
+        # the bound holds after a call is over too: a third WRITE waits
+        assert await running_after(write_request(0, 0x63, handle=7, offset=16 * KiB)) == 1
         release_first()
         assert await write_reply(stream) == (6, 0)
+        assert await running_after() == 1
+        release_first()
+        assert await write_reply(stream) == (7, 0)
 
 
 @pytest.mark.timeout(60)  # a range never given back hangs the shielded stop of the server
