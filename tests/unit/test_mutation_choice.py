@@ -110,7 +110,7 @@ MUTANTS = [("core/A", 0, 5, "quick"), ("core/A", 1, 12, "slow"), ("core/B", 0, 1
 
 
 def session_with(
-    path: Path, source: str, mutants: list[tuple[str, int, int, str]], tiers: str = "fast"
+    path: Path, source: str, mutants: list[tuple[str, int, int, str | None]], tiers: str = "fast"
 ) -> list[str]:
     """A cosmic-ray session of ``source`` (``path`` with .py) and these
     mutants, run with the fast tier or both; their job ids."""
@@ -213,6 +213,34 @@ def test_a_new_session_takes_the_ledger_s_outcomes_and_runs_the_rest(tmp_path, m
     session_with(tmp_path / "fifth.sqlite", edited + "\n# changed\n", moved[:2], "both")
     script.apply_ledger("m", tmp_path / "fifth.sqlite", fast_only=False)
     assert pending_and_taken(tmp_path / "fifth.sqlite")[0] == []
+
+
+def test_an_edit_keeps_the_outcomes_outside_every_function_while_those_lines_are_unchanged(
+    tmp_path, monkeypatch
+):
+    from cosmic_ray.work_item import TestOutcome
+
+    script = load_script()
+    monkeypatch.setattr(script, "LEDGERS", tmp_path / "ledgers")
+    target = script.Target("m.py", "tests")
+    constants = [("core/N", 0, 1, None), ("core/N", 1, 19, None)]  # LIMIT = 4, VALUE = ...
+    first = session_with(tmp_path / "first.sqlite", MODULE, constants)
+    finish(tmp_path / "first.sqlite", {job: TestOutcome.KILLED for job in first})
+    script.save_ledger("m", target, tmp_path / "first.sqlite")
+
+    # a function added (with its blank lines) moves VALUE four lines down
+    added = MODULE.replace("def never", "def added(x):\n    return x\n\n\ndef never")
+    moved = [("core/N", 0, 1, None), ("core/N", 1, 23, None)]
+    second = session_with(tmp_path / "second.sqlite", added, moved)
+    script.apply_ledger("m", tmp_path / "second.sqlite", fast_only=True)
+    assert pending_and_taken(tmp_path / "second.sqlite") == (
+        [],
+        {job: TestOutcome.KILLED for job in second},
+    )
+    # a constant changed: everything outside the functions runs again
+    third = session_with(tmp_path / "third.sqlite", MODULE.replace("= 4", "= 5"), constants)
+    script.apply_ledger("m", tmp_path / "third.sqlite", fast_only=True)
+    assert pending_and_taken(tmp_path / "third.sqlite")[0] == sorted(third)
 
 
 def test_the_summary_counts_judged_survivors_by_their_change(tmp_path, monkeypatch, capsys):
