@@ -243,6 +243,29 @@ def test_an_edit_keeps_the_outcomes_outside_every_function_while_those_lines_are
     assert pending_and_taken(tmp_path / "third.sqlite")[0] == sorted(third)
 
 
+def test_shards_made_in_sessions_of_their_own_split_the_mutants_between_them(tmp_path):
+    """Each shard makes its own session, where cosmic-ray gives the mutants
+    new, random job ids: the split must not depend on them."""
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import MutationSpec, WorkItem
+
+    script = load_script()
+    mutants = [("core/A", n) for n in range(5)] + [("core/B", n) for n in range(4)]
+    pending = []
+    for number, ids in ((1, range(9)), (2, [3, 7, 0, 8, 2, 5, 1, 6, 4])):
+        path = tmp_path / f"shard{number}.sqlite"
+        with use_db(str(path), WorkDB.Mode.create) as db:
+            for job, (operator, occurrence) in zip(ids, mutants, strict=True):
+                spec = MutationSpec("m.py", operator, occurrence, (1, 0), (1, 1))
+                db.add_work_item(WorkItem(job_id=f"job{job}", mutations=[spec]))
+        script.skip_other_shards(path, (number, 2))
+        with use_db(str(path)) as db:
+            pending.append({script.mutant_key(item) for item in db.pending_work_items})
+    first, second = pending
+    assert not first & second
+    assert len(first | second) == len(mutants)
+
+
 def test_the_summary_counts_judged_survivors_by_their_change(tmp_path, monkeypatch, capsys):
     script = load_script()
     monkeypatch.setattr(script, "LEDGERS", tmp_path)
