@@ -19,7 +19,7 @@ from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
 from blockd.block.open import open_node
 from blockd.errors import BlockError, BlockIOError
-from blockd.events import EventBus
+from blockd.events import EmittedEvent, EventBus
 from blockd.jobs.active_commit import HOLD_BYTES
 from blockd.jobs.job import OnError
 from blockd.jobs.status import JobStatus
@@ -288,6 +288,36 @@ async def test_what_failed_once_is_made_again(
                     job.user_resume()
                 await ready.wait()
             assert await base.read(0, mib * MiB) == b"\x66" * mib * MiB
+            job.user_cancel(force=True)
+    finally:
+        await graph.close_all()
+
+
+async def test_no_ready_while_the_flush_of_base_keeps_failing(tmp_path: Path) -> None:
+    """READY says base holds what the guest sees: while base cannot be
+    flushed, each failure goes through on-error (here: ignore, so another
+    try) and the job stays unready, however long it goes on."""
+    graph, events = BlockGraph(), EventBus()
+    try:
+        await chain(tmp_path, graph, "4M", "write -P 0x66 0 2M",
+                    base_rules=[{"event": "flush_to_disk"}])  # fmt: skip
+        job = active_commit_job(graph, events, on_error=OnError.IGNORE)
+        errors, decided = 0, trio.Event()
+
+        def count(e: EmittedEvent) -> None:
+            nonlocal errors
+            errors += e.name == "BLOCK_JOB_ERROR"
+            if errors == 3 or e.name == "BLOCK_JOB_READY":
+                decided.set()
+
+        events.subscribe(count)
+        ready = seen(events, "BLOCK_JOB_READY")
+        async with trio.open_nursery() as nursery:
+            await job.setup()
+            job.start(nursery)
+            with trio.fail_after(30):
+                await decided.wait()
+            assert not ready.is_set()
             job.user_cancel(force=True)
     finally:
         await graph.close_all()
