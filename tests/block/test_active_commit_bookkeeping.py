@@ -228,6 +228,26 @@ async def test_a_smaller_base_grows_to_top_s_size(tmp_path: Path) -> None:
         await graph.close_all()
 
 
+async def test_a_bigger_base_keeps_its_size(tmp_path: Path) -> None:
+    """Base only ever grows to top's size, as in QEMU: what it holds past
+    top's end stays (it may be shown through another overlay)."""
+    graph, events = BlockGraph(), EventBus()
+    try:
+        base, _top = await chain(tmp_path, graph, "8M", "write -P 0x55 1M 64k", top_size="4M")
+        job = active_commit_job(graph, events)
+        ready = seen(events, "BLOCK_JOB_READY")
+        async with trio.open_nursery() as nursery:
+            await job.setup()
+            job.start(nursery)
+            with trio.fail_after(30):
+                await ready.wait()
+            assert base.size == 8 * MiB
+            assert await base.read(1 * MiB, 64 * KiB) == b"\x55" * 64 * KiB
+            job.user_cancel(force=True)
+    finally:
+        await graph.close_all()
+
+
 async def test_a_base_that_cannot_grow_fails_the_job_in_errno_s_words(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
