@@ -63,10 +63,6 @@ class Lane:
         self.pending: collections.deque[p.Request] = collections.deque()
         self.running = 0
 
-    @property
-    def idle(self) -> bool:
-        return not self.pending and not self.running
-
 
 class Client:
     """What the session, the fast path and the slow path share about one
