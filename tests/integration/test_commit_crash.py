@@ -118,3 +118,33 @@ def test_sigterm_mid_commit_cancels_and_exits_cleanly(
     assert same_data(before, top)
     for image in (base, mid, top):
         check(image)
+
+
+def test_sigterm_cancels_a_ready_active_commit_for_real(
+    blockd: DaemonProcess, tmp_path: Path
+) -> None:
+    """A READY active commit may be cancelled softly (it then ends as
+    completed, without the pivot); stopping the daemon cancels it for real,
+    as qemu-storage-daemon 7.2 does (seen by hand: after READY, ``aborting``,
+    BLOCK_JOB_CANCELLED, ``concluded``, ``null``)."""
+    base, mid, top = chain(tmp_path)
+    before = guest_view(top, tmp_path / "before.raw")
+    with RawQMP(blockd.socket_path) as client:
+        client.negotiate()
+        add_chain(client, tmp_path, base_read_only=False)
+        assert client.execute("block-commit", {"job-id": "job0", "device": "top"}) == {
+            "return": {}
+        }
+        client.wait_event("BLOCK_JOB_READY", device="job0")
+        blockd.signal(signal.SIGTERM)
+        assert blockd.wait(timeout=15) == 0
+        client.wait_event("JOB_STATUS_CHANGE", id="job0", status="null")
+        after_ready = client.job_statuses("job0")
+        after_ready = after_ready[after_ready.index("BLOCK_JOB_READY") + 1 :]
+        assert [s for s in after_ready if s not in ("standby", "ready")] == [
+            "aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"
+        ]  # fmt: skip
+    assert backing_of(top) == "mid.qcow2"
+    assert same_data(before, top)
+    for image in (base, mid, top):
+        check(image)
