@@ -132,9 +132,7 @@ def test_sigterm_cancels_a_ready_active_commit_for_real(
     with RawQMP(blockd.socket_path) as client:
         client.negotiate()
         add_chain(client, tmp_path, base_read_only=False)
-        assert client.execute("block-commit", {"job-id": "job0", "device": "top"}) == {
-            "return": {}
-        }
+        assert client.execute("block-commit", {"job-id": "job0", "device": "top"}) == {"return": {}}
         client.wait_event("BLOCK_JOB_READY", device="job0")
         blockd.signal(signal.SIGTERM)
         assert blockd.wait(timeout=15) == 0
