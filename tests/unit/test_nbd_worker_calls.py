@@ -277,3 +277,33 @@ async def test_a_bug_met_finishing_a_worker_call_cuts_the_client_off_and_the_ser
                 await again.send_all(write_request(0, 0x62, handle=3))
                 assert await write_reply(again) == (3, 0)
     assert "finishing an NBD batch failed; disconnecting the client" in caplog.text
+
+
+@pytest.mark.timeout(60)  # a request never answered hangs the shielded stop of the server
+async def test_a_write_that_finds_no_worker_thread_fails_and_the_client_is_served_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker call that cannot start (the process is at its thread limit
+    and no worker thread runs) fails its requests with EIO and gives back
+    what they hold (before, they held their slots, their ranges and the
+    export for ever); the client's next WRITE, with a thread to be had,
+    works."""
+    start = fast_path_module.start_direct
+
+    def no_thread(jobs: list[DirectJob], done: Callable[..., object]) -> None:
+        raise RuntimeError("can't start new thread")
+
+    with trio.fail_after(20):
+        async with served(tmp_path) as (stream, node):
+            await cache_metadata(stream)
+            monkeypatch.setattr(fast_path_module, "start_direct", no_thread)
+            await stream.send_all(write_request(0, 0x61, handle=2))
+            assert await write_reply(stream) == (2, p.EIO)
+            with trio.fail_after(5):
+                await node.writes_settled()
+            monkeypatch.setattr(fast_path_module, "start_direct", start)
+            await stream.send_all(write_request(0, 0x62, handle=3))
+            assert await write_reply(stream) == (3, 0)
+    assert "Pattern verification failed" not in qemu_io(
+        tmp_path / "disk.qcow2", "read -P 0x62 0 4k"
+    )

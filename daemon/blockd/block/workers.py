@@ -63,10 +63,17 @@ class _Pool:
         if start:
             try:
                 threading.Thread(target=self._work, name="blockd-io", daemon=True).start()
-            except BaseException:
+            except BaseException as failure:
                 with self._lock:
                     self._threads -= 1
-                raise
+                    # A process at its thread limit (systemd's TasksMax, say)
+                    # cannot start one more: a running thread takes the job
+                    # once it is free.  With none running, the caller hears why.
+                    queued = isinstance(failure, RuntimeError) and self._threads > 0
+                    if queued:
+                        self._backlog += 1
+                if not queued:
+                    raise
         self._jobs.put(job)
 
     def _work(self) -> None:

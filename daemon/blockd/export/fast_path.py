@@ -190,7 +190,12 @@ def _submit(client: Client, lane: Lane, requests: list[p.Request]) -> None:
     def done(result: outcome.Outcome[DirectResult]) -> None:
         _finish(client, lane, export, jobs, replies, frames, answered, result)
 
-    start_direct(jobs, done)
+    try:
+        start_direct(jobs, done)
+    except Exception as failure:
+        # No worker thread to be had: these requests fail (and give back
+        # what they hold), and the client is served on.
+        done(outcome.Error(failure))
 
 
 def _finish(
