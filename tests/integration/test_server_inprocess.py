@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from blockd.block.graph import BlockGraph
-from blockd.commands import CommandContext, Handler
+from blockd.commands import HANDLERS, CommandContext, Handler
 from blockd.events import EventBus
 from blockd.export.exports import ExportRegistry
 from blockd.jobs.registry import JobRegistry
@@ -196,9 +196,9 @@ async def test_command_finishes_when_its_client_disconnects(harness: Harness) ->
     assert (await other.read())["id"] == 3
 
 
-async def test_dispatcher_refuses_handler_without_schema() -> None:
+def bare_context() -> CommandContext:
     graph = BlockGraph()
-    context = CommandContext(
+    return CommandContext(
         events=EventBus(),
         graph=graph,
         jobs=JobRegistry(),
@@ -206,8 +206,24 @@ async def test_dispatcher_refuses_handler_without_schema() -> None:
         exports=ExportRegistry(EventBus(), graph),
     )
 
+
+async def test_dispatcher_refuses_handler_without_schema() -> None:
     async def extra(ctx: CommandContext, args: Mapping[str, Any]) -> Any:
         return {}
 
-    with pytest.raises(SchemaError, match=r"no schema for \['extra'\]"):
-        Dispatcher(load_command_schemas(), {"extra": extra}, context)
+    with pytest.raises(SchemaError) as refused:
+        Dispatcher(load_command_schemas(), {**HANDLERS, "extra": extra}, bare_context())
+    assert str(refused.value) == (
+        "command table and schema/ disagree: no schema for ['extra'], no handler for []"
+    )
+
+
+async def test_dispatcher_refuses_schema_without_handler() -> None:
+    """One side alone disagreeing is enough: a command in schema/ that no
+    handler runs would be listed by query-commands and fail when called."""
+    handlers = {name: h for name, h in HANDLERS.items() if name != "query-version"}
+    with pytest.raises(SchemaError) as refused:
+        Dispatcher(load_command_schemas(), handlers, bare_context())
+    assert str(refused.value) == (
+        "command table and schema/ disagree: no schema for [], no handler for ['query-version']"
+    )
