@@ -5,7 +5,6 @@ thread at all does the caller hear that none could be started."""
 from __future__ import annotations
 
 import threading
-from typing import Any
 
 import pytest
 import trio
@@ -22,21 +21,22 @@ async def test_a_job_waits_for_a_running_thread_when_no_more_can_start(
 ) -> None:
     monkeypatch.setattr(workers, "_pool", workers._Pool(4))
     gate = threading.Event()
-    done: list[Any] = []
+    ran: list[str] = []  # in the order the (one) thread ran them
 
-    async def run(fn: Any) -> None:
-        done.append(await workers.run(fn))
+    def first() -> None:
+        gate.wait(10)
+        ran.append("first")
 
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(run, lambda: gate.wait(10))  # the one thread there is
+            nursery.start_soon(workers.run, first)  # the one thread there is
             await trio.sleep(0.1)
             monkeypatch.setattr(threading.Thread, "start", cannot_start)
-            nursery.start_soon(run, lambda: "second")
+            nursery.start_soon(workers.run, lambda: ran.append("second"))
             await trio.sleep(0.1)
-            assert done == []  # waiting for the busy thread, not refused
+            assert ran == []  # waiting for the busy thread, not refused
             gate.set()
-    assert done == [True, "second"]
+    assert ran == ["first", "second"]
 
 
 async def test_with_no_thread_at_all_the_caller_hears_why(monkeypatch: pytest.MonkeyPatch) -> None:
