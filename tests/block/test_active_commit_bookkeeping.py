@@ -226,13 +226,7 @@ async def test_base_grows_to_top_s_size_and_never_shrinks(
         base, _top = await chain(
             tmp_path, graph, base_size, f"write -P 0x55 {data_at} 64k", top_size=top_size
         )
-        job = active_commit_job(graph, events)
-        ready = seen(events, "BLOCK_JOB_READY")
-        async with trio.open_nursery() as nursery:
-            await job.setup()
-            job.start(nursery)
-            with trio.fail_after(30):
-                await ready.wait()
+        async with ready_job(graph, events) as job:
             assert base.size == 8 * MiB
             assert await base.read(data_at, 64 * KiB) == b"\x55" * 64 * KiB
             job.user_cancel(force=True)
