@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -112,13 +113,13 @@ MUTANTS = [("core/A", 0, 5, "quick"), ("core/A", 1, 12, "slow"), ("core/B", 0, 1
 def session_with(
     path: Path, source: str, mutants: list[tuple[str, int, int, str | None]], tiers: str = "fast"
 ) -> list[str]:
-    """A cosmic-ray session of ``source`` (``path`` with .py) and these
-    mutants, run with the fast tier or both; their job ids."""
+    """A cosmic-ray session of ``source`` (its pristine copy beside ``path``)
+    and these mutants, run with the fast tier or both; their job ids."""
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import MutationSpec, WorkItem
 
     script = load_script()
-    path.with_suffix(".py").write_text(source)
+    script.pristine_of(path).write_text(source)
     command = ["fast"] + ([script.pytest_command("slow", 900)] if tiers == "both" else [])
     path.with_suffix(".toml").write_text(
         f"[cosmic-ray]\ntest-command = {script.sh_quote_toml(' && '.join(command))}\n"
@@ -327,3 +328,15 @@ def test_a_change_runs_the_tests_that_ran_its_statement(choose, tmp_path, old, n
     pristine.write_text(BRANCHY)
     mutated.write_text(BRANCHY.replace(old, new))
     assert choose(chosen, pristine, mutated) == tests
+
+
+def test_a_session_s_pristine_module_does_not_stand_in_for_a_standard_one(tmp_path: Path) -> None:
+    """The tests run in the scratch copy, first on sys.path: the copy of
+    jobs/copy.py kept for a session named ``copy`` must not be what
+    ``import copy`` (which dataclasses does) finds there."""
+    pristine = load_script().pristine_of(tmp_path / "copy.sqlite")
+    pristine.write_text("raise SystemExit('the session copy was imported')\n")
+    done = subprocess.run(
+        [sys.executable, "-c", "import copy, dataclasses"], cwd=tmp_path, capture_output=True
+    )
+    assert done.returncode == 0, done.stderr
