@@ -529,18 +529,18 @@ async def test_a_step_copies_nothing_outside_its_window(
     assert await top.block_status(end, 128 * KiB) == before
 
 
+@pytest.mark.parametrize("cluster", [4 * KiB, 64 * KiB, 256 * KiB])
 async def test_a_step_holds_its_whole_clusters_and_no_more(
-    tmp_path: Path, graph: BlockGraph
+    tmp_path: Path, graph: BlockGraph, cluster: int
 ) -> None:
     """A step that starts or ends inside a cluster holds the whole cluster
     (a guest write anywhere in it is ordered with the copy), and nothing of
-    the clusters beside it."""
-    chain(tmp_path)
+    the clusters beside it: the device's own clusters, whatever their size."""
+    chain(tmp_path, cluster_size=cluster)
     nodes = await open_chain(graph, tmp_path)
     top = nodes["top"]
     copy = stream_module.StreamCopy(graph, top, None)
-    cluster = 64 * KiB
-    start, end = 10 * cluster + 512, 12 * cluster - 512  # within clusters 10 and 11
+    start, end = 10 * cluster + cluster // 2, 11 * cluster + cluster // 2  # mid 10 to mid 11
     beside = [await top.range_gate.begin_write(pos, 1) for pos in (10 * cluster - 1, 12 * cluster)]
     with trio.fail_after(10):
         await copy.window(start, end)  # nothing in flight over its clusters: no wait
