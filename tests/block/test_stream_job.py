@@ -10,6 +10,7 @@ through a socket.
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -117,12 +118,21 @@ def view(d: Path, name: str = "top") -> bytes:
 # -- whole streams -------------------------------------------------------------------
 
 
-async def test_stream_whole_chain_drops_the_backing(tmp_path: Path, graph: BlockGraph) -> None:
+def repointed(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The job's log lines that say what the device backs onto now."""
+    return [r.getMessage() for r in caplog.records if "now backs onto" in r.getMessage()]
+
+
+async def test_stream_whole_chain_drops_the_backing(
+    tmp_path: Path, graph: BlockGraph, caplog: pytest.LogCaptureFixture
+) -> None:
     chain(tmp_path)
     before = view(tmp_path)
     nodes = await open_chain(graph, tmp_path)
     r = Run()
-    job = await r(r.job(graph, plan_stream(graph, device="top")))
+    with caplog.at_level(logging.INFO, logger="blockd"):
+        job = await r(r.job(graph, plan_stream(graph, device="top")))
+    assert repointed(caplog) == ["job j: top now backs onto nothing"]
     assert job.error is None and job.offset == job.length == SIZE
     assert r.names()[-3:] == ["BLOCK_JOB_COMPLETED", "JOB_STATUS_CHANGE", "JOB_STATUS_CHANGE"]
     assert nodes["top"].backing is None
@@ -190,15 +200,17 @@ async def test_stream_to_base_names_it_and_closes_implicit_intermediates(
 
 
 async def test_stream_with_backing_file_and_read_only_device(
-    tmp_path: Path, graph: BlockGraph
+    tmp_path: Path, graph: BlockGraph, caplog: pytest.LogCaptureFixture
 ) -> None:
     chain(tmp_path)
     before = view(tmp_path, "mid2")
     nodes = await open_chain(graph, tmp_path)
     r = Run()
     plan = plan_stream(graph, device="mid2", base_node="base", backing_file="base.qcow2")
-    job = await r(r.job(graph, plan))
+    with caplog.at_level(logging.INFO, logger="blockd"):
+        job = await r(r.job(graph, plan))
     assert job.error is None
+    assert repointed(caplog) == ["job j: mid2 now backs onto base.qcow2"]
     # opened read-write for the job only
     assert nodes["mid2"].read_only
     assert nodes["mid2"].backing is nodes["base"]
