@@ -42,6 +42,7 @@ from .conftest import (
 
 KiB = 1024
 MiB = 1 << 20
+GiB = 1 << 30
 SIZE = 12 * MiB
 
 #: What the layers above base hold, as (start, length, reads as zeros).
@@ -288,6 +289,42 @@ async def test_steps_cover_the_range_in_whole_units_and_batch_sparse_runs(
     assert joined == [(layer.node_name, status.value, pos, n) for layer, status, pos, n in whole]
     # 48 scattered clusters past 16 MiB: far fewer steps than windows
     assert count < (t.size // unit) // 2 if unit < 32 * MiB else count <= 3
+
+
+async def test_steps_through_a_huge_sparse_chain_look_through_a_bounded_stretch_each(
+    tmp_path: Path,
+) -> None:
+    """Past the first 16 GiB too (images of tens of GiB are common): each
+    step moves on, looks through at most 16 GiB (copy.SCAN) plus the chunk
+    that crossed it (4 GiB of 64 KiB clusters), so a pause or a cancel waits
+    for no more, and all the steps together give exactly the runs of the
+    whole range."""
+    size = 64 * GiB
+    base = create(tmp_path / "base.qcow2", size)
+    mid = create(tmp_path / "mid.qcow2", size, backing=base)
+    qemu_io(mid, "write -P 1 1G 64k", f"write -P 2 {17 * GiB + 64 * KiB} 4k",
+            "write -P 3 40G 1M", f"write -P 4 {size - MiB} 1M")  # fmt: skip
+    top = create(tmp_path / "top.qcow2", size, backing=mid)
+    qemu_io(top, "write -P 5 20G 64k")
+    graph = BlockGraph()
+    try:
+        b, _m, t = await open_chain(graph, (base, mid, top))
+        copy = ChainCopy(graph, t, b)
+        whole = await copy.runs(0, t.size)
+        steps = Steps(copy, 0, t.size)
+        offset, got = 0, []
+        with trio.fail_after(60):
+            while offset < t.size:
+                end, runs = await steps.next(32 * MiB)
+                assert offset < end <= offset + 16 * GiB + 4 * GiB
+                got += runs
+                offset = end
+    finally:
+        await graph.close_all()
+    assert [(r[0].node_name, r[2], r[3]) for r in got] == [
+        (r[0].node_name, r[2], r[3]) for r in whole
+    ]
+    assert len(whole) == 5
 
 
 @pytest.mark.timeout(60)

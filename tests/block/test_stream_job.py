@@ -556,6 +556,7 @@ async def test_a_step_holds_its_whole_clusters_and_no_more(
     beside = [await top.range_gate.begin_write(pos, 1) for pos in (10 * cluster - 1, 12 * cluster)]
     with trio.fail_after(10):
         await copy.window(start, end)  # nothing in flight over its clusters: no wait
+        await copy.window(10 * cluster, 12 * cluster)  # nor when it ends on a boundary
     for edge in (10 * cluster, 12 * cluster - 1):
         inside = await top.range_gate.begin_write(edge, 1)
         done = trio.Event()
