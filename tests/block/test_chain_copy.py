@@ -190,19 +190,34 @@ async def test_a_failed_io_names_its_operation(
     assert str(failed) == "No space left on device"
 
 
-@pytest.mark.parametrize("runs", [[(0, 64 * KiB)], [(0, 64 * KiB), (128 * KiB, 64 * KiB)]])
+@pytest.mark.parametrize(
+    ("runs", "mid_runs"),
+    [
+        ([(0, 64 * KiB)], []),
+        ([(0, 64 * KiB), (128 * KiB, 64 * KiB)], []),
+        # two layers' runs: one batch for base, whatever layer each came from
+        ([(128 * KiB, 64 * KiB)], [(0, 64 * KiB)]),
+    ],
+)
 async def test_a_file_to_file_write_that_fails_is_a_write_operation(
-    tmp_path: Path, runs: list[tuple[int, int]]
+    tmp_path: Path, runs: list[tuple[int, int]], mid_runs: list[tuple[int, int]]
 ) -> None:
-    """One mapped run goes by write_from_host, two by write_many_from_host: base's
-    guest cluster 0 lies on its refcount block, so the write is refused (EIO)."""
+    """One mapped run goes by write_from_host, two by write_many_from_host
+    (one layer's, or the batch of all layers'): base's guest cluster 0 lies
+    on its refcount block, so the write is refused (EIO)."""
     base_path = tmp_path / "base.qcow2"
     data_on_refcount_block(base_path)
-    top_path = create(tmp_path / "top.qcow2", "1M", backing=base_path)
+    below = base_path
+    if mid_runs:
+        below = create(tmp_path / "mid.qcow2", "1M", backing=base_path)
+        qemu_io(below, *(f"write -P 0x55 {s} {n}" for s, n in mid_runs))
+    top_path = create(tmp_path / "top.qcow2", "1M", backing=below)
     qemu_io(top_path, *(f"write -P 0x66 {s} {n}" for s, n in runs))
+    chain = (base_path, below, top_path) if mid_runs else (base_path, top_path)
     graph = BlockGraph()
     try:
-        base, top = await open_chain(graph, (base_path, top_path))
+        nodes = await open_chain(graph, chain)
+        base, top = nodes[0], nodes[-1]
         with pytest.raises(CopyFailed) as failed:
             await ChainCopy(graph, top, base).window(0, 1 * MiB)
     finally:
