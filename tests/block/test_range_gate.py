@@ -131,3 +131,28 @@ async def test_writes_beside_a_range_never_delay_it() -> None:
                 nursery.start_soon(other)
     for token in tokens:
         gate.end_write(token)
+
+
+async def test_settled_waits_for_the_writes_in_flight_and_no_later_ones() -> None:
+    """What an active commit's write hook waits for before it starts: a write
+    already past the hook must be over; one that starts later is the hook's."""
+    gate = RangeGate()
+    with trio.fail_after(5):
+        await gate.settled()  # nothing in flight: at once
+    first = await gate.begin_write(0, 10)
+    done = trio.Event()
+
+    async def settle() -> None:
+        await gate.settled()
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(settle)
+        await trio.testing.wait_all_tasks_blocked()
+        later = await gate.begin_write(5, 10)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not done.is_set()
+        gate.end_write(first)
+        await trio.testing.wait_all_tasks_blocked()
+        assert done.is_set()
+    gate.end_write(later)
