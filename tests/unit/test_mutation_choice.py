@@ -103,6 +103,19 @@ def test_a_function_no_test_runs_chooses_nothing(choose, tmp_path):
     assert choose(CHOSEN, *mutate(tmp_path, "    return x\n", "    return None\n")) == []
 
 
+def test_a_tier_that_runs_the_module_in_daemons_runs_whole_for_every_mutant(tmp_path):
+    """Coverage sees only the test process: for the commit plan, whose tests
+    ask a daemon for it, no line would look run, and every mutant would pass
+    the tier unseen."""
+    script = load_script()
+    assert script.TARGETS["plan"].fast_through_daemon
+    where = tmp_path / "plan.tests.json"
+    script.map_tests(tmp_path, script.TARGETS["plan"], {}, where)
+    chosen = json.loads(where.read_text())
+    never_run = mutate(tmp_path, "    return x\n", "    return None\n")
+    assert script.choose_tests(chosen, *never_run) is None
+
+
 # -- the ledger: a campaign's outcomes outlive its machine -----------------------
 
 
