@@ -190,6 +190,30 @@ async def test_a_failed_io_names_its_operation(
     assert str(failed) == "No space left on device"
 
 
+async def test_a_mapping_that_fails_is_a_read_operation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding where a layer's data lies in its file reads its metadata: a
+    failure there is the read on-error hears of.  (blkdebug, which could
+    fail it, also keeps a layer from being copied file to file, so the
+    failure is made here.)"""
+    paths = make_chain(tmp_path)
+    graph = BlockGraph()
+    try:
+        base, _mid, top = await open_chain(graph, paths)
+
+        async def fails(ranges: list[tuple[int, int]]) -> list[Any]:
+            raise BlockIOError(errno.EIO)
+
+        monkeypatch.setattr(top, "map_data", fails)
+        with pytest.raises(CopyFailed) as failed:
+            await ChainCopy(graph, top, base).window(6 * MiB, 7 * MiB)
+    finally:
+        await graph.close_all()
+    assert failed.value.operation == "read"
+    assert failed.value.error.errno == errno.EIO
+
+
 @pytest.mark.parametrize(
     ("runs", "mid_runs"),
     [
