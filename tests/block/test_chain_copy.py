@@ -190,6 +190,29 @@ async def test_a_failed_io_names_its_operation(
     assert str(failed) == "No space left on device"
 
 
+async def test_a_step_whose_look_ahead_fails_is_a_read_operation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Asking the layers what they hold reads their metadata: a failure
+    there, while a commit's step looks ahead, is the read on-error hears of."""
+    paths = make_chain(tmp_path)
+    graph = BlockGraph()
+    try:
+        base, _mid, top = await open_chain(graph, paths)
+        copy = ChainCopy(graph, top, base)
+
+        async def fails(offset: int, end: int) -> list[Any]:
+            raise BlockIOError(errno.EIO)
+
+        monkeypatch.setattr(copy, "runs", fails)
+        with pytest.raises(CopyFailed) as failed:
+            await Steps(copy, 0, top.size).next(MiB)
+    finally:
+        await graph.close_all()
+    assert failed.value.operation == "read"
+    assert failed.value.error.errno == errno.EIO
+
+
 async def test_a_mapping_that_fails_is_a_read_operation(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
