@@ -25,7 +25,11 @@ The daemon is the worktree's blockd (``python -m blockd`` with this
 repository's ``daemon`` first on ``PYTHONPATH``).  MB/s = 10^6 B/s.
 
 usage: python bench/nbd_bench.py [--size 1G] [--runs 4] [--ops 50000] [--depth 32]
-       [--cluster-size 64K] [--workdir DIR] [--keep]
+       [--cluster-size 64K] [--workdir DIR] [--keep] [--keep-caches]
+
+Each daemon's turn starts with the page cache dropped (then the source read
+back in), so that what the last turn left there does not decide the result:
+that takes root; --keep-caches runs without.
 Exit status 0 when every result was verified, 1 otherwise.
 """
 
@@ -185,6 +189,15 @@ def check_image(image: Path) -> bool:
         result.get(k, 0) for k in ("corruptions", "leaks", "check-errors"))
 
 
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+def warm(path: Path) -> None:
+    with open(path, "rb") as f:
+        while f.read(8 * MiB):
+            pass
+
+
 def run_daemon(kind: str, work: Path, raw: Path, args: argparse.Namespace,
                py: str, seed: int) -> tuple[dict[str, float], bool]:
     """One daemon through every case; (seconds per case, verified)."""
@@ -193,6 +206,12 @@ def run_daemon(kind: str, work: Path, raw: Path, args: argparse.Namespace,
     tool("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={args.cluster_size}",
          str(image), str(args.size))
     os.sync()
+    if args.drop_caches:
+        # The same page cache for every turn: only the source in it.  Without
+        # this, writing into the pages the last turn's deleted image freed
+        # is far quicker than into new ones, and the order decides seq write.
+        DROP_CACHES.write_text("3\n")
+        warm(raw)
     daemon = Daemon(kind, work, image)
     times: dict[str, float] = {}
     try:
@@ -222,7 +241,11 @@ def main() -> int:
     p.add_argument("--depth", type=int, default=32, help="random requests in flight")
     p.add_argument("--workdir", default=tempfile.gettempdir())
     p.add_argument("--keep", action="store_true")
+    p.add_argument("--keep-caches", dest="drop_caches", action="store_false",
+                   help="do not drop the page cache before each turn (it takes root)")
     args = p.parse_args()
+    if args.drop_caches and not os.access(DROP_CACHES, os.W_OK):
+        raise SystemExit(f"nbd_bench: cannot write {DROP_CACHES} (run as root, or --keep-caches)")
     args.ops = min(args.ops, args.size // (4 * KiB))
     py = libnbd_python()
     work = Path(tempfile.mkdtemp(prefix="nbd-bench-", dir=args.workdir))
@@ -231,12 +254,11 @@ def main() -> int:
     ok = True
     try:
         make_source(str(raw), args.size, b"nbdbench")
-        with open(raw, "rb") as f:  # warm the page cache
-            while f.read(8 * MiB):
-                pass
+        warm(raw)
         print(f"# size {args.size >> 20} MiB, cluster {args.cluster_size >> 10} KiB,"
               f" random: {args.ops} x 4 KiB, depth {args.depth}, {os.cpu_count()} CPUs,"
-              f" {tool('qemu-img', '--version').stdout.splitlines()[0]}")
+              f" {tool('qemu-img', '--version').stdout.splitlines()[0]},"
+              f" page cache {'dropped before each turn' if args.drop_caches else 'kept'}")
         for run in range(1, args.runs + 1):
             # whoever goes second finds the page cache fuller and the disk
             # still busy with the first one's data: take turns
