@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import random
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from blockd.block.graph import BlockGraph
 from blockd.block.node import BlockNode
 from blockd.block.open import open_node
 from blockd.errors import BlockIOError
-from blockd.jobs.copy import ChainCopy, CopyFailed, Steps, step_size
+from blockd.jobs.copy import ChainCopy, CopyFailed, Steps, restore_read_only, step_size
 from tests.power import count_syncs
 
 from .conftest import (
@@ -188,6 +189,31 @@ async def test_a_failed_io_names_its_operation(
     assert failed.operation == operation
     assert failed.error.errno == errno.ENOSPC
     assert str(failed) == "No space left on device"
+
+
+async def test_a_node_whose_flush_fails_stays_read_write_after_the_job(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Putting a node a job opened read-write back to read-only flushes it
+    first; when that flush fails (a failing disk) the job's outcome is
+    decided already: the node stays read-write and usable, and the job is
+    told nothing (a commit whose header already names base must not fail)."""
+    paths = make_chain(tmp_path)
+    graph = BlockGraph()
+    try:
+        rules = [{"event": "flush_to_disk", "errno": errno.EIO, "once": True}]
+        base, _mid, _top = await open_chain(graph, paths, debug="base", rules=rules)
+        await base.write(0, b"\x77" * 4096)
+        with caplog.at_level(logging.WARNING, logger="blockd"):
+            await restore_read_only("j", base)
+        assert not base.read_only
+        assert [r.getMessage() for r in caplog.records] == [
+            "job j: base stays read-write: Input/output error"
+        ]
+        await restore_read_only("j", base)  # the disk works again
+        assert base.read_only
+    finally:
+        await graph.close_all()
 
 
 async def test_a_step_whose_look_ahead_fails_is_a_read_operation(
