@@ -107,7 +107,8 @@ def _blockd(d: Path, options: list[str]) -> tuple[str, Any]:
     sock = d / "b.sock"
     daemon = spawn(blockd_command(sock, *options), sock, wait=False, cwd=d)
     try:
-        for _ in range(200):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
             if daemon.proc.poll() is not None:
                 last = daemon.stderr().strip().splitlines()[-1]
                 message = re.sub(
@@ -118,7 +119,7 @@ def _blockd(d: Path, options: list[str]) -> tuple[str, Any]:
                 try:
                     return "opened", _state(sock)
                 except (OSError, EOFError):
-                    continue  # bound, then start-up failed: the exit tells why
+                    pass  # bound, then start-up failed: the exit tells why
             time.sleep(0.05)
         raise AssertionError("blockd neither started nor failed")
     finally:
