@@ -216,47 +216,32 @@ async def test_a_node_whose_flush_fails_stays_read_write_after_the_job(
         await graph.close_all()
 
 
-async def test_a_step_whose_look_ahead_fails_is_a_read_operation(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("fails", ["runs", "map_data"])
+async def test_a_metadata_read_that_fails_is_a_read_operation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fails: str
 ) -> None:
-    """Asking the layers what they hold reads their metadata: a failure
-    there, while a commit's step looks ahead, is the read on-error hears of."""
+    """Asking the layers what they hold (``runs``, as a commit's step looks
+    ahead) and finding where a layer's data lies in its file (``map_data``,
+    for a copy file to file) read metadata: a failure there is the read
+    on-error hears of.  (blkdebug, which could fail them, also keeps a layer
+    from being copied file to file, so the failure is made here.)"""
     paths = make_chain(tmp_path)
     graph = BlockGraph()
     try:
         base, _mid, top = await open_chain(graph, paths)
         copy = ChainCopy(graph, top, base)
 
-        async def fails(offset: int, end: int) -> list[Any]:
+        async def eio(*_args: Any) -> list[Any]:
             raise BlockIOError(errno.EIO)
 
-        monkeypatch.setattr(copy, "runs", fails)
+        if fails == "runs":
+            monkeypatch.setattr(copy, "runs", eio)
+            failing = Steps(copy, 0, top.size).next(MiB)
+        else:
+            monkeypatch.setattr(top, "map_data", eio)
+            failing = copy.window(6 * MiB, 7 * MiB)
         with pytest.raises(CopyFailed) as failed:
-            await Steps(copy, 0, top.size).next(MiB)
-    finally:
-        await graph.close_all()
-    assert failed.value.operation == "read"
-    assert failed.value.error.errno == errno.EIO
-
-
-async def test_a_mapping_that_fails_is_a_read_operation(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Finding where a layer's data lies in its file reads its metadata: a
-    failure there is the read on-error hears of.  (blkdebug, which could
-    fail it, also keeps a layer from being copied file to file, so the
-    failure is made here.)"""
-    paths = make_chain(tmp_path)
-    graph = BlockGraph()
-    try:
-        base, _mid, top = await open_chain(graph, paths)
-
-        async def fails(ranges: list[tuple[int, int]]) -> list[Any]:
-            raise BlockIOError(errno.EIO)
-
-        monkeypatch.setattr(top, "map_data", fails)
-        with pytest.raises(CopyFailed) as failed:
-            await ChainCopy(graph, top, base).window(6 * MiB, 7 * MiB)
+            await failing
     finally:
         await graph.close_all()
     assert failed.value.operation == "read"
