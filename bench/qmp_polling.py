@@ -10,13 +10,14 @@ Client 0 starts the commit and then polls too, until it sees that event;
 with --clients 64 there are 64 connections in all, blockd's limit.  QSD
 gets one monitor socket per client (a QSD monitor serves one at a time).
 
-Printed per case: commit seconds and MB/s, the pollers' round trips per
-second, their latency p50/p99 (over all pollers' round trips during the
-commit), the daemon's peak RSS (VmHWM) and whether the result is right:
-qemu-img check of base and top, and top reading exactly as before the commit
-(qemu-img compare with the untouched copy).  The last line is the commit
-speed ratio blockd / QSD per client count (target: >= 1.0 with one client,
->= 0.8 with 64; QMP p99 < 5 ms with one).
+Printed per case: commit seconds and MB/s, the daemon's CPU seconds (all
+threads) over the commit, the pollers' round trips per second, their latency
+p50/p99 (over all pollers' round trips during the commit), the daemon's peak
+RSS (VmHWM) and whether the result is right: qemu-img check of base and
+top, and top reading exactly as before the commit (qemu-img compare with the
+untouched copy).  The last line is the commit speed ratio blockd / QSD per
+client count (target: >= 1.0 with one client, >= 0.8 with 64; QMP p99 < 5 ms
+with one).
 
 Each case runs --runs times (default 3) and the daemons take turns going
 first: on this 2-CPU virtual machine whichever daemon runs first after the
@@ -50,6 +51,7 @@ from typing import Any
 from common import (
     CONTENDERS,
     MiB,
+    cpu_seconds,
     image_clean,
     images_equal,
     monitor_path,
@@ -156,6 +158,7 @@ def measure(name: str, golden: Path, work: Path, clients: int) -> dict[str, Any]
             pipes.append(receiver)
         ready.wait(120)
         time.sleep(0.5)  # the pollers are at full rate
+        cpu0 = cpu_seconds(proc.pid)
         start = time.perf_counter()
         qmp.execute("block-commit", **{"job-id": "j", "device": "top", "top-node": "mid"})
         latencies = []
@@ -166,6 +169,7 @@ def measure(name: str, golden: Path, work: Path, clients: int) -> dict[str, Any]
             qmp.execute("query-block-jobs")
             latencies.append(time.perf_counter() - t0)
         row["commit_s"] = time.perf_counter() - start
+        row["cpu_s"] = cpu_seconds(proc.pid) - cpu0
         [done] = [e for e in qmp.events if e["event"] == "BLOCK_JOB_COMPLETED"]
         row["error"] = done["data"].get("error")
         stop.set()
@@ -217,20 +221,21 @@ def main() -> int:
                 for name in sorted(CONTENDERS, reverse=i % 2 == 1):
                     row = measure(name, golden, work, clients)
                     print(f"# run {i + 1} {name} {clients} clients: "
-                          f"commit {row['commit_s']:.2f} s, {row['polls_per_s']:.0f} polls/s",
+                          f"commit {row['commit_s']:.2f} s, cpu {row['cpu_s']:.2f} s, "
+                          f"{row['polls_per_s']:.0f} polls/s",
                           flush=True)  # fmt: skip
                     rows.setdefault((name, clients), []).append(row)
     print(f"# commit of mid ({data // MiB} MiB of data, {args.size // MiB} MiB virtual) "
           f"into base while clients poll query-block-jobs; {os.cpu_count()} CPUs; median of "
           f"{args.runs} runs (min-max), the daemons taking turns going first")  # fmt: skip
-    print(f"{'daemon':7} {'clients':>7} {'commit s':>17} {'MB/s':>7} {'polls/s':>8} "
-          f"{'p50 ms':>7} {'p99 ms':>7} {'RSS MiB':>8} {'verified':>8}")  # fmt: skip
+    print(f"{'daemon':7} {'clients':>7} {'commit s':>17} {'MB/s':>7} {'cpu s':>6} "
+          f"{'polls/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'RSS MiB':>8} {'verified':>8}")  # fmt: skip
     for (name, clients), runs in rows.items():
         secs = sorted(float(r["commit_s"]) for r in runs)
         med = {k: statistics.median(float(r[k]) for r in runs)
-               for k in ("commit_s", "polls_per_s", "p50_ms")}  # fmt: skip
+               for k in ("commit_s", "cpu_s", "polls_per_s", "p50_ms")}  # fmt: skip
         print(f"{name:7} {clients:7d} {med['commit_s']:5.2f} ({secs[0]:.2f}-{secs[-1]:.2f}) "
-              f"{data / med['commit_s'] / 1e6:7.0f} {med['polls_per_s']:8.0f} "
+              f"{data / med['commit_s'] / 1e6:7.0f} {med['cpu_s']:6.2f} {med['polls_per_s']:8.0f} "
               f"{med['p50_ms']:7.2f} {max(r['p99_ms'] for r in runs):7.2f} "
               f"{max(r['rss_mib'] for r in runs):8.1f} "
               f"{'yes' if all(r['verified'] for r in runs) else 'NO':>8}")  # fmt: skip
