@@ -219,8 +219,8 @@ def test_a_new_session_takes_the_ledger_s_outcomes_and_runs_the_rest(tmp_path, m
     ledger = json.loads((tmp_path / "ledgers" / "m.json").read_text())
     assert ledger["sha256"] == script.digest(edited)
     assert {key: (e["line"], e["outcome"]) for key, e in ledger["mutants"].items()} == {
-        'core/A{}#0': (5, "killed"),
-        'core/A{}#1': (16, "survived"),
+        "core/A{}#0": (5, "killed"),
+        "core/A{}#1": (16, "survived"),
     }
 
     # an edit outside every function keeps every function's outcomes
@@ -308,6 +308,36 @@ def test_the_summary_counts_judged_survivors_by_their_change(tmp_path, monkeypat
         "m: 4 mutants run: 1 killed (1 by a timeout), 3 survived: 1 killed by a test"
         " outside the tiers run, 1 judged equivalent, 1 not judged",
         "  line 5 (fast tier): inner: y * 2 -> y / 2",
+    ]
+
+
+def test_a_judgment_pinned_to_a_line_judges_that_survivor_only(tmp_path, monkeypatch, capsys):
+    script = load_script()
+    monkeypatch.setattr(script, "LEDGERS", tmp_path)
+    alike = {
+        "tiers": "both",
+        "timed_out": False,
+        "outcome": "survived",
+        "change": "f: break -> continue",
+    }
+    (tmp_path / "m.json").write_text(
+        json.dumps(
+            {
+                "mutants": {
+                    "a": {**alike, "line": 7},
+                    "b": {**alike, "line": 9},
+                    "c": {**alike, "line": 12},
+                },
+                "equivalent": {"f: break -> continue @ 9": "the loop finds nothing later"},
+                "killed_by": {"f: break -> continue @ 7": "t.py::b"},
+            }
+        )
+    )
+    script.summary("m")
+    assert capsys.readouterr().out.splitlines() == [
+        "m: 3 mutants run: 0 killed (0 by a timeout), 3 survived: 1 killed by a test"
+        " outside the tiers run, 1 judged equivalent, 1 not judged",
+        "  line 12 (both tiers): f: break -> continue",
     ]
 
 
