@@ -16,6 +16,7 @@ takes file-to-file copying away from that image; with rules it fails I/O.
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import logging
 import random
@@ -320,15 +321,18 @@ async def test_the_source_clusters_are_let_go_after_the_copy(tmp_path: Path) -> 
     run("qemu-img", "check", str(paths[2]))
 
 
+@pytest.mark.parametrize("gather", [True, False], ids=["gathering", "throttled"])
 @pytest.mark.parametrize("unit", [256 * KiB, MiB, 32 * MiB])
 async def test_steps_cover_the_range_in_whole_units_and_batch_sparse_runs(
-    tmp_path: Path, unit: int
+    tmp_path: Path, unit: int, gather: bool
 ) -> None:
     """Steps follow each other without a gap, end on multiples of the unit
     (or at the end), give exactly the runs of a window over the whole range,
     copy at most two units each, and gather scattered runs of many units into
     one step: the chain of this module's other tests, mid also holding
-    clusters scattered over a much larger range."""
+    clusters scattered over a much larger range.  A throttled job's steps
+    (no gathering) are one unit each, however little they find, as QEMU's
+    rate-limited commit goes one request's worth at a time."""
     base = create(tmp_path / "base.qcow2", 256 * MiB)
     mid = create(tmp_path / "mid.qcow2", 256 * MiB, backing=base)
     qemu_io(mid, "write -P 0x22 0 1M", "write -z 1M 512k",
@@ -343,9 +347,10 @@ async def test_steps_cover_the_range_in_whole_units_and_batch_sparse_runs(
         steps = Steps(copy, 0, t.size)
         offset, got, count = 0, [], 0
         while offset < t.size:
-            end, runs = await steps.next(unit)
+            end, runs = await steps.next(unit, gather=gather)
             assert end > offset
             assert end == t.size or end % unit == 0
+            assert gather or end == min(offset + unit, t.size)
             assert all(offset <= pos and pos + n <= end for _l, _s, pos, n in runs)
             assert sum(n for *_x, n in runs) <= 2 * unit
             got += runs
@@ -360,8 +365,37 @@ async def test_steps_cover_the_range_in_whole_units_and_batch_sparse_runs(
         else:
             joined.append((layer.node_name, status.value, pos, n))
     assert joined == [(layer.node_name, status.value, pos, n) for layer, status, pos, n in whole]
-    # 48 scattered clusters past 16 MiB: far fewer steps than windows
-    assert count < (t.size // unit) // 2 if unit < 32 * MiB else count <= 3
+    if gather:  # 48 scattered clusters past 16 MiB: far fewer steps than windows
+        assert count < (t.size // unit) // 2 if unit < 32 * MiB else count <= 3
+
+
+async def test_a_long_run_past_an_empty_first_unit_is_split_at_the_cut(tmp_path: Path) -> None:
+    """Nothing in the first unit, then one run from the second unit on,
+    longer than a unit (a guest that never wrote its first window): the first
+    step looks two units further, finds more than a unit and cuts the run at
+    the end of the second unit.  The piece before the cut is copied now, the
+    rest by the next steps; a wrong length for the first piece would leave
+    part of the run uncopied."""
+    base = create(tmp_path / "base.qcow2", 8 * MiB)
+    mid = create(tmp_path / "mid.qcow2", 8 * MiB, backing=base)
+    qemu_io(mid, "write -P 0x22 1M 3M")
+    graph = BlockGraph()
+    try:
+        b, m = await open_chain(graph, (base, mid))
+        steps = Steps(ChainCopy(graph, m, b), 0, m.size)
+        got = []
+        offset = 0
+        while offset < m.size:
+            offset, runs = await steps.next(MiB)
+            got.append((offset, [(pos, n) for _l, _s, pos, n in runs]))
+    finally:
+        await graph.close_all()
+    assert got[0] == (2 * MiB, [(MiB, MiB)])
+    pieces = [piece for _end, runs in got for piece in runs]
+    assert [pos for pos, _n in pieces] == list(
+        itertools.accumulate((n for _pos, n in pieces[:-1]), initial=MiB)
+    )
+    assert sum(n for _pos, n in pieces) == 3 * MiB
 
 
 async def test_steps_through_a_huge_sparse_chain_look_through_a_bounded_stretch_each(
