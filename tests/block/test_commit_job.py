@@ -134,6 +134,34 @@ async def test_commit_merges_mid_and_repoints_every_overlay(
     assert base[256 * KiB : 640 * KiB] == b"\x22" * (384 * KiB)
 
 
+async def test_an_overlay_the_job_does_not_hold_is_held_while_its_header_is_rewritten(
+    tmp_path: Path, graph: BlockGraph
+) -> None:
+    """top2 is on mid but not the device: the job holds it only while it
+    writes base's name into it, so no command can close it half-way (and
+    lets it go afterwards)."""
+    chain(tmp_path)
+    nodes = await open_chain(graph, tmp_path)
+    top2 = nodes["top2"]
+    seen: list[str | None] = []
+    change_backing = top2.change_backing
+
+    async def watched(
+        backing: BlockNode | None, backing_string: str | None, backing_format: str | None
+    ) -> None:
+        seen.append(graph.blocker(top2))
+        await change_backing(backing, backing_string, backing_format)
+
+    top2.change_backing = watched  # type: ignore[method-assign]
+    r = Run()
+    assert graph.blocker(top2) is None
+    job = await r(commit_of(graph, r))
+    assert job.error is None
+    assert len(seen) == 1 and seen[0] is not None
+    assert graph.blocker(top2) is None
+    await graph.close_all()
+
+
 async def test_intermediates_opened_with_the_chain_are_closed(
     tmp_path: Path, graph: BlockGraph
 ) -> None:
@@ -424,12 +452,21 @@ async def test_plan_refuses_a_top_used_other_than_as_backing(
     assert mid is not None
     await open_qcow2(graph, tmp_path / "mid.qcow2", name="raw-on-mid", driver="raw",
                      read_only=True, file="mid")  # fmt: skip
-    with pytest.raises(BlockError) as info:
-        plan_commit(graph, device="top", top_node="mid")
-    assert str(info.value) == (
+    refusal = (
         "Cannot commit 'mid': node 'raw-on-mid' uses it as 'file', and blockd re-points "
         "only overlays and exports onto the base"
     )
+    with pytest.raises(BlockError) as info:
+        plan_commit(graph, device="top", top_node="mid")
+    assert str(info.value) == refusal
+    # that user is why, even while something else holds it: the busy check is
+    # for the overlays the commit would re-point
+    raw_on_mid = graph.get("raw-on-mid")
+    assert raw_on_mid is not None
+    graph.add_blocker(raw_on_mid, "held by a test")
+    with pytest.raises(BlockError) as info:
+        plan_commit(graph, device="top", top_node="mid")
+    assert str(info.value) == refusal
 
 
 async def test_commit_of_a_lower_intermediate_repoints_the_image_above_it(

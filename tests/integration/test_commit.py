@@ -236,6 +236,36 @@ def test_short_mid_keeps_hiding_what_base_holds_past_its_end(
     check(base)
 
 
+@pytest.mark.parametrize("policy", ["ignore", "stop"])
+def test_a_failed_write_hiding_base_past_mid_s_end_is_tried_again(
+    blockd: DaemonProcess, tmp_path: Path, policy: str
+) -> None:
+    """As above with nothing in mid, and base's first table update (the
+    zeroing at 20M) failing once: the job reports it and, as on-error lets it
+    go on, writes those zeros again and then hides the rest; top reads as
+    before."""
+    base = create(tmp_path / "base.qcow2", "32M")
+    qemu_io(base, "write -P 0x77 20M 1M", "write -P 0x78 28M 1M")
+    create(tmp_path / "mid.qcow2", "16M", backing="base.qcow2")
+    top = create(tmp_path / "top.qcow2", "48M", backing="mid.qcow2")
+    qemu_io(top, "write -P 0x31 40M 1M")
+    before = guest_view(top, tmp_path / "before.raw")
+    with RawQMP(blockd.socket_path) as client:
+        client.negotiate()
+        add_chain_with_blkdebug(client, tmp_path, "base", {"event": "l2_update", "once": True})
+        assert commit(client, **{"top-node": "mid", "on-error": policy})["return"] == {}
+        error = client.wait_event("BLOCK_JOB_ERROR", device="job0")
+        assert error["data"] == {"device": "job0", "operation": "write", "action": policy}
+        if policy == "stop":
+            client.wait_event("JOB_STATUS_CHANGE", id="job0", status="paused")
+            assert client.execute("block-job-resume", {"device": "job0"}) == {"return": {}}
+        done = client.wait_event("BLOCK_JOB_COMPLETED", device="job0")
+        assert "error" not in done["data"]
+        finish(client, blockd)
+    assert same_data(before, top)
+    check(base)
+
+
 def test_small_base_is_grown(blockd: DaemonProcess, tmp_path: Path) -> None:
     base = create(tmp_path / "base.qcow2", "16M")
     mid = create(tmp_path / "mid.qcow2", "48M", backing="base.qcow2")
