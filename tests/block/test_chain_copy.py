@@ -404,8 +404,8 @@ async def test_steps_through_a_huge_sparse_chain_look_through_a_bounded_stretch_
     """Past the first 16 GiB too (images of tens of GiB are common): each
     step moves on, looks through at most 16 GiB (copy.SCAN) plus the chunk
     that crossed it (4 GiB of 64 KiB clusters), so a pause or a cancel waits
-    for no more, and all the steps together give exactly the runs of the
-    whole range.  And the walk's cost follows the data, not the size: the
+    for no more, ends on a whole unit as the small images' steps do, and
+    all the steps together give exactly the runs of the whole range.  And the walk's cost follows the data, not the size: the
     look-ahead doubles across empty stretches, so the layers are asked a few
     dozen times, not once per 32 MiB unit (2,048 times)."""
     size = 64 * GiB
@@ -435,6 +435,7 @@ async def test_steps_through_a_huge_sparse_chain_look_through_a_bounded_stretch_
             while offset < t.size:
                 end, runs = await steps.next(32 * MiB)
                 assert offset < end <= offset + 16 * GiB + 4 * GiB
+                assert end == t.size or end % (32 * MiB) == 0
                 got += runs
                 offset = end
     finally:
