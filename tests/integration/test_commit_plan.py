@@ -111,6 +111,26 @@ def test_selection_refused_as_block_commit_refuses_it(
         assert "error" in plan and plan == again, (plan, again)
         assert qmp.execute("block-job-cancel", {"device": "j", "force": True}) == {"return": {}}
         qmp.wait_event("JOB_STATUS_CHANGE", id="j", status="null")
+        # and what the job's claim meets: an export reads mid, which an
+        # active commit of top empties (refused by block-commit once its job
+        # exists; named after the device, block-commit's default job id)
+        addr = {"type": "unix", "data": {"path": str(small_chain / "nbd.sock")}}
+        assert qmp.execute("nbd-server-start", {"addr": addr}) == {"return": {}}
+        export = {"type": "nbd", "id": "e", "node-name": "mid"}
+        assert qmp.execute("block-export-add", export) == {"return": {}}
+        plan = qmp.execute("__org.blockd_commit-plan", {"device": "top"})
+        commit = qmp.execute("block-commit", {"job-id": "top", "device": "top"})
+        assert "Permission conflict on node 'mid'" in str(plan), (plan, commit)
+        assert plan == commit, (plan, commit)
+        qmp.wait_event("JOB_STATUS_CHANGE", id="top", status="null")
+        assert qmp.execute("block-export-del", {"id": "e"}) == {"return": {}}
+        qmp.wait_event("BLOCK_EXPORT_DELETED", id="e")
+        # the trials took nothing: without the export the plan goes ahead,
+        # and mid can be exported again after it
+        assert "return" in qmp.execute("__org.blockd_commit-plan", {"device": "top"})
+        assert qmp.execute("block-export-add", export) == {"return": {}}
+        assert qmp.execute("block-export-del", {"id": "e"}) == {"return": {}}
+        qmp.wait_event("BLOCK_EXPORT_DELETED", id="e")
         # unknown and badly typed arguments, as the schema words them
         bad = qmp.execute("__org.blockd_commit-plan", {"device": "top", "speed": 1})
         assert bad["error"]["desc"] == "Parameter 'speed' is unexpected"

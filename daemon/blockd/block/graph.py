@@ -266,7 +266,7 @@ class BlockGraph:
         return totals(self._uses(node, {}))[0]
 
     def claim_for_commit(
-        self, job_id: str, top: BlockNode, base: BlockNode, *, active: bool
+        self, job_id: str, top: BlockNode, base: BlockNode, *, active: bool, trial: bool = False
     ) -> None:
         """What a commit job holds while it runs, as QEMU's job takes it; refused
         (nothing taken) when a user of these nodes cannot live with it.
@@ -276,9 +276,12 @@ class BlockGraph:
         commits, so whoever used that top before reaches it through the filter,
         which asks nothing of it (an active commit's: at most to write, never
         to read consistently); only users that come later meet the job.
+
+        A ``trial`` takes nothing either way: the commit plan asks it for the
+        refusal block-commit would meet, under a key no job's release touches.
         """
         user = f"commit job '{job_id}'"
-        key = ("job", job_id)
+        key = ("trial" if trial else "job", job_id)
         self._reopened[key] = base.node_name
         try:
             self._hidden[key] = (top.node_name, self._user_ids(top))
@@ -295,8 +298,10 @@ class BlockGraph:
                 need, lets = CONSISTENT_READ | WRITE, CONSISTENT_READ | WRITE_UNCHANGED | GRAPH_MOD
             self._claim(base, key, UNNAMED_DEVICE, "root", need, lets)
         except BlockError:
-            self.release_claims(job_id)
+            self._release(key)
             raise
+        if trial:
+            self._release(key)
 
     def claim_for_stream(
         self, job_id: str, device: BlockNode, intermediates: tuple[BlockNode, ...]
@@ -328,7 +333,9 @@ class BlockGraph:
         """Drop a job's claims; ``keep_intermediates`` keeps those on
         the nodes between top and base (a QEMU commit that completed keeps
         them until the job is dismissed; one that failed drops them all)."""
-        key = ("job", job_id)
+        self._release(("job", job_id), keep_intermediates=keep_intermediates)
+
+    def _release(self, key: object, *, keep_intermediates: bool = False) -> None:
         self._hidden.pop(key, None)
         self._reopened.pop(key, None)
         for name in list(self._roots):

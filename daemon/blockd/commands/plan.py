@@ -17,6 +17,11 @@ from blockd.jobs.plan import commit_cost
 
 async def commit_plan(ctx: CommandContext, args: Mapping[str, Any]) -> dict[str, Any]:
     plan = resolve_commit(ctx, args)
+    # what the job's claim would meet, named as block-commit's default job id
+    # (the device) names it; then what the intermediate commit's setup refuses
+    ctx.graph.claim_for_commit(
+        args["device"], plan.top, plan.base, active=not isinstance(plan, CommitPlan), trial=True
+    )
     if isinstance(plan, CommitPlan):
         refuse_writable_top(plan, ctx.writers)
     cost = await commit_cost(ctx.graph, plan)
