@@ -195,18 +195,23 @@ async def test_backing_file_argument_is_written(tmp_path: Path, graph: BlockGrap
     assert backing_of(tmp_path / "top.qcow2") == "base.qcow2"
 
 
-async def test_short_base_grows_and_its_tail_is_hidden(tmp_path: Path, graph: BlockGraph) -> None:
-    """base 2M full of data, mid 1M, top 1.25M: once top backs onto base, base's
-    data past mid's end would show where top reads zeros today; it is zeroed
-    there (less than one step of the copy) and nowhere else."""
+@pytest.mark.parametrize("mid_size", [1024, 960], ids=["1M", "960k"])
+async def test_short_base_grows_and_its_tail_is_hidden(
+    tmp_path: Path, graph: BlockGraph, mid_size: int
+) -> None:
+    """base 2M full of data, mid 1M (or 960k, off the copy's 512k pieces),
+    top 1.25M: once top backs onto base, base's data past mid's end would
+    show where top reads zeros today; it is zeroed there (less than one step
+    of the copy) and nowhere else."""
+    mid_end = mid_size * KiB
     create(tmp_path / "base.qcow2", "2M")
     qemu_io(tmp_path / "base.qcow2", "write -P 0x55 0 2M")
-    create(tmp_path / "mid.qcow2", "1M", backing=Path("base.qcow2"))
+    create(tmp_path / "mid.qcow2", f"{mid_size}k", backing=Path("base.qcow2"))
     qemu_io(tmp_path / "mid.qcow2", "write -P 0x66 0 64k")
     create(tmp_path / "top.qcow2", "1280k", backing=Path("mid.qcow2"))
     before = views(tmp_path, "top")["top"]
-    # past mid's end (1M) the chain reads zeros, though base holds 0x55 there
-    assert before[MiB:] == bytes(256 * KiB)
+    # past mid's end the chain reads zeros, though base holds 0x55 there
+    assert before[mid_end:] == bytes(1280 * KiB - mid_end)
     top = await open_qcow2(graph, tmp_path / "top.qcow2", name="top")
     r = Run()
     plan = plan_commit(graph, device="top", top_node=top.backing.node_name)  # type: ignore[union-attr]
@@ -215,8 +220,8 @@ async def test_short_base_grows_and_its_tail_is_hidden(tmp_path: Path, graph: Bl
     await graph.close_all()
     assert views(tmp_path, "top")["top"] == before
     base = to_raw(tmp_path / "base.qcow2", tmp_path / "b.raw")
-    assert base[MiB : MiB + 256 * KiB] == bytes(256 * KiB)  # hidden where top sees it
-    assert base[MiB + 256 * KiB :] == b"\x55" * (768 * KiB)  # untouched past top's end
+    assert base[mid_end : 1280 * KiB] == bytes(1280 * KiB - mid_end)  # hidden where top sees it
+    assert base[1280 * KiB :] == b"\x55" * (768 * KiB)  # untouched past top's end
     assert_clean(tmp_path / "base.qcow2")
 
 
