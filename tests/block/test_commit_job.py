@@ -237,6 +237,42 @@ async def test_base_smaller_than_mid_grows(tmp_path: Path, graph: BlockGraph) ->
     assert_clean(tmp_path / "base.qcow2")
 
 
+async def test_an_overlay_shorter_than_mid_has_nothing_hidden(
+    tmp_path: Path, graph: BlockGraph
+) -> None:
+    """base and mid 2M, top 1M: top sees no further than its own end, so no
+    part of base past mid's end is for the job to hide, and base ends up
+    holding mid's data."""
+    create(tmp_path / "base.qcow2", "2M")
+    qemu_io(tmp_path / "base.qcow2", "write -P 0x55 0 2M")
+    create(tmp_path / "mid.qcow2", "2M", backing=Path("base.qcow2"))
+    qemu_io(tmp_path / "mid.qcow2", "write -P 0x66 512k 1M")
+    create(tmp_path / "top.qcow2", "1M", backing=Path("mid.qcow2"))
+    before = views(tmp_path, "top", "mid")
+    await open_chain(graph, tmp_path, top2=False)
+    r = Run()
+    assert (await r(commit_of(graph, r))).error is None
+    await graph.close_all()
+    after = views(tmp_path, "top", "base")
+    assert after["top"] == before["top"]
+    assert after["base"] == before["mid"]
+    assert_clean(tmp_path / "base.qcow2")
+
+
+async def test_a_node_using_base_as_its_file_is_left_to_the_job_s_claim(
+    tmp_path: Path, graph: BlockGraph
+) -> None:
+    """The plan refuses a base that another image backs onto (its data would
+    change under that image); a node on base as its file is for the job's
+    permission claim to judge, as QEMU's is, not a second backing user."""
+    chain(tmp_path)
+    await open_chain(graph, tmp_path, top2=False)
+    await open_qcow2(graph, tmp_path / "base.qcow2", name="raw-on-base", driver="raw",
+                     read_only=True, file="base")  # fmt: skip
+    plan = plan_commit(graph, device="top", top_node="mid")
+    assert isinstance(plan, CommitPlan) and plan.base is graph.get("base")
+
+
 # -- stopping early ------------------------------------------------------------------
 
 
