@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -289,6 +289,20 @@ def negotiated(daemon: DaemonProcess, attempts: int = 14) -> RawQMP:
                 raise
             time.sleep(0.2 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def serving(start: Callable[[Path], DaemonProcess], sock: Path) -> Iterator[RawQMP]:
+    """A daemon started by ``start`` on ``sock`` (blockd or QSD, for a
+    differential test), a client past ``qmp_capabilities``, and the daemon
+    stopped afterwards whatever happened."""
+    daemon = start(sock)
+    try:
+        with RawQMP(sock) as qmp:
+            qmp.negotiate()
+            yield qmp
+    finally:
+        daemon.stop()
 
 
 SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schema"

@@ -405,9 +405,10 @@ async def test_steps_through_a_huge_sparse_chain_look_through_a_bounded_stretch_
     step moves on, looks through at most 16 GiB (copy.SCAN) plus the chunk
     that crossed it (4 GiB of 64 KiB clusters), so a pause or a cancel waits
     for no more, ends on a whole unit as the small images' steps do, and
-    all the steps together give exactly the runs of the whole range.  And the walk's cost follows the data, not the size: the
-    look-ahead doubles across empty stretches, so the layers are asked a few
-    dozen times, not once per 32 MiB unit (2,048 times)."""
+    all the steps together give exactly the runs of the whole range.  And
+    the walk's cost follows the data, not the size: the look-ahead doubles
+    across empty stretches, so the layers are asked a few dozen times, not
+    once per 32 MiB unit (2,048 times)."""
     size = 64 * GiB
     base = create(tmp_path / "base.qcow2", size)
     mid = create(tmp_path / "mid.qcow2", size, backing=base)

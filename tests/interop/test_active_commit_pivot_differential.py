@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import require_tool
-from tests.helpers import DaemonProcess, RawQMP, start_blockd, start_qsd
+from tests.helpers import DaemonProcess, serving, start_blockd, start_qsd
 from tests.images import backing_of, create, qemu_io
 
 pytestmark = pytest.mark.qsd
@@ -37,34 +37,28 @@ def run(
     create(d / "o0.qcow2", size="8M", backing="n1.qcow2")
     qemu_io(d / "n0.qcow2", "write -P 1 0 1M")
     qemu_io(d / "n1.qcow2", "write -P 2 1M 1M")
-    sock = d / "qmp.sock"
-    daemon = start(sock)
     seen: list[Any] = []
-    try:
-        with RawQMP(sock) as qmp:
-            qmp.negotiate()
-            for args in (add(d, "n0", None, not top_read_only), add(d, "n1", "n0", top_read_only)):
-                assert qmp.execute("blockdev-add", args) == {"return": {}}
-            assert qmp.execute("block-commit", {"job-id": "j0", "device": "n1"}) == {"return": {}}
-            qmp.wait_event("BLOCK_JOB_READY")
-            if added == "overlay":
-                reply = qmp.execute("blockdev-add", add(d, "o0", "n1", False))
-                assert reply == {"return": {}}
-            if added == "raw":
-                raw = {"driver": "raw", "node-name": "r0", "file": "n1", "read-only": False}
-                assert qmp.execute("blockdev-add", raw) == {"return": {}}
-            assert qmp.execute("job-complete", {"id": "j0"}) == {"return": {}}
-            qmp.wait_event("BLOCK_JOB_COMPLETED")
-            qmp.wait_event("JOB_STATUS_CHANGE", status="null")
-            nodes = qmp.execute("query-named-block-nodes", {"flat": True})["return"]
-            for n in sorted(nodes, key=lambda n: str(n["node-name"])):
-                if not n["node-name"].startswith("#"):
-                    seen.append((n["node-name"], n["ro"], n["file"], n.get("backing_file")))
-            # nobody uses top any more: it goes (and a raw node on it moved to base)
-            seen.append(qmp.execute("blockdev-del", {"node-name": "n1"}))
-            assert qmp.execute("quit") == {"return": {}}
-    finally:
-        daemon.stop()
+    with serving(start, d / "qmp.sock") as qmp:
+        for args in (add(d, "n0", None, not top_read_only), add(d, "n1", "n0", top_read_only)):
+            assert qmp.execute("blockdev-add", args) == {"return": {}}
+        assert qmp.execute("block-commit", {"job-id": "j0", "device": "n1"}) == {"return": {}}
+        qmp.wait_event("BLOCK_JOB_READY")
+        if added == "overlay":
+            reply = qmp.execute("blockdev-add", add(d, "o0", "n1", False))
+            assert reply == {"return": {}}
+        if added == "raw":
+            raw = {"driver": "raw", "node-name": "r0", "file": "n1", "read-only": False}
+            assert qmp.execute("blockdev-add", raw) == {"return": {}}
+        assert qmp.execute("job-complete", {"id": "j0"}) == {"return": {}}
+        qmp.wait_event("BLOCK_JOB_COMPLETED")
+        qmp.wait_event("JOB_STATUS_CHANGE", status="null")
+        nodes = qmp.execute("query-named-block-nodes", {"flat": True})["return"]
+        for n in sorted(nodes, key=lambda n: str(n["node-name"])):
+            if not n["node-name"].startswith("#"):
+                seen.append((n["node-name"], n["ro"], n["file"], n.get("backing_file")))
+        # nobody uses top any more: it goes (and a raw node on it moved to base)
+        seen.append(qmp.execute("blockdev-del", {"node-name": "n1"}))
+        assert qmp.execute("quit") == {"return": {}}
     seen.append(("o0 header", backing_of(d / "o0.qcow2")))
     return [str(x).replace(str(d), "D") for x in seen]
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import require_tool
-from tests.helpers import DaemonProcess, RawQMP, start_blockd, start_qsd
+from tests.helpers import DaemonProcess, serving, start_blockd, start_qsd
 from tests.images import backing_of, create, qemu_io
 
 pytestmark = pytest.mark.qsd
@@ -33,37 +33,29 @@ def run(start: Callable[[Path], DaemonProcess], d: Path) -> list[Any]:
         create(d / f"n{i}.qcow2", size="8M", backing=f"n{i - 1}.qcow2" if i else None)
         qemu_io(d / f"n{i}.qcow2", f"write -P {i + 1} {i}M 1M")
     create(d / "o0.qcow2", size="8M", backing="n1.qcow2")
-    sock = d / "qmp.sock"
-    daemon = start(sock)
     seen: list[Any] = []
-    try:
-        with RawQMP(sock) as qmp:
-            qmp.negotiate()
-            for args in (add(d, "n0", None, True), add(d, "n1", "n0", True),
-                         add(d, "n2", "n1", False)):  # fmt: skip
-                assert qmp.execute("blockdev-add", args) == {"return": {}}
-            assert "return" in qmp.execute(
-                "nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(d / "nbd")}}}
-            )
-            commit = {"job-id": "j0", "device": "n2", "top-node": "n1", "base-node": "n0",
-                      "speed": 1, "auto-dismiss": False}  # fmt: skip
-            assert qmp.execute("block-commit", commit) == {"return": {}}
-            seen.append(qmp.execute("blockdev-add", add(d, "o0", "n1", False)))
-            assert qmp.execute("block-job-set-speed", {"device": "j0", "speed": 0}) == {
-                "return": {}
-            }
-            qmp.wait_event("JOB_STATUS_CHANGE", status="concluded")
-            export = {"type": "nbd", "node-name": "n1", "writable": False}
-            seen.append(qmp.execute("block-export-add", {**export, "id": "e0"}))
-            assert qmp.execute("job-dismiss", {"id": "j0"}) == {"return": {}}
-            seen.append(qmp.execute("block-export-add", {**export, "id": "e1"}))
-            nodes = qmp.execute("query-named-block-nodes", {"flat": True})["return"]
-            for n in sorted(nodes, key=lambda n: str(n["node-name"])):
-                if n["node-name"] in ("o0", "n2"):
-                    seen.append((n["node-name"], n["file"], n.get("backing_file")))
-            assert qmp.execute("quit") == {"return": {}}
-    finally:
-        daemon.stop()
+    with serving(start, d / "qmp.sock") as qmp:
+        for args in (add(d, "n0", None, True), add(d, "n1", "n0", True),
+                     add(d, "n2", "n1", False)):  # fmt: skip
+            assert qmp.execute("blockdev-add", args) == {"return": {}}
+        assert "return" in qmp.execute(
+            "nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(d / "nbd")}}}
+        )
+        commit = {"job-id": "j0", "device": "n2", "top-node": "n1", "base-node": "n0",
+                  "speed": 1, "auto-dismiss": False}  # fmt: skip
+        assert qmp.execute("block-commit", commit) == {"return": {}}
+        seen.append(qmp.execute("blockdev-add", add(d, "o0", "n1", False)))
+        assert qmp.execute("block-job-set-speed", {"device": "j0", "speed": 0}) == {"return": {}}
+        qmp.wait_event("JOB_STATUS_CHANGE", status="concluded")
+        export = {"type": "nbd", "node-name": "n1", "writable": False}
+        seen.append(qmp.execute("block-export-add", {**export, "id": "e0"}))
+        assert qmp.execute("job-dismiss", {"id": "j0"}) == {"return": {}}
+        seen.append(qmp.execute("block-export-add", {**export, "id": "e1"}))
+        nodes = qmp.execute("query-named-block-nodes", {"flat": True})["return"]
+        for n in sorted(nodes, key=lambda n: str(n["node-name"])):
+            if n["node-name"] in ("o0", "n2"):
+                seen.append((n["node-name"], n["file"], n.get("backing_file")))
+        assert qmp.execute("quit") == {"return": {}}
     seen += [("header", name, backing_of(d / f"{name}.qcow2")) for name in ("n2", "o0")]
     return [str(x).replace(str(d), "D") for x in seen]
 

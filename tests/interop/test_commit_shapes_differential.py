@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import require_tool
-from tests.helpers import DaemonProcess, RawQMP, start_blockd, start_qsd
+from tests.helpers import DaemonProcess, serving, start_blockd, start_qsd
 from tests.images import backing_of, create, guest_view, qemu_img, qemu_io
 
 pytestmark = pytest.mark.qsd
@@ -76,26 +76,20 @@ def json_named_top(d: Path) -> tuple[list[str], dict[str, Any]]:
 
 def run(start: Callable[[Path], DaemonProcess], d: Path, shape: Callable[[Path], Any]) -> list[Any]:
     names, commit = shape(d)
-    sock = d / "qmp.sock"
-    daemon = start(sock)
     seen: list[Any] = []
-    try:
-        with RawQMP(sock) as qmp:
-            qmp.negotiate()
-            below = None
-            for name in names:
-                assert qmp.execute("blockdev-add", add(d, name, below)) == {"return": {}}
-                below = name
-            nodes = qmp.execute("query-named-block-nodes", {"flat": True})["return"]
-            files = {n["node-name"]: n["file"] for n in nodes}
-            args = {k: files[v.node] if isinstance(v, FileNameOf) else v for k, v in commit.items()}
-            assert qmp.execute("block-commit", {"job-id": "j", **args}) == {"return": {}}
-            done = qmp.wait_event("BLOCK_JOB_COMPLETED")
-            error = done["data"].get("error")
-            seen.append(error.replace(str(d), "D") if error else error)
-            assert qmp.execute("quit") == {"return": {}}
-    finally:
-        daemon.stop()
+    with serving(start, d / "qmp.sock") as qmp:
+        below = None
+        for name in names:
+            assert qmp.execute("blockdev-add", add(d, name, below)) == {"return": {}}
+            below = name
+        nodes = qmp.execute("query-named-block-nodes", {"flat": True})["return"]
+        files = {n["node-name"]: n["file"] for n in nodes}
+        args = {k: files[v.node] if isinstance(v, FileNameOf) else v for k, v in commit.items()}
+        assert qmp.execute("block-commit", {"job-id": "j", **args}) == {"return": {}}
+        done = qmp.wait_event("BLOCK_JOB_COMPLETED")
+        error = done["data"].get("error")
+        seen.append(error.replace(str(d), "D") if error else error)
+        assert qmp.execute("quit") == {"return": {}}
     for name in names:
         backing = backing_of(d / f"{name}.qcow2")
         seen.append((name, backing.replace(f"{d}/", "") if backing else backing))
