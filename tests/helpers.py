@@ -305,6 +305,19 @@ def serving(start: Callable[[Path], DaemonProcess], sock: Path) -> Iterator[RawQ
         daemon.stop()
 
 
+def on_both(
+    sock_dir: Path, run: Callable[[Callable[[Path], DaemonProcess], Path], Any]
+) -> tuple[Any, Any]:
+    """(QSD's result, blockd's) of ``run(start, directory)``, each daemon in a
+    directory of its own under ``sock_dir`` (QSD first)."""
+    results = []
+    for side, start in (("qsd", start_qsd), ("blockd", start_blockd)):
+        d = sock_dir / side
+        d.mkdir()
+        results.append(run(start, d))
+    return results[0], results[1]
+
+
 SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schema"
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import require_tool
-from tests.helpers import DaemonProcess, serving, start_blockd, start_qsd
+from tests.helpers import DaemonProcess, on_both, serving
 from tests.images import backing_of, create, qemu_io
 
 pytestmark = pytest.mark.qsd
@@ -72,12 +72,7 @@ def test_completion_moves_mode_and_overlays_to_base_as_qsd(
     sock_dir: Path, top_read_only: bool, added: str | None
 ) -> None:
     require_tool("qemu-storage-daemon")
-    results = []
-    for side, start in (("qsd", start_qsd), ("blockd", start_blockd)):
-        d = sock_dir / side
-        d.mkdir()
-        results.append(run(start, d, top_read_only, added))
-    theirs, ours = results
+    theirs, ours = on_both(sock_dir, lambda start, d: run(start, d, top_read_only, added))
     assert ours == theirs
     if top_read_only:
         assert "('n0', True, 'D/n0.qcow2', None)" in ours

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import require_tool
-from tests.helpers import DaemonProcess, serving, start_blockd, start_qsd
+from tests.helpers import DaemonProcess, on_both, serving
 from tests.images import backing_of, create, qemu_io
 
 pytestmark = pytest.mark.qsd
@@ -62,12 +62,7 @@ def run(start: Callable[[Path], DaemonProcess], d: Path) -> list[Any]:
 
 def test_commit_holds_and_moves_as_qsd(sock_dir: Path) -> None:
     require_tool("qemu-storage-daemon")
-    results = []
-    for side, start in (("qsd", start_qsd), ("blockd", start_blockd)):
-        d = sock_dir / side
-        d.mkdir()
-        results.append(run(start, d))
-    theirs, ours = results
+    theirs, ours = on_both(sock_dir, run)
     assert ours == theirs
     assert "Permission conflict on node 'n1'" in ours[1]  # held until dismissed
     assert ours[2] == "{'return': {}}"

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import require_tool
-from tests.helpers import DaemonProcess, serving, start_blockd, start_qsd
+from tests.helpers import DaemonProcess, on_both, serving
 from tests.images import backing_of, create, guest_view, qemu_img, qemu_io
 
 pytestmark = pytest.mark.qsd
@@ -105,12 +105,7 @@ def test_the_commit_ends_and_leaves_the_chain_as_qsd(
     sock_dir: Path, shape: Callable[[Path], Any]
 ) -> None:
     require_tool("qemu-storage-daemon")
-    results = []
-    for side, start in (("qsd", start_qsd), ("blockd", start_blockd)):
-        d = sock_dir / side
-        d.mkdir()
-        results.append(run(start, d, shape))
-    theirs, ours = results
+    theirs, ours = on_both(sock_dir, lambda start, d: run(start, d, shape))
     assert ours == theirs
     if shape is deep_chain:
         assert ours[0] is None
