@@ -113,6 +113,8 @@ REGRESSION_SEEDS: tuple[int, ...] = (
     7015267,  # a write_aio rule aimed at base's L2 table meets QEMU's whole-table write: A10
     7014951,  # a failed intermediate commit's base: QSD's reopen back to read-only fails, A2
     7015924,  # an open-armed write rule replaced by base's first table load, QSD's copy order: A17
+    7032436,  # an export of an active commit's top deleted, another added: blockdev-del, in use
+    7030828,  # a flush rule on base met by a commit's batch entries as it copies: A18
 )
 
 

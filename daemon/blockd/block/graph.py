@@ -53,15 +53,17 @@ class BlockGraph:
         self._blockers: dict[str, list[tuple[int, str]]] = {}
         self._backing_users: dict[str, list[tuple[int, str]]] = {}
         self._sequence = itertools.count()
-        # Nodes something outside the graph works on (exports), counted; such
-        # a node outlives the image that opened it, as an orphan closed when
-        # its last user goes (QEMU's reference counting, for this one case).
-        self._users: dict[str, int] = {}
+        # Nodes something outside the graph works on (exports by their id,
+        # jobs unnamed); such a node outlives the image that opened it, as an
+        # orphan closed when its last user goes (QEMU's reference counting,
+        # for this one case).
+        self._users: dict[str, list[str | None]] = {}
         self._orphans: set[str] = set()
         # Nodes whose users reach them through a job's filter for now (QEMU
         # inserts one above an actively committed node): not "in use" directly.
-        # The count of users the node had then: later ones attach to it itself.
-        self._covered: dict[str, int] = {}
+        # The users the node had then, while they stay: later ones attach to
+        # the node itself, and a user that leaves leaves the filter.
+        self._covered: dict[str, list[str | None]] = {}
         # Permissions: when each node joined (its edges date from then), the
         # users that are not nodes (exports) as [sequence, key, needed,
         # shared], and a would-be user being tried out by a check.
@@ -533,9 +535,9 @@ class BlockGraph:
                 children.remove(child)
         self._implicit.setdefault(owner.node_name, []).append(child)
 
-    def add_user(self, node: BlockNode) -> None:
-        """Record that an export (or the like) works on ``node``."""
-        self._users[node.node_name] = self._users.get(node.node_name, 0) + 1
+    def add_user(self, node: BlockNode, who: str | None = None) -> None:
+        """Record that an export (``who``: its id) or a job works on ``node``."""
+        self._users.setdefault(node.node_name, []).append(who)
 
     def in_use(self, node: BlockNode) -> bool:
         return node.node_name in self._users
@@ -543,21 +545,25 @@ class BlockGraph:
     def attached(self, node: BlockNode) -> bool:
         """Whether a user works on ``node`` itself: ``blockdev-del`` says "in use"."""
         name = node.node_name
-        return self._users.get(name, 0) > self._covered.get(name, 0)
+        return len(self._users.get(name, [])) > len(self._covered.get(name, []))
 
     def cover(self, node: BlockNode) -> None:
         """Record that a job now stands between ``node`` and its users."""
-        self._covered[node.node_name] = self._users.get(node.node_name, 0)
+        self._covered[node.node_name] = list(self._users.get(node.node_name, []))
 
     def uncover(self, node: BlockNode) -> None:
         self._covered.pop(node.node_name, None)
 
-    async def remove_user(self, node: BlockNode) -> None:
+    async def remove_user(self, node: BlockNode, who: str | None = None) -> None:
         """Undo :meth:`add_user`; an orphan without users left is closed now."""
         name = node.node_name
-        left = self._users.get(name, 0) - 1
-        if left > 0:
-            self._users[name] = left
+        users = self._users.get(name, [])
+        if who in users:
+            users.remove(who)
+        covered = self._covered.get(name, [])
+        if who in covered:
+            covered.remove(who)
+        if users:
             return
         self._users.pop(name, None)
         if name in self._orphans and self._nodes.get(name) is node and not self.parents(node):

@@ -213,8 +213,8 @@ class ExportRegistry:
     async def _serve_from(self, export: Export, new: BlockNode) -> None:
         """Point a held, drained export at ``new`` (its graph entry already moved)."""
         old, export._node = export._node, new
-        self._graph.add_user(new)
-        await self._graph.remove_user(old)
+        self._graph.add_user(new, export.id)
+        await self._graph.remove_user(old, export.id)
 
     @asynccontextmanager
     async def quiesced(self) -> AsyncIterator[None]:
@@ -293,7 +293,7 @@ class ExportRegistry:
             allocation_depth=allocation_depth,
         )
         self._exports[export_id] = export
-        self._graph.add_user(node)
+        self._graph.add_user(node, export_id)
         log.info("export %s: node %s as NBD export %r", export_id, node.node_name, name)
         return export
 
@@ -339,7 +339,7 @@ class ExportRegistry:
                 await export.drain()
                 self._exports.pop(export.id, None)
                 self._graph.detach_user(export.node, export.id)
-                await self._graph.remove_user(export.node)
+                await self._graph.remove_user(export.node, export.id)
             log.info("export %s deleted", export.id)
             self._events.emit(BlockExportDeleted(export.id))
             export.gone.set()
