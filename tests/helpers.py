@@ -298,8 +298,7 @@ def serving(start: Callable[[Path], DaemonProcess], sock: Path) -> Iterator[RawQ
     stopped afterwards whatever happened."""
     daemon = start(sock)
     try:
-        with RawQMP(sock) as qmp:
-            qmp.negotiate()
+        with negotiated(daemon) as qmp:
             yield qmp
     finally:
         daemon.stop()
